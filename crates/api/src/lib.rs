@@ -1,0 +1,374 @@
+//! The broker's wire types: every JSON body that crosses the broker's HTTP boundary, for clients
+//! (TouchDesigner, `tdcomfy submit`) and for workers.
+//!
+//! This crate is the contract. Field names and status values of the original design (`job_id`,
+//! `status`, `has_result`, `error_message`, `processing_time`, …) are kept as they are; new fields are
+//! only ever added. Types here carry no behaviour beyond parsing and formatting.
+
+mod ids;
+mod time;
+
+pub use ids::{JobId, LeaseToken};
+pub use time::{Timestamp, format_rfc3339_ms};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The lifecycle state of a job, as TouchDesigner scripts see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Accepted and stored, waiting for a worker.
+    Queued,
+    /// Leased by a worker that is running it.
+    Running,
+    /// Finished with a result.
+    Done,
+    /// Finished without a result; `error_message` says why.
+    Error,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Done,
+        JobStatus::Error,
+        JobStatus::Cancelled,
+    ];
+
+    /// The wire spelling (`"queued"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Done => "done",
+            JobStatus::Error => "error",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the wire spelling; `None` for anything else.
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// True once the job can no longer change state.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Done | JobStatus::Error | JobStatus::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How far a running job has come.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Progress {
+    /// Fraction done, 0.0 ..= 1.0.
+    pub value: f64,
+    /// Current sampler step, when the backend reports steps.
+    #[serde(default)]
+    pub step: Option<u32>,
+    /// Number of sampler steps, when known.
+    #[serde(default)]
+    pub max_steps: Option<u32>,
+    /// ComfyUI node id being executed, when known.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// ComfyUI class type of that node, when known.
+    #[serde(default)]
+    pub node_type: Option<String>,
+}
+
+/// What a finished job produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResultInfo {
+    /// MIME type of the result bytes (`video/mp4` for the default workflow).
+    pub content_type: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A job as `GET /jobs/{id}` returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    /// The job id.
+    pub id: JobId,
+    /// Lifecycle state.
+    pub status: JobStatus,
+    /// When the broker accepted the job (RFC 3339, UTC).
+    pub created_at: Timestamp,
+    /// Positive prompt as submitted ("" when none).
+    pub prompt: String,
+    /// Negative prompt as submitted ("" when none).
+    pub negative_prompt: String,
+    /// Seed as submitted, if any.
+    pub seed: Option<u64>,
+    /// Name of the workflow that runs the job.
+    pub workflow: String,
+    /// True when `GET /jobs/{id}/result` will return bytes.
+    pub has_result: bool,
+    /// Why the job failed or was cancelled, if it did.
+    pub error_message: Option<String>,
+    /// Seconds from start to finish (or to now while running); null before the job started.
+    pub processing_time: Option<f64>,
+    /// Progress of the current attempt.
+    pub progress: Progress,
+    /// 1-based position in the queue while queued; null otherwise.
+    pub queue_position: Option<u64>,
+    /// When the current attempt started.
+    pub started_at: Option<Timestamp>,
+    /// When the job reached a terminal state.
+    pub finished_at: Option<Timestamp>,
+    /// How many times a worker leased the job.
+    pub attempts: u32,
+    /// Increases on every change; pair with `?wait=&since=` to long-poll without missing updates.
+    pub version: u64,
+    /// The result's type and size once there is one.
+    pub result: Option<ResultInfo>,
+}
+
+/// Response of `POST /jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SubmitResponse {
+    /// The new (or, on an idempotent replay, the original) job's id.
+    pub job_id: JobId,
+    /// Current status (`queued` for a new job).
+    pub status: JobStatus,
+    /// A human sentence.
+    pub message: String,
+    /// 1-based queue position while queued.
+    pub queue_position: Option<u64>,
+    /// Workflow that will run the job.
+    pub workflow: String,
+}
+
+/// Response of `DELETE /jobs/{id}` and `POST /jobs/{id}/cancel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DeleteResponse {
+    /// The job's id.
+    pub job_id: JobId,
+    /// Status after the call.
+    pub status: JobStatus,
+    /// What happened, as a sentence.
+    pub message: String,
+}
+
+/// Response of `GET /jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobList {
+    /// Jobs, newest first.
+    pub jobs: Vec<JobView>,
+    /// Number of jobs in `jobs`.
+    pub count: usize,
+}
+
+/// A worker the broker has heard from recently.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerInfo {
+    /// The id the worker leases under.
+    pub id: String,
+    /// Milliseconds since the worker last called the broker.
+    pub last_seen_ms_ago: u64,
+    /// The job it holds a lease on, if any.
+    pub job_id: Option<JobId>,
+}
+
+/// Response of `GET /health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `"healthy"` when the broker answers.
+    pub status: String,
+    /// Number of jobs in the store.
+    pub jobs_count: u64,
+    /// Jobs waiting for a worker.
+    pub queued: u64,
+    /// Jobs being run.
+    pub running: u64,
+    /// Jobs finished with a result.
+    pub done: u64,
+    /// Jobs that failed.
+    pub error: u64,
+    /// Jobs cancelled by a client.
+    pub cancelled: u64,
+    /// Workers waiting on a lease or heard from in the last 30 s.
+    pub workers_connected: u64,
+    /// Those workers.
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, for programs (`code`) and people (`message`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case code, e.g. `payload_too_large`.
+    pub code: String,
+    /// A sentence naming the field and the limit where there is one.
+    pub message: String,
+    /// The request field at fault, if one is.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// The limit that was exceeded, if one was (bytes, characters or pixels).
+    #[serde(default)]
+    pub limit: Option<u64>,
+}
+
+/// What changed, in a [`JobEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobEventKind {
+    /// The current state, sent first on a per-job stream.
+    Snapshot,
+    /// Accepted, or put back in the queue after a lost lease.
+    Queued,
+    /// A worker leased it.
+    Started,
+    /// Progress changed.
+    Progress,
+    /// Finished with a result.
+    Done,
+    /// Failed.
+    Error,
+    /// Cancelled.
+    Cancelled,
+    /// Its files were deleted.
+    Deleted,
+}
+
+/// One push event, the same on SSE and WebSocket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobEvent {
+    /// Always `"job"`, so WebSocket clients can tell events from other messages.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What changed.
+    pub event: JobEventKind,
+    /// The job it concerns.
+    pub job_id: JobId,
+    /// The job's state after the change.
+    pub job: JobView,
+}
+
+impl JobEvent {
+    /// Builds an event for `job`.
+    pub fn new(event: JobEventKind, job: JobView) -> JobEvent {
+        JobEvent {
+            kind: "job".to_owned(),
+            event,
+            job_id: job.id,
+            job,
+        }
+    }
+}
+
+/// Body of `POST /worker/lease`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseRequest {
+    /// A stable name for the worker (host name, GPU index).
+    pub worker_id: String,
+    /// Seconds to wait for a job before answering 204 (at most 60).
+    #[serde(default)]
+    pub wait: Option<f64>,
+}
+
+/// The input image of a leased job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InputInfo {
+    /// MIME type judged from the bytes (`image/png`, `image/jpeg`, `image/webp`).
+    pub content_type: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// A job handed to a worker, with the token that proves the lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    /// The job.
+    pub job_id: JobId,
+    /// Secret for heartbeat, input, result and fail calls of this attempt.
+    pub lease_token: LeaseToken,
+    /// Seconds until the lease expires unless renewed by a heartbeat.
+    pub lease_expires_in: f64,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Positive prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Seed, if the client chose one.
+    pub seed: Option<u64>,
+    /// Workflow name.
+    pub workflow: String,
+    /// Named workflow inputs, already validated.
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// The input image.
+    pub input: InputInfo,
+    /// Seconds the job may run in all (`JOB_TIMEOUT`).
+    pub job_timeout: f64,
+}
+
+/// Response of `POST /worker/lease` when a job was leased.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseResponse {
+    /// The leased job.
+    pub job: Lease,
+}
+
+/// Body of `POST /worker/jobs/{id}/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatRequest {
+    /// The lease's token.
+    pub lease_token: LeaseToken,
+    /// Progress to publish, if it changed.
+    #[serde(default)]
+    pub progress: Option<Progress>,
+}
+
+/// Response of a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatResponse {
+    /// True when a client cancelled the job: stop it and release nothing.
+    pub cancelled: bool,
+    /// Seconds until the renewed lease expires.
+    pub lease_expires_in: f64,
+}
+
+/// Body of `POST /worker/jobs/{id}/fail`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FailRequest {
+    /// The lease's token.
+    pub lease_token: LeaseToken,
+    /// What went wrong, shown to the client as `error_message`.
+    pub message: String,
+    /// True when another attempt may succeed (backend down); the job goes back to the queue while
+    /// attempts remain.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// Response of the worker's result upload and fail calls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerAck {
+    /// The job's status after the call.
+    pub status: JobStatus,
+}

@@ -1,0 +1,197 @@
+//! The broker's settings: command-line flags, each with an environment variable of the original
+//! design's name, parsed once into a validated [`BrokerConfig`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tdcomfy_workflows::{NodeMap, WorkflowRegistry};
+
+/// Flags and environment variables of `tdcomfy serve` (and of the broker inside `tdcomfy up`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// Address the broker listens on. 0.0.0.0 accepts TouchDesigner machines on the network; set
+    /// API_TOKEN when you do.
+    #[arg(long, env = "API_HOST", default_value = "0.0.0.0")]
+    pub api_host: String,
+
+    /// Port of the broker's HTTP API.
+    #[arg(long, env = "API_PORT", default_value_t = 8080)]
+    pub api_port: u16,
+
+    /// Directory for the job database, input frames and results. Created if missing.
+    #[arg(long, env = "DATA_DIR", default_value = "tdcomfy-data")]
+    pub data_dir: PathBuf,
+
+    /// Largest accepted upload in MB (MiB); larger requests get a 413 naming this limit.
+    #[arg(long, env = "MAX_UPLOAD_MB", default_value_t = 50)]
+    pub max_upload_mb: u64,
+
+    /// Largest result a worker may upload, in MB (MiB).
+    #[arg(long, env = "MAX_RESULT_MB", default_value_t = 4096)]
+    pub max_result_mb: u64,
+
+    /// Largest accepted image width or height in pixels, read from the image header.
+    #[arg(long, env = "MAX_IMAGE_DIM", default_value_t = 8192)]
+    pub max_image_dim: u32,
+
+    /// Longest accepted prompt or negative prompt, in characters.
+    #[arg(long, env = "MAX_PROMPT_CHARS", default_value_t = 10_000)]
+    pub max_prompt_chars: usize,
+
+    /// Bearer token clients must send (Authorization: Bearer …, or ?token= on /events and /ws).
+    /// /health stays open. Unset: no authentication.
+    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Bearer token workers must send on /worker/* routes; the client token is then refused there.
+    /// Unset: workers use API_TOKEN (or nothing, when that is unset too).
+    #[arg(long, env = "WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+
+    /// Seconds to keep finished jobs' files (input and result) before deleting them; 0 keeps them.
+    #[arg(long, env = "RESULT_TTL", default_value_t = 86_400)]
+    pub result_ttl: u64,
+
+    /// Seconds one attempt of a job may run before it fails as timed out.
+    #[arg(long, env = "JOB_TIMEOUT", default_value_t = 600.0)]
+    pub job_timeout: f64,
+
+    /// Seconds a worker's lease lasts without a heartbeat; then the job goes back to the queue.
+    #[arg(long, env = "LEASE_TTL", default_value_t = 30.0)]
+    pub lease_ttl: f64,
+
+    /// Leases a job may get (a worker died or the backend was down) before it fails.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+
+    /// Directory of ComfyUI API-format workflows; each *.json is selectable by its file name.
+    #[arg(long, env = "WORKFLOWS_DIR", default_value = "workflows")]
+    pub workflows_dir: PathBuf,
+
+    /// Workflow used when a job names none.
+    #[arg(long, env = "DEFAULT_WORKFLOW", default_value = "ltxv_image_to_video")]
+    pub default_workflow: String,
+
+    /// Explicit node-id bindings as JSON, e.g. {"image":"78","prompt":"6","seed":"72.noise_seed"},
+    /// optionally per workflow: {"ltxv_image_to_video":{…}}. Overrides detection.
+    #[arg(long, env = "WORKFLOW_NODES")]
+    pub workflow_nodes: Option<String>,
+}
+
+/// Why the settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is out of range.
+    #[error("{name}: {message}")]
+    Invalid {
+        /// The setting's environment variable name.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The workflows could not be loaded or bound.
+    #[error("workflows: {0}")]
+    Workflows(String),
+}
+
+/// Validated broker settings.
+#[derive(Clone)]
+pub struct BrokerConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Upload limit in bytes.
+    pub max_upload_bytes: u64,
+    /// Result limit in bytes.
+    pub max_result_bytes: u64,
+    /// Image width/height limit.
+    pub max_image_dim: u32,
+    /// Prompt length limit in characters.
+    pub max_prompt_chars: usize,
+    /// Client token.
+    pub api_token: Option<String>,
+    /// Worker token.
+    pub worker_token: Option<String>,
+    /// Keep finished jobs' files this long (`None`: forever).
+    pub result_ttl: Option<Duration>,
+    /// Longest attempt.
+    pub job_timeout: Duration,
+    /// Lease lifetime without a heartbeat.
+    pub lease_ttl: Duration,
+    /// Most leases per job.
+    pub max_attempts: u32,
+    /// Loaded workflows.
+    pub workflows: Arc<WorkflowRegistry>,
+    /// How often expired leases, timeouts and old files are swept.
+    pub sweep_interval: Duration,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("data_dir", &self.data_dir)
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
+            .field("worker_token", &self.worker_token.as_ref().map(|_| "<set>"))
+            .field("job_timeout", &self.job_timeout)
+            .field("lease_ttl", &self.lease_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn positive_secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ConfigError::Invalid {
+            name,
+            message: format!("must be a positive number of seconds, got {v}"),
+        })
+    }
+}
+
+fn non_empty(token: &Option<String>) -> Option<String> {
+    token.as_ref().filter(|t| !t.is_empty()).cloned()
+}
+
+impl BrokerArgs {
+    /// Checks every value and loads the workflows.
+    pub fn into_config(self) -> Result<BrokerConfig, ConfigError> {
+        if self.max_upload_mb == 0 || self.max_upload_mb > 1 << 20 {
+            return Err(ConfigError::Invalid {
+                name: "MAX_UPLOAD_MB",
+                message: "must be 1 ..= 1048576".into(),
+            });
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::Invalid {
+                name: "MAX_ATTEMPTS",
+                message: "must be at least 1".into(),
+            });
+        }
+        let lease_ttl = positive_secs("LEASE_TTL", self.lease_ttl)?;
+        let nodes = match &self.workflow_nodes {
+            Some(text) if !text.trim().is_empty() => NodeMap::parse(text)
+                .map_err(|e| ConfigError::Workflows(format!("WORKFLOW_NODES: {e}")))?,
+            _ => NodeMap::default(),
+        };
+        let workflows = WorkflowRegistry::load(&self.workflows_dir, &self.default_workflow, &nodes)
+            .map_err(|e| ConfigError::Workflows(e.to_string()))?;
+        Ok(BrokerConfig {
+            data_dir: self.data_dir,
+            max_upload_bytes: self.max_upload_mb * 1024 * 1024,
+            max_result_bytes: self.max_result_mb.saturating_mul(1024 * 1024),
+            max_image_dim: self.max_image_dim,
+            max_prompt_chars: self.max_prompt_chars,
+            api_token: non_empty(&self.api_token),
+            worker_token: non_empty(&self.worker_token),
+            result_ttl: (self.result_ttl > 0).then(|| Duration::from_secs(self.result_ttl)),
+            job_timeout: positive_secs("JOB_TIMEOUT", self.job_timeout)?,
+            sweep_interval: (lease_ttl / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+            lease_ttl,
+            max_attempts: self.max_attempts,
+            workflows: Arc::new(workflows),
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! `ApiError`: every error the HTTP API answers with, and the one place that maps errors to status
+//! codes and JSON bodies.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tdcomfy_api::{ErrorBody, ErrorDetail, JobStatus};
+
+use crate::service::BrokerError;
+use crate::store::StoreError;
+
+/// An error answer of the HTTP API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or a field is invalid (400).
+    #[error("{message}")]
+    BadRequest {
+        /// Stable code.
+        code: &'static str,
+        /// Sentence naming the field and limit.
+        message: String,
+        /// The field at fault.
+        field: Option<&'static str>,
+        /// The limit exceeded.
+        limit: Option<u64>,
+    },
+    /// The body is over a size limit (413).
+    #[error("request body is larger than the {what} limit of {} MB", limit / (1024 * 1024))]
+    PayloadTooLarge {
+        /// Limit in bytes.
+        limit: u64,
+        /// Which limit (`MAX_UPLOAD_MB`, `MAX_RESULT_MB`).
+        what: &'static str,
+    },
+    /// No such job (404).
+    #[error("no job with id {0}")]
+    JobNotFound(String),
+    /// No such route (404).
+    #[error("no route for {method} {path}")]
+    RouteNotFound {
+        /// HTTP method.
+        method: String,
+        /// Path.
+        path: String,
+    },
+    /// The route exists but not for this method (405).
+    #[error("method not allowed here")]
+    MethodNotAllowed,
+    /// Missing or wrong token (401).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The job is not in a state that allows this (409).
+    #[error("{message}")]
+    Conflict {
+        /// Stable code.
+        code: &'static str,
+        /// Sentence.
+        message: String,
+    },
+    /// The result existed but was deleted (410).
+    #[error("the result of this job was deleted (DELETE or RESULT_TTL)")]
+    ResultGone,
+    /// A Range header outside the file (416).
+    #[error("range not satisfiable for a {size}-byte result")]
+    RangeNotSatisfiable {
+        /// File size.
+        size: u64,
+    },
+    /// A broker fault (500). Never used for anything a client sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming `field`.
+    pub fn field(code: &'static str, field: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+            field: Some(field),
+            limit: None,
+        }
+    }
+
+    /// A 400 naming `field` and the `limit` it exceeded.
+    pub fn limit(
+        code: &'static str,
+        field: &'static str,
+        limit: u64,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+            field: Some(field),
+            limit: Some(limit),
+        }
+    }
+
+    /// A 400 about the request as a whole.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+            field: None,
+            limit: None,
+        }
+    }
+
+    /// A 409 for a lease that is no longer the worker's.
+    pub fn lease_lost(status: JobStatus) -> ApiError {
+        ApiError::Conflict {
+            code: "lease_lost",
+            message: format!("this lease is no longer valid; the job is {status}"),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<u64>) {
+        match self {
+            ApiError::BadRequest {
+                code, field, limit, ..
+            } => (StatusCode::BAD_REQUEST, code, *field, *limit),
+            ApiError::PayloadTooLarge { limit, .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                None,
+                Some(*limit),
+            ),
+            ApiError::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None, None),
+            ApiError::RouteNotFound { .. } => {
+                (StatusCode::NOT_FOUND, "route_not_found", None, None)
+            }
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                None,
+                None,
+            ),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None, None),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, None, None),
+            ApiError::ResultGone => (StatusCode::GONE, "result_gone", None, None),
+            ApiError::RangeNotSatisfiable { size } => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                None,
+                Some(*size),
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                None,
+                None,
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, field, limit) = self.parts();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: self.to_string(),
+                field: field.map(str::to_owned),
+                limit,
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        match &self {
+            ApiError::Unauthorized(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RangeNotSatisfiable { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    response.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound => ApiError::JobNotFound(String::from("(requested)")),
+            StoreError::LeaseLost { status } => ApiError::lease_lost(status),
+            StoreError::Cancelled => ApiError::Conflict {
+                code: "job_cancelled",
+                message: "the job was cancelled by a client".into(),
+            },
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> ApiError {
+        match e {
+            BrokerError::Store(s) => s.into(),
+            BrokerError::Io(io) => ApiError::Internal(io.to_string()),
+        }
+    }
+}

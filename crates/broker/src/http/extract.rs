@@ -1,0 +1,77 @@
+//! Request extractors that answer malformed input with [`ApiError`] JSON instead of axum's plain
+//! text rejections, and the small parsers shared by the handlers.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use tdcomfy_api::{JobId, LeaseToken};
+
+use super::error::ApiError;
+
+/// JSON body; a malformed one is a 400 `invalid_json` naming serde's complaint.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(ApiError::bad_request("invalid_json", rejection.body_text())),
+        }
+    }
+}
+
+/// Query string; a malformed one is a 400 `invalid_query`.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_query",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// Parses a job id from the path. A string that is not a UUID cannot name a job: 404.
+pub fn job_id(raw: &str) -> Result<JobId, ApiError> {
+    JobId::parse(raw).ok_or_else(|| ApiError::JobNotFound(raw.chars().take(64).collect()))
+}
+
+/// The `Lease-Token` header of a worker request.
+pub fn lease_token(headers: &axum::http::HeaderMap) -> Result<LeaseToken, ApiError> {
+    headers
+        .get("lease-token")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(|v| LeaseToken::from_string(v.to_owned()))
+        .ok_or_else(|| {
+            ApiError::field(
+                "missing_lease_token",
+                "Lease-Token",
+                "the Lease-Token header is required",
+            )
+        })
+}
+
+/// Bounds a `wait` in seconds to 0 ..= 60; anything else is a 400 naming `field`.
+pub fn wait_secs(field: &'static str, v: Option<f64>) -> Result<std::time::Duration, ApiError> {
+    match v {
+        None => Ok(std::time::Duration::ZERO),
+        Some(s) if s.is_finite() && (0.0..=60.0).contains(&s) => {
+            Ok(std::time::Duration::from_secs_f64(s))
+        }
+        Some(s) => Err(ApiError::limit(
+            "invalid_wait",
+            field,
+            60,
+            format!("{field} must be a number of seconds from 0 to 60, got {s}"),
+        )),
+    }
+}

@@ -1,0 +1,227 @@
+//! Worker routes: lease (long-poll), input download, heartbeat, streamed result upload, fail.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tdcomfy_api::{
+    FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, WorkerAck,
+};
+
+use super::error::ApiError;
+use super::extract::{ApiJson, job_id, lease_token, wait_secs};
+use super::files::stream_file;
+use crate::blobs::BlobError;
+use crate::service::{Broker, BrokerError};
+use crate::store::StoreError;
+
+fn worker_id(raw: &str) -> Result<&str, ApiError> {
+    let ok = !raw.is_empty() && raw.len() <= 128 && raw.chars().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(raw)
+    } else {
+        Err(ApiError::limit(
+            "invalid_worker_id",
+            "worker_id",
+            128,
+            "worker_id must be 1 to 128 visible ASCII characters",
+        ))
+    }
+}
+
+/// Wait for a job and lease it.
+#[utoipa::path(
+    post, path = "/worker/lease", tag = "worker",
+    request_body = LeaseRequest,
+    responses(
+        (status = 200, description = "A job was leased", body = LeaseResponse),
+        (status = 204, description = "No job within `wait` seconds"),
+        (status = 400, description = "Bad request", body = tdcomfy_api::ErrorBody),
+    )
+)]
+pub async fn lease(
+    State(broker): State<Broker>,
+    ApiJson(req): ApiJson<LeaseRequest>,
+) -> Result<Response, ApiError> {
+    let worker = worker_id(&req.worker_id)?;
+    let wait = wait_secs("wait", req.wait)?;
+    match broker.lease(worker, wait).await? {
+        Some(job) => Ok(axum::Json(LeaseResponse { job }).into_response()),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+/// Download a leased job's input image.
+#[utoipa::path(
+    get, path = "/worker/jobs/{id}/input", tag = "worker",
+    params(("id" = String, Path, description = "Job id"), ("Lease-Token" = String, Header, description = "The lease's token")),
+    responses(
+        (status = 200, description = "The image bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
+        (status = 409, description = "Lease lost or job cancelled", body = tdcomfy_api::ErrorBody),
+    )
+)]
+pub async fn input(
+    State(broker): State<Broker>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = job_id(&id)?;
+    let token = lease_token(&headers)?;
+    let job = broker
+        .check_lease(id, &token)
+        .await
+        .map_err(not_found_as(id))?;
+    stream_file(
+        &broker.input_path(id),
+        job.input.size,
+        &job.input.content_type,
+        None,
+        HeaderMap::new(),
+    )
+    .await
+}
+
+fn not_found_as(id: tdcomfy_api::JobId) -> impl Fn(BrokerError) -> ApiError {
+    move |e| match e {
+        BrokerError::Store(StoreError::NotFound) => ApiError::JobNotFound(id.to_string()),
+        other => other.into(),
+    }
+}
+
+/// Renew the lease and report progress; learn whether the job was cancelled.
+#[utoipa::path(
+    post, path = "/worker/jobs/{id}/heartbeat", tag = "worker",
+    params(("id" = String, Path, description = "Job id")),
+    request_body = HeartbeatRequest,
+    responses(
+        (status = 200, description = "Lease renewed", body = HeartbeatResponse),
+        (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
+        (status = 409, description = "Lease lost", body = tdcomfy_api::ErrorBody),
+    )
+)]
+pub async fn heartbeat(
+    State(broker): State<Broker>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
+) -> Result<axum::Json<HeartbeatResponse>, ApiError> {
+    let id = job_id(&id)?;
+    if req
+        .progress
+        .as_ref()
+        .is_some_and(|p| !(p.value.is_finite() && (0.0..=1.0).contains(&p.value)))
+    {
+        return Err(ApiError::field(
+            "invalid_progress",
+            "progress.value",
+            "progress.value must be between 0 and 1",
+        ));
+    }
+    let cancelled = broker
+        .heartbeat(id, req.lease_token, req.progress)
+        .await
+        .map_err(not_found_as(id))?;
+    Ok(axum::Json(HeartbeatResponse {
+        cancelled,
+        lease_expires_in: broker.config().lease_ttl.as_secs_f64(),
+    }))
+}
+
+/// Upload the result (streamed) and finish the job.
+#[utoipa::path(
+    put, path = "/worker/jobs/{id}/result", tag = "worker",
+    params(("id" = String, Path, description = "Job id"), ("Lease-Token" = String, Header, description = "The lease's token")),
+    request_body(content_type = "application/octet-stream", content = Vec<u8>),
+    responses(
+        (status = 200, description = "Job done", body = WorkerAck),
+        (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
+        (status = 409, description = "Lease lost or job cancelled", body = tdcomfy_api::ErrorBody),
+        (status = 413, description = "Result over MAX_RESULT_MB", body = tdcomfy_api::ErrorBody),
+    )
+)]
+pub async fn put_result(
+    State(broker): State<Broker>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<axum::Json<WorkerAck>, ApiError> {
+    let id = job_id(&id)?;
+    let token = lease_token(&headers)?;
+    // Refuse before reading a byte when the lease is already gone.
+    match broker.check_lease(id, &token).await {
+        Err(BrokerError::Store(StoreError::LeaseLost {
+            status: tdcomfy_api::JobStatus::Done,
+        })) => {
+            return Ok(axum::Json(WorkerAck {
+                status: tdcomfy_api::JobStatus::Done,
+            }));
+        }
+        other => {
+            other.map_err(not_found_as(id))?;
+        }
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let limit = broker.config().max_result_bytes;
+    let staged = match broker
+        .blobs()
+        .stage(body.into_data_stream(), limit, 0)
+        .await
+    {
+        Ok(s) => s,
+        Err(BlobError::TooLarge { limit }) => {
+            return Err(ApiError::PayloadTooLarge {
+                limit,
+                what: "MAX_RESULT_MB",
+            });
+        }
+        Err(BlobError::Source(m)) => return Err(ApiError::bad_request("upload_interrupted", m)),
+        Err(BlobError::Io(e)) => return Err(ApiError::Internal(e.to_string())),
+    };
+    if staged.size == 0 {
+        broker.blobs().discard(staged).await;
+        return Err(ApiError::field(
+            "empty_result",
+            "body",
+            "the result body is empty",
+        ));
+    }
+    let status = broker
+        .complete(id, token, staged, content_type)
+        .await
+        .map_err(not_found_as(id))?;
+    Ok(axum::Json(WorkerAck { status }))
+}
+
+/// Report that the job failed.
+#[utoipa::path(
+    post, path = "/worker/jobs/{id}/fail", tag = "worker",
+    params(("id" = String, Path, description = "Job id")),
+    request_body = FailRequest,
+    responses(
+        (status = 200, description = "Recorded", body = WorkerAck),
+        (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
+        (status = 409, description = "Lease lost", body = tdcomfy_api::ErrorBody),
+    )
+)]
+pub async fn fail(
+    State(broker): State<Broker>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<FailRequest>,
+) -> Result<axum::Json<WorkerAck>, ApiError> {
+    let id = job_id(&id)?;
+    let message: String = req.message.chars().take(4000).collect();
+    let message = if message.trim().is_empty() {
+        "the worker reported a failure without a message".into()
+    } else {
+        message
+    };
+    let status = broker
+        .fail(id, req.lease_token, message, req.retryable)
+        .await
+        .map_err(not_found_as(id))?;
+    Ok(axum::Json(WorkerAck { status }))
+}

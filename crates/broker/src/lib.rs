@@ -1,0 +1,69 @@
+//! The tdcomfy broker: the job API TouchDesigner talks to and workers lease jobs from.
+//!
+//! [`run`] serves the API on a listener until `shutdown` resolves. Jobs are durable in SQLite under
+//! the data directory ([`store`]), their files beside it ([`blobs`]); [`service`] holds the rules
+//! of the job lifecycle and publishes every change as an event ([`events`]); [`http`] is the thin
+//! HTTP layer on top.
+
+pub mod blobs;
+pub mod config;
+pub mod events;
+pub mod http;
+pub mod image_sniff;
+pub mod service;
+pub mod store;
+pub mod workers;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+pub use config::{BrokerArgs, BrokerConfig, ConfigError};
+pub use service::{Broker, BrokerError};
+
+/// Serves the broker on `listener` until `shutdown` resolves, then finishes in-flight requests.
+///
+/// Opening the data directory happens before the first request is accepted; a job accepted by
+/// this function is on disk before its response is sent.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BrokerError> {
+    let addr = listener.local_addr()?;
+    warn_if_exposed(addr, &config);
+    let broker = Broker::open(config)?;
+    let sweeper = tokio::spawn(sweep_forever(broker.clone()));
+    let app = http::router(broker);
+    tracing::info!(%addr, "broker listening");
+    let served = axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await;
+    sweeper.abort();
+    served.map_err(BrokerError::Io)
+}
+
+fn warn_if_exposed(addr: SocketAddr, config: &BrokerConfig) {
+    if !addr.ip().is_loopback() && config.api_token.is_none() {
+        tracing::warn!(
+            %addr,
+            "listening on a non-loopback address without API_TOKEN: anyone who can reach this port can \
+             submit, read and cancel jobs; set API_TOKEN (and WORKER_TOKEN) or API_HOST=127.0.0.1"
+        );
+    }
+    if !addr.ip().is_loopback() && config.api_token.is_some() && config.worker_token.is_none() {
+        tracing::warn!(
+            "WORKER_TOKEN is not set: workers authenticate with the client token API_TOKEN"
+        );
+    }
+}
+
+async fn sweep_forever(broker: Broker) {
+    let mut tick = tokio::time::interval(broker.config().sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = broker.sweep().await {
+            tracing::error!(error = %e, "housekeeping failed; retrying");
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! The broker's behaviour, between the HTTP handlers and the store: every job state change goes
+//! through here, so every change is published as an event and wakes waiting workers exactly once.
+//!
+//! Handlers parse and answer; this module decides. It never holds a database transaction across a
+//! network await: each store call is one short transaction, and streamed bytes are on disk before
+//! the store hears of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tdcomfy_api::{
+    DeleteResponse, Health, InputInfo, JobEvent, JobEventKind, JobId, JobStatus, JobView, Lease,
+    LeaseToken, Progress, ResultInfo, SubmitResponse, Timestamp,
+};
+use tokio::time::Instant;
+
+use crate::blobs::{BlobKind, Blobs, StagedBlob};
+use crate::config::BrokerConfig;
+use crate::events::EventHub;
+use crate::store::{InsertOutcome, JobRecord, NewJob, ResultState, Store, StoreError};
+use crate::workers::WorkerRegistry;
+
+/// A validated submission whose image is staged on disk.
+#[derive(Debug)]
+pub struct Submission {
+    /// The staged image.
+    pub image: StagedBlob,
+    /// What the image's header says.
+    pub input: InputInfo,
+    /// Positive prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Workflow name (validated).
+    pub workflow: String,
+    /// Named inputs (validated).
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// Idempotency key and request fingerprint.
+    pub idempotency: Option<(String, String)>,
+}
+
+/// Outcome of a submission.
+#[derive(Debug)]
+pub enum SubmitOutcome {
+    /// Stored (or replayed when `replayed`).
+    Accepted {
+        /// The response body.
+        response: SubmitResponse,
+        /// True when the idempotency key named an existing job.
+        replayed: bool,
+    },
+    /// The idempotency key was used for a different request.
+    KeyConflict,
+}
+
+/// The broker: store, files, events and workers behind one cheap-to-clone handle.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BrokerConfig,
+    store: Store,
+    blobs: Blobs,
+    hub: EventHub,
+    workers: WorkerRegistry,
+}
+
+/// Broker faults that are not a client's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The store failed or refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The disk failed.
+    #[error("disk error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Broker {
+    /// Opens the store and file area under `config.data_dir`.
+    pub fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join("jobs.sqlite3"))?;
+        let blobs = Blobs::open(&config.data_dir.join("files"))?;
+        Ok(Broker {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                blobs,
+                hub: EventHub::new(1024),
+                workers: WorkerRegistry::default(),
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The file area.
+    pub fn blobs(&self) -> &Blobs {
+        &self.inner.blobs
+    }
+
+    /// The event bus.
+    pub fn hub(&self) -> &EventHub {
+        &self.inner.hub
+    }
+
+    /// Turns a stored job into its wire form.
+    pub async fn view(&self, r: &JobRecord) -> Result<JobView, BrokerError> {
+        let queue_position = if r.status == JobStatus::Queued {
+            Some(self.inner.store.queue_position(r.seq).await?)
+        } else {
+            None
+        };
+        let processing_time = r.started_at.map(|start| {
+            let end = r.finished_at.unwrap_or_else(Timestamp::now);
+            (end.millis() - start.millis()).max(0) as f64 / 1000.0
+        });
+        let result = match (&r.result, r.status) {
+            (ResultState::Present(info), JobStatus::Done) => Some(info.clone()),
+            _ => None,
+        };
+        Ok(JobView {
+            id: r.id,
+            status: r.status,
+            created_at: r.created_at,
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            seed: r.seed,
+            workflow: r.workflow.clone(),
+            has_result: result.is_some(),
+            error_message: r.error_message.clone(),
+            processing_time,
+            progress: r.progress.clone(),
+            queue_position,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            attempts: r.attempts,
+            version: r.version,
+            result,
+        })
+    }
+
+    async fn publish(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
+        let view = self.view(r).await?;
+        self.inner.hub.publish(JobEvent::new(kind, view));
+        Ok(())
+    }
+
+    fn kind_for_status(status: JobStatus) -> JobEventKind {
+        match status {
+            JobStatus::Queued => JobEventKind::Queued,
+            JobStatus::Running => JobEventKind::Started,
+            JobStatus::Done => JobEventKind::Done,
+            JobStatus::Error => JobEventKind::Error,
+            JobStatus::Cancelled => JobEventKind::Cancelled,
+        }
+    }
+
+    /// Stores a submission: the image file first (durably), then the row.
+    pub async fn submit(&self, sub: Submission) -> Result<SubmitOutcome, BrokerError> {
+        let id = JobId::new();
+        self.inner
+            .blobs
+            .commit(sub.image, BlobKind::Input, id)
+            .await?;
+        let outcome = self
+            .inner
+            .store
+            .insert(NewJob {
+                id,
+                prompt: sub.prompt,
+                negative_prompt: sub.negative_prompt,
+                seed: sub.seed,
+                workflow: sub.workflow,
+                params: sub.params,
+                input: sub.input,
+                idempotency: sub.idempotency,
+            })
+            .await;
+        let (record, replayed) = match outcome {
+            Ok(InsertOutcome::Created(r)) => (r, false),
+            Ok(InsertOutcome::Replayed(r)) => {
+                self.inner.blobs.remove(BlobKind::Input, id).await?;
+                (r, true)
+            }
+            Ok(InsertOutcome::KeyConflict) => {
+                self.inner.blobs.remove(BlobKind::Input, id).await?;
+                return Ok(SubmitOutcome::KeyConflict);
+            }
+            Err(e) => {
+                let _ = self.inner.blobs.remove(BlobKind::Input, id).await;
+                return Err(e.into());
+            }
+        };
+        let view = self.view(&record).await?;
+        if !replayed {
+            self.inner
+                .hub
+                .publish(JobEvent::new(JobEventKind::Queued, view.clone()));
+            self.inner.hub.job_queued();
+        }
+        Ok(SubmitOutcome::Accepted {
+            response: SubmitResponse {
+                job_id: record.id,
+                status: view.status,
+                message: if replayed {
+                    "Job already submitted with this Idempotency-Key".into()
+                } else {
+                    "Job queued".into()
+                },
+                queue_position: view.queue_position,
+                workflow: record.workflow,
+            },
+            replayed,
+        })
+    }
+
+    /// One job.
+    pub async fn job(&self, id: JobId) -> Result<Option<JobRecord>, BrokerError> {
+        Ok(self.inner.store.get(id).await?)
+    }
+
+    /// A job's view, waiting up to `wait` for its version to pass `since` (default: its version now).
+    pub async fn wait_for_change(
+        &self,
+        id: JobId,
+        since: Option<u64>,
+        wait: Duration,
+    ) -> Result<Option<JobView>, BrokerError> {
+        // Subscribe before reading, so a change between the read and the wait is not missed.
+        let mut rx = self.inner.hub.subscribe();
+        let Some(record) = self.job(id).await? else {
+            return Ok(None);
+        };
+        // Without `since`, a finished job answers at once (it will not change but for its files);
+        // with `since`, the caller asked to wait for a newer version, whatever the status.
+        let answer_now = match since {
+            Some(since) => record.version > since,
+            None => record.status.is_terminal(),
+        };
+        let since = since.unwrap_or(record.version);
+        if answer_now || wait.is_zero() {
+            return Ok(Some(self.view(&record).await?));
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => break,
+                Ok(Ok(ev)) if ev.job_id() == id && ev.event.job.version > since => {
+                    return Ok(Some(ev.event.job.clone()));
+                }
+                Ok(Ok(_)) => {}
+                // Fell behind the channel: re-read below rather than trust what was skipped.
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
+            }
+        }
+        match self.job(id).await? {
+            Some(r) => Ok(Some(self.view(&r).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Jobs newest first.
+    pub async fn list(
+        &self,
+        status: Option<JobStatus>,
+        limit: u32,
+    ) -> Result<Vec<JobView>, BrokerError> {
+        let records = self.inner.store.list(status, limit).await?;
+        let mut out = Vec::with_capacity(records.len());
+        for r in &records {
+            out.push(self.view(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// Counts and connected workers.
+    pub async fn health(&self) -> Result<Health, BrokerError> {
+        let c = self.inner.store.counts().await?;
+        let workers = self.inner.workers.connected();
+        Ok(Health {
+            status: "healthy".into(),
+            jobs_count: c.queued + c.running + c.done + c.error + c.cancelled,
+            queued: c.queued,
+            running: c.running,
+            done: c.done,
+            error: c.error,
+            cancelled: c.cancelled,
+            workers_connected: workers.len() as u64,
+            workers,
+        })
+    }
+
+    /// Cancels a job (or, when it already ended, deletes its files). `None` for an unknown id.
+    pub async fn cancel(&self, id: JobId) -> Result<Option<DeleteResponse>, BrokerError> {
+        let outcome = match self.inner.store.cancel(id).await {
+            Err(StoreError::NotFound) => return Ok(None),
+            other => other?,
+        };
+        self.inner.blobs.remove(BlobKind::Input, id).await?;
+        self.inner.blobs.remove(BlobKind::Result, id).await?;
+        let r = &outcome.record;
+        let message = match (outcome.previous, outcome.changed) {
+            (JobStatus::Queued, true) => "Job cancelled before it started".to_owned(),
+            (JobStatus::Running, true) => {
+                "Job cancelled; its worker stops it at the next heartbeat".to_owned()
+            }
+            (_, true) => format!(
+                "Job had already ended ({}); its files were deleted",
+                outcome.previous
+            ),
+            (_, false) => format!("Nothing to do: job is {} and its files are gone", r.status),
+        };
+        if outcome.changed {
+            let kind = if matches!(outcome.previous, JobStatus::Queued | JobStatus::Running) {
+                JobEventKind::Cancelled
+            } else {
+                JobEventKind::Deleted
+            };
+            self.publish(kind, r).await?;
+        }
+        Ok(Some(DeleteResponse {
+            job_id: id,
+            status: r.status,
+            message,
+        }))
+    }
+
+    /// Where a finished job's result is, with its type and size.
+    pub fn result_path(&self, id: JobId) -> std::path::PathBuf {
+        self.inner.blobs.path(BlobKind::Result, id)
+    }
+
+    /// Where a job's input is.
+    pub fn input_path(&self, id: JobId) -> std::path::PathBuf {
+        self.inner.blobs.path(BlobKind::Input, id)
+    }
+
+    /// Waits up to `wait` for a queued job and leases it to `worker`.
+    pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<Lease>, BrokerError> {
+        let _waiting = self.inner.workers.waiting(worker);
+        let deadline = Instant::now() + wait;
+        let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
+        loop {
+            // Register for the wake-up before looking, so a job queued in between is not missed.
+            let signal = self.inner.hub.queued_signal().notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            if let Some(r) = self
+                .inner
+                .store
+                .claim_next(worker.to_owned(), lease_ms)
+                .await?
+            {
+                self.inner.workers.touch(worker, Some(r.id));
+                self.publish(JobEventKind::Started, &r).await?;
+                return Ok(Some(self.lease_of(&r)));
+            }
+            tokio::select! {
+                _ = &mut signal => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            }
+        }
+    }
+
+    fn lease_of(&self, r: &JobRecord) -> Lease {
+        Lease {
+            job_id: r.id,
+            lease_token: r
+                .lease
+                .as_ref()
+                .map(|l| l.token.clone())
+                .unwrap_or_default(),
+            lease_expires_in: self.inner.config.lease_ttl.as_secs_f64(),
+            attempt: r.attempts,
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            seed: r.seed,
+            workflow: r.workflow.clone(),
+            params: r.params.clone(),
+            input: r.input.clone(),
+            job_timeout: self.inner.config.job_timeout.as_secs_f64(),
+        }
+    }
+
+    /// Checks a lease before serving the input or accepting a result.
+    pub async fn check_lease(
+        &self,
+        id: JobId,
+        token: &LeaseToken,
+    ) -> Result<JobRecord, BrokerError> {
+        Ok(self.inner.store.check_lease(id, token).await?)
+    }
+
+    /// Renews a lease, records progress; true when the job was cancelled.
+    pub async fn heartbeat(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        progress: Option<Progress>,
+    ) -> Result<bool, BrokerError> {
+        let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
+        let outcome = self
+            .inner
+            .store
+            .heartbeat(id, token, progress, lease_ms)
+            .await?;
+        if let Some(r) = &outcome.changed {
+            if let Some(lease) = &r.lease {
+                self.inner.workers.touch(&lease.owner, Some(id));
+            }
+            self.publish(JobEventKind::Progress, r).await?;
+        }
+        Ok(outcome.cancelled)
+    }
+
+    /// Finishes a job with a staged result file. On a refused lease the file is discarded.
+    pub async fn complete(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        staged: StagedBlob,
+        content_type: String,
+    ) -> Result<JobStatus, BrokerError> {
+        let size = staged.size;
+        // Re-check right before committing: the job may have been cancelled during the upload.
+        if let Err(e) = self.inner.store.check_lease(id, &token).await {
+            self.inner.blobs.discard(staged).await;
+            if let StoreError::LeaseLost {
+                status: JobStatus::Done,
+            } = e
+            {
+                return Ok(JobStatus::Done);
+            }
+            return Err(e.into());
+        }
+        self.inner
+            .blobs
+            .commit(staged, BlobKind::Result, id)
+            .await?;
+        match self
+            .inner
+            .store
+            .complete(id, token, ResultInfo { content_type, size })
+            .await
+        {
+            Ok((r, changed)) => {
+                self.inner.workers.release(id);
+                if changed {
+                    self.publish(JobEventKind::Done, &r).await?;
+                }
+                Ok(r.status)
+            }
+            Err(e) => {
+                self.inner.blobs.remove(BlobKind::Result, id).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Records a worker's failure report.
+    pub async fn fail(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        message: String,
+        retryable: bool,
+    ) -> Result<JobStatus, BrokerError> {
+        let r = self
+            .inner
+            .store
+            .fail(
+                id,
+                token,
+                message,
+                retryable,
+                self.inner.config.max_attempts,
+            )
+            .await?;
+        self.inner.workers.release(id);
+        self.publish(Self::kind_for_status(r.status), &r).await?;
+        if r.status == JobStatus::Queued {
+            self.inner.hub.job_queued();
+        }
+        Ok(r.status)
+    }
+
+    /// One pass of housekeeping: expired leases back to the queue, over-long attempts failed,
+    /// finished jobs' files past `RESULT_TTL` deleted.
+    pub async fn sweep(&self) -> Result<(), BrokerError> {
+        let cfg = &self.inner.config;
+        let mut requeued = false;
+        for r in self.inner.store.expire_leases(cfg.max_attempts).await? {
+            tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
+            requeued |= r.status == JobStatus::Queued;
+            self.publish(Self::kind_for_status(r.status), &r).await?;
+        }
+        for r in self
+            .inner
+            .store
+            .time_out_running(cfg.job_timeout.as_millis() as i64)
+            .await?
+        {
+            tracing::warn!(job_id = %r.id, "job timed out");
+            self.publish(JobEventKind::Error, &r).await?;
+        }
+        if let Some(ttl) = cfg.result_ttl {
+            // Files first, record second: once a job says it has no result, the file is gone.
+            for id in self
+                .inner
+                .store
+                .files_expired(ttl.as_millis() as i64)
+                .await?
+            {
+                self.inner.blobs.remove(BlobKind::Input, id).await?;
+                self.inner.blobs.remove(BlobKind::Result, id).await?;
+                if let Some(r) = self.inner.store.mark_files_deleted(id).await? {
+                    self.publish(JobEventKind::Deleted, &r).await?;
+                }
+            }
+        }
+        if requeued {
+            self.inner.hub.job_queued();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,822 @@
+//! The job store: the only module that knows SQL.
+//!
+//! Jobs live in one SQLite database in WAL mode under the data directory. Every state change is one
+//! short transaction on a single writer connection (run on the blocking pool, so a slow disk never
+//! stalls the async runtime); reads go through a small pool of read connections, which WAL lets run
+//! beside the writer. The lease columns, not row locks, hold a worker's claim on a job: a database
+//! transaction never spans a network call.
+//!
+//! The public surface is async and speaks domain types only ([`JobRecord`], [`NewJob`], outcomes), so
+//! a PostgreSQL store (several brokers sharing one database, `FOR UPDATE SKIP LOCKED` claims) can be
+//! added behind the same methods without touching the service or the handlers.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use tdcomfy_api::{InputInfo, JobId, JobStatus, LeaseToken, Progress, ResultInfo, Timestamp};
+
+/// Errors of the store. Lease and state conflicts are ordinary outcomes a worker must handle;
+/// `Database` and `Join` are broker faults.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No job with that id.
+    #[error("job not found")]
+    NotFound,
+    /// The caller's lease token is not the job's current one, or the job has ended.
+    #[error("the lease on this job is no longer held (status {status})")]
+    LeaseLost {
+        /// The job's status now.
+        status: JobStatus,
+    },
+    /// The job was cancelled by a client while the worker held it.
+    #[error("the job was cancelled")]
+    Cancelled,
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A stored value could not be decoded (corruption or a schema mismatch).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// The blocking task running the statement panicked or was cancelled.
+    #[error("store task failed: {0}")]
+    Join(String),
+}
+
+/// Whether a job's result bytes exist.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultState {
+    /// No result (yet).
+    None,
+    /// The result file is on disk.
+    Present(ResultInfo),
+    /// There was a result; `DELETE` or `RESULT_TTL` removed it.
+    Deleted,
+}
+
+/// The worker lease on a running job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseState {
+    /// Secret proving the lease.
+    pub token: LeaseToken,
+    /// Worker that holds it.
+    pub owner: String,
+    /// When it lapses unless renewed; `None` once the job ended.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// The id.
+    pub id: JobId,
+    /// Insertion order; the queue is FIFO on it.
+    pub seq: i64,
+    /// Lifecycle state.
+    pub status: JobStatus,
+    /// Positive prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Seed, if chosen.
+    pub seed: Option<u64>,
+    /// Workflow name.
+    pub workflow: String,
+    /// Named workflow inputs.
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// The stored input image.
+    pub input: InputInfo,
+    /// Whether the input file still exists.
+    pub input_present: bool,
+    /// Accepted at.
+    pub created_at: Timestamp,
+    /// Current attempt started at.
+    pub started_at: Option<Timestamp>,
+    /// Reached a terminal state at.
+    pub finished_at: Option<Timestamp>,
+    /// Number of leases handed out.
+    pub attempts: u32,
+    /// The current or last lease.
+    pub lease: Option<LeaseState>,
+    /// Latest progress of the current attempt.
+    pub progress: Progress,
+    /// Why it failed or was cancelled.
+    pub error_message: Option<String>,
+    /// The result.
+    pub result: ResultState,
+    /// Bumped on every change.
+    pub version: u64,
+}
+
+/// What `POST /jobs` stores.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Id chosen by the caller (the input file is already stored under it).
+    pub id: JobId,
+    /// Positive prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Workflow name.
+    pub workflow: String,
+    /// Named inputs.
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// The stored input image.
+    pub input: InputInfo,
+    /// `Idempotency-Key` header and a fingerprint of the request's fields.
+    pub idempotency: Option<(String, String)>,
+}
+
+/// Result of [`Store::insert`].
+#[derive(Debug)]
+pub enum InsertOutcome {
+    /// A new job was stored.
+    Created(JobRecord),
+    /// The idempotency key was seen before with the same request: the original job.
+    Replayed(JobRecord),
+    /// The idempotency key was seen before with a different request.
+    KeyConflict,
+}
+
+/// Result of [`Store::heartbeat`].
+#[derive(Debug)]
+pub struct HeartbeatOutcome {
+    /// True when the job was cancelled while leased.
+    pub cancelled: bool,
+    /// The record after the update, when progress changed (for an event).
+    pub changed: Option<JobRecord>,
+}
+
+/// Result of [`Store::cancel`].
+#[derive(Debug)]
+pub struct CancelOutcome {
+    /// The record after the call.
+    pub record: JobRecord,
+    /// Status before the call.
+    pub previous: JobStatus,
+    /// True when this call changed something (a repeat changes nothing).
+    pub changed: bool,
+}
+
+/// Counts per status, for `/health`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatusCounts {
+    /// Queued jobs.
+    pub queued: u64,
+    /// Running jobs.
+    pub running: u64,
+    /// Done jobs.
+    pub done: u64,
+    /// Failed jobs.
+    pub error: u64,
+    /// Cancelled jobs.
+    pub cancelled: u64,
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                  TEXT NOT NULL UNIQUE,
+    status              TEXT NOT NULL,
+    prompt              TEXT NOT NULL,
+    negative_prompt     TEXT NOT NULL,
+    seed                INTEGER,
+    workflow            TEXT NOT NULL,
+    params              TEXT NOT NULL,
+    input_content_type  TEXT NOT NULL,
+    input_size          INTEGER NOT NULL,
+    input_width         INTEGER NOT NULL,
+    input_height        INTEGER NOT NULL,
+    input_present       INTEGER NOT NULL DEFAULT 1,
+    created_at          INTEGER NOT NULL,
+    started_at          INTEGER,
+    finished_at         INTEGER,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    lease_token         TEXT,
+    lease_owner         TEXT,
+    lease_expires_at    INTEGER,
+    progress            TEXT,
+    error_message       TEXT,
+    result_state        TEXT NOT NULL DEFAULT 'none',
+    result_content_type TEXT,
+    result_size         INTEGER,
+    idempotency_key     TEXT UNIQUE,
+    request_fingerprint TEXT,
+    version             INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_lease_expiry ON jobs (lease_expires_at) WHERE status = 'running';
+";
+
+const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow, params, \
+    input_content_type, input_size, input_width, input_height, input_present, created_at, started_at, \
+    finished_at, attempts, lease_token, lease_owner, lease_expires_at, progress, error_message, \
+    result_state, result_content_type, result_size, version";
+
+/// The job store. Cheap to clone; all clones share the connections.
+#[derive(Clone)]
+pub struct Store {
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: Arc<std::path::PathBuf>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let writer = Connection::open(path)?;
+        writer.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL lets readers run beside the writer; FULL syncs the WAL on every commit, so an
+        // accepted job survives power loss as well as a killed process.
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.pragma_update(None, "foreign_keys", "ON")?;
+        let version: i64 = writer.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {version} is newer than this broker understands ({SCHEMA_VERSION})"
+            )));
+        }
+        writer.execute_batch(SCHEMA)?;
+        writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Store {
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path: Arc::new(path.to_owned()),
+        })
+    }
+
+    /// Runs `f` on the writer connection on the blocking pool, inside one immediate transaction.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?
+    }
+
+    /// Runs `f` on a pooled read connection. Point reads take microseconds, so they run inline on
+    /// the calling task: handing them to the blocking pool would cost more than the query.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = {
+            let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            pool.pop()
+        };
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    self.path.as_path(),
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c
+            }
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Stores a new job, or finds the one its idempotency key already names.
+    pub async fn insert(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
+        self.write(move |tx| {
+            if let Some((key, fingerprint)) = &job.idempotency {
+                let existing: Option<(String, String)> = tx
+                    .query_row(
+                        "SELECT id, request_fingerprint FROM jobs WHERE idempotency_key = ?1",
+                        [key],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((id, stored)) = existing {
+                    if &stored != fingerprint {
+                        return Ok(InsertOutcome::KeyConflict);
+                    }
+                    let id = parse_id(&id)?;
+                    return Ok(InsertOutcome::Replayed(
+                        get_in(tx, id)?.ok_or(StoreError::NotFound)?,
+                    ));
+                }
+            }
+            let (key, fingerprint) = job.idempotency.clone().unzip();
+            tx.execute(
+                "INSERT INTO jobs (id, status, prompt, negative_prompt, seed, workflow, params, \
+                 input_content_type, input_size, input_width, input_height, created_at, \
+                 idempotency_key, request_fingerprint) \
+                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    job.id.to_string(),
+                    job.prompt,
+                    job.negative_prompt,
+                    job.seed.map(seed_to_sql),
+                    job.workflow,
+                    serde_json::Value::Object(job.params.clone()).to_string(),
+                    job.input.content_type,
+                    job.input.size as i64,
+                    job.input.width,
+                    job.input.height,
+                    Timestamp::now().millis(),
+                    key,
+                    fingerprint,
+                ],
+            )?;
+            Ok(InsertOutcome::Created(
+                get_in(tx, job.id)?.ok_or(StoreError::NotFound)?,
+            ))
+        })
+        .await
+    }
+
+    /// One job by id.
+    pub async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.read(|c| get_in(c, id))
+    }
+
+    /// 1-based position of a queued job in the queue.
+    pub async fn queue_position(&self, seq: i64) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let n: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq <= ?1")?
+                .query_row([seq], |r| r.get(0))?;
+            Ok(n as u64)
+        })
+    }
+
+    /// Jobs newest first, optionally of one status.
+    pub async fn list(
+        &self,
+        status: Option<JobStatus>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        self.read(|c| {
+            let rows = match status {
+                Some(st) => {
+                    let mut stmt = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM jobs WHERE status = ?1 ORDER BY seq DESC LIMIT ?2"
+                    ))?;
+                    stmt.query_map(params![st.as_str(), limit], row_to_record)?
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+                None => {
+                    let mut stmt = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
+                    ))?;
+                    stmt.query_map(params![limit], row_to_record)?
+                        .collect::<Result<Vec<_>, _>>()?
+                }
+            };
+            rows.into_iter().collect()
+        })
+    }
+
+    /// Number of jobs in each status.
+    pub async fn counts(&self) -> Result<StatusCounts, StoreError> {
+        self.read(|c| {
+            let mut counts = StatusCounts::default();
+            let mut stmt = c.prepare_cached("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (status, n) = row?;
+                let n = n as u64;
+                match JobStatus::parse(&status) {
+                    Some(JobStatus::Queued) => counts.queued = n,
+                    Some(JobStatus::Running) => counts.running = n,
+                    Some(JobStatus::Done) => counts.done = n,
+                    Some(JobStatus::Error) => counts.error = n,
+                    Some(JobStatus::Cancelled) => counts.cancelled = n,
+                    None => return Err(StoreError::Corrupt(format!("unknown status {status}"))),
+                }
+            }
+            Ok(counts)
+        })
+    }
+
+    /// Leases the oldest queued job to `worker`, or returns `None` when the queue is empty.
+    pub async fn claim_next(
+        &self,
+        worker: String,
+        lease_ms: i64,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        self.write(move |tx| {
+            let seq: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1",
+                )?
+                .query_row([], |r| r.get(0))
+                .optional()?;
+            let Some(seq) = seq else { return Ok(None) };
+            let now = Timestamp::now().millis();
+            tx.prepare_cached(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = ?1, \
+                 lease_owner = ?2, lease_expires_at = ?3, started_at = ?4, finished_at = NULL, \
+                 progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
+            )?
+            .execute(params![
+                LeaseToken::new().as_str(),
+                worker,
+                now + lease_ms,
+                now,
+                seq
+            ])?;
+            get_by_seq(tx, seq)
+        })
+        .await
+    }
+
+    /// Renews a lease and records progress. Fails with `LeaseLost` unless `token` is the job's
+    /// current lease and the job is running (or was cancelled under this lease).
+    pub async fn heartbeat(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        progress: Option<Progress>,
+        lease_ms: i64,
+    ) -> Result<HeartbeatOutcome, StoreError> {
+        self.write(move |tx| {
+            let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
+            check_lease(&job, &token)?;
+            match job.status {
+                JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
+                JobStatus::Running => {
+                    let now = Timestamp::now().millis();
+                    let changed = progress.as_ref().is_some_and(|p| *p != job.progress);
+                    if changed {
+                        let text = serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                        tx.prepare_cached(
+                            "UPDATE jobs SET lease_expires_at = ?1, progress = ?2, version = version + 1 WHERE seq = ?3",
+                        )?
+                        .execute(params![now + lease_ms, text, job.seq])?;
+                    } else {
+                        tx.prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE seq = ?2")?
+                            .execute(params![now + lease_ms, job.seq])?;
+                    }
+                    let changed = if changed { get_by_seq(tx, job.seq)? } else { None };
+                    Ok(HeartbeatOutcome { cancelled: false, changed })
+                }
+                status => Err(StoreError::LeaseLost { status }),
+            }
+        })
+        .await
+    }
+
+    /// Checks that `token` is the current lease of a running job (before accepting bytes from it).
+    pub async fn check_lease(
+        &self,
+        id: JobId,
+        token: &LeaseToken,
+    ) -> Result<JobRecord, StoreError> {
+        let job = self.get(id).await?.ok_or(StoreError::NotFound)?;
+        check_lease(&job, token)?;
+        match job.status {
+            JobStatus::Running => Ok(job),
+            JobStatus::Cancelled => Err(StoreError::Cancelled),
+            status => Err(StoreError::LeaseLost { status }),
+        }
+    }
+
+    /// Marks a job done with its result. Repeating it with the same token after success returns the
+    /// finished job and changes nothing (`Ok((record, false))`).
+    pub async fn complete(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        result: ResultInfo,
+    ) -> Result<(JobRecord, bool), StoreError> {
+        self.write(move |tx| {
+            let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
+            check_lease(&job, &token)?;
+            match job.status {
+                JobStatus::Running => {}
+                JobStatus::Done => return Ok((job, false)),
+                JobStatus::Cancelled => return Err(StoreError::Cancelled),
+                status => return Err(StoreError::LeaseLost { status }),
+            }
+            let now = Timestamp::now().millis();
+            let progress = Progress { value: 1.0, ..job.progress.clone() };
+            tx.execute(
+                "UPDATE jobs SET status = 'done', finished_at = ?1, lease_expires_at = NULL, \
+                 result_state = 'present', result_content_type = ?2, result_size = ?3, progress = ?4, \
+                 error_message = NULL, version = version + 1 WHERE seq = ?5",
+                params![
+                    now,
+                    result.content_type,
+                    result.size as i64,
+                    serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    job.seq
+                ],
+            )?;
+            Ok((get_by_seq(tx, job.seq)?.ok_or(StoreError::NotFound)?, true))
+        })
+        .await
+    }
+
+    /// Records a worker's failure: back to the queue when `retryable` and attempts remain, else
+    /// `error` with `message`.
+    pub async fn fail(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        message: String,
+        retryable: bool,
+        max_attempts: u32,
+    ) -> Result<JobRecord, StoreError> {
+        self.write(move |tx| {
+            let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
+            check_lease(&job, &token)?;
+            match job.status {
+                JobStatus::Running => {}
+                JobStatus::Error => return Ok(job),
+                JobStatus::Cancelled => return Err(StoreError::Cancelled),
+                status => return Err(StoreError::LeaseLost { status }),
+            }
+            if retryable && job.attempts < max_attempts {
+                requeue(tx, job.seq)?;
+            } else {
+                let message = if retryable {
+                    format!("{message} (gave up after {} attempts)", job.attempts)
+                } else {
+                    message
+                };
+                finish_with_error(tx, job.seq, &message)?;
+            }
+            get_by_seq(tx, job.seq)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    /// Cancels a queued or running job; on a finished job only marks its files deleted. Files are
+    /// marked gone in the same transaction, so the caller deletes them after the commit.
+    pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, StoreError> {
+        self.write(move |tx| {
+            let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
+            let previous = job.status;
+            let files_present = job.input_present || matches!(job.result, ResultState::Present(_));
+            let changed = match job.status {
+                JobStatus::Queued | JobStatus::Running => {
+                    // The lease token stays, so the worker's next heartbeat learns of the cancel.
+                    tx.execute(
+                        "UPDATE jobs SET status = 'cancelled', finished_at = ?1, lease_expires_at = NULL, \
+                         error_message = 'cancelled by client', input_present = 0, \
+                         result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
+                         version = version + 1 WHERE seq = ?2",
+                        params![Timestamp::now().millis(), job.seq],
+                    )?;
+                    true
+                }
+                _ if files_present => {
+                    tx.execute(
+                        "UPDATE jobs SET input_present = 0, \
+                         result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
+                         version = version + 1 WHERE seq = ?1",
+                        [job.seq],
+                    )?;
+                    true
+                }
+                _ => false,
+            };
+            let record = get_by_seq(tx, job.seq)?.ok_or(StoreError::NotFound)?;
+            Ok(CancelOutcome { record, previous, changed })
+        })
+        .await
+    }
+
+    /// Puts running jobs whose lease lapsed back in the queue, or fails them when they used up
+    /// `max_attempts`. Returns the changed jobs.
+    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<JobRecord>, StoreError> {
+        self.write(move |tx| {
+            let now = Timestamp::now().millis();
+            let expired: Vec<(i64, u32)> = tx
+                .prepare_cached(
+                    "SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1",
+                )?
+                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut changed = Vec::with_capacity(expired.len());
+            for (seq, attempts) in expired {
+                if attempts < max_attempts {
+                    requeue(tx, seq)?;
+                } else {
+                    finish_with_error(
+                        tx,
+                        seq,
+                        &format!(
+                            "worker lost: its lease expired without a heartbeat on all {attempts} attempts"
+                        ),
+                    )?;
+                }
+                changed.extend(get_by_seq(tx, seq)?);
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Fails running jobs whose current attempt has run longer than `timeout_ms`.
+    pub async fn time_out_running(&self, timeout_ms: i64) -> Result<Vec<JobRecord>, StoreError> {
+        self.write(move |tx| {
+            let now = Timestamp::now().millis();
+            let late: Vec<i64> = tx
+                .prepare_cached(
+                    "SELECT seq FROM jobs WHERE status = 'running' AND started_at < ?1",
+                )?
+                .query_map([now - timeout_ms], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut changed = Vec::with_capacity(late.len());
+            for seq in late {
+                finish_with_error(
+                    tx,
+                    seq,
+                    &format!(
+                        "timed out: the job ran longer than JOB_TIMEOUT ({} s)",
+                        timeout_ms / 1000
+                    ),
+                )?;
+                changed.extend(get_by_seq(tx, seq)?);
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Finished jobs whose files are still on disk and older than `ttl_ms` (by finish time).
+    pub async fn files_expired(&self, ttl_ms: i64) -> Result<Vec<JobId>, StoreError> {
+        self.read(|c| {
+            let cutoff = Timestamp::now().millis() - ttl_ms;
+            let ids: Vec<String> = c
+                .prepare_cached(
+                    "SELECT id FROM jobs WHERE status IN ('done', 'error') \
+                     AND (result_state = 'present' OR input_present = 1) AND finished_at < ?1",
+                )?
+                .query_map([cutoff], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            ids.iter().map(|id| parse_id(id)).collect()
+        })
+    }
+
+    /// Records that a finished job's files were deleted; `None` when there was nothing to record.
+    pub async fn mark_files_deleted(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.write(move |tx| {
+            let changed = tx.execute(
+                "UPDATE jobs SET input_present = 0, \
+                 result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
+                 version = version + 1 WHERE id = ?1 AND (result_state = 'present' OR input_present = 1)",
+                [id.to_string()],
+            )?;
+            if changed == 0 { Ok(None) } else { get_in(tx, id) }
+        })
+        .await
+    }
+}
+
+fn check_lease(job: &JobRecord, token: &LeaseToken) -> Result<(), StoreError> {
+    match &job.lease {
+        Some(lease) if constant_time_eq(lease.token.as_str(), token.as_str()) => Ok(()),
+        _ => Err(StoreError::LeaseLost { status: job.status }),
+    }
+}
+
+/// Compares secrets without an early exit, so timing does not reveal a prefix.
+pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn requeue(tx: &rusqlite::Transaction<'_>, seq: i64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_owner = NULL, \
+         lease_expires_at = NULL, started_at = NULL, progress = NULL, version = version + 1 WHERE seq = ?1",
+    )?
+    .execute([seq])?;
+    Ok(())
+}
+
+fn finish_with_error(
+    tx: &rusqlite::Transaction<'_>,
+    seq: i64,
+    message: &str,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE jobs SET status = 'error', error_message = ?1, finished_at = ?2, \
+         lease_expires_at = NULL, version = version + 1 WHERE seq = ?3",
+    )?
+    .execute(params![message, Timestamp::now().millis(), seq])?;
+    Ok(())
+}
+
+fn get_in(c: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+    c.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([id.to_string()], row_to_record)
+        .optional()?
+        .transpose()
+}
+
+fn get_by_seq(c: &Connection, seq: i64) -> Result<Option<JobRecord>, StoreError> {
+    c.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE seq = ?1"))?
+        .query_row([seq], row_to_record)
+        .optional()?
+        .transpose()
+}
+
+fn parse_id(s: &str) -> Result<JobId, StoreError> {
+    JobId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad job id {s:?}")))
+}
+
+// SQLite integers are signed 64-bit; seeds use the full u64 range, so they are stored bit-cast.
+fn seed_to_sql(seed: u64) -> i64 {
+    seed as i64
+}
+
+fn seed_from_sql(v: i64) -> u64 {
+    v as u64
+}
+
+fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
+    let id: String = r.get("id")?;
+    let status: String = r.get("status")?;
+    let params_text: String = r.get("params")?;
+    let progress_text: Option<String> = r.get("progress")?;
+    let lease_token: Option<String> = r.get("lease_token")?;
+    let result_state: String = r.get("result_state")?;
+    let result_ct: Option<String> = r.get("result_content_type")?;
+    let result_size: Option<i64> = r.get("result_size")?;
+    let ts = |v: Option<i64>| v.map(Timestamp);
+    let build = || -> Result<JobRecord, StoreError> {
+        let params = match serde_json::from_str(&params_text) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => return Err(StoreError::Corrupt(format!("params of job {id}"))),
+        };
+        let progress = match progress_text.as_deref() {
+            None => Progress::default(),
+            Some(t) => serde_json::from_str(t).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        };
+        let result = match result_state.as_str() {
+            "present" => ResultState::Present(ResultInfo {
+                content_type: result_ct.clone().unwrap_or_default(),
+                size: result_size.unwrap_or(0) as u64,
+            }),
+            "deleted" => ResultState::Deleted,
+            _ => ResultState::None,
+        };
+        Ok(JobRecord {
+            id: parse_id(&id)?,
+            seq: r.get("seq")?,
+            status: JobStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
+            prompt: r.get("prompt")?,
+            negative_prompt: r.get("negative_prompt")?,
+            seed: r.get::<_, Option<i64>>("seed")?.map(seed_from_sql),
+            workflow: r.get("workflow")?,
+            params,
+            input: InputInfo {
+                content_type: r.get("input_content_type")?,
+                size: r.get::<_, i64>("input_size")? as u64,
+                width: r.get("input_width")?,
+                height: r.get("input_height")?,
+            },
+            input_present: r.get::<_, i64>("input_present")? != 0,
+            created_at: Timestamp(r.get("created_at")?),
+            started_at: ts(r.get("started_at")?),
+            finished_at: ts(r.get("finished_at")?),
+            attempts: r.get("attempts")?,
+            lease: lease_token
+                .map(|t| -> rusqlite::Result<LeaseState> {
+                    Ok(LeaseState {
+                        token: LeaseToken::from_string(t),
+                        owner: r
+                            .get::<_, Option<String>>("lease_owner")?
+                            .unwrap_or_default(),
+                        expires_at: ts(r.get("lease_expires_at")?),
+                    })
+                })
+                .transpose()?,
+            progress,
+            error_message: r.get("error_message")?,
+            result,
+            version: r.get::<_, i64>("version")? as u64,
+        })
+    };
+    Ok(build())
+}

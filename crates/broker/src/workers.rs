@@ -1,0 +1,96 @@
+//! Which workers the broker has heard from, for `/health`. Kept in memory only: after a restart a
+//! worker reappears at its next call, and nothing about a job depends on this table.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tdcomfy_api::{JobId, WorkerInfo};
+
+/// How long a worker that stopped calling still counts as connected.
+pub const CONNECTED_WINDOW: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Seen {
+    last_seen: Instant,
+    job: Option<JobId>,
+    waiting: usize,
+}
+
+/// The table of recently seen workers.
+#[derive(Debug, Default)]
+pub struct WorkerRegistry {
+    seen: Mutex<HashMap<String, Seen>>,
+}
+
+/// Marks a worker as waiting on a lease until dropped.
+pub struct WaitingGuard<'a> {
+    registry: &'a WorkerRegistry,
+    worker: String,
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        let mut seen = self.registry.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = seen.get_mut(&self.worker) {
+            s.waiting = s.waiting.saturating_sub(1);
+            s.last_seen = Instant::now();
+        }
+    }
+}
+
+impl WorkerRegistry {
+    /// Records a call from `worker`, holding `job` (or none).
+    pub fn touch(&self, worker: &str, job: Option<JobId>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = seen.entry(worker.to_owned()).or_insert(Seen {
+            last_seen: Instant::now(),
+            job: None,
+            waiting: 0,
+        });
+        entry.last_seen = Instant::now();
+        entry.job = job;
+    }
+
+    /// Records that `worker` waits on a lease while the guard lives.
+    pub fn waiting(&self, worker: &str) -> WaitingGuard<'_> {
+        self.touch(worker, None);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = seen.get_mut(worker) {
+            s.waiting += 1;
+        }
+        WaitingGuard {
+            registry: self,
+            worker: worker.to_owned(),
+        }
+    }
+
+    /// Forgets the job a worker held (it finished or failed it).
+    pub fn release(&self, job: JobId) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for s in seen.values_mut().filter(|s| s.job == Some(job)) {
+            s.job = None;
+        }
+    }
+
+    /// Workers waiting now or seen within [`CONNECTED_WINDOW`], and drops the others.
+    pub fn connected(&self) -> Vec<WorkerInfo> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, s| s.waiting > 0 || s.last_seen.elapsed() < CONNECTED_WINDOW * 10);
+        let mut out: Vec<WorkerInfo> = seen
+            .iter()
+            .filter(|(_, s)| s.waiting > 0 || s.last_seen.elapsed() < CONNECTED_WINDOW)
+            .map(|(id, s)| WorkerInfo {
+                id: id.clone(),
+                last_seen_ms_ago: if s.waiting > 0 {
+                    0
+                } else {
+                    s.last_seen.elapsed().as_millis() as u64
+                },
+                job_id: s.job,
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+}

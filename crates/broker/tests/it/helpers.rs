@@ -1,0 +1,340 @@
+//! `spawn_app()`: the real broker on 127.0.0.1:0 with its own temporary data directory, plus typed
+//! helpers for the calls tests make.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::multipart::{Form, Part};
+use serde_json::Value;
+use tdcomfy_broker::BrokerArgs;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Settings a test may change before the broker starts.
+pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
+    BrokerArgs {
+        api_host: "127.0.0.1".into(),
+        api_port: 0,
+        data_dir,
+        max_upload_mb: 5,
+        max_result_mb: 64,
+        max_image_dim: 8192,
+        max_prompt_chars: 10_000,
+        api_token: None,
+        worker_token: None,
+        result_ttl: 0,
+        job_timeout: 600.0,
+        lease_ttl: 30.0,
+        max_attempts: 3,
+        workflows_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../workflows"),
+        default_workflow: "ltxv_image_to_video".into(),
+        workflow_nodes: None,
+    }
+}
+
+/// A running broker.
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub args: BrokerArgs,
+    token: Option<String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+pub async fn spawn_with(tweak: impl FnOnce(&mut BrokerArgs)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut args = test_args(dir.path().join("data"));
+    tweak(&mut args);
+    start(dir, args).await
+}
+
+async fn start(dir: tempfile::TempDir, args: BrokerArgs) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = args.clone().into_config().expect("valid test config");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        tdcomfy_broker::run(listener, config, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("broker runs");
+    });
+    let token = args.api_token.clone();
+    TestApp {
+        base,
+        http: reqwest::Client::new(),
+        dir,
+        args,
+        token,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authed(self.http.get(self.url(path)))
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authed(self.http.post(self.url(path)))
+    }
+
+    pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authed(self.http.delete(self.url(path)))
+    }
+
+    pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
+        self.authed(self.http.put(self.url(path)))
+    }
+
+    /// Stops the broker gracefully and starts a new one on the same data directory.
+    pub async fn restart(mut self) -> TestApp {
+        self.shutdown().await;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        start(dir, self.args.clone()).await
+    }
+
+    /// Stops the broker without letting anything finish, as close to a crash as a task allows,
+    /// and starts a new one on the same data directory.
+    pub async fn crash_and_restart(mut self) -> TestApp {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        start(dir, self.args.clone()).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub async fn submit(&self, form: Form) -> reqwest::Response {
+        self.post("/jobs")
+            .multipart(form)
+            .send()
+            .await
+            .expect("submit sent")
+    }
+
+    /// Submits a small real PNG with a prompt; returns the job id.
+    pub async fn submit_png(&self, prompt: &str) -> String {
+        let resp = self.submit(png_form(prompt)).await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "submit failed: {}",
+            resp.text().await.unwrap()
+        );
+        let body: Value = resp.json().await.unwrap();
+        body["job_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let resp = self.get(&format!("/jobs/{id}")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    pub async fn health(&self) -> Value {
+        self.http
+            .get(self.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Leases a job (waiting up to `wait` s); `None` on 204.
+    pub async fn lease(&self, worker: &str, wait: f64) -> Option<Value> {
+        let resp = self
+            .post("/worker/lease")
+            .json(&serde_json::json!({"worker_id": worker, "wait": wait}))
+            .send()
+            .await
+            .unwrap();
+        match resp.status().as_u16() {
+            200 => Some(resp.json::<Value>().await.unwrap()["job"].clone()),
+            204 => None,
+            s => panic!("lease answered {s}: {}", resp.text().await.unwrap()),
+        }
+    }
+
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        token: &str,
+        progress: Option<Value>,
+    ) -> reqwest::Response {
+        self.post(&format!("/worker/jobs/{id}/heartbeat"))
+            .json(&serde_json::json!({"lease_token": token, "progress": progress}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn put_result(&self, id: &str, token: &str, bytes: Vec<u8>) -> reqwest::Response {
+        self.put(&format!("/worker/jobs/{id}/result"))
+            .header("lease-token", token)
+            .header("content-type", "video/mp4")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn fail(
+        &self,
+        id: &str,
+        token: &str,
+        message: &str,
+        retryable: bool,
+    ) -> reqwest::Response {
+        self.post(&format!("/worker/jobs/{id}/fail"))
+            .json(&serde_json::json!({"lease_token": token, "message": message, "retryable": retryable}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Long-polls a job until `pred` holds or `secs` pass; returns the last state seen.
+    pub async fn wait_until(&self, id: &str, secs: f64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+        let mut job = self.job(id).await;
+        while !pred(&job) && tokio::time::Instant::now() < deadline {
+            let version = job["version"].as_u64().unwrap();
+            job = self
+                .get(&format!("/jobs/{id}?wait=5&since={version}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        }
+        job
+    }
+
+    /// Files under the data directory's `files/<kind>`.
+    pub fn files(&self, kind: &str) -> Vec<String> {
+        std::fs::read_dir(self.args.data_dir.join("files").join(kind))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A real PNG of `w`×`h` pixels.
+pub fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+pub fn png_form(prompt: &str) -> Form {
+    Form::new()
+        .part(
+            "image",
+            Part::bytes(png_bytes(64, 40))
+                .file_name("frame.png")
+                .mime_str("image/png")
+                .unwrap(),
+        )
+        .text("prompt", prompt.to_owned())
+}
+
+pub async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.expect("error bodies are JSON");
+    (status, body["error"].clone())
+}
+
+/// Reads Server-Sent Events from a response: `(event name, parsed data)` pairs.
+pub struct SseReader {
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+impl SseReader {
+    pub fn new(resp: reqwest::Response) -> SseReader {
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        SseReader {
+            stream: Box::pin(resp.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event, or `None` when the stream ends or `secs` pass.
+    pub async fn next(&mut self, secs: f64) -> Option<(String, Value)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut name = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                return Some((
+                    name,
+                    serde_json::from_str(&data).expect("event data is JSON"),
+                ));
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(Some(Ok(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+}

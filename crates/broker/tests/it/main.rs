@@ -1,0 +1,11 @@
+//! Integration tests of the broker: the real server on 127.0.0.1:0 with a temporary data
+//! directory, driven over HTTP.
+
+mod events;
+mod helpers;
+mod jobs;
+mod persistence;
+mod results;
+mod security;
+mod submit;
+mod worker;

@@ -1,0 +1,92 @@
+//! Restarts lose nothing: queued jobs stay queued, running ones keep their lease (or are re-leased
+//! once it lapses), done ones keep their results.
+
+use serde_json::Value;
+
+use crate::helpers::{TestApp, spawn_with};
+
+async fn three_jobs(app: &TestApp) -> (String, String, String, String, Vec<u8>) {
+    let done = app.submit_png("done").await;
+    let running = app.submit_png("running").await;
+    let queued = app.submit_png("queued").await;
+    let l1 = app.lease("w", 1.0).await.unwrap();
+    let video: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    app.put_result(&done, l1["lease_token"].as_str().unwrap(), video.clone())
+        .await;
+    let l2 = app.lease("w", 1.0).await.unwrap();
+    assert_eq!(l2["job_id"], running);
+    (
+        done,
+        running,
+        queued,
+        l2["lease_token"].as_str().unwrap().to_owned(),
+        video,
+    )
+}
+
+async fn assert_all_kept(
+    app: &TestApp,
+    done: &str,
+    running: &str,
+    queued: &str,
+    token: &str,
+    video: &[u8],
+) {
+    assert_eq!(app.job(queued).await["status"], "queued");
+    let job = app.job(done).await;
+    assert_eq!(
+        (job["status"].as_str(), job["has_result"].as_bool()),
+        (Some("done"), Some(true))
+    );
+    let got = app
+        .get(&format!("/jobs/{done}/result"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got.to_vec(), video);
+    // The running job's worker carries on under its lease across the restart.
+    let hb = app.heartbeat(running, token, None).await;
+    assert_eq!(hb.status(), 200);
+    assert_eq!(hb.json::<Value>().await.unwrap()["cancelled"], false);
+    let resp = app
+        .put_result(running, token, b"finished after restart".to_vec())
+        .await;
+    assert_eq!(resp.status(), 200);
+    // And the queued job is still handed out, FIFO.
+    let next = app.lease("w", 1.0).await.unwrap();
+    assert_eq!(next["job_id"], queued);
+}
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_every_job_and_result() {
+    let app = spawn_with(|_| {}).await;
+    let (done, running, queued, token, video) = three_jobs(&app).await;
+    let app = app.restart().await;
+    assert_all_kept(&app, &done, &running, &queued, &token, &video).await;
+}
+
+#[tokio::test]
+async fn an_abrupt_stop_keeps_every_job_and_result() {
+    let app = spawn_with(|_| {}).await;
+    let (done, running, queued, token, video) = three_jobs(&app).await;
+    let app = app.crash_and_restart().await;
+    assert_all_kept(&app, &done, &running, &queued, &token, &video).await;
+}
+
+#[tokio::test]
+async fn a_job_whose_worker_vanished_during_the_downtime_is_re_leased() {
+    let app = spawn_with(|a| a.lease_ttl = 0.5).await;
+    let id = app.submit_png("worker gone").await;
+    app.lease("gone", 1.0).await.unwrap();
+    let app = app.crash_and_restart().await;
+    let job = app.wait_until(&id, 15.0, |j| j["status"] == "queued").await;
+    assert_eq!(job["status"], "queued");
+    let again = app.lease("new", 1.0).await.unwrap();
+    assert_eq!(
+        (again["job_id"].as_str(), again["attempt"].as_u64()),
+        (Some(id.as_str()), Some(2))
+    );
+}

@@ -1,0 +1,183 @@
+//! Command-line parsing (clap, every flag with its environment variable), the optional TOML
+//! config file, and dispatch to the subcommands.
+//!
+//! Precedence: a flag beats its environment variable, which beats the config file, which beats the
+//! built-in default. The config file's keys are the flags' names with underscores
+//! (`api_port = 9000`); unknown keys are an error, so a typo cannot silently do nothing.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// TouchDesigner → ComfyUI video pipeline.
+#[derive(Debug, Parser)]
+#[command(name = "tdcomfy", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML file with settings (keys are the flag names with underscores, e.g. api_port = 9000).
+    #[arg(long, env = "TDCOMFY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// What to run.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the job broker (the HTTP API TouchDesigner and workers talk to).
+    Serve(tdcomfy_broker::BrokerArgs),
+}
+
+/// Parses the command line, applying the config file's values as defaults.
+pub fn parse() -> anyhow::Result<Cli> {
+    parse_from(std::env::args_os().collect())
+}
+
+fn parse_from(argv: Vec<OsString>) -> anyhow::Result<Cli> {
+    let mut command = Cli::command();
+    if let Some(path) = config_path(&argv) {
+        command = apply_config_file(command, &path)?;
+    }
+    let matches = command.get_matches_from(argv);
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+fn config_path(argv: &[OsString]) -> Option<PathBuf> {
+    let mut args = argv.iter().skip(1);
+    while let Some(a) = args.next() {
+        let s = a.to_string_lossy();
+        if s == "--config" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(v) = s.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    std::env::var_os("TDCOMFY_CONFIG").map(PathBuf::from)
+}
+
+fn apply_config_file(
+    mut command: clap::Command,
+    path: &std::path::Path,
+) -> anyhow::Result<clap::Command> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+    let mut unknown: Vec<&str> = Vec::new();
+    for (key, value) in &table {
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!(
+                "config file {}: {key} must be a string, number or boolean, not {}",
+                path.display(),
+                other.type_str()
+            ),
+        };
+        let subcommands: Vec<String> = command
+            .get_subcommands()
+            .filter(|sub| sub.get_arguments().any(|a| a.get_id() == key.as_str()))
+            .map(|sub| sub.get_name().to_owned())
+            .collect();
+        if subcommands.is_empty() {
+            unknown.push(key);
+            continue;
+        }
+        for name in subcommands {
+            let (key, text) = (key.clone(), text.clone());
+            command = command.mut_subcommand(name, move |sub| {
+                sub.mut_arg(key, move |arg| arg.default_value(text))
+            });
+        }
+    }
+    if !unknown.is_empty() {
+        anyhow::bail!(
+            "config file {}: unknown setting(s): {}",
+            path.display(),
+            unknown.join(", ")
+        );
+    }
+    Ok(command)
+}
+
+/// Runs the chosen subcommand.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: tdcomfy_broker::BrokerArgs) -> anyhow::Result<ExitCode> {
+    let addr = format!("{}:{}", args.api_host, args.api_port);
+    let config = args.into_config()?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding the broker to {addr}"))?;
+    tdcomfy_broker::run(listener, config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn config_file_sets_defaults_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("tdcomfy-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "api_port = 9123\nmax_upload_mb = 7\n").unwrap();
+        let f = file.to_str().unwrap();
+        let Command::Serve(a) = parse_from(argv(&["tdcomfy", "--config", f, "serve"]))
+            .unwrap()
+            .command;
+        assert_eq!((a.api_port, a.max_upload_mb), (9123, 7));
+        let Command::Serve(a) = parse_from(argv(&[
+            "tdcomfy",
+            "--config",
+            f,
+            "serve",
+            "--api-port",
+            "1",
+        ]))
+        .unwrap()
+        .command;
+        assert_eq!(a.api_port, 1);
+        std::fs::write(&file, "api_prot = 9123\n").unwrap();
+        let err = parse_from(argv(&["tdcomfy", "--config", f, "serve"])).unwrap_err();
+        assert!(err.to_string().contains("api_prot"), "{err}");
+    }
+}
