@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdcomfy_workflows::{NodeMap, WorkflowRegistry};
+use tdcomfy_workflows::WorkflowRegistry;
 
 /// Flags and environment variables of `tdcomfy serve` (and of the broker inside `tdcomfy up`).
 #[derive(Debug, Clone, clap::Args)]
@@ -64,19 +64,6 @@ pub struct BrokerArgs {
     /// Leases a job may get (a worker died or the backend was down) before it fails.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
-
-    /// Directory of ComfyUI API-format workflows; each *.json is selectable by its file name.
-    #[arg(long, env = "WORKFLOWS_DIR", default_value = "workflows")]
-    pub workflows_dir: PathBuf,
-
-    /// Workflow used when a job names none.
-    #[arg(long, env = "DEFAULT_WORKFLOW", default_value = "ltxv_image_to_video")]
-    pub default_workflow: String,
-
-    /// Explicit node-id bindings as JSON, e.g. {"image":"78","prompt":"6","seed":"72.noise_seed"},
-    /// optionally per workflow: {"ltxv_image_to_video":{…}}. Overrides detection.
-    #[arg(long, env = "WORKFLOW_NODES")]
-    pub workflow_nodes: Option<String>,
 }
 
 /// Why the settings are unusable.
@@ -90,9 +77,6 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// The workflows could not be loaded or bound.
-    #[error("workflows: {0}")]
-    Workflows(String),
 }
 
 /// Validated broker settings.
@@ -155,8 +139,11 @@ fn non_empty(token: &Option<String>) -> Option<String> {
 }
 
 impl BrokerArgs {
-    /// Checks every value and loads the workflows.
-    pub fn into_config(self) -> Result<BrokerConfig, ConfigError> {
+    /// Checks every value; `workflows` are the loaded workflows jobs may name.
+    pub fn into_config(
+        self,
+        workflows: Arc<WorkflowRegistry>,
+    ) -> Result<BrokerConfig, ConfigError> {
         if self.max_upload_mb == 0 || self.max_upload_mb > 1 << 20 {
             return Err(ConfigError::Invalid {
                 name: "MAX_UPLOAD_MB",
@@ -170,13 +157,6 @@ impl BrokerArgs {
             });
         }
         let lease_ttl = positive_secs("LEASE_TTL", self.lease_ttl)?;
-        let nodes = match &self.workflow_nodes {
-            Some(text) if !text.trim().is_empty() => NodeMap::parse(text)
-                .map_err(|e| ConfigError::Workflows(format!("WORKFLOW_NODES: {e}")))?,
-            _ => NodeMap::default(),
-        };
-        let workflows = WorkflowRegistry::load(&self.workflows_dir, &self.default_workflow, &nodes)
-            .map_err(|e| ConfigError::Workflows(e.to_string()))?;
         Ok(BrokerConfig {
             data_dir: self.data_dir,
             max_upload_bytes: self.max_upload_mb * 1024 * 1024,
@@ -191,7 +171,7 @@ impl BrokerArgs {
                 .clamp(Duration::from_millis(50), Duration::from_secs(1)),
             lease_ttl,
             max_attempts: self.max_attempts,
-            workflows: Arc::new(workflows),
+            workflows,
         })
     }
 }

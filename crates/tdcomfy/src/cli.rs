@@ -28,7 +28,28 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the job broker (the HTTP API TouchDesigner and workers talk to).
-    Serve(tdcomfy_broker::BrokerArgs),
+    Serve(ServeArgs),
+    /// Run a worker: lease jobs from the broker and run them on ComfyUI.
+    Worker(crate::up::WorkerCmd),
+    /// Run the ComfyUI simulator (speaks ComfyUI's HTTP and WebSocket protocol; no GPU needed).
+    Sim(crate::up::SimCmd),
+    /// Run broker and worker together (and, with --simulate, the ComfyUI simulator): the whole
+    /// pipeline in one process.
+    Up(crate::up::UpCmd),
+    /// Submit a frame, show live progress, download the result.
+    Submit(crate::submit::SubmitCmd),
+    /// Benchmarks that print the figures the README reports (build with --release).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+/// `tdcomfy serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    broker: tdcomfy_broker::BrokerArgs,
+    #[command(flatten)]
+    workflows: tdcomfy_workflows::WorkflowArgs,
 }
 
 /// Parses the command line, applying the config file's values as defaults.
@@ -110,17 +131,47 @@ fn apply_config_file(
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Worker(cmd) => {
+            crate::up::worker(cmd, shutdown_token()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sim(cmd) => {
+            crate::up::sim(cmd, shutdown_token()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(cmd) => {
+            crate::up::up(cmd, shutdown_token()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit(cmd) => crate::submit::run(cmd).await,
+        Command::Bench(cmd) => {
+            crate::bench::run(cmd).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-async fn serve(args: tdcomfy_broker::BrokerArgs) -> anyhow::Result<ExitCode> {
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let workflows = std::sync::Arc::new(args.workflows.load()?);
+    let args = args.broker;
     let addr = format!("{}:{}", args.api_host, args.api_port);
-    let config = args.into_config()?;
+    let config = args.into_config(workflows)?;
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("binding the broker to {addr}"))?;
     tdcomfy_broker::run(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn shutdown_token() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        trigger.cancel();
+    });
+    token
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -161,21 +212,17 @@ mod tests {
         let file = dir.join("c.toml");
         std::fs::write(&file, "api_port = 9123\nmax_upload_mb = 7\n").unwrap();
         let f = file.to_str().unwrap();
-        let Command::Serve(a) = parse_from(argv(&["tdcomfy", "--config", f, "serve"]))
-            .unwrap()
-            .command;
+        let serve = |extra: &[&str]| {
+            let mut args = vec!["tdcomfy", "--config", f, "serve"];
+            args.extend_from_slice(extra);
+            match parse_from(argv(&args)).unwrap().command {
+                Command::Serve(a) => a.broker,
+                other => panic!("parsed {other:?}"),
+            }
+        };
+        let a = serve(&[]);
         assert_eq!((a.api_port, a.max_upload_mb), (9123, 7));
-        let Command::Serve(a) = parse_from(argv(&[
-            "tdcomfy",
-            "--config",
-            f,
-            "serve",
-            "--api-port",
-            "1",
-        ]))
-        .unwrap()
-        .command;
-        assert_eq!(a.api_port, 1);
+        assert_eq!(serve(&["--api-port", "1"]).api_port, 1);
         std::fs::write(&file, "api_prot = 9123\n").unwrap();
         let err = parse_from(argv(&["tdcomfy", "--config", f, "serve"])).unwrap_err();
         assert!(err.to_string().contains("api_prot"), "{err}");

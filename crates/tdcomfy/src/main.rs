@@ -1,7 +1,10 @@
 //! The `tdcomfy` binary: parses the command line and hands over to the library crates. Kept thin:
 //! everything worth testing lives in the crates, which tests drive directly.
 
+mod bench;
 mod cli;
+mod submit;
+mod up;
 
 use std::process::ExitCode;
 

@@ -31,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod args;
 mod binding;
 mod error;
 mod graph;
@@ -39,6 +40,7 @@ mod registry;
 mod spec;
 mod workflow;
 
+pub use args::WorkflowArgs;
 pub use binding::{BindingSource, InputTarget, OUTPUT_KEY, ParamBinding, STANDARD_PARAMS};
 pub use error::{BindError, Problem, WorkflowError};
 pub use node_map::{NodeBindings, NodeMap, NodeRef};

@@ -27,10 +27,17 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         job_timeout: 600.0,
         lease_ttl: 30.0,
         max_attempts: 3,
+    }
+}
+
+/// The repository's workflows, loaded once per test.
+pub fn test_workflows() -> std::sync::Arc<tdcomfy_workflows::WorkflowRegistry> {
+    let args = tdcomfy_workflows::WorkflowArgs {
         workflows_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../workflows"),
         default_workflow: "ltxv_image_to_video".into(),
         workflow_nodes: None,
-    }
+    };
+    std::sync::Arc::new(args.load().expect("repository workflows load"))
 }
 
 /// A running broker.
@@ -60,7 +67,10 @@ async fn start(dir: tempfile::TempDir, args: BrokerArgs) -> TestApp {
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let config = args.clone().into_config().expect("valid test config");
+    let config = args
+        .clone()
+        .into_config(test_workflows())
+        .expect("valid test config");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tdcomfy_broker::run(listener, config, async move {

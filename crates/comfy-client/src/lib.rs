@@ -1,0 +1,43 @@
+//! `tdcomfy_comfy`: the only code in tdcomfy that knows ComfyUI's client-side wire format.
+//!
+//! - [`ComfyEndpoint`] / [`ComfyEndpoints`]: where servers are (`COMFYUI_URLS`, or
+//!   `COMFYUI_HOST`/`COMFYUI_PORT`).
+//! - [`ComfyClient`]: HTTP calls (upload, queue, history, queue control, targeted interrupt,
+//!   streamed download, health).
+//! - [`ComfySocket`] / [`ComfyEvent`]: the `/ws` event stream, typed; [`EventHub`] keeps one
+//!   reconnecting socket per server and fans events out.
+//! - [`collect_outputs`] / [`pick_primary`]: output files from every output key, video first.
+//! - [`PromptRunner::run_prompt`]: supervision of one prompt to a trustworthy outcome
+//!   ([`RunUpdate`]).
+
+mod client;
+mod endpoint;
+mod error;
+mod events;
+mod hub;
+mod ids;
+mod outputs;
+mod progress;
+mod responses;
+mod run;
+mod socket;
+
+pub use client::{ComfyClient, ComfyTimeouts, Download, ImageUpload, UploadSource};
+pub use endpoint::{ComfyEndpoint, ComfyEndpoints, DEFAULT_HOST, DEFAULT_PORT, EndpointError};
+pub use error::{ComfyError, InputValidationError, NodeValidationErrors, ValidationReport};
+pub use events::{
+    ComfyEvent, EventParseError, ExecutionErrorInfo, InterruptInfo, NodeProgress, PreviewFormat,
+    PreviewImage, PreviewMeta,
+};
+pub use hub::{EventHub, HubNotice, HubOptions, HubState};
+pub use ids::{ClientId, InvalidId, PromptId};
+pub use outputs::{FolderType, MediaKind, NodeOutput, OutputFile, collect_outputs, pick_primary};
+pub use progress::{ProgressTracker, RunProgress};
+pub use responses::{
+    DeviceStats, HistoryEntry, HistoryOutcome, HistoryStatus, QueueItem, QueuePosition, QueueState,
+    QueuedPrompt, SystemStats, UploadedImage,
+};
+pub use run::{
+    ExpectedOutputs, PromptRun, PromptRunner, RunConfig, RunFailure, RunFailureKind, RunUpdate,
+};
+pub use socket::{ComfySocket, SocketOptions};

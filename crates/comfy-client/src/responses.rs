@@ -1,0 +1,371 @@
+//! Typed views of ComfyUI's HTTP JSON responses: `/history/{id}` entries and their outcome,
+//! `/queue`, `/system_stats`, `/upload/image` and `POST /prompt`.
+//!
+//! All parsers are lenient (unknown fields ignored, odd items skipped) and never panic; they take
+//! `serde_json::Value` so contract tests can feed captured bodies directly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::events::{ExecutionErrorInfo, InterruptInfo};
+use crate::ids::PromptId;
+use crate::outputs::{FolderType, NodeOutput, OutputFile, collect_outputs};
+
+/// One finished prompt as stored in `/history` (entries only appear once a prompt is over).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEntry {
+    /// The prompt id (the key of the history object).
+    pub prompt_id: String,
+    /// UI outputs per node id, including cached output nodes.
+    pub outputs: BTreeMap<String, NodeOutput>,
+    /// Status block.
+    pub status: HistoryStatus,
+    /// Output node ids ComfyUI set out to execute (`prompt[4]`).
+    pub output_node_ids: Vec<String>,
+}
+
+/// The `status` block of a history entry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistoryStatus {
+    /// `success` or `error` (interrupts are `error` too).
+    pub status_str: String,
+    /// True only on success.
+    pub completed: bool,
+    /// `(event type, payload)` of `execution_start`, `execution_cached` and the terminal event.
+    pub messages: Vec<(String, Value)>,
+}
+
+/// How a finished prompt ended, read from the last terminal status message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HistoryOutcome {
+    /// `execution_success`.
+    Success,
+    /// `execution_error`, with its payload.
+    Error(ExecutionErrorInfo),
+    /// `execution_interrupted`, with its payload.
+    Interrupted(InterruptInfo),
+    /// No terminal message and not marked successful; `status_str` is reported verbatim.
+    Unknown {
+        /// The entry's `status_str`.
+        status_str: String,
+    },
+}
+
+impl HistoryEntry {
+    /// Parses one entry (the value under the prompt id key).
+    pub fn from_value(prompt_id: &str, entry: &Value) -> Option<Self> {
+        let entry = entry.as_object()?;
+        let outputs = match entry.get("outputs") {
+            Some(Value::Object(map)) => map
+                .iter()
+                .filter_map(|(node, output)| match output {
+                    Value::Object(dict) => Some((node.clone(), NodeOutput(dict.clone()))),
+                    _ => None,
+                })
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        let status = match entry.get("status") {
+            Some(Value::Object(status)) => HistoryStatus {
+                status_str: status
+                    .get("status_str")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                completed: status
+                    .get("completed")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+                messages: status
+                    .get("messages")
+                    .and_then(Value::as_array)
+                    .map(|messages| {
+                        messages
+                            .iter()
+                            .filter_map(|message| {
+                                let pair = message.as_array()?;
+                                let kind = pair.first()?.as_str()?.to_owned();
+                                Some((kind, pair.get(1).cloned().unwrap_or(Value::Null)))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
+            _ => HistoryStatus::default(),
+        };
+        let output_node_ids = entry
+            .get("prompt")
+            .and_then(Value::as_array)
+            .and_then(|tuple| tuple.get(4))
+            .and_then(Value::as_array)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| id.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Self {
+            prompt_id: prompt_id.to_owned(),
+            outputs,
+            status,
+            output_node_ids,
+        })
+    }
+
+    /// Extracts the entry for `prompt_id` from a `GET /history/{id}` body; `{}` means "not
+    /// finished (or unknown)" and gives `None`.
+    pub fn from_response(prompt_id: &str, body: &Value) -> Option<Self> {
+        let map = body.as_object()?;
+        let entry = map.get(prompt_id).or_else(|| {
+            map.iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(prompt_id))
+                .map(|(_, value)| value)
+        })?;
+        Self::from_value(prompt_id, entry)
+    }
+
+    /// How the prompt ended. The last terminal message decides, because ComfyUI reports an
+    /// interrupt as `status_str: "error"` too.
+    pub fn outcome(&self) -> HistoryOutcome {
+        for (kind, payload) in self.status.messages.iter().rev() {
+            match kind.as_str() {
+                "execution_success" => return HistoryOutcome::Success,
+                "execution_error" => {
+                    return HistoryOutcome::Error(
+                        ExecutionErrorInfo::from_value(payload).unwrap_or_default(),
+                    );
+                }
+                "execution_interrupted" => {
+                    return HistoryOutcome::Interrupted(
+                        InterruptInfo::from_value(payload).unwrap_or_default(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        if self.status.status_str == "success" && self.status.completed {
+            HistoryOutcome::Success
+        } else {
+            HistoryOutcome::Unknown {
+                status_str: self.status.status_str.clone(),
+            }
+        }
+    }
+
+    /// Node ids that were served from the cache in this prompt.
+    pub fn cached_nodes(&self) -> Vec<String> {
+        self.status
+            .messages
+            .iter()
+            .filter(|(kind, _)| kind == "execution_cached")
+            .filter_map(|(_, payload)| payload.get("nodes")?.as_array().cloned())
+            .flatten()
+            .filter_map(|id| id.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Every output file of the prompt, classified.
+    pub fn output_files(&self) -> Vec<OutputFile> {
+        collect_outputs(
+            self.outputs
+                .iter()
+                .map(|(node, output)| (node.as_str(), output)),
+        )
+    }
+}
+
+/// One item of `/queue`: `[number, prompt_id, graph, extra_data, outputs]`, of which we keep the
+/// first two.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueItem {
+    /// Queue priority (lower runs first; may be negative or fractional).
+    pub number: f64,
+    /// Prompt id as sent by whoever queued it (any string).
+    pub prompt_id: String,
+}
+
+/// The server's queue.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct QueueState {
+    /// The prompt(s) currently executing (at most one in stock ComfyUI).
+    pub running: Vec<QueueItem>,
+    /// Waiting prompts, sorted into execution order (the wire order is heap order).
+    pub pending: Vec<QueueItem>,
+}
+
+/// Where a prompt is in [`QueueState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuePosition {
+    /// Currently executing.
+    Running,
+    /// Waiting; `position` 0 runs next.
+    Pending {
+        /// Index in execution order among pending prompts.
+        position: usize,
+    },
+}
+
+impl QueueState {
+    /// Parses a `GET /queue` body, skipping malformed items.
+    pub fn from_value(body: &Value) -> Self {
+        let items = |key: &str| -> Vec<QueueItem> {
+            body.get(key)
+                .and_then(Value::as_array)
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|item| {
+                            let tuple = item.as_array()?;
+                            let number = tuple.first()?.as_f64()?;
+                            let prompt_id = tuple.get(1)?.as_str()?.to_owned();
+                            Some(QueueItem { number, prompt_id })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let running = items("queue_running");
+        let mut pending = items("queue_pending");
+        pending.sort_by(|a, b| {
+            a.number
+                .total_cmp(&b.number)
+                .then_with(|| a.prompt_id.cmp(&b.prompt_id))
+        });
+        Self { running, pending }
+    }
+
+    /// Where `prompt_id` is, or `None` if it is neither running nor pending.
+    pub fn position(&self, prompt_id: &PromptId) -> Option<QueuePosition> {
+        if self
+            .running
+            .iter()
+            .any(|item| prompt_id.matches(&item.prompt_id))
+        {
+            return Some(QueuePosition::Running);
+        }
+        self.pending
+            .iter()
+            .position(|item| prompt_id.matches(&item.prompt_id))
+            .map(|position| QueuePosition::Pending { position })
+    }
+
+    /// Running + pending prompts (what `queue_remaining` reports).
+    pub fn len(&self) -> usize {
+        self.running.len() + self.pending.len()
+    }
+
+    /// True when nothing is running or waiting.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty() && self.pending.is_empty()
+    }
+}
+
+/// The answer to `POST /prompt` when the whole graph was accepted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueuedPrompt {
+    /// The prompt id (ours, echoed).
+    pub prompt_id: PromptId,
+    /// The queue number the server assigned.
+    pub number: f64,
+}
+
+/// The answer to `POST /upload/image`. Always use `name`: ComfyUI renames on collisions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadedImage {
+    /// Final file name (may differ from the one sent, e.g. `frame (1).png`).
+    pub name: String,
+    /// Sub-directory as sent.
+    #[serde(default)]
+    pub subfolder: String,
+    /// Folder type (`input` unless asked otherwise).
+    #[serde(rename = "type", default = "default_input")]
+    pub kind: FolderType,
+}
+
+fn default_input() -> FolderType {
+    FolderType::Input
+}
+
+impl UploadedImage {
+    /// The value for `LoadImage.inputs.image`: `subfolder/name` (or just `name`).
+    pub fn load_image_ref(&self) -> String {
+        let subfolder = self.subfolder.trim_matches('/');
+        let reference = if subfolder.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{subfolder}/{}", self.name)
+        };
+        match self.kind {
+            FolderType::Input => reference,
+            // LoadImage reads input/ unless the name carries a folder annotation.
+            ref other => format!("{reference} [{}]", other.as_str()),
+        }
+    }
+}
+
+/// The useful parts of `GET /system_stats` (health/version probe).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct SystemStats {
+    /// `system.comfyui_version`, if reported.
+    pub comfyui_version: Option<String>,
+    /// `system.os`.
+    pub os: Option<String>,
+    /// Compute devices.
+    pub devices: Vec<DeviceStats>,
+}
+
+/// One compute device from `/system_stats`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct DeviceStats {
+    /// Device name (e.g. `cuda:0 NVIDIA …`).
+    pub name: String,
+    /// Device type (`cuda`, `cpu`, …).
+    pub kind: String,
+    /// Total VRAM in bytes.
+    pub vram_total: Option<u64>,
+    /// Free VRAM in bytes.
+    pub vram_free: Option<u64>,
+}
+
+impl SystemStats {
+    /// Parses a `/system_stats` body leniently.
+    pub fn from_value(body: &Value) -> Self {
+        let system = body.get("system");
+        let text = |key: &str| {
+            system
+                .and_then(|s| s.get(key))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let devices = body
+            .get("devices")
+            .and_then(Value::as_array)
+            .map(|devices| {
+                devices
+                    .iter()
+                    .map(|d| DeviceStats {
+                        name: d
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        kind: d
+                            .get("type")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        vram_total: d.get("vram_total").and_then(Value::as_u64),
+                        vram_free: d.get("vram_free").and_then(Value::as_u64),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            comfyui_version: text("comfyui_version"),
+            os: text("os"),
+            devices,
+        }
+    }
+}

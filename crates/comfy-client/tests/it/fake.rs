@@ -1,0 +1,494 @@
+//! A tiny scriptable fake ComfyUI (HTTP + `/ws`) for the cases the real simulator cannot be
+//! steered into: silent sockets, vanished prompts, partial validation, dropped connections.
+//!
+//! Tests mutate its state directly and wait for conditions with [`Fake::wait_until`], which wakes
+//! on every request or state change (no sleeps).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tdcomfy_comfy::{ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// What `POST /prompt` does.
+#[derive(Clone, Debug)]
+pub enum OnPrompt {
+    /// Queue it: running if nothing runs, else pending.
+    Queue,
+    /// Answer with this status and body, queue nothing.
+    Reject(u16, Value),
+    /// Queue it and answer 200 with these `node_errors` (ComfyUI's partial acceptance).
+    QueueWithNodeErrors(Value),
+    /// Answer 200 but keep nothing (as if ComfyUI restarted right after).
+    Forget,
+}
+
+/// One recorded request.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+}
+
+/// One recorded upload.
+#[derive(Clone, Debug)]
+pub struct Upload {
+    pub filename: String,
+    pub subfolder: String,
+    pub overwrite: bool,
+    pub bytes: Vec<u8>,
+}
+
+/// The fake's state; tests read and change it through [`Fake::with`].
+pub struct FakeState {
+    pub running: Vec<String>,
+    pub pending: Vec<String>,
+    pub history: serde_json::Map<String, Value>,
+    pub requests: Vec<Recorded>,
+    pub ws_client_ids: Vec<String>,
+    pub on_prompt: OnPrompt,
+    /// When true, a targeted interrupt of the running prompt ends it as interrupted.
+    pub interrupt_works: bool,
+    /// When set, uploads are renamed to this (as ComfyUI does on a collision).
+    pub rename_uploads_to: Option<String>,
+    pub uploads: Vec<Upload>,
+    pub files: HashMap<String, (String, Vec<u8>)>,
+    sockets: Vec<mpsc::UnboundedSender<Message>>,
+}
+
+struct Shared {
+    state: Mutex<FakeState>,
+    version: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
+        let result = {
+            let mut state = self.state.lock().expect("fake state");
+            f(&mut state)
+        };
+        self.version.send_modify(|v| *v += 1);
+        result
+    }
+}
+
+/// A running fake server; stops when dropped.
+pub struct Fake {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    _stop: DropGuard,
+}
+
+impl Fake {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        Self::serve(listener)
+    }
+
+    /// Starts on a given address (to bring a "crashed" server back).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind again");
+        Self::serve(listener)
+    }
+
+    fn serve(listener: tokio::net::TcpListener) -> Self {
+        let (version, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(FakeState {
+                running: Vec::new(),
+                pending: Vec::new(),
+                history: serde_json::Map::new(),
+                requests: Vec::new(),
+                ws_client_ids: Vec::new(),
+                on_prompt: OnPrompt::Queue,
+                interrupt_works: true,
+                rename_uploads_to: None,
+                uploads: Vec::new(),
+                files: HashMap::new(),
+                sockets: Vec::new(),
+            }),
+            version,
+        });
+        let app = Router::new()
+            .route("/prompt", post(post_prompt))
+            .route("/queue", get(get_queue).post(post_queue))
+            .route("/history/{id}", get(get_history))
+            .route("/history", post(post_history))
+            .route("/interrupt", post(post_interrupt))
+            .route("/system_stats", get(system_stats))
+            .route("/upload/image", post(upload))
+            .route("/view", get(view))
+            .route("/ws", get(ws))
+            // ComfyUI accepts 100 MB uploads; axum's default limit is 2 MB.
+            .layer(DefaultBodyLimit::max(100 * 1024 * 1024))
+            .with_state(shared.clone());
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+        });
+        Self {
+            addr,
+            shared,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    pub fn endpoint(&self) -> ComfyEndpoint {
+        ComfyEndpoint::parse(&format!("http://{}", self.addr)).expect("endpoint")
+    }
+
+    pub fn client(&self) -> ComfyClient {
+        client_for(self.endpoint())
+    }
+
+    /// Reads or changes the state (and wakes waiters).
+    pub fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
+        self.shared.with(f)
+    }
+
+    /// Waits until `condition` holds; panics after 20 s so a broken test cannot hang CI.
+    pub async fn wait_until(&self, what: &str, mut condition: impl FnMut(&FakeState) -> bool) {
+        let mut version = self.shared.version.subscribe();
+        let waiting = async {
+            loop {
+                if condition(&self.shared.state.lock().expect("fake state")) {
+                    return;
+                }
+                if version.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .is_err()
+        {
+            panic!("fake: timed out waiting for {what}");
+        }
+    }
+
+    /// Sends a JSON event to every connected socket.
+    pub fn push(&self, event: Value) {
+        self.with(|s| {
+            s.sockets
+                .retain(|socket| socket.send(Message::Text(event.to_string().into())).is_ok());
+        });
+    }
+
+    /// Drops every socket (the client should reconnect).
+    pub fn close_sockets(&self) {
+        self.with(|s| {
+            for socket in s.sockets.drain(..) {
+                let _ = socket.send(Message::Close(None));
+            }
+        });
+    }
+
+    /// Removes a prompt from the queue and stores a history entry for it.
+    pub fn complete(&self, id: &str, entry: Value) {
+        self.with(|s| {
+            s.running.retain(|p| p != id);
+            s.pending.retain(|p| p != id);
+            s.history.insert(id.to_owned(), entry);
+        });
+    }
+
+    /// Recorded requests with this method and path.
+    pub fn requests(&self, method: &str, path: &str) -> Vec<Recorded> {
+        self.with(|s| {
+            s.requests
+                .iter()
+                .filter(|r| r.method == method && r.path == path)
+                .cloned()
+                .collect()
+        })
+    }
+}
+
+pub fn client_for(endpoint: ComfyEndpoint) -> ComfyClient {
+    let timeouts = ComfyTimeouts {
+        connect: Duration::from_secs(2),
+        request: Duration::from_secs(5),
+        upload: Duration::from_secs(10),
+        read_idle: Duration::from_secs(5),
+    };
+    ComfyClient::new(endpoint, ClientId::new(), timeouts).expect("client")
+}
+
+/// A history entry that ended in success with these outputs.
+pub fn success_entry(id: &str, outputs: Value) -> Value {
+    json!({
+        "prompt": [0, id, {}, {}, []],
+        "outputs": outputs,
+        "status": {"status_str": "success", "completed": true, "messages": [
+            ["execution_start", {"prompt_id": id, "timestamp": 1}],
+            ["execution_cached", {"nodes": [], "prompt_id": id, "timestamp": 2}],
+            ["execution_success", {"prompt_id": id, "timestamp": 3}]
+        ]},
+        "meta": {}
+    })
+}
+
+/// A history entry that ended with an interrupt at `node`.
+pub fn interrupted_entry(id: &str, node: &str, node_type: &str) -> Value {
+    json!({
+        "prompt": [0, id, {}, {}, []],
+        "outputs": {},
+        "status": {"status_str": "error", "completed": false, "messages": [
+            ["execution_start", {"prompt_id": id, "timestamp": 1}],
+            ["execution_interrupted", {"prompt_id": id, "node_id": node, "node_type": node_type, "executed": [], "timestamp": 2}]
+        ]},
+        "meta": {}
+    })
+}
+
+fn record(state: &mut FakeState, method: &str, path: &str, body: Value) {
+    state.requests.push(Recorded {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        body,
+    });
+}
+
+fn parse_body(bytes: &Bytes) -> Value {
+    serde_json::from_slice(bytes).unwrap_or(Value::Null)
+}
+
+async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let body = parse_body(&body);
+    shared.with(|s| {
+        record(s, "POST", "/prompt", body.clone());
+        let id = body["prompt_id"]
+            .as_str()
+            .unwrap_or("server-chosen")
+            .to_owned();
+        let queue = |s: &mut FakeState| {
+            if s.running.is_empty() {
+                s.running.push(id.clone());
+            } else {
+                s.pending.push(id.clone());
+            }
+        };
+        match s.on_prompt.clone() {
+            OnPrompt::Queue => {
+                queue(s);
+                Json200(json!({"prompt_id": id, "number": 1, "node_errors": {}})).into_response()
+            }
+            OnPrompt::QueueWithNodeErrors(errors) => {
+                queue(s);
+                Json200(json!({"prompt_id": id, "number": 1, "node_errors": errors}))
+                    .into_response()
+            }
+            OnPrompt::Forget => {
+                Json200(json!({"prompt_id": id, "number": 1, "node_errors": {}})).into_response()
+            }
+            OnPrompt::Reject(status, body) => (
+                StatusCode::from_u16(status).expect("status"),
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response(),
+        }
+    })
+}
+
+struct Json200(Value);
+
+impl IntoResponse for Json200 {
+    fn into_response(self) -> Response {
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            self.0.to_string(),
+        )
+            .into_response()
+    }
+}
+
+async fn get_queue(State(shared): State<Arc<Shared>>) -> Response {
+    shared.with(|s| {
+        record(s, "GET", "/queue", Value::Null);
+        let item = |(n, id): (usize, &String)| json!([n, id, {}, {"client_id": "x"}, []]);
+        Json200(json!({
+            "queue_running": s.running.iter().enumerate().map(item).collect::<Vec<_>>(),
+            "queue_pending": s.pending.iter().enumerate().map(|(n, id)| item((n + 100, id))).collect::<Vec<_>>(),
+        }))
+        .into_response()
+    })
+}
+
+async fn post_queue(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
+    let body = parse_body(&body);
+    shared.with(|s| {
+        record(s, "POST", "/queue", body.clone());
+        if let Some(ids) = body["delete"].as_array() {
+            s.pending.retain(|p| !ids.iter().any(|id| id == p));
+        }
+    });
+    StatusCode::OK
+}
+
+async fn get_history(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    shared.with(|s| {
+        record(s, "GET", "/history", json!(id));
+        let body = match s.history.get(&id) {
+            Some(entry) => json!({ id.clone(): entry }),
+            None => json!({}),
+        };
+        Json200(body).into_response()
+    })
+}
+
+async fn post_history(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
+    let body = parse_body(&body);
+    shared.with(|s| {
+        record(s, "POST", "/history", body.clone());
+        if let Some(ids) = body["delete"].as_array() {
+            s.history.retain(|k, _| !ids.iter().any(|id| id == k));
+        }
+    });
+    StatusCode::OK
+}
+
+async fn post_interrupt(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCode {
+    let body = parse_body(&body);
+    shared.with(|s| {
+        record(s, "POST", "/interrupt", body.clone());
+        let Some(id) = body["prompt_id"].as_str() else { return };
+        if s.interrupt_works && s.running.first().is_some_and(|r| r == id) {
+            s.running.remove(0);
+            s.history.insert(id.to_owned(), interrupted_entry(id, "2", "KSampler"));
+            if !s.pending.is_empty() {
+                let next = s.pending.remove(0);
+                s.running.push(next);
+            }
+            let event = json!({"type": "execution_interrupted", "data": {"prompt_id": id, "node_id": "2", "node_type": "KSampler", "executed": []}});
+            s.sockets
+                .retain(|socket| socket.send(Message::Text(event.to_string().into())).is_ok());
+        }
+    });
+    StatusCode::OK
+}
+
+async fn system_stats(State(shared): State<Arc<Shared>>) -> Response {
+    shared.with(|s| record(s, "GET", "/system_stats", Value::Null));
+    Json200(json!({
+        "system": {"os": "posix", "comfyui_version": "0.3.64"},
+        "devices": [{"name": "cuda:0 Fake GPU", "type": "cuda", "index": 0, "vram_total": 8, "vram_free": 4}]
+    }))
+    .into_response()
+}
+
+async fn upload(State(shared): State<Arc<Shared>>, mut multipart: Multipart) -> Response {
+    let mut upload = Upload {
+        filename: String::new(),
+        subfolder: String::new(),
+        overwrite: false,
+        bytes: Vec::new(),
+    };
+    let mut kind = "input".to_owned();
+    while let Ok(Some(field)) = multipart.next_field().await {
+        match field.name().unwrap_or_default() {
+            "image" => {
+                upload.filename = field.file_name().unwrap_or_default().to_owned();
+                upload.bytes = field.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            }
+            "subfolder" => upload.subfolder = field.text().await.unwrap_or_default(),
+            "overwrite" => upload.overwrite = field.text().await.unwrap_or_default() == "true",
+            "type" => kind = field.text().await.unwrap_or_default(),
+            _ => {}
+        }
+    }
+    if upload.filename.is_empty() {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    shared.with(|s| {
+        record(s, "POST", "/upload/image", Value::Null);
+        let name = s
+            .rename_uploads_to
+            .clone()
+            .unwrap_or_else(|| upload.filename.clone());
+        let answer = json!({"name": name, "subfolder": upload.subfolder, "type": kind});
+        s.uploads.push(upload);
+        Json200(answer).into_response()
+    })
+}
+
+async fn view(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    shared.with(|s| {
+        record(s, "GET", "/view", json!(query));
+        let filename = query.get("filename").cloned().unwrap_or_default();
+        match s.files.get(&filename) {
+            Some((content_type, bytes)) => (
+                [(header::CONTENT_TYPE, content_type.clone())],
+                bytes.clone(),
+            )
+                .into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        }
+    })
+}
+
+async fn ws(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let client_id = query.get("clientId").cloned().unwrap_or_default();
+    upgrade.on_upgrade(move |socket| serve_socket(shared, client_id, socket))
+}
+
+async fn serve_socket(shared: Arc<Shared>, client_id: String, mut socket: WebSocket) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let queue_remaining = shared.with(|s| {
+        record(s, "WS", "/ws", json!(client_id));
+        s.ws_client_ids.push(client_id.clone());
+        s.sockets.push(tx);
+        s.running.len() + s.pending.len()
+    });
+    let hello = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": queue_remaining}}, "sid": client_id}});
+    if socket
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        tokio::select! {
+            outgoing = rx.recv() => match outgoing {
+                Some(Message::Close(_)) | None => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                Some(message) => if socket.send(message).await.is_err() { return },
+            },
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}

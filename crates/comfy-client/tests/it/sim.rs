@@ -1,0 +1,282 @@
+//! End to end against the ComfyUI simulator (`tdcomfy-sim`): upload a frame, run the LTXV
+//! image-to-video template, download the mp4; and the simulator's injected faults end the way a
+//! worker needs them to.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tdcomfy_comfy::{
+    ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, HubOptions, ImageUpload, MediaKind,
+    PromptId, PromptRunner, RunConfig, RunFailureKind, RunUpdate, pick_primary,
+};
+use tdcomfy_sim::SimConfig;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::captures;
+
+struct Sim {
+    runner: PromptRunner,
+    _stop: DropGuard,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_sim(job_time: Duration) -> Sim {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = SimConfig::new(dir.path());
+    config.job_time = job_time;
+    config.progress_steps = 5;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    tokio::spawn(async move {
+        let _ = tdcomfy_sim::run(listener, config, async move { shutdown.cancelled().await }).await;
+    });
+    let endpoint = ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
+    let client =
+        ComfyClient::new(endpoint, ClientId::new(), ComfyTimeouts::default()).expect("client");
+    let config = RunConfig {
+        poll_interval: Duration::from_millis(100),
+        start_budget: Duration::from_secs(10),
+        hub: HubOptions {
+            reconnect_initial: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(200),
+            ..HubOptions::default()
+        },
+        ..RunConfig::default()
+    };
+    Sim {
+        runner: PromptRunner::new(client, config),
+        _stop: stop.drop_guard(),
+        _dir: dir,
+    }
+}
+
+fn png_frame() -> Vec<u8> {
+    let image = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+    });
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .expect("encode png");
+    bytes.into_inner()
+}
+
+/// The captured LTXV template, small enough to encode quickly, reading `image_ref`, with `marker`
+/// appended to the positive prompt.
+fn ltxv_graph(image_ref: &str, marker: &str) -> Value {
+    let mut graph = captures::load("ltxv_i2v_api_template.json");
+    graph["78"]["inputs"]["image"] = image_ref.into();
+    graph["77"]["inputs"]["width"] = 128.into();
+    graph["77"]["inputs"]["height"] = 96.into();
+    graph["77"]["inputs"]["length"] = 9.into();
+    let text = format!("a slow pan over the frame {marker}");
+    graph["6"]["inputs"]["text"] = text.into();
+    graph
+}
+
+async fn upload_frame(sim: &Sim) -> String {
+    let uploaded = sim
+        .runner
+        .client()
+        .upload_image(
+            ImageUpload::from_bytes("frame_000001.png", png_frame()).in_subfolder("td/e2e"),
+        )
+        .await
+        .expect("upload");
+    uploaded.load_image_ref()
+}
+
+#[tokio::test]
+async fn ltxv_template_runs_end_to_end_on_the_simulator() {
+    let sim = start_sim(Duration::from_millis(500)).await;
+    let image = upload_frame(&sim).await;
+    let id = PromptId::new();
+    let mut run =
+        sim.runner
+            .run_prompt(ltxv_graph(&image, ""), id.clone(), CancellationToken::new());
+    let mut updates = Vec::new();
+    let outputs = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(update) = run.next().await {
+            updates.push(update.clone());
+            match update {
+                RunUpdate::Finished { outputs } => return Ok(outputs),
+                RunUpdate::Failed(failure) => return Err(failure),
+                _ => {}
+            }
+        }
+        panic!("no outcome")
+    })
+    .await
+    .expect("run finished in time")
+    .expect("run succeeded");
+
+    assert!(updates.contains(&RunUpdate::Started));
+    let steps: Vec<Option<u32>> = updates
+        .iter()
+        .filter_map(|u| match u {
+            RunUpdate::Progress(p) if p.node_type.as_deref() == Some("SamplerCustom") => {
+                Some(p.step)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        steps.contains(&Some(5)),
+        "sampler steps reported: {steps:?}"
+    );
+    let fractions: Vec<f32> = updates
+        .iter()
+        .filter_map(|u| match u {
+            RunUpdate::Progress(p) => Some(p.fraction),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        fractions.windows(2).all(|w| w[1] >= w[0]),
+        "monotonic: {fractions:?}"
+    );
+
+    let primary = pick_primary(&outputs, Some("81")).expect("a primary output");
+    assert_eq!(
+        (
+            primary.media,
+            primary.format.as_str(),
+            primary.node_id.as_str()
+        ),
+        (MediaKind::Video, "mp4", "81")
+    );
+    let mut download = sim
+        .runner
+        .client()
+        .download(primary)
+        .await
+        .expect("download");
+    assert_eq!(download.content_type.as_deref(), Some("video/mp4"));
+    let mut bytes = Vec::new();
+    while let Some(chunk) = download.next().await {
+        bytes.extend_from_slice(&chunk.expect("chunk"));
+    }
+    assert_eq!(Some(bytes.len() as u64), download.content_length);
+    assert_eq!(&bytes[4..8], b"ftyp", "an MP4 file");
+
+    // Cleanup afterwards leaves no trace in history.
+    sim.runner
+        .client()
+        .delete_history(&id)
+        .await
+        .expect("delete history");
+    assert_eq!(
+        sim.runner.client().history(&id).await.expect("history"),
+        None
+    );
+}
+
+async fn outcome_with_marker(
+    marker: &str,
+) -> Result<Vec<tdcomfy_comfy::OutputFile>, tdcomfy_comfy::RunFailure> {
+    let sim = start_sim(Duration::from_millis(600)).await;
+    let image = upload_frame(&sim).await;
+    let run = sim.runner.run_prompt(
+        ltxv_graph(&image, marker),
+        PromptId::new(),
+        CancellationToken::new(),
+    );
+    tokio::time::timeout(Duration::from_secs(120), run.finish())
+        .await
+        .expect("outcome in time")
+}
+
+#[tokio::test]
+async fn a_silent_socket_still_finishes_through_polling() {
+    let outputs = outcome_with_marker("[sim:silent]").await.expect("finished");
+    assert!(outputs.iter().any(|f| f.format == "mp4"));
+}
+
+#[tokio::test]
+async fn a_dropped_socket_mid_run_still_finishes() {
+    let outputs = outcome_with_marker("[sim:drop]").await.expect("finished");
+    assert!(outputs.iter().any(|f| f.format == "mp4"));
+}
+
+#[tokio::test]
+async fn a_simulated_restart_loses_the_prompt() {
+    let failure = outcome_with_marker("[sim:restart]")
+        .await
+        .expect_err("lost");
+    assert_eq!(failure.kind, RunFailureKind::Lost);
+}
+
+#[tokio::test]
+async fn an_injected_sampler_error_is_an_execution_failure() {
+    let failure = outcome_with_marker("[sim:error]").await.expect_err("error");
+    assert_eq!(failure.kind, RunFailureKind::Execution);
+    assert_eq!(failure.node_type.as_deref(), Some("SamplerCustom"));
+    assert!(
+        failure.message.contains("RuntimeError"),
+        "{}",
+        failure.message
+    );
+}
+
+#[tokio::test]
+async fn a_missing_model_is_a_validation_failure() {
+    let sim = start_sim(Duration::from_millis(100)).await;
+    let image = upload_frame(&sim).await;
+    let mut graph = ltxv_graph(&image, "");
+    graph["44"]["inputs"]["ckpt_name"] = "not-installed.safetensors".into();
+    let failure = sim
+        .runner
+        .run_prompt(graph, PromptId::new(), CancellationToken::new())
+        .finish()
+        .await
+        .expect_err("rejected");
+    assert_eq!(failure.kind, RunFailureKind::Validation);
+    assert!(
+        failure.message.contains(
+            "node 44 (CheckpointLoaderSimple): ckpt_name: 'not-installed.safetensors' not in"
+        ),
+        "{}",
+        failure.message
+    );
+}
+
+#[tokio::test]
+async fn cancelling_mid_run_interrupts_the_prompt_on_the_simulator() {
+    let sim = start_sim(Duration::from_secs(30)).await;
+    let image = upload_frame(&sim).await;
+    let id = PromptId::new();
+    let cancel = CancellationToken::new();
+    let mut run = sim
+        .runner
+        .run_prompt(ltxv_graph(&image, ""), id.clone(), cancel.clone());
+    let waiting = async {
+        while let Some(update) = run.next().await {
+            if let RunUpdate::Progress(p) = &update
+                && p.node_type.as_deref() == Some("SamplerCustom")
+            {
+                return;
+            }
+            assert!(!update.is_terminal(), "ended before sampling: {update:?}");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("sampling started");
+    cancel.cancel();
+    let failure = tokio::time::timeout(Duration::from_secs(30), run.finish())
+        .await
+        .expect("outcome in time")
+        .expect_err("cancelled");
+    assert_eq!(failure.kind, RunFailureKind::Interrupted);
+    let client = sim.runner.client();
+    assert_eq!(
+        client.queue().await.expect("queue").position(&id),
+        None,
+        "no longer running"
+    );
+}

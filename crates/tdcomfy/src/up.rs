@@ -1,0 +1,244 @@
+//! `tdcomfy worker`, `tdcomfy sim` and `tdcomfy up`: starting the pieces, alone or together in one
+//! process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+/// Simulator settings (`tdcomfy sim`, `tdcomfy up --simulate`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// Seconds the simulated sampler takes per job.
+    #[arg(long, env = "SIM_JOB_TIME", default_value_t = 2.0)]
+    pub sim_job_time: f64,
+
+    /// Progress events per job.
+    #[arg(long, env = "SIM_PROGRESS_STEPS", default_value_t = 10)]
+    pub sim_progress_steps: u32,
+
+    /// Faults to inject into every prompt, comma-separated: execution_error, silent_ws, drop_ws,
+    /// lose_history. (A prompt containing [sim:error], [sim:silent], [sim:drop] or [sim:restart]
+    /// gets that fault alone.)
+    #[arg(long, env = "SIM_FAULTS", default_value = "")]
+    pub sim_faults: String,
+
+    /// Seconds the simulator waits before answering each upload.
+    #[arg(long, env = "SIM_UPLOAD_DELAY", default_value_t = 0.0)]
+    pub sim_upload_delay: f64,
+}
+
+impl SimArgs {
+    /// The simulator's configuration with data under `data_dir`.
+    pub fn config(&self, data_dir: PathBuf) -> anyhow::Result<tdcomfy_sim::SimConfig> {
+        anyhow::ensure!(
+            self.sim_job_time.is_finite() && (0.0..86_400.0).contains(&self.sim_job_time),
+            "SIM_JOB_TIME must be 0 to 86400 seconds"
+        );
+        anyhow::ensure!(
+            self.sim_upload_delay.is_finite() && (0.0..3600.0).contains(&self.sim_upload_delay),
+            "SIM_UPLOAD_DELAY must be 0 to 3600 seconds"
+        );
+        let mut config = tdcomfy_sim::SimConfig::new(data_dir);
+        config.job_time = Duration::from_secs_f64(self.sim_job_time);
+        config.progress_steps = self.sim_progress_steps;
+        config.faults.upload_delay = Duration::from_secs_f64(self.sim_upload_delay);
+        for fault in self
+            .sim_faults
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+        {
+            match fault {
+                "execution_error" => config.faults.execution_error = true,
+                "silent_ws" => config.faults.silent_ws = true,
+                "drop_ws" => config.faults.drop_ws = true,
+                "lose_history" => config.faults.lose_history = true,
+                other => anyhow::bail!(
+                    "SIM_FAULTS: unknown fault {other:?} (known: execution_error, silent_ws, drop_ws, lose_history)"
+                ),
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// `tdcomfy worker`.
+#[derive(Debug, clap::Args)]
+pub struct WorkerCmd {
+    /// Broker to lease jobs from. Default: http://127.0.0.1:$API_PORT.
+    #[arg(long, env = "BROKER_URL")]
+    broker_url: Option<String>,
+    /// Port of a local broker, used when BROKER_URL is not set.
+    #[arg(long, env = "API_PORT", default_value_t = 8080)]
+    api_port: u16,
+    /// Token for the broker's worker routes (WORKER_TOKEN, or API_TOKEN when the broker has no
+    /// worker token).
+    #[arg(long, env = "WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
+    /// The broker's client token, used when WORKER_TOKEN is not set.
+    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    #[command(flatten)]
+    worker: tdcomfy_worker::WorkerArgs,
+    #[command(flatten)]
+    workflows: tdcomfy_workflows::WorkflowArgs,
+}
+
+/// `tdcomfy sim`.
+#[derive(Debug, clap::Args)]
+pub struct SimCmd {
+    /// Address to listen on.
+    #[arg(long, env = "COMFYUI_HOST", default_value = "127.0.0.1")]
+    comfyui_host: String,
+    /// Port to listen on.
+    #[arg(long, env = "COMFYUI_PORT", default_value_t = 8999)]
+    comfyui_port: u16,
+    /// Directory for the simulator's input/, output/ and temp/.
+    #[arg(long, env = "SIM_DATA_DIR", default_value = "tdcomfy-data/comfyui-sim")]
+    sim_data_dir: PathBuf,
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+/// `tdcomfy up`.
+#[derive(Debug, clap::Args)]
+pub struct UpCmd {
+    /// Also run the ComfyUI simulator on COMFYUI_HOST:COMFYUI_PORT (no GPU needed).
+    #[arg(long)]
+    simulate: bool,
+    #[command(flatten)]
+    broker: tdcomfy_broker::BrokerArgs,
+    #[command(flatten)]
+    worker: tdcomfy_worker::WorkerArgs,
+    #[command(flatten)]
+    workflows: tdcomfy_workflows::WorkflowArgs,
+    #[command(flatten)]
+    sim: SimArgs,
+}
+
+pub async fn worker(cmd: WorkerCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let workflows = Arc::new(cmd.workflows.load()?);
+    let broker_url = cmd
+        .broker_url
+        .unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
+    let token = cmd.worker_token.or(cmd.api_token);
+    let spool = std::env::temp_dir().join("tdcomfy-worker-spool");
+    let config = cmd
+        .worker
+        .into_config(broker_url, token, workflows, spool)?;
+    tdcomfy_worker::run(config, shutdown).await?;
+    Ok(())
+}
+
+pub async fn sim(cmd: SimCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = cmd.sim.config(cmd.sim_data_dir)?;
+    let addr = format!("{}:{}", cmd.comfyui_host, cmd.comfyui_port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding the simulator to {addr}"))?;
+    println!(
+        "tdcomfy sim: a ComfyUI 0.3.64 simulator at http://{}",
+        listener.local_addr()?
+    );
+    tdcomfy_sim::run(listener, config, async move { shutdown.cancelled().await }).await?;
+    Ok(())
+}
+
+pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let workflows = Arc::new(cmd.workflows.load()?);
+    let broker_addr = format!("{}:{}", cmd.broker.api_host, cmd.broker.api_port);
+    let broker_listener = tokio::net::TcpListener::bind(&broker_addr)
+        .await
+        .with_context(|| format!("binding the broker to {broker_addr}"))?;
+    let broker_local = broker_listener.local_addr()?;
+    let data_dir = cmd.broker.data_dir.clone();
+    let token = cmd
+        .broker
+        .worker_token
+        .clone()
+        .or_else(|| cmd.broker.api_token.clone());
+    let broker_config = cmd.broker.into_config(workflows.clone())?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut comfy_note = String::new();
+    let mut worker_args = cmd.worker;
+    if cmd.simulate {
+        let sim_addr = format!("{}:{}", worker_args.comfyui_host, worker_args.comfyui_port);
+        let sim_listener = tokio::net::TcpListener::bind(&sim_addr)
+            .await
+            .with_context(|| format!("binding the simulator to {sim_addr}"))?;
+        let sim_local = sim_listener.local_addr()?;
+        // The worker talks to the simulator it started, wherever COMFYUI_URLS points.
+        worker_args.comfyui_urls = None;
+        worker_args.comfyui_host = loopback_for(sim_local).ip().to_string();
+        worker_args.comfyui_port = sim_local.port();
+        let sim_config = cmd.sim.config(data_dir.join("comfyui-sim"))?;
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            tdcomfy_sim::run(
+                sim_listener,
+                sim_config,
+                async move { stop.cancelled().await },
+            )
+            .await
+            .context("simulator")
+        });
+        comfy_note = format!(" with the ComfyUI simulator at http://{sim_local}");
+    }
+    let worker_config = worker_args.into_config(
+        format!("http://{}", loopback_for(broker_local)),
+        token,
+        workflows,
+        data_dir.join("worker-spool"),
+    )?;
+    let comfy_list: Vec<String> = worker_config.comfy.iter().map(|e| e.to_string()).collect();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        tdcomfy_broker::run(broker_listener, broker_config, async move {
+            stop.cancelled().await
+        })
+        .await
+        .context("broker")
+    });
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        tdcomfy_worker::run(worker_config, stop)
+            .await
+            .context("worker")
+    });
+
+    println!(
+        "tdcomfy is up{comfy_note}: send frames to http://{}/jobs (worker → {})",
+        loopback_for(broker_local),
+        comfy_list.join(", ")
+    );
+    if broker_local.ip().is_unspecified() {
+        println!(
+            "listening on all interfaces: other machines use this machine's address, port {}",
+            broker_local.port()
+        );
+    }
+    // The first piece to stop (error or shutdown) stops the others.
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if let (Err(e), true) = (outcome, result.is_ok()) {
+            result = Err(e);
+        }
+        shutdown.cancel();
+    }
+    result
+}
+
+/// Where a local client should connect to reach a listener bound to `addr` (0.0.0.0 → 127.0.0.1).
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
+}

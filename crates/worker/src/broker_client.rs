@@ -1,0 +1,247 @@
+//! The worker's side of the broker's worker protocol (`/worker/*`): lease, input download,
+//! heartbeat, streamed result upload, failure report.
+
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tdcomfy_api::{
+    ErrorBody, FailRequest, HeartbeatRequest, HeartbeatResponse, JobId, Lease, LeaseRequest,
+    LeaseResponse, LeaseToken, Progress,
+};
+use tokio::io::AsyncWriteExt;
+
+/// How a broker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerCallError {
+    /// The broker could not be reached or the connection broke: worth retrying.
+    #[error("broker unreachable: {0}")]
+    Unreachable(String),
+    /// The lease is no longer ours (expired and re-leased, timed out, or the job ended).
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    /// A client cancelled the job.
+    #[error("the job was cancelled")]
+    Cancelled,
+    /// The broker answered with another error.
+    #[error("broker answered {status}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The broker's message.
+        message: String,
+    },
+    /// A local file could not be read or written.
+    #[error("local file error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BrokerCallError {
+    /// True for failures that a later retry may not see.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BrokerCallError::Unreachable(_) => true,
+            BrokerCallError::Refused { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// An HTTP client for one broker.
+#[derive(Debug, Clone)]
+pub struct BrokerClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl BrokerClient {
+    /// A client for the broker at `base` (e.g. `http://127.0.0.1:8080`), sending `token` if set.
+    pub fn new(base: &str, token: Option<String>) -> Result<BrokerClient, BrokerCallError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+        Ok(BrokerClient {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn send(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, BrokerCallError> {
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| BrokerCallError::Unreachable(error_chain(&e)))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.json::<ErrorBody>().await.ok();
+        let (code, message) = body
+            .map(|b| (b.error.code, b.error.message))
+            .unwrap_or_else(|| (String::new(), status.to_string()));
+        Err(match (status, code.as_str()) {
+            (StatusCode::CONFLICT, "lease_lost") => BrokerCallError::LeaseLost(message),
+            (StatusCode::CONFLICT, "job_cancelled") => BrokerCallError::Cancelled,
+            (StatusCode::NOT_FOUND, "job_not_found") => BrokerCallError::LeaseLost(message),
+            _ => BrokerCallError::Refused {
+                status: status.as_u16(),
+                message,
+            },
+        })
+    }
+
+    /// Waits up to `wait` for a job; `None` when none came.
+    pub async fn lease(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+    ) -> Result<Option<Lease>, BrokerCallError> {
+        let body = LeaseRequest {
+            worker_id: worker_id.to_owned(),
+            wait: Some(wait.as_secs_f64()),
+        };
+        let resp = self
+            .send(
+                self.request(reqwest::Method::POST, "/worker/lease")
+                    .json(&body)
+                    .timeout(wait + Duration::from_secs(15)),
+            )
+            .await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let lease: LeaseResponse = resp
+            .json()
+            .await
+            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+        Ok(Some(lease.job))
+    }
+
+    /// Streams the job's input image into `dest`.
+    pub async fn download_input(
+        &self,
+        job: JobId,
+        token: &LeaseToken,
+        dest: &Path,
+    ) -> Result<u64, BrokerCallError> {
+        let rb = self
+            .request(reqwest::Method::GET, &format!("/worker/jobs/{job}/input"))
+            .header("lease-token", token.as_str())
+            .timeout(Duration::from_secs(120));
+        let mut resp = self.send(rb).await?;
+        let mut file = tokio::fs::File::create(dest).await?;
+        let mut n = 0u64;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?
+        {
+            n += chunk.len() as u64;
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok(n)
+    }
+
+    /// Renews the lease and reports progress. `Ok(true)` when the job was cancelled.
+    pub async fn heartbeat(
+        &self,
+        job: JobId,
+        token: &LeaseToken,
+        progress: Option<Progress>,
+    ) -> Result<bool, BrokerCallError> {
+        let body = HeartbeatRequest {
+            lease_token: token.clone(),
+            progress,
+        };
+        let rb = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/worker/jobs/{job}/heartbeat"),
+            )
+            .json(&body)
+            .timeout(Duration::from_secs(10));
+        let resp: HeartbeatResponse = self
+            .send(rb)
+            .await?
+            .json()
+            .await
+            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+        Ok(resp.cancelled)
+    }
+
+    /// Uploads `path` as the job's result, streamed from disk.
+    pub async fn upload_result(
+        &self,
+        job: JobId,
+        token: &LeaseToken,
+        path: &Path,
+        content_type: &str,
+    ) -> Result<(), BrokerCallError> {
+        let file = tokio::fs::File::open(path).await?;
+        let len = file.metadata().await?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 * 1024,
+        ));
+        let rb = self
+            .request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/result"))
+            .header("lease-token", token.as_str())
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body);
+        self.send(rb).await?;
+        Ok(())
+    }
+
+    /// Reports a failure; `retryable` lets the broker requeue the job while attempts remain.
+    pub async fn fail(
+        &self,
+        job: JobId,
+        token: &LeaseToken,
+        message: &str,
+        retryable: bool,
+    ) -> Result<(), BrokerCallError> {
+        let body = FailRequest {
+            lease_token: token.clone(),
+            message: message.to_owned(),
+            retryable,
+        };
+        let rb = self
+            .request(reqwest::Method::POST, &format!("/worker/jobs/{job}/fail"))
+            .json(&body)
+            .timeout(Duration::from_secs(30));
+        self.send(rb).await?;
+        Ok(())
+    }
+}
+
+/// An error with its causes, for messages that name the real reason ("connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

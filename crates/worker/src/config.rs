@@ -1,0 +1,177 @@
+//! The worker's settings: flags with the design's environment variables, validated into a
+//! [`WorkerConfig`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tdcomfy_comfy::{ComfyEndpoint, ComfyEndpoints};
+use tdcomfy_workflows::WorkflowRegistry;
+
+/// Flags of the worker (shared by `tdcomfy worker` and `tdcomfy up`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// ComfyUI host (the one-server shorthand; see COMFYUI_URLS).
+    #[arg(long, env = "COMFYUI_HOST", default_value = "127.0.0.1")]
+    pub comfyui_host: String,
+
+    /// ComfyUI port.
+    #[arg(long, env = "COMFYUI_PORT", default_value_t = 8999)]
+    pub comfyui_port: u16,
+
+    /// Comma-separated ComfyUI base URLs (http://gpu1:8188,http://gpu2:8188); overrides
+    /// COMFYUI_HOST/COMFYUI_PORT. Jobs go to them in turn; an unreachable one is skipped.
+    #[arg(long, env = "COMFYUI_URLS")]
+    pub comfyui_urls: Option<String>,
+
+    /// Seconds to wait before retrying after the broker could not be reached (the design's poll
+    /// interval; leases themselves are long-polls and need no polling).
+    #[arg(long, env = "WORKER_POLL_INTERVAL", default_value_t = 0.5)]
+    pub worker_poll_interval: f64,
+
+    /// Name the worker leases under (shown in /health). Default: host name and process id.
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Seconds a running prompt may show no sign of life (no event, no queue/history change)
+    /// before it is interrupted and the job fails as stalled.
+    #[arg(long, env = "STALL_TIMEOUT", default_value_t = 180.0)]
+    pub stall_timeout: f64,
+
+    /// Seconds between polls of ComfyUI's /history and /queue, the source of truth beside the
+    /// WebSocket.
+    #[arg(long, env = "COMFYUI_POLL_INTERVAL", default_value_t = 1.0)]
+    pub comfyui_poll_interval: f64,
+
+    /// Directory for frames and results in transit (a result waits here while the broker is down).
+    #[arg(long, env = "WORKER_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+}
+
+/// Why the worker settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerConfigError {
+    /// A value is out of range or malformed.
+    #[error("{name}: {message}")]
+    Invalid {
+        /// The environment variable.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Validated worker settings.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// Broker base URL.
+    pub broker_url: String,
+    /// Token for the broker's worker routes.
+    pub token: Option<String>,
+    /// Lease name.
+    pub worker_id: String,
+    /// ComfyUI servers.
+    pub comfy: ComfyEndpoints,
+    /// Loaded workflows.
+    pub workflows: Arc<WorkflowRegistry>,
+    /// Delay before retrying the broker.
+    pub retry_delay: Duration,
+    /// How long one lease long-poll waits.
+    pub lease_wait: Duration,
+    /// How often progress is pushed (when it changed).
+    pub progress_interval: Duration,
+    /// How often the lease is renewed when nothing changed.
+    pub heartbeat_interval: Duration,
+    /// Stall limit.
+    pub stall_timeout: Duration,
+    /// ComfyUI poll period.
+    pub comfy_poll_interval: Duration,
+    /// Spool directory.
+    pub spool_dir: PathBuf,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("broker_url", &self.broker_url)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn secs(name: &'static str, v: f64) -> Result<Duration, WorkerConfigError> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(WorkerConfigError::Invalid {
+            name,
+            message: format!("must be a positive number of seconds, got {v}"),
+        })
+    }
+}
+
+impl WorkerArgs {
+    /// Validates the flags. `broker_url` and `token` come from the caller (the `worker` command's
+    /// own flags, or the broker's settings inside `up`).
+    pub fn into_config(
+        self,
+        broker_url: String,
+        token: Option<String>,
+        workflows: Arc<WorkflowRegistry>,
+        default_spool: PathBuf,
+    ) -> Result<WorkerConfig, WorkerConfigError> {
+        let comfy = match self.comfyui_urls.as_deref().map(str::trim) {
+            Some(list) if !list.is_empty() => {
+                ComfyEndpoints::parse_list(list).map_err(|e| WorkerConfigError::Invalid {
+                    name: "COMFYUI_URLS",
+                    message: e.to_string(),
+                })?
+            }
+            _ => {
+                let one = ComfyEndpoint::from_host_port(&self.comfyui_host, self.comfyui_port)
+                    .map_err(|e| WorkerConfigError::Invalid {
+                        name: "COMFYUI_HOST",
+                        message: e.to_string(),
+                    })?;
+                ComfyEndpoints::new(vec![one]).map_err(|e| WorkerConfigError::Invalid {
+                    name: "COMFYUI_HOST",
+                    message: e.to_string(),
+                })?
+            }
+        };
+        let worker_id = self
+            .worker_id
+            .filter(|w| !w.trim().is_empty())
+            .unwrap_or_else(default_worker_id);
+        Ok(WorkerConfig {
+            broker_url,
+            token: token.filter(|t| !t.is_empty()),
+            worker_id,
+            comfy,
+            workflows,
+            retry_delay: secs("WORKER_POLL_INTERVAL", self.worker_poll_interval)?,
+            lease_wait: Duration::from_secs(30),
+            progress_interval: Duration::from_millis(200),
+            heartbeat_interval: Duration::from_secs(2),
+            stall_timeout: secs("STALL_TIMEOUT", self.stall_timeout)?,
+            comfy_poll_interval: secs("COMFYUI_POLL_INTERVAL", self.comfyui_poll_interval)?,
+            spool_dir: self.spool_dir.unwrap_or(default_spool),
+        })
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_else(|| "worker".to_owned());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(100)
+        .collect();
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,483 @@
+//! The worker loop: lease a job, run it on ComfyUI, report progress, deliver the result, repeat.
+//!
+//! One job at a time per worker process. Each step that crosses the network has a rule for when
+//! the other side is away: the broker being down is waited out (the result stays in the spool
+//! directory until it can be delivered); ComfyUI being down fails the job as retryable, so the
+//! broker hands it out again while attempts remain.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tdcomfy_api::{Lease, Progress};
+use tdcomfy_comfy::{
+    ClientId, ComfyClient, ComfyError, ComfyTimeouts, ImageUpload, OutputFile, PromptId,
+    PromptRunner, RunConfig, RunFailure, RunFailureKind, RunUpdate, pick_primary,
+};
+use tdcomfy_workflows::JobInputs;
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker_client::{BrokerCallError, BrokerClient, error_chain};
+use crate::config::WorkerConfig;
+
+/// Why the worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The broker URL or HTTP stack is unusable.
+    #[error("broker client: {0}")]
+    Broker(#[from] BrokerCallError),
+    /// A ComfyUI client could not be created.
+    #[error("ComfyUI client: {0}")]
+    Comfy(#[from] ComfyError),
+    /// The spool directory is unusable.
+    #[error("spool directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A ComfyUI server and the runner that supervises prompts on it.
+struct Backend {
+    label: String,
+    runner: PromptRunner,
+}
+
+/// How one job ended, from the worker's side.
+#[derive(Debug, PartialEq, Eq)]
+enum JobEnd {
+    Delivered,
+    Failed,
+    /// Cancelled by a client, or the lease went elsewhere: nothing more to report.
+    Abandoned,
+}
+
+/// Runs the worker until `shutdown` is cancelled. A job in progress at shutdown is stopped in
+/// ComfyUI and handed back to the broker as retryable, so another worker can take it.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    tokio::fs::create_dir_all(&config.spool_dir).await?;
+    let broker = BrokerClient::new(&config.broker_url, config.token.clone())?;
+    let mut backends = Vec::new();
+    for endpoint in config.comfy.iter() {
+        let client = ComfyClient::new(endpoint.clone(), ClientId::new(), ComfyTimeouts::default())?;
+        let run_config = RunConfig {
+            poll_interval: config.comfy_poll_interval,
+            stall_timeout: config.stall_timeout,
+            ..RunConfig::default()
+        };
+        backends.push(Backend {
+            label: endpoint.to_string(),
+            runner: PromptRunner::new(client, run_config),
+        });
+    }
+    tracing::info!(worker = %config.worker_id, broker = %config.broker_url, comfyui = ?backends.iter().map(|b| &b.label).collect::<Vec<_>>(), "worker started");
+    let mut next_backend = 0usize;
+    let mut broker_failures = 0u32;
+    loop {
+        let lease = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            lease = broker.lease(&config.worker_id, config.lease_wait) => lease,
+        };
+        match lease {
+            Ok(None) => broker_failures = 0,
+            Ok(Some(lease)) => {
+                broker_failures = 0;
+                let backend = &backends[next_backend % backends.len()];
+                next_backend = next_backend.wrapping_add(1);
+                let job = JobRun {
+                    config: &config,
+                    broker: &broker,
+                    backend,
+                    lease: &lease,
+                    shutdown: &shutdown,
+                };
+                let end = job.run().await;
+                tracing::info!(job_id = %lease.job_id, ?end, "job finished on this worker");
+            }
+            Err(e) => {
+                broker_failures = broker_failures.saturating_add(1);
+                // WORKER_POLL_INTERVAL, doubling up to 20× while the broker stays away.
+                let delay =
+                    config.retry_delay * 2u32.saturating_pow(broker_failures.min(5) - 1).min(20);
+                tracing::warn!(error = %e, retry_in = ?delay, "broker unreachable");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+struct JobRun<'a> {
+    config: &'a WorkerConfig,
+    broker: &'a BrokerClient,
+    backend: &'a Backend,
+    lease: &'a Lease,
+    shutdown: &'a CancellationToken,
+}
+
+/// A failure that ends the job with a message for the client.
+struct Failure {
+    message: String,
+    retryable: bool,
+}
+
+impl Failure {
+    fn new(message: impl Into<String>, retryable: bool) -> Failure {
+        Failure {
+            message: message.into(),
+            retryable,
+        }
+    }
+}
+
+impl JobRun<'_> {
+    async fn run(&self) -> JobEnd {
+        let dir = self.config.spool_dir.join(self.lease.job_id.to_string());
+        let end = match self.execute(&dir).await {
+            Ok(end) => end,
+            Err(f) => self.report_failure(f).await,
+        };
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        end
+    }
+
+    async fn report_failure(&self, f: Failure) -> JobEnd {
+        let (id, token) = (self.lease.job_id, &self.lease.lease_token);
+        tracing::warn!(job_id = %id, retryable = f.retryable, message = %f.message, "job failed");
+        let mut delay = self.config.retry_delay;
+        loop {
+            match self.broker.fail(id, token, &f.message, f.retryable).await {
+                Ok(()) => return JobEnd::Failed,
+                Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(_) => return JobEnd::Abandoned,
+            }
+        }
+    }
+
+    async fn execute(&self, dir: &Path) -> Result<JobEnd, Failure> {
+        let lease = self.lease;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| Failure::new(format!("worker spool: {e}"), true))?;
+        let workflow = self.config.workflows.get(&lease.workflow).ok_or_else(|| {
+            Failure::new(
+                format!(
+                    "this worker does not have the workflow {:?}",
+                    lease.workflow
+                ),
+                true,
+            )
+        })?;
+
+        // 1. The frame, from the broker to ComfyUI, under a name no other job uses.
+        let ext = match lease.input.content_type.as_str() {
+            "image/jpeg" => "jpg",
+            "image/webp" => "webp",
+            _ => "png",
+        };
+        let input_path = dir.join(format!("input.{ext}"));
+        match self
+            .broker
+            .download_input(lease.job_id, &lease.lease_token, &input_path)
+            .await
+        {
+            Ok(_) => {}
+            Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => {
+                return Ok(JobEnd::Abandoned);
+            }
+            Err(e) => {
+                return Err(Failure::new(
+                    format!("could not fetch the input frame: {e}"),
+                    true,
+                ));
+            }
+        }
+        let client = self.backend.runner.client();
+        let upload = ImageUpload::from_file(format!("{}.{ext}", lease.job_id), input_path.clone())
+            .in_subfolder("tdcomfy");
+        let uploaded = self.upload_with_retry(client, upload).await?;
+        let image_name = if uploaded.subfolder.is_empty() {
+            uploaded.name.clone()
+        } else {
+            format!("{}/{}", uploaded.subfolder, uploaded.name)
+        };
+
+        // 2. The workflow with this job's values.
+        let graph = workflow
+            .bind(&JobInputs {
+                image_name,
+                prompt: Some(lease.prompt.clone()).filter(|p| !p.is_empty()),
+                negative_prompt: Some(lease.negative_prompt.clone()).filter(|p| !p.is_empty()),
+                seed: lease.seed,
+                params: lease.params.clone(),
+                job_id: lease.job_id.to_string(),
+            })
+            .map_err(|e| Failure::new(format!("workflow {}: {e}", lease.workflow), false))?;
+
+        // 3. Run it, relaying progress and watching for cancellation.
+        let prompt_id = PromptId::new();
+        let outcome = self.supervise(graph, prompt_id.clone()).await;
+        self.clean_comfy(client, &prompt_id, &uploaded.subfolder, &uploaded.name, ext)
+            .await;
+        let outputs = match outcome {
+            Supervised::Finished(outputs) => outputs,
+            Supervised::Abandoned => return Ok(JobEnd::Abandoned),
+            Supervised::Shutdown => {
+                return Err(Failure::new(
+                    "the worker was shut down while running the job",
+                    true,
+                ));
+            }
+            Supervised::Failed(f) => return Err(describe_failure(&f, &self.backend.label)),
+        };
+
+        // 4. The result: ComfyUI → spool file → broker, streamed both ways.
+        let primary = pick_primary(&outputs, workflow.primary_output_hint()).ok_or_else(|| {
+            Failure::new(
+                "ComfyUI reported success but produced no output file",
+                false,
+            )
+        })?;
+        let (result_path, content_type) = self.fetch_output(client, primary, dir).await?;
+        self.deliver(&result_path, &content_type).await
+    }
+
+    async fn upload_with_retry(
+        &self,
+        client: &ComfyClient,
+        upload: ImageUpload,
+    ) -> Result<tdcomfy_comfy::UploadedImage, Failure> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match client.upload_image(upload.clone()).await {
+                Ok(u) => return Ok(u),
+                Err(e)
+                    if e.is_transient()
+                        && Instant::now() + delay < deadline
+                        && !self.shutdown.is_cancelled() =>
+                {
+                    tracing::warn!(error = %e, "ComfyUI upload failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(4));
+                }
+                Err(e) => {
+                    return Err(Failure::new(
+                        format!(
+                            "ComfyUI at {} is unreachable or refused the frame: {e}",
+                            self.backend.label
+                        ),
+                        e.is_transient(),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn supervise(&self, graph: serde_json::Value, prompt_id: PromptId) -> Supervised {
+        let (id, token) = (self.lease.job_id, &self.lease.lease_token);
+        let cancel = CancellationToken::new();
+        let mut run = self
+            .backend
+            .runner
+            .run_prompt(graph, prompt_id, cancel.clone());
+        let mut tick = tokio::time::interval(self.config.progress_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending: Option<Progress> = None;
+        let mut last_beat = Instant::now();
+        let mut stop_reason: Option<Supervised> = None;
+        loop {
+            tokio::select! {
+                update = run.next() => match update {
+                    Some(RunUpdate::Progress(p)) => {
+                        pending = Some(Progress {
+                            value: f64::from(p.fraction).clamp(0.0, 0.999),
+                            step: p.step,
+                            max_steps: p.max,
+                            node: p.node,
+                            node_type: p.node_type,
+                        });
+                    }
+                    Some(RunUpdate::Finished { outputs }) => return stop_reason.unwrap_or(Supervised::Finished(outputs)),
+                    Some(RunUpdate::Failed(f)) => return stop_reason.unwrap_or(Supervised::Failed(f)),
+                    Some(_) => {}
+                    None => {
+                        return stop_reason.unwrap_or_else(|| Supervised::Failed(RunFailure::new(
+                            RunFailureKind::Protocol,
+                            "prompt supervision ended without an outcome",
+                        )));
+                    }
+                },
+                _ = tick.tick() => {
+                    if pending.is_none() && last_beat.elapsed() < self.config.heartbeat_interval {
+                        continue;
+                    }
+                    last_beat = Instant::now();
+                    match self.broker.heartbeat(id, token, pending.take()).await {
+                        Ok(false) => {}
+                        Ok(true) | Err(BrokerCallError::Cancelled) => {
+                            tracing::info!(job_id = %id, "cancelled by a client: stopping the prompt");
+                            stop_reason.get_or_insert(Supervised::Abandoned);
+                            cancel.cancel();
+                        }
+                        Err(BrokerCallError::LeaseLost(m)) => {
+                            tracing::warn!(job_id = %id, reason = %m, "lease lost: stopping the prompt");
+                            stop_reason.get_or_insert(Supervised::Abandoned);
+                            cancel.cancel();
+                        }
+                        // The broker is away: keep running; the lease survives a short outage.
+                        Err(e) => tracing::warn!(job_id = %id, error = %e, "heartbeat failed"),
+                    }
+                },
+                _ = self.shutdown.cancelled(), if stop_reason.is_none() => {
+                    stop_reason = Some(Supervised::Shutdown);
+                    cancel.cancel();
+                }
+            }
+        }
+    }
+
+    async fn clean_comfy(
+        &self,
+        client: &ComfyClient,
+        prompt_id: &PromptId,
+        subfolder: &str,
+        name: &str,
+        ext: &str,
+    ) {
+        // ComfyUI has no delete for uploads: overwrite the frame with a 1-pixel stand-in so the
+        // input folder does not grow by a frame per job, and drop the history entry.
+        let tombstone = ImageUpload::from_bytes(name.to_owned(), tombstone_bytes(ext))
+            .in_subfolder(subfolder)
+            .overwrite(true);
+        if let Err(e) = client.upload_image(tombstone).await {
+            tracing::debug!(error = %e, "could not blank the uploaded frame");
+        }
+        if let Err(e) = client.delete_history(prompt_id).await {
+            tracing::debug!(error = %e, "could not delete the history entry");
+        }
+    }
+
+    async fn fetch_output(
+        &self,
+        client: &ComfyClient,
+        file: &OutputFile,
+        dir: &Path,
+    ) -> Result<(PathBuf, String), Failure> {
+        let fail = |e: &dyn std::fmt::Display| {
+            Failure::new(
+                format!(
+                    "could not download {} from ComfyUI at {}: {e}",
+                    file.filename, self.backend.label
+                ),
+                true,
+            )
+        };
+        let mut download = client.download(file).await.map_err(|e| fail(&e))?;
+        let content_type = download
+            .content_type
+            .clone()
+            .filter(|t| t != "application/octet-stream")
+            .unwrap_or_else(|| mime_for(&file.format).to_owned());
+        let path = dir.join(format!("result.{}", file.format));
+        let mut out = tokio::fs::File::create(&path).await.map_err(|e| fail(&e))?;
+        while let Some(chunk) = download.next().await {
+            let chunk = chunk.map_err(|e| fail(&e))?;
+            out.write_all(&chunk).await.map_err(|e| fail(&e))?;
+        }
+        out.flush().await.map_err(|e| fail(&e))?;
+        Ok((path, content_type))
+    }
+
+    /// Uploads the result, retrying while the broker is away, until it is accepted or the lease is
+    /// gone.
+    async fn deliver(&self, path: &Path, content_type: &str) -> Result<JobEnd, Failure> {
+        let (id, token) = (self.lease.job_id, &self.lease.lease_token);
+        let mut delay = self.config.retry_delay;
+        let give_up = Instant::now() + Duration::from_secs_f64(self.lease.job_timeout.max(60.0));
+        loop {
+            match self
+                .broker
+                .upload_result(id, token, path, content_type)
+                .await
+            {
+                Ok(()) => return Ok(JobEnd::Delivered),
+                Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => {
+                    return Ok(JobEnd::Abandoned);
+                }
+                Err(e)
+                    if (e.is_transient() || matches!(e, BrokerCallError::Io(_)))
+                        && Instant::now() < give_up =>
+                {
+                    tracing::warn!(job_id = %id, error = %error_chain(&e), retry_in = ?delay, "result upload failed; the result waits in the spool");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => return Ok(JobEnd::Abandoned),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(Failure::new(
+                        format!("the broker refused the result: {e}"),
+                        false,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+enum Supervised {
+    Finished(Vec<OutputFile>),
+    Failed(RunFailure),
+    Abandoned,
+    Shutdown,
+}
+
+fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
+    let message = match f.kind {
+        RunFailureKind::BackendUnreachable => {
+            format!("ComfyUI at {backend} is unreachable: {}", f.message)
+        }
+        RunFailureKind::Lost => format!(
+            "ComfyUI at {backend} lost the prompt (restarted?): {}",
+            f.message
+        ),
+        _ => f.message.clone(),
+    };
+    Failure::new(message, f.kind.is_retryable())
+}
+
+fn mime_for(format: &str) -> &'static str {
+    match format {
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A 1×1 image in the frame's format, to blank an uploaded frame.
+fn tombstone_bytes(ext: &str) -> Vec<u8> {
+    const PNG_1X1: &[u8] = &[
+        0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44,
+        0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x00, 0x00, 0x00, 0x3A,
+        0x7E, 0x9B, 0x55, 0x00, 0x00, 0x00, 0x0A, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9C, 0x63, 0x60,
+        0x00, 0x00, 0x00, 0x02, 0x00, 0x01, 0xE5, 0x27, 0xDE, 0xFC, 0x00, 0x00, 0x00, 0x00, 0x49,
+        0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
+    ];
+    // The extension is kept so ComfyUI's name stays the same; a PNG body under a .jpg name only
+    // matters if the frame were loaded again, which it is not.
+    let _ = ext;
+    PNG_1X1.to_vec()
+}
