@@ -1,0 +1,614 @@
+//! The prompt worker: runs queued prompts one at a time and speaks the captured event order.
+//!
+//! Owns: the WebSocket sequence of a run (`execution_start`, `execution_cached`, per node
+//! `progress_state` → `executing` → [`progress`…] → [`executed`] → `progress_state`, then
+//! `execution_success|error|interrupted`, `status`, `executing{node:null}`), the routing rules
+//! (execution events only to the prompt's `client_id`; `progress_state`/`progress` broadcast when
+//! there is none), interrupts (checked before every node and at every progress tick, waking
+//! sleeping ticks at once), simulated sampler time, failure injection (`[sim:…]` markers and
+//! [`FaultConfig`](crate::FaultConfig)), and writing the history entry before the final events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::catalog::{self, DynamicLists};
+use crate::files::DataDirs;
+use crate::hub::Hub;
+use crate::json::{OMap, OValue};
+use crate::nodes::{self, EvalJob, Input, NodeFailure, NodeOutput, Value};
+use crate::order::{ExecutionList, as_link};
+use crate::queue::{ExecutionStatus, HistoryEntry, PromptQueue, QueueItem};
+use crate::{FaultConfig, SimConfig};
+
+/// The interrupt flag (`nodes.interrupt_processing`) with a wake-up for sleeping ticks.
+#[derive(Default)]
+pub struct Interrupt {
+    flag: AtomicBool,
+    wake: Notify,
+}
+
+impl Interrupt {
+    /// Requests an interrupt of whatever runs now.
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    fn reset(&self) {
+        self.flag.store(false, Ordering::SeqCst);
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps for `d`; returns true as soon as an interrupt is requested.
+    async fn sleep(&self, d: Duration) -> bool {
+        let notified = self.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_set() {
+            return true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(d) => self.is_set(),
+            () = notified => true,
+        }
+    }
+}
+
+/// State shared by the HTTP handlers and the worker.
+pub struct Shared {
+    /// the configuration
+    pub config: SimConfig,
+    /// data directories
+    pub dirs: DataDirs,
+    /// the queue and history
+    pub queue: Arc<PromptQueue>,
+    /// the sockets
+    pub hub: Arc<Hub>,
+    /// the interrupt flag
+    pub interrupt: Interrupt,
+}
+
+impl Shared {
+    /// Current dropdown contents (input images, models).
+    pub fn lists(&self) -> DynamicLists {
+        DynamicLists::gather(&self.dirs.input, &self.config.models)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn obj(pairs: Vec<(&str, OValue)>) -> OValue {
+    let mut m = OMap::new();
+    for (k, v) in pairs {
+        m.insert(k, v);
+    }
+    OValue::Object(m)
+}
+
+fn s(v: &str) -> OValue {
+    OValue::str(v)
+}
+
+fn ids(list: &[String]) -> OValue {
+    OValue::Array(list.iter().map(|i| OValue::str(i.clone())).collect())
+}
+
+/// Faults that apply to one prompt.
+#[derive(Debug, Clone, Copy, Default)]
+struct Faults {
+    error: bool,
+    silent: bool,
+    drop: bool,
+    restart: bool,
+}
+
+impl Faults {
+    fn for_prompt(config: &FaultConfig, graph: &OMap) -> Self {
+        let mut f = Faults {
+            error: config.execution_error,
+            silent: config.silent_ws,
+            drop: config.drop_ws,
+            restart: config.lose_history,
+        };
+        for (_, node) in graph.iter() {
+            if node.get("class_type").and_then(OValue::as_str) != Some("CLIPTextEncode") {
+                continue;
+            }
+            if let Some(text) = node.get("inputs").and_then(|i| i.get("text")).and_then(OValue::as_str) {
+                f.error |= text.contains("[sim:error]");
+                f.silent |= text.contains("[sim:silent]");
+                f.drop |= text.contains("[sim:drop]");
+                f.restart |= text.contains("[sim:restart]");
+            }
+        }
+        f
+    }
+
+    fn mid_run(&self) -> bool {
+        self.error || self.drop || self.restart
+    }
+}
+
+/// Event routing for one prompt.
+struct Events<'a> {
+    hub: &'a Hub,
+    client: Option<String>,
+    prompt_id: String,
+    silent: bool,
+}
+
+impl Events<'_> {
+    /// Execution events: sent only when the prompt has a client (`if server.client_id is not None`).
+    fn exec(&self, kind: &str, data: OValue) {
+        if !self.silent && self.client.is_some() {
+            self.hub.send(self.client.as_deref(), kind, data);
+        }
+    }
+
+    /// Progress events and interrupts: to the client, or to every socket when there is none.
+    fn any(&self, kind: &str, data: OValue) {
+        if !self.silent {
+            self.hub.send(self.client.as_deref(), kind, data);
+        }
+    }
+
+    fn preview(&self, node: &str, image: &[u8], is_png: bool) {
+        if self.silent {
+            return;
+        }
+        let mut meta = OMap::new();
+        meta.insert("node_id", s(node));
+        meta.insert("prompt_id", s(&self.prompt_id));
+        meta.insert("display_node_id", s(node));
+        meta.insert("parent_node_id", OValue::Null);
+        meta.insert("real_node_id", s(node));
+        self.hub.send_preview(self.client.as_deref(), image, is_png, meta);
+    }
+
+    fn wants_metadata(&self) -> bool {
+        self.hub.wants_preview_metadata(self.client.as_deref())
+    }
+}
+
+/// Per-node entries of `progress_state`, in start order.
+struct ProgressState {
+    prompt_id: String,
+    nodes: Vec<(String, OValue, OValue, &'static str)>,
+}
+
+impl ProgressState {
+    fn set(&mut self, node: &str, value: OValue, max: OValue, state: &'static str) {
+        match self.nodes.iter_mut().find(|(id, ..)| id == node) {
+            Some(entry) => *entry = (node.to_string(), value, max, state),
+            None => self.nodes.push((node.to_string(), value, max, state)),
+        }
+    }
+
+    fn current(&self, node: &str) -> Option<(OValue, OValue)> {
+        self.nodes.iter().find(|(id, ..)| id == node).map(|(_, v, m, _)| (v.clone(), m.clone()))
+    }
+
+    fn data(&self) -> OValue {
+        let mut nodes = OMap::new();
+        for (id, value, max, state) in &self.nodes {
+            nodes.insert(
+                id.clone(),
+                obj(vec![
+                    ("value", value.clone()),
+                    ("max", max.clone()),
+                    ("state", s(state)),
+                    ("node_id", s(id)),
+                    ("prompt_id", s(&self.prompt_id)),
+                    ("display_node_id", s(id)),
+                    ("parent_node_id", OValue::Null),
+                    ("real_node_id", s(id)),
+                ]),
+            );
+        }
+        obj(vec![("prompt_id", s(&self.prompt_id)), ("nodes", OValue::Object(nodes))])
+    }
+}
+
+fn float(f: f64) -> OValue {
+    serde_json::Number::from_f64(f).map_or(OValue::Null, OValue::Number)
+}
+
+fn int(i: u64) -> OValue {
+    OValue::Number(i.into())
+}
+
+/// How a prompt ended.
+enum Outcome {
+    Success,
+    Error { node: String, class_type: String, failure: NodeFailure, inputs: OMap },
+    Interrupted { node: String, class_type: String },
+    /// simulated restart: no history, no events
+    Vanished,
+}
+
+/// Runs queued prompts forever (the task is aborted on shutdown).
+pub async fn worker(shared: Arc<Shared>) {
+    loop {
+        let item = shared.queue.next().await;
+        run_prompt(&shared, item).await;
+    }
+}
+
+fn describe_inputs(inputs: &[(String, Input)]) -> OMap {
+    let mut out = OMap::new();
+    for (name, input) in inputs {
+        let v = match input {
+            Input::Literal(v @ (OValue::Null | OValue::Bool(_) | OValue::Number(_) | OValue::String(_))) => v.clone(),
+            Input::Literal(other) => OValue::String(other.py_str()),
+            Input::Link(value) => OValue::String(value.describe()),
+        };
+        out.insert(name.clone(), OValue::Array(vec![v]));
+    }
+    out
+}
+
+fn resolve_inputs(node: &OValue, results: &HashMap<String, Arc<Vec<Value>>>) -> Vec<(String, Input)> {
+    let mut out = Vec::new();
+    if let Some(inputs) = node.get("inputs").and_then(OValue::as_object) {
+        for (name, value) in inputs.iter() {
+            match as_link(value) {
+                Some((from, slot)) => {
+                    if let Some(v) = results.get(from).and_then(|vals| vals.get(slot)) {
+                        out.push((name.clone(), Input::Link(v.clone())));
+                    }
+                }
+                None => out.push((name.clone(), Input::Literal(value.clone()))),
+            }
+        }
+    }
+    out
+}
+
+fn injected_failure(class_type: &str) -> NodeFailure {
+    let (file, line, function) = match class_type {
+        "SamplerCustom" => ("comfy_extras/nodes_custom_sampler.py", 481, "sample"),
+        "KSampler" => ("nodes.py", 1525, "sample"),
+        _ => ("nodes.py", 1, "execute"),
+    };
+    NodeFailure::new(
+        "RuntimeError",
+        "CUDA error: an illegal memory access was encountered (simulated failure injected by tdcomfy sim [sim:error])",
+        file,
+        line,
+        function,
+        "samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image, noise_mask=noise_mask, callback=callback, disable_pbar=disable_pbar, seed=noise_seed)",
+    )
+}
+
+/// What a mid-run fault did.
+enum FaultEffect {
+    None,
+    Fail(NodeFailure),
+    Vanish,
+}
+
+fn fire_faults(shared: &Shared, faults: Faults, class_type: &str) -> FaultEffect {
+    if faults.restart {
+        tracing::info!("sim fault: simulated ComfyUI restart, forgetting queue and history");
+        shared.hub.drop_all();
+        shared.queue.restart();
+        shared.hub.set_exec_client(None);
+        return FaultEffect::Vanish;
+    }
+    if faults.drop {
+        tracing::info!("sim fault: dropping every WebSocket connection");
+        shared.hub.drop_all();
+    }
+    if faults.error {
+        return FaultEffect::Fail(injected_failure(class_type));
+    }
+    FaultEffect::None
+}
+
+async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
+    let graph = item.graph.clone();
+    let client = item.client_id();
+    let faults = Faults::for_prompt(&shared.config.faults, &graph);
+    shared.interrupt.reset();
+    shared.hub.set_exec_client(client.clone());
+    let mut ev = Events { hub: &shared.hub, client: client.clone(), prompt_id: item.prompt_id.clone(), silent: false };
+    let prompt_id = item.prompt_id.clone();
+    let mut messages: Vec<(String, OValue)> = Vec::new();
+
+    let start = obj(vec![("prompt_id", s(&prompt_id)), ("timestamp", OValue::Number(now_ms().into()))]);
+    messages.push(("execution_start".into(), start.clone()));
+    ev.exec("execution_start", start);
+    ev.silent = faults.silent;
+    let cached = obj(vec![
+        ("nodes", OValue::Array(vec![])),
+        ("prompt_id", s(&prompt_id)),
+        ("timestamp", OValue::Number(now_ms().into())),
+    ]);
+    messages.push(("execution_cached".into(), cached.clone()));
+    ev.exec("execution_cached", cached);
+
+    let lists = shared.lists();
+    let mut specs: HashMap<String, Option<catalog::NodeSpec>> = HashMap::new();
+    let mut spec_of = |class: &str| -> Option<catalog::NodeSpec> {
+        specs.entry(class.to_string()).or_insert_with(|| catalog::node_spec(class, &lists)).clone()
+    };
+    let class_of = |id: &str| graph.get(id).and_then(|n| n.get("class_type")).map(OValue::py_str).unwrap_or_default();
+    let output_classes: HashMap<String, bool> = graph
+        .keys()
+        .map(|id| (id.clone(), spec_of(&class_of(id)).is_some_and(|s| s.output_node)))
+        .collect();
+    let mut plan = ExecutionList::new(&graph, &item.outputs, |id| output_classes.get(id).copied().unwrap_or(false));
+    let planned = plan.planned();
+    let has_sampler = planned.iter().any(|id| catalog::SAMPLER_CLASSES.contains(&class_of(id).as_str()));
+
+    let mut results: HashMap<String, Arc<Vec<Value>>> = HashMap::new();
+    let mut executed: Vec<String> = Vec::new();
+    let mut ui_outputs: HashMap<String, OValue> = HashMap::new();
+    let mut progress = ProgressState { prompt_id: prompt_id.clone(), nodes: Vec::new() };
+    let mut faults_pending = faults.mid_run();
+
+    let outcome = 'run: loop {
+        let Some(node_id) = plan.next() else { break Outcome::Success };
+        let class_type = class_of(&node_id);
+        let Some(node) = graph.get(&node_id) else { continue };
+
+        progress.set(&node_id, float(0.0), float(1.0), "running");
+        ev.any("progress_state", progress.data());
+        if client.is_some() && !ev.silent {
+            shared.hub.set_last_node(Some(node_id.clone()));
+        }
+        ev.exec(
+            "executing",
+            obj(vec![("node", s(&node_id)), ("display_node", s(&node_id)), ("prompt_id", s(&prompt_id))]),
+        );
+        if shared.interrupt.is_set() {
+            break Outcome::Interrupted { node: node_id, class_type };
+        }
+        let inputs = resolve_inputs(node, &results);
+
+        let is_sampler = catalog::SAMPLER_CLASSES.contains(&class_type.as_str());
+        let is_output = output_classes.get(&node_id).copied().unwrap_or(false);
+        if is_sampler || class_type == "SlowPassthrough" {
+            let literal = |name: &str| {
+                inputs.iter().find(|(k, _)| k == name).and_then(|(_, v)| match v {
+                    Input::Literal(v) => Some(v.clone()),
+                    Input::Link(_) => None,
+                })
+            };
+            let (steps, tick, preview) = if is_sampler {
+                let steps = shared.config.progress_steps.max(1);
+                (steps, shared.config.job_time / steps, None)
+            } else {
+                let steps = literal("steps").and_then(|v| v.to_value().as_u64()).unwrap_or(5).clamp(1, 10_000) as u32;
+                let secs = literal("step_seconds").and_then(|v| v.to_value().as_f64()).unwrap_or(0.2).clamp(0.0, 60.0);
+                let send = literal("send_preview").is_some_and(|v| v.truthy());
+                let preview = if send { preview_jpeg(&inputs).await } else { None };
+                (steps, Duration::from_secs_f64(secs), preview)
+            };
+            for step in 1..=steps {
+                if shared.interrupt.sleep(tick).await {
+                    break 'run Outcome::Interrupted { node: node_id, class_type };
+                }
+                if is_sampler && faults_pending && step > steps / 2 {
+                    faults_pending = false;
+                    match fire_faults(shared, faults, &class_type) {
+                        FaultEffect::Vanish => break 'run Outcome::Vanished,
+                        FaultEffect::Fail(failure) => {
+                            break 'run Outcome::Error {
+                                node: node_id,
+                                class_type,
+                                failure,
+                                inputs: describe_inputs(&inputs),
+                            };
+                        }
+                        FaultEffect::None => {}
+                    }
+                }
+                progress.set(&node_id, int(u64::from(step)), int(u64::from(steps)), "running");
+                ev.any("progress_state", progress.data());
+                let tick_data = obj(vec![
+                    ("value", int(u64::from(step))),
+                    ("max", int(u64::from(steps))),
+                    ("prompt_id", s(&prompt_id)),
+                    ("node", s(&node_id)),
+                ]);
+                match &preview {
+                    Some(jpeg) if ev.wants_metadata() => {
+                        ev.preview(&node_id, jpeg, false);
+                        ev.any("progress", tick_data);
+                    }
+                    Some(jpeg) => {
+                        ev.any("progress", tick_data);
+                        ev.preview(&node_id, jpeg, false);
+                    }
+                    None => ev.any("progress", tick_data),
+                }
+            }
+        } else if is_output && faults_pending && !has_sampler {
+            faults_pending = false;
+            match fire_faults(shared, faults, &class_type) {
+                FaultEffect::Vanish => break 'run Outcome::Vanished,
+                FaultEffect::Fail(failure) => {
+                    break 'run Outcome::Error { node: node_id, class_type, failure, inputs: describe_inputs(&inputs) };
+                }
+                FaultEffect::None => {}
+            }
+        }
+
+        let job = EvalJob {
+            dirs: shared.dirs.clone(),
+            class_type: class_type.clone(),
+            inputs: inputs.clone(),
+            graph: graph.clone(),
+            extra_data: item.extra_data.clone(),
+        };
+        let evaluated = tokio::task::spawn_blocking(move || nodes::evaluate(&job)).await;
+        let output: NodeOutput = match evaluated {
+            Ok(Ok(out)) => out,
+            Ok(Err(failure)) => {
+                break Outcome::Error { node: node_id, class_type, failure, inputs: describe_inputs(&inputs) };
+            }
+            Err(join_error) => {
+                let failure = NodeFailure::new(
+                    "RuntimeError",
+                    format!("simulated node crashed: {join_error}"),
+                    "execution.py",
+                    277,
+                    "process_inputs",
+                    "result = f(**inputs)",
+                );
+                break Outcome::Error { node: node_id, class_type, failure, inputs: describe_inputs(&inputs) };
+            }
+        };
+
+        if !output.ws_images.is_empty() {
+            let total = output.ws_images.len() as u64;
+            for (i, png) in output.ws_images.iter().enumerate() {
+                progress.set(&node_id, int(i as u64), int(total), "running");
+                ev.any("progress_state", progress.data());
+                let tick = obj(vec![
+                    ("value", int(i as u64)),
+                    ("max", int(total)),
+                    ("prompt_id", s(&prompt_id)),
+                    ("node", s(&node_id)),
+                ]);
+                ev.any("progress", tick);
+                ev.preview(&node_id, png, true);
+            }
+            progress.set(&node_id, int(total), int(total), "running");
+        }
+
+        results.insert(node_id.clone(), Arc::new(output.values));
+        executed.push(node_id.clone());
+        if let Some(ui) = output.ui {
+            ev.exec(
+                "executed",
+                obj(vec![
+                    ("node", s(&node_id)),
+                    ("display_node", s(&node_id)),
+                    ("output", ui.clone()),
+                    ("prompt_id", s(&prompt_id)),
+                ]),
+            );
+            ui_outputs.insert(node_id.clone(), ui);
+        }
+        let (value, max) = match progress.current(&node_id) {
+            Some((v, m)) if matches!(v, OValue::Number(ref n) if !n.is_f64()) => (m.clone(), m),
+            _ => (float(1.0), float(1.0)),
+        };
+        progress.set(&node_id, value, max, "finished");
+        ev.any("progress_state", progress.data());
+    };
+
+    let status = match outcome {
+        Outcome::Vanished => {
+            ev.silent = true;
+            tracing::info!(prompt_id = %prompt_id, "prompt vanished with the simulated restart");
+            return;
+        }
+        Outcome::Success => {
+            let data = obj(vec![("prompt_id", s(&prompt_id)), ("timestamp", OValue::Number(now_ms().into()))]);
+            messages.push(("execution_success".into(), data.clone()));
+            ev.exec("execution_success", data);
+            ExecutionStatus { status_str: "success", completed: true, messages }
+        }
+        Outcome::Error { node, class_type, failure, inputs } => {
+            let tips = if failure.exception_type == "torch.OutOfMemoryError" {
+                "This error means you ran out of memory on your GPU.\n\nTIPS: If the workflow worked before you might have accidentally set the batch_size to a large number."
+            } else {
+                ""
+            };
+            let data = obj(vec![
+                ("prompt_id", s(&prompt_id)),
+                ("node_id", s(&node)),
+                ("node_type", s(&class_type)),
+                ("executed", ids(&executed)),
+                ("exception_message", OValue::String(format!("{}\n{tips}", failure.message))),
+                ("exception_type", s(&failure.exception_type)),
+                (
+                    "traceback",
+                    OValue::Array(nodes::full_traceback(&failure.frames).into_iter().map(OValue::String).collect()),
+                ),
+                ("current_inputs", OValue::Object(inputs)),
+                ("current_outputs", ids(&planned)),
+                ("timestamp", OValue::Number(now_ms().into())),
+            ]);
+            messages.push(("execution_error".into(), data.clone()));
+            ev.exec("execution_error", data);
+            ExecutionStatus { status_str: "error", completed: false, messages }
+        }
+        Outcome::Interrupted { node, class_type } => {
+            let data = obj(vec![
+                ("prompt_id", s(&prompt_id)),
+                ("node_id", s(&node)),
+                ("node_type", s(&class_type)),
+                ("executed", ids(&executed)),
+                ("timestamp", OValue::Number(now_ms().into())),
+            ]);
+            messages.push(("execution_interrupted".into(), data.clone()));
+            ev.any("execution_interrupted", data);
+            ExecutionStatus { status_str: "error", completed: false, messages }
+        }
+    };
+
+    shared.hub.set_last_node(None);
+    let mut outputs = Vec::new();
+    let mut meta = Vec::new();
+    for id in item.outputs.iter() {
+        if let Some(ui) = ui_outputs.remove(id) {
+            outputs.push((id.clone(), ui));
+            meta.push((
+                id.clone(),
+                obj(vec![
+                    ("node_id", s(id)),
+                    ("display_node", s(id)),
+                    ("parent_node", OValue::Null),
+                    ("real_node_id", s(id)),
+                ]),
+            ));
+        }
+    }
+    shared.queue.task_done(HistoryEntry { item, outputs, status, meta });
+    ev.exec("executing", obj(vec![("node", OValue::Null), ("prompt_id", s(&prompt_id))]));
+}
+
+/// The JPEG preview SlowPassthrough sends: the first image, fitted into 512×512.
+async fn preview_jpeg(inputs: &[(String, Input)]) -> Option<Vec<u8>> {
+    let batch = inputs.iter().find_map(|(k, v)| match (k.as_str(), v) {
+        ("images", Input::Link(Value::Image(b))) => Some(b.clone()),
+        _ => None,
+    })?;
+    tokio::task::spawn_blocking(move || {
+        let frame = batch.render(0)?;
+        let (w, h) = frame.dimensions();
+        let scale = (512.0 / f64::from(w.max(h))).min(1.0);
+        let frame = if scale < 1.0 {
+            image::imageops::resize(
+                &frame,
+                ((f64::from(w) * scale) as u32).max(1),
+                ((f64::from(h) * scale) as u32).max(1),
+                image::imageops::FilterType::Triangle,
+            )
+        } else {
+            frame
+        };
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95).encode_image(&frame).ok()?;
+        Some(out)
+    })
+    .await
+    .ok()
+    .flatten()
+}

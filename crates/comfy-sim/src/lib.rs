@@ -1,0 +1,139 @@
+//! `tdcomfy-sim`: a ComfyUI 0.3.64 simulator that needs no GPU.
+//!
+//! It serves ComfyUI's HTTP + WebSocket protocol the way the captured transcripts show it
+//! (`/prompt`, `/queue`, `/interrupt`, `/history`, `/upload/image`, `/view`, `/object_info`,
+//! `/system_stats`, `/features`, `/ws`, all also under `/api`), validates prompts with ComfyUI's
+//! error shapes, runs them one at a time with the captured event order, and really evaluates the
+//! graph: uploads are decoded, images resized/inverted, the LTXV image-to-video chain produces a
+//! moving clip from the input frame, and save nodes write real PNG / APNG / WebP / H.264 MP4 files.
+//!
+//! Differences from a real ComfyUI, on purpose:
+//! * no output caching: every run executes every node and writes new files, while
+//!   `execution_cached` is still sent (with `nodes: []`);
+//! * a client `prompt_id` must be a canonical lowercase UUID (newer ComfyUI's rule), else
+//!   400 `invalid_prompt_id`;
+//! * sampler nodes (`SamplerCustom`, `KSampler`) take [`SimConfig::job_time`] and report
+//!   [`SimConfig::progress_steps`] `progress` events; other nodes run at real speed;
+//! * `SaveWEBM` validates like the real node but fails at run time (no VP9/AV1 encoder here);
+//! * failure injection through [`FaultConfig`] or markers in a `CLIPTextEncode` text:
+//!   `[sim:error]`, `[sim:silent]`, `[sim:drop]`, `[sim:restart]`.
+//!
+//! H.264 is encoded with OpenH264 built from source; Cisco's patent licence covers only its own
+//! binaries, which is fine for a test simulator.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+mod anim;
+mod catalog;
+mod executor;
+mod files;
+mod frames;
+mod h264;
+mod hub;
+mod json;
+mod mp4;
+mod nodes;
+mod order;
+mod queue;
+mod server;
+mod validate;
+mod ws;
+
+pub use mp4::{VideoInfo, video_info};
+
+/// Failures the simulator injects into every prompt (markers in prompt text do the same per prompt).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultConfig {
+    /// `[sim:error]`: the sampler node raises mid-run; `execution_error`, history status `error`.
+    pub execution_error: bool,
+    /// `[sim:silent]`: no WebSocket events for the prompt after `execution_start`; the history
+    /// still completes, so a client has to poll `/history`.
+    pub silent_ws: bool,
+    /// `[sim:drop]`: every WebSocket connection is closed mid-run; the prompt still completes.
+    pub drop_ws: bool,
+    /// `[sim:restart]`: mid-run the simulator behaves like a restarted ComfyUI: sockets close,
+    /// queue, history and counter are forgotten, and the prompt never reaches `/history`.
+    pub lose_history: bool,
+    /// delay before every `/upload/image` is answered
+    pub upload_delay: Duration,
+}
+
+/// Simulator settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// root of `input/`, `output/` and `temp/` (created if missing; `temp/` is emptied at start)
+    pub data_dir: PathBuf,
+    /// simulated sampler time per prompt
+    pub job_time: Duration,
+    /// `progress` events the sampler sends, evenly spread over `job_time`
+    pub progress_steps: u32,
+    /// model files that count as installed (they fill `ckpt_name` / `clip_name` dropdowns)
+    pub models: Vec<String>,
+    /// injected failures
+    pub faults: FaultConfig,
+    /// request body limit in bytes (`--max-upload-size`), advertised in `/features`
+    pub max_upload_bytes: u64,
+}
+
+impl SimConfig {
+    /// Default settings with the given data directory: 2 s sampler time, 10 progress events,
+    /// the LTXV 0.9.5 checkpoint and T5-XXL text encoder installed, no faults, 100 MiB uploads.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            job_time: Duration::from_secs(2),
+            progress_steps: 10,
+            models: vec!["ltx-video-2b-v0.9.5.safetensors".to_string(), "t5xxl_fp16.safetensors".to_string()],
+            faults: FaultConfig::default(),
+            max_upload_bytes: 100 * 1024 * 1024,
+        }
+    }
+}
+
+/// Serves the simulator on `listener` until `shutdown` completes.
+///
+/// Creates the data directory layout first; fails if it cannot.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: SimConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let dirs = files::DataDirs::create(&config.data_dir)?;
+    let hub = Arc::new(hub::Hub::new());
+    let queue = Arc::new(queue::PromptQueue::new(hub.clone()));
+    let shared = Arc::new(executor::Shared {
+        config,
+        dirs,
+        queue,
+        hub: hub.clone(),
+        interrupt: executor::Interrupt::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(executor::worker(shared.clone()));
+    let app = server::router(server::AppState { shared, shutdown: stop_rx });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "tdcomfy sim (ComfyUI 0.3.64 simulator) listening");
+    }
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    worker.abort();
+    let _ = worker.await;
+    hub.drop_all();
+    served
+}
+
+/// Writes a moving H.264 test clip — the synthetic zoom/pan/colour drift the simulated sampler
+/// produces — as a fast-start MP4. Handy for tests that need a real video without running a prompt.
+/// Width and height must be even.
+pub fn write_test_clip(path: impl AsRef<Path>, width: u32, height: u32, frames: u32, fps: f64) -> std::io::Result<()> {
+    let bytes = nodes::test_clip_mp4(width, height, frames, fps)
+        .map_err(|f| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: {}", f.exception_type, f.message)))?;
+    files::write_atomic(path.as_ref(), &bytes)
+}
