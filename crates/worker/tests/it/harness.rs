@@ -1,0 +1,356 @@
+//! The whole pipeline in one test process: the real broker, the real ComfyUI simulator and real
+//! workers, each through its own `run` function on 127.0.0.1, each restartable on its address.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tdcomfy_workflows::WorkflowRegistry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A server task that can be stopped (gracefully or abruptly) and started again on its address.
+pub struct Served {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Served {
+    pub async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+async fn bind(addr: Option<SocketAddr>) -> tokio::net::TcpListener {
+    let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+    // A restarted server reuses its port; the old socket may linger for a moment.
+    for _ in 0..100 {
+        if let Ok(l) = tokio::net::TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot bind {addr}")
+}
+
+/// Settings of one pipeline.
+pub struct Setup {
+    pub sim_job_time: f64,
+    pub lease_ttl: f64,
+    pub max_attempts: u32,
+    pub stall_timeout: f64,
+    pub models: Option<Vec<String>>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            sim_job_time: 0.3,
+            lease_ttl: 30.0,
+            max_attempts: 3,
+            stall_timeout: 60.0,
+            models: None,
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub dir: tempfile::TempDir,
+    pub broker: Served,
+    pub sim: Served,
+    pub workers: Vec<Served>,
+    pub http: reqwest::Client,
+    pub setup: Setup,
+    workflows: Arc<WorkflowRegistry>,
+}
+
+/// The repository's workflows plus this crate's test workflows (every output key shape).
+fn workflows(dir: &Path) -> Arc<WorkflowRegistry> {
+    let all = dir.join("workflows");
+    std::fs::create_dir_all(&all).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for src in [root.join("../../workflows"), root.join("tests/workflows")] {
+        for entry in std::fs::read_dir(src).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, all.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let args = tdcomfy_workflows::WorkflowArgs {
+        workflows_dir: all,
+        default_workflow: "ltxv_image_to_video".into(),
+        workflow_nodes: None,
+    };
+    Arc::new(args.load().expect("test workflows load"))
+}
+
+impl Pipeline {
+    pub async fn start(setup: Setup) -> Pipeline {
+        let dir = tempfile::tempdir().unwrap();
+        let workflows = workflows(dir.path());
+        let mut p = Pipeline {
+            broker: Served {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                stop: CancellationToken::new(),
+                task: None,
+            },
+            sim: Served {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                stop: CancellationToken::new(),
+                task: None,
+            },
+            workers: Vec::new(),
+            http: reqwest::Client::new(),
+            dir,
+            setup,
+            workflows,
+        };
+        p.broker = p.start_broker(None).await;
+        p.sim = p.start_sim(None).await;
+        let w = p.start_worker("worker-1").await;
+        p.workers.push(w);
+        p
+    }
+
+    pub async fn start_broker(&self, addr: Option<SocketAddr>) -> Served {
+        let listener = bind(addr).await;
+        let addr = listener.local_addr().unwrap();
+        let args = tdcomfy_broker::BrokerArgs {
+            api_host: "127.0.0.1".into(),
+            api_port: 0,
+            data_dir: self.dir.path().join("broker"),
+            max_upload_mb: 20,
+            max_result_mb: 512,
+            max_image_dim: 8192,
+            max_prompt_chars: 10_000,
+            api_token: None,
+            worker_token: None,
+            result_ttl: 0,
+            job_timeout: 120.0,
+            lease_ttl: self.setup.lease_ttl,
+            max_attempts: self.setup.max_attempts,
+        };
+        let config = args.into_config(self.workflows.clone()).unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            tdcomfy_broker::run(listener, config, async move { s.cancelled().await })
+                .await
+                .unwrap();
+        });
+        Served {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub async fn start_sim(&self, addr: Option<SocketAddr>) -> Served {
+        let listener = bind(addr).await;
+        let addr = listener.local_addr().unwrap();
+        let mut config = tdcomfy_sim::SimConfig::new(
+            self.dir
+                .path()
+                .join(format!("sim-{}", uuid::Uuid::new_v4())),
+        );
+        config.job_time = Duration::from_secs_f64(self.setup.sim_job_time);
+        config.progress_steps = 3;
+        if let Some(models) = &self.setup.models {
+            config.models = models.clone();
+        }
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            tdcomfy_sim::run(listener, config, async move { s.cancelled().await })
+                .await
+                .unwrap();
+        });
+        Served {
+            addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub async fn start_worker(&self, name: &str) -> Served {
+        let args = tdcomfy_worker::WorkerArgs {
+            comfyui_host: self.sim.addr.ip().to_string(),
+            comfyui_port: self.sim.addr.port(),
+            comfyui_urls: None,
+            worker_poll_interval: 0.1,
+            worker_id: Some(name.to_owned()),
+            stall_timeout: self.setup.stall_timeout,
+            comfyui_poll_interval: 0.2,
+            spool_dir: Some(self.dir.path().join(format!("spool-{name}"))),
+        };
+        let config = args
+            .into_config(
+                format!("http://{}", self.broker.addr),
+                None,
+                self.workflows.clone(),
+                PathBuf::new(),
+            )
+            .unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            tdcomfy_worker::run(config, s).await.unwrap();
+        });
+        Served {
+            addr: self.broker.addr,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.broker.addr, path)
+    }
+
+    pub fn sim_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.sim.addr, path)
+    }
+
+    /// Submits a small frame; returns the job id.
+    pub async fn submit(
+        &self,
+        prompt: &str,
+        workflow: Option<&str>,
+        params: Option<Value>,
+    ) -> String {
+        let mut form = reqwest::multipart::Form::new()
+            .part(
+                "image",
+                reqwest::multipart::Part::bytes(frame_png()).file_name("frame.png"),
+            )
+            .text("prompt", prompt.to_owned());
+        if let Some(w) = workflow {
+            form = form.text("workflow", w.to_owned());
+        }
+        if let Some(p) = params {
+            form = form.text("params", p.to_string());
+        }
+        let resp = self
+            .http
+            .post(self.url("/jobs"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        resp.json::<Value>().await.unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.http
+            .get(self.url(&format!("/jobs/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Follows a job (long-poll, surviving a broker restart) until `pred` holds or `secs` pass.
+    pub async fn wait_for(&self, id: &str, secs: f64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+        let mut since = 0u64;
+        let mut last = Value::Null;
+        while tokio::time::Instant::now() < deadline {
+            let resp = self
+                .http
+                .get(self.url(&format!("/jobs/{id}?wait=2&since={since}")))
+                .send()
+                .await;
+            match resp {
+                Ok(r) if r.status() == 200 => {
+                    last = r.json().await.unwrap();
+                    if pred(&last) {
+                        return last;
+                    }
+                    since = last["version"].as_u64().unwrap_or(0);
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        panic!("job {id} did not reach the expected state in {secs} s; last seen: {last}")
+    }
+
+    pub async fn wait_terminal(&self, id: &str) -> Value {
+        self.wait_for(id, 90.0, |j| {
+            matches!(j["status"].as_str(), Some("done" | "error" | "cancelled"))
+        })
+        .await
+    }
+
+    pub async fn result(&self, id: &str) -> (String, Vec<u8>) {
+        let resp = self
+            .http
+            .get(self.url(&format!("/jobs/{id}/result")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        (ct, resp.bytes().await.unwrap().to_vec())
+    }
+
+    /// The simulator's queue: (running, pending) prompt ids.
+    pub async fn sim_queue(&self) -> (usize, usize) {
+        let q: Value = self
+            .http
+            .get(self.sim_url("/queue"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            q["queue_running"].as_array().unwrap().len(),
+            q["queue_pending"].as_array().unwrap().len(),
+        )
+    }
+}
+
+/// A small real PNG (even dimensions, so H.264 can encode it).
+pub fn frame_png() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 40, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 6) as u8, 120])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Writes `bytes` to a temp file and reads the simulator's MP4 parser's view of it.
+pub fn video_info(dir: &Path, bytes: &[u8]) -> tdcomfy_sim::VideoInfo {
+    let path = dir.join(format!("{}.mp4", uuid::Uuid::new_v4()));
+    std::fs::write(&path, bytes).unwrap();
+    tdcomfy_sim::video_info(&path).expect("a parsable MP4")
+}

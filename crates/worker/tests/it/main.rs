@@ -1,0 +1,5 @@
+//! End-to-end tests of the worker with the real broker and the ComfyUI simulator on 127.0.0.1.
+
+mod harness;
+mod pipeline;
+mod recovery;
