@@ -32,13 +32,8 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in lifecycle order.
-    pub const ALL: [JobStatus; 5] = [
-        JobStatus::Queued,
-        JobStatus::Running,
-        JobStatus::Done,
-        JobStatus::Error,
-        JobStatus::Cancelled,
-    ];
+    pub const ALL: [JobStatus; 5] =
+        [JobStatus::Queued, JobStatus::Running, JobStatus::Done, JobStatus::Error, JobStatus::Cancelled];
 
     /// The wire spelling (`"queued"`, …).
     pub fn as_str(self) -> &'static str {
@@ -58,10 +53,7 @@ impl JobStatus {
 
     /// True once the job can no longer change state.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobStatus::Done | JobStatus::Error | JobStatus::Cancelled
-        )
+        matches!(self, JobStatus::Done | JobStatus::Error | JobStatus::Cancelled)
     }
 }
 
@@ -136,6 +128,19 @@ pub struct JobView {
     pub version: u64,
     /// The result's type and size once there is one.
     pub result: Option<ResultInfo>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// Where a job's time went, in seconds; null where not (yet) known.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Timings {
+    /// From acceptance to the start of the current attempt.
+    pub queue_wait: Option<f64>,
+    /// ComfyUI's own execution time of the prompt (its history timestamps), as the worker reported.
+    pub comfy_execution: Option<f64>,
+    /// From acceptance to the end.
+    pub total: Option<f64>,
 }
 
 /// Response of `POST /jobs`.
@@ -268,12 +273,7 @@ pub struct JobEvent {
 impl JobEvent {
     /// Builds an event for `job`.
     pub fn new(event: JobEventKind, job: JobView) -> JobEvent {
-        JobEvent {
-            kind: "job".to_owned(),
-            event,
-            job_id: job.id,
-            job,
-        }
+        JobEvent { kind: "job".to_owned(), event, job_id: job.id, job }
     }
 }
 

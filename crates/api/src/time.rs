@@ -11,9 +11,7 @@ pub struct Timestamp(pub i64);
 impl Timestamp {
     /// The current time.
     pub fn now() -> Timestamp {
-        let since = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Timestamp(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
     }
 
@@ -43,9 +41,7 @@ impl Timestamp {
             padded.parse::<i64>().ok()?
         };
         let days = days_from_civil(y, mo, d);
-        Some(Timestamp(
-            ((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms,
-        ))
+        Some(Timestamp(((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms))
     }
 }
 
@@ -54,12 +50,7 @@ pub fn format_rfc3339_ms(ms: i64) -> String {
     let days = ms.div_euclid(86_400_000);
     let rem = ms.rem_euclid(86_400_000);
     let (y, m, d) = civil_from_days(days);
-    let (h, mi, s, milli) = (
-        rem / 3_600_000,
-        rem / 60_000 % 60,
-        rem / 1000 % 60,
-        rem % 1000,
-    );
+    let (h, mi, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
 }
 
@@ -102,8 +93,7 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let s = String::deserialize(deserializer)?;
-        Timestamp::parse_rfc3339(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 UTC time: {s}")))
+        Timestamp::parse_rfc3339(&s).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 UTC time: {s}")))
     }
 }
 
@@ -114,25 +104,15 @@ mod tests {
     #[test]
     fn formats_known_instants() {
         assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            format_rfc3339_ms(1_795_691_835_463),
-            "2026-11-26T11:17:15.463Z"
-        );
-        assert_eq!(
-            format_rfc3339_ms(951_782_400_000),
-            "2000-02-29T00:00:00.000Z"
-        );
+        assert_eq!(format_rfc3339_ms(1_795_691_835_463), "2026-11-26T11:17:15.463Z");
+        assert_eq!(format_rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]
     fn parse_inverts_format() {
         for ms in [0, 1, 951_782_400_000, 1_795_691_835_463, 4_102_444_799_999] {
             let text = format_rfc3339_ms(ms);
-            assert_eq!(
-                Timestamp::parse_rfc3339(&text),
-                Some(Timestamp(ms)),
-                "{text}"
-            );
+            assert_eq!(Timestamp::parse_rfc3339(&text), Some(Timestamp(ms)), "{text}");
         }
         assert_eq!(Timestamp::parse_rfc3339("2026-11-26 12:00:00Z"), None);
     }

@@ -71,9 +71,7 @@ impl Blobs {
         for entry in std::fs::read_dir(root.join("tmp"))? {
             let _ = std::fs::remove_file(entry?.path());
         }
-        Ok(Blobs {
-            root: root.to_owned(),
-        })
+        Ok(Blobs { root: root.to_owned() })
     }
 
     /// Where a job's file of `kind` lives.
@@ -87,26 +85,14 @@ impl Blobs {
 
     /// Writes `stream` to a temporary file, refusing more than `limit` bytes, and keeps its first
     /// `head_len` bytes in memory. Nothing is visible until [`Blobs::commit`].
-    pub async fn stage<S, E>(
-        &self,
-        mut stream: S,
-        limit: u64,
-        head_len: usize,
-    ) -> Result<StagedBlob, BlobError>
+    pub async fn stage<S, E>(&self, mut stream: S, limit: u64, head_len: usize) -> Result<StagedBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let path = self
-            .root
-            .join("tmp")
-            .join(uuid::Uuid::new_v4().simple().to_string());
+        let path = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
         let file = tokio::fs::File::create(&path).await?;
-        let mut staged = StagedBlob {
-            path,
-            size: 0,
-            head: Vec::new(),
-        };
+        let mut staged = StagedBlob { path, size: 0, head: Vec::new() };
         let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
         let result: Result<(), BlobError> = async {
             while let Some(chunk) = stream.next().await {
@@ -140,13 +126,8 @@ impl Blobs {
     pub async fn commit(&self, staged: StagedBlob, kind: BlobKind, id: JobId) -> io::Result<()> {
         let target = self.path(kind, id);
         tokio::fs::rename(&staged.path, &target).await?;
-        let dir = target
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_else(|| self.root.clone());
-        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
-            .await
-            .map_err(io::Error::other)?
+        let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.root.clone());
+        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await.map_err(io::Error::other)?
     }
 
     /// Drops a staged file that will not be committed.

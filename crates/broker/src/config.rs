@@ -127,10 +127,7 @@ fn positive_secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
     if v.is_finite() && v > 0.0 && v < 1e9 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(ConfigError::Invalid {
-            name,
-            message: format!("must be a positive number of seconds, got {v}"),
-        })
+        Err(ConfigError::Invalid { name, message: format!("must be a positive number of seconds, got {v}") })
     }
 }
 
@@ -140,21 +137,12 @@ fn non_empty(token: &Option<String>) -> Option<String> {
 
 impl BrokerArgs {
     /// Checks every value; `workflows` are the loaded workflows jobs may name.
-    pub fn into_config(
-        self,
-        workflows: Arc<WorkflowRegistry>,
-    ) -> Result<BrokerConfig, ConfigError> {
+    pub fn into_config(self, workflows: Arc<WorkflowRegistry>) -> Result<BrokerConfig, ConfigError> {
         if self.max_upload_mb == 0 || self.max_upload_mb > 1 << 20 {
-            return Err(ConfigError::Invalid {
-                name: "MAX_UPLOAD_MB",
-                message: "must be 1 ..= 1048576".into(),
-            });
+            return Err(ConfigError::Invalid { name: "MAX_UPLOAD_MB", message: "must be 1 ..= 1048576".into() });
         }
         if self.max_attempts == 0 {
-            return Err(ConfigError::Invalid {
-                name: "MAX_ATTEMPTS",
-                message: "must be at least 1".into(),
-            });
+            return Err(ConfigError::Invalid { name: "MAX_ATTEMPTS", message: "must be at least 1".into() });
         }
         let lease_ttl = positive_secs("LEASE_TTL", self.lease_ttl)?;
         Ok(BrokerConfig {
@@ -167,8 +155,7 @@ impl BrokerArgs {
             worker_token: non_empty(&self.worker_token),
             result_ttl: (self.result_ttl > 0).then(|| Duration::from_secs(self.result_ttl)),
             job_timeout: positive_secs("JOB_TIMEOUT", self.job_timeout)?,
-            sweep_interval: (lease_ttl / 4)
-                .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+            sweep_interval: (lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
             lease_ttl,
             max_attempts: self.max_attempts,
             workflows,

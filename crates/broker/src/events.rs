@@ -40,11 +40,7 @@ pub struct EventHub {
 impl EventHub {
     /// A hub whose subscribers may fall `capacity` events behind before skipping.
     pub fn new(capacity: usize) -> EventHub {
-        EventHub {
-            tx: broadcast::channel(capacity).0,
-            seq: AtomicU64::new(0),
-            queued: Notify::new(),
-        }
+        EventHub { tx: broadcast::channel(capacity).0, seq: AtomicU64::new(0), queued: Notify::new() }
     }
 
     /// Sends `event` to every subscriber.

@@ -86,19 +86,11 @@ fn le24(b: &[u8], at: usize) -> Option<u32> {
 
 fn png(b: &[u8]) -> Result<ImageHeader, SniffError> {
     if b.get(12..16) != Some(b"IHDR") {
-        return Err(if b.len() < 16 {
-            SniffError::NeedMore
-        } else {
-            SniffError::Corrupt
-        });
+        return Err(if b.len() < 16 { SniffError::NeedMore } else { SniffError::Corrupt });
     }
     let width = be32(b, 16).ok_or(SniffError::NeedMore)?;
     let height = be32(b, 20).ok_or(SniffError::NeedMore)?;
-    Ok(ImageHeader {
-        format: ImageFormat::Png,
-        width,
-        height,
-    })
+    Ok(ImageHeader { format: ImageFormat::Png, width, height })
 }
 
 fn jpeg(b: &[u8]) -> Result<ImageHeader, SniffError> {
@@ -154,31 +146,17 @@ fn webp(b: &[u8]) -> Result<ImageHeader, SniffError> {
         }
         b"VP8L" => {
             if b.get(20) != Some(&0x2F) {
-                return Err(if b.len() <= 20 {
-                    SniffError::NeedMore
-                } else {
-                    SniffError::Corrupt
-                });
+                return Err(if b.len() <= 20 { SniffError::NeedMore } else { SniffError::Corrupt });
             }
             let bits = u32::from_le_bytes(
-                b.get(21..25)
-                    .ok_or(SniffError::NeedMore)?
-                    .try_into()
-                    .map_err(|_| SniffError::Corrupt)?,
+                b.get(21..25).ok_or(SniffError::NeedMore)?.try_into().map_err(|_| SniffError::Corrupt)?,
             );
             ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
         }
-        b"VP8X" => (
-            le24(b, 24).ok_or(SniffError::NeedMore)? + 1,
-            le24(b, 27).ok_or(SniffError::NeedMore)? + 1,
-        ),
+        b"VP8X" => (le24(b, 24).ok_or(SniffError::NeedMore)? + 1, le24(b, 27).ok_or(SniffError::NeedMore)? + 1),
         _ => return Err(SniffError::Corrupt),
     };
-    Ok(ImageHeader {
-        format: ImageFormat::Webp,
-        width,
-        height,
-    })
+    Ok(ImageHeader { format: ImageFormat::Webp, width, height })
 }
 
 #[cfg(test)]

@@ -35,9 +35,7 @@ pub async fn run(
     let sweeper = tokio::spawn(sweep_forever(broker.clone()));
     let app = http::router(broker);
     tracing::info!(%addr, "broker listening");
-    let served = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(shutdown).await;
     sweeper.abort();
     served.map_err(BrokerError::Io)
 }
@@ -51,9 +49,7 @@ fn warn_if_exposed(addr: SocketAddr, config: &BrokerConfig) {
         );
     }
     if !addr.ip().is_loopback() && config.api_token.is_some() && config.worker_token.is_none() {
-        tracing::warn!(
-            "WORKER_TOKEN is not set: workers authenticate with the client token API_TOKEN"
-        );
+        tracing::warn!("WORKER_TOKEN is not set: workers authenticate with the client token API_TOKEN");
     }
 }
 

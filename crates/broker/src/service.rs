@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tdcomfy_api::{
-    DeleteResponse, Health, InputInfo, JobEvent, JobEventKind, JobId, JobStatus, JobView, Lease,
-    LeaseToken, Progress, ResultInfo, SubmitResponse, Timestamp,
+    DeleteResponse, Health, InputInfo, JobEvent, JobEventKind, JobId, JobStatus, JobView, Lease, LeaseToken, Progress,
+    ResultInfo, SubmitResponse, Timestamp, Timings,
 };
 use tokio::time::Instant;
 
@@ -114,11 +114,8 @@ impl Broker {
 
     /// Turns a stored job into its wire form.
     pub async fn view(&self, r: &JobRecord) -> Result<JobView, BrokerError> {
-        let queue_position = if r.status == JobStatus::Queued {
-            Some(self.inner.store.queue_position(r.seq).await?)
-        } else {
-            None
-        };
+        let queue_position =
+            if r.status == JobStatus::Queued { Some(self.inner.store.queue_position(r.seq).await?) } else { None };
         let processing_time = r.started_at.map(|start| {
             let end = r.finished_at.unwrap_or_else(Timestamp::now);
             (end.millis() - start.millis()).max(0) as f64 / 1000.0
@@ -126,6 +123,12 @@ impl Broker {
         let result = match (&r.result, r.status) {
             (ResultState::Present(info), JobStatus::Done) => Some(info.clone()),
             _ => None,
+        };
+        let secs = |a: Timestamp, b: Timestamp| (b.millis() - a.millis()).max(0) as f64 / 1000.0;
+        let timings = Timings {
+            queue_wait: r.started_at.map(|s| secs(r.created_at, s)),
+            comfy_execution: r.comfy_execution_ms.map(|ms| ms as f64 / 1000.0),
+            total: r.finished_at.map(|f| secs(r.created_at, f)),
         };
         Ok(JobView {
             id: r.id,
@@ -145,6 +148,7 @@ impl Broker {
             attempts: r.attempts,
             version: r.version,
             result,
+            timings,
         })
     }
 
@@ -167,10 +171,7 @@ impl Broker {
     /// Stores a submission: the image file first (durably), then the row.
     pub async fn submit(&self, sub: Submission) -> Result<SubmitOutcome, BrokerError> {
         let id = JobId::new();
-        self.inner
-            .blobs
-            .commit(sub.image, BlobKind::Input, id)
-            .await?;
+        self.inner.blobs.commit(sub.image, BlobKind::Input, id).await?;
         let outcome = self
             .inner
             .store
@@ -202,9 +203,7 @@ impl Broker {
         };
         let view = self.view(&record).await?;
         if !replayed {
-            self.inner
-                .hub
-                .publish(JobEvent::new(JobEventKind::Queued, view.clone()));
+            self.inner.hub.publish(JobEvent::new(JobEventKind::Queued, view.clone()));
             self.inner.hub.job_queued();
         }
         Ok(SubmitOutcome::Accepted {
@@ -270,11 +269,7 @@ impl Broker {
     }
 
     /// Jobs newest first.
-    pub async fn list(
-        &self,
-        status: Option<JobStatus>,
-        limit: u32,
-    ) -> Result<Vec<JobView>, BrokerError> {
+    pub async fn list(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<JobView>, BrokerError> {
         let records = self.inner.store.list(status, limit).await?;
         let mut out = Vec::with_capacity(records.len());
         for r in &records {
@@ -311,13 +306,8 @@ impl Broker {
         let r = &outcome.record;
         let message = match (outcome.previous, outcome.changed) {
             (JobStatus::Queued, true) => "Job cancelled before it started".to_owned(),
-            (JobStatus::Running, true) => {
-                "Job cancelled; its worker stops it at the next heartbeat".to_owned()
-            }
-            (_, true) => format!(
-                "Job had already ended ({}); its files were deleted",
-                outcome.previous
-            ),
+            (JobStatus::Running, true) => "Job cancelled; its worker stops it at the next heartbeat".to_owned(),
+            (_, true) => format!("Job had already ended ({}); its files were deleted", outcome.previous),
             (_, false) => format!("Nothing to do: job is {} and its files are gone", r.status),
         };
         if outcome.changed {
@@ -328,11 +318,7 @@ impl Broker {
             };
             self.publish(kind, r).await?;
         }
-        Ok(Some(DeleteResponse {
-            job_id: id,
-            status: r.status,
-            message,
-        }))
+        Ok(Some(DeleteResponse { job_id: id, status: r.status, message }))
     }
 
     /// Where a finished job's result is, with its type and size.
@@ -355,12 +341,7 @@ impl Broker {
             let signal = self.inner.hub.queued_signal().notified();
             tokio::pin!(signal);
             signal.as_mut().enable();
-            if let Some(r) = self
-                .inner
-                .store
-                .claim_next(worker.to_owned(), lease_ms)
-                .await?
-            {
+            if let Some(r) = self.inner.store.claim_next(worker.to_owned(), lease_ms).await? {
                 self.inner.workers.touch(worker, Some(r.id));
                 self.publish(JobEventKind::Started, &r).await?;
                 return Ok(Some(self.lease_of(&r)));
@@ -375,11 +356,7 @@ impl Broker {
     fn lease_of(&self, r: &JobRecord) -> Lease {
         Lease {
             job_id: r.id,
-            lease_token: r
-                .lease
-                .as_ref()
-                .map(|l| l.token.clone())
-                .unwrap_or_default(),
+            lease_token: r.lease.as_ref().map(|l| l.token.clone()).unwrap_or_default(),
             lease_expires_in: self.inner.config.lease_ttl.as_secs_f64(),
             attempt: r.attempts,
             prompt: r.prompt.clone(),
@@ -393,11 +370,7 @@ impl Broker {
     }
 
     /// Checks a lease before serving the input or accepting a result.
-    pub async fn check_lease(
-        &self,
-        id: JobId,
-        token: &LeaseToken,
-    ) -> Result<JobRecord, BrokerError> {
+    pub async fn check_lease(&self, id: JobId, token: &LeaseToken) -> Result<JobRecord, BrokerError> {
         Ok(self.inner.store.check_lease(id, token).await?)
     }
 
@@ -409,11 +382,7 @@ impl Broker {
         progress: Option<Progress>,
     ) -> Result<bool, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
-        let outcome = self
-            .inner
-            .store
-            .heartbeat(id, token, progress, lease_ms)
-            .await?;
+        let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms).await?;
         if let Some(r) = &outcome.changed {
             if let Some(lease) = &r.lease {
                 self.inner.workers.touch(&lease.owner, Some(id));
@@ -430,29 +399,19 @@ impl Broker {
         token: LeaseToken,
         staged: StagedBlob,
         content_type: String,
+        comfy_execution_ms: Option<u64>,
     ) -> Result<JobStatus, BrokerError> {
         let size = staged.size;
         // Re-check right before committing: the job may have been cancelled during the upload.
         if let Err(e) = self.inner.store.check_lease(id, &token).await {
             self.inner.blobs.discard(staged).await;
-            if let StoreError::LeaseLost {
-                status: JobStatus::Done,
-            } = e
-            {
+            if let StoreError::LeaseLost { status: JobStatus::Done } = e {
                 return Ok(JobStatus::Done);
             }
             return Err(e.into());
         }
-        self.inner
-            .blobs
-            .commit(staged, BlobKind::Result, id)
-            .await?;
-        match self
-            .inner
-            .store
-            .complete(id, token, ResultInfo { content_type, size })
-            .await
-        {
+        self.inner.blobs.commit(staged, BlobKind::Result, id).await?;
+        match self.inner.store.complete(id, token, ResultInfo { content_type, size }, comfy_execution_ms).await {
             Ok((r, changed)) => {
                 self.inner.workers.release(id);
                 if changed {
@@ -475,17 +434,7 @@ impl Broker {
         message: String,
         retryable: bool,
     ) -> Result<JobStatus, BrokerError> {
-        let r = self
-            .inner
-            .store
-            .fail(
-                id,
-                token,
-                message,
-                retryable,
-                self.inner.config.max_attempts,
-            )
-            .await?;
+        let r = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
         self.inner.workers.release(id);
         self.publish(Self::kind_for_status(r.status), &r).await?;
         if r.status == JobStatus::Queued {
@@ -504,23 +453,13 @@ impl Broker {
             requeued |= r.status == JobStatus::Queued;
             self.publish(Self::kind_for_status(r.status), &r).await?;
         }
-        for r in self
-            .inner
-            .store
-            .time_out_running(cfg.job_timeout.as_millis() as i64)
-            .await?
-        {
+        for r in self.inner.store.time_out_running(cfg.job_timeout.as_millis() as i64).await? {
             tracing::warn!(job_id = %r.id, "job timed out");
             self.publish(JobEventKind::Error, &r).await?;
         }
         if let Some(ttl) = cfg.result_ttl {
             // Files first, record second: once a job says it has no result, the file is gone.
-            for id in self
-                .inner
-                .store
-                .files_expired(ttl.as_millis() as i64)
-                .await?
-            {
+            for id in self.inner.store.files_expired(ttl.as_millis() as i64).await? {
                 self.inner.blobs.remove(BlobKind::Input, id).await?;
                 self.inner.blobs.remove(BlobKind::Result, id).await?;
                 if let Some(r) = self.inner.store.mark_files_deleted(id).await? {

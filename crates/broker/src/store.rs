@@ -104,6 +104,8 @@ pub struct JobRecord {
     pub error_message: Option<String>,
     /// The result.
     pub result: ResultState,
+    /// ComfyUI's execution time of the successful attempt, as the worker reported it.
+    pub comfy_execution_ms: Option<u64>,
     /// Bumped on every change.
     pub version: u64,
 }
@@ -204,6 +206,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_state        TEXT NOT NULL DEFAULT 'none',
     result_content_type TEXT,
     result_size         INTEGER,
+    comfy_execution_ms  INTEGER,
     idempotency_key     TEXT UNIQUE,
     request_fingerprint TEXT,
     version             INTEGER NOT NULL DEFAULT 1
@@ -215,7 +218,7 @@ CREATE INDEX IF NOT EXISTS jobs_lease_expiry ON jobs (lease_expires_at) WHERE st
 const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow, params, \
     input_content_type, input_size, input_width, input_height, input_present, created_at, started_at, \
     finished_at, attempts, lease_token, lease_owner, lease_expires_at, progress, error_message, \
-    result_state, result_content_type, result_size, version";
+    result_state, result_content_type, result_size, comfy_execution_ms, version";
 
 /// The job store. Cheap to clone; all clones share the connections.
 #[derive(Clone)]
@@ -270,10 +273,7 @@ impl Store {
 
     /// Runs `f` on a pooled read connection. Point reads take microseconds, so they run inline on
     /// the calling task: handing them to the blocking pool would cost more than the query.
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let conn = {
             let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
             pool.pop()
@@ -302,20 +302,16 @@ impl Store {
         self.write(move |tx| {
             if let Some((key, fingerprint)) = &job.idempotency {
                 let existing: Option<(String, String)> = tx
-                    .query_row(
-                        "SELECT id, request_fingerprint FROM jobs WHERE idempotency_key = ?1",
-                        [key],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    .query_row("SELECT id, request_fingerprint FROM jobs WHERE idempotency_key = ?1", [key], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .optional()?;
                 if let Some((id, stored)) = existing {
                     if &stored != fingerprint {
                         return Ok(InsertOutcome::KeyConflict);
                     }
                     let id = parse_id(&id)?;
-                    return Ok(InsertOutcome::Replayed(
-                        get_in(tx, id)?.ok_or(StoreError::NotFound)?,
-                    ));
+                    return Ok(InsertOutcome::Replayed(get_in(tx, id)?.ok_or(StoreError::NotFound)?));
                 }
             }
             let (key, fingerprint) = job.idempotency.clone().unzip();
@@ -340,9 +336,7 @@ impl Store {
                     fingerprint,
                 ],
             )?;
-            Ok(InsertOutcome::Created(
-                get_in(tx, job.id)?.ok_or(StoreError::NotFound)?,
-            ))
+            Ok(InsertOutcome::Created(get_in(tx, job.id)?.ok_or(StoreError::NotFound)?))
         })
         .await
     }
@@ -363,26 +357,19 @@ impl Store {
     }
 
     /// Jobs newest first, optionally of one status.
-    pub async fn list(
-        &self,
-        status: Option<JobStatus>,
-        limit: u32,
-    ) -> Result<Vec<JobRecord>, StoreError> {
+    pub async fn list(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
         self.read(|c| {
             let rows = match status {
                 Some(st) => {
                     let mut stmt = c.prepare_cached(&format!(
                         "SELECT {COLUMNS} FROM jobs WHERE status = ?1 ORDER BY seq DESC LIMIT ?2"
                     ))?;
-                    stmt.query_map(params![st.as_str(), limit], row_to_record)?
-                        .collect::<Result<Vec<_>, _>>()?
+                    stmt.query_map(params![st.as_str(), limit], row_to_record)?.collect::<Result<Vec<_>, _>>()?
                 }
                 None => {
-                    let mut stmt = c.prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
-                    ))?;
-                    stmt.query_map(params![limit], row_to_record)?
-                        .collect::<Result<Vec<_>, _>>()?
+                    let mut stmt =
+                        c.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"))?;
+                    stmt.query_map(params![limit], row_to_record)?.collect::<Result<Vec<_>, _>>()?
                 }
             };
             rows.into_iter().collect()
@@ -412,16 +399,10 @@ impl Store {
     }
 
     /// Leases the oldest queued job to `worker`, or returns `None` when the queue is empty.
-    pub async fn claim_next(
-        &self,
-        worker: String,
-        lease_ms: i64,
-    ) -> Result<Option<JobRecord>, StoreError> {
+    pub async fn claim_next(&self, worker: String, lease_ms: i64) -> Result<Option<JobRecord>, StoreError> {
         self.write(move |tx| {
             let seq: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1",
-                )?
+                .prepare_cached("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1")?
                 .query_row([], |r| r.get(0))
                 .optional()?;
             let Some(seq) = seq else { return Ok(None) };
@@ -431,13 +412,7 @@ impl Store {
                  lease_owner = ?2, lease_expires_at = ?3, started_at = ?4, finished_at = NULL, \
                  progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
             )?
-            .execute(params![
-                LeaseToken::new().as_str(),
-                worker,
-                now + lease_ms,
-                now,
-                seq
-            ])?;
+            .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq])?;
             get_by_seq(tx, seq)
         })
         .await
@@ -480,11 +455,7 @@ impl Store {
     }
 
     /// Checks that `token` is the current lease of a running job (before accepting bytes from it).
-    pub async fn check_lease(
-        &self,
-        id: JobId,
-        token: &LeaseToken,
-    ) -> Result<JobRecord, StoreError> {
+    pub async fn check_lease(&self, id: JobId, token: &LeaseToken) -> Result<JobRecord, StoreError> {
         let job = self.get(id).await?.ok_or(StoreError::NotFound)?;
         check_lease(&job, token)?;
         match job.status {
@@ -501,6 +472,7 @@ impl Store {
         id: JobId,
         token: LeaseToken,
         result: ResultInfo,
+        comfy_execution_ms: Option<u64>,
     ) -> Result<(JobRecord, bool), StoreError> {
         self.write(move |tx| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
@@ -516,12 +488,13 @@ impl Store {
             tx.execute(
                 "UPDATE jobs SET status = 'done', finished_at = ?1, lease_expires_at = NULL, \
                  result_state = 'present', result_content_type = ?2, result_size = ?3, progress = ?4, \
-                 error_message = NULL, version = version + 1 WHERE seq = ?5",
+                 error_message = NULL, comfy_execution_ms = ?5, version = version + 1 WHERE seq = ?6",
                 params![
                     now,
                     result.content_type,
                     result.size as i64,
                     serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    comfy_execution_ms.map(|v| v as i64),
                     job.seq
                 ],
             )?;
@@ -552,11 +525,8 @@ impl Store {
             if retryable && job.attempts < max_attempts {
                 requeue(tx, job.seq)?;
             } else {
-                let message = if retryable {
-                    format!("{message} (gave up after {} attempts)", job.attempts)
-                } else {
-                    message
-                };
+                let message =
+                    if retryable { format!("{message} (gave up after {} attempts)", job.attempts) } else { message };
                 finish_with_error(tx, job.seq, &message)?;
             }
             get_by_seq(tx, job.seq)?.ok_or(StoreError::NotFound)
@@ -606,9 +576,7 @@ impl Store {
         self.write(move |tx| {
             let now = Timestamp::now().millis();
             let expired: Vec<(i64, u32)> = tx
-                .prepare_cached(
-                    "SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1",
-                )?
+                .prepare_cached("SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1")?
                 .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             let mut changed = Vec::with_capacity(expired.len());
@@ -619,9 +587,7 @@ impl Store {
                     finish_with_error(
                         tx,
                         seq,
-                        &format!(
-                            "worker lost: its lease expired without a heartbeat on all {attempts} attempts"
-                        ),
+                        &format!("worker lost: its lease expired without a heartbeat on all {attempts} attempts"),
                     )?;
                 }
                 changed.extend(get_by_seq(tx, seq)?);
@@ -636,9 +602,7 @@ impl Store {
         self.write(move |tx| {
             let now = Timestamp::now().millis();
             let late: Vec<i64> = tx
-                .prepare_cached(
-                    "SELECT seq FROM jobs WHERE status = 'running' AND started_at < ?1",
-                )?
+                .prepare_cached("SELECT seq FROM jobs WHERE status = 'running' AND started_at < ?1")?
                 .query_map([now - timeout_ms], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             let mut changed = Vec::with_capacity(late.len());
@@ -646,10 +610,7 @@ impl Store {
                 finish_with_error(
                     tx,
                     seq,
-                    &format!(
-                        "timed out: the job ran longer than JOB_TIMEOUT ({} s)",
-                        timeout_ms / 1000
-                    ),
+                    &format!("timed out: the job ran longer than JOB_TIMEOUT ({} s)", timeout_ms / 1000),
                 )?;
                 changed.extend(get_by_seq(tx, seq)?);
             }
@@ -713,11 +674,7 @@ fn requeue(tx: &rusqlite::Transaction<'_>, seq: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn finish_with_error(
-    tx: &rusqlite::Transaction<'_>,
-    seq: i64,
-    message: &str,
-) -> Result<(), StoreError> {
+fn finish_with_error(tx: &rusqlite::Transaction<'_>, seq: i64, message: &str) -> Result<(), StoreError> {
     tx.prepare_cached(
         "UPDATE jobs SET status = 'error', error_message = ?1, finished_at = ?2, \
          lease_expires_at = NULL, version = version + 1 WHERE seq = ?3",
@@ -783,8 +740,7 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
         Ok(JobRecord {
             id: parse_id(&id)?,
             seq: r.get("seq")?,
-            status: JobStatus::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
+            status: JobStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status}")))?,
             prompt: r.get("prompt")?,
             negative_prompt: r.get("negative_prompt")?,
             seed: r.get::<_, Option<i64>>("seed")?.map(seed_from_sql),
@@ -805,9 +761,7 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
                 .map(|t| -> rusqlite::Result<LeaseState> {
                     Ok(LeaseState {
                         token: LeaseToken::from_string(t),
-                        owner: r
-                            .get::<_, Option<String>>("lease_owner")?
-                            .unwrap_or_default(),
+                        owner: r.get::<_, Option<String>>("lease_owner")?.unwrap_or_default(),
                         expires_at: ts(r.get("lease_expires_at")?),
                     })
                 })
@@ -815,6 +769,7 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
             progress,
             error_message: r.get("error_message")?,
             result,
+            comfy_execution_ms: r.get::<_, Option<i64>>("comfy_execution_ms")?.map(|v| v.max(0) as u64),
             version: r.get::<_, i64>("version")? as u64,
         })
     };

@@ -43,11 +43,7 @@ impl WorkerRegistry {
     /// Records a call from `worker`, holding `job` (or none).
     pub fn touch(&self, worker: &str, job: Option<JobId>) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = seen.entry(worker.to_owned()).or_insert(Seen {
-            last_seen: Instant::now(),
-            job: None,
-            waiting: 0,
-        });
+        let entry = seen.entry(worker.to_owned()).or_insert(Seen { last_seen: Instant::now(), job: None, waiting: 0 });
         entry.last_seen = Instant::now();
         entry.job = job;
     }
@@ -59,10 +55,7 @@ impl WorkerRegistry {
         if let Some(s) = seen.get_mut(worker) {
             s.waiting += 1;
         }
-        WaitingGuard {
-            registry: self,
-            worker: worker.to_owned(),
-        }
+        WaitingGuard { registry: self, worker: worker.to_owned() }
     }
 
     /// Forgets the job a worker held (it finished or failed it).
@@ -82,11 +75,7 @@ impl WorkerRegistry {
             .filter(|(_, s)| s.waiting > 0 || s.last_seen.elapsed() < CONNECTED_WINDOW)
             .map(|(id, s)| WorkerInfo {
                 id: id.clone(),
-                last_seen_ms_ago: if s.waiting > 0 {
-                    0
-                } else {
-                    s.last_seen.elapsed().as_millis() as u64
-                },
+                last_seen_ms_ago: if s.waiting > 0 { 0 } else { s.last_seen.elapsed().as_millis() as u64 },
                 job_id: s.job,
             })
             .collect();

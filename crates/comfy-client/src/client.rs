@@ -79,12 +79,7 @@ impl ImageUpload {
 
     /// Upload of a local file, streamed.
     pub fn from_file(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        Self {
-            name: name.into(),
-            subfolder: String::new(),
-            overwrite: false,
-            source: UploadSource::File(path.into()),
-        }
+        Self { name: name.into(), subfolder: String::new(), overwrite: false, source: UploadSource::File(path.into()) }
     }
 
     /// Sets the sub-directory.
@@ -154,11 +149,7 @@ impl std::fmt::Debug for ComfyClient {
 
 impl ComfyClient {
     /// Creates a client. Fails only if the HTTP stack cannot be initialised.
-    pub fn new(
-        endpoint: ComfyEndpoint,
-        client_id: ClientId,
-        timeouts: ComfyTimeouts,
-    ) -> Result<Self, ComfyError> {
+    pub fn new(endpoint: ComfyEndpoint, client_id: ClientId, timeouts: ComfyTimeouts) -> Result<Self, ComfyError> {
         let label = endpoint.to_string();
         let http = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
@@ -172,15 +163,7 @@ impl ComfyClient {
                 route: String::new(),
                 reason: crate::error::error_chain(&e),
             })?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                endpoint,
-                label,
-                client_id,
-                timeouts,
-                http,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { endpoint, label, client_id, timeouts, http }) })
     }
 
     /// The server.
@@ -215,9 +198,7 @@ impl ComfyClient {
             .file_name(upload.name.clone())
             .mime_str(mime)
             .map_err(|e| ComfyError::InvalidInput(format!("mime type {mime}: {e}")))?;
-        let mut form = reqwest::multipart::Form::new()
-            .part("image", part)
-            .text("type", "input");
+        let mut form = reqwest::multipart::Form::new().part("image", part).text("type", "input");
         if !subfolder.is_empty() {
             form = form.text("subfolder", subfolder);
         }
@@ -247,16 +228,10 @@ impl ComfyClient {
     /// A 400, or a 200 whose `node_errors` is non-empty, becomes [`ComfyError::Validation`]. In the
     /// 200 case ComfyUI has already queued the valid outputs; this method removes that prompt
     /// (queue delete + targeted interrupt) before returning, so nothing half-valid runs.
-    pub async fn queue_prompt(
-        &self,
-        graph: &Value,
-        prompt_id: &PromptId,
-    ) -> Result<QueuedPrompt, ComfyError> {
+    pub async fn queue_prompt(&self, graph: &Value, prompt_id: &PromptId) -> Result<QueuedPrompt, ComfyError> {
         const ROUTE: &str = "prompt";
         if graph.as_object().is_none_or(|g| g.is_empty()) {
-            return Err(ComfyError::InvalidInput(
-                "the graph must be a non-empty JSON object".to_owned(),
-            ));
+            return Err(ComfyError::InvalidInput("the graph must be a non-empty JSON object".to_owned()));
         }
         let body = json!({
             "prompt": graph,
@@ -268,16 +243,10 @@ impl ComfyClient {
         if status == StatusCode::BAD_REQUEST {
             let text = self.read_text(ROUTE, response).await?;
             let parsed = serde_json::from_str::<Value>(&text).ok();
-            return Err(
-                match parsed.and_then(|v| ValidationReport::from_body(400, &v)) {
-                    Some(report) => ComfyError::Validation(report),
-                    None => ComfyError::Status {
-                        route: ROUTE.to_owned(),
-                        status: 400,
-                        body: truncate(&text),
-                    },
-                },
-            );
+            return Err(match parsed.and_then(|v| ValidationReport::from_body(400, &v)) {
+                Some(report) => ComfyError::Validation(report),
+                None => ComfyError::Status { route: ROUTE.to_owned(), status: 400, body: truncate(&text) },
+            });
         }
         let response = self.check_status(ROUTE, response).await?;
         let body = self.read_json(ROUTE, response).await?;
@@ -302,14 +271,8 @@ impl ComfyClient {
                 reason: format!("server queued prompt {echoed:?} instead of {prompt_id}"),
             });
         }
-        let number = body
-            .get("number")
-            .and_then(Value::as_f64)
-            .unwrap_or_default();
-        Ok(QueuedPrompt {
-            prompt_id: prompt_id.clone(),
-            number,
-        })
+        let number = body.get("number").and_then(Value::as_f64).unwrap_or_default();
+        Ok(QueuedPrompt { prompt_id: prompt_id.clone(), number })
     }
 
     /// `GET /history/{id}`: `None` while the prompt is queued/running, or if unknown/evicted.
@@ -334,8 +297,7 @@ impl ComfyClient {
     /// `POST /queue {"delete": [id]}`: removes a pending prompt (no effect once it runs; unknown
     /// ids are ignored by ComfyUI).
     pub async fn delete_pending(&self, prompt_id: &PromptId) -> Result<(), ComfyError> {
-        self.post_ok("queue", &json!({ "delete": [prompt_id.as_str()] }))
-            .await
+        self.post_ok("queue", &json!({ "delete": [prompt_id.as_str()] })).await
     }
 
     /// `POST /interrupt {"prompt_id": id}`: stops the prompt only if it is the one running.
@@ -343,14 +305,12 @@ impl ComfyClient {
     /// There is deliberately no way to send a bare (global) interrupt: it would kill whatever runs,
     /// possibly someone else's prompt that started a moment ago.
     pub async fn interrupt(&self, prompt_id: &PromptId) -> Result<(), ComfyError> {
-        self.post_ok("interrupt", &json!({ "prompt_id": prompt_id.as_str() }))
-            .await
+        self.post_ok("interrupt", &json!({ "prompt_id": prompt_id.as_str() })).await
     }
 
     /// `POST /history {"delete": [id]}`: forgets a finished prompt.
     pub async fn delete_history(&self, prompt_id: &PromptId) -> Result<(), ComfyError> {
-        self.post_ok("history", &json!({ "delete": [prompt_id.as_str()] }))
-            .await
+        self.post_ok("history", &json!({ "delete": [prompt_id.as_str()] })).await
     }
 
     /// `GET /system_stats`: a cheap health and version probe.
@@ -378,49 +338,32 @@ impl ComfyClient {
     /// `GET /view`: streams an output file. A missing file is [`ComfyError::NotFound`].
     pub async fn download(&self, file: &OutputFile) -> Result<Download, ComfyError> {
         let route = format!("view?filename={}", file.filename);
-        let response = self
-            .send(&route, self.inner.http.get(self.view_url(file)))
-            .await?;
+        let response = self.send(&route, self.inner.http.get(self.view_url(file))).await?;
         if response.status() == StatusCode::NOT_FOUND {
             return Err(ComfyError::NotFound { route });
         }
         let response = self.check_status(&route, response).await?;
         let content_length = response.content_length();
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let content_type =
+            response.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let label = self.inner.label.clone();
         let body = response
             .bytes_stream()
             .map(move |chunk| chunk.map_err(|e| ComfyError::from_reqwest(&label, &route, e)))
             .boxed();
-        Ok(Download {
-            content_length,
-            content_type,
-            body,
-        })
+        Ok(Download { content_length, content_type, body })
     }
 
     async fn get_json(&self, route: &str) -> Result<Value, ComfyError> {
-        let request = self
-            .inner
-            .http
-            .get(self.inner.endpoint.http_url(route))
-            .timeout(self.inner.timeouts.request);
+        let request = self.inner.http.get(self.inner.endpoint.http_url(route)).timeout(self.inner.timeouts.request);
         let response = self.send(route, request).await?;
         let response = self.check_status(route, response).await?;
         self.read_json(route, response).await
     }
 
     async fn post_json(&self, route: &str, body: &Value) -> Result<Response, ComfyError> {
-        let request = self
-            .inner
-            .http
-            .post(self.inner.endpoint.http_url(route))
-            .json(body)
-            .timeout(self.inner.timeouts.request);
+        let request =
+            self.inner.http.post(self.inner.endpoint.http_url(route)).json(body).timeout(self.inner.timeouts.request);
         self.send(route, request).await
     }
 
@@ -430,15 +373,8 @@ impl ComfyClient {
         Ok(())
     }
 
-    async fn send(
-        &self,
-        route: &str,
-        request: reqwest::RequestBuilder,
-    ) -> Result<Response, ComfyError> {
-        request
-            .send()
-            .await
-            .map_err(|e| ComfyError::from_reqwest(&self.inner.label, route, e))
+    async fn send(&self, route: &str, request: reqwest::RequestBuilder) -> Result<Response, ComfyError> {
+        request.send().await.map_err(|e| ComfyError::from_reqwest(&self.inner.label, route, e))
     }
 
     async fn check_status(&self, route: &str, response: Response) -> Result<Response, ComfyError> {
@@ -447,18 +383,11 @@ impl ComfyClient {
             return Ok(response);
         }
         let body = response.text().await.unwrap_or_default();
-        Err(ComfyError::Status {
-            route: route.to_owned(),
-            status: status.as_u16(),
-            body: truncate(&body),
-        })
+        Err(ComfyError::Status { route: route.to_owned(), status: status.as_u16(), body: truncate(&body) })
     }
 
     async fn read_text(&self, route: &str, response: Response) -> Result<String, ComfyError> {
-        response
-            .text()
-            .await
-            .map_err(|e| ComfyError::from_reqwest(&self.inner.label, route, e))
+        response.text().await.map_err(|e| ComfyError::from_reqwest(&self.inner.label, route, e))
     }
 
     async fn read_json(&self, route: &str, response: Response) -> Result<Value, ComfyError> {
@@ -471,17 +400,11 @@ impl ComfyClient {
 }
 
 async fn file_part(path: &Path) -> Result<reqwest::multipart::Part, ComfyError> {
-    let source = |e| ComfyError::UploadSource {
-        path: path.display().to_string(),
-        source: e,
-    };
+    let source = |e| ComfyError::UploadSource { path: path.display().to_string(), source: e };
     let file = tokio::fs::File::open(path).await.map_err(source)?;
     let length = file.metadata().await.map_err(source)?.len();
     let stream = tokio_util::io::ReaderStream::new(file);
-    Ok(reqwest::multipart::Part::stream_with_length(
-        reqwest::Body::wrap_stream(stream),
-        length,
-    ))
+    Ok(reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), length))
 }
 
 fn validate_file_name(name: &str) -> Result<(), ComfyError> {
@@ -491,9 +414,7 @@ fn validate_file_name(name: &str) -> Result<(), ComfyError> {
         || name.contains(['/', '\\'])
         || name.chars().any(char::is_control);
     if bad {
-        return Err(ComfyError::InvalidInput(format!(
-            "upload name {name:?} must be a plain file name"
-        )));
+        return Err(ComfyError::InvalidInput(format!("upload name {name:?} must be a plain file name")));
     }
     Ok(())
 }
@@ -501,11 +422,10 @@ fn validate_file_name(name: &str) -> Result<(), ComfyError> {
 fn normalise_subfolder(subfolder: &str) -> Result<String, ComfyError> {
     let normalised = subfolder.replace('\\', "/");
     let normalised = normalised.trim_matches('/');
-    let bad = normalised
-        .split('/')
-        .any(|part| part == ".." || part == "." || (part.is_empty() && !normalised.is_empty()))
-        || normalised.chars().any(char::is_control)
-        || normalised.contains(':');
+    let bad =
+        normalised.split('/').any(|part| part == ".." || part == "." || (part.is_empty() && !normalised.is_empty()))
+            || normalised.chars().any(char::is_control)
+            || normalised.contains(':');
     if bad {
         return Err(ComfyError::InvalidInput(format!(
             "upload subfolder {subfolder:?} must be a relative path without '..'"
@@ -515,10 +435,7 @@ fn normalise_subfolder(subfolder: &str) -> Result<String, ComfyError> {
 }
 
 fn mime_for(name: &str) -> &'static str {
-    let ext = name
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
     match ext.as_str() {
         "png" => "image/png",
         "jpg" | "jpeg" => "image/jpeg",

@@ -31,27 +31,16 @@ impl ComfyEndpoint {
         if trimmed.is_empty() {
             return Err(EndpointError::Empty);
         }
-        let with_scheme = if trimmed.contains("://") {
-            trimmed.to_owned()
-        } else {
-            format!("http://{trimmed}")
-        };
-        let mut url = Url::parse(&with_scheme).map_err(|e| EndpointError::Invalid {
-            input: trimmed.to_owned(),
-            reason: e.to_string(),
-        })?;
-        let invalid = |reason: &str| EndpointError::Invalid {
-            input: trimmed.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let with_scheme = if trimmed.contains("://") { trimmed.to_owned() } else { format!("http://{trimmed}") };
+        let mut url = Url::parse(&with_scheme)
+            .map_err(|e| EndpointError::Invalid { input: trimmed.to_owned(), reason: e.to_string() })?;
+        let invalid = |reason: &str| EndpointError::Invalid { input: trimmed.to_owned(), reason: reason.to_owned() };
         match url.scheme() {
             "http" => {}
             // reqwest is built without TLS: ComfyUI is reached over plain http on the LAN, and an
             // https URL would otherwise only fail at the first request with an obscure error.
             "https" => {
-                return Err(invalid(
-                    "https is not supported; use http:// on a trusted network",
-                ));
+                return Err(invalid("https is not supported; use http:// on a trusted network"));
             }
             other => return Err(invalid(&format!("scheme {other:?} is not http"))),
         }
@@ -82,11 +71,7 @@ impl ComfyEndpoint {
             return Err(EndpointError::InvalidPort(port.to_string()));
         }
         // A bare IPv6 address must be bracketed inside a URL.
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
         Self::parse(&format!("http://{host}:{port}/"))
     }
 
@@ -118,8 +103,7 @@ impl ComfyEndpoint {
         // http → ws is always a valid scheme change for a special scheme; if it ever failed the
         // handshake would report it, so the result can be ignored.
         let _ = url.set_scheme("ws");
-        url.query_pairs_mut()
-            .append_pair("clientId", client_id.as_str());
+        url.query_pairs_mut().append_pair("clientId", client_id.as_str());
         url
     }
 }
@@ -193,12 +177,9 @@ impl ComfyEndpoints {
         }
         let host = non_blank(Self::HOST_VAR).unwrap_or_else(|| DEFAULT_HOST.to_owned());
         let port = match non_blank(Self::PORT_VAR) {
-            Some(text) => text
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|port| *port != 0)
-                .ok_or(EndpointError::InvalidPort(text))?,
+            Some(text) => {
+                text.trim().parse::<u16>().ok().filter(|port| *port != 0).ok_or(EndpointError::InvalidPort(text))?
+            }
             None => DEFAULT_PORT,
         };
         // A host given with a scheme (`http://gpu`) is a common mistake; accept it as a URL and

@@ -88,11 +88,7 @@ pub enum ComfyError {
 }
 
 fn body_suffix(body: &str) -> String {
-    if body.is_empty() {
-        String::new()
-    } else {
-        format!(": {body}")
-    }
+    if body.is_empty() { String::new() } else { format!(": {body}") }
 }
 
 impl ComfyError {
@@ -110,10 +106,7 @@ impl ComfyError {
     /// True for failures that may go away by retrying later (network trouble, 5xx).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Unreachable { .. }
-            | Self::Timeout { .. }
-            | Self::Transport { .. }
-            | Self::WebSocket { .. } => true,
+            Self::Unreachable { .. } | Self::Timeout { .. } | Self::Transport { .. } | Self::WebSocket { .. } => true,
             Self::Status { status, .. } => *status >= 500,
             _ => false,
         }
@@ -122,21 +115,11 @@ impl ComfyError {
     pub(crate) fn from_reqwest(endpoint: &str, route: &str, error: reqwest::Error) -> Self {
         let reason = error_chain(&error);
         if error.is_connect() {
-            Self::Unreachable {
-                endpoint: endpoint.to_owned(),
-                reason,
-            }
+            Self::Unreachable { endpoint: endpoint.to_owned(), reason }
         } else if error.is_timeout() {
-            Self::Timeout {
-                endpoint: endpoint.to_owned(),
-                route: route.to_owned(),
-            }
+            Self::Timeout { endpoint: endpoint.to_owned(), route: route.to_owned() }
         } else {
-            Self::Transport {
-                endpoint: endpoint.to_owned(),
-                route: route.to_owned(),
-                reason,
-            }
+            Self::Transport { endpoint: endpoint.to_owned(), route: route.to_owned(), reason }
         }
     }
 }
@@ -260,11 +243,7 @@ impl ValidationReport {
         // Some servers send `"error": "text"` instead of an object.
         let (error_type, message, details) = match error {
             Some(Value::String(message)) => (String::new(), message.clone(), String::new()),
-            Some(error) => (
-                text(Some(error), "type"),
-                text(Some(error), "message"),
-                text(Some(error), "details"),
-            ),
+            Some(error) => (text(Some(error), "type"), text(Some(error), "message"), text(Some(error), "details")),
             None => ("node_errors".to_owned(), String::new(), String::new()),
         };
         let mut nodes: Vec<NodeValidationErrors> = node_errors
@@ -276,11 +255,7 @@ impl ValidationReport {
                         dependent_outputs: node
                             .get("dependent_outputs")
                             .and_then(Value::as_array)
-                            .map(|ids| {
-                                ids.iter()
-                                    .filter_map(|id| id.as_str().map(str::to_owned))
-                                    .collect()
-                            })
+                            .map(|ids| ids.iter().filter_map(|id| id.as_str().map(str::to_owned)).collect())
                             .unwrap_or_default(),
                         errors: node
                             .get("errors")
@@ -310,34 +285,19 @@ impl ValidationReport {
             })
             .unwrap_or_default();
         nodes.sort_by(|a, b| natural_cmp(&a.node_id, &b.node_id));
-        Some(Self {
-            http_status,
-            error_type,
-            message,
-            details,
-            nodes,
-            partially_queued: false,
-        })
+        Some(Self { http_status, error_type, message, details, nodes, partially_queued: false })
     }
 
     /// One line per problem: `node <id> (<class>): <input>: <what>`.
     pub fn lines(&self) -> Vec<String> {
         let mut lines = Vec::new();
         for node in &self.nodes {
-            let class = if node.class_type.is_empty() {
-                "unknown class"
-            } else {
-                &node.class_type
-            };
+            let class = if node.class_type.is_empty() { "unknown class" } else { &node.class_type };
             if node.errors.is_empty() {
                 lines.push(format!("node {} ({class}): invalid", node.node_id));
             }
             for error in &node.errors {
-                lines.push(format!(
-                    "node {} ({class}): {}",
-                    node.node_id,
-                    error.describe()
-                ));
+                lines.push(format!("node {} ({class}): {}", node.node_id, error.describe()));
             }
         }
         if lines.is_empty() {

@@ -112,45 +112,30 @@ impl ComfyEvent {
             Self::ExecutionError(info) => info.prompt_id.as_deref(),
             Self::ExecutionInterrupted(info) => info.prompt_id.as_deref(),
             Self::Preview(preview) => preview.meta.as_ref().and_then(|m| m.prompt_id.as_deref()),
-            Self::Status { .. }
-            | Self::FeatureFlags(_)
-            | Self::ProgressText { .. }
-            | Self::Unknown { .. } => None,
+            Self::Status { .. } | Self::FeatureFlags(_) | Self::ProgressText { .. } | Self::Unknown { .. } => None,
         }
     }
 
     /// Parses a JSON text frame.
     pub fn from_text(text: &str) -> Result<Self, EventParseError> {
-        let envelope: Envelope =
-            serde_json::from_str(text).map_err(|e| EventParseError::Json(e.to_string()))?;
+        let envelope: Envelope = serde_json::from_str(text).map_err(|e| EventParseError::Json(e.to_string()))?;
         let Envelope { kind, data } = envelope;
-        let bad = |e: serde_json::Error| EventParseError::Data {
-            kind: kind.clone(),
-            reason: e.to_string(),
-        };
+        let bad = |e: serde_json::Error| EventParseError::Data { kind: kind.clone(), reason: e.to_string() };
         let event = match kind.as_str() {
             "status" => {
                 let d: StatusData = serde_json::from_value(data).map_err(bad)?;
                 Self::Status {
-                    queue_remaining: d
-                        .status
-                        .and_then(|s| s.exec_info)
-                        .and_then(|e| e.queue_remaining),
+                    queue_remaining: d.status.and_then(|s| s.exec_info).and_then(|e| e.queue_remaining),
                     sid: d.sid,
                 }
             }
             "execution_start" => {
                 let d: PromptOnly = serde_json::from_value(data).map_err(bad)?;
-                Self::ExecutionStart {
-                    prompt_id: d.prompt_id,
-                }
+                Self::ExecutionStart { prompt_id: d.prompt_id }
             }
             "execution_cached" => {
                 let d: CachedData = serde_json::from_value(data).map_err(bad)?;
-                Self::ExecutionCached {
-                    prompt_id: d.prompt_id,
-                    nodes: d.nodes.into_iter().map(id_string).collect(),
-                }
+                Self::ExecutionCached { prompt_id: d.prompt_id, nodes: d.nodes.into_iter().map(id_string).collect() }
             }
             "executing" => {
                 let d: ExecutingData = serde_json::from_value(data).map_err(bad)?;
@@ -171,31 +156,18 @@ impl ComfyEvent {
             }
             "progress_state" => {
                 let d: ProgressStateData = serde_json::from_value(data).map_err(bad)?;
-                Self::ProgressState {
-                    prompt_id: d.prompt_id,
-                    nodes: d.nodes,
-                }
+                Self::ProgressState { prompt_id: d.prompt_id, nodes: d.nodes }
             }
             "executed" => {
                 let d: ExecutedData = serde_json::from_value(data).map_err(bad)?;
-                Self::Executed {
-                    prompt_id: d.prompt_id,
-                    node: id_string(d.node),
-                    output: d.output,
-                }
+                Self::Executed { prompt_id: d.prompt_id, node: id_string(d.node), output: d.output }
             }
             "execution_success" => {
                 let d: PromptOnly = serde_json::from_value(data).map_err(bad)?;
-                Self::ExecutionSuccess {
-                    prompt_id: d.prompt_id,
-                }
+                Self::ExecutionSuccess { prompt_id: d.prompt_id }
             }
-            "execution_error" => {
-                Self::ExecutionError(ExecutionErrorInfo::from_value(&data).map_err(bad)?)
-            }
-            "execution_interrupted" => {
-                Self::ExecutionInterrupted(InterruptInfo::from_value(&data).map_err(bad)?)
-            }
+            "execution_error" => Self::ExecutionError(ExecutionErrorInfo::from_value(&data).map_err(bad)?),
+            "execution_interrupted" => Self::ExecutionInterrupted(InterruptInfo::from_value(&data).map_err(bad)?),
             "feature_flags" => match data {
                 Value::Object(map) => Self::FeatureFlags(map),
                 _ => Self::FeatureFlags(serde_json::Map::new()),
@@ -211,23 +183,17 @@ impl ComfyEvent {
         match kind {
             // [u32 1][u32 image_type: 1=JPEG 2=PNG][image]
             1 => {
-                let image_type =
-                    read_u32(frame, 4).ok_or(EventParseError::ShortBinary(frame.len()))?;
+                let image_type = read_u32(frame, 4).ok_or(EventParseError::ShortBinary(frame.len()))?;
                 let format = match image_type {
                     1 => PreviewFormat::Jpeg,
                     2 => PreviewFormat::Png,
                     other => PreviewFormat::Other(format!("image-type-{other}")),
                 };
-                Ok(Self::Preview(PreviewImage {
-                    format,
-                    meta: None,
-                    image: frame.slice(8..),
-                }))
+                Ok(Self::Preview(PreviewImage { format, meta: None, image: frame.slice(8..) }))
             }
             // [u32 3][u32 node_id_len][node_id][text]
             3 => {
-                let len =
-                    read_u32(frame, 4).ok_or(EventParseError::ShortBinary(frame.len()))? as usize;
+                let len = read_u32(frame, 4).ok_or(EventParseError::ShortBinary(frame.len()))? as usize;
                 let end = 8usize.checked_add(len).filter(|end| *end <= frame.len());
                 let end = end.ok_or(EventParseError::ShortBinary(frame.len()))?;
                 Ok(Self::ProgressText {
@@ -237,30 +203,20 @@ impl ComfyEvent {
             }
             // [u32 4][u32 meta_len][meta JSON][image]
             4 => {
-                let len =
-                    read_u32(frame, 4).ok_or(EventParseError::ShortBinary(frame.len()))? as usize;
+                let len = read_u32(frame, 4).ok_or(EventParseError::ShortBinary(frame.len()))? as usize;
                 let end = 8usize.checked_add(len).filter(|end| *end <= frame.len());
                 let end = end.ok_or(EventParseError::ShortBinary(frame.len()))?;
-                let meta: PreviewMeta =
-                    serde_json::from_slice(&frame[8..end]).map_err(|e| EventParseError::Data {
-                        kind: "binary:4".to_owned(),
-                        reason: e.to_string(),
-                    })?;
+                let meta: PreviewMeta = serde_json::from_slice(&frame[8..end])
+                    .map_err(|e| EventParseError::Data { kind: "binary:4".to_owned(), reason: e.to_string() })?;
                 let format = match meta.image_type.as_deref() {
                     Some("image/jpeg") => PreviewFormat::Jpeg,
                     Some("image/png") => PreviewFormat::Png,
                     Some(other) => PreviewFormat::Other(other.to_owned()),
                     None => PreviewFormat::Other("unknown".to_owned()),
                 };
-                Ok(Self::Preview(PreviewImage {
-                    format,
-                    meta: Some(meta),
-                    image: frame.slice(end..),
-                }))
+                Ok(Self::Preview(PreviewImage { format, meta: Some(meta), image: frame.slice(end..) }))
             }
-            other => Ok(Self::Unknown {
-                kind: format!("binary:{other}"),
-            }),
+            other => Ok(Self::Unknown { kind: format!("binary:{other}") }),
         }
     }
 }
@@ -303,10 +259,7 @@ impl ExecutionErrorInfo {
     pub fn from_value(data: &Value) -> Result<Self, serde_json::Error> {
         let raw: RawError = serde_json::from_value(data.clone())?;
         let traceback = match raw.traceback {
-            Value::Array(lines) => lines
-                .iter()
-                .filter_map(|l| l.as_str().map(str::to_owned))
-                .collect(),
+            Value::Array(lines) => lines.iter().filter_map(|l| l.as_str().map(str::to_owned)).collect(),
             Value::String(text) => vec![text],
             _ => Vec::new(),
         };
@@ -315,11 +268,7 @@ impl ExecutionErrorInfo {
             node_id: raw.node_id.and_then(opt_id_string),
             node_type: raw.node_type,
             exception_type: raw.exception_type.unwrap_or_default(),
-            exception_message: raw
-                .exception_message
-                .unwrap_or_default()
-                .trim_end()
-                .to_owned(),
+            exception_message: raw.exception_message.unwrap_or_default().trim_end().to_owned(),
             traceback,
             executed: raw.executed.into_iter().map(id_string).collect(),
         })
@@ -329,18 +278,11 @@ impl ExecutionErrorInfo {
     pub fn summary(&self) -> String {
         let node_type = self.node_type.as_deref().unwrap_or("unknown node");
         let node_id = self.node_id.as_deref().unwrap_or("?");
-        let exception = if self.exception_type.is_empty() {
-            "an error"
-        } else {
-            &self.exception_type
-        };
+        let exception = if self.exception_type.is_empty() { "an error" } else { &self.exception_type };
         if self.exception_message.is_empty() {
             format!("{node_type} (node {node_id}) raised {exception}")
         } else {
-            format!(
-                "{node_type} (node {node_id}) raised {exception}: {}",
-                self.exception_message
-            )
+            format!("{node_type} (node {node_id}) raised {exception}: {}", self.exception_message)
         }
     }
 }
@@ -462,9 +404,7 @@ fn opt_id_string(value: Value) -> Option<String> {
     }
 }
 
-fn de_opt_id<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<String>, D::Error> {
+fn de_opt_id<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
     Ok(Option::<Value>::deserialize(deserializer)?.and_then(opt_id_string))
 }
 

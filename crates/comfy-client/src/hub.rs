@@ -90,9 +90,7 @@ struct Shared {
 
 impl std::fmt::Debug for EventHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventHub")
-            .field("state", &*self.shared.state.borrow())
-            .finish()
+        f.debug_struct("EventHub").field("state", &*self.shared.state.borrow()).finish()
     }
 }
 
@@ -103,21 +101,10 @@ impl EventHub {
         let (sender, _) = broadcast::channel(options.capacity.max(16));
         let (state_tx, state) = watch::channel(HubState::default());
         let stop = CancellationToken::new();
-        let task = HubTask {
-            client: client.clone(),
-            options,
-            sender: sender.clone(),
-            state: state_tx,
-            stop: stop.clone(),
-        };
+        let task =
+            HubTask { client: client.clone(), options, sender: sender.clone(), state: state_tx, stop: stop.clone() };
         tokio::spawn(task.run());
-        Self {
-            shared: Arc::new(Shared {
-                sender,
-                state,
-                _stop: stop.drop_guard(),
-            }),
-        }
+        Self { shared: Arc::new(Shared { sender, state, _stop: stop.drop_guard() }) }
     }
 
     /// Subscribes to notices from now on.
@@ -138,9 +125,7 @@ impl EventHub {
     /// Waits until a socket is open, up to `timeout`; returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut state = self.shared.state.clone();
-        tokio::time::timeout(timeout, state.wait_for(|s| s.connected))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, state.wait_for(|s| s.connected)).await.is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -157,8 +142,7 @@ impl HubTask {
         let endpoint = self.client.endpoint().clone();
         let mut delay = self.options.reconnect_initial;
         loop {
-            let connecting =
-                ComfySocket::connect(&endpoint, self.client.client_id(), &self.options.socket);
+            let connecting = ComfySocket::connect(&endpoint, self.client.client_id(), &self.options.socket);
             let connected = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 result = connecting => result,
@@ -186,8 +170,7 @@ impl HubTask {
                 }
                 Err(error) => {
                     tracing::debug!(%endpoint, %error, "ComfyUI WebSocket connect failed");
-                    self.state
-                        .send_modify(|s| s.last_error = Some(error.to_string()));
+                    self.state.send_modify(|s| s.last_error = Some(error.to_string()));
                 }
             }
             tokio::select! {
@@ -201,10 +184,8 @@ impl HubTask {
     /// Forwards events until the connection ends; returns why, or `None` on shutdown.
     async fn pump(&self, mut socket: ComfySocket) -> Option<String> {
         let mut last_seen = Instant::now();
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + self.options.ping_interval,
-            self.options.ping_interval,
-        );
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + self.options.ping_interval, self.options.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {

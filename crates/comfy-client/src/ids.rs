@@ -27,9 +27,7 @@ impl PromptId {
 
     /// Parses a prompt id; accepts any UUID spelling and normalises it to lowercase hyphenated.
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
-        Uuid::parse_str(text.trim())
-            .map(Self::from_uuid)
-            .map_err(|_| InvalidId::PromptId(text.to_owned()))
+        Uuid::parse_str(text.trim()).map(Self::from_uuid).map_err(|_| InvalidId::PromptId(text.to_owned()))
     }
 
     /// The wire form (lowercase hyphenated UUID).
@@ -103,14 +101,8 @@ impl ClientId {
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
         let ok = !text.is_empty()
             && text.len() <= Self::MAX_LEN
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'));
-        if ok {
-            Ok(Self(text.to_owned()))
-        } else {
-            Err(InvalidId::ClientId(text.to_owned()))
-        }
+            && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'));
+        if ok { Ok(Self(text.to_owned())) } else { Err(InvalidId::ClientId(text.to_owned())) }
     }
 
     /// The wire form.

@@ -26,18 +26,16 @@ pub use client::{ComfyClient, ComfyTimeouts, Download, ImageUpload, UploadSource
 pub use endpoint::{ComfyEndpoint, ComfyEndpoints, DEFAULT_HOST, DEFAULT_PORT, EndpointError};
 pub use error::{ComfyError, InputValidationError, NodeValidationErrors, ValidationReport};
 pub use events::{
-    ComfyEvent, EventParseError, ExecutionErrorInfo, InterruptInfo, NodeProgress, PreviewFormat,
-    PreviewImage, PreviewMeta,
+    ComfyEvent, EventParseError, ExecutionErrorInfo, InterruptInfo, NodeProgress, PreviewFormat, PreviewImage,
+    PreviewMeta,
 };
 pub use hub::{EventHub, HubNotice, HubOptions, HubState};
 pub use ids::{ClientId, InvalidId, PromptId};
 pub use outputs::{FolderType, MediaKind, NodeOutput, OutputFile, collect_outputs, pick_primary};
 pub use progress::{ProgressTracker, RunProgress};
 pub use responses::{
-    DeviceStats, HistoryEntry, HistoryOutcome, HistoryStatus, QueueItem, QueuePosition, QueueState,
-    QueuedPrompt, SystemStats, UploadedImage,
+    DeviceStats, HistoryEntry, HistoryOutcome, HistoryStatus, QueueItem, QueuePosition, QueueState, QueuedPrompt,
+    SystemStats, UploadedImage,
 };
-pub use run::{
-    ExpectedOutputs, PromptRun, PromptRunner, RunConfig, RunFailure, RunFailureKind, RunUpdate,
-};
+pub use run::{ExpectedOutputs, PromptRun, PromptRunner, RunConfig, RunFailure, RunFailureKind, RunUpdate};
 pub use socket::{ComfySocket, SocketOptions};

@@ -163,10 +163,7 @@ where
 /// Picks the file to hand back as "the result": a video first (mp4 > webm/mov/mkv > gif/animated
 /// webp/APNG > still image > audio > other), saved outputs before temp previews, and files of
 /// `hint_node` (the workflow's declared output node) before all others when it has any.
-pub fn pick_primary<'a>(
-    outputs: &'a [OutputFile],
-    hint_node: Option<&str>,
-) -> Option<&'a OutputFile> {
+pub fn pick_primary<'a>(outputs: &'a [OutputFile], hint_node: Option<&str>) -> Option<&'a OutputFile> {
     outputs
         .iter()
         .enumerate()
@@ -203,14 +200,9 @@ fn push_node_files(node_id: &str, output: &NodeOutput, files: &mut Vec<OutputFil
             if filename.is_empty() {
                 continue;
             }
-            let subfolder = file
-                .get("subfolder")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let kind = file
-                .get("type")
-                .and_then(Value::as_str)
-                .map_or(FolderType::Output, |t| FolderType::from(t.to_owned()));
+            let subfolder = file.get("subfolder").and_then(Value::as_str).unwrap_or_default();
+            let kind =
+                file.get("type").and_then(Value::as_str).map_or(FolderType::Output, |t| FolderType::from(t.to_owned()));
             let vhs_format = file.get("format").and_then(Value::as_str);
             let is_animated = match &animated {
                 Animated::Each(flags) => flags.get(index).copied().unwrap_or(false),
@@ -239,12 +231,8 @@ enum Animated {
 
 fn animated_flags(value: Option<&Value>) -> Animated {
     match value {
-        Some(Value::Array(flags)) if flags.len() == 1 => {
-            Animated::All(flags[0].as_bool().unwrap_or(false))
-        }
-        Some(Value::Array(flags)) => {
-            Animated::Each(flags.iter().map(|f| f.as_bool().unwrap_or(false)).collect())
-        }
+        Some(Value::Array(flags)) if flags.len() == 1 => Animated::All(flags[0].as_bool().unwrap_or(false)),
+        Some(Value::Array(flags)) => Animated::Each(flags.iter().map(|f| f.as_bool().unwrap_or(false)).collect()),
         Some(Value::Bool(flag)) => Animated::All(*flag),
         _ => Animated::All(false),
     }
@@ -252,16 +240,8 @@ fn animated_flags(value: Option<&Value>) -> Animated {
 
 /// Classifies one file. The extension decides; VHS's `format` (`video/h264-mp4`, `image/gif`)
 /// only fills in when the extension is unknown, and the key is the last resort.
-fn classify(
-    filename: &str,
-    vhs_format: Option<&str>,
-    key: &str,
-    animated: bool,
-) -> (MediaKind, String) {
-    let ext = filename
-        .rsplit_once('.')
-        .map(|(_, ext)| ext.to_ascii_lowercase())
-        .unwrap_or_default();
+fn classify(filename: &str, vhs_format: Option<&str>, key: &str, animated: bool) -> (MediaKind, String) {
+    let ext = filename.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase()).unwrap_or_default();
     let by_ext = match ext.as_str() {
         "mp4" | "m4v" => Some((MediaKind::Video, "mp4")),
         "webm" => Some((MediaKind::Video, "webm")),
@@ -314,11 +294,7 @@ fn classify(
         "images" => MediaKind::Image,
         _ => MediaKind::Other,
     };
-    let format = if ext.is_empty() {
-        "unknown".to_owned()
-    } else {
-        ext
-    };
+    let format = if ext.is_empty() { "unknown".to_owned() } else { ext };
     (media, format)
 }
 

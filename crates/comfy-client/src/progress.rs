@@ -45,10 +45,7 @@ impl ProgressTracker {
         let mut class_types = BTreeMap::new();
         if let Some(nodes) = graph.as_object() {
             for (id, node) in nodes {
-                let class_type = node
-                    .get("class_type")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
+                let class_type = node.get("class_type").and_then(Value::as_str).unwrap_or_default();
                 weights.insert(id.clone(), node_weight(class_type));
                 class_types.insert(id.clone(), class_type.to_owned());
             }
@@ -67,10 +64,7 @@ impl ProgressTracker {
 
     /// The class type of a node of the graph.
     pub fn class_type(&self, node: &str) -> Option<&str> {
-        self.class_types
-            .get(node)
-            .map(String::as_str)
-            .filter(|c| !c.is_empty())
+        self.class_types.get(node).map(String::as_str).filter(|c| !c.is_empty())
     }
 
     /// Applies one event; returns true when the snapshot changed.
@@ -78,26 +72,21 @@ impl ProgressTracker {
         let before = self.snapshot();
         match event {
             ComfyEvent::ExecutionCached { nodes, .. } => self.cached.extend(nodes.iter().cloned()),
-            ComfyEvent::Executing {
-                node: Some(node), ..
-            } => self.start_node(node),
+            ComfyEvent::Executing { node: Some(node), .. } => self.start_node(node),
             ComfyEvent::Executing { node: None, .. } => {
                 if let Some(current) = self.current.take() {
                     self.done.insert(current);
                 }
                 self.step = None;
             }
-            ComfyEvent::Progress {
-                node, value, max, ..
-            } => {
+            ComfyEvent::Progress { node, value, max, .. } => {
                 if let Some(node) = node
                     && self.current.as_deref() != Some(node)
                 {
                     self.start_node(node);
                 }
                 if *max > 0.0 {
-                    self.current_fraction =
-                        self.current_fraction.max((value / max).clamp(0.0, 1.0));
+                    self.current_fraction = self.current_fraction.max((value / max).clamp(0.0, 1.0));
                     self.step = Some((*value, *max));
                 }
             }
@@ -108,9 +97,8 @@ impl ProgressTracker {
                             self.done.insert(id.clone());
                         }
                         "running" if self.current.as_deref() == Some(id) && state.max > 0.0 => {
-                            self.current_fraction = self
-                                .current_fraction
-                                .max((state.value / state.max).clamp(0.0, 1.0));
+                            self.current_fraction =
+                                self.current_fraction.max((state.value / state.max).clamp(0.0, 1.0));
                         }
                         _ => {}
                     }
@@ -141,11 +129,7 @@ impl ProgressTracker {
             step,
             max,
             node: self.current.clone(),
-            node_type: self
-                .current
-                .as_deref()
-                .and_then(|n| self.class_type(n))
-                .map(str::to_owned),
+            node_type: self.current.as_deref().and_then(|n| self.class_type(n)).map(str::to_owned),
         }
     }
 
@@ -169,12 +153,7 @@ impl ProgressTracker {
     }
 
     fn raw_fraction(&self) -> f64 {
-        let total: f64 = self
-            .weights
-            .iter()
-            .filter(|(id, _)| !self.cached.contains(*id))
-            .map(|(_, w)| w)
-            .sum();
+        let total: f64 = self.weights.iter().filter(|(id, _)| !self.cached.contains(*id)).map(|(_, w)| w).sum();
         if total <= 0.0 {
             return 0.0;
         }
@@ -201,19 +180,12 @@ fn node_weight(class_type: &str) -> f64 {
         "KSampler" | "KSamplerAdvanced" | "SamplerCustom" | "SamplerCustomAdvanced" => 12.0,
         c if c.starts_with("KSampler") && c != "KSamplerSelect" => 12.0,
         "VAEDecode" | "VAEDecodeTiled" | "VAEEncode" | "VAEEncodeTiled" => 3.0,
-        "CheckpointLoaderSimple" | "CLIPLoader" | "DualCLIPLoader" | "UNETLoader" | "VAELoader" => {
-            2.0
-        }
-        "CreateVideo" | "SaveVideo" | "SaveWEBM" | "SaveAnimatedWEBP" | "SaveAnimatedPNG"
-        | "VHS_VideoCombine" => 2.0,
+        "CheckpointLoaderSimple" | "CLIPLoader" | "DualCLIPLoader" | "UNETLoader" | "VAELoader" => 2.0,
+        "CreateVideo" | "SaveVideo" | "SaveWEBM" | "SaveAnimatedWEBP" | "SaveAnimatedPNG" | "VHS_VideoCombine" => 2.0,
         _ => 1.0,
     }
 }
 
 fn to_u32(value: f64) -> u32 {
-    if value.is_finite() && value > 0.0 {
-        value.round().min(f64::from(u32::MAX)) as u32
-    } else {
-        0
-    }
+    if value.is_finite() && value > 0.0 { value.round().min(f64::from(u32::MAX)) as u32 } else { 0 }
 }

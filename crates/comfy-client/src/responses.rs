@@ -69,15 +69,8 @@ impl HistoryEntry {
         };
         let status = match entry.get("status") {
             Some(Value::Object(status)) => HistoryStatus {
-                status_str: status
-                    .get("status_str")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-                completed: status
-                    .get("completed")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
+                status_str: status.get("status_str").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                completed: status.get("completed").and_then(Value::as_bool).unwrap_or(false),
                 messages: status
                     .get("messages")
                     .and_then(Value::as_array)
@@ -100,29 +93,18 @@ impl HistoryEntry {
             .and_then(Value::as_array)
             .and_then(|tuple| tuple.get(4))
             .and_then(Value::as_array)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| id.as_str().map(str::to_owned))
-                    .collect()
-            })
+            .map(|ids| ids.iter().filter_map(|id| id.as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
-        Some(Self {
-            prompt_id: prompt_id.to_owned(),
-            outputs,
-            status,
-            output_node_ids,
-        })
+        Some(Self { prompt_id: prompt_id.to_owned(), outputs, status, output_node_ids })
     }
 
     /// Extracts the entry for `prompt_id` from a `GET /history/{id}` body; `{}` means "not
     /// finished (or unknown)" and gives `None`.
     pub fn from_response(prompt_id: &str, body: &Value) -> Option<Self> {
         let map = body.as_object()?;
-        let entry = map.get(prompt_id).or_else(|| {
-            map.iter()
-                .find(|(key, _)| key.eq_ignore_ascii_case(prompt_id))
-                .map(|(_, value)| value)
-        })?;
+        let entry = map
+            .get(prompt_id)
+            .or_else(|| map.iter().find(|(key, _)| key.eq_ignore_ascii_case(prompt_id)).map(|(_, value)| value))?;
         Self::from_value(prompt_id, entry)
     }
 
@@ -133,14 +115,10 @@ impl HistoryEntry {
             match kind.as_str() {
                 "execution_success" => return HistoryOutcome::Success,
                 "execution_error" => {
-                    return HistoryOutcome::Error(
-                        ExecutionErrorInfo::from_value(payload).unwrap_or_default(),
-                    );
+                    return HistoryOutcome::Error(ExecutionErrorInfo::from_value(payload).unwrap_or_default());
                 }
                 "execution_interrupted" => {
-                    return HistoryOutcome::Interrupted(
-                        InterruptInfo::from_value(payload).unwrap_or_default(),
-                    );
+                    return HistoryOutcome::Interrupted(InterruptInfo::from_value(payload).unwrap_or_default());
                 }
                 _ => {}
             }
@@ -148,9 +126,7 @@ impl HistoryEntry {
         if self.status.status_str == "success" && self.status.completed {
             HistoryOutcome::Success
         } else {
-            HistoryOutcome::Unknown {
-                status_str: self.status.status_str.clone(),
-            }
+            HistoryOutcome::Unknown { status_str: self.status.status_str.clone() }
         }
     }
 
@@ -166,13 +142,25 @@ impl HistoryEntry {
             .collect()
     }
 
+    /// ComfyUI's execution time: from the `execution_start` to the terminal message's timestamp.
+    pub fn execution_time(&self) -> Option<std::time::Duration> {
+        let stamp = |kind: &str| {
+            self.status
+                .messages
+                .iter()
+                .find(|(k, _)| k == kind)
+                .and_then(|(_, payload)| payload.get("timestamp")?.as_u64())
+        };
+        let start = stamp("execution_start")?;
+        let end = stamp("execution_success")
+            .or_else(|| stamp("execution_error"))
+            .or_else(|| stamp("execution_interrupted"))?;
+        Some(std::time::Duration::from_millis(end.saturating_sub(start)))
+    }
+
     /// Every output file of the prompt, classified.
     pub fn output_files(&self) -> Vec<OutputFile> {
-        collect_outputs(
-            self.outputs
-                .iter()
-                .map(|(node, output)| (node.as_str(), output)),
-        )
+        collect_outputs(self.outputs.iter().map(|(node, output)| (node.as_str(), output)))
     }
 }
 
@@ -228,21 +216,13 @@ impl QueueState {
         };
         let running = items("queue_running");
         let mut pending = items("queue_pending");
-        pending.sort_by(|a, b| {
-            a.number
-                .total_cmp(&b.number)
-                .then_with(|| a.prompt_id.cmp(&b.prompt_id))
-        });
+        pending.sort_by(|a, b| a.number.total_cmp(&b.number).then_with(|| a.prompt_id.cmp(&b.prompt_id)));
         Self { running, pending }
     }
 
     /// Where `prompt_id` is, or `None` if it is neither running nor pending.
     pub fn position(&self, prompt_id: &PromptId) -> Option<QueuePosition> {
-        if self
-            .running
-            .iter()
-            .any(|item| prompt_id.matches(&item.prompt_id))
-        {
+        if self.running.iter().any(|item| prompt_id.matches(&item.prompt_id)) {
             return Some(QueuePosition::Running);
         }
         self.pending
@@ -292,11 +272,7 @@ impl UploadedImage {
     /// The value for `LoadImage.inputs.image`: `subfolder/name` (or just `name`).
     pub fn load_image_ref(&self) -> String {
         let subfolder = self.subfolder.trim_matches('/');
-        let reference = if subfolder.is_empty() {
-            self.name.clone()
-        } else {
-            format!("{subfolder}/{}", self.name)
-        };
+        let reference = if subfolder.is_empty() { self.name.clone() } else { format!("{subfolder}/{}", self.name) };
         match self.kind {
             FolderType::Input => reference,
             // LoadImage reads input/ unless the name carries a folder annotation.
@@ -333,12 +309,7 @@ impl SystemStats {
     /// Parses a `/system_stats` body leniently.
     pub fn from_value(body: &Value) -> Self {
         let system = body.get("system");
-        let text = |key: &str| {
-            system
-                .and_then(|s| s.get(key))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        };
+        let text = |key: &str| system.and_then(|s| s.get(key)).and_then(Value::as_str).map(str::to_owned);
         let devices = body
             .get("devices")
             .and_then(Value::as_array)
@@ -346,26 +317,14 @@ impl SystemStats {
                 devices
                     .iter()
                     .map(|d| DeviceStats {
-                        name: d
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_owned(),
-                        kind: d
-                            .get("type")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_owned(),
+                        name: d.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                        kind: d.get("type").and_then(Value::as_str).unwrap_or_default().to_owned(),
                         vram_total: d.get("vram_total").and_then(Value::as_u64),
                         vram_free: d.get("vram_free").and_then(Value::as_u64),
                     })
                     .collect()
             })
             .unwrap_or_default();
-        Self {
-            comfyui_version: text("comfyui_version"),
-            os: text("os"),
-            devices,
-        }
+        Self { comfyui_version: text("comfyui_version"), os: text("os"), devices }
     }
 }

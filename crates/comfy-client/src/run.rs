@@ -112,6 +112,8 @@ pub enum RunUpdate {
     Finished {
         /// All output files, in node order.
         outputs: Vec<OutputFile>,
+        /// ComfyUI's own execution time (`execution_start` to `execution_success` in history).
+        execution_time: Option<Duration>,
     },
     /// The run failed.
     Failed(RunFailure),
@@ -190,14 +192,7 @@ pub struct RunFailure {
 impl RunFailure {
     /// A failure with only a kind and message.
     pub fn new(kind: RunFailureKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            node_id: None,
-            node_type: None,
-            exception_type: None,
-            validation: None,
-        }
+        Self { kind, message: message.into(), node_id: None, node_type: None, exception_type: None, validation: None }
     }
 }
 
@@ -224,11 +219,7 @@ impl PromptRunner {
     /// Creates the runner and starts its event socket (needs a tokio runtime).
     pub fn new(client: ComfyClient, config: RunConfig) -> Self {
         let hub = EventHub::spawn(&client, config.hub.clone());
-        Self {
-            client,
-            hub,
-            config: Arc::new(config),
-        }
+        Self { client, hub, config: Arc::new(config) }
     }
 
     /// The HTTP client.
@@ -249,33 +240,17 @@ impl PromptRunner {
     /// Submits `graph` as `prompt_id` and supervises it until a terminal update. Cancelling
     /// `cancel` removes the prompt from ComfyUI (delete if pending, targeted interrupt if
     /// running) and ends the run with `Failed(Interrupted)`.
-    pub fn run_prompt(
-        &self,
-        graph: Value,
-        prompt_id: PromptId,
-        cancel: CancellationToken,
-    ) -> PromptRun {
+    pub fn run_prompt(&self, graph: Value, prompt_id: PromptId, cancel: CancellationToken) -> PromptRun {
         self.start(prompt_id, graph, true, cancel)
     }
 
     /// Supervises a prompt that is already queued (e.g. found again after a worker restart),
     /// without submitting anything. `graph` only improves progress reporting.
-    pub fn attach(
-        &self,
-        prompt_id: PromptId,
-        graph: Option<Value>,
-        cancel: CancellationToken,
-    ) -> PromptRun {
+    pub fn attach(&self, prompt_id: PromptId, graph: Option<Value>, cancel: CancellationToken) -> PromptRun {
         self.start(prompt_id, graph.unwrap_or(Value::Null), false, cancel)
     }
 
-    fn start(
-        &self,
-        prompt_id: PromptId,
-        graph: Value,
-        submit: bool,
-        cancel: CancellationToken,
-    ) -> PromptRun {
+    fn start(&self, prompt_id: PromptId, graph: Value, submit: bool, cancel: CancellationToken) -> PromptRun {
         let (tx, rx) = mpsc::channel(64);
         // Subscribe before anything is posted so no event of this prompt can be missed.
         let notices = self.hub.subscribe();
@@ -293,13 +268,10 @@ impl PromptRunner {
             last_ok_poll: Instant::now(),
             last_activity: Instant::now(),
             queued_since: Instant::now(),
+            execution_time: None,
         };
         let task = tokio::spawn(supervisor.run(notices, submit));
-        PromptRun {
-            prompt_id,
-            rx,
-            task,
-        }
+        PromptRun { prompt_id, rx, task }
     }
 }
 
@@ -329,15 +301,12 @@ impl PromptRun {
     pub async fn finish(mut self) -> Result<Vec<OutputFile>, RunFailure> {
         while let Some(update) = self.rx.recv().await {
             match update {
-                RunUpdate::Finished { outputs } => return Ok(outputs),
+                RunUpdate::Finished { outputs, .. } => return Ok(outputs),
                 RunUpdate::Failed(failure) => return Err(failure),
                 _ => {}
             }
         }
-        Err(RunFailure::new(
-            RunFailureKind::Protocol,
-            "prompt supervision ended without an outcome",
-        ))
+        Err(RunFailure::new(RunFailureKind::Protocol, "prompt supervision ended without an outcome"))
     }
 }
 
@@ -377,6 +346,7 @@ struct Supervisor {
     last_ok_poll: Instant,
     last_activity: Instant,
     queued_since: Instant,
+    execution_time: Option<Duration>,
 }
 
 impl Supervisor {
@@ -402,7 +372,7 @@ impl Supervisor {
                 self.tracker.complete();
                 let snapshot = self.tracker.take_snapshot();
                 self.emit(RunUpdate::Progress(snapshot)).await;
-                RunUpdate::Finished { outputs }
+                RunUpdate::Finished { outputs, execution_time: self.execution_time }
             }
             Err(failure) => RunUpdate::Failed(failure),
         };
@@ -412,10 +382,7 @@ impl Supervisor {
     /// Posts the prompt, retrying while ComfyUI is unreachable within the start budget.
     async fn submit(&mut self, deadline: Instant) -> Result<(), RunFailure> {
         let budget_end = (Instant::now() + self.config.start_budget).min(deadline);
-        let socket_wait = self
-            .config
-            .socket_wait
-            .min(budget_end.saturating_duration_since(Instant::now()));
+        let socket_wait = self.config.socket_wait.min(budget_end.saturating_duration_since(Instant::now()));
         tokio::select! {
             _ = self.cancel.cancelled() => {
                 return Err(RunFailure::new(RunFailureKind::Interrupted, "cancelled before submission"));
@@ -442,8 +409,7 @@ impl Supervisor {
                     return Ok(());
                 }
                 Err(ComfyError::Validation(report)) => {
-                    let mut failure =
-                        RunFailure::new(RunFailureKind::Validation, report.to_string());
+                    let mut failure = RunFailure::new(RunFailureKind::Validation, report.to_string());
                     if let [node] = report.nodes.as_slice() {
                         failure.node_id = Some(node.node_id.clone());
                         failure.node_type = Some(node.class_type.clone()).filter(|c| !c.is_empty());
@@ -451,15 +417,8 @@ impl Supervisor {
                     failure.validation = Some(Box::new(report));
                     return Err(failure);
                 }
-                Err(
-                    error @ ComfyError::Status {
-                        status: 400..=499, ..
-                    },
-                ) => {
-                    return Err(RunFailure::new(
-                        RunFailureKind::Validation,
-                        error.to_string(),
-                    ));
+                Err(error @ ComfyError::Status { status: 400..=499, .. }) => {
+                    return Err(RunFailure::new(RunFailureKind::Validation, error.to_string()));
                 }
                 Err(error) if error.is_transient() => error,
                 Err(error) => {
@@ -493,11 +452,7 @@ impl Supervisor {
         matches!(self.client.queue().await, Ok(queue) if queue.position(&self.prompt_id).is_some())
     }
 
-    async fn supervise(
-        &mut self,
-        notices: &mut broadcast::Receiver<HubNotice>,
-        deadline: Instant,
-    ) -> Outcome {
+    async fn supervise(&mut self, notices: &mut broadcast::Receiver<HubNotice>, deadline: Instant) -> Outcome {
         let mut poll_timer = tokio::time::interval(self.config.poll_interval);
         poll_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut notices_open = true;
@@ -506,9 +461,7 @@ impl Supervisor {
             let stall_at = (self.phase == Phase::Running && self.hub.state().connected)
                 .then(|| self.last_activity + self.config.stall_timeout);
             let queue_limit_at = match (self.phase, self.config.queue_timeout) {
-                (Phase::Pending(_) | Phase::Unknown, Some(limit)) => {
-                    Some(self.queued_since + limit)
-                }
+                (Phase::Pending(_) | Phase::Unknown, Some(limit)) => Some(self.queued_since + limit),
                 _ => None,
             };
             let mut poll_now = false;
@@ -602,7 +555,10 @@ impl Supervisor {
     /// One round of the source of truth: history first, then the queue.
     async fn poll(&mut self) -> Option<Outcome> {
         match self.client.history(&self.prompt_id).await {
-            Ok(Some(entry)) => return Some(self.conclude(&entry)),
+            Ok(Some(entry)) => {
+                self.execution_time = entry.execution_time();
+                return Some(self.conclude(&entry));
+            }
             Ok(None) => {}
             Err(error) => return self.poll_failed(error),
         }
@@ -627,7 +583,10 @@ impl Supervisor {
             None => {
                 // It may have finished between the two requests.
                 match self.client.history(&self.prompt_id).await {
-                    Ok(Some(entry)) => return Some(self.conclude(&entry)),
+                    Ok(Some(entry)) => {
+                        self.execution_time = entry.execution_time();
+                        return Some(self.conclude(&entry));
+                    }
                     Ok(None) => {}
                     Err(error) => return self.poll_failed(error),
                 }
@@ -689,8 +648,7 @@ impl Supervisor {
                             );
                             if let [node] = missing.as_slice() {
                                 failure.node_id = Some((*node).to_owned());
-                                failure.node_type =
-                                    self.tracker.class_type(node).map(str::to_owned);
+                                failure.node_type = self.tracker.class_type(node).map(str::to_owned);
                             }
                             Err(failure)
                         }
@@ -698,12 +656,10 @@ impl Supervisor {
                 }
             }
             HistoryOutcome::Error(info) => {
-                let node_type = info.node_type.clone().or_else(|| {
-                    info.node_id
-                        .as_deref()
-                        .and_then(|n| self.tracker.class_type(n))
-                        .map(str::to_owned)
-                });
+                let node_type = info
+                    .node_type
+                    .clone()
+                    .or_else(|| info.node_id.as_deref().and_then(|n| self.tracker.class_type(n)).map(str::to_owned));
                 Err(RunFailure {
                     kind: RunFailureKind::Execution,
                     message: info.summary(),
@@ -729,9 +685,7 @@ impl Supervisor {
             }
             HistoryOutcome::Unknown { status_str } => Err(RunFailure::new(
                 RunFailureKind::Execution,
-                format!(
-                    "ComfyUI ended the prompt with status {status_str:?} and no result message"
-                ),
+                format!("ComfyUI ended the prompt with status {status_str:?} and no result message"),
             )),
         }
     }
@@ -765,12 +719,7 @@ impl Supervisor {
             if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
                 return;
             }
-            match self
-                .client
-                .queue()
-                .await
-                .map(|q| q.position(&self.prompt_id))
-            {
+            match self.client.queue().await.map(|q| q.position(&self.prompt_id)) {
                 Ok(None) => return,
                 Ok(Some(QueuePosition::Running)) => {
                     let _ = self.client.interrupt(&self.prompt_id).await;

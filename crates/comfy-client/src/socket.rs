@@ -35,10 +35,7 @@ pub struct SocketOptions {
 
 impl Default for SocketOptions {
     fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            preview_metadata: true,
-        }
+        Self { connect_timeout: Duration::from_secs(5), preview_metadata: true }
     }
 }
 
@@ -50,9 +47,7 @@ pub struct ComfySocket {
 
 impl std::fmt::Debug for ComfySocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ComfySocket")
-            .field("endpoint", &self.label)
-            .finish_non_exhaustive()
+        f.debug_struct("ComfySocket").field("endpoint", &self.label).finish_non_exhaustive()
     }
 }
 
@@ -77,24 +72,14 @@ impl ComfySocket {
                 use tokio_tungstenite::tungstenite::Error;
                 match e {
                     // Connection refused and friends: the server is not there.
-                    Error::Io(io) => ComfyError::Unreachable {
-                        endpoint: label.clone(),
-                        reason: io.to_string(),
-                    },
-                    other => ComfyError::WebSocket {
-                        endpoint: label.clone(),
-                        reason: error_chain(&other),
-                    },
+                    Error::Io(io) => ComfyError::Unreachable { endpoint: label.clone(), reason: io.to_string() },
+                    other => ComfyError::WebSocket { endpoint: label.clone(), reason: error_chain(&other) },
                 }
             })?;
         let mut socket = Self { stream, label };
         if options.preview_metadata {
             let hello = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#;
-            socket
-                .stream
-                .send(Message::text(hello))
-                .await
-                .map_err(|e| socket.ws_error(&e))?;
+            socket.stream.send(Message::text(hello)).await.map_err(|e| socket.ws_error(&e))?;
         }
         Ok(socket)
     }
@@ -138,10 +123,7 @@ impl ComfySocket {
 
     /// Sends a WebSocket ping; a dead connection shows up as an error here or on the next read.
     pub async fn ping(&mut self) -> Result<(), ComfyError> {
-        self.stream
-            .send(Message::Ping(bytes::Bytes::from_static(b"tdcomfy")))
-            .await
-            .map_err(|e| self.ws_error(&e))
+        self.stream.send(Message::Ping(bytes::Bytes::from_static(b"tdcomfy"))).await.map_err(|e| self.ws_error(&e))
     }
 
     /// Closes the connection politely.
@@ -150,9 +132,6 @@ impl ComfySocket {
     }
 
     fn ws_error(&self, error: &tokio_tungstenite::tungstenite::Error) -> ComfyError {
-        ComfyError::WebSocket {
-            endpoint: self.label.clone(),
-            reason: error_chain(error),
-        }
+        ComfyError::WebSocket { endpoint: self.label.clone(), reason: error_chain(error) }
     }
 }

@@ -57,7 +57,10 @@ fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
 }
 
 /// Splits a PNG file into `(type, data)` chunks.
-fn png_chunks(png: &[u8]) -> Result<Vec<([u8; 4], &[u8])>, AnimError> {
+/// A PNG chunk: type and data.
+type Chunk<'a> = ([u8; 4], &'a [u8]);
+
+fn png_chunks(png: &[u8]) -> Result<Vec<Chunk<'_>>, AnimError> {
     let mut rest = png.get(8..).ok_or(AnimError::Format("short png"))?;
     let mut out = Vec::new();
     while rest.len() >= 12 {

@@ -217,13 +217,12 @@ mod tests {
         let names: Vec<&str> = spec.inputs.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["image", "upscale_method", "width", "height", "crop"]);
         let ckpt = node_spec("CheckpointLoaderSimple", &lists).expect("known");
-        assert_eq!(
-            ckpt.inputs[0].input_type,
-            InputType::Combo(vec![OValue::str("ltx-video-2b-v0.9.5.safetensors")])
-        );
+        assert_eq!(ckpt.inputs[0].input_type, InputType::Combo(vec![OValue::str("ltx-video-2b-v0.9.5.safetensors")]));
         assert_eq!(ckpt.outputs, ["MODEL", "CLIP", "VAE"]);
         let load = node_info("LoadImage", &lists).expect("known");
-        assert_eq!(load.get("input").and_then(|v| v.get("required")).and_then(|v| v.get("image")).map(|v| v.to_value()),
-            Some(serde_json::json!([["frame.png"], {"image_upload": true}])));
+        assert_eq!(
+            load.get("input").and_then(|v| v.get("required")).and_then(|v| v.get("image")).map(|v| v.to_value()),
+            Some(serde_json::json!([["frame.png"], {"image_upload": true}]))
+        );
     }
 }

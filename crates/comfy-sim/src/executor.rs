@@ -83,10 +83,7 @@ impl Shared {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn obj(pairs: Vec<(&str, OValue)>) -> OValue {
@@ -232,8 +229,16 @@ fn int(i: u64) -> OValue {
 /// How a prompt ended.
 enum Outcome {
     Success,
-    Error { node: String, class_type: String, failure: NodeFailure, inputs: OMap },
-    Interrupted { node: String, class_type: String },
+    Error {
+        node: String,
+        class_type: String,
+        failure: NodeFailure,
+        inputs: OMap,
+    },
+    Interrupted {
+        node: String,
+        class_type: String,
+    },
     /// simulated restart: no history, no events
     Vanished,
 }
@@ -302,9 +307,10 @@ enum FaultEffect {
 fn fire_faults(shared: &Shared, faults: Faults, class_type: &str) -> FaultEffect {
     if faults.restart {
         tracing::info!("sim fault: simulated ComfyUI restart, forgetting queue and history");
-        shared.hub.drop_all();
+        // Forget state before closing sockets: a client that sees the close must find it gone.
         shared.queue.restart();
         shared.hub.set_exec_client(None);
+        shared.hub.drop_all();
         return FaultEffect::Vanish;
     }
     if faults.drop {
@@ -345,10 +351,8 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
         specs.entry(class.to_string()).or_insert_with(|| catalog::node_spec(class, &lists)).clone()
     };
     let class_of = |id: &str| graph.get(id).and_then(|n| n.get("class_type")).map(OValue::py_str).unwrap_or_default();
-    let output_classes: HashMap<String, bool> = graph
-        .keys()
-        .map(|id| (id.clone(), spec_of(&class_of(id)).is_some_and(|s| s.output_node)))
-        .collect();
+    let output_classes: HashMap<String, bool> =
+        graph.keys().map(|id| (id.clone(), spec_of(&class_of(id)).is_some_and(|s| s.output_node))).collect();
     let mut plan = ExecutionList::new(&graph, &item.outputs, |id| output_classes.get(id).copied().unwrap_or(false));
     let planned = plan.planned();
     let has_sampler = planned.iter().any(|id| catalog::SAMPLER_CLASSES.contains(&class_of(id).as_str()));
@@ -360,9 +364,13 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
     let mut faults_pending = faults.mid_run();
 
     let outcome = 'run: loop {
-        let Some(node_id) = plan.next() else { break Outcome::Success };
+        let Some(node_id) = plan.next() else {
+            break Outcome::Success;
+        };
         let class_type = class_of(&node_id);
-        let Some(node) = graph.get(&node_id) else { continue };
+        let Some(node) = graph.get(&node_id) else {
+            continue;
+        };
 
         progress.set(&node_id, float(0.0), float(1.0), "running");
         ev.any("progress_state", progress.data());
@@ -505,7 +513,7 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
             ui_outputs.insert(node_id.clone(), ui);
         }
         let (value, max) = match progress.current(&node_id) {
-            Some((v, m)) if matches!(v, OValue::Number(ref n) if !n.is_f64()) => (m.clone(), m),
+            Some((OValue::Number(ref n), m)) if !n.is_f64() => (m.clone(), m),
             _ => (float(1.0), float(1.0)),
         };
         progress.set(&node_id, value, max, "finished");

@@ -88,11 +88,8 @@ pub fn split_dir_base(path: &str) -> (&str, &str) {
 /// `os.path.join(base, rel)` followed by `abspath`, or `None` when the result leaves `base`
 /// (ComfyUI's `commonpath` check).
 pub fn join_within(base: &Path, rel: &str) -> Option<PathBuf> {
-    let joined = if rel.starts_with('/') {
-        normpath(rel)
-    } else {
-        normpath(&format!("{}/{}", base.to_string_lossy(), rel))
-    };
+    let joined =
+        if rel.starts_with('/') { normpath(rel) } else { normpath(&format!("{}/{}", base.to_string_lossy(), rel)) };
     let joined = PathBuf::from(joined);
     joined.starts_with(base).then_some(joined)
 }
@@ -112,10 +109,7 @@ pub struct SavePath {
 
 /// Substitutes the `%width%`-style variables ComfyUI expands on the server.
 fn compute_vars(prefix: &str, width: u32, height: u32) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (year, month, day, hour, minute, second) = civil_from_unix(secs);
     prefix
         .replace("%width%", &width.to_string())
@@ -163,11 +157,15 @@ pub fn save_image_path(output_dir: &Path, prefix: &str, width: u32, height: u32)
     let mut best: Option<(i64, String)> = None;
     if let Ok(entries) = std::fs::read_dir(&folder) {
         for entry in entries.filter_map(Result::ok) {
-            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
             let head: String = name.chars().take(prefix_len + 1).collect();
             let tail: String = name.chars().skip(prefix_len + 1).collect();
             let digits = tail.split('_').next().unwrap_or("").trim().parse::<i64>().unwrap_or(0);
-            let Some(stem) = head.strip_suffix('_') else { continue };
+            let Some(stem) = head.strip_suffix('_') else {
+                continue;
+            };
             if stem != filename {
                 continue;
             }
@@ -191,16 +189,20 @@ pub fn vhs_counter(folder: &Path, filename: &str) -> u64 {
     let mut max = 0u64;
     if let Ok(entries) = std::fs::read_dir(folder) {
         for entry in entries.filter_map(Result::ok) {
-            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
             let lower = name.to_lowercase();
-            let Some(rest) = lower.strip_prefix(&format!("{}_", filename.to_lowercase())) else { continue };
+            let Some(rest) = lower.strip_prefix(&format!("{}_", filename.to_lowercase())) else {
+                continue;
+            };
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
             let after = &rest[digits.len()..];
             // `\D*\..+`: non-digits up to a dot, then an extension.
             let valid = !digits.is_empty()
-                && after.find('.').is_some_and(|dot| {
-                    !after[..dot].chars().any(|c| c.is_ascii_digit()) && dot + 1 < after.len()
-                });
+                && after
+                    .find('.')
+                    .is_some_and(|dot| !after[..dot].chars().any(|c| c.is_ascii_digit()) && dot + 1 < after.len());
             if valid && let Ok(n) = digits.parse::<u64>() {
                 max = max.max(n);
             }

@@ -211,9 +211,7 @@ fn apply(src: &RgbImage, op: &FrameOp) -> RgbImage {
             }
             out
         }
-        FrameOp::Resize { width, height, filter, crop_center } => {
-            resize(src, *width, *height, *filter, *crop_center)
-        }
+        FrameOp::Resize { width, height, filter, crop_center } => resize(src, *width, *height, *filter, *crop_center),
         FrameOp::Motion(m) => apply_motion(src, *m),
     }
 }
@@ -256,7 +254,8 @@ fn unit(seed: u64, salt: u64) -> f32 {
     (mix64(seed ^ salt.wrapping_mul(0x2545_f491_4f6c_dd1d)) >> 40) as f32 / (1u64 << 24) as f32
 }
 
-/// Zoom towards a seed-chosen point, pan a little and drift the colour balance.
+/// Zoom towards a seed-chosen point, pan a little, drift the colour balance and move a soft
+/// light across the picture (so even a flat input frame visibly moves).
 ///
 /// Written as plain `while` loops over slices with nearest-neighbour sampling: this crate is not
 /// optimised in debug builds, and in that mode built-in slice indexing is the only cheap
@@ -290,12 +289,31 @@ fn apply_motion(src: &RgbImage, m: Motion) -> RgbImage {
     let xs = axis(w, cx, 3);
     let ys = axis(h, cy, stride);
 
+    // The light: a separable soft spot travelling across the frame along a seed-chosen path.
+    let flip = unit(m.seed, 3) < 0.5;
+    let along = if flip { 1.0 - t } else { t };
+    let spot_x = w as f32 * (-0.1 + 1.2 * along);
+    let spot_y = h as f32 * (0.5 + 0.3 * (std::f32::consts::TAU * (t + unit(m.seed, 4))).sin());
+    let bump = |n: usize, centre: f32, radius: f32| -> Vec<u32> {
+        let mut out = Vec::with_capacity(n);
+        let mut i = 0;
+        while i < n {
+            let d = (i as f32 - centre) / radius;
+            out.push((255.0 * (-d * d).exp()) as u32);
+            i += 1;
+        }
+        out
+    };
+    let bx = bump(w, spot_x, w as f32 * 0.22);
+    let by = bump(h, spot_y, h as f32 * 0.3);
+
     let phase = unit(m.seed, 2) * std::f32::consts::TAU;
-    let lut = |k: f32| -> [u8; 256] {
+    // Indexed by `value + light` (up to 255 + 90), saturating.
+    let lut = |k: f32| -> [u8; 512] {
         let gain = 1.0 + 0.25 * ease * (std::f32::consts::TAU * t + phase + k).sin();
-        let mut table = [0u8; 256];
+        let mut table = [0u8; 512];
         let mut v = 0;
-        while v < 256 {
+        while v < 512 {
             table[v] = (v as f32 * gain).clamp(0.0, 255.0) as u8;
             v += 1;
         }
@@ -306,18 +324,20 @@ fn apply_motion(src: &RgbImage, m: Motion) -> RgbImage {
     let data: &[u8] = src.as_raw();
     let mut out = vec![0u8; data.len()];
     let dst: &mut [u8] = &mut out;
-    let (xs, ys): (&[usize], &[usize]) = (&xs, &ys);
+    let (xs, ys, bx, by): (&[usize], &[usize], &[u32], &[u32]) = (&xs, &ys, &bx, &by);
     let mut y = 0;
     while y < h {
         let srow = ys[y];
         let drow = y * stride;
+        let light_row = by[y] * 90;
         let mut x = 0;
         while x < w {
             let s = srow + xs[x];
             let d = drow + x * 3;
-            dst[d] = lr[data[s] as usize];
-            dst[d + 1] = lg[data[s + 1] as usize];
-            dst[d + 2] = lb[data[s + 2] as usize];
+            let light = ((bx[x] * light_row) >> 16) as usize;
+            dst[d] = lr[data[s] as usize + light];
+            dst[d + 1] = lg[data[s + 1] as usize + light];
+            dst[d + 2] = lb[data[s + 2] as usize + light];
             x += 1;
         }
         y += 1;
@@ -354,12 +374,8 @@ mod tests {
         let last = moving.render(4).expect("frame");
         assert_eq!(first.dimensions(), (64, 48));
         assert_ne!(first.as_raw(), last.as_raw());
-        let resized = moving.map(FrameOp::Resize {
-            width: 32,
-            height: 32,
-            filter: ResizeFilter::Bilinear,
-            crop_center: true,
-        });
+        let resized =
+            moving.map(FrameOp::Resize { width: 32, height: 32, filter: ResizeFilter::Bilinear, crop_center: true });
         assert_eq!(resized.size(), (32, 32));
         assert_eq!(resized.render(2).expect("frame").dimensions(), (32, 32));
     }

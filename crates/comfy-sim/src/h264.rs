@@ -104,23 +104,27 @@ pub fn encode(
     if count == 0 {
         return Err(EncodeError::Empty);
     }
-    if width % 2 != 0 || height % 2 != 0 || width == 0 || height == 0 {
+    if !width.is_multiple_of(2) || !height.is_multiple_of(2) || width == 0 || height == 0 {
         return Err(EncodeError::OddDimensions { width, height });
     }
     let fps = if fps.is_finite() && fps > 0.0 { fps } else { 24.0 };
     let keyframe_every = ((fps * 2.0).round() as u32).max(1);
+    // Rate control off (constant quantiser): the fastest mode, no frame skipping, and unlike the
+    // bitrate modes it does not make OpenH264 print a warning when skipping is disabled.
     let config = EncoderConfig::new()
-        .bitrate(BitRate::from_bps(bps))
         .max_frame_rate(FrameRate::from_hz(fps as f32))
-        .rate_control_mode(RateControlMode::Quality)
+        .rate_control_mode(RateControlMode::Off)
         .skip_frames(false)
         .usage_type(UsageType::CameraVideoRealTime)
         .complexity(Complexity::Low)
+        .scene_change_detect(false)
+        .background_detection(false)
+        .adaptive_quantization(false)
         .intra_frame_period(IntraFramePeriod::from_num_frames(keyframe_every))
         .num_threads(1)
         .vui(VuiConfig::bt601());
-    let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
-        .map_err(|e| EncodeError::Codec(e.to_string()))?;
+    let mut encoder =
+        Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| EncodeError::Codec(e.to_string()))?;
 
     let mut sps: Option<Vec<u8>> = None;
     let mut pps: Option<Vec<u8>> = None;

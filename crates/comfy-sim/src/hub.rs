@@ -181,7 +181,9 @@ impl Hub {
         };
         match target {
             Some(sid) => {
-                let Some(c) = inner.clients.get(sid) else { return };
+                let Some(c) = inner.clients.get(sid) else {
+                    return;
+                };
                 let frame = if c.preview_metadata {
                     let mut meta = meta;
                     meta.insert("image_type", OValue::str(if is_png { "image/png" } else { "image/jpeg" }));

@@ -150,9 +150,7 @@ impl OValue {
             OValue::Number(n) => serde_json::Value::Number(n.clone()),
             OValue::String(s) => serde_json::Value::String(s.clone()),
             OValue::Array(a) => serde_json::Value::Array(a.iter().map(OValue::to_value).collect()),
-            OValue::Object(m) => {
-                serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_value())).collect())
-            }
+            OValue::Object(m) => serde_json::Value::Object(m.iter().map(|(k, v)| (k.clone(), v.to_value())).collect()),
         }
     }
 
@@ -254,11 +252,7 @@ pub fn py_float(f: f64) -> String {
         let sign = if exp < 0 { '-' } else { '+' };
         return format!("{mantissa}e{sign}{:02}", exp.abs());
     }
-    if f.fract() == 0.0 {
-        format!("{f:.1}")
-    } else {
-        format!("{f}")
-    }
+    if f.fract() == 0.0 { format!("{f:.1}") } else { format!("{f}") }
 }
 
 impl Serialize for OValue {

@@ -104,13 +104,8 @@ pub async fn run(
     let dirs = files::DataDirs::create(&config.data_dir)?;
     let hub = Arc::new(hub::Hub::new());
     let queue = Arc::new(queue::PromptQueue::new(hub.clone()));
-    let shared = Arc::new(executor::Shared {
-        config,
-        dirs,
-        queue,
-        hub: hub.clone(),
-        interrupt: executor::Interrupt::default(),
-    });
+    let shared =
+        Arc::new(executor::Shared { config, dirs, queue, hub: hub.clone(), interrupt: executor::Interrupt::default() });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(executor::worker(shared.clone()));
     let app = server::router(server::AppState { shared, shutdown: stop_rx });
@@ -133,7 +128,8 @@ pub async fn run(
 /// produces — as a fast-start MP4. Handy for tests that need a real video without running a prompt.
 /// Width and height must be even.
 pub fn write_test_clip(path: impl AsRef<Path>, width: u32, height: u32, frames: u32, fps: f64) -> std::io::Result<()> {
-    let bytes = nodes::test_clip_mp4(width, height, frames, fps)
-        .map_err(|f| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: {}", f.exception_type, f.message)))?;
+    let bytes = nodes::test_clip_mp4(width, height, frames, fps).map_err(|f| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{}: {}", f.exception_type, f.message))
+    })?;
     files::write_atomic(path.as_ref(), &bytes)
 }

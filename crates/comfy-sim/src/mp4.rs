@@ -180,8 +180,7 @@ fn moov(video: &EncodedVideo, fps: f64, chunk_offset: u32) -> Vec<u8> {
     );
     let stsd = full_box(b"stsd", 0, 0, &[&1u32.to_be_bytes()[..], &avc1].concat());
     let stts = full_box(b"stts", 0, 0, &W::new().u32(1).u32(count).u32(delta).done());
-    let sync: Vec<u32> =
-        video.samples.iter().enumerate().filter(|(_, s)| s.sync).map(|(i, _)| i as u32 + 1).collect();
+    let sync: Vec<u32> = video.samples.iter().enumerate().filter(|(_, s)| s.sync).map(|(i, _)| i as u32 + 1).collect();
     let mut stss_body = W::new();
     stss_body.u32(sync.len() as u32);
     for s in &sync {
@@ -288,8 +287,12 @@ pub fn parse_info(data: &[u8]) -> io::Result<VideoInfo> {
         if &kind != b"trak" {
             continue;
         }
-        let Some(mdia) = child(trak, b"mdia")? else { continue };
-        let Some(hdlr) = child(mdia, b"hdlr")? else { continue };
+        let Some(mdia) = child(trak, b"mdia")? else {
+            continue;
+        };
+        let Some(hdlr) = child(mdia, b"hdlr")? else {
+            continue;
+        };
         if hdlr.get(8..12) != Some(b"vide") {
             continue;
         }
@@ -318,11 +321,7 @@ pub fn parse_info(data: &[u8]) -> io::Result<VideoInfo> {
             total_samples += u64::from(n);
             total_ticks += u64::from(n) * u64::from(delta);
         }
-        let fps = if total_ticks == 0 {
-            0.0
-        } else {
-            total_samples as f64 * f64::from(timescale) / total_ticks as f64
-        };
+        let fps = if total_ticks == 0 { 0.0 } else { total_samples as f64 * f64::from(timescale) / total_ticks as f64 };
         return Ok(VideoInfo { width, height, frames, fps });
     }
     Err(invalid("no video track"))
@@ -347,9 +346,7 @@ mod tests {
             height: 32,
             sps: vec![0x67, 0x42, 0xc0, 0x1e, 1, 2],
             pps: vec![0x68, 0xce],
-            samples: (0..5)
-                .map(|i| EncodedSample { data: vec![0, 0, 0, 2, 0x65, i], sync: i == 0 })
-                .collect(),
+            samples: (0..5).map(|i| EncodedSample { data: vec![0, 0, 0, 2, 0x65, i], sync: i == 0 }).collect(),
         };
         let bytes = mux(&video, 25.0).expect("mux");
         let kinds: Vec<[u8; 4]> = boxes(&bytes).map(|b| b.expect("box").0).collect();

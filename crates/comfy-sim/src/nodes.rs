@@ -98,7 +98,9 @@ impl Value {
             Value::Model(name) => format!("<comfy.model_patcher.ModelPatcher object ({name})>"),
             Value::Sampler(name) => format!("<comfy.samplers.KSAMPLER object ({name})>"),
             Value::Sigmas(steps) => format!("tensor(shape=[{}])", steps + 1),
-            Value::Video(v) => format!("<comfy_api.latest._input_impl.video_types.VideoFromComponents ({} frames)>", v.frames.len()),
+            Value::Video(v) => {
+                format!("<comfy_api.latest._input_impl.video_types.VideoFromComponents ({} frames)>", v.frames.len())
+            }
             Value::Filenames(f) => format!("(True, {:?})", f),
         }
     }
@@ -117,7 +119,14 @@ pub struct NodeFailure {
 
 impl NodeFailure {
     /// An exception raised at `file:line` in `function`.
-    pub fn new(exception_type: &str, message: impl Into<String>, file: &str, line: u32, function: &str, source: &str) -> Self {
+    pub fn new(
+        exception_type: &str,
+        message: impl Into<String>,
+        file: &str,
+        line: u32,
+        function: &str,
+        source: &str,
+    ) -> Self {
         Self {
             exception_type: exception_type.to_string(),
             message: message.into(),
@@ -301,14 +310,7 @@ fn io_failure(e: std::io::Error, path: &std::path::Path) -> NodeFailure {
 }
 
 fn save_failure(message: String) -> NodeFailure {
-    NodeFailure::new(
-        "Exception",
-        message,
-        "folder_paths.py",
-        402,
-        "get_save_image_path",
-        "raise Exception(err)",
-    )
+    NodeFailure::new("Exception", message, "folder_paths.py", 402, "get_save_image_path", "raise Exception(err)")
 }
 
 fn write_failure(e: impl std::fmt::Display, file: &str, function: &str) -> NodeFailure {
@@ -338,9 +340,8 @@ fn decode_frames(bytes: &[u8]) -> Option<Vec<RgbImage>> {
 
 fn load_image(job: &EvalJob, default_dir: &str) -> Result<NodeOutput, NodeFailure> {
     let name = job.string("image", "");
-    let path = files::resolve_annotated(&job.dirs, &name, default_dir).ok_or_else(|| {
-        io_failure(std::io::Error::from(std::io::ErrorKind::NotFound), std::path::Path::new(&name))
-    })?;
+    let path = files::resolve_annotated(&job.dirs, &name, default_dir)
+        .ok_or_else(|| io_failure(std::io::Error::from(std::io::ErrorKind::NotFound), std::path::Path::new(&name)))?;
     let bytes = std::fs::read(&path).map_err(|e| io_failure(e, &path))?;
     let frames = decode_frames(&bytes).ok_or_else(|| {
         NodeFailure::new(
@@ -443,10 +444,7 @@ fn sample(job: &EvalJob, seed_input: &str, outputs: usize) -> Result<NodeOutput,
 fn vae_decode(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
     let latent = job.latent("samples")?;
     let seed = latent.sampled.unwrap_or(0);
-    let base = latent
-        .source
-        .clone()
-        .unwrap_or_else(|| Arc::new(frames::procedural(latent.width, latent.height, seed)));
+    let base = latent.source.clone().unwrap_or_else(|| Arc::new(frames::procedural(latent.width, latent.height, seed)));
     let per_item = latent.frames.max(1);
     let mut parts = Vec::with_capacity(latent.batch);
     for item in 0..latent.batch {
@@ -479,7 +477,10 @@ fn save_images(job: &EvalJob, temp: bool) -> Result<NodeOutput, NodeFailure> {
     let (dir, dir_type, prefix) = if temp {
         let suffix: String = {
             const ALPHABET: &[u8] = b"abcdefghijklmnopqrstupvxyz";
-            uuid::Uuid::new_v4().as_bytes()[..5].iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+            uuid::Uuid::new_v4().as_bytes()[..5]
+                .iter()
+                .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+                .collect()
         };
         (&job.dirs.temp, "temp", format!("ComfyUI_temp_{suffix}"))
     } else {
@@ -489,16 +490,15 @@ fn save_images(job: &EvalJob, temp: bool) -> Result<NodeOutput, NodeFailure> {
     let texts = png_texts(job);
     let text_refs: Vec<(&str, String)> = texts.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let mut results = Vec::new();
-    let mut counter = target.counter;
-    for (batch_number, frame) in images.frames().iter().enumerate() {
+    for (counter, (batch_number, frame)) in (target.counter..).zip(images.frames().iter().enumerate()) {
         let img = frame.render();
         let bytes = if temp { anim::png(&img, true) } else { anim::png_with_text(&img, &text_refs) }
             .map_err(|e| write_failure(e, "nodes.py", "save_images"))?;
         let stem = target.filename.replace("%batch_num%", &batch_number.to_string());
         let file = format!("{stem}_{counter:05}_.png");
-        files::write_atomic(&target.folder.join(&file), &bytes).map_err(|e| write_failure(e, "nodes.py", "save_images"))?;
+        files::write_atomic(&target.folder.join(&file), &bytes)
+            .map_err(|e| write_failure(e, "nodes.py", "save_images"))?;
         results.push(file_ref(&file, &target.subfolder, dir_type));
-        counter += 1;
     }
     Ok(NodeOutput { ui: Some(obj(vec![("images", OValue::Array(results))])), ..Default::default() })
 }
@@ -511,14 +511,11 @@ fn save_animated(job: &EvalJob, webp: bool) -> Result<NodeOutput, NodeFailure> {
     let images = job.image("images")?;
     let (w, h) = images.size();
     let fps = job.float("fps", 6.0);
-    let target =
-        files::save_image_path(&job.dirs.output, &job.string("filename_prefix", "ComfyUI"), w, h).map_err(save_failure)?;
+    let target = files::save_image_path(&job.dirs.output, &job.string("filename_prefix", "ComfyUI"), w, h)
+        .map_err(save_failure)?;
     let frames = render_all(&images);
-    let (bytes, ext) = if webp {
-        (anim::animated_webp(&frames, fps), "webp")
-    } else {
-        (anim::apng(&frames, fps), "png")
-    };
+    let (bytes, ext) =
+        if webp { (anim::animated_webp(&frames, fps), "webp") } else { (anim::apng(&frames, fps), "png") };
     let bytes = bytes.map_err(|e| write_failure(e, "comfy_extras/nodes_images.py", "save_images"))?;
     let file = format!("{}_{:05}_.{ext}", target.filename, target.counter);
     files::write_atomic(&target.folder.join(&file), &bytes)
@@ -540,8 +537,8 @@ pub fn encode_mp4(images: &ImageBatch, fps: f64) -> Result<Vec<u8>, NodeFailure>
     }
     let (w, h) = images.size();
     let count = images.len();
-    let video = h264::encode(w, h, fps, count, |i| images.render(i).unwrap_or_else(|| RgbImage::new(w, h))).map_err(
-        |e| {
+    let video =
+        h264::encode(w, h, fps, count, |i| images.render(i).unwrap_or_else(|| RgbImage::new(w, h))).map_err(|e| {
             NodeFailure::new(
                 "av.error.ValueError",
                 format!("[Errno 22] Invalid argument; libx264: {e}"),
@@ -550,8 +547,7 @@ pub fn encode_mp4(images: &ImageBatch, fps: f64) -> Result<Vec<u8>, NodeFailure>
                 "save_to",
                 "output.mux(video_stream.encode(frame))",
             )
-        },
-    )?;
+        })?;
     mp4::mux(&video, fps).map_err(|e| write_failure(e, "comfy_api/latest/_input_impl/video_types.py", "save_to"))
 }
 
@@ -570,7 +566,9 @@ pub fn test_clip_mp4(width: u32, height: u32, frames: u32, fps: f64) -> Result<V
 fn save_video(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
     let video = match job.link("video")? {
         Value::Video(v) => v.clone(),
-        other => return Err(NodeFailure::type_error(format!("expected VIDEO, got {}", other.describe()))),
+        other => {
+            return Err(NodeFailure::type_error(format!("expected VIDEO, got {}", other.describe())));
+        }
     };
     let format = job.string("format", "auto");
     let codec = job.string("codec", "auto");
@@ -649,8 +647,8 @@ fn vhs_video_combine(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
     let texts = png_texts(job);
     let text_refs: Vec<(&str, String)> = texts.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     let workflow_file = format!("{}_{counter:05}.png", target.filename);
-    let first_png =
-        anim::png_with_text(&first, &text_refs).map_err(|e| write_failure(e, "videohelpersuite/nodes.py", "combine_video"))?;
+    let first_png = anim::png_with_text(&first, &text_refs)
+        .map_err(|e| write_failure(e, "videohelpersuite/nodes.py", "combine_video"))?;
     files::write_atomic(&target.folder.join(&workflow_file), &first_png)
         .map_err(|e| write_failure(e, "videohelpersuite/nodes.py", "combine_video"))?;
     let (bytes, ext) = match format.as_str() {
@@ -696,8 +694,8 @@ fn sim_save_video_list(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
     let images = job.image("images")?;
     let (w, h) = images.size();
     let fps = job.float("fps", 24.0);
-    let target =
-        files::save_image_path(&job.dirs.output, &job.string("filename_prefix", "sim/video"), w, h).map_err(save_failure)?;
+    let target = files::save_image_path(&job.dirs.output, &job.string("filename_prefix", "sim/video"), w, h)
+        .map_err(save_failure)?;
     let bytes = encode_mp4(&images, fps)?;
     let file = format!("{}_{:05}_.mp4", target.filename, target.counter);
     files::write_atomic(&target.folder.join(&file), &bytes)
@@ -717,7 +715,8 @@ fn save_image_websocket(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
     let mut ws_images = Vec::with_capacity(images.len());
     for frame in images.frames() {
         ws_images.push(
-            anim::png(&frame.render(), true).map_err(|e| write_failure(e, "custom_nodes/websocket_image_save.py", "save_images"))?,
+            anim::png(&frame.render(), true)
+                .map_err(|e| write_failure(e, "custom_nodes/websocket_image_save.py", "save_images"))?,
         );
     }
     Ok(NodeOutput { ws_images, ..Default::default() })
@@ -763,9 +762,10 @@ pub fn evaluate(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
         "CLIPLoader" => single(Value::Model(job.string("clip_name", "").into())),
         "CLIPTextEncode" => single(Value::Conditioning(job.string("text", "").into())),
         "LTXVImgToVideo" => ltxv_img_to_video(job),
-        "LTXVConditioning" => {
-            Ok(NodeOutput { values: vec![job.passthrough("positive")?, job.passthrough("negative")?], ..Default::default() })
-        }
+        "LTXVConditioning" => Ok(NodeOutput {
+            values: vec![job.passthrough("positive")?, job.passthrough("negative")?],
+            ..Default::default()
+        }),
         "LTXVScheduler" => single(Value::Sigmas(job.int("steps", 20).clamp(1, 10_000) as u32)),
         "ModelSamplingLTXV" => single(job.passthrough("model")?),
         "EmptyLTXVLatentVideo" => empty_latent_video(job),
@@ -814,7 +814,10 @@ mod tests {
         let sampled = evaluate(&job(
             &dirs,
             "KSampler",
-            vec![("latent_image", Input::Link(latent.values[2].clone())), ("seed", Input::Literal(OValue::Number(5.into())))],
+            vec![
+                ("latent_image", Input::Link(latent.values[2].clone())),
+                ("seed", Input::Literal(OValue::Number(5.into()))),
+            ],
         ))
         .expect("sample");
         let decoded = evaluate(&job(&dirs, "VAEDecode", vec![("samples", Input::Link(sampled.values[0].clone()))]))

@@ -93,7 +93,9 @@ impl ExecutionList {
             .find(|id| is_out(id))
             .or_else(|| ready.iter().find(|id| feeds_output(id)))
             .or_else(|| {
-                ready.iter().find(|id| self.blocking.get(id.as_str()).is_some_and(|b| b.iter().any(|d| feeds_output(d))))
+                ready
+                    .iter()
+                    .find(|id| self.blocking.get(id.as_str()).is_some_and(|b| b.iter().any(|d| feeds_output(d))))
             })
             .or_else(|| ready.first())
             .map(|id| id.to_string())?;

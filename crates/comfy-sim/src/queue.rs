@@ -313,7 +313,9 @@ impl PromptQueue {
         let st = self.lock();
         let len = st.history_order.len() as i64;
         let mut offset = offset.unwrap_or(-1);
-        if offset < 0 && let Some(max) = max_items {
+        if offset < 0
+            && let Some(max) = max_items
+        {
             offset = len - max;
         }
         let mut out = Vec::new();

@@ -96,9 +96,7 @@ pub fn router(state: AppState) -> Router {
 /// A JSON response as aiohttp's `json_response` sends it.
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response {
     match serde_json::to_vec(body) {
-        Ok(bytes) => {
-            (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], bytes).into_response()
-        }
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], bytes).into_response(),
         Err(_) => bare(StatusCode::INTERNAL_SERVER_ERROR),
     }
 }
@@ -138,8 +136,8 @@ async fn origin_only(request: Request, next: Next) -> Response {
         let (origin_name, origin_port) = split_host_port(origin_authority);
         if is_loopback(&host_name) && !origin_name.is_empty() && !host_name.is_empty() {
             // Ports are compared only when both sides carry one, like ComfyUI does.
-            let mismatch = host_name != origin_name
-                || (host_port.is_some() && origin_port.is_some() && host_port != origin_port);
+            let mismatch =
+                host_name != origin_name || (host_port.is_some() && origin_port.is_some() && host_port != origin_port);
             if mismatch {
                 tracing::warn!(host, origin, "request with non matching host and origin, returning 403");
                 return bare(StatusCode::FORBIDDEN);
@@ -295,7 +293,8 @@ fn parse_int_param(params: &HashMap<String, String>, key: &str) -> Result<Option
 }
 
 async fn get_history(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>) -> Response {
-    let (Ok(max_items), Ok(offset)) = (parse_int_param(&params, "max_items"), parse_int_param(&params, "offset")) else {
+    let (Ok(max_items), Ok(offset)) = (parse_int_param(&params, "max_items"), parse_int_param(&params, "offset"))
+    else {
         return bare(StatusCode::INTERNAL_SERVER_ERROR);
     };
     let entries = state.shared.queue.history_list(max_items, offset);
@@ -346,17 +345,23 @@ async fn upload_image(State(state): State<AppState>, multipart: Result<Multipart
                 let name = field.name().unwrap_or_default().to_string();
                 if name == "image" {
                     let file_name = field.file_name().map(str::to_string);
-                    let Ok(bytes) = field.bytes().await else { return bare(StatusCode::BAD_REQUEST) };
+                    let Ok(bytes) = field.bytes().await else {
+                        return bare(StatusCode::BAD_REQUEST);
+                    };
                     if image.is_none() {
                         image = Some((file_name, bytes));
                     }
                 } else {
-                    let Ok(text) = field.text().await else { return bare(StatusCode::BAD_REQUEST) };
+                    let Ok(text) = field.text().await else {
+                        return bare(StatusCode::BAD_REQUEST);
+                    };
                     fields.entry(name).or_insert(text);
                 }
             }
             Ok(None) => break,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return bare(StatusCode::PAYLOAD_TOO_LARGE),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return bare(StatusCode::PAYLOAD_TOO_LARGE);
+            }
             Err(_) => return bare(StatusCode::BAD_REQUEST),
         }
     }
@@ -429,7 +434,10 @@ fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
 
 fn encoded_image(body: Vec<u8>, content_type: &str, name: &str) -> Response {
     let mut headers = HeaderMap::new();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("image/png")));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("image/png")),
+    );
     headers.insert(header::CONTENT_DISPOSITION, disposition(name));
     (StatusCode::OK, headers, body).into_response()
 }
@@ -473,7 +481,11 @@ fn transcode(path: &std::path::Path, name: &str, preview: Option<&str>, channel:
     encoded_image(out.into_inner(), "image/png", name)
 }
 
-async fn view(State(state): State<AppState>, Query(params): Query<HashMap<String, String>>, headers: HeaderMap) -> Response {
+async fn view(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
     let Some(filename) = params.get("filename") else {
         return bare(StatusCode::NOT_FOUND);
     };
@@ -488,7 +500,7 @@ async fn view(State(state): State<AppState>, Query(params): Query<HashMap<String
         Err(ViewRefusal::Forbidden) => return bare(StatusCode::FORBIDDEN),
         Err(ViewRefusal::NotFound) => return bare(StatusCode::NOT_FOUND),
     };
-    let channel = params.get("channel").cloned().unwrap_or_else(|| "rgba".to_string());
+    let channel = params.get("channel").cloned().unwrap_or_default();
     if params.contains_key("preview") || channel == "rgb" || channel == "a" {
         let preview = params.get("preview").cloned();
         let name2 = name.clone();
@@ -510,10 +522,7 @@ async fn serve_file(path: &std::path::Path, name: &str, request_headers: &Header
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(files::content_type(name)));
     headers.insert(header::CONTENT_DISPOSITION, disposition(name));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let range = request_headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_range(v, len));
+    let range = request_headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|v| parse_range(v, len));
     let (status, start, count) = match range {
         Some(Ok((start, end))) => {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {

@@ -205,8 +205,10 @@ pub fn validate_prompt(
                     ])),
                 );
             }
-            if let Some(OValue::Array(deps)) =
-                node_errors.get_mut(node_id).and_then(OValue::as_object_mut).and_then(|m| m.get_mut("dependent_outputs"))
+            if let Some(OValue::Array(deps)) = node_errors
+                .get_mut(node_id)
+                .and_then(OValue::as_object_mut)
+                .and_then(|m| m.get_mut("dependent_outputs"))
             {
                 deps.push(OValue::str(o.clone()));
             }
@@ -222,7 +224,11 @@ pub fn validate_prompt(
             })
             .collect();
         return Verdict::Rejected {
-            error: top_error("prompt_outputs_failed_validation", "Prompt outputs failed validation", &details.join("\n")),
+            error: top_error(
+                "prompt_outputs_failed_validation",
+                "Prompt outputs failed validation",
+                &details.join("\n"),
+            ),
             node_errors,
         };
     }
@@ -294,10 +300,9 @@ fn validate_inputs(ctx: &mut Ctx<'_>, id: &str, depth: usize) -> Result<NodeVerd
         });
     }
     let class_type = ctx.class_of(id).unwrap_or_default();
-    let spec = ctx.spec(&class_type).ok_or_else(|| PyException {
-        type_name: "KeyError",
-        message: py_str_repr(&class_type),
-    })?;
+    let spec = ctx
+        .spec(&class_type)
+        .ok_or_else(|| PyException { type_name: "KeyError", message: py_str_repr(&class_type) })?;
     let inputs = match ctx.graph.get(id).and_then(|n| n.get("inputs")) {
         Some(OValue::Object(m)) => m.clone(),
         Some(other) => {
@@ -306,7 +311,9 @@ fn validate_inputs(ctx: &mut Ctx<'_>, id: &str, depth: usize) -> Result<NodeVerd
                 message: format!("'{}' object has no attribute 'get'", other.py_type_name()),
             });
         }
-        None => return Err(PyException { type_name: "KeyError", message: "'inputs'".to_string() }),
+        None => {
+            return Err(PyException { type_name: "KeyError", message: "'inputs'".to_string() });
+        }
     };
     // LoadImage-style nodes validate their file input with VALIDATE_INPUTS instead of the combo.
     let custom_validated: &[&str] = match class_type.as_str() {
@@ -345,10 +352,9 @@ fn validate_inputs(ctx: &mut Ctx<'_>, id: &str, depth: usize) -> Result<NodeVerd
                 continue;
             }
             let (o_id, o_class) = linked_class(ctx, &link[0])?;
-            let o_spec = ctx.spec(&o_class).ok_or_else(|| PyException {
-                type_name: "KeyError",
-                message: py_str_repr(&o_class),
-            })?;
+            let o_spec = ctx
+                .spec(&o_class)
+                .ok_or_else(|| PyException { type_name: "KeyError", message: py_str_repr(&o_class) })?;
             let received = return_type(&o_spec, &link[1])?;
             if !types_compatible(&received, &input.input_type) {
                 errors.push(error_entry(
@@ -443,9 +449,12 @@ fn validate_inputs(ctx: &mut Ctx<'_>, id: &str, depth: usize) -> Result<NodeVerd
     }
 
     // Store converted literals back into the prompt, as ComfyUI mutates `inputs[x]`.
-    if let Some(node_inputs) = ctx.graph.get_mut(id).and_then(|n| n.as_object_mut()).and_then(|m| {
-        m.get_mut("inputs").and_then(OValue::as_object_mut)
-    }) {
+    if let Some(node_inputs) = ctx
+        .graph
+        .get_mut(id)
+        .and_then(|n| n.as_object_mut())
+        .and_then(|m| m.get_mut("inputs").and_then(OValue::as_object_mut))
+    {
         for (k, v) in converted {
             node_inputs.insert(k, v);
         }
@@ -454,7 +463,8 @@ fn validate_inputs(ctx: &mut Ctx<'_>, id: &str, depth: usize) -> Result<NodeVerd
     for &name in custom_validated {
         if let Some(value) = inputs.get(name).filter(|v| !matches!(v, OValue::Array(_))) {
             let text = value.py_str();
-            let exists = files::resolve_annotated(ctx.dirs, &text, default_dir(&class_type)).is_some_and(|p| p.exists());
+            let exists =
+                files::resolve_annotated(ctx.dirs, &text, default_dir(&class_type)).is_some_and(|p| p.exists());
             if !exists {
                 errors.push(error_entry(
                     "custom_validation_failed",
@@ -524,7 +534,11 @@ fn py_int(val: &OValue) -> Result<i128, String> {
                 Ok(i128::from(u))
             } else {
                 let f = n.as_f64().unwrap_or(0.0);
-                if f.is_finite() { Ok(f.trunc() as i128) } else { Err("cannot convert float infinity to integer".into()) }
+                if f.is_finite() {
+                    Ok(f.trunc() as i128)
+                } else {
+                    Err("cannot convert float infinity to integer".into())
+                }
             }
         }
         OValue::String(s) => {
@@ -620,10 +634,7 @@ mod tests {
     #[test]
     fn conversions_follow_python() {
         assert_eq!(convert(&OValue::str(" 12 "), "INT"), Ok(Some(OValue::Number(12.into()))));
-        assert_eq!(
-            convert(&OValue::str("abc"), "FLOAT"),
-            Err("could not convert string to float: 'abc'".to_string())
-        );
+        assert_eq!(convert(&OValue::str("abc"), "FLOAT"), Err("could not convert string to float: 'abc'".to_string()));
         assert_eq!(convert(&OValue::Null, "STRING"), Ok(Some(OValue::str("None"))));
         assert_eq!(convert(&OValue::str("false"), "BOOLEAN"), Ok(Some(OValue::Bool(true))));
         assert_eq!(

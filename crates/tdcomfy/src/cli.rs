@@ -80,12 +80,8 @@ fn config_path(argv: &[OsString]) -> Option<PathBuf> {
     std::env::var_os("TDCOMFY_CONFIG").map(PathBuf::from)
 }
 
-fn apply_config_file(
-    mut command: clap::Command,
-    path: &std::path::Path,
-) -> anyhow::Result<clap::Command> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
+fn apply_config_file(mut command: clap::Command, path: &std::path::Path) -> anyhow::Result<clap::Command> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
     let mut unknown: Vec<&str> = Vec::new();
@@ -112,17 +108,11 @@ fn apply_config_file(
         }
         for name in subcommands {
             let (key, text) = (key.clone(), text.clone());
-            command = command.mut_subcommand(name, move |sub| {
-                sub.mut_arg(key, move |arg| arg.default_value(text))
-            });
+            command = command.mut_subcommand(name, move |sub| sub.mut_arg(key, move |arg| arg.default_value(text)));
         }
     }
     if !unknown.is_empty() {
-        anyhow::bail!(
-            "config file {}: unknown setting(s): {}",
-            path.display(),
-            unknown.join(", ")
-        );
+        anyhow::bail!("config file {}: unknown setting(s): {}", path.display(), unknown.join(", "));
     }
     Ok(command)
 }
@@ -156,9 +146,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let args = args.broker;
     let addr = format!("{}:{}", args.api_host, args.api_port);
     let config = args.into_config(workflows)?;
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding the broker to {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding the broker to {addr}"))?;
     tdcomfy_broker::run(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

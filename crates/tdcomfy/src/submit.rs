@@ -65,38 +65,22 @@ impl Broker {
 async fn api_error(resp: reqwest::Response) -> anyhow::Error {
     let status = resp.status();
     match resp.json::<ErrorBody>().await {
-        Ok(body) => anyhow::anyhow!(
-            "{} ({}, HTTP {})",
-            body.error.message,
-            body.error.code,
-            status.as_u16()
-        ),
+        Ok(body) => anyhow::anyhow!("{} ({}, HTTP {})", body.error.message, body.error.code, status.as_u16()),
         Err(_) => anyhow::anyhow!("the broker answered HTTP {status}"),
     }
 }
 
 /// Runs `submit`; the exit code is non-zero when the job failed or was cancelled.
 pub async fn run(cmd: SubmitCmd) -> anyhow::Result<std::process::ExitCode> {
-    let base = cmd
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
+    let base = cmd.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
     let broker = Broker {
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()?,
+        http: reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?,
         base: base.trim_end_matches('/').to_owned(),
         token: cmd.token.clone().filter(|t| !t.is_empty()),
     };
-    let file = tokio::fs::File::open(&cmd.image)
-        .await
-        .with_context(|| format!("opening {}", cmd.image.display()))?;
+    let file = tokio::fs::File::open(&cmd.image).await.with_context(|| format!("opening {}", cmd.image.display()))?;
     let size = file.metadata().await?.len();
-    let name = cmd
-        .image
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "frame".into());
+    let name = cmd.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "frame".into());
     let part = reqwest::multipart::Part::stream_with_length(
         reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file)),
         size,
@@ -134,10 +118,7 @@ pub async fn run(cmd: SubmitCmd) -> anyhow::Result<std::process::ExitCode> {
     match job.status {
         JobStatus::Done => {}
         JobStatus::Error => {
-            eprintln!(
-                "job {id} failed: {}",
-                job.error_message.as_deref().unwrap_or("no reason given")
-            );
+            eprintln!("job {id} failed: {}", job.error_message.as_deref().unwrap_or("no reason given"));
             return Ok(std::process::ExitCode::FAILURE);
         }
         status => {
@@ -145,15 +126,8 @@ pub async fn run(cmd: SubmitCmd) -> anyhow::Result<std::process::ExitCode> {
             return Ok(std::process::ExitCode::FAILURE);
         }
     }
-    let content_type = job
-        .result
-        .as_ref()
-        .map(|r| r.content_type.clone())
-        .unwrap_or_default();
-    let out = cmd
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{id}.{}", extension(&content_type))));
+    let content_type = job.result.as_ref().map(|r| r.content_type.clone()).unwrap_or_default();
+    let out = cmd.out.clone().unwrap_or_else(|| PathBuf::from(format!("{id}.{}", extension(&content_type))));
     let bytes = download(&broker, id, &out).await?;
     if cmd.quiet {
         println!("{}", out.display());
@@ -170,10 +144,7 @@ pub async fn run(cmd: SubmitCmd) -> anyhow::Result<std::process::ExitCode> {
 
 /// Follows the job over SSE (falling back to long-polling when the stream breaks) until it ends.
 async fn follow(broker: &Broker, id: tdcomfy_api::JobId, quiet: bool) -> anyhow::Result<JobView> {
-    let mut bar = ProgressBar {
-        quiet,
-        last: String::new(),
-    };
+    let mut bar = ProgressBar { quiet, last: String::new() };
     loop {
         match follow_sse(broker, id, &mut bar).await {
             Ok(job) if job.status.is_terminal() => {
@@ -182,10 +153,7 @@ async fn follow(broker: &Broker, id: tdcomfy_api::JobId, quiet: bool) -> anyhow:
             }
             _ => {
                 // Long-poll once, then try the stream again.
-                let resp = broker
-                    .req(reqwest::Method::GET, &format!("/jobs/{id}?wait=20"))
-                    .send()
-                    .await;
+                let resp = broker.req(reqwest::Method::GET, &format!("/jobs/{id}?wait=20")).send().await;
                 match resp {
                     Ok(r) if r.status().is_success() => {
                         let job: JobView = r.json().await?;
@@ -203,15 +171,8 @@ async fn follow(broker: &Broker, id: tdcomfy_api::JobId, quiet: bool) -> anyhow:
     }
 }
 
-async fn follow_sse(
-    broker: &Broker,
-    id: tdcomfy_api::JobId,
-    bar: &mut ProgressBar,
-) -> anyhow::Result<JobView> {
-    let resp = broker
-        .req(reqwest::Method::GET, &format!("/jobs/{id}/events"))
-        .send()
-        .await?;
+async fn follow_sse(broker: &Broker, id: tdcomfy_api::JobId, bar: &mut ProgressBar) -> anyhow::Result<JobView> {
+    let resp = broker.req(reqwest::Method::GET, &format!("/jobs/{id}/events")).send().await?;
     if !resp.status().is_success() {
         return Err(api_error(resp).await);
     }
@@ -222,11 +183,7 @@ async fn follow_sse(
         buf.push_str(&String::from_utf8_lossy(&chunk?));
         while let Some(end) = buf.find("\n\n") {
             let block: String = buf.drain(..end + 2).collect();
-            let data: String = block
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim_start)
-                .collect();
+            let data: String = block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
             if data.is_empty() {
                 continue;
             }
@@ -238,22 +195,13 @@ async fn follow_sse(
     last.context("the event stream ended without an event")
 }
 
-async fn download(
-    broker: &Broker,
-    id: tdcomfy_api::JobId,
-    out: &std::path::Path,
-) -> anyhow::Result<u64> {
-    let resp = broker
-        .req(reqwest::Method::GET, &format!("/jobs/{id}/result"))
-        .send()
-        .await?;
+async fn download(broker: &Broker, id: tdcomfy_api::JobId, out: &std::path::Path) -> anyhow::Result<u64> {
+    let resp = broker.req(reqwest::Method::GET, &format!("/jobs/{id}/result")).send().await?;
     if !resp.status().is_success() {
         return Err(api_error(resp).await);
     }
     let part = out.with_extension("part");
-    let mut file = tokio::fs::File::create(&part)
-        .await
-        .with_context(|| format!("creating {}", part.display()))?;
+    let mut file = tokio::fs::File::create(&part).await.with_context(|| format!("creating {}", part.display()))?;
     let mut stream = resp.bytes_stream();
     let mut n = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -298,12 +246,7 @@ impl ProgressBar {
                     (Some(s), Some(m)) => format!(" step {s}/{m}"),
                     _ => String::new(),
                 };
-                let node = job
-                    .progress
-                    .node_type
-                    .as_deref()
-                    .map(|n| format!(" {n}"))
-                    .unwrap_or_default();
+                let node = job.progress.node_type.as_deref().map(|n| format!(" {n}")).unwrap_or_default();
                 format!(
                     "[{}{}] {:>3.0}% {}{step}{node}",
                     "#".repeat(filled),

@@ -46,12 +46,7 @@ impl SimArgs {
         config.job_time = Duration::from_secs_f64(self.sim_job_time);
         config.progress_steps = self.sim_progress_steps;
         config.faults.upload_delay = Duration::from_secs_f64(self.sim_upload_delay);
-        for fault in self
-            .sim_faults
-            .split(',')
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-        {
+        for fault in self.sim_faults.split(',').map(str::trim).filter(|f| !f.is_empty()) {
             match fault {
                 "execution_error" => config.faults.execution_error = true,
                 "silent_ws" => config.faults.silent_ws = true,
@@ -122,14 +117,10 @@ pub struct UpCmd {
 
 pub async fn worker(cmd: WorkerCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
     let workflows = Arc::new(cmd.workflows.load()?);
-    let broker_url = cmd
-        .broker_url
-        .unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
+    let broker_url = cmd.broker_url.unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
     let token = cmd.worker_token.or(cmd.api_token);
     let spool = std::env::temp_dir().join("tdcomfy-worker-spool");
-    let config = cmd
-        .worker
-        .into_config(broker_url, token, workflows, spool)?;
+    let config = cmd.worker.into_config(broker_url, token, workflows, spool)?;
     tdcomfy_worker::run(config, shutdown).await?;
     Ok(())
 }
@@ -137,13 +128,9 @@ pub async fn worker(cmd: WorkerCmd, shutdown: CancellationToken) -> anyhow::Resu
 pub async fn sim(cmd: SimCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = cmd.sim.config(cmd.sim_data_dir)?;
     let addr = format!("{}:{}", cmd.comfyui_host, cmd.comfyui_port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding the simulator to {addr}"))?;
-    println!(
-        "tdcomfy sim: a ComfyUI 0.3.64 simulator at http://{}",
-        listener.local_addr()?
-    );
+    let listener =
+        tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding the simulator to {addr}"))?;
+    println!("tdcomfy sim: a ComfyUI 0.3.64 simulator at http://{}", listener.local_addr()?);
     tdcomfy_sim::run(listener, config, async move { shutdown.cancelled().await }).await?;
     Ok(())
 }
@@ -156,11 +143,7 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
         .with_context(|| format!("binding the broker to {broker_addr}"))?;
     let broker_local = broker_listener.local_addr()?;
     let data_dir = cmd.broker.data_dir.clone();
-    let token = cmd
-        .broker
-        .worker_token
-        .clone()
-        .or_else(|| cmd.broker.api_token.clone());
+    let token = cmd.broker.worker_token.clone().or_else(|| cmd.broker.api_token.clone());
     let broker_config = cmd.broker.into_config(workflows.clone())?;
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -179,13 +162,7 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
         let sim_config = cmd.sim.config(data_dir.join("comfyui-sim"))?;
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            tdcomfy_sim::run(
-                sim_listener,
-                sim_config,
-                async move { stop.cancelled().await },
-            )
-            .await
-            .context("simulator")
+            tdcomfy_sim::run(sim_listener, sim_config, async move { stop.cancelled().await }).await.context("simulator")
         });
         comfy_note = format!(" with the ComfyUI simulator at http://{sim_local}");
     }
@@ -198,18 +175,12 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
     let comfy_list: Vec<String> = worker_config.comfy.iter().map(|e| e.to_string()).collect();
     let stop = shutdown.clone();
     tasks.spawn(async move {
-        tdcomfy_broker::run(broker_listener, broker_config, async move {
-            stop.cancelled().await
-        })
-        .await
-        .context("broker")
+        tdcomfy_broker::run(broker_listener, broker_config, async move { stop.cancelled().await })
+            .await
+            .context("broker")
     });
     let stop = shutdown.clone();
-    tasks.spawn(async move {
-        tdcomfy_worker::run(worker_config, stop)
-            .await
-            .context("worker")
-    });
+    tasks.spawn(async move { tdcomfy_worker::run(worker_config, stop).await.context("worker") });
 
     println!(
         "tdcomfy is up{comfy_note}: send frames to http://{}/jobs (worker → {})",
@@ -236,9 +207,5 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
 
 /// Where a local client should connect to reach a listener bound to `addr` (0.0.0.0 → 127.0.0.1).
 fn loopback_for(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    }
+    if addr.ip().is_unspecified() { SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
 }

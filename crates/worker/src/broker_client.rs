@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use tdcomfy_api::{
-    ErrorBody, FailRequest, HeartbeatRequest, HeartbeatResponse, JobId, Lease, LeaseRequest,
-    LeaseResponse, LeaseToken, Progress,
+    ErrorBody, FailRequest, HeartbeatRequest, HeartbeatResponse, JobId, Lease, LeaseRequest, LeaseResponse, LeaseToken,
+    Progress,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -63,11 +63,7 @@ impl BrokerClient {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
-        Ok(BrokerClient {
-            http,
-            base: base.trim_end_matches('/').to_owned(),
-            token,
-        })
+        Ok(BrokerClient { http, base: base.trim_end_matches('/').to_owned(), token })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -78,43 +74,26 @@ impl BrokerClient {
         }
     }
 
-    async fn send(
-        &self,
-        rb: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, BrokerCallError> {
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| BrokerCallError::Unreachable(error_chain(&e)))?;
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, BrokerCallError> {
+        let resp = rb.send().await.map_err(|e| BrokerCallError::Unreachable(error_chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
         let body = resp.json::<ErrorBody>().await.ok();
-        let (code, message) = body
-            .map(|b| (b.error.code, b.error.message))
-            .unwrap_or_else(|| (String::new(), status.to_string()));
+        let (code, message) =
+            body.map(|b| (b.error.code, b.error.message)).unwrap_or_else(|| (String::new(), status.to_string()));
         Err(match (status, code.as_str()) {
             (StatusCode::CONFLICT, "lease_lost") => BrokerCallError::LeaseLost(message),
             (StatusCode::CONFLICT, "job_cancelled") => BrokerCallError::Cancelled,
             (StatusCode::NOT_FOUND, "job_not_found") => BrokerCallError::LeaseLost(message),
-            _ => BrokerCallError::Refused {
-                status: status.as_u16(),
-                message,
-            },
+            _ => BrokerCallError::Refused { status: status.as_u16(), message },
         })
     }
 
     /// Waits up to `wait` for a job; `None` when none came.
-    pub async fn lease(
-        &self,
-        worker_id: &str,
-        wait: Duration,
-    ) -> Result<Option<Lease>, BrokerCallError> {
-        let body = LeaseRequest {
-            worker_id: worker_id.to_owned(),
-            wait: Some(wait.as_secs_f64()),
-        };
+    pub async fn lease(&self, worker_id: &str, wait: Duration) -> Result<Option<Lease>, BrokerCallError> {
+        let body = LeaseRequest { worker_id: worker_id.to_owned(), wait: Some(wait.as_secs_f64()) };
         let resp = self
             .send(
                 self.request(reqwest::Method::POST, "/worker/lease")
@@ -125,20 +104,12 @@ impl BrokerClient {
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        let lease: LeaseResponse = resp
-            .json()
-            .await
-            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+        let lease: LeaseResponse = resp.json().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
         Ok(Some(lease.job))
     }
 
     /// Streams the job's input image into `dest`.
-    pub async fn download_input(
-        &self,
-        job: JobId,
-        token: &LeaseToken,
-        dest: &Path,
-    ) -> Result<u64, BrokerCallError> {
+    pub async fn download_input(&self, job: JobId, token: &LeaseToken, dest: &Path) -> Result<u64, BrokerCallError> {
         let rb = self
             .request(reqwest::Method::GET, &format!("/worker/jobs/{job}/input"))
             .header("lease-token", token.as_str())
@@ -146,11 +117,7 @@ impl BrokerClient {
         let mut resp = self.send(rb).await?;
         let mut file = tokio::fs::File::create(dest).await?;
         let mut n = 0u64;
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?
-        {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))? {
             n += chunk.len() as u64;
             file.write_all(&chunk).await?;
         }
@@ -165,23 +132,13 @@ impl BrokerClient {
         token: &LeaseToken,
         progress: Option<Progress>,
     ) -> Result<bool, BrokerCallError> {
-        let body = HeartbeatRequest {
-            lease_token: token.clone(),
-            progress,
-        };
+        let body = HeartbeatRequest { lease_token: token.clone(), progress };
         let rb = self
-            .request(
-                reqwest::Method::POST,
-                &format!("/worker/jobs/{job}/heartbeat"),
-            )
+            .request(reqwest::Method::POST, &format!("/worker/jobs/{job}/heartbeat"))
             .json(&body)
             .timeout(Duration::from_secs(10));
-        let resp: HeartbeatResponse = self
-            .send(rb)
-            .await?
-            .json()
-            .await
-            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+        let resp: HeartbeatResponse =
+            self.send(rb).await?.json().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
         Ok(resp.cancelled)
     }
 
@@ -192,19 +149,21 @@ impl BrokerClient {
         token: &LeaseToken,
         path: &Path,
         content_type: &str,
+        comfy_execution: Option<Duration>,
     ) -> Result<(), BrokerCallError> {
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-            file,
-            256 * 1024,
-        ));
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
         let rb = self
             .request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/result"))
             .header("lease-token", token.as_str())
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(body);
+        let rb = match comfy_execution {
+            Some(d) => rb.header("comfy-execution-ms", d.as_millis().to_string()),
+            None => rb,
+        };
         self.send(rb).await?;
         Ok(())
     }
@@ -217,11 +176,7 @@ impl BrokerClient {
         message: &str,
         retryable: bool,
     ) -> Result<(), BrokerCallError> {
-        let body = FailRequest {
-            lease_token: token.clone(),
-            message: message.to_owned(),
-            retryable,
-        };
+        let body = FailRequest { lease_token: token.clone(), message: message.to_owned(), retryable };
         let rb = self
             .request(reqwest::Method::POST, &format!("/worker/jobs/{job}/fail"))
             .json(&body)

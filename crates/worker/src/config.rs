@@ -104,10 +104,7 @@ fn secs(name: &'static str, v: f64) -> Result<Duration, WorkerConfigError> {
     if v.is_finite() && v > 0.0 && v < 1e9 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(WorkerConfigError::Invalid {
-            name,
-            message: format!("must be a positive number of seconds, got {v}"),
-        })
+        Err(WorkerConfigError::Invalid { name, message: format!("must be a positive number of seconds, got {v}") })
     }
 }
 
@@ -122,28 +119,16 @@ impl WorkerArgs {
         default_spool: PathBuf,
     ) -> Result<WorkerConfig, WorkerConfigError> {
         let comfy = match self.comfyui_urls.as_deref().map(str::trim) {
-            Some(list) if !list.is_empty() => {
-                ComfyEndpoints::parse_list(list).map_err(|e| WorkerConfigError::Invalid {
-                    name: "COMFYUI_URLS",
-                    message: e.to_string(),
-                })?
-            }
+            Some(list) if !list.is_empty() => ComfyEndpoints::parse_list(list)
+                .map_err(|e| WorkerConfigError::Invalid { name: "COMFYUI_URLS", message: e.to_string() })?,
             _ => {
                 let one = ComfyEndpoint::from_host_port(&self.comfyui_host, self.comfyui_port)
-                    .map_err(|e| WorkerConfigError::Invalid {
-                        name: "COMFYUI_HOST",
-                        message: e.to_string(),
-                    })?;
-                ComfyEndpoints::new(vec![one]).map_err(|e| WorkerConfigError::Invalid {
-                    name: "COMFYUI_HOST",
-                    message: e.to_string(),
-                })?
+                    .map_err(|e| WorkerConfigError::Invalid { name: "COMFYUI_HOST", message: e.to_string() })?;
+                ComfyEndpoints::new(vec![one])
+                    .map_err(|e| WorkerConfigError::Invalid { name: "COMFYUI_HOST", message: e.to_string() })?
             }
         };
-        let worker_id = self
-            .worker_id
-            .filter(|w| !w.trim().is_empty())
-            .unwrap_or_else(default_worker_id);
+        let worker_id = self.worker_id.filter(|w| !w.trim().is_empty()).unwrap_or_else(default_worker_id);
         Ok(WorkerConfig {
             broker_url,
             token: token.filter(|t| !t.is_empty()),
@@ -168,10 +153,6 @@ fn default_worker_id() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("COMPUTERNAME").ok())
         .unwrap_or_else(|| "worker".to_owned());
-    let host: String = host
-        .chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(100)
-        .collect();
+    let host: String = host.chars().filter(|c| c.is_ascii_graphic()).take(100).collect();
     format!("{host}-{}", std::process::id())
 }

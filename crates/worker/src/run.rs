@@ -11,8 +11,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tdcomfy_api::{Lease, Progress};
 use tdcomfy_comfy::{
-    ClientId, ComfyClient, ComfyError, ComfyTimeouts, ImageUpload, OutputFile, PromptId,
-    PromptRunner, RunConfig, RunFailure, RunFailureKind, RunUpdate, pick_primary,
+    ClientId, ComfyClient, ComfyError, ComfyTimeouts, ImageUpload, OutputFile, PromptId, PromptRunner, RunConfig,
+    RunFailure, RunFailureKind, RunUpdate, pick_primary,
 };
 use tdcomfy_workflows::JobInputs;
 use tokio::io::AsyncWriteExt;
@@ -64,10 +64,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             stall_timeout: config.stall_timeout,
             ..RunConfig::default()
         };
-        backends.push(Backend {
-            label: endpoint.to_string(),
-            runner: PromptRunner::new(client, run_config),
-        });
+        backends.push(Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config) });
     }
     tracing::info!(worker = %config.worker_id, broker = %config.broker_url, comfyui = ?backends.iter().map(|b| &b.label).collect::<Vec<_>>(), "worker started");
     let mut next_backend = 0usize;
@@ -83,21 +80,14 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
                 broker_failures = 0;
                 let backend = &backends[next_backend % backends.len()];
                 next_backend = next_backend.wrapping_add(1);
-                let job = JobRun {
-                    config: &config,
-                    broker: &broker,
-                    backend,
-                    lease: &lease,
-                    shutdown: &shutdown,
-                };
+                let job = JobRun { config: &config, broker: &broker, backend, lease: &lease, shutdown: &shutdown };
                 let end = job.run().await;
                 tracing::info!(job_id = %lease.job_id, ?end, "job finished on this worker");
             }
             Err(e) => {
                 broker_failures = broker_failures.saturating_add(1);
                 // WORKER_POLL_INTERVAL, doubling up to 20× while the broker stays away.
-                let delay =
-                    config.retry_delay * 2u32.saturating_pow(broker_failures.min(5) - 1).min(20);
+                let delay = config.retry_delay * 2u32.saturating_pow(broker_failures.min(5) - 1).min(20);
                 tracing::warn!(error = %e, retry_in = ?delay, "broker unreachable");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -126,10 +116,7 @@ struct Failure {
 
 impl Failure {
     fn new(message: impl Into<String>, retryable: bool) -> Failure {
-        Failure {
-            message: message.into(),
-            retryable,
-        }
+        Failure { message: message.into(), retryable }
     }
 }
 
@@ -162,17 +149,9 @@ impl JobRun<'_> {
 
     async fn execute(&self, dir: &Path) -> Result<JobEnd, Failure> {
         let lease = self.lease;
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| Failure::new(format!("worker spool: {e}"), true))?;
+        tokio::fs::create_dir_all(dir).await.map_err(|e| Failure::new(format!("worker spool: {e}"), true))?;
         let workflow = self.config.workflows.get(&lease.workflow).ok_or_else(|| {
-            Failure::new(
-                format!(
-                    "this worker does not have the workflow {:?}",
-                    lease.workflow
-                ),
-                true,
-            )
+            Failure::new(format!("this worker does not have the workflow {:?}", lease.workflow), true)
         })?;
 
         // 1. The frame, from the broker to ComfyUI, under a name no other job uses.
@@ -182,25 +161,18 @@ impl JobRun<'_> {
             _ => "png",
         };
         let input_path = dir.join(format!("input.{ext}"));
-        match self
-            .broker
-            .download_input(lease.job_id, &lease.lease_token, &input_path)
-            .await
-        {
+        match self.broker.download_input(lease.job_id, &lease.lease_token, &input_path).await {
             Ok(_) => {}
             Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => {
                 return Ok(JobEnd::Abandoned);
             }
             Err(e) => {
-                return Err(Failure::new(
-                    format!("could not fetch the input frame: {e}"),
-                    true,
-                ));
+                return Err(Failure::new(format!("could not fetch the input frame: {e}"), true));
             }
         }
         let client = self.backend.runner.client();
-        let upload = ImageUpload::from_file(format!("{}.{ext}", lease.job_id), input_path.clone())
-            .in_subfolder("tdcomfy");
+        let upload =
+            ImageUpload::from_file(format!("{}.{ext}", lease.job_id), input_path.clone()).in_subfolder("tdcomfy");
         let uploaded = self.upload_with_retry(client, upload).await?;
         let image_name = if uploaded.subfolder.is_empty() {
             uploaded.name.clone()
@@ -223,29 +195,21 @@ impl JobRun<'_> {
         // 3. Run it, relaying progress and watching for cancellation.
         let prompt_id = PromptId::new();
         let outcome = self.supervise(graph, prompt_id.clone()).await;
-        self.clean_comfy(client, &prompt_id, &uploaded.subfolder, &uploaded.name, ext)
-            .await;
-        let outputs = match outcome {
-            Supervised::Finished(outputs) => outputs,
+        self.clean_comfy(client, &prompt_id, &uploaded.subfolder, &uploaded.name, ext).await;
+        let (outputs, comfy_execution) = match outcome {
+            Supervised::Finished(outputs, t) => (outputs, t),
             Supervised::Abandoned => return Ok(JobEnd::Abandoned),
             Supervised::Shutdown => {
-                return Err(Failure::new(
-                    "the worker was shut down while running the job",
-                    true,
-                ));
+                return Err(Failure::new("the worker was shut down while running the job", true));
             }
             Supervised::Failed(f) => return Err(describe_failure(&f, &self.backend.label)),
         };
 
         // 4. The result: ComfyUI → spool file → broker, streamed both ways.
-        let primary = pick_primary(&outputs, workflow.primary_output_hint()).ok_or_else(|| {
-            Failure::new(
-                "ComfyUI reported success but produced no output file",
-                false,
-            )
-        })?;
+        let primary = pick_primary(&outputs, workflow.primary_output_hint())
+            .ok_or_else(|| Failure::new("ComfyUI reported success but produced no output file", false))?;
         let (result_path, content_type) = self.fetch_output(client, primary, dir).await?;
-        self.deliver(&result_path, &content_type).await
+        self.deliver(&result_path, &content_type, comfy_execution).await
     }
 
     async fn upload_with_retry(
@@ -258,21 +222,14 @@ impl JobRun<'_> {
         loop {
             match client.upload_image(upload.clone()).await {
                 Ok(u) => return Ok(u),
-                Err(e)
-                    if e.is_transient()
-                        && Instant::now() + delay < deadline
-                        && !self.shutdown.is_cancelled() =>
-                {
+                Err(e) if e.is_transient() && Instant::now() + delay < deadline && !self.shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, "ComfyUI upload failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(4));
                 }
                 Err(e) => {
                     return Err(Failure::new(
-                        format!(
-                            "ComfyUI at {} is unreachable or refused the frame: {e}",
-                            self.backend.label
-                        ),
+                        format!("ComfyUI at {} is unreachable or refused the frame: {e}", self.backend.label),
                         e.is_transient(),
                     ));
                 }
@@ -283,10 +240,7 @@ impl JobRun<'_> {
     async fn supervise(&self, graph: serde_json::Value, prompt_id: PromptId) -> Supervised {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
         let cancel = CancellationToken::new();
-        let mut run = self
-            .backend
-            .runner
-            .run_prompt(graph, prompt_id, cancel.clone());
+        let mut run = self.backend.runner.run_prompt(graph, prompt_id, cancel.clone());
         let mut tick = tokio::time::interval(self.config.progress_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending: Option<Progress> = None;
@@ -304,7 +258,9 @@ impl JobRun<'_> {
                             node_type: p.node_type,
                         });
                     }
-                    Some(RunUpdate::Finished { outputs }) => return stop_reason.unwrap_or(Supervised::Finished(outputs)),
+                    Some(RunUpdate::Finished { outputs, execution_time }) => {
+                        return stop_reason.unwrap_or(Supervised::Finished(outputs, execution_time));
+                    }
                     Some(RunUpdate::Failed(f)) => return stop_reason.unwrap_or(Supervised::Failed(f)),
                     Some(_) => {}
                     None => {
@@ -343,19 +299,11 @@ impl JobRun<'_> {
         }
     }
 
-    async fn clean_comfy(
-        &self,
-        client: &ComfyClient,
-        prompt_id: &PromptId,
-        subfolder: &str,
-        name: &str,
-        ext: &str,
-    ) {
+    async fn clean_comfy(&self, client: &ComfyClient, prompt_id: &PromptId, subfolder: &str, name: &str, ext: &str) {
         // ComfyUI has no delete for uploads: overwrite the frame with a 1-pixel stand-in so the
         // input folder does not grow by a frame per job, and drop the history entry.
-        let tombstone = ImageUpload::from_bytes(name.to_owned(), tombstone_bytes(ext))
-            .in_subfolder(subfolder)
-            .overwrite(true);
+        let tombstone =
+            ImageUpload::from_bytes(name.to_owned(), tombstone_bytes(ext)).in_subfolder(subfolder).overwrite(true);
         if let Err(e) = client.upload_image(tombstone).await {
             tracing::debug!(error = %e, "could not blank the uploaded frame");
         }
@@ -372,10 +320,7 @@ impl JobRun<'_> {
     ) -> Result<(PathBuf, String), Failure> {
         let fail = |e: &dyn std::fmt::Display| {
             Failure::new(
-                format!(
-                    "could not download {} from ComfyUI at {}: {e}",
-                    file.filename, self.backend.label
-                ),
+                format!("could not download {} from ComfyUI at {}: {e}", file.filename, self.backend.label),
                 true,
             )
         };
@@ -397,24 +342,22 @@ impl JobRun<'_> {
 
     /// Uploads the result, retrying while the broker is away, until it is accepted or the lease is
     /// gone.
-    async fn deliver(&self, path: &Path, content_type: &str) -> Result<JobEnd, Failure> {
+    async fn deliver(
+        &self,
+        path: &Path,
+        content_type: &str,
+        comfy_execution: Option<Duration>,
+    ) -> Result<JobEnd, Failure> {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
         let mut delay = self.config.retry_delay;
         let give_up = Instant::now() + Duration::from_secs_f64(self.lease.job_timeout.max(60.0));
         loop {
-            match self
-                .broker
-                .upload_result(id, token, path, content_type)
-                .await
-            {
+            match self.broker.upload_result(id, token, path, content_type, comfy_execution).await {
                 Ok(()) => return Ok(JobEnd::Delivered),
                 Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => {
                     return Ok(JobEnd::Abandoned);
                 }
-                Err(e)
-                    if (e.is_transient() || matches!(e, BrokerCallError::Io(_)))
-                        && Instant::now() < give_up =>
-                {
+                Err(e) if (e.is_transient() || matches!(e, BrokerCallError::Io(_))) && Instant::now() < give_up => {
                     tracing::warn!(job_id = %id, error = %error_chain(&e), retry_in = ?delay, "result upload failed; the result waits in the spool");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -423,10 +366,7 @@ impl JobRun<'_> {
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
-                    return Err(Failure::new(
-                        format!("the broker refused the result: {e}"),
-                        false,
-                    ));
+                    return Err(Failure::new(format!("the broker refused the result: {e}"), false));
                 }
             }
         }
@@ -434,7 +374,7 @@ impl JobRun<'_> {
 }
 
 enum Supervised {
-    Finished(Vec<OutputFile>),
+    Finished(Vec<OutputFile>, Option<Duration>),
     Failed(RunFailure),
     Abandoned,
     Shutdown,
@@ -445,10 +385,7 @@ fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
         RunFailureKind::BackendUnreachable => {
             format!("ComfyUI at {backend} is unreachable: {}", f.message)
         }
-        RunFailureKind::Lost => format!(
-            "ComfyUI at {backend} lost the prompt (restarted?): {}",
-            f.message
-        ),
+        RunFailureKind::Lost => format!("ComfyUI at {backend} lost the prompt (restarted?): {}", f.message),
         _ => f.message.clone(),
     };
     Failure::new(message, f.kind.is_retryable())
@@ -470,11 +407,10 @@ fn mime_for(format: &str) -> &'static str {
 /// A 1×1 image in the frame's format, to blank an uploaded frame.
 fn tombstone_bytes(ext: &str) -> Vec<u8> {
     const PNG_1X1: &[u8] = &[
-        0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44,
-        0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x00, 0x00, 0x00, 0x3A,
-        0x7E, 0x9B, 0x55, 0x00, 0x00, 0x00, 0x0A, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9C, 0x63, 0x60,
-        0x00, 0x00, 0x00, 0x02, 0x00, 0x01, 0xE5, 0x27, 0xDE, 0xFC, 0x00, 0x00, 0x00, 0x00, 0x49,
-        0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
+        0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00,
+        0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x00, 0x00, 0x00, 0x3A, 0x7E, 0x9B, 0x55, 0x00, 0x00, 0x00,
+        0x0A, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9C, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01, 0xE5, 0x27, 0xDE,
+        0xFC, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
     ];
     // The extension is kept so ComfyUI's name stays the same; a PNG body under a .jpg name only
     // matters if the frame were loaded again, which it is not.

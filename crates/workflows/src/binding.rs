@@ -140,27 +140,9 @@ const DETECTED_INPUTS: &[(&str, &[(&str, &str)])] = &[
             ("RandomNoise", "noise_seed"),
         ],
     ),
-    (
-        "width",
-        &[
-            ("LTXVImgToVideo", "width"),
-            ("EmptyLTXVLatentVideo", "width"),
-        ],
-    ),
-    (
-        "height",
-        &[
-            ("LTXVImgToVideo", "height"),
-            ("EmptyLTXVLatentVideo", "height"),
-        ],
-    ),
-    (
-        "frames",
-        &[
-            ("LTXVImgToVideo", "length"),
-            ("EmptyLTXVLatentVideo", "length"),
-        ],
-    ),
+    ("width", &[("LTXVImgToVideo", "width"), ("EmptyLTXVLatentVideo", "width")]),
+    ("height", &[("LTXVImgToVideo", "height"), ("EmptyLTXVLatentVideo", "height")]),
+    ("frames", &[("LTXVImgToVideo", "length"), ("EmptyLTXVLatentVideo", "length")]),
     (
         "fps",
         &[
@@ -186,15 +168,7 @@ const DETECTED_INPUTS: &[(&str, &[(&str, &str)])] = &[
             ("SDTurboScheduler", "steps"),
         ],
     ),
-    (
-        "cfg",
-        &[
-            ("KSampler", "cfg"),
-            ("KSamplerAdvanced", "cfg"),
-            ("SamplerCustom", "cfg"),
-            ("CFGGuider", "cfg"),
-        ],
-    ),
+    ("cfg", &[("KSampler", "cfg"), ("KSamplerAdvanced", "cfg"), ("SamplerCustom", "cfg"), ("CFGGuider", "cfg")]),
 ];
 
 /// Which input a bare `@name` (or node-map `"<id>"`) means on a node, for the well-known names.
@@ -217,9 +191,7 @@ fn standard_description(name: &str) -> Option<&'static str> {
         "negative" => "Negative prompt: what the result should avoid",
         "seed" => "Noise seed (0 to 2^64-1); omit to keep the workflow's seed",
         // Several inputs move together here, so no single input's description fits.
-        "fps" => {
-            "Frames per second (sets every fps input, e.g. the video and the model conditioning)"
-        }
+        "fps" => "Frames per second (sets every fps input, e.g. the video and the model conditioning)",
         _ => return None,
     })
 }
@@ -232,25 +204,14 @@ enum Via {
 }
 
 /// Resolves all bindings of one workflow. `name` is only used in suggested fixes.
-pub(crate) fn resolve(
-    graph: &Graph,
-    name: &str,
-    overrides: &NodeBindings,
-) -> Result<Resolved, Vec<ParamProblem>> {
+pub(crate) fn resolve(graph: &Graph, name: &str, overrides: &NodeBindings) -> Result<Resolved, Vec<ParamProblem>> {
     let mut problems: Vec<ParamProblem> = Vec::new();
     // name → source → targets
-    let mut requested: BTreeMap<String, BTreeMap<BindingSource, Vec<InputTarget>>> =
-        BTreeMap::new();
+    let mut requested: BTreeMap<String, BTreeMap<BindingSource, Vec<InputTarget>>> = BTreeMap::new();
     let mut declared_outputs: BTreeMap<BindingSource, Vec<String>> = BTreeMap::new();
 
     collect_markers(graph, &mut requested, &mut declared_outputs, &mut problems);
-    collect_node_map(
-        graph,
-        overrides,
-        &mut requested,
-        &mut declared_outputs,
-        &mut problems,
-    );
+    collect_node_map(graph, overrides, &mut requested, &mut declared_outputs, &mut problems);
 
     let output_nodes = output_nodes(graph, &declared_outputs);
     if output_nodes.is_empty() {
@@ -279,12 +240,7 @@ pub(crate) fn resolve(
     }
     let (positive, negative) = detect_prompts(graph);
     add(&mut requested, "prompt", BindingSource::Detected, &positive);
-    add(
-        &mut requested,
-        "negative",
-        BindingSource::Detected,
-        &negative,
-    );
+    add(&mut requested, "negative", BindingSource::Detected, &negative);
     for (param, inputs) in DETECTED_INPUTS {
         let targets = detect_by_class(graph, inputs);
         add(&mut requested, param, BindingSource::Detected, &targets);
@@ -294,21 +250,12 @@ pub(crate) fn resolve(
     if !params.iter().any(|p| p.name == "image") {
         let reason = match image_detection {
             Err(reason) => reason,
-            Ok(_) => "its input is claimed by another parameter; bind `image` to a LoadImage node"
-                .to_string(),
+            Ok(_) => "its input is claimed by another parameter; bind `image` to a LoadImage node".to_string(),
         };
         problems.push((Some("image".to_string()), reason));
     }
 
-    if problems.is_empty() {
-        Ok(Resolved {
-            params,
-            output_nodes,
-            primary_output,
-        })
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(Resolved { params, output_nodes, primary_output }) } else { Err(problems) }
 }
 
 fn add(
@@ -320,11 +267,7 @@ fn add(
     if targets.is_empty() {
         return;
     }
-    let list = requested
-        .entry(name.to_string())
-        .or_default()
-        .entry(source)
-        .or_default();
+    let list = requested.entry(name.to_string()).or_default().entry(source).or_default();
     for t in targets {
         if !list.contains(t) {
             list.push(t.clone());
@@ -351,10 +294,7 @@ fn collect_markers(
             let (param, explicit) = match parse_marker(token) {
                 Ok(parsed) => parsed,
                 Err(reason) => {
-                    problems.push((
-                        None,
-                        format!("node {} title \"{title}\": {reason}", node.label()),
-                    ));
+                    problems.push((None, format!("node {} title \"{title}\": {reason}", node.label())));
                     continue;
                 }
             };
@@ -368,23 +308,14 @@ fn collect_markers(
                         ),
                     ));
                 } else {
-                    declared_outputs
-                        .entry(BindingSource::Marker)
-                        .or_default()
-                        .push(node.id.clone());
+                    declared_outputs.entry(BindingSource::Marker).or_default().push(node.id.clone());
                 }
                 continue;
             }
             match pick_input(node, param, explicit, Via::Marker) {
-                Ok(input) => add(
-                    requested,
-                    param,
-                    BindingSource::Marker,
-                    &[InputTarget {
-                        node_id: node.id.clone(),
-                        input,
-                    }],
-                ),
+                Ok(input) => {
+                    add(requested, param, BindingSource::Marker, &[InputTarget { node_id: node.id.clone(), input }])
+                }
                 Err(reason) => problems.push((Some(param.to_string()), reason)),
             }
         }
@@ -424,10 +355,7 @@ fn collect_node_map(
         for r in refs {
             if param == OUTPUT_KEY {
                 match graph.node(r.as_str()) {
-                    Some(node) => declared_outputs
-                        .entry(BindingSource::NodeMap)
-                        .or_default()
-                        .push(node.id.clone()),
+                    Some(node) => declared_outputs.entry(BindingSource::NodeMap).or_default().push(node.id.clone()),
                     None => problems.push((
                         None,
                         format!(
@@ -440,17 +368,14 @@ fn collect_node_map(
                 continue;
             }
             let result = split_ref(graph, r).and_then(|(node, explicit)| {
-                pick_input(node, param, explicit, Via::NodeMap).map(|input| InputTarget {
-                    node_id: node.id.clone(),
-                    input,
-                })
+                pick_input(node, param, explicit, Via::NodeMap)
+                    .map(|input| InputTarget { node_id: node.id.clone(), input })
             });
             match result {
                 Ok(target) => add(requested, param, BindingSource::NodeMap, &[target]),
-                Err(reason) => problems.push((
-                    Some(param.to_string()),
-                    format!("node map entry \"{}\": {reason}", r.as_str()),
-                )),
+                Err(reason) => {
+                    problems.push((Some(param.to_string()), format!("node map entry \"{}\": {reason}", r.as_str())))
+                }
             }
         }
     }
@@ -458,10 +383,7 @@ fn collect_node_map(
 
 /// `"72"` is a node; `"72.noise_seed"` is node 72's `noise_seed` — unless a node is literally
 /// called `72.noise_seed`, which is checked first.
-fn split_ref<'g, 'r>(
-    graph: &'g Graph,
-    r: &'r NodeRef,
-) -> Result<(&'g Node, Option<&'r str>), String> {
+fn split_ref<'g, 'r>(graph: &'g Graph, r: &'r NodeRef) -> Result<(&'g Node, Option<&'r str>), String> {
     let text = r.as_str();
     if let Some(node) = graph.node(text) {
         return Ok((node, None));
@@ -480,37 +402,21 @@ fn split_ref<'g, 'r>(
 
 /// The input a marker or map entry binds: the explicit one, else the well-known input for the
 /// name, else an input called like the parameter, else the node's only literal input.
-fn pick_input(
-    node: &Node,
-    param: &str,
-    explicit: Option<&str>,
-    via: Via,
-) -> Result<String, String> {
+fn pick_input(node: &Node, param: &str, explicit: Option<&str>, via: Via) -> Result<String, String> {
     let how = match via {
         Via::Marker => format!("title the node `@{param}:<input>`"),
         Via::NodeMap => format!("map it as \"{}.<input>\"", node.id),
     };
     let literals = node.literal_names();
     let listed = || {
-        if literals.is_empty() {
-            "none".to_string()
-        } else {
-            literals.join(", ")
-        }
+        if literals.is_empty() { "none".to_string() } else { literals.join(", ") }
     };
     let linked = |input: &str| {
-        format!(
-            "node {} input `{input}` is fed by a link from another node, so it has no value to set",
-            node.label()
-        )
+        format!("node {} input `{input}` is fed by a link from another node, so it has no value to set", node.label())
     };
     if let Some(input) = explicit {
         return match node.inputs.get(input) {
-            None => Err(format!(
-                "node {} has no input `{input}` (value inputs: {})",
-                node.label(),
-                listed()
-            )),
+            None => Err(format!("node {} has no input `{input}` (value inputs: {})", node.label(), listed())),
             Some(Input::Link { .. }) => Err(linked(input)),
             Some(Input::Literal(_)) => Ok(input.to_string()),
         };
@@ -527,10 +433,7 @@ fn pick_input(
     }
     match literals.as_slice() {
         [only] => Ok((*only).to_string()),
-        [] => Err(format!(
-            "node {} has no value inputs to bind (all its inputs are links)",
-            node.label()
-        )),
+        [] => Err(format!("node {} has no value inputs to bind (all its inputs are links)", node.label())),
         many => Err(format!(
             "node {} has {} value inputs ({}), so it is ambiguous which one `{param}` means; {how}",
             node.label(),
@@ -541,10 +444,7 @@ fn pick_input(
 }
 
 fn is_output_node(node: &Node) -> bool {
-    OUTPUT_CLASSES.contains(&node.class_type.as_str())
-        || node
-            .literal("filename_prefix")
-            .is_some_and(Value::is_string)
+    OUTPUT_CLASSES.contains(&node.class_type.as_str()) || node.literal("filename_prefix").is_some_and(Value::is_string)
 }
 
 fn output_nodes(graph: &Graph, declared: &BTreeMap<BindingSource, Vec<String>>) -> Vec<String> {
@@ -557,9 +457,7 @@ fn output_nodes(graph: &Graph, declared: &BTreeMap<BindingSource, Vec<String>>) 
         .collect()
 }
 
-fn primary_declared(
-    declared: &BTreeMap<BindingSource, Vec<String>>,
-) -> Result<Option<String>, String> {
+fn primary_declared(declared: &BTreeMap<BindingSource, Vec<String>>) -> Result<Option<String>, String> {
     // BTreeMap iterates by ascending precedence; the last entry is the strongest source.
     let Some((source, ids)) = declared.iter().next_back() else {
         return Ok(None);
@@ -572,11 +470,7 @@ fn primary_declared(
         };
         return Err(format!(
             "{what} several primary outputs ({}); mark exactly one node `@output`",
-            unique
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            unique.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         ));
     }
     Ok(unique.into_iter().next().cloned())
@@ -592,16 +486,14 @@ fn ranked_primary_output(graph: &Graph, outputs: &[String]) -> Option<String> {
             "SaveImage" => Some(2),
             "PreviewImage" => Some(1),
             // Websocket images never reach history; audio/latents are not a visual result.
-            "SaveImageWebsocket" | "SaveAudio" | "SaveAudioMP3" | "SaveAudioOpus"
-            | "PreviewAudio" | "SaveLatent" => None,
+            "SaveImageWebsocket" | "SaveAudio" | "SaveAudioMP3" | "SaveAudioOpus" | "PreviewAudio" | "SaveLatent" => {
+                None
+            }
             _ => Some(2),
         }
     };
-    let ranked: Vec<(u8, &str)> = outputs
-        .iter()
-        .filter_map(|id| graph.node(id))
-        .filter_map(|n| rank(n).map(|r| (r, n.id.as_str())))
-        .collect();
+    let ranked: Vec<(u8, &str)> =
+        outputs.iter().filter_map(|id| graph.node(id)).filter_map(|n| rank(n).map(|r| (r, n.id.as_str()))).collect();
     let best = ranked.iter().map(|(r, _)| *r).max()?;
     let mut top = ranked.iter().filter(|(r, _)| *r == best);
     let first = top.next()?;
@@ -609,41 +501,19 @@ fn ranked_primary_output(graph: &Graph, outputs: &[String]) -> Option<String> {
 }
 
 fn detect_image(graph: &Graph, name: &str, outputs: &[String]) -> Result<Vec<InputTarget>, String> {
-    let loads: Vec<&Node> = graph
-        .nodes()
-        .iter()
-        .filter(|n| n.class_type == "LoadImage")
-        .collect();
+    let loads: Vec<&Node> = graph.nodes().iter().filter(|n| n.class_type == "LoadImage").collect();
     if loads.is_empty() {
-        return Err(
-            "no LoadImage node, so there is nowhere to put the uploaded frame; add a LoadImage \
+        return Err("no LoadImage node, so there is nowhere to put the uploaded frame; add a LoadImage \
              node, or title the node that should receive the frame `@image`"
-                .to_string(),
-        );
+            .to_string());
     }
     let upstream = graph.upstream_of(outputs.iter().map(String::as_str));
-    let feeding: Vec<&Node> = loads
-        .iter()
-        .copied()
-        .filter(|n| upstream.contains(&n.id))
-        .collect();
-    let ids = |nodes: &[&Node]| {
-        nodes
-            .iter()
-            .map(|n| n.id.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let feeding: Vec<&Node> = loads.iter().copied().filter(|n| upstream.contains(&n.id)).collect();
+    let ids = |nodes: &[&Node]| nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>().join(", ");
     match feeding.as_slice() {
         [one] => match one.literal("image") {
-            Some(Value::String(_)) => Ok(vec![InputTarget {
-                node_id: one.id.clone(),
-                input: "image".to_string(),
-            }]),
-            _ => Err(format!(
-                "LoadImage node {} has no file-name value in its `image` input",
-                one.id
-            )),
+            Some(Value::String(_)) => Ok(vec![InputTarget { node_id: one.id.clone(), input: "image".to_string() }]),
+            _ => Err(format!("LoadImage node {} has no file-name value in its `image` input", one.id)),
         },
         [] => Err(format!(
             "LoadImage node{} {} feed{} no output node, so the uploaded frame would never be used; \
@@ -688,12 +558,7 @@ fn detect_prompts(graph: &Graph) -> (Vec<InputTarget>, Vec<InputTarget>) {
     let to_targets = |ids: Vec<String>| {
         let mut ids = ids;
         ids.sort_by(|a, b| crate::graph::cmp_node_ids(a, b));
-        ids.into_iter()
-            .map(|node_id| InputTarget {
-                node_id,
-                input: "text".to_string(),
-            })
-            .collect()
+        ids.into_iter().map(|node_id| InputTarget { node_id, input: "text".to_string() }).collect()
     };
     (to_targets(positive), to_targets(negative))
 }
@@ -717,12 +582,8 @@ fn trace_text_encoder(graph: &Graph, start: &str, start_output: u64) -> Option<S
                 _ => None,
             }
         } else {
-            let conditioning: Vec<(&str, u64)> = node
-                .inputs
-                .keys()
-                .filter(|k| k.starts_with("conditioning"))
-                .filter_map(|k| node.link(k))
-                .collect();
+            let conditioning: Vec<(&str, u64)> =
+                node.inputs.keys().filter(|k| k.starts_with("conditioning")).filter_map(|k| node.link(k)).collect();
             match conditioning.as_slice() {
                 [one] => Some(*one),
                 _ => None,
@@ -739,17 +600,12 @@ fn detect_by_class(graph: &Graph, inputs: &[(&str, &str)]) -> Vec<InputTarget> {
         .nodes()
         .iter()
         .flat_map(|node| {
-            inputs
-                .iter()
-                .filter(move |(class, _)| node.class_type == *class)
-                .filter_map(move |(class, input)| {
-                    let literal = node.literal(input)?;
-                    let spec = known_input(class, input)?;
-                    spec.accepts_literal(literal).then(|| InputTarget {
-                        node_id: node.id.clone(),
-                        input: (*input).to_string(),
-                    })
-                })
+            inputs.iter().filter(move |(class, _)| node.class_type == *class).filter_map(move |(class, input)| {
+                let literal = node.literal(input)?;
+                let spec = known_input(class, input)?;
+                spec.accepts_literal(literal)
+                    .then(|| InputTarget { node_id: node.id.clone(), input: (*input).to_string() })
+            })
         })
         .collect()
 }
@@ -818,22 +674,17 @@ fn build_binding(
     let mut default: Option<Value> = None;
     let mut first_label = String::new();
     for t in &targets {
-        let node = graph
-            .node(&t.node_id)
-            .ok_or_else(|| format!("node {} vanished from the graph", t.node_id))?;
-        let literal = node
-            .literal(&t.input)
-            .ok_or_else(|| format!("node {} input `{}` has no value", node.label(), t.input))?;
-        let own = known_input(&node.class_type, &t.input)
-            .or_else(|| ValueSpec::infer(literal))
-            .ok_or_else(|| {
-                format!(
-                    "node {} input `{}` holds a JSON {}, which cannot be a parameter",
-                    node.label(),
-                    t.input,
-                    crate::graph::json_kind(literal)
-                )
-            })?;
+        let node = graph.node(&t.node_id).ok_or_else(|| format!("node {} vanished from the graph", t.node_id))?;
+        let literal =
+            node.literal(&t.input).ok_or_else(|| format!("node {} input `{}` has no value", node.label(), t.input))?;
+        let own = known_input(&node.class_type, &t.input).or_else(|| ValueSpec::infer(literal)).ok_or_else(|| {
+            format!(
+                "node {} input `{}` holds a JSON {}, which cannot be a parameter",
+                node.label(),
+                t.input,
+                crate::graph::json_kind(literal)
+            )
+        })?;
         if !own.accepts_literal(literal) {
             return Err(format!(
                 "node {} input `{}` holds {literal}, but that input takes {}",
@@ -844,9 +695,7 @@ fn build_binding(
         }
         // ComfyUI rejects out-of-range literals at submit; catch that now, not on every job.
         // Steps are not enforced by ComfyUI, so an off-step literal is left alone.
-        if let Err(e @ (BindError::TooSmall { .. } | BindError::TooLarge { .. })) =
-            own.check(name, literal)
-        {
+        if let Err(e @ (BindError::TooSmall { .. } | BindError::TooLarge { .. })) = own.check(name, literal) {
             return Err(format!(
                 "the workflow's own value at node {} input `{}` is invalid: {e}",
                 node.label(),
@@ -908,12 +757,5 @@ fn build_binding(
         .or(spec.description)
         .map(str::to_string)
         .unwrap_or_else(|| format!("Value of {first_label}"));
-    Ok(ParamBinding {
-        name: name.to_string(),
-        spec,
-        default,
-        description,
-        targets,
-        source,
-    })
+    Ok(ParamBinding { name: name.to_string(), spec, default, description, targets, source })
 }

@@ -84,11 +84,7 @@ struct Report<'a>(&'a [Problem]);
 impl fmt::Display for Report<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        write!(
-            f,
-            "workflow check failed with {n} problem{}:",
-            if n == 1 { "" } else { "s" }
-        )?;
+        write!(f, "workflow check failed with {n} problem{}:", if n == 1 { "" } else { "s" })?;
         for p in self.0 {
             write!(f, "\n  - {p}")?;
         }
@@ -125,9 +121,7 @@ pub enum BindError {
         why: &'static str,
     },
     /// The same standard parameter was given twice with different values.
-    #[error(
-        "`{name}` was given both as its own field and in `params`, with different values; send it once"
-    )]
+    #[error("`{name}` was given both as its own field and in `params`, with different values; send it once")]
     Conflict {
         /// The parameter.
         name: String,
@@ -182,14 +176,10 @@ pub enum BindError {
         above: Number,
     },
     /// The job has no uploaded image name.
-    #[error(
-        "the job has no input image name (upload the frame first and pass the name ComfyUI returned)"
-    )]
+    #[error("the job has no input image name (upload the frame first and pass the name ComfyUI returned)")]
     MissingImage,
     /// The job id cannot be used in an output file name.
-    #[error(
-        "job id `{job_id}` cannot be used in an output file name: use 1-128 ASCII letters, digits, `-` or `_`"
-    )]
+    #[error("job id `{job_id}` cannot be used in an output file name: use 1-128 ASCII letters, digits, `-` or `_`")]
     InvalidJobId {
         /// The job id given.
         job_id: String,
@@ -206,11 +196,7 @@ pub enum BindError {
 }
 
 fn list_or_none(names: &[String]) -> String {
-    if names.is_empty() {
-        "no parameters".to_string()
-    } else {
-        names.join(", ")
-    }
+    if names.is_empty() { "no parameters".to_string() } else { names.join(", ") }
 }
 
 fn nearest(below: Option<&Number>, above: &Number) -> String {

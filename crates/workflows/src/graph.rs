@@ -45,11 +45,7 @@ impl Node {
 
     /// Names of all literal inputs, in name order.
     pub fn literal_names(&self) -> Vec<&str> {
-        self.inputs
-            .iter()
-            .filter(|(_, i)| matches!(i, Input::Literal(_)))
-            .map(|(n, _)| n.as_str())
-            .collect()
+        self.inputs.iter().filter(|(_, i)| matches!(i, Input::Literal(_))).map(|(n, _)| n.as_str()).collect()
     }
 
     /// `6 (CLIPTextEncode)`, the way every message refers to a node.
@@ -97,11 +93,7 @@ impl Graph {
             }
         }
         nodes.sort_by(|a, b| cmp_node_ids(&a.id, &b.id));
-        let index: BTreeMap<String, usize> = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.id.clone(), i))
-            .collect();
+        let index: BTreeMap<String, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id.clone(), i)).collect();
 
         for node in &nodes {
             for (name, input) in &node.inputs {
@@ -116,11 +108,7 @@ impl Graph {
             }
         }
 
-        if problems.is_empty() {
-            Ok(Graph { nodes, index })
-        } else {
-            Err(problems)
-        }
+        if problems.is_empty() { Ok(Graph { nodes, index }) } else { Err(problems) }
     }
 
     /// All nodes in natural id order.
@@ -163,19 +151,14 @@ fn parse_node(id: &str, raw: &Value) -> Result<Node, String> {
     let class_type = match obj.get("class_type") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         Some(_) => {
-            return Err(format!(
-                "node {id} has a `class_type` that is not a non-empty string"
-            ));
+            return Err(format!("node {id} has a `class_type` that is not a non-empty string"));
         }
         None => return Err(format!("node {id} has no `class_type`")),
     };
     let inputs = match obj.get("inputs") {
         // A node without inputs is legal in ComfyUI (e.g. some loaders export `{}` or nothing).
         None => BTreeMap::new(),
-        Some(Value::Object(map)) => map
-            .iter()
-            .map(|(name, v)| (name.clone(), parse_input(v)))
-            .collect(),
+        Some(Value::Object(map)) => map.iter().map(|(name, v)| (name.clone(), parse_input(v))).collect(),
         Some(other) => {
             return Err(format!(
                 "node {id} ({class_type}) has `inputs` as a JSON {}, expected an object",
@@ -183,17 +166,8 @@ fn parse_node(id: &str, raw: &Value) -> Result<Node, String> {
             ));
         }
     };
-    let title = obj
-        .get("_meta")
-        .and_then(|m| m.get("title"))
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(Node {
-        id: id.to_string(),
-        class_type,
-        title,
-        inputs,
-    })
+    let title = obj.get("_meta").and_then(|m| m.get("title")).and_then(Value::as_str).map(str::to_string);
+    Ok(Node { id: id.to_string(), class_type, title, inputs })
 }
 
 /// Mirrors ComfyUI's `is_link`: a two-element list of a string id and an integer index.
@@ -202,10 +176,7 @@ fn parse_input(v: &Value) -> Input {
         && let [Value::String(node), Value::Number(idx)] = items.as_slice()
         && let Some(output) = idx.as_u64()
     {
-        return Input::Link {
-            node: node.clone(),
-            output,
-        };
+        return Input::Link { node: node.clone(), output };
     }
     Input::Literal(v.clone())
 }

@@ -46,6 +46,4 @@ pub use error::{BindError, Problem, WorkflowError};
 pub use node_map::{NodeBindings, NodeMap, NodeRef};
 pub use registry::WorkflowRegistry;
 pub use spec::ParamType;
-pub use workflow::{
-    JobInputs, OUTPUT_ROOT, ParamInfo, Workflow, WorkflowInfo, job_output_subfolder,
-};
+pub use workflow::{JobInputs, OUTPUT_ROOT, ParamInfo, Workflow, WorkflowInfo, job_output_subfolder};

@@ -85,10 +85,7 @@ impl NodeMap {
     /// Builds a node map from already-parsed JSON.
     pub fn from_value(value: &Value) -> Result<NodeMap, WorkflowError> {
         let Some(obj) = value.as_object() else {
-            return Err(node_map_error(format!(
-                "expected a JSON object, got a JSON {}",
-                json_kind(value)
-            )));
+            return Err(node_map_error(format!("expected a JSON object, got a JSON {}", json_kind(value))));
         };
         let mut map = NodeMap::default();
         for (key, v) in obj {
@@ -96,17 +93,12 @@ impl NodeMap {
                 Value::Object(scope) => {
                     let mut bindings = NodeBindings::default();
                     for (name, refs) in scope {
-                        bindings.entries.insert(
-                            name.clone(),
-                            parse_refs(&format!("{key}.{name}"), name, refs)?,
-                        );
+                        bindings.entries.insert(name.clone(), parse_refs(&format!("{key}.{name}"), name, refs)?);
                     }
                     map.scoped.insert(key.clone(), bindings);
                 }
                 other => {
-                    map.unscoped
-                        .entries
-                        .insert(key.clone(), parse_refs(key, key, other)?);
+                    map.unscoped.entries.insert(key.clone(), parse_refs(key, key, other)?);
                 }
             }
         }
@@ -126,11 +118,7 @@ impl NodeMap {
 
     /// The entries that apply to workflow `name`.
     pub fn for_workflow(&self, name: &str, is_default: bool) -> NodeBindings {
-        let mut out = if is_default {
-            self.unscoped.clone()
-        } else {
-            NodeBindings::default()
-        };
+        let mut out = if is_default { self.unscoped.clone() } else { NodeBindings::default() };
         if let Some(scope) = self.scoped.get(name) {
             for (k, v) in &scope.entries {
                 out.entries.insert(k.clone(), v.clone());

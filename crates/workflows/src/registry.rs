@@ -23,11 +23,7 @@ impl WorkflowRegistry {
     /// Loads every `*.json` in `dir`. `default` is a workflow name (a trailing `.json` is
     /// accepted too); `overrides` is the node map. Fails with a report naming each file,
     /// parameter and reason if anything cannot be resolved.
-    pub fn load(
-        dir: &Path,
-        default: &str,
-        overrides: &NodeMap,
-    ) -> Result<WorkflowRegistry, WorkflowError> {
+    pub fn load(dir: &Path, default: &str, overrides: &NodeMap) -> Result<WorkflowRegistry, WorkflowError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| WorkflowError::Io { path, source }
@@ -35,10 +31,7 @@ impl WorkflowRegistry {
         let mut files: Vec<(String, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let path = entry.map_err(io_err(dir))?.path();
-            let is_json = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+            let is_json = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("json"));
             if !is_json || !path.is_file() {
                 continue;
             }
@@ -48,19 +41,13 @@ impl WorkflowRegistry {
         }
         files.sort();
         if files.is_empty() {
-            return Err(WorkflowError::NoWorkflows {
-                dir: dir.to_path_buf(),
-            });
+            return Err(WorkflowError::NoWorkflows { dir: dir.to_path_buf() });
         }
 
         let default = default.strip_suffix(".json").unwrap_or(default).to_string();
         let available: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
         if !available.contains(&default) {
-            return Err(WorkflowError::UnknownDefault {
-                default,
-                dir: dir.to_path_buf(),
-                available,
-            });
+            return Err(WorkflowError::UnknownDefault { default, dir: dir.to_path_buf(), available });
         }
 
         let mut problems = Vec::new();
@@ -84,11 +71,7 @@ impl WorkflowRegistry {
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
                 Err(e) => {
-                    problems.push(Problem {
-                        location,
-                        param: None,
-                        reason: format!("cannot read the file: {e}"),
-                    });
+                    problems.push(Problem { location, param: None, reason: format!("cannot read the file: {e}") });
                     continue;
                 }
             };
@@ -97,11 +80,7 @@ impl WorkflowRegistry {
             let graph: Value = match serde_json::from_str(text) {
                 Ok(v) => v,
                 Err(e) => {
-                    problems.push(Problem {
-                        location,
-                        param: None,
-                        reason: format!("not valid JSON: {e}"),
-                    });
+                    problems.push(Problem { location, param: None, reason: format!("not valid JSON: {e}") });
                     continue;
                 }
             };
@@ -121,11 +100,7 @@ impl WorkflowRegistry {
         if !problems.is_empty() {
             return Err(WorkflowError::Invalid { problems });
         }
-        Ok(WorkflowRegistry {
-            dir: dir.to_path_buf(),
-            default,
-            workflows,
-        })
+        Ok(WorkflowRegistry { dir: dir.to_path_buf(), default, workflows })
     }
 
     /// The directory the workflows were loaded from.
@@ -142,12 +117,10 @@ impl WorkflowRegistry {
     /// client's error (HTTP 400).
     pub fn select(&self, name: Option<&str>) -> Result<&Workflow, BindError> {
         let name = name.unwrap_or(&self.default);
-        self.workflows
-            .get(name)
-            .ok_or_else(|| BindError::UnknownWorkflow {
-                name: name.to_string(),
-                known: self.workflows.keys().cloned().collect(),
-            })
+        self.workflows.get(name).ok_or_else(|| BindError::UnknownWorkflow {
+            name: name.to_string(),
+            known: self.workflows.keys().cloned().collect(),
+        })
     }
 
     /// The default workflow's name.
@@ -160,11 +133,7 @@ impl WorkflowRegistry {
         // Invariant from `load`: the default is one of the workflows and the map is non-empty.
         match self.workflows.get(&self.default) {
             Some(w) => w,
-            None => self
-                .workflows
-                .values()
-                .next()
-                .expect("a loaded registry holds at least one workflow"),
+            None => self.workflows.values().next().expect("a loaded registry holds at least one workflow"),
         }
     }
 
@@ -175,9 +144,6 @@ impl WorkflowRegistry {
 
     /// Every workflow with its parameters, as served by `GET /workflows`.
     pub fn describe(&self) -> Vec<WorkflowInfo> {
-        self.workflows
-            .values()
-            .map(|w| w.describe(w.name() == self.default))
-            .collect()
+        self.workflows.values().map(|w| w.describe(w.name() == self.default)).collect()
     }
 }

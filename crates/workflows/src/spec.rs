@@ -88,13 +88,7 @@ pub(crate) struct ValueSpec {
 
 impl ValueSpec {
     const fn of(ty: ParamType) -> ValueSpec {
-        ValueSpec {
-            ty,
-            min: None,
-            max: None,
-            step: None,
-            description: None,
-        }
+        ValueSpec { ty, min: None, max: None, step: None, description: None }
     }
 
     const fn int(min: i128, max: i128, step: Option<u64>, description: &'static str) -> ValueSpec {
@@ -135,18 +129,12 @@ impl ValueSpec {
     pub fn intersect(&self, other: &ValueSpec) -> Option<ValueSpec> {
         let ty = match (self.ty, other.ty) {
             (a, b) if a == b => a,
-            (ParamType::Integer, ParamType::Number) | (ParamType::Number, ParamType::Integer) => {
-                ParamType::Integer
-            }
+            (ParamType::Integer, ParamType::Number) | (ParamType::Number, ParamType::Integer) => ParamType::Integer,
             _ => return None,
         };
         let pick = |a: Option<Limit>, b: Option<Limit>, want_larger: bool| match (a, b) {
             (Some(x), Some(y)) => {
-                let x_wins = if want_larger {
-                    x.as_f64() >= y.as_f64()
-                } else {
-                    x.as_f64() <= y.as_f64()
-                };
+                let x_wins = if want_larger { x.as_f64() >= y.as_f64() } else { x.as_f64() <= y.as_f64() };
                 Some(if x_wins { x } else { y })
             }
             (x, None) => x,
@@ -187,11 +175,7 @@ impl ValueSpec {
     /// Checks a caller-supplied value for parameter `name` and returns it normalised for the
     /// graph (e.g. `97.0` → `97` for an integer input, because TouchDesigner float pars send that).
     pub fn check(&self, name: &str, value: &Value) -> Result<Value, BindError> {
-        let wrong_type = || BindError::WrongType {
-            name: name.to_string(),
-            expected: self.ty,
-            got: json_kind(value),
-        };
+        let wrong_type = || BindError::WrongType { name: name.to_string(), expected: self.ty, got: json_kind(value) };
         match self.ty {
             ParamType::Image | ParamType::String => {
                 value.as_str().ok_or_else(wrong_type)?;
@@ -207,10 +191,7 @@ impl ValueSpec {
                 int_number(v).map(Value::Number).ok_or_else(wrong_type)
             }
             ParamType::Number => {
-                let v = value
-                    .as_f64()
-                    .filter(|f| f.is_finite())
-                    .ok_or_else(wrong_type)?;
+                let v = value.as_f64().filter(|f| f.is_finite()).ok_or_else(wrong_type)?;
                 self.check_float(name, v, value)?;
                 Ok(value.clone())
             }
@@ -311,18 +292,12 @@ fn whole_number(v: &Value) -> Option<i128> {
 
 /// An `i128` for messages: exact when it fits JSON's integers, approximate beyond.
 fn show_int(v: i128) -> Number {
-    int_number(v)
-        .or_else(|| Number::from_f64(v as f64))
-        .unwrap_or_else(|| Number::from(0))
+    int_number(v).or_else(|| Number::from_f64(v as f64)).unwrap_or_else(|| Number::from(0))
 }
 
 /// An `i128` as a JSON number, if it fits `i64` or `u64` (which is all JSON can carry exactly).
 pub(crate) fn int_number(v: i128) -> Option<Number> {
-    if let Ok(i) = i64::try_from(v) {
-        Some(Number::from(i))
-    } else {
-        u64::try_from(v).ok().map(Number::from)
-    }
+    if let Ok(i) = i64::try_from(v) { Some(Number::from(i)) } else { u64::try_from(v).ok().map(Number::from) }
 }
 
 const SEED: ValueSpec = ValueSpec::int(
@@ -331,37 +306,18 @@ const SEED: ValueSpec = ValueSpec::int(
     None,
     "Noise seed (0 to 2^64-1); the same seed and inputs reproduce the same result",
 );
-const LTXV_SIZE: ValueSpec = ValueSpec::int(
-    64,
-    16384,
-    Some(32),
-    "Generated size in pixels (multiple of 32, at least 64)",
-);
-const LTXV_LENGTH: ValueSpec = ValueSpec::int(
-    9,
-    16384,
-    Some(8),
-    "Number of generated frames, 8k+1 (9, 17, ..., 97)",
-);
-const EMPTY_LTXV_LENGTH: ValueSpec = ValueSpec::int(
-    1,
-    16384,
-    Some(8),
-    "Number of generated frames, 8k+1 (1, 9, 17, ..., 97)",
-);
+const LTXV_SIZE: ValueSpec =
+    ValueSpec::int(64, 16384, Some(32), "Generated size in pixels (multiple of 32, at least 64)");
+const LTXV_LENGTH: ValueSpec = ValueSpec::int(9, 16384, Some(8), "Number of generated frames, 8k+1 (9, 17, ..., 97)");
+const EMPTY_LTXV_LENGTH: ValueSpec =
+    ValueSpec::int(1, 16384, Some(8), "Number of generated frames, 8k+1 (1, 9, 17, ..., 97)");
 const VIDEO_FPS: ValueSpec = ValueSpec::float(1.0, 120.0, "Frames per second of the video");
-const COND_FPS: ValueSpec = ValueSpec::float(
-    0.01,
-    1000.0,
-    "Frame rate the model is conditioned on (frames per second, > 0)",
-);
+const COND_FPS: ValueSpec =
+    ValueSpec::float(0.01, 1000.0, "Frame rate the model is conditioned on (frames per second, > 0)");
 const ANIM_FPS: ValueSpec = ValueSpec::float(0.01, 1000.0, "Frames per second of the animation");
 const STEPS: ValueSpec = ValueSpec::int(1, 10000, None, "Number of sampling steps");
-const CFG: ValueSpec = ValueSpec::float(
-    0.0,
-    100.0,
-    "Classifier-free guidance scale (how strongly the prompt is followed)",
-);
+const CFG: ValueSpec =
+    ValueSpec::float(0.0, 100.0, "Classifier-free guidance scale (how strongly the prompt is followed)");
 const SCALE_SIZE: ValueSpec = ValueSpec::int(
     0,
     16384,
@@ -373,14 +329,12 @@ const SCALE_SIZE: ValueSpec = ValueSpec::int(
 /// alone tells. Anything not listed is typed from its literal, without limits.
 pub(crate) fn known_input(class_type: &str, input: &str) -> Option<ValueSpec> {
     let spec = match (class_type, input) {
-        ("LoadImage", "image") => ValueSpec {
-            description: Some("The uploaded input frame"),
-            ..ValueSpec::of(ParamType::Image)
-        },
-        (_, "text") if class_type.starts_with("CLIPTextEncode") => ValueSpec {
-            description: Some("Prompt text"),
-            ..ValueSpec::of(ParamType::String)
-        },
+        ("LoadImage", "image") => {
+            ValueSpec { description: Some("The uploaded input frame"), ..ValueSpec::of(ParamType::Image) }
+        }
+        (_, "text") if class_type.starts_with("CLIPTextEncode") => {
+            ValueSpec { description: Some("Prompt text"), ..ValueSpec::of(ParamType::String) }
+        }
         ("KSampler", "seed")
         | ("KSamplerAdvanced", "noise_seed")
         | ("SamplerCustom", "noise_seed")
@@ -388,14 +342,10 @@ pub(crate) fn known_input(class_type: &str, input: &str) -> Option<ValueSpec> {
         ("LTXVImgToVideo" | "EmptyLTXVLatentVideo", "width" | "height") => LTXV_SIZE,
         ("LTXVImgToVideo", "length") => LTXV_LENGTH,
         ("EmptyLTXVLatentVideo", "length") => EMPTY_LTXV_LENGTH,
-        ("LTXVImgToVideo" | "EmptyLTXVLatentVideo", "batch_size") => {
-            ValueSpec::int(1, 4096, None, "Batch size")
+        ("LTXVImgToVideo" | "EmptyLTXVLatentVideo", "batch_size") => ValueSpec::int(1, 4096, None, "Batch size"),
+        ("LTXVImgToVideo", "strength") => {
+            ValueSpec::float(0.0, 1.0, "How strictly the first frame keeps the input image (1.0 = exactly)")
         }
-        ("LTXVImgToVideo", "strength") => ValueSpec::float(
-            0.0,
-            1.0,
-            "How strictly the first frame keeps the input image (1.0 = exactly)",
-        ),
         ("LTXVConditioning", "frame_rate") => COND_FPS,
         ("CreateVideo", "fps") => VIDEO_FPS,
         ("SaveAnimatedWEBP" | "SaveAnimatedPNG" | "SaveWEBM", "fps") => ANIM_FPS,
@@ -416,12 +366,9 @@ pub(crate) fn known_input(class_type: &str, input: &str) -> Option<ValueSpec> {
             "steps",
         ) => STEPS,
         ("KSampler" | "KSamplerAdvanced" | "SamplerCustom" | "CFGGuider", "cfg") => CFG,
-        ("LTXVPreprocess", "img_compression") => ValueSpec::int(
-            0,
-            100,
-            None,
-            "H.264 CRF the input frame is re-encoded with (0 = none)",
-        ),
+        ("LTXVPreprocess", "img_compression") => {
+            ValueSpec::int(0, 100, None, "H.264 CRF the input frame is re-encoded with (0 = none)")
+        }
         ("ImageScale", "width" | "height") => SCALE_SIZE,
         ("RepeatImageBatch", "amount") => ValueSpec::int(1, 4096, None, "Number of copies"),
         _ => return None,

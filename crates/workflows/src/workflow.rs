@@ -90,19 +90,11 @@ impl Workflow {
     /// Validates an API-format graph and resolves its bindings. `overrides` are the node-map
     /// entries for this workflow (see [`crate::NodeMap::for_workflow`]). On failure the error
     /// lists every problem, located as `workflow <name>`.
-    pub fn from_graph(
-        name: &str,
-        graph: Value,
-        overrides: &NodeBindings,
-    ) -> Result<Workflow, WorkflowError> {
+    pub fn from_graph(name: &str, graph: Value, overrides: &NodeBindings) -> Result<Workflow, WorkflowError> {
         Workflow::build(name, graph, overrides).map_err(|problems| WorkflowError::Invalid {
             problems: problems
                 .into_iter()
-                .map(|(param, reason)| Problem {
-                    location: format!("workflow {name}"),
-                    param,
-                    reason,
-                })
+                .map(|(param, reason)| Problem { location: format!("workflow {name}"), param, reason })
                 .collect(),
         })
     }
@@ -114,8 +106,7 @@ impl Workflow {
         graph: Value,
         overrides: &NodeBindings,
     ) -> Result<Workflow, Vec<(Option<String>, String)>> {
-        let parsed = Graph::parse(&graph)
-            .map_err(|e| e.into_iter().map(|r| (None, r)).collect::<Vec<_>>())?;
+        let parsed = Graph::parse(&graph).map_err(|e| e.into_iter().map(|r| (None, r)).collect::<Vec<_>>())?;
         let resolved = resolve(&parsed, name, overrides)?;
         Ok(Workflow {
             name: name.to_string(),
@@ -199,9 +190,7 @@ impl Workflow {
     /// ComfyUI's cache as, an earlier job. Everything else is left exactly as loaded.
     pub fn bind(&self, inputs: &JobInputs) -> Result<Value, BindError> {
         if !is_valid_job_id(&inputs.job_id) {
-            return Err(BindError::InvalidJobId {
-                job_id: inputs.job_id.clone(),
-            });
+            return Err(BindError::InvalidJobId { job_id: inputs.job_id.clone() });
         }
         if inputs.image_name.trim().is_empty() {
             return Err(BindError::MissingImage);
@@ -210,10 +199,7 @@ impl Workflow {
 
         let standard_fields = [
             ("prompt", inputs.prompt.clone().map(Value::String)),
-            (
-                "negative",
-                inputs.negative_prompt.clone().map(Value::String),
-            ),
+            ("negative", inputs.negative_prompt.clone().map(Value::String)),
             ("seed", inputs.seed.map(Value::from)),
         ];
         for (name, field) in standard_fields {
@@ -223,9 +209,7 @@ impl Workflow {
             let field = binding.check(&field)?;
             match values.iter().find(|(p, _)| p.name() == name) {
                 Some((_, from_params)) if *from_params != field => {
-                    return Err(BindError::Conflict {
-                        name: name.to_string(),
-                    });
+                    return Err(BindError::Conflict { name: name.to_string() });
                 }
                 Some(_) => {}
                 None => values.push((binding, field)),
@@ -248,27 +232,15 @@ impl Workflow {
                 .and_then(|i| i.get("filename_prefix"))
                 .is_some_and(Value::is_string);
             if has_prefix {
-                let prefix = format!(
-                    "{}/{}",
-                    job_output_subfolder(&inputs.job_id),
-                    file_safe(node_id)
-                );
-                set_input(
-                    &mut graph,
-                    node_id,
-                    "filename_prefix",
-                    Value::String(prefix),
-                )?;
+                let prefix = format!("{}/{}", job_output_subfolder(&inputs.job_id), file_safe(node_id));
+                set_input(&mut graph, node_id, "filename_prefix", Value::String(prefix))?;
             }
         }
         Ok(graph)
     }
 
     /// Validates every entry of `params`, returning the bindings with normalised values.
-    fn checked_params(
-        &self,
-        params: &Map<String, Value>,
-    ) -> Result<Vec<(&ParamBinding, Value)>, BindError> {
+    fn checked_params(&self, params: &Map<String, Value>) -> Result<Vec<(&ParamBinding, Value)>, BindError> {
         let mut out = Vec::new();
         for (name, value) in params {
             if name == "image" {
@@ -283,12 +255,7 @@ impl Workflow {
                 None => {
                     return Err(BindError::UnknownParam {
                         name: name.clone(),
-                        known: self
-                            .params
-                            .iter()
-                            .map(|p| p.name().to_string())
-                            .filter(|n| n != "image")
-                            .collect(),
+                        known: self.params.iter().map(|p| p.name().to_string()).filter(|n| n != "image").collect(),
                     });
                 }
             }
@@ -302,10 +269,7 @@ fn set_input(graph: &mut Value, node_id: &str, input: &str, value: Value) -> Res
         .get_mut(node_id)
         .and_then(|n| n.get_mut("inputs"))
         .and_then(|i| i.get_mut(input))
-        .ok_or_else(|| BindError::MissingTarget {
-            node_id: node_id.to_string(),
-            input: input.to_string(),
-        })?;
+        .ok_or_else(|| BindError::MissingTarget { node_id: node_id.to_string(), input: input.to_string() })?;
     *slot = value;
     Ok(())
 }
@@ -313,21 +277,10 @@ fn set_input(graph: &mut Value, node_id: &str, input: &str, value: Value) -> Res
 /// Job ids become path components of ComfyUI output files, so only a conservative character
 /// set passes: no separators, no `..`, nothing Windows rejects.
 fn is_valid_job_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    (1..=128).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Node ids like `12:3` (subgraphs) are not valid file names on Windows.
 fn file_safe(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }

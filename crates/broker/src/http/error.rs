@@ -73,37 +73,17 @@ pub enum ApiError {
 impl ApiError {
     /// A 400 naming `field`.
     pub fn field(code: &'static str, field: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::BadRequest {
-            code,
-            message: message.into(),
-            field: Some(field),
-            limit: None,
-        }
+        ApiError::BadRequest { code, message: message.into(), field: Some(field), limit: None }
     }
 
     /// A 400 naming `field` and the `limit` it exceeded.
-    pub fn limit(
-        code: &'static str,
-        field: &'static str,
-        limit: u64,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError::BadRequest {
-            code,
-            message: message.into(),
-            field: Some(field),
-            limit: Some(limit),
-        }
+    pub fn limit(code: &'static str, field: &'static str, limit: u64, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest { code, message: message.into(), field: Some(field), limit: Some(limit) }
     }
 
     /// A 400 about the request as a whole.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::BadRequest {
-            code,
-            message: message.into(),
-            field: None,
-            limit: None,
-        }
+        ApiError::BadRequest { code, message: message.into(), field: None, limit: None }
     }
 
     /// A 409 for a lease that is no longer the worker's.
@@ -116,40 +96,20 @@ impl ApiError {
 
     fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>, Option<u64>) {
         match self {
-            ApiError::BadRequest {
-                code, field, limit, ..
-            } => (StatusCode::BAD_REQUEST, code, *field, *limit),
-            ApiError::PayloadTooLarge { limit, .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                None,
-                Some(*limit),
-            ),
-            ApiError::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None, None),
-            ApiError::RouteNotFound { .. } => {
-                (StatusCode::NOT_FOUND, "route_not_found", None, None)
+            ApiError::BadRequest { code, field, limit, .. } => (StatusCode::BAD_REQUEST, code, *field, *limit),
+            ApiError::PayloadTooLarge { limit, .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None, Some(*limit))
             }
-            ApiError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                None,
-                None,
-            ),
+            ApiError::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None, None),
+            ApiError::RouteNotFound { .. } => (StatusCode::NOT_FOUND, "route_not_found", None, None),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None, None),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None, None),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, None, None),
             ApiError::ResultGone => (StatusCode::GONE, "result_gone", None, None),
-            ApiError::RangeNotSatisfiable { size } => (
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                None,
-                Some(*size),
-            ),
-            ApiError::Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                None,
-                None,
-            ),
+            ApiError::RangeNotSatisfiable { size } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable", None, Some(*size))
+            }
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None, None),
         }
     }
 }
@@ -171,9 +131,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         match &self {
             ApiError::Unauthorized(_) => {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::RangeNotSatisfiable { size } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
@@ -191,10 +149,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::JobNotFound(String::from("(requested)")),
             StoreError::LeaseLost { status } => ApiError::lease_lost(status),
-            StoreError::Cancelled => ApiError::Conflict {
-                code: "job_cancelled",
-                message: "the job was cancelled by a client".into(),
-            },
+            StoreError::Cancelled => {
+                ApiError::Conflict { code: "job_cancelled", message: "the job was cancelled by a client".into() }
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -31,10 +31,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(rejection) => Err(ApiError::bad_request(
-                "invalid_query",
-                rejection.body_text(),
-            )),
+            Err(rejection) => Err(ApiError::bad_request("invalid_query", rejection.body_text())),
         }
     }
 }
@@ -51,22 +48,14 @@ pub fn lease_token(headers: &axum::http::HeaderMap) -> Result<LeaseToken, ApiErr
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(|v| LeaseToken::from_string(v.to_owned()))
-        .ok_or_else(|| {
-            ApiError::field(
-                "missing_lease_token",
-                "Lease-Token",
-                "the Lease-Token header is required",
-            )
-        })
+        .ok_or_else(|| ApiError::field("missing_lease_token", "Lease-Token", "the Lease-Token header is required"))
 }
 
 /// Bounds a `wait` in seconds to 0 ..= 60; anything else is a 400 naming `field`.
 pub fn wait_secs(field: &'static str, v: Option<f64>) -> Result<std::time::Duration, ApiError> {
     match v {
         None => Ok(std::time::Duration::ZERO),
-        Some(s) if s.is_finite() && (0.0..=60.0).contains(&s) => {
-            Ok(std::time::Duration::from_secs_f64(s))
-        }
+        Some(s) if s.is_finite() && (0.0..=60.0).contains(&s) => Ok(std::time::Duration::from_secs_f64(s)),
         Some(s) => Err(ApiError::limit(
             "invalid_wait",
             field,

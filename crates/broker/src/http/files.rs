@@ -45,33 +45,22 @@ pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<Byte
     let unsatisfiable = ApiError::RangeNotSatisfiable { size };
     let range = if a.is_empty() {
         // Suffix form: the last N bytes.
-        let n: u64 = b
-            .parse()
-            .map_err(|_| ApiError::RangeNotSatisfiable { size })?;
+        let n: u64 = b.parse().map_err(|_| ApiError::RangeNotSatisfiable { size })?;
         if n == 0 || size == 0 {
             return Err(unsatisfiable);
         }
-        ByteRange {
-            start: size.saturating_sub(n),
-            end: size - 1,
-        }
+        ByteRange { start: size.saturating_sub(n), end: size - 1 }
     } else {
-        let start: u64 = a
-            .parse()
-            .map_err(|_| ApiError::RangeNotSatisfiable { size })?;
+        let start: u64 = a.parse().map_err(|_| ApiError::RangeNotSatisfiable { size })?;
         let end = if b.is_empty() {
             size.saturating_sub(1)
         } else {
-            b.parse()
-                .map_err(|_| ApiError::RangeNotSatisfiable { size })?
+            b.parse().map_err(|_| ApiError::RangeNotSatisfiable { size })?
         };
         if start >= size || end < start {
             return Err(unsatisfiable);
         }
-        ByteRange {
-            start,
-            end: end.min(size - 1),
-        }
+        ByteRange { start, end: end.min(size - 1) }
     };
     Ok(Some(range))
 }
@@ -94,9 +83,7 @@ pub async fn stream_file(
         None => (StatusCode::OK, 0, size),
     };
     if start > 0 {
-        file.seek(SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        file.seek(SeekFrom::Start(start)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
     }
     let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 64 * 1024));
     let mut response = Response::new(body);
@@ -107,9 +94,7 @@ pub async fn stream_file(
     if let Ok(v) = HeaderValue::from_str(content_type) {
         headers.insert(header::CONTENT_TYPE, v);
     }
-    if let Some(v) = range
-        .and_then(|r| HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start, r.end)).ok())
-    {
+    if let Some(v) = range.and_then(|r| HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start, r.end)).ok()) {
         headers.insert(header::CONTENT_RANGE, v);
     }
     for (k, v) in extra.drain().filter_map(|(k, v)| Some((k?, v))) {
@@ -154,27 +139,18 @@ pub async fn get_result(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
-    let job = broker
-        .job(id)
-        .await?
-        .ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
+    let job = broker.job(id).await?.ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
     let info = match (job.status, &job.result) {
         (JobStatus::Done, ResultState::Present(info)) => info.clone(),
         (JobStatus::Done, _) => return Err(ApiError::ResultGone),
         (JobStatus::Error, _) => {
             return Err(ApiError::Conflict {
                 code: "job_failed",
-                message: format!(
-                    "the job failed: {}",
-                    job.error_message.as_deref().unwrap_or("no reason recorded")
-                ),
+                message: format!("the job failed: {}", job.error_message.as_deref().unwrap_or("no reason recorded")),
             });
         }
         (JobStatus::Cancelled, _) => {
-            return Err(ApiError::Conflict {
-                code: "job_cancelled",
-                message: "the job was cancelled".into(),
-            });
+            return Err(ApiError::Conflict { code: "job_cancelled", message: "the job was cancelled".into() });
         }
         (status, _) => {
             return Err(ApiError::Conflict {
@@ -183,20 +159,12 @@ pub async fn get_result(
             });
         }
     };
-    let etag = format!(
-        "\"{}-{:x}-{:x}\"",
-        id,
-        info.size,
-        job.finished_at.map(|t| t.millis()).unwrap_or(0)
-    );
+    let etag = format!("\"{}-{:x}-{:x}\"", id, info.size, job.finished_at.map(|t| t.millis()).unwrap_or(0));
     let mut extra = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&etag) {
         extra.insert(header::ETAG, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "inline; filename=\"{id}.{}\"",
-        extension_for(&info.content_type)
-    )) {
+    if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{id}.{}\"", extension_for(&info.content_type))) {
         extra.insert(header::CONTENT_DISPOSITION, v);
     }
     let matches = headers
@@ -210,14 +178,7 @@ pub async fn get_result(
         return Ok(r);
     }
     let range = parse_range(headers.get(header::RANGE), info.size)?;
-    stream_file(
-        &broker.result_path(id),
-        info.size,
-        &info.content_type,
-        range,
-        extra,
-    )
-    .await
+    stream_file(&broker.result_path(id), info.size, &info.content_type, range, extra).await
 }
 
 #[cfg(test)]
@@ -231,22 +192,10 @@ mod tests {
     #[test]
     fn ranges() {
         assert_eq!(parse_range(None, 100).unwrap(), None);
-        assert_eq!(
-            parse_range(Some(&hv("bytes=0-9")), 100).unwrap(),
-            Some(ByteRange { start: 0, end: 9 })
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=90-")), 100).unwrap(),
-            Some(ByteRange { start: 90, end: 99 })
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=-10")), 100).unwrap(),
-            Some(ByteRange { start: 90, end: 99 })
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=50-500")), 100).unwrap(),
-            Some(ByteRange { start: 50, end: 99 })
-        );
+        assert_eq!(parse_range(Some(&hv("bytes=0-9")), 100).unwrap(), Some(ByteRange { start: 0, end: 9 }));
+        assert_eq!(parse_range(Some(&hv("bytes=90-")), 100).unwrap(), Some(ByteRange { start: 90, end: 99 }));
+        assert_eq!(parse_range(Some(&hv("bytes=-10")), 100).unwrap(), Some(ByteRange { start: 90, end: 99 }));
+        assert_eq!(parse_range(Some(&hv("bytes=50-500")), 100).unwrap(), Some(ByteRange { start: 50, end: 99 }));
         assert!(parse_range(Some(&hv("bytes=100-")), 100).is_err());
         assert!(parse_range(Some(&hv("bytes=9-3")), 100).is_err());
         assert_eq!(parse_range(Some(&hv("bytes=0-1,5-6")), 100).unwrap(), None);

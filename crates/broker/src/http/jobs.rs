@@ -52,33 +52,20 @@ const FORM_SLACK: u64 = 1024 * 1024;
 )]
 pub async fn submit_job(State(broker): State<Broker>, req: Request) -> Result<Response, ApiError> {
     let limit = broker.config().max_upload_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit + FORM_SLACK) {
-        let expects_continue = req
-            .headers()
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let expects_continue =
+            req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if !expects_continue {
             drain(req.into_body(), limit).await;
         }
-        return Err(ApiError::PayloadTooLarge {
-            limit,
-            what: "MAX_UPLOAD_MB",
-        });
+        return Err(ApiError::PayloadTooLarge { limit, what: "MAX_UPLOAD_MB" });
     }
     let idempotency_key = idempotency_key(req.headers())?;
-    let multipart = axum::extract::Multipart::from_request(req, &broker)
-        .await
-        .map_err(|e| {
-            ApiError::bad_request(
-                "invalid_multipart",
-                format!("expected a multipart/form-data body: {}", e.body_text()),
-            )
-        })?;
+    let multipart = axum::extract::Multipart::from_request(req, &broker).await.map_err(|e| {
+        ApiError::bad_request("invalid_multipart", format!("expected a multipart/form-data body: {}", e.body_text()))
+    })?;
     let form = match read_form(&broker, multipart).await {
         Ok(form) => form,
         Err((e, staged)) => {
@@ -98,16 +85,12 @@ pub async fn submit_job(State(broker): State<Broker>, req: Request) -> Result<Re
             return Err(e);
         }
     };
-    let submission = Submission {
-        idempotency: fingerprint,
-        ..submission
-    };
+    let submission = Submission { idempotency: fingerprint, ..submission };
     match broker.submit(submission).await? {
         SubmitOutcome::Accepted { response, replayed } => {
             let mut resp = axum::Json(response).into_response();
             if replayed {
-                resp.headers_mut()
-                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
             }
             Ok(resp)
         }
@@ -137,13 +120,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = v.to_str().map_err(|_| {
-        ApiError::field(
-            "invalid_idempotency_key",
-            "Idempotency-Key",
-            "must be visible ASCII",
-        )
-    })?;
+    let key = v
+        .to_str()
+        .map_err(|_| ApiError::field("invalid_idempotency_key", "Idempotency-Key", "must be visible ASCII"))?;
     if key.is_empty() || key.len() > 200 {
         return Err(ApiError::limit(
             "invalid_idempotency_key",
@@ -167,19 +146,10 @@ struct RawForm {
 
 type FormError = (ApiError, Option<StagedBlob>);
 
-async fn read_form(
-    broker: &Broker,
-    mut multipart: axum::extract::Multipart,
-) -> Result<RawForm, FormError> {
+async fn read_form(broker: &Broker, mut multipart: axum::extract::Multipart) -> Result<RawForm, FormError> {
     let cfg = broker.config();
-    let mut form = RawForm {
-        image: None,
-        prompt: None,
-        negative_prompt: None,
-        seed: None,
-        workflow: None,
-        params: None,
-    };
+    let mut form =
+        RawForm { image: None, prompt: None, negative_prompt: None, seed: None, workflow: None, params: None };
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
@@ -190,33 +160,17 @@ async fn read_form(
         match name.as_str() {
             "image" => {
                 if form.image.is_some() {
-                    return Err((
-                        ApiError::field("duplicate_field", "image", "send one image per job"),
-                        form.image,
-                    ));
+                    return Err((ApiError::field("duplicate_field", "image", "send one image per job"), form.image));
                 }
-                match broker
-                    .blobs()
-                    .stage(field, cfg.max_upload_bytes, SNIFF_HEAD)
-                    .await
-                {
+                match broker.blobs().stage(field, cfg.max_upload_bytes, SNIFF_HEAD).await {
                     Ok(staged) => form.image = Some(staged),
                     Err(BlobError::TooLarge { limit }) => {
                         drain_rest(multipart).await;
-                        return Err((
-                            ApiError::PayloadTooLarge {
-                                limit,
-                                what: "MAX_UPLOAD_MB",
-                            },
-                            form.image,
-                        ));
+                        return Err((ApiError::PayloadTooLarge { limit, what: "MAX_UPLOAD_MB" }, form.image));
                     }
                     Err(BlobError::Source(msg)) => {
                         return Err((
-                            ApiError::bad_request(
-                                "invalid_multipart",
-                                format!("the image upload broke off: {msg}"),
-                            ),
+                            ApiError::bad_request("invalid_multipart", format!("the image upload broke off: {msg}")),
                             form.image,
                         ));
                     }
@@ -274,12 +228,8 @@ impl TextError {
                 max_chars as u64,
                 format!("{field} is longer than {max_chars} characters"),
             ),
-            TextError::NotUtf8 => {
-                ApiError::field("invalid_text", field, format!("{field} must be UTF-8 text"))
-            }
-            TextError::Broken(m) => {
-                ApiError::bad_request("invalid_multipart", format!("{field}: {m}"))
-            }
+            TextError::NotUtf8 => ApiError::field("invalid_text", field, format!("{field} must be UTF-8 text")),
+            TextError::Broken(m) => ApiError::bad_request("invalid_multipart", format!("{field}: {m}")),
         }
     }
 }
@@ -295,10 +245,7 @@ fn static_field(name: &str) -> &'static str {
     }
 }
 
-async fn read_text(
-    mut field: axum::extract::multipart::Field<'_>,
-    max_bytes: usize,
-) -> Result<String, TextError> {
+async fn read_text(mut field: axum::extract::multipart::Field<'_>, max_bytes: usize) -> Result<String, TextError> {
     let mut buf = Vec::new();
     loop {
         match field.chunk().await {
@@ -317,36 +264,22 @@ async fn read_text(
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: u64) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge {
-            limit,
-            what: "MAX_UPLOAD_MB",
-        }
+        ApiError::PayloadTooLarge { limit, what: "MAX_UPLOAD_MB" }
     } else {
-        ApiError::bad_request(
-            "invalid_multipart",
-            format!("malformed multipart body: {}", e.body_text()),
-        )
+        ApiError::bad_request("invalid_multipart", format!("malformed multipart body: {}", e.body_text()))
     }
 }
 
 // FNV-1a: a stable 64-bit hash that stays the same across Rust versions, since fingerprints are
 // stored. It detects a reused key by accident, not by an adversary.
 fn fnv1a(state: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(state, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(state, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl RawForm {
     fn fingerprint(&self) -> String {
         let mut h = 0xcbf2_9ce4_8422_2325;
-        for part in [
-            &self.prompt,
-            &self.negative_prompt,
-            &self.seed,
-            &self.workflow,
-            &self.params,
-        ] {
+        for part in [&self.prompt, &self.negative_prompt, &self.seed, &self.workflow, &self.params] {
             h = fnv1a(h, part.as_deref().unwrap_or("\u{0}").as_bytes());
             h = fnv1a(h, &[0xFF]);
         }
@@ -361,11 +294,7 @@ impl RawForm {
         let cfg = broker.config();
         let Some(image) = self.image else {
             return Err((
-                ApiError::field(
-                    "missing_field",
-                    "image",
-                    "the image field (a PNG, JPEG or WebP file) is required",
-                ),
+                ApiError::field("missing_field", "image", "the image field (a PNG, JPEG or WebP file) is required"),
                 None,
             ));
         };
@@ -375,17 +304,11 @@ impl RawForm {
             };
         }
         if image.size == 0 {
-            bail!(ApiError::field(
-                "empty_file",
-                "image",
-                "the image file is empty"
-            ));
+            bail!(ApiError::field("empty_file", "image", "the image file is empty"));
         }
         let header = match sniff(&image.head) {
             Ok(h) => Ok(h),
-            Err(SniffError::NeedMore) if image.size > image.head.len() as u64 => {
-                sniff_file(image.path()).await
-            }
+            Err(SniffError::NeedMore) if image.size > image.head.len() as u64 => sniff_file(image.path()).await,
             Err(e) => Err(e),
         };
         let header = match header {
@@ -395,11 +318,9 @@ impl RawForm {
                 "image",
                 "the image is not a PNG, JPEG or WebP file (judged by its bytes, not its name or Content-Type)"
             )),
-            Err(SniffError::Corrupt) => bail!(ApiError::field(
-                "unsupported_image",
-                "image",
-                "the image header is damaged"
-            )),
+            Err(SniffError::Corrupt) => {
+                bail!(ApiError::field("unsupported_image", "image", "the image header is damaged"))
+            }
         };
         if header.width > cfg.max_image_dim || header.height > cfg.max_image_dim {
             bail!(ApiError::limit(
@@ -412,14 +333,8 @@ impl RawForm {
                 )
             ));
         }
-        for (field, text) in [
-            ("prompt", &self.prompt),
-            ("negative_prompt", &self.negative_prompt),
-        ] {
-            if text
-                .as_ref()
-                .is_some_and(|t| t.chars().count() > cfg.max_prompt_chars)
-            {
+        for (field, text) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
+            if text.as_ref().is_some_and(|t| t.chars().count() > cfg.max_prompt_chars) {
                 bail!(TextError::TooLong.named(field, cfg.max_prompt_chars));
             }
         }
@@ -444,26 +359,15 @@ impl RawForm {
             bail!(ApiError::field(
                 "unknown_workflow",
                 "workflow",
-                format!(
-                    "unknown workflow {workflow_name:?}; known: {}",
-                    registry.names().join(", ")
-                )
+                format!("unknown workflow {workflow_name:?}; known: {}", registry.names().join(", "))
             ));
         };
         let params = match self.params.as_deref().map(str::trim) {
             None | Some("") => serde_json::Map::new(),
             Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
                 Ok(serde_json::Value::Object(m)) => m,
-                Ok(_) => bail!(ApiError::field(
-                    "invalid_params",
-                    "params",
-                    "params must be a JSON object"
-                )),
-                Err(e) => bail!(ApiError::field(
-                    "invalid_params",
-                    "params",
-                    format!("params is not valid JSON: {e}")
-                )),
+                Ok(_) => bail!(ApiError::field("invalid_params", "params", "params must be a JSON object")),
+                Err(e) => bail!(ApiError::field("invalid_params", "params", format!("params is not valid JSON: {e}"))),
             },
         };
         if let Err(e) = workflow.validate_params(&params) {
@@ -537,8 +441,7 @@ pub async fn get_job(
     } else {
         broker.wait_for_change(id, q.since, wait).await?
     };
-    view.map(axum::Json)
-        .ok_or_else(|| ApiError::JobNotFound(id.to_string()))
+    view.map(axum::Json).ok_or_else(|| ApiError::JobNotFound(id.to_string()))
 }
 
 /// Query of `GET /jobs`.
@@ -577,19 +480,11 @@ pub async fn list_jobs(
         None => 50,
         Some(n) if n >= 1 => n.min(500) as u32,
         Some(n) => {
-            return Err(ApiError::limit(
-                "invalid_limit",
-                "limit",
-                500,
-                format!("limit must be 1 to 500, got {n}"),
-            ));
+            return Err(ApiError::limit("invalid_limit", "limit", 500, format!("limit must be 1 to 500, got {n}")));
         }
     };
     let jobs = broker.list(status, limit).await?;
-    Ok(axum::Json(JobList {
-        count: jobs.len(),
-        jobs,
-    }))
+    Ok(axum::Json(JobList { count: jobs.len(), jobs }))
 }
 
 /// Cancel a job and delete its files.
@@ -606,11 +501,7 @@ pub async fn delete_job(
     Path(id): Path<String>,
 ) -> Result<axum::Json<DeleteResponse>, ApiError> {
     let id = job_id(&id)?;
-    broker
-        .cancel(id)
-        .await?
-        .map(axum::Json)
-        .ok_or_else(|| ApiError::JobNotFound(id.to_string()))
+    broker.cancel(id).await?.map(axum::Json).ok_or_else(|| ApiError::JobNotFound(id.to_string()))
 }
 
 /// Cancel a job (same as `DELETE /jobs/{id}`).
@@ -622,10 +513,7 @@ pub async fn delete_job(
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
     )
 )]
-pub async fn cancel_job(
-    state: State<Broker>,
-    id: Path<String>,
-) -> Result<axum::Json<DeleteResponse>, ApiError> {
+pub async fn cancel_job(state: State<Broker>, id: Path<String>) -> Result<axum::Json<DeleteResponse>, ApiError> {
     delete_job(state, id).await
 }
 

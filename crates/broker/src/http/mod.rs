@@ -74,27 +74,18 @@ pub fn router(broker: Broker) -> Router {
     openapi.openapi = utoipa::openapi::OpenApiVersion::Version31;
     let spec = serde_json::to_value(&openapi).unwrap_or_default();
     router
-        .route(
-            "/openapi.json",
-            axum::routing::get(move || async move { axum::Json(spec) }),
-        )
+        .route("/openapi.json", axum::routing::get(move || async move { axum::Json(spec) }))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // The submit route enforces MAX_UPLOAD_MB itself while streaming; this is the backstop for
         // every other body, and the result upload has its own MAX_RESULT_MB check.
         .layer(DefaultBodyLimit::max(upload_limit))
-        .layer(axum::middleware::from_fn_with_state(
-            broker.clone(),
-            authenticate,
-        ))
+        .layer(axum::middleware::from_fn_with_state(broker.clone(), authenticate))
         .with_state(broker)
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::RouteNotFound {
-        method: method.to_string(),
-        path: uri.path().chars().take(200).collect(),
-    }
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().chars().take(200).collect() }
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -102,15 +93,9 @@ async fn method_not_allowed() -> ApiError {
 }
 
 fn bearer(req: &Request) -> Option<&str> {
-    let value = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+    let value = req.headers().get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
 
 fn query_token(req: &Request) -> Option<String> {
@@ -129,9 +114,7 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let decoded = match bytes[i] {
-            b'%' if i + 2 < bytes.len() => hex(bytes[i + 1])
-                .zip(hex(bytes[i + 2]))
-                .map(|(h, l)| h << 4 | l),
+            b'%' if i + 2 < bytes.len() => hex(bytes[i + 1]).zip(hex(bytes[i + 2])).map(|(h, l)| h << 4 | l),
             _ => None,
         };
         match (decoded, bytes[i]) {
@@ -163,28 +146,17 @@ async fn authenticate(State(broker): State<Broker>, req: Request, next: Next) ->
     }
     let (expected, why) = if path.starts_with("/worker/") {
         match (&cfg.worker_token, &cfg.api_token) {
-            (Some(t), _) => (
-                Some(t),
-                "worker routes need Authorization: Bearer <WORKER_TOKEN>",
-            ),
-            (None, Some(t)) => (
-                Some(t),
-                "worker routes need Authorization: Bearer <API_TOKEN>",
-            ),
+            (Some(t), _) => (Some(t), "worker routes need Authorization: Bearer <WORKER_TOKEN>"),
+            (None, Some(t)) => (Some(t), "worker routes need Authorization: Bearer <API_TOKEN>"),
             (None, None) => (None, ""),
         }
     } else {
-        (
-            cfg.api_token.as_ref(),
-            "this broker needs Authorization: Bearer <API_TOKEN> (or ?token= on /events and /ws)",
-        )
+        (cfg.api_token.as_ref(), "this broker needs Authorization: Bearer <API_TOKEN> (or ?token= on /events and /ws)")
     };
     let Some(expected) = expected else {
         return next.run(req).await;
     };
-    let presented = bearer(&req)
-        .map(str::to_owned)
-        .or_else(|| query_token(&req));
+    let presented = bearer(&req).map(str::to_owned).or_else(|| query_token(&req));
     match presented {
         Some(t) if constant_time_eq(&t, expected) => next.run(req).await,
         _ => ApiError::Unauthorized(why).into_response(),

@@ -23,10 +23,7 @@ use crate::service::Broker;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 fn sse_event(ev: &PublishedEvent) -> Event {
-    Event::default()
-        .id(ev.seq.to_string())
-        .event(event_name(ev.event.event))
-        .data(ev.json.as_str())
+    Event::default().id(ev.seq.to_string()).event(event_name(ev.event.event)).data(ev.json.as_str())
 }
 
 fn event_name(kind: JobEventKind) -> &'static str {
@@ -64,9 +61,7 @@ fn all_events(
     params(("token" = Option<String>, Query, description = "API token, for clients that cannot set headers")),
     responses((status = 200, description = "An endless text/event-stream of job events", content_type = "text/event-stream", body = String))
 )]
-pub async fn events(
-    State(broker): State<Broker>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn events(State(broker): State<Broker>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = all_events(broker.hub().subscribe(), None).map(|ev| Ok(sse_event(&ev)));
     Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }
@@ -81,20 +76,12 @@ pub async fn events(
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
     )
 )]
-pub async fn job_events(
-    State(broker): State<Broker>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn job_events(State(broker): State<Broker>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     let rx = broker.hub().subscribe();
-    let record = broker
-        .job(id)
-        .await?
-        .ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
+    let record = broker.job(id).await?.ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
     let snapshot = JobEvent::new(JobEventKind::Snapshot, broker.view(&record).await?);
-    let first = Event::default()
-        .event("snapshot")
-        .data(serde_json::to_string(&snapshot).unwrap_or_default());
+    let first = Event::default().event("snapshot").data(serde_json::to_string(&snapshot).unwrap_or_default());
     let terminal_now = record.status.is_terminal();
     struct St {
         rx: broadcast::Receiver<Arc<PublishedEvent>>,
@@ -102,12 +89,7 @@ pub async fn job_events(
         done: bool,
         version: u64,
     }
-    let st = St {
-        rx,
-        broker,
-        done: terminal_now,
-        version: record.version,
-    };
+    let st = St { rx, broker, done: terminal_now, version: record.version };
     let rest = stream::unfold(st, move |mut st| async move {
         if st.done {
             return None;
@@ -116,8 +98,7 @@ pub async fn job_events(
             match st.rx.recv().await {
                 Ok(ev) if ev.job_id() == id && ev.event.job.version > st.version => {
                     st.version = ev.event.job.version;
-                    st.done = ev.event.job.status.is_terminal()
-                        && ev.event.event != JobEventKind::Progress;
+                    st.done = ev.event.job.status.is_terminal() && ev.event.event != JobEventKind::Progress;
                     return Some((sse_event(&ev), st));
                 }
                 Ok(_) => continue,
@@ -128,21 +109,15 @@ pub async fn job_events(
                     st.version = view.version;
                     st.done = view.status.is_terminal();
                     let ev = JobEvent::new(JobEventKind::Snapshot, view);
-                    let sse = Event::default()
-                        .event("snapshot")
-                        .data(serde_json::to_string(&ev).unwrap_or_default());
+                    let sse = Event::default().event("snapshot").data(serde_json::to_string(&ev).unwrap_or_default());
                     return Some((sse, st));
                 }
                 Err(RecvError::Closed) => return None,
             }
         }
     });
-    let stream = stream::once(async move { first })
-        .chain(rest)
-        .map(Ok::<_, Infallible>);
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response())
+    let stream = stream::once(async move { first }).chain(rest).map(Ok::<_, Infallible>);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }
 
 /// Query of `GET /ws`.
@@ -173,17 +148,12 @@ pub async fn websocket(
         None | Some("") => None,
         Some(raw) => Some(job_id(raw)?),
     };
-    let upgrade =
-        upgrade.map_err(|e| ApiError::bad_request("websocket_required", e.body_text()))?;
+    let upgrade = upgrade.map_err(|e| ApiError::bad_request("websocket_required", e.body_text()))?;
     let rx = broker.hub().subscribe();
     Ok(upgrade.on_upgrade(move |socket| forward(socket, rx, filter)))
 }
 
-async fn forward(
-    mut socket: WebSocket,
-    rx: broadcast::Receiver<Arc<PublishedEvent>>,
-    filter: Option<JobId>,
-) {
+async fn forward(mut socket: WebSocket, rx: broadcast::Receiver<Arc<PublishedEvent>>, filter: Option<JobId>) {
     let hello = serde_json::json!({"type": "hello", "job_id": filter}).to_string();
     if socket.send(Message::Text(hello.into())).await.is_err() {
         return;

@@ -4,9 +4,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use tdcomfy_api::{
-    FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, WorkerAck,
-};
+use tdcomfy_api::{FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, WorkerAck};
 
 use super::error::ApiError;
 use super::extract::{ApiJson, job_id, lease_token, wait_secs};
@@ -39,10 +37,7 @@ fn worker_id(raw: &str) -> Result<&str, ApiError> {
         (status = 400, description = "Bad request", body = tdcomfy_api::ErrorBody),
     )
 )]
-pub async fn lease(
-    State(broker): State<Broker>,
-    ApiJson(req): ApiJson<LeaseRequest>,
-) -> Result<Response, ApiError> {
+pub async fn lease(State(broker): State<Broker>, ApiJson(req): ApiJson<LeaseRequest>) -> Result<Response, ApiError> {
     let worker = worker_id(&req.worker_id)?;
     let wait = wait_secs("wait", req.wait)?;
     match broker.lease(worker, wait).await? {
@@ -68,18 +63,8 @@ pub async fn input(
 ) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
     let token = lease_token(&headers)?;
-    let job = broker
-        .check_lease(id, &token)
-        .await
-        .map_err(not_found_as(id))?;
-    stream_file(
-        &broker.input_path(id),
-        job.input.size,
-        &job.input.content_type,
-        None,
-        HeaderMap::new(),
-    )
-    .await
+    let job = broker.check_lease(id, &token).await.map_err(not_found_as(id))?;
+    stream_file(&broker.input_path(id), job.input.size, &job.input.content_type, None, HeaderMap::new()).await
 }
 
 fn not_found_as(id: tdcomfy_api::JobId) -> impl Fn(BrokerError) -> ApiError {
@@ -106,31 +91,21 @@ pub async fn heartbeat(
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> Result<axum::Json<HeartbeatResponse>, ApiError> {
     let id = job_id(&id)?;
-    if req
-        .progress
-        .as_ref()
-        .is_some_and(|p| !(p.value.is_finite() && (0.0..=1.0).contains(&p.value)))
-    {
-        return Err(ApiError::field(
-            "invalid_progress",
-            "progress.value",
-            "progress.value must be between 0 and 1",
-        ));
+    if req.progress.as_ref().is_some_and(|p| !(p.value.is_finite() && (0.0..=1.0).contains(&p.value))) {
+        return Err(ApiError::field("invalid_progress", "progress.value", "progress.value must be between 0 and 1"));
     }
-    let cancelled = broker
-        .heartbeat(id, req.lease_token, req.progress)
-        .await
-        .map_err(not_found_as(id))?;
-    Ok(axum::Json(HeartbeatResponse {
-        cancelled,
-        lease_expires_in: broker.config().lease_ttl.as_secs_f64(),
-    }))
+    let cancelled = broker.heartbeat(id, req.lease_token, req.progress).await.map_err(not_found_as(id))?;
+    Ok(axum::Json(HeartbeatResponse { cancelled, lease_expires_in: broker.config().lease_ttl.as_secs_f64() }))
 }
 
 /// Upload the result (streamed) and finish the job.
 #[utoipa::path(
     put, path = "/worker/jobs/{id}/result", tag = "worker",
-    params(("id" = String, Path, description = "Job id"), ("Lease-Token" = String, Header, description = "The lease's token")),
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("Lease-Token" = String, Header, description = "The lease's token"),
+        ("Comfy-Execution-Ms" = Option<u64>, Header, description = "ComfyUI's execution time of the prompt, for the job's timings"),
+    ),
     request_body(content_type = "application/octet-stream", content = Vec<u8>),
     responses(
         (status = 200, description = "Job done", body = WorkerAck),
@@ -149,12 +124,8 @@ pub async fn put_result(
     let token = lease_token(&headers)?;
     // Refuse before reading a byte when the lease is already gone.
     match broker.check_lease(id, &token).await {
-        Err(BrokerError::Store(StoreError::LeaseLost {
-            status: tdcomfy_api::JobStatus::Done,
-        })) => {
-            return Ok(axum::Json(WorkerAck {
-                status: tdcomfy_api::JobStatus::Done,
-            }));
+        Err(BrokerError::Store(StoreError::LeaseLost { status: tdcomfy_api::JobStatus::Done })) => {
+            return Ok(axum::Json(WorkerAck { status: tdcomfy_api::JobStatus::Done }));
         }
         other => {
             other.map_err(not_found_as(id))?;
@@ -166,33 +137,20 @@ pub async fn put_result(
         .unwrap_or("application/octet-stream")
         .to_owned();
     let limit = broker.config().max_result_bytes;
-    let staged = match broker
-        .blobs()
-        .stage(body.into_data_stream(), limit, 0)
-        .await
-    {
+    let staged = match broker.blobs().stage(body.into_data_stream(), limit, 0).await {
         Ok(s) => s,
         Err(BlobError::TooLarge { limit }) => {
-            return Err(ApiError::PayloadTooLarge {
-                limit,
-                what: "MAX_RESULT_MB",
-            });
+            return Err(ApiError::PayloadTooLarge { limit, what: "MAX_RESULT_MB" });
         }
         Err(BlobError::Source(m)) => return Err(ApiError::bad_request("upload_interrupted", m)),
         Err(BlobError::Io(e)) => return Err(ApiError::Internal(e.to_string())),
     };
     if staged.size == 0 {
         broker.blobs().discard(staged).await;
-        return Err(ApiError::field(
-            "empty_result",
-            "body",
-            "the result body is empty",
-        ));
+        return Err(ApiError::field("empty_result", "body", "the result body is empty"));
     }
-    let status = broker
-        .complete(id, token, staged, content_type)
-        .await
-        .map_err(not_found_as(id))?;
+    let comfy_ms = headers.get("comfy-execution-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let status = broker.complete(id, token, staged, content_type, comfy_ms).await.map_err(not_found_as(id))?;
     Ok(axum::Json(WorkerAck { status }))
 }
 
@@ -214,14 +172,8 @@ pub async fn fail(
 ) -> Result<axum::Json<WorkerAck>, ApiError> {
     let id = job_id(&id)?;
     let message: String = req.message.chars().take(4000).collect();
-    let message = if message.trim().is_empty() {
-        "the worker reported a failure without a message".into()
-    } else {
-        message
-    };
-    let status = broker
-        .fail(id, req.lease_token, message, req.retryable)
-        .await
-        .map_err(not_found_as(id))?;
+    let message =
+        if message.trim().is_empty() { "the worker reported a failure without a message".into() } else { message };
+    let status = broker.fail(id, req.lease_token, message, req.retryable).await.map_err(not_found_as(id))?;
     Ok(axum::Json(WorkerAck { status }))
 }

@@ -7,10 +7,7 @@ use crate::helpers::{SseReader, spawn_app, spawn_with};
 
 async fn next_for(reader: &mut SseReader, id: &str) -> (String, Value) {
     loop {
-        let (name, data) = reader
-            .next(15.0)
-            .await
-            .expect("an event before the deadline");
+        let (name, data) = reader.next(15.0).await.expect("an event before the deadline");
         if data["job_id"] == id {
             return (name, data);
         }
@@ -23,31 +20,18 @@ async fn every_status_and_progress_change_is_an_sse_event() {
     let mut all = SseReader::new(app.get("/events").send().await.unwrap());
     let id = app.submit_png("watched").await;
     let (name, ev) = next_for(&mut all, &id).await;
-    assert_eq!(
-        (name.as_str(), ev["type"].as_str(), ev["event"].as_str()),
-        ("queued", Some("job"), Some("queued"))
-    );
+    assert_eq!((name.as_str(), ev["type"].as_str(), ev["event"].as_str()), ("queued", Some("job"), Some("queued")));
     assert_eq!(ev["job"]["status"], "queued");
 
     let lease = app.lease("w", 1.0).await.unwrap();
     let token = lease["lease_token"].as_str().unwrap();
     assert_eq!(next_for(&mut all, &id).await.0, "started");
-    app.heartbeat(
-        &id,
-        token,
-        Some(json!({"value": 0.25, "step": 5, "max_steps": 20})),
-    )
-    .await;
+    app.heartbeat(&id, token, Some(json!({"value": 0.25, "step": 5, "max_steps": 20}))).await;
     let (name, ev) = next_for(&mut all, &id).await;
     assert_eq!(name, "progress");
     assert_eq!(ev["job"]["progress"]["step"], 5);
     // A heartbeat without new progress is not an event.
-    app.heartbeat(
-        &id,
-        token,
-        Some(json!({"value": 0.25, "step": 5, "max_steps": 20})),
-    )
-    .await;
+    app.heartbeat(&id, token, Some(json!({"value": 0.25, "step": 5, "max_steps": 20}))).await;
     app.put_result(&id, token, b"mp4".to_vec()).await;
     let (name, ev) = next_for(&mut all, &id).await;
     assert_eq!(name, "done");
@@ -61,10 +45,7 @@ async fn a_job_stream_starts_with_a_snapshot_and_ends_after_the_last_state() {
     let other = app.submit_png("another").await;
     let mut one = SseReader::new(app.get(&format!("/jobs/{id}/events")).send().await.unwrap());
     let (name, ev) = one.next(10.0).await.unwrap();
-    assert_eq!(
-        (name.as_str(), ev["job"]["status"].as_str()),
-        ("snapshot", Some("queued"))
-    );
+    assert_eq!((name.as_str(), ev["job"]["status"].as_str()), ("snapshot", Some("queued")));
 
     let lease = app.lease("w", 1.0).await.unwrap();
     assert_eq!(lease["job_id"], id);
@@ -73,21 +54,12 @@ async fn a_job_stream_starts_with_a_snapshot_and_ends_after_the_last_state() {
     let (name, _) = one.next(10.0).await.unwrap();
     assert_eq!(name, "started");
     let (name, ev) = one.next(10.0).await.unwrap();
-    assert_eq!(
-        (name.as_str(), ev["job_id"].as_str()),
-        ("cancelled", Some(id.as_str()))
-    );
-    assert!(
-        one.next(10.0).await.is_none(),
-        "stream ends after a terminal state"
-    );
+    assert_eq!((name.as_str(), ev["job_id"].as_str()), ("cancelled", Some(id.as_str())));
+    assert!(one.next(10.0).await.is_none(), "stream ends after a terminal state");
 
     // A finished job's stream is just its snapshot.
     let mut ended = SseReader::new(app.get(&format!("/jobs/{id}/events")).send().await.unwrap());
-    assert_eq!(
-        ended.next(10.0).await.unwrap().1["job"]["status"],
-        "cancelled"
-    );
+    assert_eq!(ended.next(10.0).await.unwrap().1["job"]["status"], "cancelled");
     assert!(ended.next(10.0).await.is_none());
 }
 
@@ -95,33 +67,19 @@ async fn a_job_stream_starts_with_a_snapshot_and_ends_after_the_last_state() {
 async fn the_websocket_carries_the_same_events_and_takes_a_query_token() {
     let app = spawn_with(|a| a.api_token = Some("s3cret".into())).await;
     let ws_base = app.base.replace("http://", "ws://");
-    assert!(
-        tokio_tungstenite::connect_async(format!("{ws_base}/ws"))
-            .await
-            .is_err(),
-        "no token: refused"
-    );
+    assert!(tokio_tungstenite::connect_async(format!("{ws_base}/ws")).await.is_err(), "no token: refused");
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{ws_base}/ws?token=s3cret"))
-        .await
-        .expect("connects with ?token=");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{ws_base}/ws?token=s3cret")).await.expect("connects with ?token=");
     let hello = ws.next().await.unwrap().unwrap();
     let hello: Value = serde_json::from_str(hello.to_text().unwrap()).unwrap();
     assert_eq!(hello["type"], "hello");
 
     let id = app.submit_png("over the socket").await;
-    let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let msg = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
     let ev: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
     assert_eq!(
-        (
-            ev["type"].as_str(),
-            ev["event"].as_str(),
-            ev["job_id"].as_str()
-        ),
+        (ev["type"].as_str(), ev["event"].as_str(), ev["job_id"].as_str()),
         (Some("job"), Some("queued"), Some(id.as_str()))
     );
 }

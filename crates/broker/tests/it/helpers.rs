@@ -63,14 +63,9 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut BrokerArgs)) -> TestApp {
 }
 
 async fn start(dir: tempfile::TempDir, args: BrokerArgs) -> TestApp {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let config = args
-        .clone()
-        .into_config(test_workflows())
-        .expect("valid test config");
+    let config = args.clone().into_config(test_workflows()).expect("valid test config");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tdcomfy_broker::run(listener, config, async move {
@@ -80,15 +75,7 @@ async fn start(dir: tempfile::TempDir, args: BrokerArgs) -> TestApp {
         .expect("broker runs");
     });
     let token = args.api_token.clone();
-    TestApp {
-        base,
-        http: reqwest::Client::new(),
-        dir,
-        args,
-        token,
-        stop: Some(stop),
-        task: Some(task),
-    }
+    TestApp { base, http: reqwest::Client::new(), dir, args, token, stop: Some(stop), task: Some(task) }
 }
 
 impl TestApp {
@@ -147,22 +134,13 @@ impl TestApp {
     }
 
     pub async fn submit(&self, form: Form) -> reqwest::Response {
-        self.post("/jobs")
-            .multipart(form)
-            .send()
-            .await
-            .expect("submit sent")
+        self.post("/jobs").multipart(form).send().await.expect("submit sent")
     }
 
     /// Submits a small real PNG with a prompt; returns the job id.
     pub async fn submit_png(&self, prompt: &str) -> String {
         let resp = self.submit(png_form(prompt)).await;
-        assert_eq!(
-            resp.status(),
-            200,
-            "submit failed: {}",
-            resp.text().await.unwrap()
-        );
+        assert_eq!(resp.status(), 200, "submit failed: {}", resp.text().await.unwrap());
         let body: Value = resp.json().await.unwrap();
         body["job_id"].as_str().unwrap().to_owned()
     }
@@ -174,14 +152,7 @@ impl TestApp {
     }
 
     pub async fn health(&self) -> Value {
-        self.http
-            .get(self.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.http.get(self.url("/health")).send().await.unwrap().json().await.unwrap()
     }
 
     /// Leases a job (waiting up to `wait` s); `None` on 204.
@@ -199,12 +170,7 @@ impl TestApp {
         }
     }
 
-    pub async fn heartbeat(
-        &self,
-        id: &str,
-        token: &str,
-        progress: Option<Value>,
-    ) -> reqwest::Response {
+    pub async fn heartbeat(&self, id: &str, token: &str, progress: Option<Value>) -> reqwest::Response {
         self.post(&format!("/worker/jobs/{id}/heartbeat"))
             .json(&serde_json::json!({"lease_token": token, "progress": progress}))
             .send()
@@ -222,13 +188,7 @@ impl TestApp {
             .unwrap()
     }
 
-    pub async fn fail(
-        &self,
-        id: &str,
-        token: &str,
-        message: &str,
-        retryable: bool,
-    ) -> reqwest::Response {
+    pub async fn fail(&self, id: &str, token: &str, message: &str, retryable: bool) -> reqwest::Response {
         self.post(&format!("/worker/jobs/{id}/fail"))
             .json(&serde_json::json!({"lease_token": token, "message": message, "retryable": retryable}))
             .send()
@@ -242,14 +202,7 @@ impl TestApp {
         let mut job = self.job(id).await;
         while !pred(&job) && tokio::time::Instant::now() < deadline {
             let version = job["version"].as_u64().unwrap();
-            job = self
-                .get(&format!("/jobs/{id}?wait=5&since={version}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            job = self.get(&format!("/jobs/{id}?wait=5&since={version}")).send().await.unwrap().json().await.unwrap();
         }
         job
     }
@@ -257,11 +210,7 @@ impl TestApp {
     /// Files under the data directory's `files/<kind>`.
     pub fn files(&self, kind: &str) -> Vec<String> {
         std::fs::read_dir(self.args.data_dir.join("files").join(kind))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default()
     }
 }
@@ -276,9 +225,7 @@ impl Drop for TestApp {
 
 /// A real PNG of `w`×`h` pixels.
 pub fn png_bytes(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
-    });
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
@@ -286,13 +233,7 @@ pub fn png_bytes(w: u32, h: u32) -> Vec<u8> {
 
 pub fn png_form(prompt: &str) -> Form {
     Form::new()
-        .part(
-            "image",
-            Part::bytes(png_bytes(64, 40))
-                .file_name("frame.png")
-                .mime_str("image/png")
-                .unwrap(),
-        )
+        .part("image", Part::bytes(png_bytes(64, 40)).file_name("frame.png").mime_str("image/png").unwrap())
         .text("prompt", prompt.to_owned())
 }
 
@@ -304,18 +245,14 @@ pub async fn error_of(resp: reqwest::Response) -> (u16, Value) {
 
 /// Reads Server-Sent Events from a response: `(event name, parsed data)` pairs.
 pub struct SseReader {
-    stream:
-        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buf: String,
 }
 
 impl SseReader {
     pub fn new(resp: reqwest::Response) -> SseReader {
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        SseReader {
-            stream: Box::pin(resp.bytes_stream()),
-            buf: String::new(),
-        }
+        SseReader { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
     }
 
     /// The next event, or `None` when the stream ends or `secs` pass.
@@ -336,10 +273,7 @@ impl SseReader {
                 if data.is_empty() {
                     continue; // keep-alive comment
                 }
-                return Some((
-                    name,
-                    serde_json::from_str(&data).expect("event data is JSON"),
-                ));
+                return Some((name, serde_json::from_str(&data).expect("event data is JSON")));
             }
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Ok(Some(Ok(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),

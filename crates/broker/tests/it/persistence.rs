@@ -11,49 +11,23 @@ async fn three_jobs(app: &TestApp) -> (String, String, String, String, Vec<u8>) 
     let queued = app.submit_png("queued").await;
     let l1 = app.lease("w", 1.0).await.unwrap();
     let video: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 256) as u8).collect();
-    app.put_result(&done, l1["lease_token"].as_str().unwrap(), video.clone())
-        .await;
+    app.put_result(&done, l1["lease_token"].as_str().unwrap(), video.clone()).await;
     let l2 = app.lease("w", 1.0).await.unwrap();
     assert_eq!(l2["job_id"], running);
-    (
-        done,
-        running,
-        queued,
-        l2["lease_token"].as_str().unwrap().to_owned(),
-        video,
-    )
+    (done, running, queued, l2["lease_token"].as_str().unwrap().to_owned(), video)
 }
 
-async fn assert_all_kept(
-    app: &TestApp,
-    done: &str,
-    running: &str,
-    queued: &str,
-    token: &str,
-    video: &[u8],
-) {
+async fn assert_all_kept(app: &TestApp, done: &str, running: &str, queued: &str, token: &str, video: &[u8]) {
     assert_eq!(app.job(queued).await["status"], "queued");
     let job = app.job(done).await;
-    assert_eq!(
-        (job["status"].as_str(), job["has_result"].as_bool()),
-        (Some("done"), Some(true))
-    );
-    let got = app
-        .get(&format!("/jobs/{done}/result"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    assert_eq!((job["status"].as_str(), job["has_result"].as_bool()), (Some("done"), Some(true)));
+    let got = app.get(&format!("/jobs/{done}/result")).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.to_vec(), video);
     // The running job's worker carries on under its lease across the restart.
     let hb = app.heartbeat(running, token, None).await;
     assert_eq!(hb.status(), 200);
     assert_eq!(hb.json::<Value>().await.unwrap()["cancelled"], false);
-    let resp = app
-        .put_result(running, token, b"finished after restart".to_vec())
-        .await;
+    let resp = app.put_result(running, token, b"finished after restart".to_vec()).await;
     assert_eq!(resp.status(), 200);
     // And the queued job is still handed out, FIFO.
     let next = app.lease("w", 1.0).await.unwrap();
@@ -85,8 +59,5 @@ async fn a_job_whose_worker_vanished_during_the_downtime_is_re_leased() {
     let job = app.wait_until(&id, 15.0, |j| j["status"] == "queued").await;
     assert_eq!(job["status"], "queued");
     let again = app.lease("new", 1.0).await.unwrap();
-    assert_eq!(
-        (again["job_id"].as_str(), again["attempt"].as_u64()),
-        (Some(id.as_str()), Some(2))
-    );
+    assert_eq!((again["job_id"].as_str(), again["attempt"].as_u64()), (Some(id.as_str()), Some(2)));
 }

@@ -6,18 +6,13 @@ use serde_json::Value;
 use crate::helpers::{error_of, png_bytes, png_form, spawn_app};
 
 fn image_part(bytes: Vec<u8>, mime: &str) -> Part {
-    Part::bytes(bytes)
-        .file_name("frame.png")
-        .mime_str(mime)
-        .unwrap()
+    Part::bytes(bytes).file_name("frame.png").mime_str(mime).unwrap()
 }
 
 #[tokio::test]
 async fn submit_returns_the_design_fields_and_get_shows_the_job() {
     let app = spawn_app().await;
-    let form = png_form("a neon city at night")
-        .text("negative_prompt", "blurry")
-        .text("seed", "42");
+    let form = png_form("a neon city at night").text("negative_prompt", "blurry").text("seed", "42");
     let resp = app.submit(form).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
@@ -27,19 +22,8 @@ async fn submit_returns_the_design_fields_and_get_shows_the_job() {
     let id = body["job_id"].as_str().unwrap();
 
     let job = app.job(id).await;
-    for key in [
-        "id",
-        "status",
-        "created_at",
-        "prompt",
-        "has_result",
-        "error_message",
-        "processing_time",
-    ] {
-        assert!(
-            job.get(key).is_some(),
-            "GET /jobs/{{id}} lacks {key}: {job}"
-        );
+    for key in ["id", "status", "created_at", "prompt", "has_result", "error_message", "processing_time"] {
+        assert!(job.get(key).is_some(), "GET /jobs/{{id}} lacks {key}: {job}");
     }
     assert_eq!(job["id"], id);
     assert_eq!(job["prompt"], "a neon city at night");
@@ -70,33 +54,18 @@ async fn queue_positions_follow_submission_order() {
 async fn jpeg_and_webp_are_accepted_by_their_bytes() {
     let app = spawn_app().await;
     let img = image::RgbImage::from_pixel(32, 16, image::Rgb([10, 200, 30]));
-    for (format, mime) in [
-        (image::ImageFormat::Jpeg, "image/jpeg"),
-        (image::ImageFormat::WebP, "image/webp"),
-    ] {
+    for (format, mime) in [(image::ImageFormat::Jpeg, "image/jpeg"), (image::ImageFormat::WebP, "image/webp")] {
         let mut bytes = std::io::Cursor::new(Vec::new());
         img.write_to(&mut bytes, format).unwrap();
         // The declared type is wrong on purpose: only the bytes count.
-        let form = Form::new().part(
-            "image",
-            image_part(bytes.into_inner(), "application/octet-stream"),
-        );
+        let form = Form::new().part("image", image_part(bytes.into_inner(), "application/octet-stream"));
         let resp = app.submit(form).await;
         assert_eq!(resp.status(), 200, "{mime}");
-        let id = resp.json::<Value>().await.unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = resp.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_owned();
         let lease = app.lease("w", 1.0).await.unwrap();
         assert_eq!(lease["job_id"], id);
         assert_eq!(lease["input"]["content_type"], mime);
-        assert_eq!(
-            (
-                lease["input"]["width"].as_u64(),
-                lease["input"]["height"].as_u64()
-            ),
-            (Some(32), Some(16))
-        );
+        assert_eq!((lease["input"]["width"].as_u64(), lease["input"]["height"].as_u64()), (Some(32), Some(16)));
     }
 }
 
@@ -112,26 +81,11 @@ async fn every_bad_input_gets_a_4xx_naming_the_field_and_loses_nothing() {
 
     let png = || image_part(png_bytes(8, 8), "image/png");
     let cases: Vec<(&str, Form, u16, &str, Option<&str>)> = vec![
-        (
-            "no image",
-            Form::new().text("prompt", "x"),
-            400,
-            "missing_field",
-            Some("image"),
-        ),
-        (
-            "empty image",
-            Form::new().part("image", image_part(vec![], "image/png")),
-            400,
-            "empty_file",
-            Some("image"),
-        ),
+        ("no image", Form::new().text("prompt", "x"), 400, "missing_field", Some("image")),
+        ("empty image", Form::new().part("image", image_part(vec![], "image/png")), 400, "empty_file", Some("image")),
         (
             "text posing as png",
-            Form::new().part(
-                "image",
-                image_part(b"this is not an image at all".to_vec(), "image/png"),
-            ),
+            Form::new().part("image", image_part(b"this is not an image at all".to_vec(), "image/png")),
             400,
             "unsupported_image",
             Some("image"),
@@ -143,34 +97,18 @@ async fn every_bad_input_gets_a_4xx_naming_the_field_and_loses_nothing() {
             "image_too_large_dimensions",
             Some("image"),
         ),
-        (
-            "seed not integer",
-            Form::new().part("image", png()).text("seed", "4.5"),
-            400,
-            "invalid_seed",
-            Some("seed"),
-        ),
-        (
-            "seed negative",
-            Form::new().part("image", png()).text("seed", "-1"),
-            400,
-            "invalid_seed",
-            Some("seed"),
-        ),
+        ("seed not integer", Form::new().part("image", png()).text("seed", "4.5"), 400, "invalid_seed", Some("seed")),
+        ("seed negative", Form::new().part("image", png()).text("seed", "-1"), 400, "invalid_seed", Some("seed")),
         (
             "seed too big",
-            Form::new()
-                .part("image", png())
-                .text("seed", "18446744073709551616"),
+            Form::new().part("image", png()).text("seed", "18446744073709551616"),
             400,
             "invalid_seed",
             Some("seed"),
         ),
         (
             "prompt too long",
-            Form::new()
-                .part("image", png())
-                .text("prompt", "x".repeat(10_001)),
+            Form::new().part("image", png()).text("prompt", "x".repeat(10_001)),
             400,
             "field_too_long",
             Some("prompt"),
@@ -191,9 +129,7 @@ async fn every_bad_input_gets_a_4xx_naming_the_field_and_loses_nothing() {
         ),
         (
             "unknown param",
-            Form::new()
-                .part("image", png())
-                .text("params", r#"{"no_such_param": 1}"#),
+            Form::new().part("image", png()).text("params", r#"{"no_such_param": 1}"#),
             400,
             "invalid_params",
             Some("params"),
@@ -211,43 +147,21 @@ async fn every_bad_input_gets_a_4xx_naming_the_field_and_loses_nothing() {
         assert_eq!(got_status, status, "{what}: {err}");
         assert_eq!(err["code"], code, "{what}: {err}");
         assert_eq!(err["field"].as_str(), field, "{what}: {err}");
-        assert!(
-            err["message"].as_str().is_some_and(|m| m.len() > 10),
-            "{what}: {err}"
-        );
+        assert!(err["message"].as_str().is_some_and(|m| m.len() > 10), "{what}: {err}");
     }
-    let (_, err) = error_of(
-        app.submit(
-            Form::new()
-                .part("image", png())
-                .text("prompt", "x".repeat(10_001)),
-        )
-        .await,
-    )
-    .await;
+    let (_, err) =
+        error_of(app.submit(Form::new().part("image", png()).text("prompt", "x".repeat(10_001))).await).await;
     assert_eq!(err["limit"], 10_000);
 
-    let resp = app
-        .post("/jobs")
-        .body("not multipart")
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/jobs").body("not multipart").send().await.unwrap();
     let (status, err) = error_of(resp).await;
-    assert_eq!(
-        (status, err["code"].as_str()),
-        (400, Some("invalid_multipart"))
-    );
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid_multipart")));
 
     // Nothing was stored by the refusals, and nothing was lost.
     let health = app.health().await;
     assert_eq!(health["jobs_count"], 1);
     assert_eq!(app.files("inputs"), vec![good.clone()]);
-    assert!(
-        app.files("tmp").is_empty(),
-        "staged files left behind: {:?}",
-        app.files("tmp")
-    );
+    assert!(app.files("tmp").is_empty(), "staged files left behind: {:?}", app.files("tmp"));
     assert_eq!(app.job(&good).await["status"], "queued");
 }
 
@@ -259,23 +173,15 @@ async fn uploads_over_max_upload_mb_get_a_413_that_names_the_limit() {
     // With a Content-Length, refused before reading; without one (streamed), refused while reading.
     let sized = Form::new().part("image", image_part(big.clone(), "image/png"));
     let stream = futures_util::stream::iter(
-        big.chunks(64 * 1024)
-            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
-            .collect::<Vec<_>>(),
+        big.chunks(64 * 1024).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>(),
     );
-    let streamed = Form::new().part(
-        "image",
-        Part::stream(reqwest::Body::wrap_stream(stream)).file_name("f.png"),
-    );
+    let streamed = Form::new().part("image", Part::stream(reqwest::Body::wrap_stream(stream)).file_name("f.png"));
     for form in [sized, streamed] {
         let (status, err) = error_of(app.submit(form).await).await;
         assert_eq!(status, 413);
         assert_eq!(err["code"], "payload_too_large");
         assert_eq!(err["limit"], 5 * 1024 * 1024);
-        assert!(
-            err["message"].as_str().unwrap().contains("MAX_UPLOAD_MB"),
-            "{err}"
-        );
+        assert!(err["message"].as_str().unwrap().contains("MAX_UPLOAD_MB"), "{err}");
         assert!(err["message"].as_str().unwrap().contains("5 MB"), "{err}");
     }
     assert_eq!(app.health().await["jobs_count"], 0);
@@ -287,14 +193,7 @@ async fn idempotency_key_returns_the_same_job_and_refuses_a_different_body() {
     let app = spawn_app().await;
     let send = |prompt: &'static str, key: &'static str| {
         let app = &app;
-        async move {
-            app.post("/jobs")
-                .header("Idempotency-Key", key)
-                .multipart(png_form(prompt))
-                .send()
-                .await
-                .unwrap()
-        }
+        async move { app.post("/jobs").header("Idempotency-Key", key).multipart(png_form(prompt)).send().await.unwrap() }
     };
     let first = send("same", "key-1").await;
     assert_eq!(first.status(), 200);
@@ -308,17 +207,10 @@ async fn idempotency_key_returns_the_same_job_and_refuses_a_different_body() {
     assert_eq!(again["job_id"], first["job_id"]);
 
     let (status, err) = error_of(send("different", "key-1").await).await;
-    assert_eq!(
-        (status, err["code"].as_str()),
-        (409, Some("idempotency_key_reused"))
-    );
+    assert_eq!((status, err["code"].as_str()), (409, Some("idempotency_key_reused")));
 
     let other: Value = send("same", "key-2").await.json().await.unwrap();
     assert_ne!(other["job_id"], first["job_id"]);
     assert_eq!(app.health().await["jobs_count"], 2);
-    assert_eq!(
-        app.files("inputs").len(),
-        2,
-        "a replay must not leave a second input file"
-    );
+    assert_eq!(app.files("inputs").len(), 2, "a replay must not leave a second input file");
 }

@@ -10,10 +10,7 @@ use crate::helpers::{error_of, png_bytes, spawn_app, spawn_with};
 #[tokio::test]
 async fn a_waiting_worker_gets_a_job_the_moment_it_is_queued() {
     let app = spawn_app().await;
-    assert!(
-        app.lease("w", 0.2).await.is_none(),
-        "empty queue answers 204 after the wait"
-    );
+    assert!(app.lease("w", 0.2).await.is_none(), "empty queue answers 204 after the wait");
 
     let waiter = {
         let (http, url) = (app.http.clone(), app.url("/worker/lease"));
@@ -30,10 +27,8 @@ async fn a_waiting_worker_gets_a_job_the_moment_it_is_queued() {
     };
     app.wait_health(|h| h["workers_connected"] == 1).await;
     let id = app.submit_png("hurry").await;
-    let got = tokio::time::timeout(Duration::from_secs(20), waiter)
-        .await
-        .expect("leased well before the wait ends")
-        .unwrap();
+    let got =
+        tokio::time::timeout(Duration::from_secs(20), waiter).await.expect("leased well before the wait ends").unwrap();
     let lease = &got["job"];
     assert_eq!(lease["job_id"], id);
     assert_eq!(lease["attempt"], 1);
@@ -42,10 +37,7 @@ async fn a_waiting_worker_gets_a_job_the_moment_it_is_queued() {
     assert!(lease["lease_token"].as_str().is_some_and(|t| t.len() >= 16));
     assert_eq!(lease["job_timeout"], 600.0);
     let job = app.job(&id).await;
-    assert_eq!(
-        (job["status"].as_str(), job["attempts"].as_u64()),
-        (Some("running"), Some(1))
-    );
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("running"), Some(1)));
     assert!(job["started_at"].is_string());
 }
 
@@ -83,23 +75,13 @@ async fn full_lifecycle_input_progress_result() {
     let lease = app.lease("w", 1.0).await.unwrap();
     let token = lease["lease_token"].as_str().unwrap();
 
-    let input = app
-        .get(&format!("/worker/jobs/{id}/input"))
-        .header("lease-token", token)
-        .send()
-        .await
-        .unwrap();
+    let input = app.get(&format!("/worker/jobs/{id}/input")).header("lease-token", token).send().await.unwrap();
     assert_eq!(input.status(), 200);
     assert_eq!(input.headers()["content-type"], "image/png");
     assert_eq!(input.bytes().await.unwrap().to_vec(), png_bytes(64, 40));
-    let (status, err) = error_of(
-        app.get(&format!("/worker/jobs/{id}/input"))
-            .header("lease-token", "wrong")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, err) =
+        error_of(app.get(&format!("/worker/jobs/{id}/input")).header("lease-token", "wrong").send().await.unwrap())
+            .await;
     assert_eq!((status, err["code"].as_str()), (409, Some("lease_lost")));
 
     let progress = json!({"value": 0.5, "step": 15, "max_steps": 30, "node": "72", "node_type": "SamplerCustom"});
@@ -110,31 +92,21 @@ async fn full_lifecycle_input_progress_result() {
     assert_eq!(job["progress"], progress);
     assert!(job["processing_time"].as_f64().is_some());
 
-    let (status, err) =
-        error_of(app.heartbeat(&id, token, Some(json!({"value": 7.0}))).await).await;
-    assert_eq!(
-        (status, err["field"].as_str()),
-        (400, Some("progress.value"))
-    );
+    let (status, err) = error_of(app.heartbeat(&id, token, Some(json!({"value": 7.0}))).await).await;
+    assert_eq!((status, err["field"].as_str()), (400, Some("progress.value")));
 
     let video = b"\0\0\0\x18ftypisom fake mp4 payload".repeat(1000);
     let resp = app.put_result(&id, token, video.clone()).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "done");
     // Repeating the upload under the same lease is harmless.
-    assert_eq!(
-        app.put_result(&id, token, video.clone()).await.status(),
-        200
-    );
+    assert_eq!(app.put_result(&id, token, video.clone()).await.status(), 200);
 
     let job = app.job(&id).await;
     assert_eq!(job["status"], "done");
     assert_eq!(job["has_result"], true);
     assert_eq!(job["progress"]["value"], 1.0);
-    assert_eq!(
-        job["result"],
-        json!({"content_type": "video/mp4", "size": video.len()})
-    );
+    assert_eq!(job["result"], json!({"content_type": "video/mp4", "size": video.len()}));
     assert!(job["finished_at"].is_string() && job["processing_time"].as_f64().unwrap() >= 0.0);
     let got = app.get(&format!("/jobs/{id}/result")).send().await.unwrap();
     assert_eq!(got.headers()["content-type"], "video/mp4");
@@ -155,20 +127,11 @@ async fn an_expired_lease_requeues_the_job_and_the_old_worker_cannot_finish_it()
     let old_token = first["lease_token"].as_str().unwrap().to_owned();
 
     let requeued = app.wait_until(&id, 15.0, |j| j["status"] == "queued").await;
-    assert_eq!(
-        requeued["status"], "queued",
-        "expired lease must requeue: {requeued}"
-    );
+    assert_eq!(requeued["status"], "queued", "expired lease must requeue: {requeued}");
     assert_eq!(requeued["attempts"], 1);
 
-    let second = app
-        .lease("lives", 1.0)
-        .await
-        .expect("requeued job is leased again");
-    assert_eq!(
-        (second["job_id"].as_str(), second["attempt"].as_u64()),
-        (Some(id.as_str()), Some(2))
-    );
+    let second = app.lease("lives", 1.0).await.expect("requeued job is leased again");
+    assert_eq!((second["job_id"].as_str(), second["attempt"].as_u64()), (Some(id.as_str()), Some(2)));
     // The first worker wakes up and tries to deliver: refused, so "done" never comes from a stale run.
     let (status, err) = error_of(app.put_result(&id, &old_token, b"stale".to_vec()).await).await;
     assert_eq!((status, err["code"].as_str()), (409, Some("lease_lost")));
@@ -202,14 +165,7 @@ async fn cancel_of_a_running_job_reaches_the_worker_at_its_next_heartbeat() {
     let id = app.submit_png("stop me").await;
     let lease = app.lease("w", 1.0).await.unwrap();
     let token = lease["lease_token"].as_str().unwrap();
-    let resp: Value = app
-        .delete(&format!("/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let resp: Value = app.delete(&format!("/jobs/{id}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(resp["status"], "cancelled");
 
     let hb: Value = app.heartbeat(&id, token, None).await.json().await.unwrap();
@@ -217,10 +173,7 @@ async fn cancel_of_a_running_job_reaches_the_worker_at_its_next_heartbeat() {
     let (status, err) = error_of(app.put_result(&id, token, b"too late".to_vec()).await).await;
     assert_eq!((status, err["code"].as_str()), (409, Some("job_cancelled")));
     let job = app.job(&id).await;
-    assert_eq!(
-        (job["status"].as_str(), job["has_result"].as_bool()),
-        (Some("cancelled"), Some(false))
-    );
+    assert_eq!((job["status"].as_str(), job["has_result"].as_bool()), (Some("cancelled"), Some(false)));
     assert!(app.files("results").is_empty() && app.files("tmp").is_empty());
 }
 
@@ -229,54 +182,24 @@ async fn failures_are_final_or_retried_as_the_worker_says() {
     let app = spawn_with(|a| a.max_attempts = 2).await;
     let id = app.submit_png("fails").await;
     let l1 = app.lease("w", 1.0).await.unwrap();
-    let resp = app
-        .fail(
-            &id,
-            l1["lease_token"].as_str().unwrap(),
-            "ComfyUI unreachable at 127.0.0.1:8999",
-            true,
-        )
-        .await;
+    let resp = app.fail(&id, l1["lease_token"].as_str().unwrap(), "ComfyUI unreachable at 127.0.0.1:8999", true).await;
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "queued");
     let l2 = app.lease("w", 1.0).await.unwrap();
     assert_eq!(l2["attempt"], 2);
-    let resp = app
-        .fail(
-            &id,
-            l2["lease_token"].as_str().unwrap(),
-            "ComfyUI unreachable at 127.0.0.1:8999",
-            true,
-        )
-        .await;
+    let resp = app.fail(&id, l2["lease_token"].as_str().unwrap(), "ComfyUI unreachable at 127.0.0.1:8999", true).await;
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "error");
     let job = app.job(&id).await;
-    assert!(
-        job["error_message"]
-            .as_str()
-            .unwrap()
-            .contains("unreachable"),
-        "{job}"
-    );
+    assert!(job["error_message"].as_str().unwrap().contains("unreachable"), "{job}");
 
     let id = app.submit_png("validation").await;
     let l = app.lease("w", 1.0).await.unwrap();
     let msg = "node 44 (CheckpointLoaderSimple): ckpt_name: 'x.safetensors' not in []";
-    app.fail(&id, l["lease_token"].as_str().unwrap(), msg, false)
-        .await;
+    app.fail(&id, l["lease_token"].as_str().unwrap(), msg, false).await;
     let job = app.job(&id).await;
-    assert_eq!(
-        (job["status"].as_str(), job["error_message"].as_str()),
-        (Some("error"), Some(msg))
-    );
-    let (status, err) =
-        error_of(app.get(&format!("/jobs/{id}/result")).send().await.unwrap()).await;
+    assert_eq!((job["status"].as_str(), job["error_message"].as_str()), (Some("error"), Some(msg)));
+    let (status, err) = error_of(app.get(&format!("/jobs/{id}/result")).send().await.unwrap()).await;
     assert_eq!((status, err["code"].as_str()), (409, Some("job_failed")));
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains("CheckpointLoaderSimple")
-    );
+    assert!(err["message"].as_str().unwrap().contains("CheckpointLoaderSimple"));
 }
 
 #[tokio::test]
@@ -286,52 +209,21 @@ async fn a_job_running_longer_than_job_timeout_fails() {
     let lease = app.lease("w", 1.0).await.unwrap();
     let job = app.wait_until(&id, 15.0, |j| j["status"] == "error").await;
     assert_eq!(job["status"], "error");
-    assert!(
-        job["error_message"]
-            .as_str()
-            .unwrap()
-            .contains("JOB_TIMEOUT"),
-        "{job}"
-    );
+    assert!(job["error_message"].as_str().unwrap().contains("JOB_TIMEOUT"), "{job}");
     // The worker learns at its next heartbeat that the lease is gone.
-    assert_eq!(
-        app.heartbeat(&id, lease["lease_token"].as_str().unwrap(), None)
-            .await
-            .status(),
-        409
-    );
+    assert_eq!(app.heartbeat(&id, lease["lease_token"].as_str().unwrap(), None).await.status(), 409);
 }
 
 #[tokio::test]
 async fn bad_worker_requests_get_json_errors() {
     let app = spawn_app().await;
-    let (status, err) = error_of(
-        app.post("/worker/lease")
-            .json(&json!({"worker_id": ""}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, err) = error_of(app.post("/worker/lease").json(&json!({"worker_id": ""})).send().await.unwrap()).await;
     assert_eq!((status, err["field"].as_str()), (400, Some("worker_id")));
-    let (status, err) = error_of(
-        app.post("/worker/lease")
-            .body("{")
-            .header("content-type", "application/json")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, err) =
+        error_of(app.post("/worker/lease").body("{").header("content-type", "application/json").send().await.unwrap())
+            .await;
     assert_eq!((status, err["code"].as_str()), (400, Some("invalid_json")));
     let id = app.submit_png("x").await;
-    let (status, err) = error_of(
-        app.put(&format!("/worker/jobs/{id}/result"))
-            .body("x")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, err) = error_of(app.put(&format!("/worker/jobs/{id}/result")).body("x").send().await.unwrap()).await;
     assert_eq!((status, err["field"].as_str()), (400, Some("Lease-Token")));
 }

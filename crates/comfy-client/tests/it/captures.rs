@@ -12,8 +12,7 @@ pub fn dir() -> PathBuf {
 /// Parses one capture file.
 pub fn load(name: &str) -> Value {
     let path = dir().join(name);
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
@@ -40,8 +39,5 @@ pub fn history_body(run: &Value) -> &Value {
 
 /// The prompt id a run capture was queued under.
 pub fn prompt_id(run: &Value) -> String {
-    response_json(&run["post_prompt"])["prompt_id"]
-        .as_str()
-        .expect("prompt_id in capture")
-        .to_owned()
+    response_json(&run["post_prompt"])["prompt_id"].as_str().expect("prompt_id in capture").to_owned()
 }

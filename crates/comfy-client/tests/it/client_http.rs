@@ -4,8 +4,7 @@
 use futures_util::StreamExt;
 use serde_json::json;
 use tdcomfy_comfy::{
-    ComfyEndpoint, ComfyError, FolderType, ImageUpload, MediaKind, OutputFile, PromptId,
-    QueuePosition,
+    ComfyEndpoint, ComfyError, FolderType, ImageUpload, MediaKind, OutputFile, PromptId, QueuePosition,
 };
 
 use crate::fake::{Fake, client_for, success_entry};
@@ -16,9 +15,7 @@ async fn upload_returns_the_name_comfyui_chose() {
     fake.with(|s| s.rename_uploads_to = Some("frame (1).png".into()));
     let client = fake.client();
     let uploaded = client
-        .upload_image(
-            ImageUpload::from_bytes("frame.png", vec![1u8, 2, 3]).in_subfolder("td/job-1"),
-        )
+        .upload_image(ImageUpload::from_bytes("frame.png", vec![1u8, 2, 3]).in_subfolder("td/job-1"))
         .await
         .expect("upload");
     assert_eq!(uploaded.name, "frame (1).png");
@@ -28,11 +25,7 @@ async fn upload_returns_the_name_comfyui_chose() {
     fake.with(|s| {
         let upload = &s.uploads[0];
         assert_eq!(
-            (
-                upload.filename.as_str(),
-                upload.subfolder.as_str(),
-                upload.overwrite
-            ),
+            (upload.filename.as_str(), upload.subfolder.as_str(), upload.overwrite),
             ("frame.png", "td/job-1", false)
         );
         assert_eq!(upload.bytes, vec![1, 2, 3]);
@@ -46,11 +39,8 @@ async fn upload_streams_a_file_from_disk() {
     let path = dir.path().join("big.png");
     let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(&path, &content).expect("write");
-    let uploaded = fake
-        .client()
-        .upload_image(ImageUpload::from_file("big.png", &path).overwrite(true))
-        .await
-        .expect("upload");
+    let uploaded =
+        fake.client().upload_image(ImageUpload::from_file("big.png", &path).overwrite(true)).await.expect("upload");
     assert_eq!(uploaded.name, "big.png");
     assert_eq!(uploaded.load_image_ref(), "big.png");
     fake.with(|s| {
@@ -58,13 +48,7 @@ async fn upload_streams_a_file_from_disk() {
         assert!(s.uploads[0].bytes == content, "file arrived intact");
     });
 
-    let missing = fake
-        .client()
-        .upload_image(ImageUpload::from_file(
-            "x.png",
-            dir.path().join("missing.png"),
-        ))
-        .await;
+    let missing = fake.client().upload_image(ImageUpload::from_file("x.png", dir.path().join("missing.png"))).await;
     assert!(matches!(missing, Err(ComfyError::UploadSource { .. })));
 }
 
@@ -72,24 +56,15 @@ async fn upload_streams_a_file_from_disk() {
 async fn unsafe_upload_names_are_refused_before_sending() {
     let fake = Fake::start().await;
     let client = fake.client();
-    for (name, subfolder) in [
-        ("../evil.png", ""),
-        ("a/b.png", ""),
-        ("", ""),
-        ("ok.png", "../../etc"),
-        ("ok.png", "/abs"),
-    ] {
-        let result = client
-            .upload_image(ImageUpload::from_bytes(name, vec![0u8]).in_subfolder(subfolder))
-            .await;
+    for (name, subfolder) in
+        [("../evil.png", ""), ("a/b.png", ""), ("", ""), ("ok.png", "../../etc"), ("ok.png", "/abs")]
+    {
+        let result = client.upload_image(ImageUpload::from_bytes(name, vec![0u8]).in_subfolder(subfolder)).await;
         // "/abs" is normalised to "abs"; everything else must be refused.
         if subfolder == "/abs" {
             assert_eq!(result.expect("normalised").subfolder, "abs");
         } else {
-            assert!(
-                matches!(result, Err(ComfyError::InvalidInput(_))),
-                "{name:?} {subfolder:?}"
-            );
+            assert!(matches!(result, Err(ComfyError::InvalidInput(_))), "{name:?} {subfolder:?}");
         }
     }
     assert_eq!(fake.requests("POST", "/upload/image").len(), 1);
@@ -111,12 +86,7 @@ fn video_file(name: &str) -> OutputFile {
 async fn download_streams_bytes_with_length_and_type() {
     let fake = Fake::start().await;
     let content: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
-    fake.with(|s| {
-        s.files.insert(
-            "ltxv_00001_.mp4".into(),
-            ("video/mp4".into(), content.clone()),
-        )
-    });
+    fake.with(|s| s.files.insert("ltxv_00001_.mp4".into(), ("video/mp4".into(), content.clone())));
     let client = fake.client();
     let file = video_file("ltxv_00001_.mp4");
     let mut download = client.download(&file).await.expect("download");
@@ -131,16 +101,10 @@ async fn download_streams_bytes_with_length_and_type() {
     assert!(received == content, "bytes arrive intact");
     assert!(chunks >= 1);
     let query = &fake.requests("GET", "/view")[0].body;
-    assert_eq!(
-        query,
-        &json!({"filename": "ltxv_00001_.mp4", "subfolder": "td", "type": "output"})
-    );
+    assert_eq!(query, &json!({"filename": "ltxv_00001_.mp4", "subfolder": "td", "type": "output"}));
 
     let missing = client.download(&video_file("nope.mp4")).await;
-    assert!(
-        matches!(missing, Err(ComfyError::NotFound { .. })),
-        "{missing:?}"
-    );
+    assert!(matches!(missing, Err(ComfyError::NotFound { .. })), "{missing:?}");
 }
 
 #[tokio::test]
@@ -153,27 +117,14 @@ async fn queue_control_always_names_the_prompt() {
         s.running.push("other".into());
         s.pending.push(key.clone());
     });
-    assert_eq!(
-        client.queue().await.expect("queue").position(&id),
-        Some(QueuePosition::Pending { position: 0 })
-    );
+    assert_eq!(client.queue().await.expect("queue").position(&id), Some(QueuePosition::Pending { position: 0 }));
     client.delete_pending(&id).await.expect("delete");
     client.interrupt(&id).await.expect("interrupt");
     assert_eq!(client.queue().await.expect("queue").position(&id), None);
-    assert_eq!(
-        fake.requests("POST", "/queue")[0].body,
-        json!({"delete": [key]})
-    );
-    assert_eq!(
-        fake.requests("POST", "/interrupt")[0].body,
-        json!({"prompt_id": key})
-    );
+    assert_eq!(fake.requests("POST", "/queue")[0].body, json!({"delete": [key]}));
+    assert_eq!(fake.requests("POST", "/interrupt")[0].body, json!({"prompt_id": key}));
     fake.with(|s| {
-        assert_eq!(
-            s.running,
-            vec!["other".to_owned()],
-            "a targeted interrupt of a non-running id is a no-op"
-        )
+        assert_eq!(s.running, vec!["other".to_owned()], "a targeted interrupt of a non-running id is a no-op")
     });
 
     assert_eq!(client.history(&id).await.expect("history"), None);
@@ -189,9 +140,7 @@ async fn queue_control_always_names_the_prompt() {
 
 #[tokio::test]
 async fn an_absent_server_is_reported_as_unreachable() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     let client = client_for(ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint"));
@@ -204,10 +153,7 @@ async fn an_absent_server_is_reported_as_unreachable() {
 #[tokio::test]
 async fn a_graph_that_is_not_an_object_is_refused_locally() {
     let fake = Fake::start().await;
-    let result = fake
-        .client()
-        .queue_prompt(&json!([]), &PromptId::new())
-        .await;
+    let result = fake.client().queue_prompt(&json!([]), &PromptId::new()).await;
     assert!(matches!(result, Err(ComfyError::InvalidInput(_))));
     assert!(fake.requests("POST", "/prompt").is_empty());
 }

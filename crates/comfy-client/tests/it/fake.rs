@@ -93,17 +93,13 @@ pub struct Fake {
 
 impl Fake {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         Self::serve(listener)
     }
 
     /// Starts on a given address (to bring a "crashed" server back).
     pub async fn start_on(addr: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .expect("bind again");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind again");
         Self::serve(listener)
     }
 
@@ -142,15 +138,9 @@ impl Fake {
         let stop = CancellationToken::new();
         let shutdown = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
+            let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
         });
-        Self {
-            addr,
-            shared,
-            _stop: stop.drop_guard(),
-        }
+        Self { addr, shared, _stop: stop.drop_guard() }
     }
 
     pub fn endpoint(&self) -> ComfyEndpoint {
@@ -179,10 +169,7 @@ impl Fake {
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(20), waiting)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(20), waiting).await.is_err() {
             panic!("fake: timed out waiting for {what}");
         }
     }
@@ -190,8 +177,7 @@ impl Fake {
     /// Sends a JSON event to every connected socket.
     pub fn push(&self, event: Value) {
         self.with(|s| {
-            s.sockets
-                .retain(|socket| socket.send(Message::Text(event.to_string().into())).is_ok());
+            s.sockets.retain(|socket| socket.send(Message::Text(event.to_string().into())).is_ok());
         });
     }
 
@@ -215,13 +201,7 @@ impl Fake {
 
     /// Recorded requests with this method and path.
     pub fn requests(&self, method: &str, path: &str) -> Vec<Recorded> {
-        self.with(|s| {
-            s.requests
-                .iter()
-                .filter(|r| r.method == method && r.path == path)
-                .cloned()
-                .collect()
-        })
+        self.with(|s| s.requests.iter().filter(|r| r.method == method && r.path == path).cloned().collect())
     }
 }
 
@@ -263,11 +243,7 @@ pub fn interrupted_entry(id: &str, node: &str, node_type: &str) -> Value {
 }
 
 fn record(state: &mut FakeState, method: &str, path: &str, body: Value) {
-    state.requests.push(Recorded {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        body,
-    });
+    state.requests.push(Recorded { method: method.to_owned(), path: path.to_owned(), body });
 }
 
 fn parse_body(bytes: &Bytes) -> Value {
@@ -278,10 +254,7 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
     let body = parse_body(&body);
     shared.with(|s| {
         record(s, "POST", "/prompt", body.clone());
-        let id = body["prompt_id"]
-            .as_str()
-            .unwrap_or("server-chosen")
-            .to_owned();
+        let id = body["prompt_id"].as_str().unwrap_or("server-chosen").to_owned();
         let queue = |s: &mut FakeState| {
             if s.running.is_empty() {
                 s.running.push(id.clone());
@@ -296,12 +269,9 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
             }
             OnPrompt::QueueWithNodeErrors(errors) => {
                 queue(s);
-                Json200(json!({"prompt_id": id, "number": 1, "node_errors": errors}))
-                    .into_response()
+                Json200(json!({"prompt_id": id, "number": 1, "node_errors": errors})).into_response()
             }
-            OnPrompt::Forget => {
-                Json200(json!({"prompt_id": id, "number": 1, "node_errors": {}})).into_response()
-            }
+            OnPrompt::Forget => Json200(json!({"prompt_id": id, "number": 1, "node_errors": {}})).into_response(),
             OnPrompt::Reject(status, body) => (
                 StatusCode::from_u16(status).expect("status"),
                 [(header::CONTENT_TYPE, "application/json")],
@@ -316,11 +286,7 @@ struct Json200(Value);
 
 impl IntoResponse for Json200 {
     fn into_response(self) -> Response {
-        (
-            [(header::CONTENT_TYPE, "application/json")],
-            self.0.to_string(),
-        )
-            .into_response()
+        ([(header::CONTENT_TYPE, "application/json")], self.0.to_string()).into_response()
     }
 }
 
@@ -399,12 +365,7 @@ async fn system_stats(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn upload(State(shared): State<Arc<Shared>>, mut multipart: Multipart) -> Response {
-    let mut upload = Upload {
-        filename: String::new(),
-        subfolder: String::new(),
-        overwrite: false,
-        bytes: Vec::new(),
-    };
+    let mut upload = Upload { filename: String::new(), subfolder: String::new(), overwrite: false, bytes: Vec::new() };
     let mut kind = "input".to_owned();
     while let Ok(Some(field)) = multipart.next_field().await {
         match field.name().unwrap_or_default() {
@@ -423,29 +384,21 @@ async fn upload(State(shared): State<Arc<Shared>>, mut multipart: Multipart) -> 
     }
     shared.with(|s| {
         record(s, "POST", "/upload/image", Value::Null);
-        let name = s
-            .rename_uploads_to
-            .clone()
-            .unwrap_or_else(|| upload.filename.clone());
+        let name = s.rename_uploads_to.clone().unwrap_or_else(|| upload.filename.clone());
         let answer = json!({"name": name, "subfolder": upload.subfolder, "type": kind});
         s.uploads.push(upload);
         Json200(answer).into_response()
     })
 }
 
-async fn view(
-    State(shared): State<Arc<Shared>>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
+async fn view(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap<String, String>>) -> Response {
     shared.with(|s| {
         record(s, "GET", "/view", json!(query));
         let filename = query.get("filename").cloned().unwrap_or_default();
         match s.files.get(&filename) {
-            Some((content_type, bytes)) => (
-                [(header::CONTENT_TYPE, content_type.clone())],
-                bytes.clone(),
-            )
-                .into_response(),
+            Some((content_type, bytes)) => {
+                ([(header::CONTENT_TYPE, content_type.clone())], bytes.clone()).into_response()
+            }
             None => StatusCode::NOT_FOUND.into_response(),
         }
     })
@@ -469,11 +422,7 @@ async fn serve_socket(shared: Arc<Shared>, client_id: String, mut socket: WebSoc
         s.running.len() + s.pending.len()
     });
     let hello = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": queue_remaining}}, "sid": client_id}});
-    if socket
-        .send(Message::Text(hello.to_string().into()))
-        .await
-        .is_err()
-    {
+    if socket.send(Message::Text(hello.to_string().into())).await.is_err() {
         return;
     }
     loop {

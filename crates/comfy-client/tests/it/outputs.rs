@@ -25,10 +25,7 @@ fn vhs_gifs_key_with_format_is_a_video() {
     assert_eq!(files.len(), 1);
     let file = &files[0];
     assert_eq!(file.key, "gifs");
-    assert_eq!(
-        (file.media, file.format.as_str()),
-        (MediaKind::Video, "mp4")
-    );
+    assert_eq!((file.media, file.format.as_str()), (MediaKind::Video, "mp4"));
     assert_eq!(file.filename, "AnimateDiff_00001.mp4");
     assert_eq!(file.content_type_guess(), "video/mp4");
 }
@@ -40,15 +37,9 @@ fn vhs_gif_and_preview_outputs_are_kept_apart() {
         "4": {"gifs": [{"filename": "clip_00001", "subfolder": "vhs", "type": "output", "format": "video/webm"}]}
     }));
     let files = collect(&map);
-    assert_eq!(
-        (files[0].media, files[0].kind.clone()),
-        (MediaKind::AnimatedImage, FolderType::Temp)
-    );
+    assert_eq!((files[0].media, files[0].kind.clone()), (MediaKind::AnimatedImage, FolderType::Temp));
     // No extension: the VHS format decides.
-    assert_eq!(
-        (files[1].media, files[1].format.as_str()),
-        (MediaKind::Video, "webm")
-    );
+    assert_eq!((files[1].media, files[1].format.as_str()), (MediaKind::Video, "webm"));
     assert_eq!(pick_primary(&files, None).expect("primary").node_id, "4");
 }
 
@@ -62,17 +53,8 @@ fn videos_audio_and_unknown_keys_are_all_collected() {
         "23": {"images": [{"filename": "", "subfolder": "", "type": "output"}, {"no": "filename"}]}
     }));
     let files = collect(&map);
-    let summary: Vec<(&str, &str, MediaKind, &str)> = files
-        .iter()
-        .map(|f| {
-            (
-                f.node_id.as_str(),
-                f.key.as_str(),
-                f.media,
-                f.format.as_str(),
-            )
-        })
-        .collect();
+    let summary: Vec<(&str, &str, MediaKind, &str)> =
+        files.iter().map(|f| (f.node_id.as_str(), f.key.as_str(), f.media, f.format.as_str())).collect();
     assert_eq!(
         summary,
         vec![
@@ -102,13 +84,7 @@ fn pick_primary_prefers_mp4_then_other_video_then_animation_then_stills() {
     .collect();
     assert_eq!(
         order,
-        [
-            "video_00001_.mp4",
-            "webm_00001_.webm",
-            "anim_00001_.webp",
-            "loop_00001.gif",
-            "still_00001_.png"
-        ]
+        ["video_00001_.mp4", "webm_00001_.webm", "anim_00001_.webp", "loop_00001.gif", "still_00001_.png"]
     );
     assert_eq!(pick_primary(&[], None), None);
 }
@@ -120,10 +96,7 @@ fn saved_files_beat_temp_previews_of_the_same_media() {
         "2": {"images": [{"filename": "final_00001_.png", "subfolder": "td", "type": "output"}]}
     }));
     let files = collect(&map);
-    assert_eq!(
-        pick_primary(&files, None).expect("primary").filename,
-        "final_00001_.png"
-    );
+    assert_eq!(pick_primary(&files, None).expect("primary").filename, "final_00001_.png");
 }
 
 #[test]
@@ -135,11 +108,7 @@ fn per_image_animated_flags_and_duplicates() {
         "10": {"images": [{"filename": "a.webp", "subfolder": "", "type": "output"}]}
     }));
     let files = collect(&map);
-    assert_eq!(
-        files.len(),
-        2,
-        "the same file listed twice is collected once"
-    );
+    assert_eq!(files.len(), 2, "the same file listed twice is collected once");
     assert_eq!(files[0].media, MediaKind::Image);
     assert_eq!(files[1].media, MediaKind::AnimatedImage);
 }

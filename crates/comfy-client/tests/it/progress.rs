@@ -44,32 +44,14 @@ fn sampler_steps_fill_their_node_share() {
         .collect();
     assert_eq!(steps.first(), Some(&(Some(1), Some(3))));
     assert_eq!(steps.last(), Some(&(Some(3), Some(3))));
-    let at_step_1 = snapshots
-        .iter()
-        .find(|s| s.step == Some(1))
-        .expect("step 1")
-        .fraction;
-    let at_step_3 = snapshots
-        .iter()
-        .find(|s| s.step == Some(3))
-        .expect("step 3")
-        .fraction;
-    assert!(
-        at_step_1 > 0.0 && at_step_1 < at_step_3,
-        "{at_step_1} then {at_step_3}"
-    );
+    let at_step_1 = snapshots.iter().find(|s| s.step == Some(1)).expect("step 1").fraction;
+    let at_step_3 = snapshots.iter().find(|s| s.step == Some(3)).expect("step 3").fraction;
+    assert!(at_step_1 > 0.0 && at_step_1 < at_step_3, "{at_step_1} then {at_step_3}");
     assert_eq!(
-        snapshots
-            .iter()
-            .find(|s| s.node.as_deref() == Some("2"))
-            .and_then(|s| s.node_type.as_deref()),
+        snapshots.iter().find(|s| s.node.as_deref() == Some("2")).and_then(|s| s.node_type.as_deref()),
         Some("SlowPassthrough")
     );
-    assert_eq!(
-        snapshots.last().expect("last").fraction,
-        1.0,
-        "all non-cached nodes done"
-    );
+    assert_eq!(snapshots.last().expect("last").fraction, 1.0, "all non-cached nodes done");
 }
 
 #[test]
@@ -81,10 +63,7 @@ fn every_captured_run_progresses_monotonically() {
         }
         let snapshots = replay(&file);
         assert_monotonic(&file, &snapshots);
-        assert!(
-            snapshots.iter().all(|s| (0.0..=1.0).contains(&s.fraction)),
-            "{file}"
-        );
+        assert!(snapshots.iter().all(|s| (0.0..=1.0).contains(&s.fraction)), "{file}");
     }
 }
 
@@ -97,20 +76,13 @@ fn a_late_cache_announcement_never_moves_the_bar_back() {
         "4": {"class_type": "SaveImage", "inputs": {}}
     });
     let mut tracker = ProgressTracker::new(&graph);
-    let executing = |node: &str| ComfyEvent::Executing {
-        prompt_id: None,
-        node: Some(node.into()),
-        display_node: None,
-    };
+    let executing = |node: &str| ComfyEvent::Executing { prompt_id: None, node: Some(node.into()), display_node: None };
     tracker.observe(&executing("1"));
     tracker.observe(&executing("2"));
     let before = tracker.take_snapshot().fraction;
     assert!(before > 0.0);
     // A node that was counted as done now turns out to be cached: the total shrinks.
-    tracker.observe(&ComfyEvent::ExecutionCached {
-        prompt_id: None,
-        nodes: vec!["1".into()],
-    });
+    tracker.observe(&ComfyEvent::ExecutionCached { prompt_id: None, nodes: vec!["1".into()] });
     assert!(tracker.take_snapshot().fraction >= before);
     tracker.complete();
     assert_eq!(tracker.snapshot().fraction, 1.0);

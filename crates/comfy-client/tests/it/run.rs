@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tdcomfy_comfy::{
-    ExpectedOutputs, HubOptions, MediaKind, PromptId, PromptRun, PromptRunner, RunConfig,
-    RunFailure, RunFailureKind, RunUpdate,
+    ExpectedOutputs, HubOptions, MediaKind, PromptId, PromptRun, PromptRunner, RunConfig, RunFailure, RunFailureKind,
+    RunUpdate,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -50,24 +50,19 @@ fn video_outputs() -> Value {
 }
 
 /// Reads updates until the terminal one (guarded so a bug cannot hang the suite).
-async fn drain(
-    run: &mut PromptRun,
-    seen: &mut Vec<RunUpdate>,
-) -> Result<Vec<tdcomfy_comfy::OutputFile>, RunFailure> {
+async fn drain(run: &mut PromptRun, seen: &mut Vec<RunUpdate>) -> Result<Vec<tdcomfy_comfy::OutputFile>, RunFailure> {
     let reading = async {
         while let Some(update) = run.next().await {
             seen.push(update.clone());
             match update {
-                RunUpdate::Finished { outputs } => return Ok(outputs),
+                RunUpdate::Finished { outputs, .. } => return Ok(outputs),
                 RunUpdate::Failed(failure) => return Err(failure),
                 _ => {}
             }
         }
         panic!("run ended without a terminal update")
     };
-    tokio::time::timeout(Duration::from_secs(30), reading)
-        .await
-        .expect("run did not finish")
+    tokio::time::timeout(Duration::from_secs(30), reading).await.expect("run did not finish")
 }
 
 /// Reads updates until one matches.
@@ -82,19 +77,13 @@ async fn until(run: &mut PromptRun, seen: &mut Vec<RunUpdate>, what: impl Fn(&Ru
         }
         panic!("run ended before the expected update; saw {seen:?}")
     };
-    tokio::time::timeout(Duration::from_secs(20), reading)
-        .await
-        .expect("expected update did not come");
+    tokio::time::timeout(Duration::from_secs(20), reading).await.expect("expected update did not come");
 }
 
 fn interrupts_name_only(fake: &Fake, id: &PromptId) -> usize {
     let interrupts = fake.requests("POST", "/interrupt");
     for interrupt in &interrupts {
-        assert_eq!(
-            interrupt.body,
-            json!({"prompt_id": id.as_str()}),
-            "every interrupt names exactly this prompt"
-        );
+        assert_eq!(interrupt.body, json!({"prompt_id": id.as_str()}), "every interrupt names exactly this prompt");
     }
     interrupts.len()
 }
@@ -106,32 +95,15 @@ async fn finishes_from_history_after_socket_progress() {
     let id = PromptId::new();
     let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
     let key = id.to_string();
-    fake.wait_until("prompt queued", |s| s.running.contains(&key))
-        .await;
+    fake.wait_until("prompt queued", |s| s.running.contains(&key)).await;
 
     // The socket was open before the prompt was posted, under the id sent with the prompt.
     let (ws_index, post_index, client_id, posted) = fake.with(|s| {
-        let ws = s
-            .requests
-            .iter()
-            .position(|r| r.method == "WS")
-            .expect("socket opened");
-        let post = s
-            .requests
-            .iter()
-            .position(|r| r.path == "/prompt")
-            .expect("posted");
-        (
-            ws,
-            post,
-            s.ws_client_ids[0].clone(),
-            s.requests[post].body.clone(),
-        )
+        let ws = s.requests.iter().position(|r| r.method == "WS").expect("socket opened");
+        let post = s.requests.iter().position(|r| r.path == "/prompt").expect("posted");
+        (ws, post, s.ws_client_ids[0].clone(), s.requests[post].body.clone())
     });
-    assert!(
-        ws_index < post_index,
-        "socket must be open before POST /prompt"
-    );
+    assert!(ws_index < post_index, "socket must be open before POST /prompt");
     assert_eq!(posted["client_id"], json!(client_id));
     assert_eq!(posted["prompt_id"], json!(key));
     assert_eq!(posted["prompt"], graph());
@@ -149,12 +121,7 @@ async fn finishes_from_history_after_socket_progress() {
         fake.push(json!({"type": "progress", "data": {"value": step, "max": 4, "node": "2", "prompt_id": key}}));
     }
     let mut seen = Vec::new();
-    until(
-        &mut run,
-        &mut seen,
-        |u| matches!(u, RunUpdate::Progress(p) if p.step == Some(4)),
-    )
-    .await;
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.step == Some(4))).await;
 
     // The socket says done, but only history makes it so.
     fake.complete(&key, success_entry(&key, video_outputs()));
@@ -163,10 +130,7 @@ async fn finishes_from_history_after_socket_progress() {
     let outputs = drain(&mut run, &mut seen).await.expect("finished");
 
     assert_eq!(outputs.len(), 1);
-    assert_eq!(
-        (outputs[0].filename.as_str(), outputs[0].media),
-        ("ltxv_00001_.mp4", MediaKind::Video)
-    );
+    assert_eq!((outputs[0].filename.as_str(), outputs[0].media), ("ltxv_00001_.mp4", MediaKind::Video));
     assert!(seen.contains(&RunUpdate::Started));
     let fractions: Vec<f32> = seen
         .iter()
@@ -175,10 +139,7 @@ async fn finishes_from_history_after_socket_progress() {
             _ => None,
         })
         .collect();
-    assert!(
-        fractions.windows(2).all(|w| w[1] >= w[0]),
-        "monotonic: {fractions:?}"
-    );
+    assert!(fractions.windows(2).all(|w| w[1] >= w[0]), "monotonic: {fractions:?}");
     assert_eq!(fractions.last(), Some(&1.0));
     let sampler = seen
         .iter()
@@ -188,18 +149,12 @@ async fn finishes_from_history_after_socket_progress() {
         })
         .expect("step 2");
     assert_eq!(
-        (
-            sampler.max,
-            sampler.node.as_deref(),
-            sampler.node_type.as_deref()
-        ),
+        (sampler.max, sampler.node.as_deref(), sampler.node_type.as_deref()),
         (Some(4), Some("2"), Some("KSampler"))
     );
     assert!(sampler.fraction > 0.0 && sampler.fraction < 1.0);
     assert!(
-        !seen
-            .iter()
-            .any(|u| matches!(u, RunUpdate::Progress(p) if p.step == Some(9))),
+        !seen.iter().any(|u| matches!(u, RunUpdate::Progress(p) if p.step == Some(9))),
         "foreign progress leaked into this run"
     );
 }
@@ -232,9 +187,7 @@ async fn a_socket_success_without_history_is_never_a_result() {
     fake.with(|s| s.running.clear());
     fake.push(json!({"type": "execution_success", "data": {"prompt_id": key}}));
     fake.push(json!({"type": "executing", "data": {"node": null, "prompt_id": key}}));
-    let failure = drain(&mut run, &mut seen)
-        .await
-        .expect_err("must not finish");
+    let failure = drain(&mut run, &mut seen).await.expect_err("must not finish");
     assert_eq!(failure.kind, RunFailureKind::Lost);
     assert!(failure.kind.is_retryable());
     assert!(fake.requests("GET", "/history").len() >= 3);
@@ -246,11 +199,7 @@ async fn a_prompt_forgotten_by_comfyui_is_lost() {
     fake.with(|s| s.on_prompt = OnPrompt::Forget);
     let runner = PromptRunner::new(fake.client(), config());
     let id = PromptId::new();
-    let failure = runner
-        .run_prompt(graph(), id.clone(), CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("lost");
+    let failure = runner.run_prompt(graph(), id.clone(), CancellationToken::new()).finish().await.expect_err("lost");
     assert_eq!(failure.kind, RunFailureKind::Lost);
     assert!(failure.message.contains(id.as_str()), "{}", failure.message);
 }
@@ -267,12 +216,7 @@ async fn a_stalled_prompt_is_interrupted_by_id() {
     let mut seen = Vec::new();
     until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
     fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
-    until(
-        &mut run,
-        &mut seen,
-        |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2")),
-    )
-    .await;
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2"))).await;
     // From here on nothing happens: no event, no queue change.
     let failure = drain(&mut run, &mut seen).await.expect_err("stalled");
     assert_eq!(failure.kind, RunFailureKind::Stalled);
@@ -293,22 +237,15 @@ async fn the_total_timeout_removes_a_prompt_stuck_in_the_queue() {
     let runner = PromptRunner::new(fake.client(), config);
     let id = PromptId::new();
     let key = id.to_string();
-    let failure = runner
-        .run_prompt(graph(), id.clone(), CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("timed out");
+    let failure =
+        runner.run_prompt(graph(), id.clone(), CancellationToken::new()).finish().await.expect_err("timed out");
     assert_eq!(failure.kind, RunFailureKind::TimedOut);
     let deletes = fake.requests("POST", "/queue");
     assert!(deletes.iter().any(|d| d.body == json!({"delete": [key]})));
     interrupts_name_only(&fake, &id);
     fake.with(|s| {
         assert!(!s.pending.contains(&key));
-        assert_eq!(
-            s.running,
-            vec!["someone-elses-prompt".to_owned()],
-            "other work is untouched"
-        );
+        assert_eq!(s.running, vec!["someone-elses-prompt".to_owned()], "other work is untouched");
     });
 }
 
@@ -322,18 +259,11 @@ async fn cancelling_a_pending_prompt_deletes_it_from_the_queue() {
     let cancel = CancellationToken::new();
     let mut run = runner.run_prompt(graph(), id.clone(), cancel.clone());
     let mut seen = Vec::new();
-    until(&mut run, &mut seen, |u| {
-        *u == RunUpdate::Queued { position: 0 }
-    })
-    .await;
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Queued { position: 0 }).await;
     cancel.cancel();
     let failure = drain(&mut run, &mut seen).await.expect_err("cancelled");
     assert_eq!(failure.kind, RunFailureKind::Interrupted);
-    assert!(
-        fake.requests("POST", "/queue")
-            .iter()
-            .any(|d| d.body == json!({"delete": [key]}))
-    );
+    assert!(fake.requests("POST", "/queue").iter().any(|d| d.body == json!({"delete": [key]})));
     interrupts_name_only(&fake, &id);
     fake.with(|s| {
         assert!(!s.pending.contains(&key));
@@ -365,11 +295,8 @@ async fn a_rejected_graph_fails_once_with_a_readable_report() {
     let body = captures::response_json(&run95["validate_without_models"]).clone();
     fake.with(|s| s.on_prompt = OnPrompt::Reject(400, body));
     let runner = PromptRunner::new(fake.client(), config());
-    let failure = runner
-        .run_prompt(graph(), PromptId::new(), CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("rejected");
+    let failure =
+        runner.run_prompt(graph(), PromptId::new(), CancellationToken::new()).finish().await.expect_err("rejected");
     assert_eq!(failure.kind, RunFailureKind::Validation);
     assert!(!failure.kind.is_retryable());
     assert!(
@@ -380,11 +307,7 @@ async fn a_rejected_graph_fails_once_with_a_readable_report() {
         failure.message
     );
     assert_eq!(failure.validation.expect("report").nodes.len(), 2);
-    assert_eq!(
-        fake.requests("POST", "/prompt").len(),
-        1,
-        "a rejection is not retried"
-    );
+    assert_eq!(fake.requests("POST", "/prompt").len(), 1, "a rejection is not retried");
 }
 
 #[tokio::test]
@@ -395,21 +318,13 @@ async fn a_partially_valid_prompt_is_removed_before_it_runs_half() {
     fake.with(|s| s.on_prompt = OnPrompt::QueueWithNodeErrors(node_errors));
     let runner = PromptRunner::new(fake.client(), config());
     let id = PromptId::new();
-    let failure = runner
-        .run_prompt(graph(), id.clone(), CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("rejected");
+    let failure =
+        runner.run_prompt(graph(), id.clone(), CancellationToken::new()).finish().await.expect_err("rejected");
     assert_eq!(failure.kind, RunFailureKind::Validation);
     assert_eq!(failure.node_id.as_deref(), Some("5"));
     assert_eq!(failure.node_type.as_deref(), Some("CreateVideo"));
     assert!(interrupts_name_only(&fake, &id) >= 1);
-    fake.with(|s| {
-        assert!(
-            s.running.is_empty() && s.pending.is_empty(),
-            "nothing of it keeps running"
-        )
-    });
+    fake.with(|s| assert!(s.running.is_empty() && s.pending.is_empty(), "nothing of it keeps running"));
 }
 
 #[tokio::test]
@@ -427,16 +342,9 @@ async fn an_execution_error_names_node_type_and_exception() {
     fake.complete(&key, captured);
     let failure = drain(&mut run, &mut seen).await.expect_err("error");
     assert_eq!(failure.kind, RunFailureKind::Execution);
+    assert_eq!(failure.message, "FailAlways (node 2) raised RuntimeError: synthetic failure for capture");
     assert_eq!(
-        failure.message,
-        "FailAlways (node 2) raised RuntimeError: synthetic failure for capture"
-    );
-    assert_eq!(
-        (
-            failure.node_id.as_deref(),
-            failure.node_type.as_deref(),
-            failure.exception_type.as_deref()
-        ),
+        (failure.node_id.as_deref(), failure.node_type.as_deref(), failure.exception_type.as_deref()),
         (Some("2"), Some("FailAlways"), Some("RuntimeError"))
     );
 }
@@ -453,16 +361,8 @@ async fn an_interrupt_by_someone_else_is_reported_as_such() {
     fake.complete(&key, interrupted_entry(&key, "2", "KSampler"));
     let failure = drain(&mut run, &mut seen).await.expect_err("interrupted");
     assert_eq!(failure.kind, RunFailureKind::Interrupted);
-    assert!(
-        failure.message.contains("KSampler (node 2)"),
-        "{}",
-        failure.message
-    );
-    assert_eq!(
-        fake.requests("POST", "/interrupt").len(),
-        0,
-        "we did not interrupt anything"
-    );
+    assert!(failure.message.contains("KSampler (node 2)"), "{}", failure.message);
+    assert_eq!(fake.requests("POST", "/interrupt").len(), 0, "we did not interrupt anything");
 }
 
 #[tokio::test]
@@ -473,11 +373,8 @@ async fn success_without_the_expected_files_is_not_a_result() {
     let key = id.to_string();
     fake.with(|s| s.on_prompt = OnPrompt::Forget);
     fake.complete(&key, success_entry(&key, json!({})));
-    let failure = runner
-        .run_prompt(graph(), id.clone(), CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("no outputs");
+    let failure =
+        runner.run_prompt(graph(), id.clone(), CancellationToken::new()).finish().await.expect_err("no outputs");
     assert_eq!(failure.kind, RunFailureKind::NoOutputs);
 
     let mut expect_node = config();
@@ -486,15 +383,8 @@ async fn success_without_the_expected_files_is_not_a_result() {
     let id = PromptId::new();
     let key = id.to_string();
     fake.complete(&key, success_entry(&key, video_outputs()));
-    let failure = runner
-        .run_prompt(graph(), id, CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("node 9 missing");
-    assert_eq!(
-        (failure.kind, failure.node_id.as_deref()),
-        (RunFailureKind::NoOutputs, Some("9"))
-    );
+    let failure = runner.run_prompt(graph(), id, CancellationToken::new()).finish().await.expect_err("node 9 missing");
+    assert_eq!((failure.kind, failure.node_id.as_deref()), (RunFailureKind::NoOutputs, Some("9")));
 
     let mut nothing = config();
     nothing.expected_outputs = ExpectedOutputs::Nothing;
@@ -512,35 +402,26 @@ async fn success_without_the_expected_files_is_not_a_result() {
 
 #[tokio::test]
 async fn an_unreachable_server_fails_after_the_start_budget() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
-    let endpoint =
-        tdcomfy_comfy::ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
+    let endpoint = tdcomfy_comfy::ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
     let mut config = config();
     config.start_budget = Duration::from_millis(300);
     config.socket_wait = Duration::from_millis(100);
     let runner = PromptRunner::new(client_for(endpoint), config);
-    let failure = runner
-        .run_prompt(graph(), PromptId::new(), CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("unreachable");
+    let failure =
+        runner.run_prompt(graph(), PromptId::new(), CancellationToken::new()).finish().await.expect_err("unreachable");
     assert_eq!(failure.kind, RunFailureKind::BackendUnreachable);
     assert!(failure.kind.is_retryable());
 }
 
 #[tokio::test]
 async fn a_server_that_comes_up_within_the_start_budget_runs_the_prompt() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
-    let endpoint =
-        tdcomfy_comfy::ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
+    let endpoint = tdcomfy_comfy::ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
     let mut config = config();
     config.start_budget = Duration::from_secs(20);
     let runner = PromptRunner::new(client_for(endpoint), config);
@@ -549,13 +430,10 @@ async fn a_server_that_comes_up_within_the_start_budget_runs_the_prompt() {
     let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
     // Wait until the client has seen the server down, then bring it up.
     let mut state = runner.hub().state_changes();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        state.wait_for(|s| s.last_error.is_some()),
-    )
-    .await
-    .expect("connect attempt")
-    .expect("hub alive");
+    tokio::time::timeout(Duration::from_secs(20), state.wait_for(|s| s.last_error.is_some()))
+        .await
+        .expect("connect attempt")
+        .expect("hub alive");
     let fake = Fake::start_on(addr).await;
     let mut seen = Vec::new();
     until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
@@ -574,20 +452,12 @@ async fn a_dropped_socket_reconnects_with_the_same_client_id() {
     let mut seen = Vec::new();
     until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
     fake.close_sockets();
-    fake.wait_until("second socket", |s| s.ws_client_ids.len() >= 2)
-        .await;
+    fake.wait_until("second socket", |s| s.ws_client_ids.len() >= 2).await;
     fake.with(|s| assert_eq!(s.ws_client_ids[0], s.ws_client_ids[1]));
     // Events on the new socket reach the run.
     fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
-    fake.push(
-        json!({"type": "progress", "data": {"value": 3, "max": 6, "node": "2", "prompt_id": key}}),
-    );
-    until(
-        &mut run,
-        &mut seen,
-        |u| matches!(u, RunUpdate::Progress(p) if p.step == Some(3)),
-    )
-    .await;
+    fake.push(json!({"type": "progress", "data": {"value": 3, "max": 6, "node": "2", "prompt_id": key}}));
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.step == Some(3))).await;
     fake.complete(&key, success_entry(&key, video_outputs()));
     drain(&mut run, &mut seen).await.expect("finished");
 }

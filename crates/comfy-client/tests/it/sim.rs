@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::Value;
 use tdcomfy_comfy::{
-    ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, HubOptions, ImageUpload, MediaKind,
-    PromptId, PromptRunner, RunConfig, RunFailureKind, RunUpdate, pick_primary,
+    ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, HubOptions, ImageUpload, MediaKind, PromptId, PromptRunner,
+    RunConfig, RunFailureKind, RunUpdate, pick_primary,
 };
 use tdcomfy_sim::SimConfig;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -26,9 +26,7 @@ async fn start_sim(job_time: Duration) -> Sim {
     let mut config = SimConfig::new(dir.path());
     config.job_time = job_time;
     config.progress_steps = 5;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
     let shutdown = stop.clone();
@@ -36,8 +34,7 @@ async fn start_sim(job_time: Duration) -> Sim {
         let _ = tdcomfy_sim::run(listener, config, async move { shutdown.cancelled().await }).await;
     });
     let endpoint = ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
-    let client =
-        ComfyClient::new(endpoint, ClientId::new(), ComfyTimeouts::default()).expect("client");
+    let client = ComfyClient::new(endpoint, ClientId::new(), ComfyTimeouts::default()).expect("client");
     let config = RunConfig {
         poll_interval: Duration::from_millis(100),
         start_budget: Duration::from_secs(10),
@@ -48,21 +45,13 @@ async fn start_sim(job_time: Duration) -> Sim {
         },
         ..RunConfig::default()
     };
-    Sim {
-        runner: PromptRunner::new(client, config),
-        _stop: stop.drop_guard(),
-        _dir: dir,
-    }
+    Sim { runner: PromptRunner::new(client, config), _stop: stop.drop_guard(), _dir: dir }
 }
 
 fn png_frame() -> Vec<u8> {
-    let image = image::RgbImage::from_fn(64, 48, |x, y| {
-        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
-    });
+    let image = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 128]));
     let mut bytes = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut bytes, image::ImageFormat::Png)
-        .expect("encode png");
+    image.write_to(&mut bytes, image::ImageFormat::Png).expect("encode png");
     bytes.into_inner()
 }
 
@@ -83,9 +72,7 @@ async fn upload_frame(sim: &Sim) -> String {
     let uploaded = sim
         .runner
         .client()
-        .upload_image(
-            ImageUpload::from_bytes("frame_000001.png", png_frame()).in_subfolder("td/e2e"),
-        )
+        .upload_image(ImageUpload::from_bytes("frame_000001.png", png_frame()).in_subfolder("td/e2e"))
         .await
         .expect("upload");
     uploaded.load_image_ref()
@@ -96,15 +83,13 @@ async fn ltxv_template_runs_end_to_end_on_the_simulator() {
     let sim = start_sim(Duration::from_millis(500)).await;
     let image = upload_frame(&sim).await;
     let id = PromptId::new();
-    let mut run =
-        sim.runner
-            .run_prompt(ltxv_graph(&image, ""), id.clone(), CancellationToken::new());
+    let mut run = sim.runner.run_prompt(ltxv_graph(&image, ""), id.clone(), CancellationToken::new());
     let mut updates = Vec::new();
     let outputs = tokio::time::timeout(Duration::from_secs(120), async {
         while let Some(update) = run.next().await {
             updates.push(update.clone());
             match update {
-                RunUpdate::Finished { outputs } => return Ok(outputs),
+                RunUpdate::Finished { outputs, .. } => return Ok(outputs),
                 RunUpdate::Failed(failure) => return Err(failure),
                 _ => {}
             }
@@ -119,16 +104,11 @@ async fn ltxv_template_runs_end_to_end_on_the_simulator() {
     let steps: Vec<Option<u32>> = updates
         .iter()
         .filter_map(|u| match u {
-            RunUpdate::Progress(p) if p.node_type.as_deref() == Some("SamplerCustom") => {
-                Some(p.step)
-            }
+            RunUpdate::Progress(p) if p.node_type.as_deref() == Some("SamplerCustom") => Some(p.step),
             _ => None,
         })
         .collect();
-    assert!(
-        steps.contains(&Some(5)),
-        "sampler steps reported: {steps:?}"
-    );
+    assert!(steps.contains(&Some(5)), "sampler steps reported: {steps:?}");
     let fractions: Vec<f32> = updates
         .iter()
         .filter_map(|u| match u {
@@ -136,26 +116,11 @@ async fn ltxv_template_runs_end_to_end_on_the_simulator() {
             _ => None,
         })
         .collect();
-    assert!(
-        fractions.windows(2).all(|w| w[1] >= w[0]),
-        "monotonic: {fractions:?}"
-    );
+    assert!(fractions.windows(2).all(|w| w[1] >= w[0]), "monotonic: {fractions:?}");
 
     let primary = pick_primary(&outputs, Some("81")).expect("a primary output");
-    assert_eq!(
-        (
-            primary.media,
-            primary.format.as_str(),
-            primary.node_id.as_str()
-        ),
-        (MediaKind::Video, "mp4", "81")
-    );
-    let mut download = sim
-        .runner
-        .client()
-        .download(primary)
-        .await
-        .expect("download");
+    assert_eq!((primary.media, primary.format.as_str(), primary.node_id.as_str()), (MediaKind::Video, "mp4", "81"));
+    let mut download = sim.runner.client().download(primary).await.expect("download");
     assert_eq!(download.content_type.as_deref(), Some("video/mp4"));
     let mut bytes = Vec::new();
     while let Some(chunk) = download.next().await {
@@ -165,30 +130,15 @@ async fn ltxv_template_runs_end_to_end_on_the_simulator() {
     assert_eq!(&bytes[4..8], b"ftyp", "an MP4 file");
 
     // Cleanup afterwards leaves no trace in history.
-    sim.runner
-        .client()
-        .delete_history(&id)
-        .await
-        .expect("delete history");
-    assert_eq!(
-        sim.runner.client().history(&id).await.expect("history"),
-        None
-    );
+    sim.runner.client().delete_history(&id).await.expect("delete history");
+    assert_eq!(sim.runner.client().history(&id).await.expect("history"), None);
 }
 
-async fn outcome_with_marker(
-    marker: &str,
-) -> Result<Vec<tdcomfy_comfy::OutputFile>, tdcomfy_comfy::RunFailure> {
+async fn outcome_with_marker(marker: &str) -> Result<Vec<tdcomfy_comfy::OutputFile>, tdcomfy_comfy::RunFailure> {
     let sim = start_sim(Duration::from_millis(600)).await;
     let image = upload_frame(&sim).await;
-    let run = sim.runner.run_prompt(
-        ltxv_graph(&image, marker),
-        PromptId::new(),
-        CancellationToken::new(),
-    );
-    tokio::time::timeout(Duration::from_secs(120), run.finish())
-        .await
-        .expect("outcome in time")
+    let run = sim.runner.run_prompt(ltxv_graph(&image, marker), PromptId::new(), CancellationToken::new());
+    tokio::time::timeout(Duration::from_secs(120), run.finish()).await.expect("outcome in time")
 }
 
 #[tokio::test]
@@ -205,9 +155,7 @@ async fn a_dropped_socket_mid_run_still_finishes() {
 
 #[tokio::test]
 async fn a_simulated_restart_loses_the_prompt() {
-    let failure = outcome_with_marker("[sim:restart]")
-        .await
-        .expect_err("lost");
+    let failure = outcome_with_marker("[sim:restart]").await.expect_err("lost");
     assert_eq!(failure.kind, RunFailureKind::Lost);
 }
 
@@ -216,11 +164,7 @@ async fn an_injected_sampler_error_is_an_execution_failure() {
     let failure = outcome_with_marker("[sim:error]").await.expect_err("error");
     assert_eq!(failure.kind, RunFailureKind::Execution);
     assert_eq!(failure.node_type.as_deref(), Some("SamplerCustom"));
-    assert!(
-        failure.message.contains("RuntimeError"),
-        "{}",
-        failure.message
-    );
+    assert!(failure.message.contains("RuntimeError"), "{}", failure.message);
 }
 
 #[tokio::test]
@@ -229,17 +173,11 @@ async fn a_missing_model_is_a_validation_failure() {
     let image = upload_frame(&sim).await;
     let mut graph = ltxv_graph(&image, "");
     graph["44"]["inputs"]["ckpt_name"] = "not-installed.safetensors".into();
-    let failure = sim
-        .runner
-        .run_prompt(graph, PromptId::new(), CancellationToken::new())
-        .finish()
-        .await
-        .expect_err("rejected");
+    let failure =
+        sim.runner.run_prompt(graph, PromptId::new(), CancellationToken::new()).finish().await.expect_err("rejected");
     assert_eq!(failure.kind, RunFailureKind::Validation);
     assert!(
-        failure.message.contains(
-            "node 44 (CheckpointLoaderSimple): ckpt_name: 'not-installed.safetensors' not in"
-        ),
+        failure.message.contains("node 44 (CheckpointLoaderSimple): ckpt_name: 'not-installed.safetensors' not in"),
         "{}",
         failure.message
     );
@@ -251,9 +189,7 @@ async fn cancelling_mid_run_interrupts_the_prompt_on_the_simulator() {
     let image = upload_frame(&sim).await;
     let id = PromptId::new();
     let cancel = CancellationToken::new();
-    let mut run = sim
-        .runner
-        .run_prompt(ltxv_graph(&image, ""), id.clone(), cancel.clone());
+    let mut run = sim.runner.run_prompt(ltxv_graph(&image, ""), id.clone(), cancel.clone());
     let waiting = async {
         while let Some(update) = run.next().await {
             if let RunUpdate::Progress(p) = &update
@@ -264,9 +200,7 @@ async fn cancelling_mid_run_interrupts_the_prompt_on_the_simulator() {
             assert!(!update.is_terminal(), "ended before sampling: {update:?}");
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), waiting)
-        .await
-        .expect("sampling started");
+    tokio::time::timeout(Duration::from_secs(60), waiting).await.expect("sampling started");
     cancel.cancel();
     let failure = tokio::time::timeout(Duration::from_secs(30), run.finish())
         .await
@@ -274,9 +208,5 @@ async fn cancelling_mid_run_interrupts_the_prompt_on_the_simulator() {
         .expect_err("cancelled");
     assert_eq!(failure.kind, RunFailureKind::Interrupted);
     let client = sim.runner.client();
-    assert_eq!(
-        client.queue().await.expect("queue").position(&id),
-        None,
-        "no longer running"
-    );
+    assert_eq!(client.queue().await.expect("queue").position(&id), None, "no longer running");
 }

@@ -25,10 +25,7 @@ fn http_30_rejections_read_like_instructions() {
             "node 2 (ImageScale): upscale_method: 'bogus' not in ['nearest-exact', 'bilinear', 'area', 'bicubic', 'lanczos']; \
              node 2 (ImageScale): width: Value 999999 bigger than max of 16384",
         ),
-        (
-            "required_input_missing",
-            "node 2 (ImageInvert): image: Required input is missing",
-        ),
+        ("required_input_missing", "node 2 (ImageInvert): image: Required input is missing"),
         (
             "invalid_prompt (unknown class_type)",
             "Cannot execute because node NoSuchNode does not exist. (Node ID '#2')",
@@ -62,27 +59,18 @@ fn a_200_with_node_errors_is_a_rejection_and_a_clean_200_is_not() {
          (abc, could not convert string to float: 'abc')"
     );
     assert_eq!(partial.nodes[0].dependent_outputs, vec!["6"]);
-    assert_eq!(
-        partial.nodes[0].errors[0].received_value,
-        Some(json!("abc"))
-    );
+    assert_eq!(partial.nodes[0].errors[0].received_value, Some(json!("abc")));
 
     let cases = captures::load("http_30_validation_errors.json");
     let clean = &cases["partial failure: one output invalid, others ok -> 200 with node_errors"];
-    assert_eq!(
-        ValidationReport::from_body(200, captures::response_json(clean)),
-        None
-    );
+    assert_eq!(ValidationReport::from_body(200, captures::response_json(clean)), None);
 }
 
 #[test]
 fn run_95_ltxv_template_names_both_missing_models() {
     let run = captures::load("run_95_ltxv_template_validation.json");
-    let report = ValidationReport::from_body(
-        400,
-        captures::response_json(&run["validate_without_models"]),
-    )
-    .expect("report");
+    let report =
+        ValidationReport::from_body(400, captures::response_json(&run["validate_without_models"])).expect("report");
     assert_eq!(
         report.to_string(),
         "node 38 (CLIPLoader): clip_name: 't5xxl_fp16.safetensors' not in []; \
@@ -100,21 +88,10 @@ fn newer_missing_node_type_and_odd_bodies_still_read_well() {
     });
     let report = ValidationReport::from_body(400, &newer).expect("report");
     assert_eq!(report.error_type, "missing_node_type");
-    assert_eq!(
-        report.to_string(),
-        "Node 'LTXVFancy' not found. The custom node may not be installed."
-    );
+    assert_eq!(report.to_string(), "Node 'LTXVFancy' not found. The custom node may not be installed.");
 
     let string_error = json!({"error": "something broke"});
-    assert_eq!(
-        ValidationReport::from_body(400, &string_error)
-            .expect("report")
-            .to_string(),
-        "something broke"
-    );
-    assert_eq!(
-        ValidationReport::from_body(400, &json!({"error": null, "node_errors": {}})),
-        None
-    );
+    assert_eq!(ValidationReport::from_body(400, &string_error).expect("report").to_string(), "something broke");
+    assert_eq!(ValidationReport::from_body(400, &json!({"error": null, "node_errors": {}})), None);
     assert_eq!(ValidationReport::from_body(400, &json!([1, 2])), None);
 }

@@ -1,1 +1,6 @@
-//! placeholder
+//! Integration tests of the ComfyUI simulator over real sockets (127.0.0.1:0).
+
+mod contract;
+mod faults;
+mod support;
+mod video;

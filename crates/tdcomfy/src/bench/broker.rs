@@ -37,21 +37,11 @@ pub struct BrokerBenchArgs {
 
 /// Runs the benchmark and prints the figures.
 pub async fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
-    let server =
-        ChildServer::start(&["serve"], &[("MAX_UPLOAD_MB", "512"), ("RESULT_TTL", "0")]).await?;
+    let server = ChildServer::start(&["serve"], &[("MAX_UPLOAD_MB", "512"), ("RESULT_TTL", "0")]).await?;
     let base = server.base.clone();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()?;
-    println!(
-        "tdcomfy broker benchmark (release build recommended), broker pid {}",
-        server.pid()
-    );
-    println!(
-        "{:<44} {}",
-        "broker RSS idle",
-        fmt_kib(rss_kib(server.pid())?)
-    );
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    println!("tdcomfy broker benchmark (release build recommended), broker pid {}", server.pid());
+    println!("{:<44} {}", "broker RSS idle", fmt_kib(rss_kib(server.pid())?));
 
     // Queued-to-leased: a worker waits in a lease long-poll; each job is submitted only when the
     // worker is waiting, and the clock runs from the submit request to the lease's arrival.
@@ -63,9 +53,7 @@ pub async fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
         let lease_url = format!("{base}/worker/lease");
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let waiter = tokio::spawn(async move {
-            let req = lease_http
-                .post(lease_url)
-                .json(&serde_json::json!({"worker_id": "bench", "wait": 10}));
+            let req = lease_http.post(lease_url).json(&serde_json::json!({"worker_id": "bench", "wait": 10}));
             let _ = ready_tx.send(());
             let resp = req.send().await;
             (Instant::now(), resp.map(|r| r.status().as_u16()))
@@ -135,36 +123,18 @@ pub async fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
     for t in tasks {
         t.await??;
     }
-    let list: serde_json::Value = http
-        .get(format!("{base}/jobs?limit=1"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let list: serde_json::Value = http.get(format!("{base}/jobs?limit=1")).send().await?.json().await?;
     if let Some(id) = list["jobs"][0]["id"].as_str() {
         last_id = id.to_owned();
     }
-    let health: serde_json::Value = http
-        .get(format!("{base}/health"))
-        .send()
-        .await?
-        .json()
-        .await?;
-    println!(
-        "{:<44} {}",
-        format!("broker RSS with {} jobs", health["jobs_count"]),
-        fmt_kib(rss_kib(server.pid())?)
-    );
+    let health: serde_json::Value = http.get(format!("{base}/health")).send().await?.json().await?;
+    println!("{:<44} {}", format!("broker RSS with {} jobs", health["jobs_count"]), fmt_kib(rss_kib(server.pid())?));
 
     // GET /jobs/{id} at N connections (the newest job: queued, so its queue position is counted).
     let addr = base.trim_start_matches("http://").to_owned();
-    let report = get_load(
-        &addr,
-        &format!("/jobs/{last_id}"),
-        args.connections,
-        Duration::from_secs_f64(args.get_seconds),
-    )
-    .await?;
+    let report =
+        get_load(&addr, &format!("/jobs/{last_id}"), args.connections, Duration::from_secs_f64(args.get_seconds))
+            .await?;
     println!(
         "{:<44} {:.0} req/s  p50 {}  p99 {}  ({} failed)",
         format!("GET /jobs/{{id}} at {} connections", args.connections),
@@ -190,14 +160,10 @@ pub async fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
         })
     };
     let t = Instant::now();
-    big_upload(&addr, args.upload_mb * 1024 * 1024)
-        .await
-        .context("streaming the big upload")?;
+    big_upload(&addr, args.upload_mb * 1024 * 1024).await.context("streaming the big upload")?;
     let upload_secs = t.elapsed().as_secs_f64();
     sampler.abort();
-    let peak = peak
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .max(rss_kib(pid)?);
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed).max(rss_kib(pid)?);
     println!(
         "{:<44} +{} (peak {}; {} MB in {:.1} s)",
         format!("broker RSS during a {} MB upload", args.upload_mb),
@@ -213,16 +179,8 @@ async fn wait_for_waiting_worker(http: &reqwest::Client, base: &str) -> anyhow::
     // The lease request was sent; wait until the broker reports the worker as waiting so the
     // measurement starts from an idle worker, as in production.
     for _ in 0..2000 {
-        let h: serde_json::Value = http
-            .get(format!("{base}/health"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if h["workers"]
-            .as_array()
-            .is_some_and(|w| w.iter().any(|w| w["last_seen_ms_ago"] == 0))
-        {
+        let h: serde_json::Value = http.get(format!("{base}/health")).send().await?.json().await?;
+        if h["workers"].as_array().is_some_and(|w| w.iter().any(|w| w["last_seen_ms_ago"] == 0)) {
             return Ok(());
         }
         tokio::task::yield_now().await;
@@ -232,16 +190,9 @@ async fn wait_for_waiting_worker(http: &reqwest::Client, base: &str) -> anyhow::
 
 async fn submit(http: &reqwest::Client, base: &str, png: &[u8]) -> anyhow::Result<()> {
     let form = reqwest::multipart::Form::new()
-        .part(
-            "image",
-            reqwest::multipart::Part::bytes(png.to_vec()).file_name("frame.png"),
-        )
+        .part("image", reqwest::multipart::Part::bytes(png.to_vec()).file_name("frame.png"))
         .text("prompt", "benchmark");
-    let resp = http
-        .post(format!("{base}/jobs"))
-        .multipart(form)
-        .send()
-        .await?;
+    let resp = http.post(format!("{base}/jobs")).multipart(form).send().await?;
     anyhow::ensure!(resp.status() == 200, "submit answered {}", resp.status());
     Ok(())
 }

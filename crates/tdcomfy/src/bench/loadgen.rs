@@ -37,12 +37,7 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
 }
 
 /// Sends `GET path` over `connections` keep-alive connections for `duration`.
-pub async fn get_load(
-    addr: &str,
-    path: &str,
-    connections: usize,
-    duration: Duration,
-) -> std::io::Result<LoadReport> {
+pub async fn get_load(addr: &str, path: &str, connections: usize, duration: Duration) -> std::io::Result<LoadReport> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").into_bytes();
     let start = Instant::now();
     let deadline = start + duration;
@@ -68,12 +63,7 @@ pub async fn get_load(
             Ok::<_, std::io::Error>((ok, failed, lat))
         }));
     }
-    let mut report = LoadReport {
-        ok: 0,
-        failed: 0,
-        elapsed: Duration::ZERO,
-        latencies: Vec::new(),
-    };
+    let mut report = LoadReport { ok: 0, failed: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
     for t in tasks {
         let (ok, failed, lat) = t.await.map_err(std::io::Error::other)??;
         report.ok += ok;
@@ -94,10 +84,7 @@ pub async fn read_response(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::
         }
         let n = conn.read(&mut buf[filled..]).await?;
         if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
         }
         filled += n;
         if let Some(pos) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
@@ -110,18 +97,14 @@ pub async fn read_response(conn: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut have = filled - header_end;
     while have < length {
         let n = conn.read(&mut buf[..]).await?;
         if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "body cut short",
-            ));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "body cut short"));
         }
         have += n;
     }

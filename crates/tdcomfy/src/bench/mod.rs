@@ -37,11 +37,7 @@ pub struct TempDir(pub std::path::PathBuf);
 impl TempDir {
     /// Creates a fresh directory under the system temp dir.
     pub fn new(prefix: &str) -> std::io::Result<TempDir> {
-        let path = std::env::temp_dir().join(format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            tdcomfy_api::JobId::new()
-        ));
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), tdcomfy_api::JobId::new()));
         std::fs::create_dir_all(&path)?;
         Ok(TempDir(path))
     }
@@ -55,9 +51,7 @@ impl Drop for TempDir {
 
 /// A free TCP port on loopback (bound and released; fine for benchmarks).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl ChildServer {
@@ -82,19 +76,10 @@ impl ChildServer {
         }
         let child = cmd.spawn().context("starting the child server")?;
         let base = format!("http://127.0.0.1:{port}");
-        let server = ChildServer {
-            child,
-            base,
-            _dir: dir,
-        };
+        let server = ChildServer { child, base, _dir: dir };
         let http = reqwest::Client::new();
         for _ in 0..600 {
-            if http
-                .get(format!("{}/health", server.base))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
+            if http.get(format!("{}/health", server.base)).send().await.is_ok_and(|r| r.status() == 200) {
                 return Ok(server);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -110,8 +95,7 @@ impl ChildServer {
 
 /// Resident set size of a process in KiB (Linux `/proc`).
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .context("reading /proc (Linux only)")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading /proc (Linux only)")?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -130,8 +114,7 @@ pub fn noise_png(w: u32, h: u32) -> Vec<u8> {
         image::Rgb([b[0], b[1], b[2]])
     });
     let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .expect("PNG encoding to memory cannot fail");
+    img.write_to(&mut out, image::ImageFormat::Png).expect("PNG encoding to memory cannot fail");
     out.into_inner()
 }
 

@@ -66,13 +66,7 @@ pub struct Setup {
 
 impl Default for Setup {
     fn default() -> Self {
-        Setup {
-            sim_job_time: 0.3,
-            lease_ttl: 30.0,
-            max_attempts: 3,
-            stall_timeout: 60.0,
-            models: None,
-        }
+        Setup { sim_job_time: 0.3, lease_ttl: 30.0, max_attempts: 3, stall_timeout: 60.0, models: None }
     }
 }
 
@@ -110,16 +104,8 @@ impl Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let workflows = workflows(dir.path());
         let mut p = Pipeline {
-            broker: Served {
-                addr: "127.0.0.1:0".parse().unwrap(),
-                stop: CancellationToken::new(),
-                task: None,
-            },
-            sim: Served {
-                addr: "127.0.0.1:0".parse().unwrap(),
-                stop: CancellationToken::new(),
-                task: None,
-            },
+            broker: Served { addr: "127.0.0.1:0".parse().unwrap(), stop: CancellationToken::new(), task: None },
+            sim: Served { addr: "127.0.0.1:0".parse().unwrap(), stop: CancellationToken::new(), task: None },
             workers: Vec::new(),
             http: reqwest::Client::new(),
             dir,
@@ -155,25 +141,15 @@ impl Pipeline {
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
-            tdcomfy_broker::run(listener, config, async move { s.cancelled().await })
-                .await
-                .unwrap();
+            tdcomfy_broker::run(listener, config, async move { s.cancelled().await }).await.unwrap();
         });
-        Served {
-            addr,
-            stop,
-            task: Some(task),
-        }
+        Served { addr, stop, task: Some(task) }
     }
 
     pub async fn start_sim(&self, addr: Option<SocketAddr>) -> Served {
         let listener = bind(addr).await;
         let addr = listener.local_addr().unwrap();
-        let mut config = tdcomfy_sim::SimConfig::new(
-            self.dir
-                .path()
-                .join(format!("sim-{}", uuid::Uuid::new_v4())),
-        );
+        let mut config = tdcomfy_sim::SimConfig::new(self.dir.path().join(format!("sim-{}", uuid::Uuid::new_v4())));
         config.job_time = Duration::from_secs_f64(self.setup.sim_job_time);
         config.progress_steps = 3;
         if let Some(models) = &self.setup.models {
@@ -182,15 +158,9 @@ impl Pipeline {
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
-            tdcomfy_sim::run(listener, config, async move { s.cancelled().await })
-                .await
-                .unwrap();
+            tdcomfy_sim::run(listener, config, async move { s.cancelled().await }).await.unwrap();
         });
-        Served {
-            addr,
-            stop,
-            task: Some(task),
-        }
+        Served { addr, stop, task: Some(task) }
     }
 
     pub async fn start_worker(&self, name: &str) -> Served {
@@ -205,23 +175,14 @@ impl Pipeline {
             spool_dir: Some(self.dir.path().join(format!("spool-{name}"))),
         };
         let config = args
-            .into_config(
-                format!("http://{}", self.broker.addr),
-                None,
-                self.workflows.clone(),
-                PathBuf::new(),
-            )
+            .into_config(format!("http://{}", self.broker.addr), None, self.workflows.clone(), PathBuf::new())
             .unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
             tdcomfy_worker::run(config, s).await.unwrap();
         });
-        Served {
-            addr: self.broker.addr,
-            stop,
-            task: Some(task),
-        }
+        Served { addr: self.broker.addr, stop, task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -233,17 +194,9 @@ impl Pipeline {
     }
 
     /// Submits a small frame; returns the job id.
-    pub async fn submit(
-        &self,
-        prompt: &str,
-        workflow: Option<&str>,
-        params: Option<Value>,
-    ) -> String {
+    pub async fn submit(&self, prompt: &str, workflow: Option<&str>, params: Option<Value>) -> String {
         let mut form = reqwest::multipart::Form::new()
-            .part(
-                "image",
-                reqwest::multipart::Part::bytes(frame_png()).file_name("frame.png"),
-            )
+            .part("image", reqwest::multipart::Part::bytes(frame_png()).file_name("frame.png"))
             .text("prompt", prompt.to_owned());
         if let Some(w) = workflow {
             form = form.text("workflow", w.to_owned());
@@ -251,29 +204,13 @@ impl Pipeline {
         if let Some(p) = params {
             form = form.text("params", p.to_string());
         }
-        let resp = self
-            .http
-            .post(self.url("/jobs"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
+        let resp = self.http.post(self.url("/jobs")).multipart(form).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
-        resp.json::<Value>().await.unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        resp.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_owned()
     }
 
     pub async fn job(&self, id: &str) -> Value {
-        self.http
-            .get(self.url(&format!("/jobs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.http.get(self.url(&format!("/jobs/{id}"))).send().await.unwrap().json().await.unwrap()
     }
 
     /// Follows a job (long-poll, surviving a broker restart) until `pred` holds or `secs` pass.
@@ -282,11 +219,7 @@ impl Pipeline {
         let mut since = 0u64;
         let mut last = Value::Null;
         while tokio::time::Instant::now() < deadline {
-            let resp = self
-                .http
-                .get(self.url(&format!("/jobs/{id}?wait=2&since={since}")))
-                .send()
-                .await;
+            let resp = self.http.get(self.url(&format!("/jobs/{id}?wait=2&since={since}"))).send().await;
             match resp {
                 Ok(r) if r.status() == 200 => {
                     last = r.json().await.unwrap();
@@ -302,19 +235,11 @@ impl Pipeline {
     }
 
     pub async fn wait_terminal(&self, id: &str) -> Value {
-        self.wait_for(id, 90.0, |j| {
-            matches!(j["status"].as_str(), Some("done" | "error" | "cancelled"))
-        })
-        .await
+        self.wait_for(id, 90.0, |j| matches!(j["status"].as_str(), Some("done" | "error" | "cancelled"))).await
     }
 
     pub async fn result(&self, id: &str) -> (String, Vec<u8>) {
-        let resp = self
-            .http
-            .get(self.url(&format!("/jobs/{id}/result")))
-            .send()
-            .await
-            .unwrap();
+        let resp = self.http.get(self.url(&format!("/jobs/{id}/result"))).send().await.unwrap();
         assert_eq!(resp.status(), 200);
         let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
         (ct, resp.bytes().await.unwrap().to_vec())
@@ -322,27 +247,14 @@ impl Pipeline {
 
     /// The simulator's queue: (running, pending) prompt ids.
     pub async fn sim_queue(&self) -> (usize, usize) {
-        let q: Value = self
-            .http
-            .get(self.sim_url("/queue"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (
-            q["queue_running"].as_array().unwrap().len(),
-            q["queue_pending"].as_array().unwrap().len(),
-        )
+        let q: Value = self.http.get(self.sim_url("/queue")).send().await.unwrap().json().await.unwrap();
+        (q["queue_running"].as_array().unwrap().len(), q["queue_pending"].as_array().unwrap().len())
     }
 }
 
 /// A small real PNG (even dimensions, so H.264 can encode it).
 pub fn frame_png() -> Vec<u8> {
-    let img = image::RgbImage::from_fn(64, 40, |x, y| {
-        image::Rgb([(x * 4) as u8, (y * 6) as u8, 120])
-    });
+    let img = image::RgbImage::from_fn(64, 40, |x, y| image::Rgb([(x * 4) as u8, (y * 6) as u8, 120]));
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()

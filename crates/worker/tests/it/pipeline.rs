@@ -10,14 +10,16 @@ use crate::harness::{Pipeline, Setup, video_info};
 #[tokio::test]
 async fn the_default_ltxv_workflow_returns_a_real_mp4() {
     let p = Pipeline::start(Setup::default()).await;
-    let id = p
-        .submit("a lighthouse in a storm", None, Some(json!({"frames": 17})))
-        .await;
+    let id = p.submit("a lighthouse in a storm", None, Some(json!({"frames": 17}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "done", "{job}");
     assert_eq!(job["has_result"], true);
     assert_eq!(job["attempts"], 1);
     assert_eq!(job["progress"]["value"], 1.0);
+    // Where the time went: ComfyUI's own execution time is reported, and it is part of the total.
+    let comfy = job["timings"]["comfy_execution"].as_f64().expect("ComfyUI execution time reported");
+    let total = job["timings"]["total"].as_f64().unwrap();
+    assert!(comfy >= 0.3 && comfy <= total, "{}", job["timings"]);
     let (ct, bytes) = p.result(&id).await;
     assert_eq!(ct, "video/mp4");
     let info = video_info(p.dir.path(), &bytes);
@@ -28,16 +30,10 @@ async fn the_default_ltxv_workflow_returns_a_real_mp4() {
 
 #[tokio::test]
 async fn progress_reaches_the_client_while_the_sampler_runs() {
-    let p = Pipeline::start(Setup {
-        sim_job_time: 2.0,
-        ..Setup::default()
-    })
-    .await;
+    let p = Pipeline::start(Setup { sim_job_time: 2.0, ..Setup::default() }).await;
     let id = p.submit("slow", None, Some(json!({"frames": 9}))).await;
     let running = p
-        .wait_for(&id, 60.0, |j| {
-            j["status"] == "running" && j["progress"]["step"].as_u64().is_some_and(|s| s >= 1)
-        })
+        .wait_for(&id, 60.0, |j| j["status"] == "running" && j["progress"]["step"].as_u64().is_some_and(|s| s >= 1))
         .await;
     assert_eq!(running["progress"]["node_type"], "SamplerCustom");
     assert_eq!(running["progress"]["max_steps"], 3);
@@ -54,9 +50,7 @@ async fn an_image_workflow_returns_a_png() {
     assert_eq!(job["status"], "done", "{job}");
     let (ct, bytes) = p.result(&id).await;
     assert_eq!(ct, "image/png");
-    let img = image::load_from_memory(&bytes)
-        .expect("a decodable PNG")
-        .to_rgb8();
+    let img = image::load_from_memory(&bytes).expect("a decodable PNG").to_rgb8();
     assert_eq!(img.dimensions(), (64, 40));
     // Inverted: the frame's (0,0) pixel was (0,0,120).
     assert_eq!(img.get_pixel(0, 0).0, [255, 255, 135]);
@@ -66,11 +60,9 @@ async fn an_image_workflow_returns_a_png() {
 async fn video_outputs_are_found_under_every_key_comfyui_uses() {
     let p = Pipeline::start(Setup::default()).await;
     // VHS writes under `gifs`, some custom nodes under `videos`, core animated WebP under `images`.
-    for (workflow, expected_type) in [
-        ("gifs_vhs", "video/mp4"),
-        ("videos_key", "video/mp4"),
-        ("animated_webp", "image/webp"),
-    ] {
+    for (workflow, expected_type) in
+        [("gifs_vhs", "video/mp4"), ("videos_key", "video/mp4"), ("animated_webp", "image/webp")]
+    {
         let id = p.submit("", Some(workflow), None).await;
         let job = p.wait_terminal(&id).await;
         assert_eq!(job["status"], "done", "{workflow}: {job}");
@@ -78,11 +70,7 @@ async fn video_outputs_are_found_under_every_key_comfyui_uses() {
         assert_eq!(ct, expected_type, "{workflow}");
         if ct == "video/mp4" {
             let info = video_info(p.dir.path(), &bytes);
-            assert_eq!(
-                (info.width, info.height, info.frames),
-                (64, 40, 8),
-                "{workflow}"
-            );
+            assert_eq!((info.width, info.height, info.frames), (64, 40, 8), "{workflow}");
         } else {
             assert_eq!(&bytes[8..12], b"WEBP", "{workflow}");
         }
@@ -91,19 +79,12 @@ async fn video_outputs_are_found_under_every_key_comfyui_uses() {
 
 #[tokio::test]
 async fn a_workflow_comfyui_rejects_fails_with_the_node_and_reason() {
-    let p = Pipeline::start(Setup {
-        models: Some(vec![]),
-        ..Setup::default()
-    })
-    .await;
+    let p = Pipeline::start(Setup { models: Some(vec![]), ..Setup::default() }).await;
     let id = p.submit("x", None, None).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error");
     let msg = job["error_message"].as_str().unwrap();
-    assert!(
-        msg.contains("CheckpointLoaderSimple") && msg.contains("ltx-video-2b-v0.9.5.safetensors"),
-        "{msg}"
-    );
+    assert!(msg.contains("CheckpointLoaderSimple") && msg.contains("ltx-video-2b-v0.9.5.safetensors"), "{msg}");
     assert_eq!(job["attempts"], 1, "a validation error is not retried");
 }
 
@@ -114,10 +95,7 @@ async fn node_errors_in_a_200_fail_the_job_instead_of_half_running_it() {
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error", "{job}");
     let msg = job["error_message"].as_str().unwrap();
-    assert!(
-        msg.contains("ImageScale") && msg.contains("upscale_method"),
-        "{msg}"
-    );
+    assert!(msg.contains("ImageScale") && msg.contains("upscale_method"), "{msg}");
     // The valid half that ComfyUI had queued was removed, not left running.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while p.sim_queue().await != (0, 0) && tokio::time::Instant::now() < deadline {
@@ -129,9 +107,7 @@ async fn node_errors_in_a_200_fail_the_job_instead_of_half_running_it() {
 #[tokio::test]
 async fn an_execution_error_names_the_node_type_and_exception() {
     let p = Pipeline::start(Setup::default()).await;
-    let id = p
-        .submit("boom [sim:error]", None, Some(json!({"frames": 9})))
-        .await;
+    let id = p.submit("boom [sim:error]", None, Some(json!({"frames": 9}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error", "{job}");
     let msg = job["error_message"].as_str().unwrap();
@@ -142,9 +118,7 @@ async fn an_execution_error_names_the_node_type_and_exception() {
 #[tokio::test]
 async fn a_silent_websocket_still_completes_through_history_polling() {
     let p = Pipeline::start(Setup::default()).await;
-    let id = p
-        .submit("hush [sim:silent]", None, Some(json!({"frames": 9})))
-        .await;
+    let id = p.submit("hush [sim:silent]", None, Some(json!({"frames": 9}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "done", "{job}");
     assert_eq!(p.result(&id).await.0, "video/mp4");
@@ -153,70 +127,37 @@ async fn a_silent_websocket_still_completes_through_history_polling() {
 #[tokio::test]
 async fn a_dropped_websocket_is_survived() {
     let p = Pipeline::start(Setup::default()).await;
-    let id = p
-        .submit("cut [sim:drop]", None, Some(json!({"frames": 9})))
-        .await;
+    let id = p.submit("cut [sim:drop]", None, Some(json!({"frames": 9}))).await;
     assert_eq!(p.wait_terminal(&id).await["status"], "done");
 }
 
 #[tokio::test]
 async fn cancelling_a_queued_job_means_it_never_runs() {
-    let p = Pipeline::start(Setup {
-        sim_job_time: 3.0,
-        ..Setup::default()
-    })
-    .await;
-    let first = p
-        .submit("occupies the worker", None, Some(json!({"frames": 9})))
-        .await;
-    let second = p
-        .submit("never runs", None, Some(json!({"frames": 9})))
-        .await;
+    let p = Pipeline::start(Setup { sim_job_time: 3.0, ..Setup::default() }).await;
+    let first = p.submit("occupies the worker", None, Some(json!({"frames": 9}))).await;
+    let second = p.submit("never runs", None, Some(json!({"frames": 9}))).await;
     p.wait_for(&first, 30.0, |j| j["status"] == "running").await;
-    let resp = p
-        .http
-        .delete(p.url(&format!("/jobs/{second}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = p.http.delete(p.url(&format!("/jobs/{second}"))).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(p.wait_terminal(&first).await["status"], "done");
     let job = p.job(&second).await;
-    assert_eq!(
-        (job["status"].as_str(), job["attempts"].as_u64()),
-        (Some("cancelled"), Some(0))
-    );
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("cancelled"), Some(0)));
 }
 
 #[tokio::test]
 async fn cancelling_a_running_job_interrupts_only_that_prompt() {
-    let p = Pipeline::start(Setup {
-        sim_job_time: 30.0,
-        ..Setup::default()
-    })
-    .await;
+    let p = Pipeline::start(Setup { sim_job_time: 30.0, ..Setup::default() }).await;
     let id = p.submit("long", None, Some(json!({"frames": 9}))).await;
-    p.wait_for(&id, 30.0, |j| j["progress"]["node_type"] == "SamplerCustom")
-        .await;
-    p.http
-        .delete(p.url(&format!("/jobs/{id}")))
-        .send()
-        .await
-        .unwrap();
+    p.wait_for(&id, 30.0, |j| j["progress"]["node_type"] == "SamplerCustom").await;
+    p.http.delete(p.url(&format!("/jobs/{id}"))).send().await.unwrap();
     // The worker hears it at its next heartbeat and stops the prompt in ComfyUI by its id.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while p.sim_queue().await != (0, 0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the prompt kept running in ComfyUI"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "the prompt kept running in ComfyUI");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let job = p.job(&id).await;
-    assert_eq!(
-        (job["status"].as_str(), job["has_result"].as_bool()),
-        (Some("cancelled"), Some(false))
-    );
+    assert_eq!((job["status"].as_str(), job["has_result"].as_bool()), (Some("cancelled"), Some(false)));
     // The worker is free again and the next job runs normally.
     let next = p.submit("after", Some("image_invert"), None).await;
     assert_eq!(p.wait_terminal(&next).await["status"], "done");

@@ -22,19 +22,9 @@ fn param<'a>(workflow: &'a Value, name: &str) -> &'a Value {
 fn describe_lists_every_workflow_with_the_default_flagged() {
     let v = described();
     let list = v.as_array().expect("array");
-    let flags: Vec<(&str, bool)> = list
-        .iter()
-        .map(|w| {
-            (
-                w["name"].as_str().unwrap_or(""),
-                w["is_default"].as_bool().unwrap_or(false),
-            )
-        })
-        .collect();
-    assert_eq!(
-        flags,
-        [("image_invert", false), ("ltxv_image_to_video", true)]
-    );
+    let flags: Vec<(&str, bool)> =
+        list.iter().map(|w| (w["name"].as_str().unwrap_or(""), w["is_default"].as_bool().unwrap_or(false))).collect();
+    assert_eq!(flags, [("image_invert", false), ("ltxv_image_to_video", true)]);
 }
 
 #[test]
@@ -71,41 +61,19 @@ fn parameter_objects_have_the_documented_shape() {
     assert_eq!(fps["targets"].as_array().map(Vec::len), Some(2));
 
     for p in ltxv["parameters"].as_array().expect("params") {
-        let keys: Vec<&str> = p
-            .as_object()
-            .expect("object")
-            .keys()
-            .map(String::as_str)
-            .collect();
-        for required in [
-            "name",
-            "type",
-            "default",
-            "min",
-            "max",
-            "description",
-            "node_id",
-            "input",
-        ] {
+        let keys: Vec<&str> = p.as_object().expect("object").keys().map(String::as_str).collect();
+        for required in ["name", "type", "default", "min", "max", "description", "node_id", "input"] {
             assert!(keys.contains(&required), "{} lacks {required}", p["name"]);
         }
-        assert!(
-            !p["description"].as_str().unwrap_or("").is_empty(),
-            "{}",
-            p["name"]
-        );
+        assert!(!p["description"].as_str().unwrap_or("").is_empty(), "{}", p["name"]);
     }
 }
 
 #[test]
 fn standard_parameters_come_first() {
     let v = described();
-    let names: Vec<&str> = v[1]["parameters"]
-        .as_array()
-        .expect("params")
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
+    let names: Vec<&str> =
+        v[1]["parameters"].as_array().expect("params").iter().filter_map(|p| p["name"].as_str()).collect();
     assert_eq!(&names[..4], ["image", "prompt", "negative", "seed"]);
 }
 

@@ -27,22 +27,10 @@ fn raw_template_exposes_ltxv_size_length_fps_steps_cfg() {
     assert_eq!(targets(&w, "fps"), [t("69", "frame_rate"), t("80", "fps")]);
     assert_eq!(targets(&w, "steps"), [t("71", "steps")]);
     assert_eq!(targets(&w, "cfg"), [t("72", "cfg")]);
-    assert_eq!(
-        w.param("width").map(|p| p.default_value().clone()),
-        Some(json!(768))
-    );
-    assert_eq!(
-        w.param("fps").map(|p| p.default_value().clone()),
-        Some(json!(25.0))
-    );
-    assert_eq!(
-        w.param("fps").map(|p| p.param_type()),
-        Some(ParamType::Number)
-    );
-    assert_eq!(
-        w.param("frames").map(|p| p.param_type()),
-        Some(ParamType::Integer)
-    );
+    assert_eq!(w.param("width").map(|p| p.default_value().clone()), Some(json!(768)));
+    assert_eq!(w.param("fps").map(|p| p.default_value().clone()), Some(json!(25.0)));
+    assert_eq!(w.param("fps").map(|p| p.param_type()), Some(ParamType::Number));
+    assert_eq!(w.param("frames").map(|p| p.param_type()), Some(ParamType::Integer));
     assert_eq!(w.primary_output_hint(), Some("81"));
 }
 
@@ -102,10 +90,7 @@ fn negative_made_from_the_positive_is_not_a_negative_prompt() {
     g["3"]["inputs"]["negative"] = json!(["12", 0]);
     let w = workflow("flux_like", g);
     assert_eq!(targets(&w, "prompt"), [t("6", "text")]);
-    assert!(
-        w.param("negative").is_none(),
-        "no separate negative prompt exists"
-    );
+    assert!(w.param("negative").is_none(), "no separate negative prompt exists");
 }
 
 #[test]
@@ -132,16 +117,9 @@ fn all_fps_inputs_bind_together_and_take_the_tightest_range() {
         "images": ["8", 0], "filename_prefix": "tdcomfy/preview", "fps": 25.0,
         "lossless": false, "quality": 90, "method": "default"}});
     let w = workflow("two_outputs", g);
-    assert_eq!(
-        targets(&w, "fps"),
-        [t("69", "frame_rate"), t("80", "fps"), t("90", "fps")]
-    );
+    assert_eq!(targets(&w, "fps"), [t("69", "frame_rate"), t("80", "fps"), t("90", "fps")]);
     let info = w.describe(false);
-    let fps = info
-        .parameters
-        .iter()
-        .find(|p| p.name == "fps")
-        .expect("fps described");
+    let fps = info.parameters.iter().find(|p| p.name == "fps").expect("fps described");
     // CreateVideo allows 1..120, LTXVConditioning > 0..1000, SaveAnimatedWEBP 0.01..1000.
     assert_eq!(fps.min.as_ref().and_then(|n| n.as_f64()), Some(1.0));
     assert_eq!(fps.max.as_ref().and_then(|n| n.as_f64()), Some(120.0));

@@ -3,15 +3,12 @@
 use serde_json::json;
 use tdcomfy_workflows::{BindingSource, NodeMap, WorkflowRegistry};
 
-use crate::support::{
-    map_for, raw_template, set_title, shipped, t, targets, temp_dir_with, workflow, workflow_with,
-};
+use crate::support::{map_for, raw_template, set_title, shipped, t, targets, temp_dir_with, workflow, workflow_with};
 
 /// The template plus a second prompt-like encoder that nothing traces to.
 fn template_with_spare_encoder() -> serde_json::Value {
     let mut g = raw_template();
-    g["50"] =
-        json!({"class_type": "CLIPTextEncode", "inputs": {"clip": ["38", 0], "text": "spare"}});
+    g["50"] = json!({"class_type": "CLIPTextEncode", "inputs": {"clip": ["38", 0], "text": "spare"}});
     g
 }
 
@@ -21,10 +18,7 @@ fn marker_beats_detection() {
     set_title(&mut g, "50", "@prompt");
     let w = workflow("marked", g);
     assert_eq!(targets(&w, "prompt"), [t("50", "text")]);
-    assert_eq!(
-        w.param("prompt").map(|p| p.source()),
-        Some(BindingSource::Marker)
-    );
+    assert_eq!(w.param("prompt").map(|p| p.source()), Some(BindingSource::Marker));
     // Other names keep their detected bindings.
     assert_eq!(targets(&w, "negative"), [t("7", "text")]);
 }
@@ -34,10 +28,7 @@ fn explicit_map_beats_detection() {
     let g = template_with_spare_encoder();
     let w = workflow_with("mapped", g, &map_for(r#"{"prompt": "50"}"#, "mapped"));
     assert_eq!(targets(&w, "prompt"), [t("50", "text")]);
-    assert_eq!(
-        w.param("prompt").map(|p| p.source()),
-        Some(BindingSource::NodeMap)
-    );
+    assert_eq!(w.param("prompt").map(|p| p.source()), Some(BindingSource::NodeMap));
 }
 
 #[test]
@@ -53,10 +44,7 @@ fn map_accepts_explicit_inputs_and_lists() {
     let w = workflow_with(
         "explicit",
         raw_template(),
-        &map_for(
-            r#"{"seed": "72.noise_seed", "fps": ["80.fps"], "strength": "77.strength"}"#,
-            "explicit",
-        ),
+        &map_for(r#"{"seed": "72.noise_seed", "fps": ["80.fps"], "strength": "77.strength"}"#, "explicit"),
     );
     assert_eq!(targets(&w, "seed"), [t("72", "noise_seed")]);
     // The map's fps replaces the detected pair entirely.
@@ -75,20 +63,13 @@ fn marker_with_explicit_input_and_bare_marker_rules() {
     assert_eq!(targets(&w, "frames"), [t("77", "length")]);
     assert_eq!(targets(&w, "amount"), [t("77", "strength")]);
     assert_eq!(targets(&w, "compression"), [t("82", "img_compression")]);
-    assert_eq!(
-        w.param("frames").map(|p| p.source()),
-        Some(BindingSource::Marker)
-    );
+    assert_eq!(w.param("frames").map(|p| p.source()), Some(BindingSource::Marker));
 }
 
 #[test]
 fn an_input_claimed_by_a_stronger_source_leaves_the_weaker_parameter() {
     // The map binds 77.length as `len`; detection's `frames` would bind the same input.
-    let w = workflow_with(
-        "claim",
-        raw_template(),
-        &map_for(r#"{"len": "77.length"}"#, "claim"),
-    );
+    let w = workflow_with("claim", raw_template(), &map_for(r#"{"len": "77.length"}"#, "claim"));
     assert_eq!(targets(&w, "len"), [t("77", "length")]);
     assert!(w.param("frames").is_none());
 }
@@ -96,26 +77,15 @@ fn an_input_claimed_by_a_stronger_source_leaves_the_weaker_parameter() {
 #[test]
 fn unscoped_map_applies_to_the_default_workflow_only_and_scopes_to_their_workflow() {
     let mut ltxv = strip_prompt_markers(shipped("ltxv_image_to_video"));
-    ltxv["50"] =
-        json!({"class_type": "CLIPTextEncode", "inputs": {"clip": ["38", 0], "text": "spare"}});
-    let dir = temp_dir_with(&[
-        ("ltxv.json", &ltxv.to_string()),
-        ("invert.json", &shipped("image_invert").to_string()),
-    ]);
-    let map = NodeMap::parse(r#"{"prompt": "50", "invert": {"image": "1.image"}}"#)
-        .unwrap_or_else(|e| panic!("{e}"));
+    ltxv["50"] = json!({"class_type": "CLIPTextEncode", "inputs": {"clip": ["38", 0], "text": "spare"}});
+    let dir = temp_dir_with(&[("ltxv.json", &ltxv.to_string()), ("invert.json", &shipped("image_invert").to_string())]);
+    let map = NodeMap::parse(r#"{"prompt": "50", "invert": {"image": "1.image"}}"#).unwrap_or_else(|e| panic!("{e}"));
     let reg = WorkflowRegistry::load(dir.path(), "ltxv", &map).unwrap_or_else(|e| panic!("{e}"));
     let ltxv = reg.get("ltxv").expect("ltxv");
     assert_eq!(targets(ltxv, "prompt"), [t("50", "text")]);
     let invert = reg.get("invert").expect("invert");
-    assert_eq!(
-        invert.param("image").map(|p| p.source()),
-        Some(BindingSource::NodeMap)
-    );
-    assert!(
-        invert.param("prompt").is_none(),
-        "unscoped entries must not leak into other workflows"
-    );
+    assert_eq!(invert.param("image").map(|p| p.source()), Some(BindingSource::NodeMap));
+    assert!(invert.param("prompt").is_none(), "unscoped entries must not leak into other workflows");
 }
 
 fn strip_prompt_markers(mut g: serde_json::Value) -> serde_json::Value {

@@ -49,10 +49,7 @@ fn two_load_images_feeding_the_output_are_ambiguous() {
     let (p, text) = one_problem(&[("blend.json", &g)]);
     assert!(p.location.ends_with("blend.json"), "{text}");
     assert_eq!(p.param.as_deref(), Some("image"));
-    assert!(
-        p.reason.contains("2 LoadImage nodes") && p.reason.contains("1, 2"),
-        "{text}"
-    );
+    assert!(p.reason.contains("2 LoadImage nodes") && p.reason.contains("1, 2"), "{text}");
     assert!(p.reason.contains("@image"), "the fix is named: {text}");
     assert!(text.contains("blend.json: parameter `image`:"), "{text}");
 }
@@ -62,24 +59,13 @@ fn ambiguity_is_resolved_by_a_marker_or_the_map() {
     let mut g = two_load_images();
     set_title(&mut g, "2", "@image");
     let dir = temp_dir_with(&[("blend.json", &g.to_string())]);
-    let reg = WorkflowRegistry::load(dir.path(), "blend", &NodeMap::new())
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        reg.get("blend")
-            .and_then(|w| w.param("image"))
-            .map(|p| p.targets()[0].node_id.as_str()),
-        Some("2")
-    );
+    let reg = WorkflowRegistry::load(dir.path(), "blend", &NodeMap::new()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reg.get("blend").and_then(|w| w.param("image")).map(|p| p.targets()[0].node_id.as_str()), Some("2"));
 
     let dir = temp_dir_with(&[("blend.json", &two_load_images().to_string())]);
     let map = NodeMap::parse(r#"{"blend": {"image": "1"}}"#).unwrap_or_else(|e| panic!("{e}"));
     let reg = WorkflowRegistry::load(dir.path(), "blend", &map).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        reg.get("blend")
-            .and_then(|w| w.param("image"))
-            .map(|p| p.targets()[0].node_id.as_str()),
-        Some("1")
-    );
+    assert_eq!(reg.get("blend").and_then(|w| w.param("image")).map(|p| p.targets()[0].node_id.as_str()), Some("1"));
 }
 
 #[test]
@@ -112,20 +98,14 @@ fn load_image_that_feeds_no_output_is_refused() {
 fn ui_format_export_is_recognised() {
     let ui = json!({"last_node_id": 9, "nodes": [], "links": [], "version": 0.4}).to_string();
     let (p, text) = one_problem(&[("ui.json", &ui)]);
-    assert!(
-        p.reason.contains("UI-format") && p.reason.contains("API"),
-        "{text}"
-    );
+    assert!(p.reason.contains("UI-format") && p.reason.contains("API"), "{text}");
 }
 
 #[test]
 fn invalid_json_names_file_and_position() {
     let (p, text) = one_problem(&[("broken.json", "{\"1\": {\"class_type\": ")]);
     assert!(p.location.ends_with("broken.json"), "{text}");
-    assert!(
-        p.reason.contains("not valid JSON") && p.reason.contains("line 1"),
-        "{text}"
-    );
+    assert!(p.reason.contains("not valid JSON") && p.reason.contains("line 1"), "{text}");
 }
 
 #[test]
@@ -136,12 +116,7 @@ fn graph_without_output_node_is_refused() {
     })
     .to_string();
     let (problems, text) = problems_for(&[("nooutput.json", &g)], "");
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.param.is_none() && p.reason.contains("no output node")),
-        "{text}"
-    );
+    assert!(problems.iter().any(|p| p.param.is_none() && p.reason.contains("no output node")), "{text}");
 }
 
 #[test]
@@ -149,12 +124,7 @@ fn link_to_a_missing_node_is_refused() {
     let mut g = shipped("image_invert");
     g["2"]["inputs"]["image"] = json!(["99", 0]);
     let (problems, text) = problems_for(&[("dangling_link.json", &g.to_string())], "");
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.reason.contains("links to node 99")),
-        "{text}"
-    );
+    assert!(problems.iter().any(|p| p.reason.contains("links to node 99")), "{text}");
 }
 
 #[test]
@@ -163,14 +133,8 @@ fn ambiguous_bare_marker_asks_for_an_explicit_input() {
     set_title(&mut g, "77", "@size");
     let (p, text) = one_problem(&[("ambiguous.json", &g.to_string())]);
     assert_eq!(p.param.as_deref(), Some("size"));
-    assert!(
-        p.reason.contains("ambiguous") && p.reason.contains("@size:<input>"),
-        "{text}"
-    );
-    assert!(
-        p.reason.contains("width") && p.reason.contains("length"),
-        "lists the inputs: {text}"
-    );
+    assert!(p.reason.contains("ambiguous") && p.reason.contains("@size:<input>"), "{text}");
+    assert!(p.reason.contains("width") && p.reason.contains("length"), "lists the inputs: {text}");
 }
 
 #[test]
@@ -195,8 +159,7 @@ fn standard_marker_on_the_wrong_kind_of_input_is_refused() {
     set_title(&mut g, "6", "@seed");
     let (problems, text) = problems_for(&[("seed.json", &g.to_string())], "");
     assert!(
-        problems.iter().any(|p| p.param.as_deref() == Some("seed")
-            && p.reason.contains("must bind an integer input")),
+        problems.iter().any(|p| p.param.as_deref() == Some("seed") && p.reason.contains("must bind an integer input")),
         "{text}"
     );
 }
@@ -229,22 +192,14 @@ fn node_map_pointing_at_a_missing_node_is_refused() {
 #[test]
 fn node_map_scope_for_an_unknown_workflow_is_refused() {
     let (problems, text) = problems_for(&[], r#"{"ltxv_typo": {"image": "78"}}"#);
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.location == "node map" && p.reason.contains("ltxv_typo")),
-        "{text}"
-    );
+    assert!(problems.iter().any(|p| p.location == "node map" && p.reason.contains("ltxv_typo")), "{text}");
 }
 
 #[test]
 fn malformed_node_map_is_rejected_with_the_expected_shape() {
     let err = NodeMap::parse("{image: 78}").expect_err("bad JSON refused");
     assert!(matches!(err, WorkflowError::NodeMap { .. }));
-    assert!(
-        err.to_string().contains("72.noise_seed"),
-        "shows an example: {err}"
-    );
+    assert!(err.to_string().contains("72.noise_seed"), "shows an example: {err}");
     let err = NodeMap::parse(r#"{"image": 78}"#).expect_err("number refused");
     assert!(err.to_string().contains("`image`"), "{err}");
     assert!(NodeMap::parse("  ").is_ok_and(|m| m.is_empty()));
@@ -255,14 +210,7 @@ fn every_problem_in_every_file_is_reported_at_once() {
     let blend = two_load_images().to_string();
     let (problems, text) = problems_for(&[("a.json", &blend), ("b.json", "not json")], "");
     assert_eq!(problems.len(), 2, "{text}");
-    assert!(
-        text.starts_with("workflow check failed with 2 problems:"),
-        "{text}"
-    );
-    assert_eq!(
-        text.lines().count(),
-        3,
-        "one header line plus one line per problem: {text}"
-    );
+    assert!(text.starts_with("workflow check failed with 2 problems:"), "{text}");
+    assert_eq!(text.lines().count(), 3, "one header line plus one line per problem: {text}");
     assert!(text.contains("a.json") && text.contains("b.json"), "{text}");
 }

@@ -18,9 +18,7 @@ pub fn shipped(name: &str) -> Value {
 
 /// The LTXV API template exactly as captured (no markers, 768×512, fps 25).
 pub fn raw_template() -> Value {
-    read_json(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ltxv_i2v_api_template.json"),
-    )
+    read_json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ltxv_i2v_api_template.json"))
 }
 
 fn read_json(path: &Path) -> Value {
@@ -57,9 +55,7 @@ pub fn workflow_with(name: &str, graph: Value, overrides: &NodeBindings) -> Work
 
 /// The node-map entries for `name` as the default workflow.
 pub fn map_for(json_text: &str, name: &str) -> NodeBindings {
-    NodeMap::parse(json_text)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .for_workflow(name, true)
+    NodeMap::parse(json_text).unwrap_or_else(|e| panic!("{e}")).for_workflow(name, true)
 }
 
 /// `(node_id, input)` pairs a parameter writes to.
@@ -88,11 +84,7 @@ pub fn temp_dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
 
 /// Job inputs with an image and a job id; everything else unset.
 pub fn job(job_id: &str) -> JobInputs {
-    JobInputs {
-        image_name: "td/frame_000123.png".to_string(),
-        job_id: job_id.to_string(),
-        ..JobInputs::default()
-    }
+    JobInputs { image_name: "td/frame_000123.png".to_string(), job_id: job_id.to_string(), ..JobInputs::default() }
 }
 
 /// A params map from a JSON object literal.

@@ -16,10 +16,7 @@ fn check(v: serde_json::Value) -> Result<(), BindError> {
 
 #[test]
 fn valid_params_pass() {
-    assert_eq!(
-        check(json!({"frames": 9, "width": 768, "height": 512, "fps": 30.0, "steps": 1, "cfg": 0})),
-        Ok(())
-    );
+    assert_eq!(check(json!({"frames": 9, "width": 768, "height": 512, "fps": 30.0, "steps": 1, "cfg": 0})), Ok(()));
 }
 
 #[test]
@@ -37,55 +34,32 @@ fn unknown_param_lists_the_known_ones() {
 #[test]
 fn wrong_type_names_the_param_and_expected_type() {
     let err = check(json!({"frames": "97"})).expect_err("refused");
-    assert_eq!(
-        err.to_string(),
-        "parameter `frames` must be an integer, got a JSON string"
-    );
+    assert_eq!(err.to_string(), "parameter `frames` must be an integer, got a JSON string");
     let err = check(json!({"frames": 96.5})).expect_err("refused");
     assert!(err.to_string().contains("must be an integer"), "{err}");
     let err = check(json!({"prompt": 5})).expect_err("refused");
-    assert!(
-        err.to_string().contains("`prompt` must be a string"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`prompt` must be a string"), "{err}");
 }
 
 #[test]
 fn below_minimum_names_the_limit() {
     let err = check(json!({"width": 32})).expect_err("refused");
     assert!(matches!(err, BindError::TooSmall { .. }), "{err:?}");
-    assert_eq!(
-        err.to_string(),
-        "parameter `width` = 32 is below the minimum 64"
-    );
+    assert_eq!(err.to_string(), "parameter `width` = 32 is below the minimum 64");
     let err = check(json!({"fps": 0})).expect_err("refused");
-    assert!(
-        err.to_string().contains("`fps` = 0 is below the minimum 1"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`fps` = 0 is below the minimum 1"), "{err}");
     let err = check(json!({"seed": -1})).expect_err("refused");
-    assert!(
-        err.to_string()
-            .contains("`seed` = -1 is below the minimum 0"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`seed` = -1 is below the minimum 0"), "{err}");
 }
 
 #[test]
 fn above_maximum_names_the_limit() {
     let err = check(json!({"steps": 10001})).expect_err("refused");
-    assert_eq!(
-        err.to_string(),
-        "parameter `steps` = 10001 is above the maximum 10000"
-    );
+    assert_eq!(err.to_string(), "parameter `steps` = 10001 is above the maximum 10000");
     let err = check(json!({"cfg": 100.5})).expect_err("refused");
     assert!(err.to_string().contains("above the maximum 100"), "{err}");
     let err = check(json!({"fps": 240})).expect_err("refused");
-    assert!(
-        err.to_string()
-            .contains("`fps` = 240 is above the maximum 120"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("`fps` = 240 is above the maximum 120"), "{err}");
 }
 
 #[test]
@@ -110,12 +84,6 @@ fn image_cannot_be_a_param() {
 
 #[test]
 fn bind_rejects_what_validate_rejects() {
-    let inputs = JobInputs {
-        params: params(json!({"frames": 96})),
-        ..job("job-v")
-    };
-    assert!(matches!(
-        ltxv().bind(&inputs),
-        Err(BindError::NotOnStep { .. })
-    ));
+    let inputs = JobInputs { params: params(json!({"frames": 96})), ..job("job-v") };
+    assert!(matches!(ltxv().bind(&inputs), Err(BindError::NotOnStep { .. })));
 }

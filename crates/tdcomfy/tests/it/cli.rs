@@ -1,0 +1,44 @@
+//! `tdcomfy up --simulate` and `tdcomfy submit`, as a newcomer runs them.
+
+use std::process::Command;
+
+use crate::process::{Proc, free_port, png};
+
+#[tokio::test]
+async fn up_simulate_and_submit_produce_a_video_and_report_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let sim_port = free_port();
+    let env = [("COMFYUI_PORT", sim_port.to_string()), ("SIM_JOB_TIME", "0.2".to_owned())];
+    let mut up = Proc::start(&["up", "--simulate"], &dir.path().join("data"), port, &env);
+    up.ready().await;
+    let frame = dir.path().join("frame.png");
+    std::fs::write(&frame, png(64, 40, 7)).unwrap();
+    let out = dir.path().join("clip.mp4");
+
+    let submit = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tdcomfy"))
+            .arg("submit")
+            .arg(&frame)
+            .args(args)
+            .env("TDCOMFY_URL", up.base())
+            .env_remove("API_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let ok = submit(&["--prompt", "a test", "--params", r#"{"frames": 9}"#, "--out", out.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(&bytes[4..8], b"ftyp", "an MP4 file");
+    let info = tdcomfy_sim::video_info(&out).unwrap();
+    assert_eq!((info.width, info.height, info.frames), (512, 320, 9));
+
+    let failed = submit(&["--prompt", "[sim:error]", "--params", r#"{"frames": 9}"#, "--out", out.to_str().unwrap()]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("failed") && stderr.contains("SamplerCustom"), "{stderr}");
+
+    let refused = submit(&["--workflow", "no_such_workflow"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown_workflow"));
+}

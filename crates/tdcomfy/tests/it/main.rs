@@ -1,0 +1,5 @@
+//! Tests of the `tdcomfy` binary itself: real processes, real signals.
+
+mod cli;
+mod crash;
+mod process;
