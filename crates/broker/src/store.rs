@@ -11,6 +11,7 @@
 //! added behind the same methods without touching the service or the handlers.
 
 use std::path::Path;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
@@ -224,6 +225,7 @@ const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow,
 #[derive(Clone)]
 pub struct Store {
     writer: Arc<Mutex<Connection>>,
+    queue: Arc<Mutex<QueueIndex>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: Arc<std::path::PathBuf>,
 }
@@ -246,7 +248,12 @@ impl Store {
         }
         writer.execute_batch(SCHEMA)?;
         writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let queued: VecDeque<i64> = writer
+            .prepare("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         Ok(Store {
+            queue: Arc::new(Mutex::new(QueueIndex { seqs: queued })),
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
             path: Arc::new(path.to_owned()),
@@ -257,14 +264,17 @@ impl Store {
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>, &mut QueueDelta) -> Result<T, StoreError> + Send + 'static,
     {
-        let writer = self.writer.clone();
+        let (writer, queue) = (self.writer.clone(), self.queue.clone());
         tokio::task::spawn_blocking(move || {
             let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
+            let mut delta = QueueDelta::default();
+            let out = f(&tx, &mut delta)?;
             tx.commit()?;
+            // Still under the writer lock: the index changes in commit order.
+            queue.lock().unwrap_or_else(|p| p.into_inner()).apply(delta);
             Ok(out)
         })
         .await
@@ -299,7 +309,7 @@ impl Store {
 
     /// Stores a new job, or finds the one its idempotency key already names.
     pub async fn insert(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, queue| {
             if let Some((key, fingerprint)) = &job.idempotency {
                 let existing: Option<(String, String)> = tx
                     .query_row("SELECT id, request_fingerprint FROM jobs WHERE idempotency_key = ?1", [key], |r| {
@@ -336,7 +346,9 @@ impl Store {
                     fingerprint,
                 ],
             )?;
-            Ok(InsertOutcome::Created(get_in(tx, job.id)?.ok_or(StoreError::NotFound)?))
+            let record = get_in(tx, job.id)?.ok_or(StoreError::NotFound)?;
+            queue.added(record.seq);
+            Ok(InsertOutcome::Created(record))
         })
         .await
     }
@@ -346,14 +358,9 @@ impl Store {
         self.read(|c| get_in(c, id))
     }
 
-    /// 1-based position of a queued job in the queue.
+    /// 1-based position of a queued job in the queue (from the in-memory index, in O(log n)).
     pub async fn queue_position(&self, seq: i64) -> Result<u64, StoreError> {
-        self.read(|c| {
-            let n: i64 = c
-                .prepare_cached("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq <= ?1")?
-                .query_row([seq], |r| r.get(0))?;
-            Ok(n as u64)
-        })
+        Ok(self.queue.lock().unwrap_or_else(|p| p.into_inner()).position(seq))
     }
 
     /// Jobs newest first, optionally of one status.
@@ -400,7 +407,7 @@ impl Store {
 
     /// Leases the oldest queued job to `worker`, or returns `None` when the queue is empty.
     pub async fn claim_next(&self, worker: String, lease_ms: i64) -> Result<Option<JobRecord>, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, queue| {
             let seq: Option<i64> = tx
                 .prepare_cached("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1")?
                 .query_row([], |r| r.get(0))
@@ -413,6 +420,7 @@ impl Store {
                  progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
             )?
             .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq])?;
+            queue.removed(seq);
             get_by_seq(tx, seq)
         })
         .await
@@ -427,7 +435,7 @@ impl Store {
         progress: Option<Progress>,
         lease_ms: i64,
     ) -> Result<HeartbeatOutcome, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, _| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
@@ -474,7 +482,7 @@ impl Store {
         result: ResultInfo,
         comfy_execution_ms: Option<u64>,
     ) -> Result<(JobRecord, bool), StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, _| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
@@ -513,7 +521,7 @@ impl Store {
         retryable: bool,
         max_attempts: u32,
     ) -> Result<JobRecord, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, queue| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
@@ -523,7 +531,7 @@ impl Store {
                 status => return Err(StoreError::LeaseLost { status }),
             }
             if retryable && job.attempts < max_attempts {
-                requeue(tx, job.seq)?;
+                requeue(tx, queue, job.seq)?;
             } else {
                 let message =
                     if retryable { format!("{message} (gave up after {} attempts)", job.attempts) } else { message };
@@ -537,7 +545,7 @@ impl Store {
     /// Cancels a queued or running job; on a finished job only marks its files deleted. Files are
     /// marked gone in the same transaction, so the caller deletes them after the commit.
     pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, queue| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             let previous = job.status;
             let files_present = job.input_present || matches!(job.result, ResultState::Present(_));
@@ -551,6 +559,7 @@ impl Store {
                          version = version + 1 WHERE seq = ?2",
                         params![Timestamp::now().millis(), job.seq],
                     )?;
+                    queue.removed(job.seq);
                     true
                 }
                 _ if files_present => {
@@ -573,7 +582,7 @@ impl Store {
     /// Puts running jobs whose lease lapsed back in the queue, or fails them when they used up
     /// `max_attempts`. Returns the changed jobs.
     pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<JobRecord>, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, queue| {
             let now = Timestamp::now().millis();
             let expired: Vec<(i64, u32)> = tx
                 .prepare_cached("SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1")?
@@ -582,7 +591,7 @@ impl Store {
             let mut changed = Vec::with_capacity(expired.len());
             for (seq, attempts) in expired {
                 if attempts < max_attempts {
-                    requeue(tx, seq)?;
+                    requeue(tx, queue, seq)?;
                 } else {
                     finish_with_error(
                         tx,
@@ -599,7 +608,7 @@ impl Store {
 
     /// Fails running jobs whose current attempt has run longer than `timeout_ms`.
     pub async fn time_out_running(&self, timeout_ms: i64) -> Result<Vec<JobRecord>, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, _| {
             let now = Timestamp::now().millis();
             let late: Vec<i64> = tx
                 .prepare_cached("SELECT seq FROM jobs WHERE status = 'running' AND started_at < ?1")?
@@ -636,7 +645,7 @@ impl Store {
 
     /// Records that a finished job's files were deleted; `None` when there was nothing to record.
     pub async fn mark_files_deleted(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-        self.write(move |tx| {
+        self.write(move |tx, _| {
             let changed = tx.execute(
                 "UPDATE jobs SET input_present = 0, \
                  result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
@@ -646,6 +655,49 @@ impl Store {
             if changed == 0 { Ok(None) } else { get_in(tx, id) }
         })
         .await
+    }
+}
+
+/// Seqs of queued jobs in queue order, mirrored in memory so a queue position is a binary search
+/// instead of a count over the whole queue. Changed only under the writer lock, after a commit.
+#[derive(Debug, Default)]
+struct QueueIndex {
+    seqs: VecDeque<i64>,
+}
+
+impl QueueIndex {
+    fn position(&self, seq: i64) -> u64 {
+        self.seqs.partition_point(|&s| s <= seq) as u64
+    }
+
+    fn apply(&mut self, delta: QueueDelta) {
+        for (seq, queued) in delta.changes {
+            let at = self.seqs.partition_point(|&s| s < seq);
+            let present = self.seqs.get(at) == Some(&seq);
+            match (queued, present) {
+                (true, false) => self.seqs.insert(at, seq),
+                (false, true) => {
+                    self.seqs.remove(at);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What one write transaction did to the queue: `(seq, now queued?)` in order.
+#[derive(Debug, Default)]
+pub(crate) struct QueueDelta {
+    changes: Vec<(i64, bool)>,
+}
+
+impl QueueDelta {
+    fn added(&mut self, seq: i64) {
+        self.changes.push((seq, true));
+    }
+
+    fn removed(&mut self, seq: i64) {
+        self.changes.push((seq, false));
     }
 }
 
@@ -665,7 +717,8 @@ pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn requeue(tx: &rusqlite::Transaction<'_>, seq: i64) -> Result<(), StoreError> {
+fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64) -> Result<(), StoreError> {
+    queue.added(seq);
     tx.prepare_cached(
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_owner = NULL, \
          lease_expires_at = NULL, started_at = NULL, progress = NULL, version = version + 1 WHERE seq = ?1",

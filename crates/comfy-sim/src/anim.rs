@@ -114,21 +114,29 @@ pub fn png_with_text(image: &RgbImage, texts: &[(&str, String)]) -> Result<Vec<u
     Ok(out)
 }
 
-/// Builds an animated PNG from frames of one size, `fps` frames per second, looping forever.
-pub fn apng(frames: &[RgbImage], fps: f64) -> Result<Vec<u8>, AnimError> {
-    let first = frames.first().ok_or(AnimError::Empty)?;
-    let (w, h) = first.dimensions();
+/// Builds an animated PNG from `count` frames of one size (rendered one at a time by
+/// `frame_at`), `fps` frames per second, looping forever.
+pub fn apng(count: usize, mut frame_at: impl FnMut(usize) -> RgbImage, fps: f64) -> Result<Vec<u8>, AnimError> {
+    if count == 0 {
+        return Err(AnimError::Empty);
+    }
     let (num, den) = frame_delay(fps);
     let mut out = PNG_SIGNATURE.to_vec();
     let mut seq = 0u32;
-    for (index, frame) in frames.iter().enumerate() {
-        let encoded = png(frame, true)?;
+    let mut size = None;
+    for index in 0..count {
+        let frame = frame_at(index);
+        let (w, h) = *size.get_or_insert(frame.dimensions());
+        if frame.dimensions() != (w, h) {
+            return Err(AnimError::Format("frames differ in size"));
+        }
+        let encoded = png(&frame, true)?;
         let chunks = png_chunks(&encoded)?;
         if index == 0 {
             let ihdr = chunks.iter().find(|(k, _)| k == b"IHDR").ok_or(AnimError::Format("no IHDR"))?;
             png_chunk(&mut out, b"IHDR", ihdr.1);
             let mut actl = Vec::new();
-            actl.extend_from_slice(&(frames.len() as u32).to_be_bytes());
+            actl.extend_from_slice(&(count as u32).to_be_bytes());
             actl.extend_from_slice(&0u32.to_be_bytes());
             png_chunk(&mut out, b"acTL", &actl);
         }
@@ -196,9 +204,17 @@ fn vp8l_payload(webp: &[u8]) -> Result<&[u8], AnimError> {
     Err(AnimError::Format("no VP8L chunk"))
 }
 
-/// Builds an animated (lossless) WebP from frames of one size, looping forever.
-pub fn animated_webp(frames: &[RgbImage], fps: f64) -> Result<Vec<u8>, AnimError> {
-    let first = frames.first().ok_or(AnimError::Empty)?;
+/// Builds an animated (lossless) WebP from `count` frames of one size (rendered one at a time
+/// by `frame_at`), looping forever.
+pub fn animated_webp(
+    count: usize,
+    mut frame_at: impl FnMut(usize) -> RgbImage,
+    fps: f64,
+) -> Result<Vec<u8>, AnimError> {
+    if count == 0 {
+        return Err(AnimError::Empty);
+    }
+    let first = frame_at(0);
     let (w, h) = first.dimensions();
     let duration = u32::from(frame_delay(fps).0);
     let mut body = b"WEBP".to_vec();
@@ -207,7 +223,12 @@ pub fn animated_webp(frames: &[RgbImage], fps: f64) -> Result<Vec<u8>, AnimError
     le24(&mut vp8x, h - 1);
     riff_chunk(&mut body, b"VP8X", &vp8x);
     riff_chunk(&mut body, b"ANIM", &[0, 0, 0, 0, 0, 0]); // background colour, loop forever
-    for frame in frames {
+    let mut next = Some(first);
+    for index in 0..count {
+        let frame = next.take().unwrap_or_else(|| frame_at(index));
+        if frame.dimensions() != (w, h) {
+            return Err(AnimError::Format("frames differ in size"));
+        }
         let mut encoded = Vec::new();
         WebPEncoder::new_lossless(&mut encoded).encode(frame.as_raw(), w, h, ExtendedColorType::Rgb8)?;
         let vp8l = vp8l_payload(&encoded)?;
@@ -244,7 +265,8 @@ mod tests {
 
     #[test]
     fn apng_decodes_as_animation() {
-        let bytes = apng(&frames(), 8.0).expect("apng");
+        let f = frames();
+        let bytes = apng(f.len(), |i| f[i].clone(), 8.0).expect("apng");
         let decoder = image::codecs::png::PngDecoder::new(Cursor::new(&bytes)).expect("png");
         assert!(decoder.is_apng().expect("apng check"));
         let decoded = decoder.apng().expect("apng").into_frames().collect_frames().expect("frames");
@@ -254,7 +276,8 @@ mod tests {
 
     #[test]
     fn animated_webp_decodes_as_animation() {
-        let bytes = animated_webp(&frames(), 8.0).expect("webp");
+        let f = frames();
+        let bytes = animated_webp(f.len(), |i| f[i].clone(), 8.0).expect("webp");
         let decoder = image::codecs::webp::WebPDecoder::new(Cursor::new(&bytes)).expect("webp");
         assert!(decoder.has_animation());
         let decoded = decoder.into_frames().collect_frames().expect("frames");

@@ -20,6 +20,18 @@
 //!
 //! H.264 is encoded with OpenH264 built from source; Cisco's patent licence covers only its own
 //! binaries, which is fine for a test simulator.
+//!
+//! ```no_run
+//! # async fn serve() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8188").await?;
+//! let mut config = tdcomfy_sim::SimConfig::new("./sim-data");
+//! config.faults.upload_delay = std::time::Duration::from_millis(200);
+//! tdcomfy_sim::run(listener, config, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

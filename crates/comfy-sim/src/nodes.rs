@@ -20,6 +20,9 @@ use crate::mp4;
 /// Largest frame the simulator agrees to hold (4096×4096); bigger requests fail like a GPU OOM.
 const MAX_FRAME_PIXELS: u64 = 4096 * 4096;
 
+/// Largest batch (frames) one IMAGE value may describe; beyond it nodes fail like a GPU OOM.
+const MAX_BATCH_FRAMES: usize = 20_000;
+
 /// A LATENT value. Only what decoding needs is kept.
 #[derive(Debug, Clone)]
 pub struct Latent {
@@ -268,6 +271,10 @@ fn oom(width: u32, height: u32) -> NodeFailure {
     )
 }
 
+fn check_frames(frames: usize, width: u32, height: u32) -> Result<(), NodeFailure> {
+    if frames > MAX_BATCH_FRAMES { Err(oom(width, height)) } else { Ok(()) }
+}
+
 fn check_size(width: u32, height: u32) -> Result<(), NodeFailure> {
     if u64::from(width) * u64::from(height) > MAX_FRAME_PIXELS { Err(oom(width, height)) } else { Ok(()) }
 }
@@ -446,6 +453,7 @@ fn vae_decode(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
     let seed = latent.sampled.unwrap_or(0);
     let base = latent.source.clone().unwrap_or_else(|| Arc::new(frames::procedural(latent.width, latent.height, seed)));
     let per_item = latent.frames.max(1);
+    check_frames(per_item.saturating_mul(latent.batch), latent.width, latent.height)?;
     let mut parts = Vec::with_capacity(latent.batch);
     for item in 0..latent.batch {
         let one = ImageBatch::new(vec![frames::Frame::from_image(base.clone())]).repeat(per_item);
@@ -503,8 +511,9 @@ fn save_images(job: &EvalJob, temp: bool) -> Result<NodeOutput, NodeFailure> {
     Ok(NodeOutput { ui: Some(obj(vec![("images", OValue::Array(results))])), ..Default::default() })
 }
 
-fn render_all(images: &ImageBatch) -> Vec<RgbImage> {
-    images.frames().iter().map(frames::Frame::render).collect()
+fn render(images: &ImageBatch, i: usize) -> RgbImage {
+    let (w, h) = images.size();
+    images.render(i).unwrap_or_else(|| RgbImage::new(w.max(1), h.max(1)))
 }
 
 fn save_animated(job: &EvalJob, webp: bool) -> Result<NodeOutput, NodeFailure> {
@@ -513,14 +522,17 @@ fn save_animated(job: &EvalJob, webp: bool) -> Result<NodeOutput, NodeFailure> {
     let fps = job.float("fps", 6.0);
     let target = files::save_image_path(&job.dirs.output, &job.string("filename_prefix", "ComfyUI"), w, h)
         .map_err(save_failure)?;
-    let frames = render_all(&images);
-    let (bytes, ext) =
-        if webp { (anim::animated_webp(&frames, fps), "webp") } else { (anim::apng(&frames, fps), "png") };
+    let count = images.len();
+    let (bytes, ext) = if webp {
+        (anim::animated_webp(count, |i| render(&images, i), fps), "webp")
+    } else {
+        (anim::apng(count, |i| render(&images, i), fps), "png")
+    };
     let bytes = bytes.map_err(|e| write_failure(e, "comfy_extras/nodes_images.py", "save_images"))?;
     let file = format!("{}_{:05}_.{ext}", target.filename, target.counter);
     files::write_atomic(&target.folder.join(&file), &bytes)
         .map_err(|e| write_failure(e, "comfy_extras/nodes_images.py", "save_images"))?;
-    let animated = if webp { frames.len() > 1 } else { true };
+    let animated = if webp { count > 1 } else { true };
     Ok(NodeOutput {
         ui: Some(obj(vec![
             ("images", OValue::Array(vec![file_ref(&file, &target.subfolder, "output")])),
@@ -654,7 +666,7 @@ fn vhs_video_combine(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
     let (bytes, ext) = match format.as_str() {
         "video/h264-mp4" => (encode_mp4(&frames_batch, frame_rate)?, "mp4"),
         "image/webp" => (
-            anim::animated_webp(&render_all(&frames_batch), frame_rate)
+            anim::animated_webp(frames_batch.len(), |i| render(&frames_batch, i), frame_rate)
                 .map_err(|e| write_failure(e, "videohelpersuite/nodes.py", "combine_video"))?,
             "webp",
         ),
@@ -731,7 +743,13 @@ pub fn evaluate(job: &EvalJob) -> Result<NodeOutput, NodeFailure> {
         "ImageInvert" => single(Value::Image(job.image("image")?.map(FrameOp::Invert))),
         "ImageScale" => scale_image(job, false),
         "ImageScaleBy" => scale_image(job, true),
-        "RepeatImageBatch" => single(Value::Image(job.image("image")?.repeat(job.int("amount", 1).max(1) as usize))),
+        "RepeatImageBatch" => {
+            let image = job.image("image")?;
+            let amount = job.int("amount", 1).clamp(1, 4096) as usize;
+            let (w, h) = image.size();
+            check_frames(image.len().saturating_mul(amount), w, h)?;
+            single(Value::Image(image.repeat(amount)))
+        }
         "LTXVPreprocess" => single(Value::Image(job.image("image")?)),
         "SlowPassthrough" => single(Value::Image(job.image("images")?)),
         "FailAlways" => Err(NodeFailure::new(

@@ -205,10 +205,12 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Response {
         .get("partial_execution_targets")
         .and_then(OValue::as_array)
         .map(|a| a.iter().map(OValue::py_str).collect());
-    let OValue::Object(mut graph) = prompt.clone() else {
+    let OValue::Object(graph) = prompt.clone() else {
         return bare(StatusCode::INTERNAL_SERVER_ERROR);
     };
-    let verdict = validate::validate_prompt(&mut graph, partial.as_deref(), &shared.lists(), &shared.dirs);
+    let Some((verdict, graph)) = validate_on_big_stack(graph, partial, shared).await else {
+        return bare(StatusCode::INTERNAL_SERVER_ERROR);
+    };
 
     let mut extra_data = request.get("extra_data").and_then(OValue::as_object).cloned().unwrap_or_default();
     if let Some(client_id) = request.get("client_id") {
@@ -241,6 +243,27 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Response {
         }
         Verdict::Malformed => bare(StatusCode::INTERNAL_SERVER_ERROR),
     }
+}
+
+/// Validation recurses along links like ComfyUI's does (up to Python's recursion limit), which
+/// needs more stack than an async worker thread has; it runs on its own thread instead.
+async fn validate_on_big_stack(
+    mut graph: OMap,
+    partial: Option<Vec<String>>,
+    shared: &Shared,
+) -> Option<(Verdict, OMap)> {
+    let lists = shared.lists();
+    let dirs = shared.dirs.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("validate-prompt".into())
+        .stack_size(256 * 1024 * 1024)
+        .spawn(move || {
+            let verdict = validate::validate_prompt(&mut graph, partial.as_deref(), &lists, &dirs);
+            let _ = tx.send((verdict, graph));
+        })
+        .ok()?;
+    rx.await.ok()
 }
 
 #[derive(Serialize)]
@@ -401,7 +424,9 @@ async fn upload_image(State(state): State<AppState>, multipart: Result<Multipart
 
 fn disposition(name: &str) -> HeaderValue {
     let safe = name.replace('\\', "\\\\").replace('"', "\\\"");
-    HeaderValue::from_str(&format!("filename=\"{safe}\"")).unwrap_or_else(|_| HeaderValue::from_static("attachment"))
+    // from_bytes keeps UTF-8 names (aiohttp sends them raw); control characters fall back.
+    HeaderValue::from_bytes(format!("filename=\"{safe}\"").as_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("attachment"))
 }
 
 /// Parses a single `bytes=` range against a file length. `Err(())` means unsatisfiable.

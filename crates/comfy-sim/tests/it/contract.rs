@@ -637,3 +637,33 @@ async fn object_info_has_captured_shapes_and_dynamic_lists() {
     assert_eq!(shape(&stats["devices"][0]).as_object().map(|o| o.len()), Some(7));
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn absurdly_deep_graphs_fail_validation_instead_of_crashing() {
+    let sim = Sim::start(|_| {}).await;
+    assert_eq!(sim.upload("frame.png", png(8, 8, 1), &[]).await.0, 200);
+    let depth = 1500;
+    let mut prompt = serde_json::Map::new();
+    prompt.insert("0".into(), json!({"class_type": "LoadImage", "inputs": {"image": "frame.png"}}));
+    for i in 1..depth {
+        prompt
+            .insert(i.to_string(), json!({"class_type": "ImageInvert", "inputs": {"image": [(i - 1).to_string(), 0]}}));
+    }
+    prompt.insert("out".into(), json!({"class_type": "SaveImage", "inputs": {"images": [(depth - 1).to_string(), 0], "filename_prefix": "deep"}}));
+    let (status, body) = sim.post("/prompt", &json!({"prompt": prompt})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "prompt_outputs_failed_validation");
+    let text = body.to_string();
+    assert!(text.contains("RecursionError"), "{text:.300}");
+    // A cycle is caught the same way.
+    let cycle = json!({
+        "1": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cycle"}}
+    });
+    let (status, body) = sim.post("/prompt", &json!({"prompt": cycle})).await;
+    assert_eq!(status, 400, "{body}");
+    // The server is still alive.
+    assert_eq!(sim.get_json("/prompt").await["exec_info"]["queue_remaining"], 0);
+    sim.stop().await;
+}

@@ -17,9 +17,13 @@ pub const EVENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running simulator.
 pub struct Sim {
+    /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// `ws://127.0.0.1:PORT`
     pub ws_base: String,
+    /// a shared HTTP client
     pub http: reqwest::Client,
+    /// holds the data directory alive
     pub dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -60,14 +64,17 @@ impl Sim {
         }
     }
 
+    /// Absolute URL of a path.
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
+    /// The simulator's data directory (`input/`, `output/`, `temp/`).
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
+    /// GETs a JSON body (asserts HTTP 200).
     pub async fn get_json(&self, path: &str) -> Value {
         let resp = self.http.get(self.url(path)).send().await.expect("GET");
         assert_eq!(resp.status(), 200, "GET {path}");
@@ -132,6 +139,7 @@ impl Sim {
         ws
     }
 
+    /// Connects a WebSocket without consuming anything.
     pub async fn ws_raw(&self, path_and_query: &str) -> Ws {
         let (stream, _) =
             tokio_tungstenite::connect_async(format!("{}{}", self.ws_base, path_and_query)).await.expect("ws connect");
@@ -160,6 +168,7 @@ pub enum Frame {
 }
 
 impl Frame {
+    /// The JSON of a text frame.
     pub fn json(&self) -> Option<&Value> {
         match self {
             Frame::Json(v) => Some(v),
@@ -168,6 +177,7 @@ impl Frame {
     }
 }
 
+/// A test WebSocket client that records what it receives.
 pub struct Ws {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// every frame received so far
@@ -190,6 +200,7 @@ impl Ws {
         }
     }
 
+    /// The next text frame (binary frames are recorded and skipped).
     pub async fn next_json(&mut self) -> Value {
         loop {
             match self.next().await.expect("socket open") {
@@ -199,6 +210,7 @@ impl Ws {
         }
     }
 
+    /// Sends a text frame.
     pub async fn send_text(&mut self, text: &str) {
         self.stream.send(Message::Text(text.into())).await.expect("send");
     }

@@ -9,8 +9,11 @@ use crate::support::*;
 
 /// One decoded frame.
 pub struct DecodedFrame {
+    /// width in pixels
     pub width: usize,
+    /// height in pixels
     pub height: usize,
+    /// the Y plane without stride padding
     pub luma: Vec<u8>,
 }
 
@@ -155,6 +158,7 @@ async fn upload_frame(sim: &Sim) {
     assert_eq!((status, body), (200, json!({"name": "frame_000001.png", "subfolder": "td", "type": "input"})));
 }
 
+/// The captured LTXV template with LoadImage pointing at the uploaded frame.
 pub fn ltxv_template() -> Value {
     let mut prompt = capture("ltxv_i2v_api_template.json");
     prompt["78"]["inputs"]["image"] = json!("td/frame_000001.png");

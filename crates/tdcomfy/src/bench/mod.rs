@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod loadgen;
+pub mod pipeline;
 
 use std::time::Duration;
 
@@ -14,12 +15,15 @@ use anyhow::Context;
 pub enum BenchCommand {
     /// Broker throughput, queued-to-leased latency and memory (GET/POST rates, RSS).
     Broker(broker::BrokerBenchArgs),
+    /// The TouchDesigner loop against broker + worker + simulator: per-frame overhead.
+    Pipeline(pipeline::PipelineBenchArgs),
 }
 
 /// Runs a benchmark.
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Broker(a) => broker::run(a).await,
+        BenchCommand::Pipeline(a) => pipeline::run(a).await,
     }
 }
 

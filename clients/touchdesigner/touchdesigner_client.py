@@ -1,0 +1,1591 @@
+"""TouchDesigner client for the tdcomfy job broker (one file, standard library only).
+
+This module owns the Python side of the TouchDesigner -> broker connection:
+
+* ``TDComfyClient``: the blocking HTTP API (``submit_frame``, ``check_job``, ``get_result``,
+  ``delete_job``, ``list_jobs``, ``health``, ``is_ready_for_next``) with the names and return shapes
+  of the original design, so existing Execute DAT scripts keep working.
+* ``FramePipeline``: the non-blocking layer for live use. Uploads, status updates (Server-Sent
+  Events with reconnect, falling back to long-polling), downloads and deletes run on background
+  threads; TouchDesigner's main thread only calls ``submit()`` and ``pump()``, which never touch
+  the network or the disk.
+* ``top_to_jpeg_bytes`` / ``top_to_png_bytes``: frame capture from a TOP.
+* ``TDComfyError``: the one exception type everything here raises for network and API failures.
+
+Copy this file next to your ``.toe`` (see README.md). It needs Python 3.11 (TouchDesigner 2023 and
+2025 builds) and nothing outside the standard library. It never imports ``td``: TouchDesigner
+objects are only touched by the functions you call with them, on the thread you call them from.
+
+Quick start (blocking, e.g. from the Textport)::
+
+    from touchdesigner_client import TDComfyClient, top_to_jpeg_bytes
+    client = TDComfyClient("http://192.168.1.50:8080", token=None)
+    job_id = client.submit_frame(top_to_jpeg_bytes(op('source_top')), prompt="a foggy forest")
+    client.check_job(job_id)["status"]          # 'queued' | 'running' | 'done' | 'error' | 'cancelled'
+
+Live use (from an Execute DAT; see examples/execute_dat_pipeline.py)::
+
+    pipeline = FramePipeline("http://192.168.1.50:8080", output_dir=project.folder + "/results")
+    pipeline.submit(top_to_jpeg_bytes(op('source_top')), prompt="a foggy forest")  # returns at once
+    for event in pipeline.pump():                # every frame, in onFrameStart
+        if event.kind == "done":
+            op('moviefilein1').par.file = event.path
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import http.client
+import json
+import logging
+import os
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortSignal",
+    "FramePipeline",
+    "PipelineEvent",
+    "ServerEvent",
+    "TDComfyClient",
+    "TDComfyError",
+    "top_to_jpeg_bytes",
+    "top_to_png_bytes",
+]
+
+_log = logging.getLogger("tdcomfy")
+
+#: Job statuses after which nothing changes any more.
+TERMINAL_STATUSES = ("done", "error", "cancelled")
+
+#: Error codes the client produces itself (the broker's own codes are passed through unchanged).
+CLIENT_ERROR_CODES = (
+    "connection_error",  # could not connect, connection reset/refused, DNS failure, TLS failure
+    "timeout",  # the broker did not answer within the timeout
+    "http_error",  # an error status without the broker's JSON error body (e.g. from a proxy)
+    "bad_response",  # a success status with a body that is not what the API promises
+    "events_unsupported",  # the server does not stream Server-Sent Events on that route
+    "job_failed",  # FramePipeline: the job ended with status "error" (message = the job's error)
+    "capture_failed",  # top_to_*_bytes: no TOP, or the TOP returned no image
+    "io_error",  # writing a downloaded result to disk failed
+    "closed",  # the call was interrupted because close() was called
+    "internal_error",  # a bug in this module, reported as an event instead of a dead thread
+)
+
+_CHUNK = 256 * 1024
+# Uploads at least this big ask for "100 Continue" first, so a broker that rejects the request
+# (413 too large, 401 no token) answers before megabytes are sent into a closing socket.
+_EXPECT_CONTINUE_MIN = 512 * 1024
+_EXPECT_CONTINUE_WAIT = 1.0
+_MAX_ERROR_BODY = 64 * 1024
+# How often the housekeeper retries deleting old result files that are still open in a player.
+_TRASH_RETRY_SECONDS = 1.0
+_RESULT_EXTENSIONS = {
+    "video/mp4": ".mp4",
+    "video/quicktime": ".mov",
+    "video/webm": ".webm",
+    "image/gif": ".gif",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "application/zip": ".zip",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class TDComfyError(Exception):
+    """The single exception type for network and API failures.
+
+    Attributes:
+        code: the broker's snake_case error code (``payload_too_large``, ``job_not_found``,
+            ``unsupported_image``, ``unauthorized`` …) or one of ``CLIENT_ERROR_CODES``
+            (``connection_error``, ``timeout`` …) when the broker could not be asked.
+        message: a human sentence (the broker's message when it sent one).
+        status: the HTTP status, or ``None`` when no response arrived.
+        field: the request field the broker blamed, if any.
+        limit: the numeric limit the broker named (e.g. the byte limit for 413), if any.
+        job_id: the job concerned, when known.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        field: str | None = None,
+        limit: float | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.field = field
+        self.limit = limit
+        self.job_id = job_id
+
+    @property
+    def retryable(self) -> bool:
+        """True when the same request may succeed later (network trouble, broker restarting)."""
+        return self.code in ("connection_error", "timeout") or self.status in (502, 503, 504)
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status} " if self.status is not None else ""
+        return f"{where}{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"TDComfyError(code={self.code!r}, message={self.message!r}, status={self.status!r})"
+
+
+def _error_from_body(status: int, body: bytes, job_id: str | None = None) -> TDComfyError:
+    """Builds the error for a non-2xx response from the broker's ``{"error": {...}}`` body."""
+    try:
+        err = json.loads(body.decode("utf-8"))["error"]
+        code = str(err.get("code") or "http_error")
+        message = str(err.get("message") or f"HTTP {status}")
+        field = err.get("field")
+        limit = err.get("limit")
+        return TDComfyError(code, message, status, field, limit, job_id)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        text = body[:300].decode("utf-8", "replace").strip()
+        message = f"HTTP {status} without a broker error body" + (f": {text}" if text else "")
+        return TDComfyError("http_error", message, status, job_id=job_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupting blocked calls from another thread
+# ---------------------------------------------------------------------------------------------
+
+
+class AbortSignal:
+    """Lets one thread interrupt network calls that another thread is blocked in.
+
+    Pass it as ``abort=`` to a ``TDComfyClient`` call; ``trigger()`` (from any thread) shuts down
+    the sockets of every call using it, which then raises ``TDComfyError`` with code ``closed``.
+    ``FramePipeline.close()`` uses this so that no background thread outlives it.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: set[http.client.HTTPConnection] = set()
+
+    def is_set(self) -> bool:
+        """True once ``trigger()`` was called."""
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleeps up to ``seconds``; returns early (True) when triggered."""
+        return self._event.wait(seconds)
+
+    def trigger(self) -> None:
+        """Interrupts every call using this signal now and every later one."""
+        self._event.set()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            _shutdown_socket(conn.sock)
+
+    def _register(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._connections.add(conn)
+        # Checked after adding so a trigger() racing with us cannot miss this connection.
+        if self._event.is_set():
+            _shutdown_socket(conn.sock)
+
+    def _registered_socket(self, conn: http.client.HTTPConnection) -> None:
+        # A socket created after trigger() saw no socket yet must be shut down too.
+        if self._event.is_set():
+            _shutdown_socket(conn.sock)
+
+    def _unregister(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+
+def _shutdown_socket(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        # The plain socket method, not SSLSocket.shutdown: that one also drops the TLS object
+        # under a thread that may be reading from it.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Server-Sent Events
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerEvent:
+    """One Server-Sent Event: ``event`` name, last ``id`` and ``data`` (parsed JSON when it is JSON)."""
+
+    event: str
+    id: str | None
+    data: Any
+
+
+class _SSEParser:
+    """Incremental parser for the ``text/event-stream`` format (lines in, events out)."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+        self._event: str | None = None
+        self.last_id: str | None = None
+
+    def feed(self, line: str) -> ServerEvent | None:
+        """Feeds one line (with or without its line ending); returns an event when one completes."""
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                self._event = None
+                return None
+            text = "\n".join(self._data)
+            name = self._event or "message"
+            self._data = []
+            self._event = None
+            try:
+                data: Any = json.loads(text)
+            except ValueError:
+                data = text
+            return ServerEvent(name, self.last_id, data)
+        if line.startswith(":"):
+            return None  # keep-alive comment
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocking client
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_type(data: bytes | bytearray | memoryview) -> tuple[str, str]:
+    """(content type, file name) for an image judged by its first bytes, like the broker does."""
+    head = bytes(data[:12])
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png", "frame.png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg", "frame.jpg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp", "frame.webp"
+    return "application/octet-stream", "frame.bin"
+
+
+def _check_image_arg(image_bytes: Any) -> None:
+    if hasattr(image_bytes, "saveByteArray"):
+        raise TypeError(
+            "submit_frame() takes image bytes, not a TOP: use top_to_jpeg_bytes(top) or top_to_png_bytes(top)"
+        )
+    if not isinstance(image_bytes, (bytes, bytearray, memoryview)):
+        raise TypeError(f"image_bytes must be bytes, bytearray or memoryview, not {type(image_bytes).__name__}")
+
+
+def _multipart(fields: list[tuple[str, str]], image: bytes | bytearray | memoryview) -> tuple[str, list[Any]]:
+    """Builds a multipart/form-data body as a list of parts, so the image is never copied."""
+    boundary = "tdcomfy-" + uuid.uuid4().hex
+    head = bytearray()
+    for name, value in fields:
+        head += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        head += value.encode("utf-8") + b"\r\n"
+    content_type, filename = _image_type(image)
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return f"multipart/form-data; boundary={boundary}", [bytes(head), image, tail]
+
+
+def _readable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
+
+
+def _await_continue(sock: socket.socket, wait: float) -> str:
+    """After sending headers with ``Expect: 100-continue``: 'continue', 'final' or 'timeout'.
+
+    Consumes an interim ``100 Continue`` response; leaves a final response in the socket for
+    ``http.client`` to read. Uses MSG_PEEK, so only for plain (non-TLS) sockets.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not _readable(sock, remaining):
+            return "timeout"
+        peeked = sock.recv(4096, socket.MSG_PEEK)
+        if not peeked:
+            return "final"  # closed: let getresponse() report it
+        if len(peeked) >= 12 and peeked[9:10] != b"1":
+            return "final"
+        end = peeked.find(b"\r\n\r\n")
+        if end >= 0:
+            if peeked[9:12] != b"100":
+                return "final"  # another 1xx: leave it to http.client, which skips them
+            to_consume = end + 4
+            while to_consume > 0:
+                got = sock.recv(to_consume)
+                if not got:
+                    return "final"
+                to_consume -= len(got)
+            return "continue"
+        # Part of the status line arrived; the rest is a moment away.
+        time.sleep(0.002)
+
+
+def _send_body(sock: socket.socket, parts: list[Any], expect_continue: bool) -> OSError | None:
+    """Sends the body in chunks, stopping early when the server already answered.
+
+    Returns the send error, if any, instead of raising it: a server that rejects an upload
+    (413) may close the connection while we are still sending, and its response is then still
+    waiting in our receive buffer.
+    """
+    can_peek = not isinstance(sock, ssl.SSLSocket)
+    if expect_continue and _await_continue(sock, _EXPECT_CONTINUE_WAIT) == "final":
+        return None
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for offset in range(0, len(view), _CHUNK):
+                # A late "100 Continue" is consumed; anything else readable is an early final
+                # answer (an error): stop sending and let http.client read it.
+                if _readable(sock) and (
+                    not can_peek or _await_continue(sock, _EXPECT_CONTINUE_WAIT) != "continue"
+                ):
+                    return None
+                sock.sendall(view[offset : offset + _CHUNK])
+    except OSError as exc:
+        return exc
+    return None
+
+
+class TDComfyClient:
+    """Blocking client for the broker's HTTP API.
+
+    Every method except ``is_ready_for_next()`` does network I/O on the calling thread and can
+    take up to ``timeout`` seconds per socket operation. In TouchDesigner, call them from the
+    Textport, from a pulse you accept to stall, or from your own thread; for per-frame use take
+    ``FramePipeline``, which runs them on background threads.
+
+    Args:
+        url: the broker, e.g. ``"http://192.168.1.50:8080"`` (``https://`` works; a path prefix
+            such as ``https://host/tdcomfy`` is kept; ``host:port`` means ``http://host:port``).
+        token: the broker's ``API_TOKEN`` (sent as ``Authorization: Bearer …``), or None.
+        timeout: seconds allowed for connecting and for each read/write on the socket.
+        verify_tls: check the server certificate for https (default True; uses ``certifi`` when
+            it is installed, as in TouchDesigner, otherwise the system store).
+
+    Errors: every failure raises ``TDComfyError``.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, verify_tls: bool = True) -> None:
+        if "://" not in url:
+            url = "http://" + url
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        self.token = token or None
+        self.timeout = float(timeout)
+        self._https = parsed.scheme == "https"
+        self._host = parsed.hostname
+        self._port = parsed.port or (443 if self._https else 80)
+        self._base_path = parsed.path.rstrip("/")
+        self._ssl_context = _make_ssl_context(verify_tls) if self._https else None
+        #: The job of the last successful ``submit_frame``; ``check_job()`` & co. default to it.
+        self.current_job_id: str | None = None
+        #: The broker's answer to the last successful ``submit_frame`` (queue_position, workflow…).
+        self.last_submit: dict | None = None
+        self._status_cache: collections.OrderedDict[str, tuple[str, int | None]] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._abort = AbortSignal()
+        self._refresher: threading.Thread | None = None
+        self._refresh_wake = threading.Event()
+        self._closed = False
+
+    # -- the design's API ----------------------------------------------------------------------
+
+    def submit_frame(
+        self,
+        image_bytes: bytes | bytearray | memoryview,
+        prompt: str = "",
+        negative_prompt: str = "",
+        seed: int | None = None,
+        workflow: str | None = None,
+        params: dict | str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        abort: AbortSignal | None = None,
+    ) -> str:
+        """Uploads one frame and returns the new job's id.
+
+        ``image_bytes`` is a PNG, JPEG or WebP file in memory (see ``top_to_jpeg_bytes``).
+        ``negative_prompt``, ``seed``, ``workflow`` and ``params`` are only sent when given;
+        ``params`` is a dict of named workflow inputs (see ``workflows()``).
+
+        The request carries an ``Idempotency-Key`` (``idempotency_key`` or a fresh random one);
+        on a connection error or timeout it is retried once with the same key, so the broker
+        never makes two jobs from one call.
+        """
+        _check_image_arg(image_bytes)
+        fields = [("prompt", prompt or "")]
+        if negative_prompt:
+            fields.append(("negative_prompt", negative_prompt))
+        if seed is not None:
+            fields.append(("seed", str(seed)))
+        if workflow:
+            fields.append(("workflow", workflow))
+        if params is not None:
+            fields.append(("params", params if isinstance(params, str) else json.dumps(params)))
+        content_type, parts = _multipart(fields, image_bytes)
+        headers = {"Content-Type": content_type, "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        for attempt in (1, 2):
+            try:
+                _, _, body = self._request("POST", "/jobs", body=parts, headers=headers, abort=abort)
+                break
+            except TDComfyError as exc:
+                if attempt == 2 or exc.code not in ("connection_error", "timeout"):
+                    raise
+                _log.info("submit failed (%s); retrying once with the same Idempotency-Key", exc)
+                if (abort or self._abort).wait(0.2):
+                    raise TDComfyError("closed", "submit interrupted by close()") from exc
+        answer = _json_object(body, "POST /jobs")
+        job_id = answer.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            raise TDComfyError("bad_response", f"POST /jobs answered without a job_id: {answer!r}")
+        self.current_job_id = job_id
+        self.last_submit = answer
+        self._remember(job_id, str(answer.get("status") or "queued"), None)
+        self._refresh_wake.set()
+        return job_id
+
+    def check_job(
+        self,
+        job_id: str | None = None,
+        wait: float | None = None,
+        since: int | None = None,
+        *,
+        abort: AbortSignal | None = None,
+    ) -> dict:
+        """Returns the broker's job JSON (``status``, ``progress``, ``error_message`` …).
+
+        With ``wait`` (seconds, at most 60) the broker holds the request until the job changes
+        (its ``version`` exceeds ``since``) or ``wait`` passes: a long-poll.
+        """
+        job_id = self._job(job_id)
+        query = {}
+        if wait is not None:
+            query["wait"] = _fmt_seconds(wait)
+        if since is not None:
+            query["since"] = str(int(since))
+        read_timeout = self.timeout + (float(wait) if wait else 0.0)
+        _, _, body = self._request(
+            "GET", f"/jobs/{_quote(job_id)}", query=query, read_timeout=read_timeout, abort=abort, job_id=job_id
+        )
+        job = _json_object(body, "GET /jobs/{id}")
+        if isinstance(job.get("status"), str):
+            self._remember(job_id, job["status"], job.get("version"))
+        return job
+
+    def get_result(self, job_id: str | None = None, *, abort: AbortSignal | None = None) -> bytes:
+        """Downloads the finished job's result (an MP4 for the default workflow) into memory."""
+        job_id = self._job(job_id)
+        _, _, body = self._request("GET", f"/jobs/{_quote(job_id)}/result", abort=abort, job_id=job_id)
+        return body
+
+    def delete_job(self, job_id: str | None = None, *, abort: AbortSignal | None = None) -> dict:
+        """Cancels a queued/running job or deletes a finished job's files; returns the broker's answer.
+
+        The answer (``{"job_id", "status", "message"}``) is truthy, so ``if client.delete_job(j):``
+        from older scripts keeps working. Repeating it is harmless; an unknown id raises
+        ``TDComfyError`` with status 404 and code ``job_not_found``.
+        """
+        job_id = self._job(job_id)
+        _, _, body = self._request("DELETE", f"/jobs/{_quote(job_id)}", abort=abort, job_id=job_id)
+        answer = _json_object(body, "DELETE /jobs/{id}")
+        self._remember(job_id, "cancelled", None)
+        if job_id == self.current_job_id:
+            self.current_job_id = None
+        return answer
+
+    def list_jobs(self, status: str | None = None, limit: int = 50, *, abort: AbortSignal | None = None) -> list[dict]:
+        """Lists jobs, newest first, as a list of job dicts (``status`` filters, ``limit`` ≤ 500)."""
+        query = {"limit": str(int(limit))}
+        if status:
+            query["status"] = status
+        _, _, body = self._request("GET", "/jobs", query=query, abort=abort)
+        answer = _json_object(body, "GET /jobs")
+        jobs = answer.get("jobs")
+        if not isinstance(jobs, list):
+            raise TDComfyError("bad_response", "GET /jobs answered without a jobs list")
+        return jobs
+
+    def health(self, *, abort: AbortSignal | None = None) -> dict:
+        """The broker's ``GET /health`` (queue counts, connected workers). Needs no token."""
+        _, _, body = self._request("GET", "/health", abort=abort)
+        return _json_object(body, "GET /health")
+
+    def health_check(self) -> dict:
+        """Same as ``health()``; the name older scripts use."""
+        return self.health()
+
+    def is_ready_for_next(self) -> bool:
+        """True when there is no current job or it has finished — without any network I/O.
+
+        Answers from cached state. The first call while a job is pending starts one daemon thread
+        that long-polls the current job and keeps the cache current (stopped by ``close()``), so
+        calling this every frame costs microseconds. ``check_job()`` also refreshes the cache.
+        """
+        job_id = self.current_job_id
+        if job_id is None:
+            return True
+        with self._cache_lock:
+            cached = self._status_cache.get(job_id)
+        if cached is not None and cached[0] in TERMINAL_STATUSES + ("gone",):
+            return True
+        self._ensure_refresher()
+        return False
+
+    # -- extras --------------------------------------------------------------------------------
+
+    def cancel_job(self, job_id: str | None = None, *, abort: AbortSignal | None = None) -> dict:
+        """``POST /jobs/{id}/cancel``: the same as ``delete_job``."""
+        job_id = self._job(job_id)
+        _, _, body = self._request("POST", f"/jobs/{_quote(job_id)}/cancel", abort=abort, job_id=job_id)
+        self._remember(job_id, "cancelled", None)
+        return _json_object(body, "POST /jobs/{id}/cancel")
+
+    def workflows(self, *, abort: AbortSignal | None = None) -> dict:
+        """``GET /workflows``: the workflow names and the parameters each one accepts."""
+        _, _, body = self._request("GET", "/workflows", abort=abort)
+        return _json_object(body, "GET /workflows")
+
+    def download_result(self, job_id: str, path: str, *, abort: AbortSignal | None = None) -> str:
+        """Streams the result to ``path`` safely and returns ``path``.
+
+        Data goes to ``path + ".part"`` first and is renamed with ``os.replace`` only when
+        complete, so a Movie File In TOP never sees a half-written file. After an interrupted
+        download, calling again resumes from the ``.part`` file with an HTTP Range request.
+        """
+        part = path + ".part"
+        try:
+            offset = os.path.getsize(part)
+        except OSError:
+            offset = 0
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        conn, resp = self._request(
+            "GET", f"/jobs/{_quote(job_id)}/result", headers=headers, stream=True, abort=abort,
+            job_id=job_id, ok_statuses=(416,),
+        )
+        try:
+            if resp.status == 416:
+                # The .part file is no prefix of the result (a stale leftover): start over.
+                _remove_quietly(part)
+                resp.read()
+                return self.download_result(job_id, path, abort=abort)
+            mode = "ab" if resp.status == 206 and offset else "wb"
+            expected = _expected_total(resp, offset if mode == "ab" else 0)
+            try:
+                with open(part, mode) as out:
+                    while True:
+                        try:
+                            chunk = resp.read(_CHUNK)
+                        except Exception as exc:  # noqa: BLE001 - mapped to TDComfyError below
+                            raise self._wrap_error(exc, abort, "GET result") from exc
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                    written = out.tell()
+            except OSError as exc:
+                raise TDComfyError("io_error", f"cannot write {part}: {exc}", job_id=job_id) from exc
+            if expected is not None and written != expected:
+                raise TDComfyError(
+                    "connection_error", f"result download ended after {written} of {expected} bytes", job_id=job_id
+                )
+            try:
+                os.replace(part, path)
+            except OSError as exc:
+                raise TDComfyError("io_error", f"cannot move {part} to {path}: {exc}", job_id=job_id) from exc
+            return path
+        finally:
+            self._finish(conn, abort)
+
+    def iter_events(
+        self,
+        job_id: str | None = None,
+        *,
+        last_event_id: str | None = None,
+        read_timeout: float = 45.0,
+        abort: AbortSignal | None = None,
+    ) -> Iterator[ServerEvent]:
+        """Yields the broker's Server-Sent Events: all jobs (``/events``) or one (``/jobs/{id}/events``).
+
+        The one-job stream starts with a ``snapshot`` event and ends after a terminal status.
+        A silent connection raises ``TDComfyError('timeout')`` after ``read_timeout`` seconds
+        (the broker sends a keep-alive comment every 15 s). Blocking: use it on your own thread.
+        """
+        path = "/events" if job_id is None else f"/jobs/{_quote(job_id)}/events"
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        conn, resp = self._request(
+            "GET", path, headers=headers, stream=True, read_timeout=read_timeout, abort=abort, job_id=job_id
+        )
+        try:
+            content_type = resp.getheader("Content-Type") or ""
+            if "text/event-stream" not in content_type:
+                raise TDComfyError(
+                    "events_unsupported", f"{path} answered {content_type or 'no content type'}, not an event stream",
+                    resp.status, job_id=job_id,
+                )
+            parser = _SSEParser()
+            pending = b""
+            while True:
+                try:
+                    raw = resp.readline(_CHUNK)
+                except Exception as exc:  # noqa: BLE001 - mapped to TDComfyError
+                    raise self._wrap_error(exc, abort, f"GET {path}") from exc
+                if not raw:
+                    return  # the server ended the stream
+                if not raw.endswith(b"\n"):
+                    pending += raw  # a line longer than the read limit
+                    continue
+                line, pending = (pending + raw).decode("utf-8", "replace"), b""
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+        finally:
+            self._finish(conn, abort)
+
+    def close(self) -> None:
+        """Stops the ``is_ready_for_next`` refresh thread. Safe to call twice."""
+        self._closed = True
+        self._abort.trigger()
+        self._refresh_wake.set()
+        thread = self._refresher
+        if thread is not None and thread.ident is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+
+    def __enter__(self) -> TDComfyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TDComfyClient({self.url!r}, token={'***' if self.token else None})"
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _job(self, job_id: str | None) -> str:
+        job_id = job_id or self.current_job_id
+        if not job_id:
+            raise ValueError("no job id given and no job submitted yet")
+        return str(job_id)
+
+    def _remember(self, job_id: str, status: str, version: Any) -> None:
+        with self._cache_lock:
+            self._status_cache[job_id] = (status, version if isinstance(version, int) else None)
+            self._status_cache.move_to_end(job_id)
+            while len(self._status_cache) > 256:
+                self._status_cache.popitem(last=False)
+
+    def _ensure_refresher(self) -> None:
+        if self._closed:
+            return
+        if self._refresher is None or not self._refresher.is_alive():
+            self._refresher = threading.Thread(target=self._refresh_loop, name="tdcomfy-ready-refresh", daemon=True)
+            self._refresher.start()
+        self._refresh_wake.set()
+
+    def _refresh_loop(self) -> None:
+        failures = 0
+        while not self._closed:
+            job_id = self.current_job_id
+            with self._cache_lock:
+                cached = self._status_cache.get(job_id) if job_id else None
+            if job_id is None or (cached is not None and cached[0] in TERMINAL_STATUSES + ("gone",)):
+                self._refresh_wake.wait(1.0)
+                self._refresh_wake.clear()
+                continue
+            version = cached[1] if cached else None
+            try:
+                job = self.check_job(job_id, wait=10 if version is not None else None, since=version, abort=self._abort)
+                failures = 0
+                if not isinstance(job.get("version"), int):
+                    self._abort.wait(1.0)  # no version, no long-poll: do not hammer the broker
+            except TDComfyError as exc:
+                if self._closed:
+                    return
+                if exc.code == "job_not_found":
+                    self._remember(job_id, "gone", None)
+                else:
+                    failures += 1
+                    self._abort.wait(min(5.0, 0.25 * 2**failures))
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict | None = None,
+        body: list[Any] | None = None,
+        headers: dict | None = None,
+        read_timeout: float | None = None,
+        stream: bool = False,
+        abort: AbortSignal | None = None,
+        job_id: str | None = None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> Any:
+        """One HTTP exchange. Returns (status, headers, body), or (conn, response) with ``stream``.
+
+        Raises TDComfyError for every failure, including non-2xx statuses (except ``ok_statuses``).
+        """
+        abort = abort or self._abort
+        target = self._base_path + path
+        if query:
+            target += "?" + urllib.parse.urlencode(query)
+        what = f"{method} {path}"
+        conn = self._connection(self.timeout)
+        abort._register(conn)
+        keep_open = False
+        try:
+            send_error: OSError | None = None
+            try:
+                if abort.is_set():
+                    raise TDComfyError("closed", f"{what} not sent: closed")
+                conn.connect()
+                abort._registered_socket(conn)
+                if read_timeout is not None:
+                    conn.sock.settimeout(read_timeout)
+                conn.putrequest(method, target, skip_accept_encoding=True)
+                all_headers = {"User-Agent": f"tdcomfy-touchdesigner/{__version__}", "Accept": "application/json"}
+                if self.token:
+                    all_headers["Authorization"] = f"Bearer {self.token}"
+                all_headers.update(headers or {})
+                expect = False
+                if body is not None:
+                    size = sum(memoryview(p).nbytes for p in body)
+                    all_headers["Content-Length"] = str(size)
+                    expect = size >= _EXPECT_CONTINUE_MIN and not self._https
+                    if expect:
+                        all_headers["Expect"] = "100-continue"
+                for name, value in all_headers.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                if body is not None:
+                    send_error = _send_body(conn.sock, body, expect)
+                resp = conn.getresponse()
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a TDComfyError
+                # A failed send is the better explanation than the failed read that followed it.
+                raise self._wrap_error(send_error or exc, abort, what) from exc
+            if resp.status >= 400 and resp.status not in ok_statuses:
+                try:
+                    data = resp.read(_MAX_ERROR_BODY)
+                except Exception:  # noqa: BLE001 - the status alone is still worth reporting
+                    data = b""
+                raise _error_from_body(resp.status, data, job_id)
+            if stream:
+                keep_open = True
+                return conn, resp
+            try:
+                data = resp.read()
+            except Exception as exc:  # noqa: BLE001
+                raise self._wrap_error(exc, abort, what) from exc
+            return resp.status, resp.headers, data
+        finally:
+            if not keep_open:
+                self._finish(conn, abort)
+
+    def _finish(self, conn: http.client.HTTPConnection, abort: AbortSignal | None) -> None:
+        (abort or self._abort)._unregister(conn)
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+            pass
+
+    def _wrap_error(self, exc: BaseException, abort: AbortSignal | None, what: str) -> TDComfyError:
+        if isinstance(exc, TDComfyError):
+            return exc
+        if (abort or self._abort).is_set():
+            return TDComfyError("closed", f"{what} interrupted by close()")
+        if isinstance(exc, TimeoutError):
+            return TDComfyError("timeout", f"{what}: no answer from {self.url} within the timeout")
+        if isinstance(exc, http.client.IncompleteRead):
+            return TDComfyError("connection_error", f"{what}: the connection to {self.url} ended early")
+        if isinstance(exc, (OSError, http.client.HTTPException, ValueError)):
+            return TDComfyError("connection_error", f"{what}: cannot reach the broker at {self.url} ({exc})")
+        return TDComfyError("connection_error", f"{what}: {exc!r}")
+
+
+def _make_ssl_context(verify: bool) -> ssl.SSLContext:
+    if not verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        import certifi  # bundled with TouchDesigner; optional elsewhere
+
+        return ssl.create_default_context(cafile=certifi.where())
+    except ImportError:
+        return ssl.create_default_context()
+
+
+def _quote(job_id: str) -> str:
+    return urllib.parse.quote(str(job_id), safe="")
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return str(int(seconds)) if float(seconds).is_integer() else f"{float(seconds):.3f}"
+
+
+def _json_object(body: bytes, what: str) -> dict:
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TDComfyError("bad_response", f"{what} answered something that is not JSON") from exc
+    if not isinstance(value, dict):
+        raise TDComfyError("bad_response", f"{what} answered {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _expected_total(resp: http.client.HTTPResponse, offset: int) -> int | None:
+    length = resp.getheader("Content-Length")
+    try:
+        return offset + int(length) if length is not None else None
+    except ValueError:
+        return None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame capture
+# ---------------------------------------------------------------------------------------------
+
+
+def top_to_png_bytes(top: Any) -> bytes:
+    """Encodes a TOP as PNG in memory (``top.saveByteArray('.png')``); main thread only.
+
+    Lossless but slow: a 1080p frame can take hundreds of milliseconds. Prefer
+    ``top_to_jpeg_bytes`` and scale the TOP down to the generation size first.
+    """
+    return _capture(top, ".png")
+
+
+def top_to_jpeg_bytes(top: Any, quality: float = 0.9) -> bytes:
+    """Encodes a TOP as JPEG in memory (``top.saveByteArray('.jpg', quality=…)``); main thread only.
+
+    ``quality`` is TouchDesigner's 0..1 scale; values above 1 are read as percent (90 → 0.9).
+    Typically 30–100× cheaper than PNG.
+    """
+    q = float(quality)
+    if q > 1.0:
+        q /= 100.0
+    q = min(1.0, max(0.0, q))
+    return _capture(top, ".jpg", quality=q)
+
+
+def _capture(top: Any, suffix: str, **options: Any) -> bytes:
+    if top is None:
+        raise TDComfyError("capture_failed", "no TOP given (did op('…') find nothing?)")
+    save = getattr(top, "saveByteArray", None)
+    if save is None:
+        raise TDComfyError("capture_failed", f"{top!r} is not a TOP: it has no saveByteArray()")
+    data = save(suffix, **options)
+    if not data:
+        raise TDComfyError("capture_failed", f"{getattr(top, 'path', top)!r} returned no image data")
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-blocking pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineEvent:
+    """Something that happened to a submitted frame, handed out by ``FramePipeline.pump()``.
+
+    Attributes:
+        kind: ``submitted`` (the broker made a job; ``job_id`` set), ``started`` (a worker began),
+            ``progress`` (``progress`` is 0..1), ``done`` (``path`` is the downloaded result),
+            ``error`` (``error`` is a TDComfyError), ``cancelled`` (the job was cancelled), or
+            ``dropped`` (a waiting frame was replaced by a newer one and will not be sent).
+        ticket: the number ``submit()`` returned for the frame.
+        job_id: the broker's job id (None before the upload succeeded).
+        path: the local result file (``done`` only).
+        progress: 0..1 (``progress`` only).
+        job: the broker's latest job JSON, when one was seen.
+        error: the failure (``error`` only).
+    """
+
+    kind: str
+    ticket: int
+    job_id: str | None = None
+    path: str | None = None
+    progress: float | None = None
+    job: dict | None = None
+    error: TDComfyError | None = None
+
+    @property
+    def message(self) -> str:
+        """A one-line description for a status display."""
+        if self.kind == "progress" and self.progress is not None:
+            return f"frame {self.ticket}: {self.progress:.0%}"
+        if self.kind == "error" and self.error is not None:
+            return f"frame {self.ticket}: {self.error}"
+        if self.kind == "done":
+            return f"frame {self.ticket}: done -> {self.path}"
+        return f"frame {self.ticket}: {self.kind}"
+
+
+@dataclasses.dataclass
+class _Frame:
+    ticket: int
+    image: Any
+    fields: dict
+    job_id: str | None = None
+    status: str | None = None
+    progress: float | None = None
+    job: dict | None = None
+    cancel_requested: bool = False
+
+
+class _Stopped(Exception):
+    """Raised inside background threads when the pipeline is closing."""
+
+
+class FramePipeline:
+    """Non-blocking frame → video pipeline for TouchDesigner's main thread.
+
+    ``submit()`` and ``pump()`` are the only calls meant for every frame; both return in
+    microseconds because they only touch in-memory queues. Everything else runs on daemon
+    threads: one uploader, one thread per job in flight (status via Server-Sent Events with
+    reconnect, or long-polling; then the download), and one housekeeper (remote deletes, local
+    file cleanup).
+
+    Args:
+        url: the broker URL, or a ready ``TDComfyClient`` (its url/token/timeout are used as is).
+        token: the broker's API token.
+        output_dir: where results are written (created if missing). Default: ``<temp>/tdcomfy``.
+            Use one folder per pipeline: old results in it are cleaned up (see ``keep_results``).
+        max_in_flight: how many frames may be between ``submit()`` and their result at once.
+        when_busy: what ``submit()`` does when ``max_in_flight`` frames are in flight:
+            ``"skip"`` drops the new frame (``submit`` returns None); ``"replace"`` keeps it as
+            the one waiting frame, replacing (and reporting as ``dropped``) an older waiting one.
+        keep_results: how many result files to keep on disk (newest first); older ones are
+            deleted in the background, retrying while a player still holds them open.
+            None keeps everything.
+        status_transport: ``"sse"`` (push, falling back to long-poll when the broker or a proxy
+            does not stream) or ``"poll"`` (long-poll ``GET /jobs/{id}?wait=…`` only).
+        delete_remote: delete each job on the broker after its result was downloaded.
+        cancel_on_close: ``close()`` also cancels jobs still running on the broker.
+        prompt, negative_prompt, seed, workflow, params: defaults for ``submit()``; they are plain
+            attributes you may change at any time (e.g. from a Parameter Execute DAT).
+        timeout: seconds per socket operation.
+        submit_retry_for: how long an upload keeps being retried while the broker is unreachable.
+        download_retry_for: the same for downloads.
+        poll_wait: long-poll duration in seconds.
+        file_prefix: result files are named ``<file_prefix><job_id>.mp4``.
+    """
+
+    def __init__(
+        self,
+        url: str | TDComfyClient,
+        token: str | None = None,
+        output_dir: str | None = None,
+        *,
+        max_in_flight: int = 1,
+        when_busy: str = "skip",
+        keep_results: int | None = 4,
+        status_transport: str = "sse",
+        delete_remote: bool = True,
+        cancel_on_close: bool = False,
+        prompt: str = "",
+        negative_prompt: str = "",
+        seed: int | None = None,
+        workflow: str | None = None,
+        params: dict | None = None,
+        timeout: float = 10.0,
+        submit_retry_for: float = 30.0,
+        download_retry_for: float = 120.0,
+        poll_wait: float = 25.0,
+        file_prefix: str = "tdcomfy_",
+    ) -> None:
+        if when_busy not in ("skip", "replace"):
+            raise ValueError('when_busy must be "skip" or "replace"')
+        if status_transport not in ("sse", "poll"):
+            raise ValueError('status_transport must be "sse" or "poll"')
+        if int(max_in_flight) < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if keep_results is not None and int(keep_results) < 1:
+            raise ValueError("keep_results must be at least 1 (or None to keep everything)")
+        self._owns_client = not (isinstance(url, TDComfyClient) or hasattr(url, "submit_frame"))
+        self.client = TDComfyClient(url, token=token, timeout=timeout) if self._owns_client else url
+        self.output_dir = os.path.abspath(output_dir or os.path.join(_tempdir(), "tdcomfy"))
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.max_in_flight = int(max_in_flight)
+        self.when_busy = when_busy
+        self.keep_results = None if keep_results is None else int(keep_results)
+        self.status_transport = status_transport
+        self.delete_remote = delete_remote
+        self.cancel_on_close = cancel_on_close
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.seed = seed
+        self.workflow = workflow
+        self.params = params
+        self.submit_retry_for = float(submit_retry_for)
+        self.download_retry_for = float(download_retry_for)
+        self.poll_wait = float(poll_wait)
+        self.sse_read_timeout = 45.0
+        self.file_prefix = file_prefix
+
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._events: queue.SimpleQueue[PipelineEvent] = queue.SimpleQueue()
+        self._waiting: collections.deque[_Frame] = collections.deque()
+        self._active: dict[int, _Frame] = {}
+        self._next_ticket = 1
+        self._stop = threading.Event()
+        self._abort = AbortSignal()
+        self._closed = False
+        self._threads: set[threading.Thread] = set()
+        self._housekeeping: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._stats = {
+            "submitted": 0, "done": 0, "errors": 0, "cancelled": 0, "dropped": 0, "skipped": 0,
+            "last_error": None, "last_progress": None, "last_result": None,
+        }
+        self._results: collections.deque[str] = collections.deque()  # owned by the housekeeping thread
+        self._spawn(self._upload_loop, "tdcomfy-upload")
+        self._spawn(self._housekeeping_loop, "tdcomfy-housekeeping")
+
+    # -- main-thread API -----------------------------------------------------------------------
+
+    def submit(
+        self,
+        image_bytes: bytes | bytearray | memoryview,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        workflow: str | None = None,
+        params: dict | None = None,
+    ) -> int | None:
+        """Queues a frame for upload and returns its ticket number at once, or None if skipped.
+
+        Arguments left as None take the pipeline's defaults (``self.prompt`` …). Nothing is
+        copied or encoded here: the bytes are handed to the upload thread as they are, so do not
+        modify a bytearray after passing it.
+        """
+        _check_image_arg(image_bytes)
+        fields = {
+            "prompt": self.prompt if prompt is None else prompt,
+            "negative_prompt": self.negative_prompt if negative_prompt is None else negative_prompt,
+            "seed": self.seed if seed is None else seed,
+            "workflow": self.workflow if workflow is None else workflow,
+            "params": self.params if params is None else params,
+        }
+        with self._work:
+            if self._closed:
+                raise TDComfyError("closed", "submit() after close()")
+            occupied = len(self._active) + len(self._waiting)
+            if occupied >= self.max_in_flight:
+                if self.when_busy == "skip":
+                    self._stats["skipped"] += 1
+                    return None
+                if occupied > self.max_in_flight:
+                    # "replace": the newest waiting frame is the one parked beyond capacity.
+                    dropped = self._waiting.pop()
+                    self._stats["dropped"] += 1
+                    self._events.put(PipelineEvent("dropped", dropped.ticket))
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._waiting.append(_Frame(ticket, image_bytes, fields))
+            self._work.notify_all()
+            return ticket
+
+    def pump(self, max_events: int | None = None) -> list[PipelineEvent]:
+        """Returns the events that happened since the last call (oldest first). Never blocks.
+
+        Call it once per frame from the main thread (an Execute DAT's ``onFrameStart``).
+        """
+        events: list[PipelineEvent] = []
+        while max_events is None or len(events) < max_events:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                break
+        return events
+
+    def is_ready_for_next(self) -> bool:
+        """True when ``submit()`` would start a frame now without skipping or replacing one."""
+        with self._lock:
+            return not self._closed and len(self._active) + len(self._waiting) < self.max_in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Frames uploading, processing or downloading."""
+        with self._lock:
+            return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        """Frames accepted by ``submit()`` but not uploading yet."""
+        with self._lock:
+            return len(self._waiting)
+
+    def stats(self) -> dict:
+        """Counters for a status display (submitted, done, errors, in_flight, last_error …)."""
+        with self._lock:
+            snapshot = dict(self._stats)
+            snapshot["in_flight"] = len(self._active)
+            snapshot["waiting"] = len(self._waiting)
+            snapshot["jobs"] = [
+                {"ticket": f.ticket, "job_id": f.job_id, "status": f.status or "uploading", "progress": f.progress}
+                for f in self._active.values()
+            ]
+        snapshot["closed"] = self._closed
+        return snapshot
+
+    def cancel(self, ticket_or_job_id: int | str) -> bool:
+        """Cancels one frame (by ticket or job id) in the background. False if it is unknown.
+
+        A waiting frame is dropped at once (a ``cancelled`` event follows); a submitted job is
+        deleted on the broker and reported as ``cancelled`` when the broker confirms.
+        """
+        with self._lock:
+            for frame in list(self._waiting):
+                if ticket_or_job_id in (frame.ticket, frame.job_id):
+                    self._waiting.remove(frame)
+                    self._stats["cancelled"] += 1
+                    self._events.put(PipelineEvent("cancelled", frame.ticket))
+                    self._work.notify_all()
+                    return True
+            for frame in self._active.values():
+                if ticket_or_job_id in (frame.ticket, frame.job_id):
+                    frame.cancel_requested = True
+                    if frame.job_id:
+                        self._housekeeping.put(("delete", frame.job_id, 0))
+                    return True
+        return False
+
+    def cancel_all(self) -> None:
+        """Cancels every waiting and in-flight frame (in the background)."""
+        with self._lock:
+            tickets = [f.ticket for f in self._waiting] + list(self._active)
+        for ticket in tickets:
+            self.cancel(ticket)
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Stops every background thread (joining each for at most ``timeout`` seconds in total).
+
+        Open connections are shut down at once, so this normally takes milliseconds. Safe to call
+        twice. Jobs still running on the broker keep running unless ``cancel_on_close`` is set.
+        Events already produced can still be read with ``pump()``.
+        """
+        with self._work:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            threads = list(self._threads)
+            self._work.notify_all()
+        for frame in waiting:
+            self._events.put(PipelineEvent("dropped", frame.ticket))
+        self._abort.trigger()
+        self._housekeeping.put(("stop",))
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> FramePipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FramePipeline({getattr(self.client, 'url', self.client)!r}, in_flight={self.in_flight})"
+
+    # -- background threads --------------------------------------------------------------------
+
+    def _spawn(self, target: Any, name: str, *args: Any) -> None:
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            # close() sets _stop under this lock before it collects threads to join, so a thread
+            # is either joined by close() or never started. Starting it under the lock too means
+            # close() never sees a thread it cannot join yet.
+            if self._stop.is_set():
+                return
+            self._threads.add(thread)
+            thread.start()
+
+    def _emit(self, kind: str, frame: _Frame, **fields: Any) -> None:
+        fields.setdefault("job", frame.job)
+        self._events.put(PipelineEvent(kind, frame.ticket, frame.job_id, **fields))
+
+    def _upload_loop(self) -> None:
+        while True:
+            with self._work:
+                while not self._stop.is_set() and not (self._waiting and len(self._active) < self.max_in_flight):
+                    self._work.wait()
+                if self._stop.is_set():
+                    return
+                frame = self._waiting.popleft()
+                self._active[frame.ticket] = frame
+            try:
+                self._upload(frame)
+            except _Stopped:
+                self._release(frame)
+                return
+            except TDComfyError as exc:
+                self._fail(frame, exc)
+                self._release(frame)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the uploader silently
+                _log.exception("upload failed")
+                self._fail(frame, TDComfyError("internal_error", f"upload failed: {exc!r}"))
+                self._release(frame)
+                continue
+            self._spawn(self._job_thread, f"tdcomfy-job-{frame.ticket}", frame)
+
+    def _upload(self, frame: _Frame) -> None:
+        key = uuid.uuid4().hex  # one key for every retry of this frame: never two jobs
+        deadline = time.monotonic() + self.submit_retry_for
+        failures = 0
+        fields = frame.fields
+        while True:
+            try:
+                job_id = self.client.submit_frame(
+                    frame.image, prompt=fields["prompt"] or "", negative_prompt=fields["negative_prompt"] or "",
+                    seed=fields["seed"], workflow=fields["workflow"], params=fields["params"],
+                    idempotency_key=key, abort=self._abort,
+                )
+                break
+            except TDComfyError as exc:
+                if self._stop.is_set():
+                    raise _Stopped() from exc
+                if not exc.retryable or time.monotonic() > deadline:
+                    raise
+                failures += 1
+                self._sleep(_backoff(failures))
+        frame.image = None  # the bytes are on the broker now; free them
+        with self._lock:
+            frame.job_id = job_id
+            frame.status = "queued"
+            self._stats["submitted"] += 1
+            cancel_requested = frame.cancel_requested
+        answer = getattr(self.client, "last_submit", None)
+        self._emit("submitted", frame, job=answer if isinstance(answer, dict) else None)
+        if cancel_requested:
+            self._housekeeping.put(("delete", job_id, 0))
+
+    def _job_thread(self, frame: _Frame) -> None:
+        remote_finished = False
+        try:
+            job = self._watch(frame)
+            remote_finished = True
+            status = job.get("status")
+            if status == "done":
+                path = self._download(frame, job)
+                with self._lock:
+                    self._stats["done"] += 1
+                    self._stats["last_result"] = path
+                self._emit("done", frame, path=path)
+                self._housekeeping.put(("result", path))
+            elif status == "cancelled":
+                with self._lock:
+                    self._stats["cancelled"] += 1
+                self._emit("cancelled", frame)
+            else:
+                message = job.get("error_message") or "the job failed"
+                self._fail(frame, TDComfyError("job_failed", str(message), job_id=frame.job_id))
+        except _Stopped:
+            pass
+        except TDComfyError as exc:
+            if not self._stop.is_set():
+                exc.job_id = exc.job_id or frame.job_id
+                self._fail(frame, exc)
+                remote_finished = exc.code == "job_not_found"
+        except Exception as exc:  # noqa: BLE001 - report bugs as events, not as a silent dead thread
+            _log.exception("job thread failed")
+            self._fail(frame, TDComfyError("internal_error", f"job thread failed: {exc!r}", job_id=frame.job_id))
+        finally:
+            self._release(frame)
+            if frame.job_id and self.delete_remote and remote_finished and not self._stop.is_set():
+                self._housekeeping.put(("delete", frame.job_id, 0))
+
+    def _watch(self, frame: _Frame) -> dict:
+        """Follows the job until a terminal status; returns the final job JSON."""
+        failures = 0
+        timeouts = 0
+        version: int | None = None
+        while True:
+            if self._stop.is_set():
+                raise _Stopped()
+            try:
+                if self.status_transport == "sse":
+                    events = self.client.iter_events(
+                        frame.job_id, read_timeout=self.sse_read_timeout, abort=self._abort
+                    )
+                    with contextlib.closing(events):
+                        for event in events:
+                            failures = timeouts = 0
+                            job = event.data.get("job") if isinstance(event.data, dict) else None
+                            if isinstance(job, dict) and self._observe(frame, job):
+                                return job
+                    # The stream ended before a terminal status (broker restarting): reconnect.
+                    failures += 1
+                else:
+                    job = self.client.check_job(
+                        frame.job_id, wait=self.poll_wait if version is not None else None, since=version,
+                        abort=self._abort,
+                    )
+                    failures = 0
+                    version = job.get("version") if isinstance(job.get("version"), int) else None
+                    if self._observe(frame, job):
+                        return job
+                    if version is None:
+                        # Without a version the broker cannot long-poll for us: pace ourselves.
+                        self._sleep(1.0)
+                    continue
+            except TDComfyError as exc:
+                if self._stop.is_set() or exc.code == "closed":
+                    raise _Stopped() from exc
+                if exc.code == "job_not_found":
+                    raise
+                if self.status_transport == "sse" and _events_missing(exc):
+                    _log.info("no event stream (%s); falling back to long-polling", exc)
+                    self.status_transport = "poll"
+                    continue
+                if exc.code == "timeout" and self.status_transport == "sse":
+                    timeouts += 1
+                    if timeouts >= 2:
+                        # Something between us and the broker buffers the stream: poll instead.
+                        self.status_transport = "poll"
+                        continue
+                if not exc.retryable:
+                    raise
+                failures += 1
+            self._sleep(_backoff(failures))
+
+    def _observe(self, frame: _Frame, job: dict) -> bool:
+        """Records a job state, emits started/progress events; True when the status is terminal."""
+        status = job.get("status")
+        progress = job.get("progress")
+        value = progress.get("value") if isinstance(progress, dict) else None
+        with self._lock:
+            previous = frame.status
+            frame.status = status if isinstance(status, str) else previous
+            frame.job = job
+        if status == "running":
+            if previous != "running":
+                self._emit("started", frame)
+            if isinstance(value, (int, float)) and value != frame.progress:
+                frame.progress = float(value)
+                with self._lock:
+                    self._stats["last_progress"] = frame.progress
+                self._emit("progress", frame, progress=frame.progress)
+        return status in TERMINAL_STATUSES
+
+    def _download(self, frame: _Frame, job: dict) -> str:
+        result = job.get("result") if isinstance(job.get("result"), dict) else {}
+        extension = _RESULT_EXTENSIONS.get(str(result.get("content_type") or "").split(";")[0].strip(), ".mp4")
+        path = os.path.join(self.output_dir, f"{self.file_prefix}{frame.job_id}{extension}")
+        deadline = time.monotonic() + self.download_retry_for
+        failures = 0
+        while True:
+            try:
+                return self.client.download_result(frame.job_id, path, abort=self._abort)
+            except TDComfyError as exc:
+                if self._stop.is_set() or exc.code == "closed":
+                    raise _Stopped() from exc
+                if not exc.retryable or time.monotonic() > deadline:
+                    raise
+                failures += 1
+                self._sleep(_backoff(failures))
+
+    def _fail(self, frame: _Frame, exc: TDComfyError) -> None:
+        with self._lock:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = str(exc)
+        self._emit("error", frame, error=exc)
+
+    def _release(self, frame: _Frame) -> None:
+        with self._work:
+            self._active.pop(frame.ticket, None)
+            self._work.notify_all()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopped()
+
+    def _housekeeping_loop(self) -> None:
+        """Remote deletes (with retries) and local result cleanup, off the main thread."""
+        deletes: list[tuple[float, str, int]] = []  # (due time, job id, attempts so far)
+        trash: list[str] = []
+        self._results.extend(self._existing_results())
+        self._sweep_partials()
+        self._trim_results(trash)
+        while True:
+            now = time.monotonic()
+            due = [d for d in deletes if d[0] <= now]
+            deletes = [d for d in deletes if d[0] > now]
+            for _, job_id, attempts in due:
+                retry = self._delete_remote(job_id, attempts)
+                if retry is not None:
+                    deletes.append(retry)
+            trash = [path for path in trash if not _try_remove(path)]
+            wake = _TRASH_RETRY_SECONDS if trash else 5.0
+            if deletes:
+                wake = min(wake, max(0.0, min(d[0] for d in deletes) - time.monotonic()))
+            try:
+                task = self._housekeeping.get(timeout=wake)
+            except queue.Empty:
+                continue
+            if task[0] == "stop":
+                self._shutdown_housekeeping(trash)
+                return
+            if task[0] == "delete":
+                deletes.append((time.monotonic(), task[1], task[2]))
+            elif task[0] == "result":
+                self._results.append(task[1])
+                self._trim_results(trash)
+
+    def _delete_remote(self, job_id: str, attempts: int) -> tuple[float, str, int] | None:
+        try:
+            self.client.delete_job(job_id, abort=self._abort)
+        except TDComfyError as exc:
+            if exc.status in (404, 410) or self._stop.is_set():
+                return None
+            if exc.retryable and attempts < 5:
+                return (time.monotonic() + _backoff(attempts + 1), job_id, attempts + 1)
+            _log.warning("could not delete job %s on the broker: %s", job_id, exc)
+        return None
+
+    def _trim_results(self, trash: list[str]) -> None:
+        if self.keep_results is None:
+            return
+        while len(self._results) > self.keep_results:
+            trash.append(self._results.popleft())
+
+    def _shutdown_housekeeping(self, trash: list[str]) -> None:
+        for path in trash:
+            _try_remove(path)
+        if not self.cancel_on_close:
+            return
+        with self._lock:
+            unfinished = [f.job_id for f in self._active.values() if f.job_id and f.status not in TERMINAL_STATUSES]
+        # A fresh client: the pipeline's sockets are being shut down by close().
+        url = getattr(self.client, "url", None)
+        if not url:
+            return
+        quick = TDComfyClient(url, getattr(self.client, "token", None), timeout=1.0)
+        for job_id in unfinished:
+            try:
+                quick.delete_job(job_id)
+            except TDComfyError as exc:
+                _log.info("cancel on close failed for %s: %s", job_id, exc)
+
+    def _existing_results(self) -> list[str]:
+        """Result files left in the output folder by earlier sessions, oldest first."""
+        found = []
+        try:
+            with os.scandir(self.output_dir) as entries:
+                for entry in entries:
+                    if entry.name.startswith(self.file_prefix) and not entry.name.endswith(".part") and entry.is_file():
+                        found.append((entry.stat().st_mtime, entry.path))
+        except OSError:
+            return []
+        return [path for _, path in sorted(found)]
+
+    def _sweep_partials(self) -> None:
+        """Removes ``.part`` files of ours older than an hour (downloads a crash left behind)."""
+        cutoff = time.time() - 3600
+        try:
+            with os.scandir(self.output_dir) as entries:
+                for entry in entries:
+                    ours = entry.name.startswith(self.file_prefix) and entry.name.endswith(".part")
+                    if ours and entry.stat().st_mtime < cutoff:
+                        _try_remove(entry.path)
+        except OSError:
+            pass
+
+
+def _events_missing(exc: TDComfyError) -> bool:
+    """True when the error means 'no event stream here' rather than 'try again later'."""
+    if exc.code == "events_unsupported":
+        return True
+    return exc.status in (404, 405, 406, 501) and exc.code != "job_not_found"
+
+
+def _backoff(failures: int) -> float:
+    return min(2.0, 0.1 * 2 ** min(failures, 8))
+
+
+def _try_remove(path: str) -> bool:
+    """Deletes a file; True when it is gone, False when it is still held open (retry later)."""
+    try:
+        os.remove(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _tempdir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
