@@ -33,12 +33,34 @@ pub async fn run(
     warn_if_exposed(addr, &config);
     let broker = Broker::open(config)?;
     let sweeper = tokio::spawn(sweep_forever(broker.clone()));
+    let stop = broker.shutdown_token().clone();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    });
     let app = http::router(broker);
     tracing::info!(%addr, "broker listening");
-    let served = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(shutdown).await;
+    let serve = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stop.clone().cancelled_owned());
+    // Streams and long-polls end on the token; a client still uploading gets a few seconds.
+    let served = tokio::select! {
+        served = serve => served,
+        _ = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
+            Ok(())
+        }
+    };
     sweeper.abort();
     served.map_err(BrokerError::Io)
 }
+
+/// How long a shutdown waits for requests in flight (uploads) before closing them.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn warn_if_exposed(addr: SocketAddr, config: &BrokerConfig) {
     if !addr.ip().is_loopback() && config.api_token.is_none() {

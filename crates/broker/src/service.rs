@@ -67,6 +67,7 @@ struct Inner {
     blobs: Blobs,
     hub: EventHub,
     workers: WorkerRegistry,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Broker faults that are not a client's doing.
@@ -92,6 +93,7 @@ impl Broker {
                 store,
                 blobs,
                 hub: EventHub::new(1024),
+                shutdown: tokio_util::sync::CancellationToken::new(),
                 workers: WorkerRegistry::default(),
             }),
         })
@@ -105,6 +107,12 @@ impl Broker {
     /// The file area.
     pub fn blobs(&self) -> &Blobs {
         &self.inner.blobs
+    }
+
+    /// Cancelled when the broker shuts down: long-lived responses (event streams, long-polls,
+    /// lease waits) end then, so a graceful shutdown never waits on them.
+    pub fn shutdown_token(&self) -> &tokio_util::sync::CancellationToken {
+        &self.inner.shutdown
     }
 
     /// The event bus.
@@ -251,7 +259,11 @@ impl Broker {
         }
         let deadline = Instant::now() + wait;
         loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(deadline, rx.recv()) => next,
+                _ = self.inner.shutdown.cancelled() => break,
+            };
+            match next {
                 Err(_) => break,
                 Ok(Ok(ev)) if ev.job_id() == id && ev.event.job.version > since => {
                     return Ok(Some(ev.event.job.clone()));
@@ -349,6 +361,7 @@ impl Broker {
             tokio::select! {
                 _ = &mut signal => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                _ = self.inner.shutdown.cancelled() => return Ok(None),
             }
         }
     }

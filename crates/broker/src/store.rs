@@ -10,8 +10,8 @@
 //! a PostgreSQL store (several brokers sharing one database, `FOR UPDATE SKIP LOCKED` claims) can be
 //! added behind the same methods without touching the service or the handlers.
 
-use std::path::Path;
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};

@@ -146,7 +146,10 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
     let token = cmd.broker.worker_token.clone().or_else(|| cmd.broker.api_token.clone());
     let broker_config = cmd.broker.into_config(workflows.clone())?;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    // The servers stop only after the worker has stopped, so the worker can still stop its prompt
+    // in ComfyUI and hand its job back to the broker on the way out.
+    let servers_stop = CancellationToken::new();
+    let mut servers = tokio::task::JoinSet::new();
     let mut comfy_note = String::new();
     let mut worker_args = cmd.worker;
     if cmd.simulate {
@@ -160,8 +163,8 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
         worker_args.comfyui_host = loopback_for(sim_local).ip().to_string();
         worker_args.comfyui_port = sim_local.port();
         let sim_config = cmd.sim.config(data_dir.join("comfyui-sim"))?;
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
+        let stop = servers_stop.clone();
+        servers.spawn(async move {
             tdcomfy_sim::run(sim_listener, sim_config, async move { stop.cancelled().await }).await.context("simulator")
         });
         comfy_note = format!(" with the ComfyUI simulator at http://{sim_local}");
@@ -173,14 +176,14 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
         data_dir.join("worker-spool"),
     )?;
     let comfy_list: Vec<String> = worker_config.comfy.iter().map(|e| e.to_string()).collect();
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
+    let stop = servers_stop.clone();
+    servers.spawn(async move {
         tdcomfy_broker::run(broker_listener, broker_config, async move { stop.cancelled().await })
             .await
             .context("broker")
     });
-    let stop = shutdown.clone();
-    tasks.spawn(async move { tdcomfy_worker::run(worker_config, stop).await.context("worker") });
+    let worker_stop = CancellationToken::new();
+    let mut worker = tokio::spawn(tdcomfy_worker::run(worker_config, worker_stop.clone()));
 
     println!(
         "tdcomfy is up{comfy_note}: send frames to http://{}/jobs (worker → {})",
@@ -193,14 +196,30 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
             broker_local.port()
         );
     }
-    // The first piece to stop (error or shutdown) stops the others.
-    let mut result = Ok(());
-    while let Some(done) = tasks.join_next().await {
-        let outcome = done.map_err(anyhow::Error::from).and_then(|r| r);
-        if let (Err(e), true) = (outcome, result.is_ok()) {
+
+    // Run until a signal or until a piece stops on its own (an error); then worker first, servers after.
+    let mut result: anyhow::Result<()> = Ok(());
+    let worker_done = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        done = &mut worker => {
+            result = done.map_err(anyhow::Error::from).and_then(|r| r.context("worker"));
+            true
+        }
+        Some(done) = servers.join_next() => {
+            result = done.map_err(anyhow::Error::from).and_then(|r| r);
+            false
+        }
+    };
+    worker_stop.cancel();
+    if !worker_done && let Ok(Ok(Err(e))) = tokio::time::timeout(std::time::Duration::from_secs(20), &mut worker).await
+    {
+        result = result.and(Err(anyhow::Error::from(e).context("worker")));
+    }
+    servers_stop.cancel();
+    while let Some(done) = servers.join_next().await {
+        if let (Err(e), true) = (done.map_err(anyhow::Error::from).and_then(|r| r), result.is_ok()) {
             result = Err(e);
         }
-        shutdown.cancel();
     }
     result
 }

@@ -62,7 +62,9 @@ fn all_events(
     responses((status = 200, description = "An endless text/event-stream of job events", content_type = "text/event-stream", body = String))
 )]
 pub async fn events(State(broker): State<Broker>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = all_events(broker.hub().subscribe(), None).map(|ev| Ok(sse_event(&ev)));
+    let stream = all_events(broker.hub().subscribe(), None)
+        .map(|ev| Ok(sse_event(&ev)))
+        .take_until(broker.shutdown_token().clone().cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }
 
@@ -89,6 +91,7 @@ pub async fn job_events(State(broker): State<Broker>, Path(id): Path<String>) ->
         done: bool,
         version: u64,
     }
+    let st_broker_token = broker.shutdown_token().clone();
     let st = St { rx, broker, done: terminal_now, version: record.version };
     let rest = stream::unfold(st, move |mut st| async move {
         if st.done {
@@ -116,7 +119,9 @@ pub async fn job_events(State(broker): State<Broker>, Path(id): Path<String>) ->
             }
         }
     });
-    let stream = stream::once(async move { first }).chain(rest).map(Ok::<_, Infallible>);
+    let stop = st_broker_token;
+    let stream =
+        stream::once(async move { first }).chain(rest).map(Ok::<_, Infallible>).take_until(stop.cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }
 
@@ -150,10 +155,16 @@ pub async fn websocket(
     };
     let upgrade = upgrade.map_err(|e| ApiError::bad_request("websocket_required", e.body_text()))?;
     let rx = broker.hub().subscribe();
-    Ok(upgrade.on_upgrade(move |socket| forward(socket, rx, filter)))
+    let stop = broker.shutdown_token().clone();
+    Ok(upgrade.on_upgrade(move |socket| forward(socket, rx, filter, stop)))
 }
 
-async fn forward(mut socket: WebSocket, rx: broadcast::Receiver<Arc<PublishedEvent>>, filter: Option<JobId>) {
+async fn forward(
+    mut socket: WebSocket,
+    rx: broadcast::Receiver<Arc<PublishedEvent>>,
+    filter: Option<JobId>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let hello = serde_json::json!({"type": "hello", "job_id": filter}).to_string();
     if socket.send(Message::Text(hello.into())).await.is_err() {
         return;
@@ -175,6 +186,10 @@ async fn forward(mut socket: WebSocket, rx: broadcast::Receiver<Arc<PublishedEve
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
+            _ = stop.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
             _ = ping.tick() => {
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     break;

@@ -83,3 +83,28 @@ async fn the_websocket_carries_the_same_events_and_takes_a_query_token() {
         (Some("job"), Some("queued"), Some(id.as_str()))
     );
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_and_long_polls_instead_of_hanging() {
+    let mut app = spawn_app().await;
+    let id = app.submit_png("watched at shutdown").await;
+    let mut all = SseReader::new(app.get("/events").send().await.unwrap());
+    let mut one = SseReader::new(app.get(&format!("/jobs/{id}/events")).send().await.unwrap());
+    assert_eq!(one.next(5.0).await.unwrap().0, "snapshot");
+    let poll = {
+        let (http, url) = (app.http.clone(), app.url(&format!("/jobs/{id}?wait=60")));
+        tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    let lease = {
+        let (http, url) = (app.http.clone(), app.url("/worker/lease"));
+        tokio::spawn(async move { http.post(url).json(&json!({"worker_id": "w", "wait": 60})).send().await })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), app.shutdown())
+        .await
+        .expect("the broker stops promptly with streams and long-polls open");
+    assert!(all.next(5.0).await.is_none(), "the SSE stream ended");
+    assert!(one.next(5.0).await.is_none(), "the job stream ended");
+    // Requests that were waiting end too (answered, or closed if they had not arrived yet).
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async { (poll.await, lease.await) }).await;
+    assert!(ended.is_ok(), "a long-poll or lease wait kept hanging after shutdown");
+}

@@ -80,7 +80,12 @@ pub async fn run(args: PipelineBenchArgs) -> anyhow::Result<()> {
     e2e.sort();
     comfy.sort();
     println!("{:<40} {} KB", "result size", result_bytes / 1024);
-    println!("{:<40} p50 {}  p99 {}", "end to end per frame", fmt_ms(quantile(&e2e, 0.5)), fmt_ms(quantile(&e2e, 0.99)));
+    println!(
+        "{:<40} p50 {}  p99 {}",
+        "end to end per frame",
+        fmt_ms(quantile(&e2e, 0.5)),
+        fmt_ms(quantile(&e2e, 0.99))
+    );
     println!(
         "{:<40} p50 {}  p99 {}",
         "ComfyUI (simulator) execution",
