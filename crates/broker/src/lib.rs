@@ -17,6 +17,8 @@ pub mod workers;
 use std::future::Future;
 use std::net::SocketAddr;
 
+use axum::serve::ListenerExt;
+
 pub use config::{BrokerArgs, BrokerConfig, ConfigError};
 pub use service::{Broker, BrokerError};
 
@@ -43,6 +45,11 @@ pub async fn run(
     });
     let app = http::router(broker);
     tracing::info!(%addr, "broker listening");
+    // Responses go out as header and body writes; without TCP_NODELAY, Nagle's algorithm and the
+    // peer's delayed ACK hold the second write back ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let serve = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stop.clone().cancelled_owned());
     // Streams and long-polls end on the token; a client still uploading gets a few seconds.
     let served = tokio::select! {

@@ -124,6 +124,11 @@ pub async fn run(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "tdcomfy sim (ComfyUI 0.3.64 simulator) listening");
     }
+    // aiohttp (ComfyUI's server) sets TCP_NODELAY; so does the simulator, or Nagle plus delayed ACKs
+    // would add ~40 ms to responses written in two parts.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

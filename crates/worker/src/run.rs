@@ -160,6 +160,7 @@ impl JobRun<'_> {
             "image/webp" => "webp",
             _ => "png",
         };
+        let leased = Instant::now();
         let input_path = dir.join(format!("input.{ext}"));
         match self.broker.download_input(lease.job_id, &lease.lease_token, &input_path).await {
             Ok(_) => {}
@@ -180,6 +181,8 @@ impl JobRun<'_> {
             format!("{}/{}", uploaded.subfolder, uploaded.name)
         };
 
+        tracing::debug!(job_id = %lease.job_id, elapsed = ?leased.elapsed(), "frame uploaded to ComfyUI");
+
         // 2. The workflow with this job's values.
         let graph = workflow
             .bind(&JobInputs {
@@ -195,7 +198,8 @@ impl JobRun<'_> {
         // 3. Run it, relaying progress and watching for cancellation.
         let prompt_id = PromptId::new();
         let outcome = self.supervise(graph, prompt_id.clone()).await;
-        self.clean_comfy(client, &prompt_id, &uploaded.subfolder, &uploaded.name, ext).await;
+        // Cleanup in ComfyUI is off the frame's path: it runs while the result travels.
+        tokio::spawn(clean_comfy(client.clone(), prompt_id, uploaded.subfolder.clone(), uploaded.name.clone()));
         let (outputs, comfy_execution) = match outcome {
             Supervised::Finished(outputs, t) => (outputs, t),
             Supervised::Abandoned => return Ok(JobEnd::Abandoned),
@@ -208,8 +212,12 @@ impl JobRun<'_> {
         // 4. The result: ComfyUI → spool file → broker, streamed both ways.
         let primary = pick_primary(&outputs, workflow.primary_output_hint())
             .ok_or_else(|| Failure::new("ComfyUI reported success but produced no output file", false))?;
+        let t = Instant::now();
         let (result_path, content_type) = self.fetch_output(client, primary, dir).await?;
-        self.deliver(&result_path, &content_type, comfy_execution).await
+        let fetched = t.elapsed();
+        let end = self.deliver(&result_path, &content_type, comfy_execution).await;
+        tracing::debug!(job_id = %lease.job_id, ?fetched, delivered = ?t.elapsed() - fetched, "result handed over");
+        end
     }
 
     async fn upload_with_retry(
@@ -299,19 +307,6 @@ impl JobRun<'_> {
         }
     }
 
-    async fn clean_comfy(&self, client: &ComfyClient, prompt_id: &PromptId, subfolder: &str, name: &str, ext: &str) {
-        // ComfyUI has no delete for uploads: overwrite the frame with a 1-pixel stand-in so the
-        // input folder does not grow by a frame per job, and drop the history entry.
-        let tombstone =
-            ImageUpload::from_bytes(name.to_owned(), tombstone_bytes(ext)).in_subfolder(subfolder).overwrite(true);
-        if let Err(e) = client.upload_image(tombstone).await {
-            tracing::debug!(error = %e, "could not blank the uploaded frame");
-        }
-        if let Err(e) = client.delete_history(prompt_id).await {
-            tracing::debug!(error = %e, "could not delete the history entry");
-        }
-    }
-
     async fn fetch_output(
         &self,
         client: &ComfyClient,
@@ -380,6 +375,19 @@ enum Supervised {
     Shutdown,
 }
 
+/// Removes what a job left in ComfyUI. ComfyUI has no delete for uploads: the frame is overwritten
+/// with a 1-pixel stand-in so the input folder does not grow by a frame per job; the history entry
+/// is deleted.
+async fn clean_comfy(client: ComfyClient, prompt_id: PromptId, subfolder: String, name: String) {
+    let tombstone = ImageUpload::from_bytes(name, tombstone_bytes()).in_subfolder(subfolder).overwrite(true);
+    if let Err(e) = client.upload_image(tombstone).await {
+        tracing::debug!(error = %e, "could not blank the uploaded frame");
+    }
+    if let Err(e) = client.delete_history(&prompt_id).await {
+        tracing::debug!(error = %e, "could not delete the history entry");
+    }
+}
+
 fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
     let message = match f.kind {
         RunFailureKind::BackendUnreachable => {
@@ -404,16 +412,14 @@ fn mime_for(format: &str) -> &'static str {
     }
 }
 
-/// A 1×1 image in the frame's format, to blank an uploaded frame.
-fn tombstone_bytes(ext: &str) -> Vec<u8> {
+/// A 1×1 PNG that replaces an uploaded frame. Its name may end in .jpg or .webp; that only
+/// matters if the frame were loaded again, which it is not.
+fn tombstone_bytes() -> Vec<u8> {
     const PNG_1X1: &[u8] = &[
         0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00,
         0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x00, 0x00, 0x00, 0x3A, 0x7E, 0x9B, 0x55, 0x00, 0x00, 0x00,
         0x0A, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9C, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01, 0xE5, 0x27, 0xDE,
         0xFC, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
     ];
-    // The extension is kept so ComfyUI's name stays the same; a PNG body under a .jpg name only
-    // matters if the frame were loaded again, which it is not.
-    let _ = ext;
     PNG_1X1.to_vec()
 }

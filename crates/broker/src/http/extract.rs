@@ -7,16 +7,21 @@ use serde::de::DeserializeOwned;
 use tdcomfy_api::{JobId, LeaseToken};
 
 use super::error::ApiError;
+use crate::service::Broker;
 
-/// JSON body; a malformed one is a 400 `invalid_json` naming serde's complaint.
+/// JSON body; a malformed one is a 400 `invalid_json` naming serde's complaint, an oversized one a 413.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<Broker> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &Broker) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            // Over the body limit is a size problem, not a syntax one: the caller should learn the limit.
+            Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge { limit: super::body_limit(state.config()), what: "JSON body" })
+            }
             Err(rejection) => Err(ApiError::bad_request("invalid_json", rejection.body_text())),
         }
     }

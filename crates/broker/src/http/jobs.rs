@@ -21,15 +21,22 @@ pub struct SubmitForm {
     /// The frame: PNG, JPEG or WebP, judged by its bytes.
     #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
     image: Vec<u8>,
+    // Form fields are text or absent, never null. The prompt length and the workflow names depend
+    // on the configuration; `spec::finish` adds them.
     /// Positive prompt.
+    #[schema(nullable = false)]
     prompt: Option<String>,
     /// Negative prompt.
+    #[schema(nullable = false)]
     negative_prompt: Option<String>,
-    /// Integer seed, 0 ..= 18446744073709551615.
+    /// Integer seed, 0 ..= 18446744073709551615 (empty: random).
+    #[schema(nullable = false, pattern = "^[0-9]{0,19}$")]
     seed: Option<String>,
-    /// Workflow name (see `GET /workflows`).
+    /// Workflow name (see `GET /workflows`; empty: the default).
+    #[schema(nullable = false)]
     workflow: Option<String>,
     /// JSON object of named workflow inputs.
+    #[schema(nullable = false)]
     params: Option<String>,
 }
 
@@ -42,7 +49,11 @@ const FORM_SLACK: u64 = 1024 * 1024;
 #[utoipa::path(
     post, path = "/jobs", tag = "jobs",
     request_body(content_type = "multipart/form-data", content = SubmitForm),
-    params(("Idempotency-Key" = Option<String>, Header, description = "Same key and same fields: the original job is returned")),
+    params((
+        "Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 200,
+        pattern = "^[!-~]([ -~]*[!-~])?$",
+        description = "Same key and same fields: the original job is returned (1 to 200 printable ASCII characters)"
+    )),
     responses(
         (status = 200, description = "Job queued (or replayed)", body = SubmitResponse),
         (status = 400, description = "Invalid field", body = tdcomfy_api::ErrorBody),
@@ -411,8 +422,10 @@ async fn sniff_file(path: &std::path::Path) -> Result<crate::image_sniff::ImageH
 #[into_params(parameter_in = Query)]
 pub struct JobQuery {
     /// Long-poll: wait up to this many seconds (at most 60) for a change.
+    #[param(minimum = 0, maximum = 60)]
     wait: Option<f64>,
     /// Long-poll: return as soon as the job's version is greater than this.
+    #[param(value_type = Option<i64>, minimum = 0)]
     since: Option<u64>,
 }
 
@@ -422,7 +435,7 @@ pub struct JobQuery {
     params(("id" = String, Path, description = "Job id"), JobQuery),
     responses(
         (status = 200, description = "The job", body = JobView),
-        (status = 400, description = "Bad wait", body = tdcomfy_api::ErrorBody),
+        (status = 400, description = "Bad wait or since", body = tdcomfy_api::ErrorBody),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
     )
 )]
@@ -433,6 +446,16 @@ pub async fn get_job(
 ) -> Result<axum::Json<JobView>, ApiError> {
     let id = job_id(&id)?;
     let wait = wait_secs("wait", q.wait)?;
+    // Versions are stored as SQLite integers, so anything past i64::MAX is not a version (and the
+    // document promises an int64).
+    if q.since.is_some_and(|v| v > i64::MAX as u64) {
+        return Err(ApiError::limit(
+            "invalid_since",
+            "since",
+            i64::MAX as u64,
+            format!("since must be an integer from 0 to {}", i64::MAX),
+        ));
+    }
     let view = if wait.is_zero() {
         match broker.job(id).await? {
             Some(r) => Some(broker.view(&r).await?),
@@ -448,10 +471,19 @@ pub async fn get_job(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Only jobs of this status.
+    /// Only jobs of this status (empty: all).
+    #[param(schema_with = status_filter_schema)]
     status: Option<String>,
-    /// At most this many (default 50, at most 500).
+    /// At most this many (default 50; larger values are capped at 500).
+    #[param(minimum = 1)]
     limit: Option<i64>,
+}
+
+fn status_filter_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["", "queued", "running", "done", "error", "cancelled"]))
+        .build()
 }
 
 /// List jobs, newest first.

@@ -6,6 +6,7 @@ mod extract;
 mod files;
 mod jobs;
 mod push;
+mod spec;
 mod worker;
 
 pub use error::ApiError;
@@ -54,7 +55,28 @@ impl utoipa::Modify for BearerAuth {
 
 /// Builds the broker's router and its OpenAPI document.
 pub fn router(broker: Broker) -> Router {
-    let upload_limit = broker.config().max_upload_bytes as usize + 2 * 1024 * 1024;
+    let upload_limit = usize::try_from(body_limit(broker.config())).unwrap_or(usize::MAX);
+    let (router, openapi) = api_router();
+    let mut spec = serde_json::to_value(&openapi).unwrap_or_default();
+    spec::finish(&mut spec, broker.config());
+    router
+        .route("/openapi.json", axum::routing::get(move || async move { axum::Json(spec) }))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // The submit route enforces MAX_UPLOAD_MB itself while streaming; this is the backstop for
+        // every other body, and the result upload has its own MAX_RESULT_MB check.
+        .layer(DefaultBodyLimit::max(upload_limit))
+        .layer(axum::middleware::from_fn_with_state(broker.clone(), authenticate))
+        .with_state(broker)
+}
+
+/// The cap on any request body but the streamed ones: the upload limit plus room for form fields.
+fn body_limit(config: &crate::config::BrokerConfig) -> u64 {
+    config.max_upload_bytes + 2 * 1024 * 1024
+}
+
+/// The documented routes and their OpenAPI document, before configuration-specific touches.
+fn api_router() -> (Router<Broker>, utoipa::openapi::OpenApi) {
     let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(jobs::submit_job, jobs::list_jobs))
         .routes(routes!(jobs::get_job, jobs::delete_job))
@@ -72,16 +94,7 @@ pub fn router(broker: Broker) -> Router {
         .routes(routes!(worker::fail))
         .split_for_parts();
     openapi.openapi = utoipa::openapi::OpenApiVersion::Version31;
-    let spec = serde_json::to_value(&openapi).unwrap_or_default();
-    router
-        .route("/openapi.json", axum::routing::get(move || async move { axum::Json(spec) }))
-        .fallback(route_not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        // The submit route enforces MAX_UPLOAD_MB itself while streaming; this is the backstop for
-        // every other body, and the result upload has its own MAX_RESULT_MB check.
-        .layer(DefaultBodyLimit::max(upload_limit))
-        .layer(axum::middleware::from_fn_with_state(broker.clone(), authenticate))
-        .with_state(broker)
+    (router, openapi)
 }
 
 async fn route_not_found(method: Method, uri: Uri) -> ApiError {

@@ -35,6 +35,7 @@ fn worker_id(raw: &str) -> Result<&str, ApiError> {
         (status = 200, description = "A job was leased", body = LeaseResponse),
         (status = 204, description = "No job within `wait` seconds"),
         (status = 400, description = "Bad request", body = tdcomfy_api::ErrorBody),
+        (status = 413, description = "Body over the JSON body limit", body = tdcomfy_api::ErrorBody),
     )
 )]
 pub async fn lease(State(broker): State<Broker>, ApiJson(req): ApiJson<LeaseRequest>) -> Result<Response, ApiError> {
@@ -49,9 +50,13 @@ pub async fn lease(State(broker): State<Broker>, ApiJson(req): ApiJson<LeaseRequ
 /// Download a leased job's input image.
 #[utoipa::path(
     get, path = "/worker/jobs/{id}/input", tag = "worker",
-    params(("id" = String, Path, description = "Job id"), ("Lease-Token" = String, Header, description = "The lease's token")),
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("Lease-Token" = String, Header, min_length = 1, pattern = "^[!-~]([ -~]*[!-~])?$", description = "The lease's token"),
+    ),
     responses(
         (status = 200, description = "The image bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "Missing Lease-Token", body = tdcomfy_api::ErrorBody),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
         (status = 409, description = "Lease lost or job cancelled", body = tdcomfy_api::ErrorBody),
     )
@@ -81,6 +86,8 @@ fn not_found_as(id: tdcomfy_api::JobId) -> impl Fn(BrokerError) -> ApiError {
     request_body = HeartbeatRequest,
     responses(
         (status = 200, description = "Lease renewed", body = HeartbeatResponse),
+        (status = 400, description = "Malformed body or progress out of range", body = tdcomfy_api::ErrorBody),
+        (status = 413, description = "Body over the JSON body limit", body = tdcomfy_api::ErrorBody),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
         (status = 409, description = "Lease lost", body = tdcomfy_api::ErrorBody),
     )
@@ -103,12 +110,13 @@ pub async fn heartbeat(
     put, path = "/worker/jobs/{id}/result", tag = "worker",
     params(
         ("id" = String, Path, description = "Job id"),
-        ("Lease-Token" = String, Header, description = "The lease's token"),
+        ("Lease-Token" = String, Header, min_length = 1, pattern = "^[!-~]([ -~]*[!-~])?$", description = "The lease's token"),
         ("Comfy-Execution-Ms" = Option<u64>, Header, description = "ComfyUI's execution time of the prompt, for the job's timings"),
     ),
     request_body(content_type = "application/octet-stream", content = Vec<u8>),
     responses(
         (status = 200, description = "Job done", body = WorkerAck),
+        (status = 400, description = "Missing Lease-Token or empty body", body = tdcomfy_api::ErrorBody),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
         (status = 409, description = "Lease lost or job cancelled", body = tdcomfy_api::ErrorBody),
         (status = 413, description = "Result over MAX_RESULT_MB", body = tdcomfy_api::ErrorBody),
@@ -161,6 +169,8 @@ pub async fn put_result(
     request_body = FailRequest,
     responses(
         (status = 200, description = "Recorded", body = WorkerAck),
+        (status = 400, description = "Malformed body", body = tdcomfy_api::ErrorBody),
+        (status = 413, description = "Body over the JSON body limit", body = tdcomfy_api::ErrorBody),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
         (status = 409, description = "Lease lost", body = tdcomfy_api::ErrorBody),
     )
