@@ -403,7 +403,8 @@ async fn file_part(path: &Path) -> Result<reqwest::multipart::Part, ComfyError> 
     let source = |e| ComfyError::UploadSource { path: path.display().to_string(), source: e };
     let file = tokio::fs::File::open(path).await.map_err(source)?;
     let length = file.metadata().await.map_err(source)?.len();
-    let stream = tokio_util::io::ReaderStream::new(file);
+    // Large reads: every read of a tokio file is a hop to the blocking pool.
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
     Ok(reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), length))
 }
 

@@ -567,7 +567,8 @@ async fn serve_file(path: &std::path::Path, name: &str, request_headers: &Header
         return bare(StatusCode::INTERNAL_SERVER_ERROR);
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    let stream = tokio_util::io::ReaderStream::new(file.take(count));
+    // Large reads: every read of a tokio file is a hop to the blocking pool.
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 * 1024);
     (status, headers, Body::from_stream(stream)).into_response()
 }
 

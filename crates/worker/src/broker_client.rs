@@ -115,7 +115,8 @@ impl BrokerClient {
             .header("lease-token", token.as_str())
             .timeout(Duration::from_secs(120));
         let mut resp = self.send(rb).await?;
-        let mut file = tokio::fs::File::create(dest).await?;
+        // Buffered: every write to a tokio file is a hop to the blocking pool.
+        let mut file = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::create(dest).await?);
         let mut n = 0u64;
         while let Some(chunk) = resp.chunk().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))? {
             n += chunk.len() as u64;

@@ -326,7 +326,10 @@ impl JobRun<'_> {
             .filter(|t| t != "application/octet-stream")
             .unwrap_or_else(|| mime_for(&file.format).to_owned());
         let path = dir.join(format!("result.{}", file.format));
-        let mut out = tokio::fs::File::create(&path).await.map_err(|e| fail(&e))?;
+        let mut out = tokio::io::BufWriter::with_capacity(
+            256 * 1024,
+            tokio::fs::File::create(&path).await.map_err(|e| fail(&e))?,
+        );
         while let Some(chunk) = download.next().await {
             let chunk = chunk.map_err(|e| fail(&e))?;
             out.write_all(&chunk).await.map_err(|e| fail(&e))?;

@@ -85,7 +85,7 @@ pub async fn stream_file(
     if start > 0 {
         file.seek(SeekFrom::Start(start)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
     }
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 64 * 1024));
+    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 256 * 1024));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();

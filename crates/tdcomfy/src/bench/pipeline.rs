@@ -20,8 +20,8 @@ pub struct PipelineBenchArgs {
     /// The simulator's fixed sampler time per job, in seconds.
     #[arg(long, default_value_t = 0.2)]
     pub sim_job_time: f64,
-    /// Frames per clip (the LTXV `frames` parameter); 49 gives a clip of about 1 MB.
-    #[arg(long, default_value_t = 49)]
+    /// Frames per clip (the LTXV `frames` parameter); the default 97 gives a clip of about 1 MB.
+    #[arg(long, default_value_t = 97)]
     pub clip_frames: u32,
 }
 
