@@ -6,6 +6,7 @@
 //! only ever added. Types here carry no behaviour beyond parsing and formatting.
 
 mod ids;
+pub mod media;
 mod time;
 
 pub use ids::{JobId, LeaseToken};

@@ -187,7 +187,7 @@ impl ComfyClient {
         const ROUTE: &str = "upload/image";
         validate_file_name(&upload.name)?;
         let subfolder = normalise_subfolder(&upload.subfolder)?;
-        let mime = mime_for(&upload.name);
+        let mime = tdcomfy_api::media::mime_for_extension(upload.name.rsplit_once('.').map_or("", |(_, e)| e));
         let part = match upload.source {
             UploadSource::Bytes(bytes) => {
                 reqwest::multipart::Part::stream_with_length(bytes.clone(), bytes.len() as u64)
@@ -433,19 +433,6 @@ fn normalise_subfolder(subfolder: &str) -> Result<String, ComfyError> {
         )));
     }
     Ok(normalised.to_owned())
-}
-
-fn mime_for(name: &str) -> &'static str {
-    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
-    match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "mp4" => "video/mp4",
-        "webm" => "video/webm",
-        _ => "application/octet-stream",
-    }
 }
 
 fn truncate(text: &str) -> String {

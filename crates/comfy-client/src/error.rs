@@ -126,7 +126,7 @@ impl ComfyError {
 
 /// Renders an error with its sources, because reqwest's top-level message alone ("error sending
 /// request") hides the useful part ("connection refused").
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {

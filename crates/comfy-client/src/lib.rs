@@ -24,7 +24,7 @@ mod socket;
 
 pub use client::{ComfyClient, ComfyTimeouts, Download, ImageUpload, UploadSource};
 pub use endpoint::{ComfyEndpoint, ComfyEndpoints, DEFAULT_HOST, DEFAULT_PORT, EndpointError};
-pub use error::{ComfyError, InputValidationError, NodeValidationErrors, ValidationReport};
+pub use error::{ComfyError, InputValidationError, NodeValidationErrors, ValidationReport, error_chain};
 pub use events::{
     ComfyEvent, EventParseError, ExecutionErrorInfo, InterruptInfo, NodeProgress, PreviewFormat, PreviewImage,
     PreviewMeta,

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod sse;
 mod submit;
 mod up;
 

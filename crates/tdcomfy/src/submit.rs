@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use tdcomfy_api::{ErrorBody, JobEvent, JobStatus, JobView, SubmitResponse};
+use tdcomfy_api::{ErrorBody, JobStatus, JobView, SubmitResponse};
 use tokio::io::AsyncWriteExt;
 
 /// `tdcomfy submit`.
@@ -127,7 +127,10 @@ pub async fn run(cmd: SubmitCmd) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     let content_type = job.result.as_ref().map(|r| r.content_type.clone()).unwrap_or_default();
-    let out = cmd.out.clone().unwrap_or_else(|| PathBuf::from(format!("{id}.{}", extension(&content_type))));
+    let out = cmd
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{id}.{}", tdcomfy_api::media::extension_for_mime(&content_type))));
     let bytes = download(&broker, id, &out).await?;
     if cmd.quiet {
         println!("{}", out.display());
@@ -176,21 +179,11 @@ async fn follow_sse(broker: &Broker, id: tdcomfy_api::JobId, bar: &mut ProgressB
     if !resp.status().is_success() {
         return Err(api_error(resp).await);
     }
-    let mut stream = resp.bytes_stream();
-    let mut buf = String::new();
+    let mut events = crate::sse::JobEvents::new(resp);
     let mut last: Option<JobView> = None;
-    while let Some(chunk) = stream.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let data: String = block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
-            if data.is_empty() {
-                continue;
-            }
-            let event: JobEvent = serde_json::from_str(&data)?;
-            bar.show(&event.job);
-            last = Some(event.job);
-        }
+    while let Some(event) = events.next().await? {
+        bar.show(&event.job);
+        last = Some(event.job);
     }
     last.context("the event stream ended without an event")
 }
@@ -213,18 +206,6 @@ async fn download(broker: &Broker, id: tdcomfy_api::JobId, out: &std::path::Path
     drop(file);
     tokio::fs::rename(&part, out).await?;
     Ok(n)
-}
-
-fn extension(content_type: &str) -> &'static str {
-    match content_type {
-        "video/mp4" => "mp4",
-        "video/webm" => "webm",
-        "image/gif" => "gif",
-        "image/webp" => "webp",
-        "image/png" => "png",
-        "image/jpeg" => "jpg",
-        _ => "bin",
-    }
 }
 
 struct ProgressBar {

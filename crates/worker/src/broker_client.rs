@@ -9,6 +9,7 @@ use tdcomfy_api::{
     ErrorBody, FailRequest, HeartbeatRequest, HeartbeatResponse, JobId, Lease, LeaseRequest, LeaseResponse, LeaseToken,
     Progress,
 };
+use tdcomfy_comfy::error_chain;
 use tokio::io::AsyncWriteExt;
 
 /// How a broker call failed.
@@ -185,19 +186,4 @@ impl BrokerClient {
         self.send(rb).await?;
         Ok(())
     }
-}
-
-/// An error with its causes, for messages that name the real reason ("connection refused").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
 }

@@ -12,14 +12,14 @@ use futures_util::StreamExt;
 use tdcomfy_api::{Lease, Progress};
 use tdcomfy_comfy::{
     ClientId, ComfyClient, ComfyError, ComfyTimeouts, ImageUpload, OutputFile, PromptId, PromptRunner, RunConfig,
-    RunFailure, RunFailureKind, RunUpdate, pick_primary,
+    RunFailure, RunFailureKind, RunUpdate, error_chain, pick_primary,
 };
 use tdcomfy_workflows::JobInputs;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker_client::{BrokerCallError, BrokerClient, error_chain};
+use crate::broker_client::{BrokerCallError, BrokerClient};
 use crate::config::WorkerConfig;
 
 /// Why the worker stopped.
@@ -155,11 +155,7 @@ impl JobRun<'_> {
         })?;
 
         // 1. The frame, from the broker to ComfyUI, under a name no other job uses.
-        let ext = match lease.input.content_type.as_str() {
-            "image/jpeg" => "jpg",
-            "image/webp" => "webp",
-            _ => "png",
-        };
+        let ext = tdcomfy_api::media::extension_for_mime(&lease.input.content_type);
         let leased = Instant::now();
         let input_path = dir.join(format!("input.{ext}"));
         match self.broker.download_input(lease.job_id, &lease.lease_token, &input_path).await {
@@ -324,7 +320,7 @@ impl JobRun<'_> {
             .content_type
             .clone()
             .filter(|t| t != "application/octet-stream")
-            .unwrap_or_else(|| mime_for(&file.format).to_owned());
+            .unwrap_or_else(|| tdcomfy_api::media::mime_for_extension(&file.format).to_owned());
         let path = dir.join(format!("result.{}", file.format));
         let mut out = tokio::io::BufWriter::with_capacity(
             256 * 1024,
@@ -400,19 +396,6 @@ fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
         _ => f.message.clone(),
     };
     Failure::new(message, f.kind.is_retryable())
-}
-
-fn mime_for(format: &str) -> &'static str {
-    match format {
-        "mp4" => "video/mp4",
-        "webm" => "video/webm",
-        "mov" => "video/quicktime",
-        "gif" => "image/gif",
-        "webp" => "image/webp",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        _ => "application/octet-stream",
-    }
 }
 
 /// A 1×1 PNG that replaces an uploaded frame. Its name may end in .jpg or .webp; that only

@@ -103,18 +103,6 @@ pub async fn stream_file(
     Ok(response)
 }
 
-fn extension_for(content_type: &str) -> &'static str {
-    match content_type {
-        "video/mp4" => "mp4",
-        "video/webm" => "webm",
-        "image/gif" => "gif",
-        "image/webp" => "webp",
-        "image/png" => "png",
-        "image/jpeg" => "jpg",
-        _ => "bin",
-    }
-}
-
 /// Download a finished job's result.
 #[utoipa::path(
     get, path = "/jobs/{id}/result", tag = "jobs",
@@ -164,7 +152,10 @@ pub async fn get_result(
     if let Ok(v) = HeaderValue::from_str(&etag) {
         extra.insert(header::ETAG, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{id}.{}\"", extension_for(&info.content_type))) {
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "inline; filename=\"{id}.{}\"",
+        tdcomfy_api::media::extension_for_mime(&info.content_type)
+    )) {
         extra.insert(header::CONTENT_DISPOSITION, v);
     }
     let matches = headers

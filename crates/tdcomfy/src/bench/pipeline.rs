@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::StreamExt;
-use tdcomfy_api::{JobEvent, JobStatus, JobView};
+use tdcomfy_api::{JobStatus, JobView};
 
 use super::loadgen::quantile;
 use super::{ChildServer, fmt_ms, free_port};
@@ -105,20 +104,10 @@ pub async fn run(args: PipelineBenchArgs) -> anyhow::Result<()> {
 /// Follows the job's SSE stream until a terminal state.
 async fn wait_done(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<JobView> {
     let resp = http.get(format!("{base}/jobs/{id}/events")).send().await?;
-    let mut stream = resp.bytes_stream();
-    let mut buf = String::new();
-    while let Some(chunk) = stream.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let data: String = block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
-            if data.is_empty() {
-                continue;
-            }
-            let event: JobEvent = serde_json::from_str(&data)?;
-            if event.job.status.is_terminal() {
-                return Ok(event.job);
-            }
+    let mut events = crate::sse::JobEvents::new(resp);
+    while let Some(event) = events.next().await? {
+        if event.job.status.is_terminal() {
+            return Ok(event.job);
         }
     }
     anyhow::bail!("the event stream of job {id} ended before the job did")
