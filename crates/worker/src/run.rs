@@ -202,6 +202,10 @@ impl JobRun<'_> {
             Supervised::Shutdown => {
                 return Err(Failure::new("the worker was shut down while running the job", true));
             }
+            Supervised::TimedOut => {
+                let secs = lease.job_timeout;
+                return Err(Failure::new(format!("timed out: the job ran longer than JOB_TIMEOUT ({secs} s)"), false));
+            }
             Supervised::Failed(f) => return Err(describe_failure(&f, &self.backend.label)),
         };
 
@@ -250,6 +254,9 @@ impl JobRun<'_> {
         let mut pending: Option<Progress> = None;
         let mut last_beat = Instant::now();
         let mut stop_reason: Option<Supervised> = None;
+        // JOB_TIMEOUT holds here too, so a job ends on time even while the broker is unreachable.
+        let deadline = tokio::time::sleep(Duration::from_secs_f64(self.lease.job_timeout.clamp(1.0, 1e7)));
+        tokio::pin!(deadline);
         loop {
             tokio::select! {
                 update = run.next() => match update {
@@ -297,6 +304,11 @@ impl JobRun<'_> {
                 },
                 _ = self.shutdown.cancelled(), if stop_reason.is_none() => {
                     stop_reason = Some(Supervised::Shutdown);
+                    cancel.cancel();
+                }
+                _ = &mut deadline, if stop_reason.is_none() => {
+                    tracing::warn!(job_id = %id, "JOB_TIMEOUT reached: stopping the prompt");
+                    stop_reason = Some(Supervised::TimedOut);
                     cancel.cancel();
                 }
             }
@@ -372,6 +384,7 @@ enum Supervised {
     Failed(RunFailure),
     Abandoned,
     Shutdown,
+    TimedOut,
 }
 
 /// Removes what a job left in ComfyUI. ComfyUI has no delete for uploads: the frame is overwritten

@@ -62,11 +62,19 @@ pub struct Setup {
     pub max_attempts: u32,
     pub stall_timeout: f64,
     pub models: Option<Vec<String>>,
+    pub job_timeout: f64,
 }
 
 impl Default for Setup {
     fn default() -> Self {
-        Setup { sim_job_time: 0.3, lease_ttl: 30.0, max_attempts: 3, stall_timeout: 60.0, models: None }
+        Setup {
+            sim_job_time: 0.3,
+            lease_ttl: 30.0,
+            max_attempts: 3,
+            stall_timeout: 60.0,
+            models: None,
+            job_timeout: 120.0,
+        }
     }
 }
 
@@ -133,7 +141,7 @@ impl Pipeline {
             api_token: None,
             worker_token: None,
             result_ttl: 0,
-            job_timeout: 120.0,
+            job_timeout: self.setup.job_timeout,
             lease_ttl: self.setup.lease_ttl,
             max_attempts: self.setup.max_attempts,
         };

@@ -162,3 +162,17 @@ async fn cancelling_a_running_job_interrupts_only_that_prompt() {
     let next = p.submit("after", Some("image_invert"), None).await;
     assert_eq!(p.wait_terminal(&next).await["status"], "done");
 }
+
+#[tokio::test]
+async fn a_job_over_job_timeout_fails_and_its_prompt_is_stopped() {
+    let p = Pipeline::start(Setup { sim_job_time: 60.0, job_timeout: 2.0, ..Setup::default() }).await;
+    let id = p.submit("too long", None, Some(json!({"frames": 9}))).await;
+    let job = p.wait_terminal(&id).await;
+    assert_eq!(job["status"], "error", "{job}");
+    assert!(job["error_message"].as_str().unwrap().contains("JOB_TIMEOUT"), "{job}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while p.sim_queue().await != (0, 0) {
+        assert!(tokio::time::Instant::now() < deadline, "the timed-out prompt kept running in ComfyUI");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
