@@ -117,8 +117,9 @@ async fn full_lifecycle_input_progress_result() {
 
 #[tokio::test]
 async fn an_expired_lease_requeues_the_job_and_the_old_worker_cannot_finish_it() {
+    // The lease must outlive the checks below even on a busy machine, and still expire soon.
     let app = spawn_with(|a| {
-        a.lease_ttl = 0.4;
+        a.lease_ttl = 1.5;
         a.max_attempts = 2;
     })
     .await;
@@ -147,12 +148,13 @@ async fn an_expired_lease_requeues_the_job_and_the_old_worker_cannot_finish_it()
 
 #[tokio::test]
 async fn heartbeats_keep_a_lease_alive() {
-    let app = spawn_with(|a| a.lease_ttl = 0.5).await;
+    let app = spawn_with(|a| a.lease_ttl = 2.0).await;
     let id = app.submit_png("long job").await;
     let lease = app.lease("w", 1.0).await.unwrap();
     let token = lease["lease_token"].as_str().unwrap();
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    // 3.6 s of heartbeats every 0.3 s: well past the 2 s lease, never near its end.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let hb = app.heartbeat(&id, token, None).await;
         assert_eq!(hb.status(), 200, "lease lost despite heartbeats");
     }
