@@ -401,20 +401,29 @@ async fn upload_image(State(state): State<AppState>, multipart: Result<Multipart
     };
     let subfolder = fields.get("subfolder").cloned().unwrap_or_default();
     let overwrite = matches!(fields.get("overwrite").map(String::as_str), Some("true" | "1"));
-    let target = match files::place_upload(dir, &subfolder, &filename, &bytes, overwrite) {
-        Ok(t) => t,
-        Err(UploadError::Escapes) => return bare(StatusCode::BAD_REQUEST),
-        Err(UploadError::Io(e)) => {
+    // File work goes to the blocking pool: in `tdcomfy up` the simulator shares its runtime with
+    // the broker and the worker.
+    let (dir, sub, name) = (dir.to_path_buf(), subfolder.clone(), filename.clone());
+    let placed = tokio::task::spawn_blocking(move || {
+        let target = files::place_upload(&dir, &sub, &name, &bytes, overwrite)?;
+        if target.write {
+            files::write_atomic(&target.path, &bytes).map_err(UploadError::Io)?;
+        }
+        Ok::<_, UploadError>(target)
+    })
+    .await;
+    let target = match placed {
+        Ok(Ok(t)) => t,
+        Ok(Err(UploadError::Escapes)) => return bare(StatusCode::BAD_REQUEST),
+        Ok(Err(UploadError::Io(e))) => {
             tracing::warn!(error = %e, "upload failed");
             return bare(StatusCode::INTERNAL_SERVER_ERROR);
         }
+        Err(e) => {
+            tracing::warn!(error = %e, "upload task failed");
+            return bare(StatusCode::INTERNAL_SERVER_ERROR);
+        }
     };
-    if target.write
-        && let Err(e) = files::write_atomic(&target.path, &bytes)
-    {
-        tracing::warn!(error = %e, "upload write failed");
-        return bare(StatusCode::INTERNAL_SERVER_ERROR);
-    }
     let mut body = OMap::new();
     body.insert("name", OValue::String(target.name));
     body.insert("subfolder", OValue::String(subfolder));
