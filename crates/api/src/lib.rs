@@ -68,6 +68,7 @@ impl std::fmt::Display for JobStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
     /// Fraction done, 0.0 ..= 1.0.
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub value: f64,
     /// Current sampler step, when the backend reports steps.
     #[serde(default)]
@@ -281,10 +282,12 @@ impl JobEvent {
 /// Body of `POST /worker/lease`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseRequest {
-    /// A stable name for the worker (host name, GPU index).
+    /// A stable name for the worker (host name, GPU index): 1 to 128 visible ASCII characters.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub worker_id: String,
     /// Seconds to wait for a job before answering 204 (at most 60).
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 60.0)]
     pub wait: Option<f64>,
 }
 

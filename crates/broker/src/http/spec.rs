@@ -1,62 +1,13 @@
-//! Finishing the OpenAPI document with what the per-route annotations cannot say: which operations
-//! need a bearer token under this broker's configuration, and the bounds the handlers enforce on
-//! request types that live in `tdcomfy-api` (whose derives know nothing of this server's limits).
+//! Finishing the OpenAPI document with what the per-route annotations cannot know: which
+//! operations need a bearer token under this broker's configuration, the loaded workflow names and
+//! the configured prompt limit.
 
 use serde_json::{Value, json};
 
 use crate::config::BrokerConfig;
 
-/// Bounds the broker enforces on fields of shared request types, as JSON-pointer and schema
-/// keywords. Each pointer must exist; a unit test keeps them from drifting from `tdcomfy-api`.
-const FIELD_BOUNDS: &[(&str, &[(&str, BoundValue)])] = &[
-    (
-        "/components/schemas/LeaseRequest/properties/worker_id",
-        &[
-            ("minLength", BoundValue::Int(1)),
-            ("maxLength", BoundValue::Int(128)),
-            ("pattern", BoundValue::Text(VISIBLE_ASCII)),
-        ],
-    ),
-    (
-        "/components/schemas/LeaseRequest/properties/wait",
-        &[("minimum", BoundValue::Int(0)), ("maximum", BoundValue::Int(60))],
-    ),
-    (
-        "/components/schemas/Progress/properties/value",
-        &[("minimum", BoundValue::Int(0)), ("maximum", BoundValue::Int(1))],
-    ),
-];
-
-/// One or more visible ASCII characters: what `worker_id` may hold. (Header values are bounded in
-/// the route annotations by `^[!-~]([ -~]*[!-~])?$`: printable ASCII, which is what axum reads as
-/// text, without the outer spaces HTTP strips.)
-const VISIBLE_ASCII: &str = "^[!-~]+$";
-
-#[derive(Clone, Copy)]
-enum BoundValue {
-    Int(i64),
-    Text(&'static str),
-}
-
-impl BoundValue {
-    fn to_json(self) -> Value {
-        match self {
-            BoundValue::Int(n) => json!(n),
-            BoundValue::Text(s) => json!(s),
-        }
-    }
-}
-
-/// Applies the token requirements, workflow names and prompt limit of `config`, and the shared
-/// types' bounds, to `spec`.
+/// Applies the token requirements, workflow names and prompt limit of `config` to `spec`.
 pub fn finish(spec: &mut Value, config: &BrokerConfig) {
-    for (pointer, bounds) in FIELD_BOUNDS {
-        if let Some(Value::Object(schema)) = spec.pointer_mut(pointer) {
-            for (key, value) in *bounds {
-                schema.insert((*key).to_owned(), value.to_json());
-            }
-        }
-    }
     if let Some(Value::Object(form)) = spec.pointer_mut("/components/schemas/SubmitForm/properties") {
         let mut workflows = vec![String::new()];
         workflows.extend(config.workflows.names().into_iter().map(str::to_owned));
@@ -99,18 +50,4 @@ fn unauthorized_response() -> Value {
         "headers": { "WWW-Authenticate": { "schema": { "type": "string" } } },
         "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_bound_names_a_field_of_the_document() {
-        let (_, openapi) = super::super::api_router();
-        let spec = serde_json::to_value(&openapi).expect("document serializes");
-        for (pointer, _) in FIELD_BOUNDS {
-            assert!(spec.pointer(pointer).is_some_and(Value::is_object), "{pointer} is not in the document");
-        }
-    }
 }
