@@ -127,7 +127,7 @@ impl Blobs {
         let target = self.path(kind, id);
         tokio::fs::rename(&staged.path, &target).await?;
         let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.root.clone());
-        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await.map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || sync_dir(&dir)).await.map_err(io::Error::other)?
     }
 
     /// Drops a staged file that will not be committed.
@@ -141,5 +141,19 @@ impl Blobs {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// Makes a rename in `dir` durable. On Unix that takes an fsync of the directory; Windows cannot
+/// open a directory as a file, and NTFS journals the rename itself.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
     }
 }
