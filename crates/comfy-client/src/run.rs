@@ -555,10 +555,7 @@ impl Supervisor {
     /// One round of the source of truth: history first, then the queue.
     async fn poll(&mut self) -> Option<Outcome> {
         match self.client.history(&self.prompt_id).await {
-            Ok(Some(entry)) => {
-                self.execution_time = entry.execution_time();
-                return Some(self.conclude(&entry));
-            }
+            Ok(Some(entry)) => return Some(self.conclude(&entry)),
             Ok(None) => {}
             Err(error) => return self.poll_failed(error),
         }
@@ -583,10 +580,7 @@ impl Supervisor {
             None => {
                 // It may have finished between the two requests.
                 match self.client.history(&self.prompt_id).await {
-                    Ok(Some(entry)) => {
-                        self.execution_time = entry.execution_time();
-                        return Some(self.conclude(&entry));
-                    }
+                    Ok(Some(entry)) => return Some(self.conclude(&entry)),
                     Ok(None) => {}
                     Err(error) => return self.poll_failed(error),
                 }
@@ -618,8 +612,9 @@ impl Supervisor {
         None
     }
 
-    /// Turns a history entry into the outcome.
-    fn conclude(&self, entry: &HistoryEntry) -> Outcome {
+    /// Turns a history entry into the outcome (and notes ComfyUI's execution time).
+    fn conclude(&mut self, entry: &HistoryEntry) -> Outcome {
+        self.execution_time = entry.execution_time();
         match entry.outcome() {
             HistoryOutcome::Success => {
                 let outputs = entry.output_files();
