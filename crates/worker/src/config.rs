@@ -43,6 +43,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "COMFYUI_POLL_INTERVAL", default_value_t = 1.0)]
     pub comfyui_poll_interval: f64,
 
+    /// Seconds to keep retrying a ComfyUI server that does not answer before the job fails as
+    /// retryable (it then goes back to the queue, and this server pauses for a while).
+    #[arg(long, env = "COMFYUI_RETRY_BUDGET", default_value_t = 30.0)]
+    pub comfyui_retry_budget: f64,
+
     /// Directory for frames and results in transit (a result waits here while the broker is down).
     #[arg(long, env = "WORKER_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
@@ -86,6 +91,8 @@ pub struct WorkerConfig {
     pub stall_timeout: Duration,
     /// ComfyUI poll period.
     pub comfy_poll_interval: Duration,
+    /// How long an unreachable ComfyUI is retried within one job.
+    pub comfy_retry_budget: Duration,
     /// Spool directory.
     pub spool_dir: PathBuf,
 }
@@ -141,6 +148,7 @@ impl WorkerArgs {
             heartbeat_interval: Duration::from_secs(2),
             stall_timeout: secs("STALL_TIMEOUT", self.stall_timeout)?,
             comfy_poll_interval: secs("COMFYUI_POLL_INTERVAL", self.comfyui_poll_interval)?,
+            comfy_retry_budget: secs("COMFYUI_RETRY_BUDGET", self.comfyui_retry_budget)?,
             spool_dir: self.spool_dir.unwrap_or(default_spool),
         })
     }

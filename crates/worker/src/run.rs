@@ -49,6 +49,8 @@ enum JobEnd {
     Failed,
     /// Cancelled by a client, or the lease went elsewhere: nothing more to report.
     Abandoned,
+    /// Failed (retryable) because the ComfyUI server could not be reached.
+    BackendDown,
 }
 
 /// Runs the worker until `shutdown` is cancelled. A job in progress at shutdown is stopped in
@@ -56,38 +58,60 @@ enum JobEnd {
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     tokio::fs::create_dir_all(&config.spool_dir).await?;
     let broker = BrokerClient::new(&config.broker_url, config.token.clone())?;
-    let mut backends = Vec::new();
-    for endpoint in config.comfy.iter() {
+    let servers = config.comfy.len();
+    let mut loops = tokio::task::JoinSet::new();
+    for (index, endpoint) in config.comfy.iter().enumerate() {
         let client = ComfyClient::new(endpoint.clone(), ClientId::new(), ComfyTimeouts::default())?;
         let run_config = RunConfig {
             poll_interval: config.comfy_poll_interval,
             stall_timeout: config.stall_timeout,
+            start_budget: config.comfy_retry_budget,
+            unreachable_timeout: config.comfy_retry_budget,
             ..RunConfig::default()
         };
-        backends.push(Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config) });
+        let backend = Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config) };
+        // Each ComfyUI server gets its own lease loop, so N servers run N jobs at once.
+        let lease_name = if servers == 1 { config.worker_id.clone() } else { format!("{}/{index}", config.worker_id) };
+        loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
-    tracing::info!(worker = %config.worker_id, broker = %config.broker_url, comfyui = ?backends.iter().map(|b| &b.label).collect::<Vec<_>>(), "worker started");
-    let mut next_backend = 0usize;
+    tracing::info!(worker = %config.worker_id, broker = %config.broker_url, servers, "worker started");
+    while loops.join_next().await.is_some() {}
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Leases and runs jobs on one ComfyUI server until shutdown.
+async fn serve_backend(
+    config: WorkerConfig,
+    broker: BrokerClient,
+    backend: Backend,
+    lease_name: String,
+    shutdown: CancellationToken,
+) {
     let mut broker_failures = 0u32;
+    let mut backend_failures = 0u32;
     loop {
+        if backend_failures > 0 && !cool_down(&backend, backend_failures, &shutdown).await {
+            break;
+        }
         let lease = tokio::select! {
             _ = shutdown.cancelled() => break,
-            lease = broker.lease(&config.worker_id, config.lease_wait) => lease,
+            lease = broker.lease(&lease_name, config.lease_wait) => lease,
         };
         match lease {
             Ok(None) => broker_failures = 0,
             Ok(Some(lease)) => {
                 broker_failures = 0;
-                let backend = &backends[next_backend % backends.len()];
-                next_backend = next_backend.wrapping_add(1);
-                let job = JobRun { config: &config, broker: &broker, backend, lease: &lease, shutdown: &shutdown };
+                let job =
+                    JobRun { config: &config, broker: &broker, backend: &backend, lease: &lease, shutdown: &shutdown };
                 let end = job.run().await;
-                tracing::info!(job_id = %lease.job_id, ?end, "job finished on this worker");
+                tracing::info!(job_id = %lease.job_id, comfyui = %backend.label, ?end, "job finished on this worker");
+                backend_failures = if end == JobEnd::BackendDown { backend_failures.saturating_add(1) } else { 0 };
             }
             Err(e) => {
                 broker_failures = broker_failures.saturating_add(1);
-                // WORKER_POLL_INTERVAL, doubling up to 20× while the broker stays away.
-                let delay = config.retry_delay * 2u32.saturating_pow(broker_failures.min(5) - 1).min(20);
+                // WORKER_POLL_INTERVAL, doubling up to 16× while the broker stays away.
+                let delay = config.retry_delay * 2u32.saturating_pow(broker_failures.min(5) - 1);
                 tracing::warn!(error = %e, retry_in = ?delay, "broker unreachable");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -96,8 +120,26 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             }
         }
     }
-    tracing::info!("worker stopped");
-    Ok(())
+}
+
+/// After a job failed because this ComfyUI server was unreachable, takes no job until the server
+/// answers again or a back-off (5 s, doubling to 60 s) ends, so other servers' loops take the
+/// queue meanwhile instead of this one burning the jobs' attempts. False on shutdown.
+async fn cool_down(backend: &Backend, failures: u32, shutdown: &CancellationToken) -> bool {
+    let pause = (Duration::from_secs(5) * 2u32.saturating_pow(failures.min(5) - 1)).min(Duration::from_secs(60));
+    tracing::warn!(comfyui = %backend.label, ?pause, "ComfyUI unreachable: pausing leases on it");
+    let until = Instant::now() + pause;
+    while Instant::now() < until {
+        if backend.runner.client().system_stats().await.is_ok() {
+            tracing::info!(comfyui = %backend.label, "ComfyUI reachable again");
+            return true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    !shutdown.is_cancelled()
 }
 
 struct JobRun<'a> {
@@ -112,11 +154,17 @@ struct JobRun<'a> {
 struct Failure {
     message: String,
     retryable: bool,
+    /// The ComfyUI server could not be reached (its loop cools down).
+    backend_down: bool,
 }
 
 impl Failure {
     fn new(message: impl Into<String>, retryable: bool) -> Failure {
-        Failure { message: message.into(), retryable }
+        Failure { message: message.into(), retryable, backend_down: false }
+    }
+
+    fn backend_down(message: impl Into<String>) -> Failure {
+        Failure { message: message.into(), retryable: true, backend_down: true }
     }
 }
 
@@ -137,6 +185,7 @@ impl JobRun<'_> {
         let mut delay = self.config.retry_delay;
         loop {
             match self.broker.fail(id, token, &f.message, f.retryable).await {
+                Ok(()) if f.backend_down => return JobEnd::BackendDown,
                 Ok(()) => return JobEnd::Failed,
                 Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
                     tokio::time::sleep(delay).await;
@@ -225,7 +274,7 @@ impl JobRun<'_> {
         client: &ComfyClient,
         upload: ImageUpload,
     ) -> Result<tdcomfy_comfy::UploadedImage, Failure> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + self.config.comfy_retry_budget;
         let mut delay = Duration::from_millis(250);
         loop {
             match client.upload_image(upload.clone()).await {
@@ -235,10 +284,16 @@ impl JobRun<'_> {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(4));
                 }
+                Err(e) if e.is_transient() => {
+                    return Err(Failure::backend_down(format!(
+                        "ComfyUI at {} is unreachable: {e}",
+                        self.backend.label
+                    )));
+                }
                 Err(e) => {
                     return Err(Failure::new(
-                        format!("ComfyUI at {} is unreachable or refused the frame: {e}", self.backend.label),
-                        e.is_transient(),
+                        format!("ComfyUI at {} refused the frame: {e}", self.backend.label),
+                        false,
                     ));
                 }
             }

@@ -172,10 +172,16 @@ impl Pipeline {
     }
 
     pub async fn start_worker(&self, name: &str) -> Served {
+        self.start_worker_on(name, None).await
+    }
+
+    /// A worker on the given ComfyUI servers (`COMFYUI_URLS`), or on this pipeline's simulator.
+    pub async fn start_worker_on(&self, name: &str, comfyui_urls: Option<String>) -> Served {
         let args = tdcomfy_worker::WorkerArgs {
             comfyui_host: self.sim.addr.ip().to_string(),
             comfyui_port: self.sim.addr.port(),
-            comfyui_urls: None,
+            comfyui_urls,
+            comfyui_retry_budget: 2.0,
             worker_poll_interval: 0.1,
             worker_id: Some(name.to_owned()),
             stall_timeout: self.setup.stall_timeout,

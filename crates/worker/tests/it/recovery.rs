@@ -70,3 +70,53 @@ async fn a_result_finished_while_the_broker_is_down_is_delivered_when_it_returns
     assert_eq!(job["attempts"], 1, "delivered by the same worker, not re-run");
     assert_eq!(p.result(&id).await.0, "video/mp4");
 }
+
+#[tokio::test]
+async fn one_worker_runs_a_job_on_each_comfyui_server_at_once() {
+    let mut p = Pipeline::start(Setup { sim_job_time: 3.0, ..Setup::default() }).await;
+    let mut single = p.workers.remove(0);
+    single.stop().await;
+    let second_sim = p.start_sim(None).await;
+    let urls = format!("http://{},http://{}", p.sim.addr, second_sim.addr);
+    let multi = p.start_worker_on("multi", Some(urls)).await;
+    p.workers.push(multi);
+
+    let a = p.submit("first", None, Some(json!({"frames": 9}))).await;
+    let b = p.submit("second", None, Some(json!({"frames": 9}))).await;
+    p.wait_for(&a, 30.0, |j| j["progress"]["node_type"] == "SamplerCustom").await;
+    p.wait_for(&b, 30.0, |j| j["progress"]["node_type"] == "SamplerCustom").await;
+    // Both sample at the same time, one on each server.
+    assert_eq!(p.job(&a).await["status"], "running");
+    let health: serde_json::Value = p.http.get(p.url("/health")).send().await.unwrap().json().await.unwrap();
+    let busy: Vec<&str> = health["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["job_id"].is_string())
+        .map(|w| w["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(busy.len(), 2, "{health}");
+    assert!(busy.contains(&"multi/0") && busy.contains(&"multi/1"), "{health}");
+    assert_eq!(p.wait_terminal(&a).await["status"], "done");
+    assert_eq!(p.wait_terminal(&b).await["status"], "done");
+    drop(second_sim);
+}
+
+#[tokio::test]
+async fn a_dead_server_among_several_does_not_fail_the_jobs() {
+    let mut p = Pipeline::start(Setup::default()).await;
+    let mut single = p.workers.remove(0);
+    single.stop().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed below
+    let urls = format!("http://{dead},http://{}", p.sim.addr);
+    let multi = p.start_worker_on("mixed", Some(urls)).await;
+    p.workers.push(multi);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(p.submit(&format!("job {i}"), Some("image_invert"), None).await);
+    }
+    for id in &ids {
+        let job = p.wait_terminal(id).await;
+        assert_eq!(job["status"], "done", "{job}");
+    }
+}
