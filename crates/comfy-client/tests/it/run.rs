@@ -51,6 +51,15 @@ fn video_outputs() -> Value {
 
 /// Reads updates until the terminal one (guarded so a bug cannot hang the suite).
 async fn drain(run: &mut PromptRun, seen: &mut Vec<RunUpdate>) -> Result<Vec<tdcomfy_comfy::OutputFile>, RunFailure> {
+    drain_within(run, seen, Duration::from_secs(30)).await
+}
+
+/// [`drain`] with a time limit of the caller's choosing.
+pub(crate) async fn drain_within(
+    run: &mut PromptRun,
+    seen: &mut Vec<RunUpdate>,
+    limit: Duration,
+) -> Result<Vec<tdcomfy_comfy::OutputFile>, RunFailure> {
     let reading = async {
         while let Some(update) = run.next().await {
             seen.push(update.clone());
@@ -62,7 +71,7 @@ async fn drain(run: &mut PromptRun, seen: &mut Vec<RunUpdate>) -> Result<Vec<tdc
         }
         panic!("run ended without a terminal update")
     };
-    tokio::time::timeout(Duration::from_secs(30), reading).await.expect("run did not finish")
+    tokio::time::timeout(limit, reading).await.expect("run did not finish")
 }
 
 /// Reads updates until one matches.

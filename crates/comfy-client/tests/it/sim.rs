@@ -85,20 +85,8 @@ async fn ltxv_template_runs_end_to_end_on_the_simulator() {
     let id = PromptId::new();
     let mut run = sim.runner.run_prompt(ltxv_graph(&image, ""), id.clone(), CancellationToken::new());
     let mut updates = Vec::new();
-    let outputs = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(update) = run.next().await {
-            updates.push(update.clone());
-            match update {
-                RunUpdate::Finished { outputs, .. } => return Ok(outputs),
-                RunUpdate::Failed(failure) => return Err(failure),
-                _ => {}
-            }
-        }
-        panic!("no outcome")
-    })
-    .await
-    .expect("run finished in time")
-    .expect("run succeeded");
+    let outputs =
+        crate::run::drain_within(&mut run, &mut updates, Duration::from_secs(120)).await.expect("run succeeded");
 
     assert!(updates.contains(&RunUpdate::Started));
     let steps: Vec<Option<u32>> = updates
