@@ -5,6 +5,7 @@
 //! network await: each store call is one short transaction, and streamed bytes are on disk before
 //! the store hears of them.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,10 @@ struct Inner {
     hub: EventHub,
     workers: WorkerRegistry,
     shutdown: tokio_util::sync::CancellationToken,
+    /// Leases handed out but not yet acknowledged by their worker (no input download, no
+    /// heartbeat). An answer written into a closed socket looks delivered to the server; only the
+    /// worker's first call proves it arrived.
+    unacknowledged: std::sync::Mutex<std::collections::HashMap<JobId, (LeaseToken, Instant)>>,
 }
 
 /// Broker faults that are not a client's doing.
@@ -95,6 +100,7 @@ impl Broker {
                 hub: EventHub::new(1024),
                 shutdown: tokio_util::sync::CancellationToken::new(),
                 workers: WorkerRegistry::default(),
+                unacknowledged: Default::default(),
             }),
         })
     }
@@ -176,8 +182,28 @@ impl Broker {
         }
     }
 
+    /// Runs a state change to its end on its own task. hyper drops a handler's future when its
+    /// client hangs up; a change awaited inline would then stop between its commit and its event,
+    /// its worker wake-up or its file deletion. Spawned, it finishes whatever the client does.
+    async fn detached<T, F>(&self, change: F) -> T
+    where
+        T: Send + 'static,
+        F: Future<Output = T> + Send + 'static,
+    {
+        match tokio::spawn(change).await {
+            Ok(out) => out,
+            // The task is never aborted, so a join error is a panic: let it surface as one.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     /// Stores a submission: the image file first (durably), then the row.
     pub async fn submit(&self, sub: Submission) -> Result<SubmitOutcome, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.submit_now(sub).await }).await
+    }
+
+    async fn submit_now(&self, sub: Submission) -> Result<SubmitOutcome, BrokerError> {
         let id = JobId::new();
         self.inner.blobs.commit(sub.image, BlobKind::Input, id).await?;
         let outcome = self
@@ -309,6 +335,11 @@ impl Broker {
 
     /// Cancels a job (or, when it already ended, deletes its files). `None` for an unknown id.
     pub async fn cancel(&self, id: JobId) -> Result<Option<DeleteResponse>, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.cancel_now(id).await }).await
+    }
+
+    async fn cancel_now(&self, id: JobId) -> Result<Option<DeleteResponse>, BrokerError> {
         let outcome = match self.inner.store.cancel(id).await {
             Err(StoreError::NotFound) => return Ok(None),
             other => other?,
@@ -329,6 +360,10 @@ impl Broker {
                 JobEventKind::Deleted
             };
             self.publish(kind, r).await?;
+        } else if r.status == JobStatus::Cancelled {
+            // A client that asks again may have missed the event (it hung up, its stream broke):
+            // repeating the DELETE is its way to hear the cancellation, so say it again.
+            self.publish(JobEventKind::Cancelled, r).await?;
         }
         Ok(Some(DeleteResponse { job_id: id, status: r.status, message }))
     }
@@ -344,19 +379,25 @@ impl Broker {
     }
 
     /// Waits up to `wait` for a queued job and leases it to `worker`.
+    ///
+    /// The wait ends with the request (a worker that hung up claims nothing), but a claim, once
+    /// made, is finished on its own task; if the request is gone by then, [`LeaseHandover`] hands
+    /// the job back to the queue without counting the attempt.
     pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<Lease>, BrokerError> {
         let _waiting = self.inner.workers.waiting(worker);
         let deadline = Instant::now() + wait;
-        let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
+        let handover =
+            LeaseHandover { broker: self.clone(), state: Arc::new(std::sync::Mutex::new(Handover::Waiting)) };
         loop {
             // Register for the wake-up before looking, so a job queued in between is not missed.
             let signal = self.inner.hub.queued_signal().notified();
             tokio::pin!(signal);
             signal.as_mut().enable();
-            if let Some(r) = self.inner.store.claim_next(worker.to_owned(), lease_ms).await? {
-                self.inner.workers.touch(worker, Some(r.id));
-                self.publish(JobEventKind::Started, &r).await?;
-                return Ok(Some(self.lease_of(&r)));
+            let (this, worker_name, state) = (self.clone(), worker.to_owned(), handover.state.clone());
+            let claimed = self.detached(async move { this.claim_now(worker_name, state).await }).await?;
+            if let Some(lease) = claimed {
+                handover.received();
+                return Ok(Some(lease));
             }
             tokio::select! {
                 _ = &mut signal => {}
@@ -364,6 +405,82 @@ impl Broker {
                 _ = self.inner.shutdown.cancelled() => return Ok(None),
             }
         }
+    }
+
+    async fn claim_now(
+        &self,
+        worker: String,
+        handover: Arc<std::sync::Mutex<Handover>>,
+    ) -> Result<Option<Lease>, BrokerError> {
+        let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
+        let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms).await? else {
+            return Ok(None);
+        };
+        self.inner.workers.touch(&worker, Some(r.id));
+        self.publish(JobEventKind::Started, &r).await?;
+        let lease = self.lease_of(&r);
+        let abandoned = {
+            let mut state = handover.lock().unwrap_or_else(|p| p.into_inner());
+            match *state {
+                Handover::Abandoned => true,
+                _ => {
+                    *state = Handover::Claimed(r.id, lease.lease_token.clone());
+                    false
+                }
+            }
+        };
+        if abandoned {
+            self.release_unreceived(r.id, lease.lease_token.clone()).await?;
+            return Ok(None);
+        }
+        self.unacknowledged().insert(r.id, (lease.lease_token.clone(), Instant::now()));
+        Ok(Some(lease))
+    }
+
+    fn unacknowledged(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, (LeaseToken, Instant)>> {
+        self.inner.unacknowledged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The worker showed it has the lease: it is no longer a candidate for [`Self::sweep`]'s
+    /// hand-back of unreceived leases.
+    fn acknowledge(&self, id: JobId) {
+        self.unacknowledged().remove(&id);
+    }
+
+    /// How long a lease may go without its worker's first call before it counts as never received:
+    /// a third of `LEASE_TTL`, within 1 to 10 s (workers call at once: input download, heartbeat).
+    fn acknowledge_window(&self) -> Duration {
+        (self.inner.config.lease_ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// Hands back leases whose worker never called (their answer was lost with the connection).
+    async fn release_unacknowledged(&self) -> Result<(), BrokerError> {
+        let window = self.acknowledge_window();
+        let stale: Vec<(JobId, LeaseToken)> = {
+            let mut map = self.unacknowledged();
+            let stale: Vec<_> =
+                map.iter().filter(|(_, (_, at))| at.elapsed() >= window).map(|(id, (t, _))| (*id, t.clone())).collect();
+            for (id, _) in &stale {
+                map.remove(id);
+            }
+            stale
+        };
+        for (id, token) in stale {
+            self.release_unreceived(id, token).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts a job whose lease never reached its worker back in the queue, attempt uncounted.
+    async fn release_unreceived(&self, id: JobId, token: LeaseToken) -> Result<(), BrokerError> {
+        self.acknowledge(id);
+        if let Some(r) = self.inner.store.release_unreceived(id, token).await? {
+            tracing::info!(job_id = %id, "the worker hung up before receiving its lease: job queued again");
+            self.inner.workers.release(id);
+            self.publish(JobEventKind::Queued, &r).await?;
+            self.inner.hub.job_queued();
+        }
+        Ok(())
     }
 
     fn lease_of(&self, r: &JobRecord) -> Lease {
@@ -384,7 +501,9 @@ impl Broker {
 
     /// Checks a lease before serving the input or accepting a result.
     pub async fn check_lease(&self, id: JobId, token: &LeaseToken) -> Result<JobRecord, BrokerError> {
-        Ok(self.inner.store.check_lease(id, token).await?)
+        let job = self.inner.store.check_lease(id, token).await?;
+        self.acknowledge(id);
+        Ok(job)
     }
 
     /// Renews a lease, records progress; true when the job was cancelled.
@@ -394,8 +513,19 @@ impl Broker {
         token: LeaseToken,
         progress: Option<Progress>,
     ) -> Result<bool, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.heartbeat_now(id, token, progress).await }).await
+    }
+
+    async fn heartbeat_now(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        progress: Option<Progress>,
+    ) -> Result<bool, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
         let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms).await?;
+        self.acknowledge(id);
         if let Some(r) = &outcome.changed {
             if let Some(lease) = &r.lease {
                 self.inner.workers.touch(&lease.owner, Some(id));
@@ -407,6 +537,18 @@ impl Broker {
 
     /// Finishes a job with a staged result file. On a refused lease the file is discarded.
     pub async fn complete(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        staged: StagedBlob,
+        content_type: String,
+        comfy_execution_ms: Option<u64>,
+    ) -> Result<JobStatus, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.complete_now(id, token, staged, content_type, comfy_execution_ms).await }).await
+    }
+
+    async fn complete_now(
         &self,
         id: JobId,
         token: LeaseToken,
@@ -447,6 +589,17 @@ impl Broker {
         message: String,
         retryable: bool,
     ) -> Result<JobStatus, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.fail_now(id, token, message, retryable).await }).await
+    }
+
+    async fn fail_now(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        message: String,
+        retryable: bool,
+    ) -> Result<JobStatus, BrokerError> {
         let r = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
         self.inner.workers.release(id);
         self.publish(Self::kind_for_status(r.status), &r).await?;
@@ -460,6 +613,7 @@ impl Broker {
     /// finished jobs' files past `RESULT_TTL` deleted.
     pub async fn sweep(&self) -> Result<(), BrokerError> {
         let cfg = &self.inner.config;
+        self.release_unacknowledged().await?;
         let mut requeued = false;
         for r in self.inner.store.expire_leases(cfg.max_attempts).await? {
             tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
@@ -484,5 +638,46 @@ impl Broker {
             self.inner.hub.job_queued();
         }
         Ok(())
+    }
+}
+
+/// Where a claim stands relative to the lease request that asked for it.
+enum Handover {
+    /// The request is still waiting; nothing claimed.
+    Waiting,
+    /// A job was claimed for this request.
+    Claimed(JobId, LeaseToken),
+    /// The request went away (its future was dropped).
+    Abandoned,
+    /// The lease was returned to the handler, which answers the worker with it.
+    Received,
+}
+
+/// Dropped with the lease request's future: if that happens before the handler took the lease
+/// (the worker hung up between the claim's commit and the answer), the claim is undone.
+struct LeaseHandover {
+    broker: Broker,
+    state: Arc<std::sync::Mutex<Handover>>,
+}
+
+impl LeaseHandover {
+    fn received(&self) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Handover::Received;
+    }
+}
+
+impl Drop for LeaseHandover {
+    fn drop(&mut self) {
+        let previous =
+            std::mem::replace(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()), Handover::Abandoned);
+        if let Handover::Claimed(id, token) = previous {
+            let broker = self.broker.clone();
+            // Drop cannot await; the release is a state change like any other, on its own task.
+            tokio::spawn(async move {
+                if let Err(e) = broker.release_unreceived(id, token).await {
+                    tracing::error!(job_id = %id, error = %e, "could not hand back an unreceived lease");
+                }
+            });
+        }
     }
 }

@@ -542,6 +542,22 @@ impl Store {
         .await
     }
 
+    /// Hands back a lease that never reached its worker (the lease request's client hung up after
+    /// the claim committed): the job is queued again and the attempt is not counted. `None` when
+    /// the lease is no longer current (nothing to undo).
+    pub async fn release_unreceived(&self, id: JobId, token: LeaseToken) -> Result<Option<JobRecord>, StoreError> {
+        self.write(move |tx, queue| {
+            let Some(job) = get_in(tx, id)? else { return Ok(None) };
+            if job.status != JobStatus::Running || check_lease(&job, &token).is_err() {
+                return Ok(None);
+            }
+            requeue(tx, queue, job.seq)?;
+            tx.prepare_cached("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE seq = ?1")?.execute([job.seq])?;
+            get_by_seq(tx, job.seq)
+        })
+        .await
+    }
+
     /// Cancels a queued or running job; on a finished job only marks its files deleted. Files are
     /// marked gone in the same transaction, so the caller deletes them after the commit.
     pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, StoreError> {

@@ -3,6 +3,7 @@
 
 mod contract;
 mod events;
+mod hangup;
 mod helpers;
 mod jobs;
 mod persistence;
