@@ -496,6 +496,7 @@ impl Broker {
             params: r.params.clone(),
             input: r.input.clone(),
             job_timeout: self.inner.config.job_timeout.as_secs_f64(),
+            max_result_bytes: Some(self.inner.config.max_result_bytes),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod broker_client;
 pub mod config;
+mod lease_keeper;
 pub mod run;
 
 pub use config::{WorkerArgs, WorkerConfig, WorkerConfigError};
