@@ -323,6 +323,18 @@ impl Drop for PromptRun {
     }
 }
 
+/// What ComfyUI said about an ambiguous submission.
+enum Submission {
+    /// It has the prompt.
+    Known,
+    /// It answered, repeatedly, that it has no such prompt: posting again is safe.
+    Unknown,
+    /// It could not tell within the start budget.
+    Unsure,
+    /// The run was cancelled while checking.
+    Cancelled,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Unknown,
@@ -425,10 +437,29 @@ impl Supervisor {
                     return Err(RunFailure::new(RunFailureKind::Protocol, error.to_string()));
                 }
             };
-            // A timeout or broken connection may hide a successful submission: never queue twice.
-            if error.is_ambiguous() && self.prompt_known().await {
-                self.queued_since = Instant::now();
-                return Ok(());
+            // A timeout or broken connection may hide a successful submission, and ComfyUI
+            // (0.3.64 and 0.38 alike) queues a repeated prompt id a second time: post again only
+            // once ComfyUI has said it does not know the prompt.
+            if error.is_ambiguous() {
+                match self.confirm_submission(budget_end, &mut backoff).await {
+                    Submission::Known => {
+                        self.queued_since = Instant::now();
+                        return Ok(());
+                    }
+                    Submission::Unknown => {}
+                    Submission::Unsure => {
+                        // Posting again could run it twice; supervising finds it if it is there
+                        // and ends as lost (retryable) if it is not.
+                        tracing::warn!(prompt_id = %self.prompt_id, %error,
+                            "could not confirm the submission; supervising it as submitted");
+                        self.queued_since = Instant::now();
+                        return Ok(());
+                    }
+                    Submission::Cancelled => {
+                        self.stop_remote().await;
+                        return Err(RunFailure::new(RunFailureKind::Interrupted, "cancelled before submission"));
+                    }
+                }
             }
             if Instant::now() + backoff > budget_end {
                 return Err(RunFailure::new(
@@ -445,11 +476,46 @@ impl Supervisor {
         }
     }
 
-    async fn prompt_known(&self) -> bool {
-        if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
-            return true;
+    /// After an ambiguous `POST /prompt`: asks ComfyUI whether it has the prompt, retrying while
+    /// it cannot answer. `Unknown` needs `lost_after_polls` answers that it has no such prompt
+    /// (one could come while ComfyUI is still validating the graph it received).
+    async fn confirm_submission(&self, budget_end: Instant, backoff: &mut Duration) -> Submission {
+        let mut denials = 0;
+        loop {
+            match self.prompt_known().await {
+                Ok(true) => return Submission::Known,
+                Ok(false) => {
+                    denials += 1;
+                    if denials >= self.config.lost_after_polls.max(1) {
+                        return Submission::Unknown;
+                    }
+                }
+                Err(error) => {
+                    tracing::info!(prompt_id = %self.prompt_id, %error, "cannot tell yet whether ComfyUI has the prompt")
+                }
+            }
+            if Instant::now() + *backoff > budget_end {
+                return Submission::Unsure;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Submission::Cancelled,
+                _ = tokio::time::sleep(*backoff) => {}
+            }
+            *backoff = (*backoff * 2).min(self.config.start_backoff_max);
         }
-        matches!(self.client.queue().await, Ok(queue) if queue.position(&self.prompt_id).is_some())
+    }
+
+    /// Whether ComfyUI has the prompt (finished, running or pending); an error means it could
+    /// not tell.
+    async fn prompt_known(&self) -> Result<bool, ComfyError> {
+        if self.client.history(&self.prompt_id).await?.is_some() {
+            return Ok(true);
+        }
+        if self.client.queue().await?.position(&self.prompt_id).is_some() {
+            return Ok(true);
+        }
+        // It may have finished between the two requests.
+        Ok(self.client.history(&self.prompt_id).await?.is_some())
     }
 
     async fn supervise(&mut self, notices: &mut broadcast::Receiver<HubNotice>, deadline: Instant) -> Outcome {

@@ -485,3 +485,49 @@ async fn attach_supervises_an_already_queued_prompt_without_posting() {
     drain(&mut run, &mut seen).await.expect("finished");
     assert!(fake.requests("POST", "/prompt").is_empty());
 }
+
+/// How many times the fake holds `key` in its queue (running or pending).
+fn times_queued(fake: &Fake, key: &str) -> usize {
+    fake.with(|s| s.running.iter().chain(&s.pending).filter(|p| *p == key).count())
+}
+
+#[tokio::test]
+async fn an_ambiguous_submission_is_not_queued_twice_when_the_check_fails() {
+    let fake = Fake::start().await;
+    // ComfyUI queues the prompt but the answer is lost, and the next checks of whether it knows
+    // the prompt break off too: nothing says it is unknown, so it must not be posted again.
+    fake.with(|s| {
+        s.on_prompt = OnPrompt::QueueThenDrop;
+        s.cut_history = 2;
+        s.cut_active = 2;
+    });
+    let runner = PromptRunner::new(fake.client(), config());
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    assert_eq!(fake.requests("POST", "/prompt").len(), 1, "posted once");
+    assert_eq!(times_queued(&fake, &key), 1, "queued exactly once");
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    assert_eq!(fake.requests("POST", "/prompt").len(), 1);
+}
+
+#[tokio::test]
+async fn an_ambiguous_submission_that_comfyui_denies_knowing_is_posted_again() {
+    let fake = Fake::start().await;
+    // The connection drops and ComfyUI then answers, repeatedly, that it has no such prompt:
+    // only that positive answer makes a second submission safe.
+    fake.with(|s| s.on_prompt = OnPrompt::DropWithoutQueueing);
+    let runner = PromptRunner::new(fake.client(), config());
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    assert_eq!(fake.requests("POST", "/prompt").len(), 2);
+    assert_eq!(times_queued(&fake, &key), 1);
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+}
