@@ -4,6 +4,8 @@
 //! of truth, polled at a low rate and immediately when the socket hints at an end. Success needs
 //! a history entry with status success and the expected outputs, never just "not in the queue".
 //! A prompt that is in neither queue nor history for several polls was lost (ComfyUI restarted).
+//! A running prompt stalls only when nothing shows ComfyUI still working on it: no event naming
+//! it and no answer listing it as running.
 //! Stalls and the total time limit end in a targeted interrupt; cancellation deletes a pending
 //! prompt or interrupts a running one, always by prompt id.
 
@@ -47,8 +49,10 @@ pub enum ExpectedOutputs {
 pub struct RunConfig {
     /// Regular `/history` + `/queue` poll period.
     pub poll_interval: Duration,
-    /// Fail as stalled when a running prompt shows no event and no state change for this long
-    /// (only counted while the socket is connected; without it there is no evidence of activity).
+    /// Fail as stalled when a running prompt shows no sign of life for this long: no socket event
+    /// naming it and no answer from ComfyUI that it is still running it. A long silent node is
+    /// not a stall while ComfyUI keeps listing the prompt as running (`total_timeout` bounds
+    /// that); a ComfyUI that stopped answering is.
     pub stall_timeout: Duration,
     /// Hard limit for the whole run, from the call to the outcome.
     pub total_timeout: Duration,
@@ -138,7 +142,8 @@ pub enum RunFailureKind {
     Interrupted,
     /// The prompt vanished from queue and history (ComfyUI restarted).
     Lost,
-    /// Running but no sign of life for `stall_timeout`; it was interrupted.
+    /// Running, but for `stall_timeout` neither an event nor ComfyUI's answer showed it still
+    /// running (ComfyUI hung or stopped answering); it was interrupted.
     Stalled,
     /// Over the total (or queue) time limit; it was interrupted.
     TimedOut,
@@ -266,7 +271,7 @@ impl PromptRunner {
             phase: Phase::Unknown,
             absent_polls: 0,
             last_ok_poll: Instant::now(),
-            last_activity: Instant::now(),
+            last_alive: Instant::now(),
             queued_since: Instant::now(),
             execution_time: None,
         };
@@ -323,6 +328,15 @@ impl Drop for PromptRun {
     }
 }
 
+/// A limit that ends supervision.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Cancelled,
+    Total,
+    Stall,
+    QueueWait,
+}
+
 /// What ComfyUI said about an ambiguous submission.
 enum Submission {
     /// It has the prompt.
@@ -356,7 +370,8 @@ struct Supervisor {
     phase: Phase,
     absent_polls: u32,
     last_ok_poll: Instant,
-    last_activity: Instant,
+    /// Last sign that ComfyUI is working on the prompt; the stall clock runs from here.
+    last_alive: Instant,
     queued_since: Instant,
     execution_time: Option<Duration>,
 }
@@ -524,39 +539,16 @@ impl Supervisor {
         let mut notices_open = true;
         self.last_ok_poll = Instant::now();
         loop {
-            let stall_at = (self.phase == Phase::Running && self.hub.state().connected)
-                .then(|| self.last_activity + self.config.stall_timeout);
-            let queue_limit_at = match (self.phase, self.config.queue_timeout) {
-                (Phase::Pending(_) | Phase::Unknown, Some(limit)) => Some(self.queued_since + limit),
-                _ => None,
-            };
             let mut poll_now = false;
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => {
-                    return Err(self.abort(RunFailureKind::Interrupted, "cancelled".to_owned()).await);
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let message = format!("no result within {:?}", self.config.total_timeout);
-                    return Err(self.abort(RunFailureKind::TimedOut, message).await);
-                }
-                _ = sleep_until_opt(stall_at) => {
-                    let message = format!(
-                        "no progress for {:?}{}",
-                        self.config.stall_timeout,
-                        self.tracker.snapshot().node_type.map(|t| format!(" (last node: {t})")).unwrap_or_default()
-                    );
-                    return Err(self.abort(RunFailureKind::Stalled, message).await);
-                }
-                _ = sleep_until_opt(queue_limit_at) => {
-                    let message = format!("still waiting in the ComfyUI queue after {:?}", self.config.queue_timeout.unwrap_or_default());
-                    return Err(self.abort(RunFailureKind::TimedOut, message).await);
-                }
+                reached = self.limits(deadline) => return Err(self.on_limit(reached).await),
                 notice = notices.recv(), if notices_open => match notice {
                     Ok(HubNotice::Event(event)) => poll_now = self.on_event(&event).await,
                     Ok(HubNotice::Connected { .. }) => {
                         // Events sent while disconnected are gone: catch up from history/queue.
-                        self.last_activity = Instant::now();
+                        // A connection says nothing about the prompt, so the stall clock keeps
+                        // running (a socket that keeps reconnecting must not hide a hang).
                         poll_now = true;
                     }
                     Ok(HubNotice::Disconnected { .. }) => {}
@@ -569,10 +561,67 @@ impl Supervisor {
                 _ = poll_timer.tick() => poll_now = true,
             }
             if poll_now {
-                if let Some(outcome) = self.poll().await {
-                    return outcome;
+                // A request to a hung ComfyUI can take the whole request timeout: the limits
+                // (cancel, total, stall) must not wait for it.
+                let polled = tokio::select! {
+                    biased;
+                    reached = self.limits(deadline) => Err(reached),
+                    outcome = self.poll() => Ok(outcome),
+                };
+                match polled {
+                    Err(reached) => return Err(self.on_limit(reached).await),
+                    Ok(Some(outcome)) => return outcome,
+                    Ok(None) => {}
                 }
                 poll_timer.reset();
+            }
+        }
+    }
+
+    /// Resolves when a limit of the run is reached. The future owns copies of the deadlines, so
+    /// it can race a poll that borrows the supervisor.
+    fn limits(&self, deadline: Instant) -> impl Future<Output = Limit> + use<> {
+        let cancel = self.cancel.clone();
+        // Only a running prompt can stall; `last_alive` moves with every sign that ComfyUI is
+        // still working on it (its events, or a poll that lists it as running).
+        let stall_at = (self.phase == Phase::Running).then(|| self.last_alive + self.config.stall_timeout);
+        let queue_limit_at = match (self.phase, self.config.queue_timeout) {
+            (Phase::Pending(_) | Phase::Unknown, Some(limit)) => Some(self.queued_since + limit),
+            _ => None,
+        };
+        async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Limit::Cancelled,
+                _ = tokio::time::sleep_until(deadline) => Limit::Total,
+                _ = sleep_until_opt(stall_at) => Limit::Stall,
+                _ = sleep_until_opt(queue_limit_at) => Limit::QueueWait,
+            }
+        }
+    }
+
+    /// Stops the prompt for a reached limit and returns the failure to report.
+    async fn on_limit(&mut self, reached: Limit) -> RunFailure {
+        match reached {
+            Limit::Cancelled => self.abort(RunFailureKind::Interrupted, "cancelled".to_owned()).await,
+            Limit::Total => {
+                let message = format!("no result within {:?}", self.config.total_timeout);
+                self.abort(RunFailureKind::TimedOut, message).await
+            }
+            Limit::Stall => {
+                let message = format!(
+                    "no sign of progress for {:?}: ComfyUI neither sent an event for the prompt nor answered that it is still running it{}",
+                    self.config.stall_timeout,
+                    self.tracker.snapshot().node_type.map(|t| format!(" (last node: {t})")).unwrap_or_default()
+                );
+                self.abort(RunFailureKind::Stalled, message).await
+            }
+            Limit::QueueWait => {
+                let message = format!(
+                    "still waiting in the ComfyUI queue after {:?}",
+                    self.config.queue_timeout.unwrap_or_default()
+                );
+                self.abort(RunFailureKind::TimedOut, message).await
             }
         }
     }
@@ -596,7 +645,11 @@ impl Supervisor {
         if !ours {
             return false;
         }
-        self.last_activity = Instant::now();
+        // Only an event naming the prompt proves progress: the replayed `executing` after a
+        // reconnect carries no id and comes even when the node is hung.
+        if event.prompt_id().is_some() {
+            self.last_alive = Instant::now();
+        }
         match event {
             ComfyEvent::ExecutionSuccess { .. }
             | ComfyEvent::ExecutionError(_)
@@ -634,6 +687,9 @@ impl Supervisor {
             Some(QueuePosition::Running) => {
                 self.absent_polls = 0;
                 self.mark_running().await;
+                // ComfyUI answers and still runs it: a long silent node (a first model load, a
+                // long VAE decode) is not a stall.
+                self.last_alive = Instant::now();
             }
             Some(QueuePosition::Pending { position }) => {
                 self.absent_polls = 0;
@@ -767,14 +823,34 @@ impl Supervisor {
     /// Delete (if pending) and interrupt (if running), by prompt id only, until ComfyUI confirms
     /// the prompt is no longer queued or running, or the grace period ends.
     async fn stop_remote(&self) {
+        // A hung ComfyUI would hold each request for the whole request timeout.
+        if tokio::time::timeout(self.config.cancel_grace, self.stop_remote_until_confirmed()).await.is_err() {
+            tracing::warn!(prompt_id = %self.prompt_id, "ComfyUI did not answer the stop requests in time");
+        }
+    }
+
+    async fn stop_remote_until_confirmed(&self) {
         let grace_end = Instant::now() + self.config.cancel_grace;
         let pause = self.config.poll_interval.min(Duration::from_millis(250));
-        // Delete first so it cannot start, then interrupt in case it already had.
-        if let Err(error) = self.client.delete_pending(&self.prompt_id).await {
-            tracing::warn!(prompt_id = %self.prompt_id, %error, "queue delete failed");
-        }
-        if let Err(error) = self.client.interrupt(&self.prompt_id).await {
-            tracing::warn!(prompt_id = %self.prompt_id, %error, "interrupt failed");
+        let delete = async {
+            if let Err(error) = self.client.delete_pending(&self.prompt_id).await {
+                tracing::warn!(prompt_id = %self.prompt_id, %error, "queue delete failed");
+            }
+        };
+        let interrupt = async {
+            if let Err(error) = self.client.interrupt(&self.prompt_id).await {
+                tracing::warn!(prompt_id = %self.prompt_id, %error, "interrupt failed");
+            }
+        };
+        if self.phase == Phase::Running {
+            // Interrupt first: on a hung ComfyUI the first request may be the only one sent.
+            interrupt.await;
+            delete.await;
+        } else {
+            // Delete first so it cannot start, then interrupt in case it already had (the loop
+            // below catches one that started in between).
+            delete.await;
+            interrupt.await;
         }
         loop {
             if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
@@ -801,7 +877,7 @@ impl Supervisor {
     async fn mark_running(&mut self) {
         if self.phase != Phase::Running {
             self.phase = Phase::Running;
-            self.last_activity = Instant::now();
+            self.last_alive = Instant::now();
             self.emit(RunUpdate::Started).await;
         }
     }

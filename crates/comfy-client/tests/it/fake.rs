@@ -81,6 +81,8 @@ pub struct FakeState {
     pub cut_active: u32,
     /// Every HTTP request (not the socket) is accepted and never answered.
     pub hang_http: bool,
+    /// `GET /history`, `/queue` and `/api/jobs` answer 500 (the other routes still work).
+    pub fail_polls: bool,
     /// Every socket is closed right after its greeting (and replay), so the client reconnects.
     pub flap_sockets: bool,
     /// On connect, send `executing` for this node without a prompt id, as ComfyUI does.
@@ -146,6 +148,7 @@ impl Fake {
                 cut_history: 0,
                 cut_active: 0,
                 hang_http: false,
+                fail_polls: false,
                 flap_sockets: false,
                 replay_executing: None,
                 jobs_api: false,
@@ -371,6 +374,9 @@ impl IntoResponse for Json200 {
 async fn get_queue(State(shared): State<Arc<Shared>>) -> Response {
     shared.with(|s| {
         record(s, "GET", "/queue", Value::Null);
+        if s.fail_polls {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
         if s.cut_active > 0 {
             s.cut_active -= 1;
             return cut_off();
@@ -391,6 +397,9 @@ async fn get_jobs(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap
         record(s, "GET", "/api/jobs", json!(query));
         if !s.jobs_api {
             return StatusCode::NOT_FOUND.into_response();
+        }
+        if s.fail_polls {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
         if s.cut_active > 0 {
             s.cut_active -= 1;
@@ -428,6 +437,9 @@ async fn post_queue(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCod
 async fn get_history(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     shared.with(|s| {
         record(s, "GET", "/history", json!(id));
+        if s.fail_polls {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
         if s.cut_history > 0 {
             s.cut_history -= 1;
             return cut_off();

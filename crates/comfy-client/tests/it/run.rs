@@ -214,10 +214,11 @@ async fn a_prompt_forgotten_by_comfyui_is_lost() {
 }
 
 #[tokio::test]
-async fn a_stalled_prompt_is_interrupted_by_id() {
+async fn a_prompt_comfyui_stops_answering_about_is_stalled_and_interrupted_by_id() {
     let fake = Fake::start().await;
     let mut config = config();
     config.stall_timeout = Duration::from_secs(1);
+    config.cancel_grace = Duration::from_millis(500);
     let runner = PromptRunner::new(fake.client(), config);
     let id = PromptId::new();
     let key = id.to_string();
@@ -226,12 +227,72 @@ async fn a_stalled_prompt_is_interrupted_by_id() {
     until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
     fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
     until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2"))).await;
-    // From here on nothing happens: no event, no queue change.
+    // From here on no event comes and every question about the prompt gets a 500.
+    fake.with(|s| s.fail_polls = true);
     let failure = drain(&mut run, &mut seen).await.expect_err("stalled");
     assert_eq!(failure.kind, RunFailureKind::Stalled);
     assert_eq!(failure.node_type.as_deref(), Some("KSampler"));
     assert!(interrupts_name_only(&fake, &id) >= 1);
     fake.with(|s| assert!(!s.running.contains(&key), "the stalled prompt was stopped"));
+}
+
+#[tokio::test]
+async fn a_long_silent_node_is_not_a_stall_while_comfyui_lists_it_as_running() {
+    let fake = Fake::start().await;
+    let stall = Duration::from_millis(400);
+    let mut config = config();
+    config.stall_timeout = stall;
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2"))).await;
+    // A first model load: the node runs three stall timeouts without a single event, while
+    // ComfyUI keeps answering and listing the prompt as running.
+    let silent = tokio::time::sleep(stall * 3);
+    tokio::pin!(silent);
+    tokio::select! {
+        _ = &mut silent => {}
+        update = run.next() => panic!("the run must stay quiet while the node works, got {update:?}"),
+    }
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    assert_eq!(fake.requests("POST", "/interrupt").len(), 0, "nothing was interrupted");
+}
+
+#[tokio::test]
+async fn a_reconnecting_socket_does_not_hide_a_hung_comfyui() {
+    let fake = Fake::start().await;
+    let stall = Duration::from_millis(500);
+    let mut config = config();
+    config.stall_timeout = stall;
+    config.cancel_grace = Duration::from_millis(500);
+    // Only the stall rule may end this run in time.
+    config.unreachable_timeout = Duration::from_secs(60);
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2"))).await;
+    // ComfyUI hangs: HTTP requests are accepted and never answered, while the socket keeps
+    // connecting, replaying the node it was executing, and dropping.
+    let sockets_before = fake.with(|s| {
+        s.hang_http = true;
+        s.flap_sockets = true;
+        s.replay_executing = Some("2".into());
+        s.ws_client_ids.len()
+    });
+    fake.close_sockets();
+    let failure = drain_within(&mut run, &mut seen, Duration::from_secs(10)).await.expect_err("stalled");
+    assert_eq!(failure.kind, RunFailureKind::Stalled, "{failure}");
+    assert!(fake.with(|s| s.ws_client_ids.len()) > sockets_before + 2, "the socket kept reconnecting");
+    assert!(interrupts_name_only(&fake, &id) >= 1, "an interrupt of exactly this prompt was attempted");
 }
 
 #[tokio::test]
