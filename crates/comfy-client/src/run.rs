@@ -1,7 +1,9 @@
 //! Supervision of one prompt from submission to a trustworthy terminal outcome.
 //!
-//! The WebSocket is used for speed and progress only; `/history/{id}` and `/queue` are the source
-//! of truth, polled at a low rate and immediately when the socket hints at an end. Success needs
+//! The WebSocket is used for speed and progress only; `/history/{id}` is the source of truth,
+//! polled at a low rate and immediately when the socket hints at an end. Where the prompt is
+//! (running, pending, gone) is asked only when in doubt, from the jobs API where the server has
+//! it and from `/queue` (which carries every queued graph) otherwise. Success needs
 //! a history entry with status success and the expected outputs, never just "not in the queue".
 //! A prompt that is in neither queue nor history for several polls was lost (ComfyUI restarted).
 //! A running prompt stalls only when nothing shows ComfyUI still working on it: no event naming
@@ -47,8 +49,13 @@ pub enum ExpectedOutputs {
 /// Timing and policy of prompt supervision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunConfig {
-    /// Regular `/history` + `/queue` poll period.
+    /// Regular `/history/{id}` poll period (a few bytes per poll until the prompt is over).
     pub poll_interval: Duration,
+    /// How often to ask where the prompt is (running, pending or gone) when nothing else tells:
+    /// while it is pending, and while a running prompt's events are silent (then at least four
+    /// times per `stall_timeout`). Asked at every poll while the prompt is not seen yet or
+    /// suspected lost. The jobs API is used where the server has it, `GET /queue` otherwise.
+    pub presence_interval: Duration,
     /// Fail as stalled when a running prompt shows no sign of life for this long: no socket event
     /// naming it and no answer from ComfyUI that it is still running it. A long silent node is
     /// not a stall while ComfyUI keeps listing the prompt as running (`total_timeout` bounds
@@ -82,6 +89,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             poll_interval: Duration::from_secs(1),
+            presence_interval: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(180),
             total_timeout: Duration::from_secs(30 * 60),
             queue_timeout: None,
@@ -270,6 +278,8 @@ impl PromptRunner {
             cancel,
             phase: Phase::Unknown,
             absent_polls: 0,
+            last_presence: None,
+            presence_wanted: false,
             last_ok_poll: Instant::now(),
             last_alive: Instant::now(),
             queued_since: Instant::now(),
@@ -369,6 +379,10 @@ struct Supervisor {
     cancel: CancellationToken,
     phase: Phase,
     absent_polls: u32,
+    /// When ComfyUI last said where the prompt is (queue or jobs API).
+    last_presence: Option<Instant>,
+    /// The next poll must ask where the prompt is (the socket hinted at a change).
+    presence_wanted: bool,
     last_ok_poll: Instant,
     /// Last sign that ComfyUI is working on the prompt; the stall clock runs from here.
     last_alive: Instant,
@@ -526,7 +540,7 @@ impl Supervisor {
         if self.client.history(&self.prompt_id).await?.is_some() {
             return Ok(true);
         }
-        if self.client.queue().await?.position(&self.prompt_id).is_some() {
+        if self.client.active_prompts().await?.position(&self.prompt_id).is_some() {
             return Ok(true);
         }
         // It may have finished between the two requests.
@@ -544,17 +558,23 @@ impl Supervisor {
                 biased;
                 reached = self.limits(deadline) => return Err(self.on_limit(reached).await),
                 notice = notices.recv(), if notices_open => match notice {
-                    Ok(HubNotice::Event(event)) => poll_now = self.on_event(&event).await,
+                    Ok(HubNotice::Event(event)) => {
+                        poll_now = self.on_event(&event).await;
+                        // An end: if history has no entry yet, the prompt may have been lost.
+                        self.presence_wanted |= poll_now;
+                    }
                     Ok(HubNotice::Connected { .. }) => {
                         // Events sent while disconnected are gone: catch up from history/queue.
                         // A connection says nothing about the prompt, so the stall clock keeps
                         // running (a socket that keeps reconnecting must not hide a hang).
                         poll_now = true;
+                        self.presence_wanted = true;
                     }
                     Ok(HubNotice::Disconnected { .. }) => {}
                     Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(prompt_id = %self.prompt_id, missed, "event subscriber lagged");
                         poll_now = true;
+                        self.presence_wanted = true;
                     }
                     Err(RecvError::Closed) => notices_open = false,
                 },
@@ -671,18 +691,25 @@ impl Supervisor {
         false
     }
 
-    /// One round of the source of truth: history first, then the queue.
+    /// One round of the source of truth: history (`{}` until the prompt is over, so a few bytes)
+    /// every time, then where the prompt is (running, pending or gone) only when that is in doubt.
     async fn poll(&mut self) -> Option<Outcome> {
         match self.client.history(&self.prompt_id).await {
             Ok(Some(entry)) => return Some(self.conclude(&entry)),
             Ok(None) => {}
             Err(error) => return self.poll_failed(error),
         }
-        let queue = match self.client.queue().await {
+        self.last_ok_poll = Instant::now();
+        if !self.presence_due() {
+            return None;
+        }
+        let queue = match self.client.active_prompts().await {
             Ok(queue) => queue,
             Err(error) => return self.poll_failed(error),
         };
         self.last_ok_poll = Instant::now();
+        self.last_presence = Some(Instant::now());
+        self.presence_wanted = false;
         match queue.position(&self.prompt_id) {
             Some(QueuePosition::Running) => {
                 self.absent_polls = 0;
@@ -720,6 +747,23 @@ impl Supervisor {
             }
         }
         None
+    }
+
+    /// Whether this poll must also ask where the prompt is. The answer is needed to tell a
+    /// pending or running prompt from a lost one, for queue positions and, while the prompt's own
+    /// events are silent, to keep a running prompt from counting as stalled.
+    fn presence_due(&self) -> bool {
+        // Not seen yet, suspected lost, or the socket hinted at a change (reconnect, end).
+        if self.phase == Phase::Unknown || self.absent_polls > 0 || self.presence_wanted {
+            return true;
+        }
+        let interval = self.config.presence_interval;
+        match self.phase {
+            // Its own events prove it runs; ask only after a silence, and often enough that a
+            // healthy ComfyUI answers several times within the stall timeout.
+            Phase::Running => self.last_alive.elapsed() >= interval.min(self.config.stall_timeout / 4),
+            _ => self.last_presence.is_none_or(|at| at.elapsed() >= interval),
+        }
     }
 
     fn poll_failed(&mut self, error: ComfyError) -> Option<Outcome> {
@@ -856,7 +900,7 @@ impl Supervisor {
             if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
                 return;
             }
-            match self.client.queue().await.map(|q| q.position(&self.prompt_id)) {
+            match self.client.active_prompts().await.map(|q| q.position(&self.prompt_id)) {
                 Ok(None) => return,
                 Ok(Some(QueuePosition::Running)) => {
                     let _ = self.client.interrupt(&self.prompt_id).await;

@@ -17,6 +17,7 @@ use crate::fake::{Fake, OnPrompt, client_for, interrupted_entry, success_entry};
 fn config() -> RunConfig {
     RunConfig {
         poll_interval: Duration::from_millis(40),
+        presence_interval: Duration::from_millis(400),
         // Long enough never to fire unless a test wants it to.
         stall_timeout: Duration::from_secs(60),
         total_timeout: Duration::from_secs(60),
@@ -591,4 +592,73 @@ async fn an_ambiguous_submission_that_comfyui_denies_knowing_is_posted_again() {
     assert_eq!(times_queued(&fake, &key), 1);
     fake.complete(&key, success_entry(&key, video_outputs()));
     drain(&mut run, &mut seen).await.expect("finished");
+}
+
+/// What one job cost in polling requests and bytes.
+#[derive(Debug)]
+struct PollCost {
+    history: (usize, usize),
+    queue: (usize, usize),
+    jobs: (usize, usize),
+}
+
+/// Runs one job for `running_for` on a fake whose queue holds ten large prompts of other users,
+/// with sampler progress events every 100 ms or (`silent`) none, and returns what its
+/// supervision asked of ComfyUI.
+async fn poll_cost(jobs_api: bool, silent: bool, running_for: Duration) -> PollCost {
+    let fake = Fake::start().await;
+    // About 20 KB per queued graph: a UI user's workflow with its widget values.
+    let nodes: serde_json::Map<String, Value> = (0..150)
+        .map(|n| (n.to_string(), json!({"class_type": "CLIPTextEncode", "inputs": {"text": "x".repeat(100)}})))
+        .collect();
+    fake.with(|s| {
+        s.jobs_api = jobs_api;
+        s.queue_graph = Value::Object(nodes);
+        s.pending.extend((0..10).map(|n| format!("someone-elses-prompt-{n}")));
+    });
+    let runner = PromptRunner::new(fake.client(), config());
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
+    let started = tokio::time::Instant::now();
+    let mut step = 0;
+    while started.elapsed() < running_for {
+        if !silent {
+            step += 1;
+            fake.push(json!({"type": "progress", "data": {"value": step, "max": 1000, "node": "2", "prompt_id": key}}));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    let count = |method: &str, path: &str, bytes_key: &str| {
+        (fake.requests(method, path).len(), fake.with(|s| s.served_bytes.get(bytes_key).copied().unwrap_or_default()))
+    };
+    PollCost {
+        history: count("GET", "/history", "/history"),
+        queue: count("GET", "/queue", "/queue"),
+        jobs: count("GET", "/api/jobs", "/api/jobs"),
+    }
+}
+
+#[tokio::test]
+async fn a_job_does_not_poll_the_whole_queue_of_a_shared_comfyui() {
+    let running_for = Duration::from_secs(2);
+    for silent in [false, true] {
+        let node = if silent { "a silent node" } else { "a sampler sending progress" };
+        let legacy = poll_cost(false, silent, running_for).await;
+        eprintln!("ComfyUI 0.3.64, {node}, {running_for:?}, poll 40 ms, presence 400 ms: {legacy:?}");
+        // History is asked every poll; the queue only when nothing else shows where the prompt
+        // is (with events flowing: once, to see it; silent: every presence interval).
+        assert!(legacy.history.0 >= 20, "{legacy:?}");
+        assert!(legacy.queue.0 * 5 <= legacy.history.0, "the queue is polled at a fraction of the rate: {legacy:?}");
+
+        let jobs = poll_cost(true, silent, running_for).await;
+        eprintln!("ComfyUI with the jobs API, {node}, {running_for:?}, poll 40 ms, presence 400 ms: {jobs:?}");
+        assert_eq!(jobs.queue.0, 0, "never the full queue when the jobs API exists: {jobs:?}");
+        assert!(jobs.jobs.1 * 20 < legacy.queue.1, "the job list carries no graphs: {jobs:?} vs {legacy:?}");
+    }
 }
