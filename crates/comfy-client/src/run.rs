@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -589,6 +589,7 @@ impl Supervisor {
                     outcome = self.poll() => Ok(outcome),
                 };
                 match polled {
+                    Err(Limit::Stall) if self.alive_in_buffered_events(notices).await => {}
                     Err(reached) => return Err(self.on_limit(reached).await),
                     Ok(Some(outcome)) => return outcome,
                     Ok(None) => {}
@@ -596,6 +597,22 @@ impl Supervisor {
                 poll_timer.reset();
             }
         }
+    }
+
+    /// Handles the notices that queued up while a poll was waiting and tells whether they show
+    /// the prompt alive again (events naming it), which cancels a stall that fired meanwhile.
+    async fn alive_in_buffered_events(&mut self, notices: &mut broadcast::Receiver<HubNotice>) -> bool {
+        loop {
+            match notices.try_recv() {
+                Ok(HubNotice::Event(event)) => {
+                    // An end hint makes the next poll ask where the prompt is.
+                    self.presence_wanted |= self.on_event(&event).await;
+                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        self.last_alive + self.config.stall_timeout > Instant::now()
     }
 
     /// Resolves when a limit of the run is reached. The future owns copies of the deadlines, so

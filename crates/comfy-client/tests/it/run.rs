@@ -265,6 +265,34 @@ async fn a_long_silent_node_is_not_a_stall_while_comfyui_lists_it_as_running() {
 }
 
 #[tokio::test]
+async fn events_that_arrive_while_a_poll_hangs_keep_the_prompt_alive() {
+    let fake = Fake::start().await;
+    let stall = Duration::from_millis(500);
+    let mut config = config();
+    config.stall_timeout = stall;
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    // ComfyUI's HTTP side stops answering while its socket keeps reporting sampler steps for
+    // three stall timeouts: the steps are signs of life, even though they wait behind a poll.
+    fake.with(|s| s.hang_http = true);
+    let started = tokio::time::Instant::now();
+    let mut step = 0;
+    while started.elapsed() < stall * 3 {
+        step += 1;
+        fake.push(json!({"type": "progress", "data": {"value": step, "max": 100, "node": "2", "prompt_id": key}}));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fake.with(|s| s.hang_http = false);
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    assert!(seen.iter().any(|u| matches!(u, RunUpdate::Progress(p) if p.step == Some(step))), "every step arrived");
+}
+
+#[tokio::test]
 async fn a_reconnecting_socket_does_not_hide_a_hung_comfyui() {
     let fake = Fake::start().await;
     let stall = Duration::from_millis(500);
