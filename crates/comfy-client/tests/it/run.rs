@@ -690,3 +690,21 @@ async fn a_job_does_not_poll_the_whole_queue_of_a_shared_comfyui() {
         assert!(jobs.jobs.1 * 20 < legacy.queue.1, "the job list carries no graphs: {jobs:?} vs {legacy:?}");
     }
 }
+
+#[tokio::test]
+async fn a_socket_that_keeps_dropping_is_reconnected_with_growing_delays() {
+    let fake = Fake::start().await;
+    fake.with(|s| s.flap_sockets = true);
+    let options = HubOptions {
+        reconnect_initial: Duration::from_millis(10),
+        reconnect_max: Duration::from_millis(300),
+        ..HubOptions::default()
+    };
+    let _hub = tdcomfy_comfy::EventHub::spawn(&fake.client(), options);
+    fake.wait_until("first socket", |s| !s.ws_client_ids.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 10 + 20 + 40 + … ms, capped at 300: about eight attempts in 1.5 s. Reconnecting at the
+    // first delay after every short-lived connection would be well over a hundred.
+    let attempts = fake.with(|s| s.ws_client_ids.len());
+    assert!(attempts <= 12, "{attempts} connections in 1.5 s");
+}
