@@ -240,7 +240,7 @@ async fn a_prompt_comfyui_stops_answering_about_is_stalled_and_interrupted_by_id
 #[tokio::test]
 async fn a_long_silent_node_is_not_a_stall_while_comfyui_lists_it_as_running() {
     let fake = Fake::start().await;
-    let stall = Duration::from_millis(400);
+    let stall = Duration::from_secs(1);
     let mut config = config();
     config.stall_timeout = stall;
     let runner = PromptRunner::new(fake.client(), config);
@@ -267,7 +267,7 @@ async fn a_long_silent_node_is_not_a_stall_while_comfyui_lists_it_as_running() {
 #[tokio::test]
 async fn events_that_arrive_while_a_poll_hangs_keep_the_prompt_alive() {
     let fake = Fake::start().await;
-    let stall = Duration::from_millis(500);
+    let stall = Duration::from_secs(1);
     let mut config = config();
     config.stall_timeout = stall;
     let runner = PromptRunner::new(fake.client(), config);
@@ -681,8 +681,9 @@ async fn a_job_does_not_poll_the_whole_queue_of_a_shared_comfyui() {
         eprintln!("ComfyUI 0.3.64, {node}, {running_for:?}, poll 40 ms, presence 400 ms: {legacy:?}");
         // History is asked every poll; the queue only when nothing else shows where the prompt
         // is (with events flowing: once, to see it; silent: every presence interval).
-        assert!(legacy.history.0 >= 20, "{legacy:?}");
-        assert!(legacy.queue.0 * 5 <= legacy.history.0, "the queue is polled at a fraction of the rate: {legacy:?}");
+        assert!(legacy.history.0 >= 10, "{legacy:?}");
+        let most = if silent { (running_for.as_millis() / 400) as usize + 2 } else { 2 };
+        assert!(legacy.queue.0 <= most, "at most {most} GET /queue: {legacy:?}");
 
         let jobs = poll_cost(true, silent, running_for).await;
         eprintln!("ComfyUI with the jobs API, {node}, {running_for:?}, poll 40 ms, presence 400 ms: {jobs:?}");
