@@ -605,6 +605,31 @@ async fn an_ambiguous_submission_is_not_queued_twice_when_the_check_fails() {
 }
 
 #[tokio::test]
+async fn an_ambiguous_submission_that_cannot_be_checked_in_time_is_supervised_not_reposted() {
+    let fake = Fake::start().await;
+    fake.with(|s| {
+        s.on_prompt = OnPrompt::QueueThenDrop;
+        s.cut_history = u32::MAX;
+    });
+    let mut config = config();
+    config.start_budget = Duration::from_millis(300);
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    // Checks back off from 20 ms, so the 300 ms start budget allows at most six of them: more
+    // history requests than that are the supervision's polls.
+    fake.wait_until("supervision polls", |s| s.requests.iter().filter(|r| r.path == "/history").count() >= 15).await;
+    fake.with(|s| s.cut_history = 0);
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    assert_eq!(fake.requests("POST", "/prompt").len(), 1, "not posted again");
+    assert_eq!(times_queued(&fake, &key), 1);
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+}
+
+#[tokio::test]
 async fn an_ambiguous_submission_that_comfyui_denies_knowing_is_posted_again() {
     let fake = Fake::start().await;
     // The connection drops and ComfyUI then answers, repeatedly, that it has no such prompt:
