@@ -536,6 +536,34 @@ impl Broker {
         Ok(outcome.cancelled)
     }
 
+    /// Renews a lease every third of `LEASE_TTL` for as long as `received` (bytes of an upload
+    /// under that lease) keeps growing. Returns only when the lease ended: the job was cancelled
+    /// ([`StoreError::Cancelled`]) or the lease lost, so the upload can stop early.
+    pub async fn renew_while_receiving(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        received: Arc<std::sync::atomic::AtomicU64>,
+    ) -> BrokerError {
+        let every = self.inner.config.lease_ttl / 3;
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = received.load(std::sync::atomic::Ordering::Relaxed);
+            if now == seen {
+                continue; // a stalled upload does not hold the lease: the sweep may take it back
+            }
+            seen = now;
+            match self.heartbeat(id, token.clone(), None).await {
+                Ok(false) => {}
+                Ok(true) => return BrokerError::Store(StoreError::Cancelled),
+                Err(e @ BrokerError::Store(StoreError::LeaseLost { .. } | StoreError::NotFound)) => return e,
+                // A fault of our own (disk, database): the upload goes on; complete() decides.
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "could not renew the lease of an upload"),
+            }
+        }
+    }
+
     /// Finishes a job with a staged result file. On a refused lease the file is discarded.
     pub async fn complete(
         &self,

@@ -64,14 +64,8 @@ impl LeaseKeeper {
         let shared =
             Arc::new(Shared { pending: Mutex::new(None), ended: Mutex::new(None), over: CancellationToken::new() });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(beat(
-            broker,
-            lease.job_id,
-            lease.lease_token.clone(),
-            cadence,
-            shared.clone(),
-            stop.clone(),
-        ));
+        let task =
+            tokio::spawn(beat(broker, lease.job_id, lease.lease_token.clone(), cadence, shared.clone(), stop.clone()));
         LeaseKeeper { shared, stop, task: Some(task) }
     }
 

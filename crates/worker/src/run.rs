@@ -292,14 +292,15 @@ impl JobRun<'_> {
         let primary = pick_primary(&outputs, workflow.primary_output_hint())
             .ok_or_else(|| Failure::new("ComfyUI reported success but produced no output file", false))?;
         let t = Instant::now();
-        let (result_path, content_type) = match self.unless_lease_ends(keeper, self.fetch_output(client, primary, dir)).await
-        {
-            Ok(fetched) => fetched,
-            Err(Abandon::LeaseEnded) => return Ok(JobEnd::Abandoned),
-            Err(Abandon::Failed(f)) => return Err(f),
-        };
+        let (result_path, content_type) =
+            match self.unless_lease_ends(keeper, self.fetch_output(client, primary, dir)).await {
+                Ok(fetched) => fetched,
+                Err(Abandon::LeaseEnded) => return Ok(JobEnd::Abandoned),
+                Err(Abandon::Failed(f)) => return Err(f),
+            };
         let fetched = t.elapsed();
-        let end = match self.unless_lease_ends(keeper, self.deliver(&result_path, &content_type, comfy_execution)).await {
+        let end = match self.unless_lease_ends(keeper, self.deliver(&result_path, &content_type, comfy_execution)).await
+        {
             Ok(end) => Ok(end),
             Err(Abandon::LeaseEnded) => Ok(JobEnd::Abandoned),
             Err(Abandon::Failed(f)) => Err(f),
@@ -446,8 +447,7 @@ impl JobRun<'_> {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
         let mut delay = self.config.retry_delay;
         let give_up = Instant::now() + Duration::from_secs_f64(self.lease.job_timeout.max(60.0));
-        let shut_down =
-            || Failure::new("the worker was shut down before the broker accepted the result", true);
+        let shut_down = || Failure::new("the worker was shut down before the broker accepted the result", true);
         loop {
             let upload = self.broker.upload_result(id, token, path, content_type, comfy_execution);
             tokio::pin!(upload);

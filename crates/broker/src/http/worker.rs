@@ -4,6 +4,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use tdcomfy_api::{FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, WorkerAck};
 
 use super::error::ApiError;
@@ -145,7 +146,21 @@ pub async fn put_result(
         .unwrap_or("application/octet-stream")
         .to_owned();
     let limit = broker.config().max_result_bytes;
-    let staged = match broker.blobs().stage(body.into_data_stream(), limit, 0).await {
+    // The upload itself keeps the lease alive while its bytes arrive: a large result on a slow
+    // link may take many LEASE_TTLs, and the worker's own heartbeats may be held up on the same link.
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    let chunks = body.into_data_stream().inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            counter.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let staging = broker.blobs().stage(chunks, limit, 0);
+    let staged = tokio::select! {
+        staged = staging => staged,
+        ended = broker.renew_while_receiving(id, token.clone(), received) => return Err(not_found_as(id)(ended)),
+    };
+    let staged = match staged {
         Ok(s) => s,
         Err(BlobError::TooLarge { limit }) => {
             return Err(ApiError::PayloadTooLarge { limit, what: "MAX_RESULT_MB" });

@@ -6,6 +6,7 @@ mod events;
 mod hangup;
 mod helpers;
 mod jobs;
+mod lease;
 mod persistence;
 mod results;
 mod security;
