@@ -1,5 +1,7 @@
 //! End-to-end tests of the worker with the real broker and the ComfyUI simulator on 127.0.0.1.
 
 mod harness;
+mod lease;
 mod pipeline;
+mod proxy;
 mod recovery;
