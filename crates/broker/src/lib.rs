@@ -33,8 +33,10 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     let addr = listener.local_addr()?;
     warn_if_exposed(addr, &config);
-    let broker = Broker::open(config)?;
-    let sweeper = tokio::spawn(sweep_forever(broker.clone()));
+    let broker = Broker::open(config).await?;
+    // Aborted when this future ends or is dropped: a broker that stopped must not go on requeueing
+    // jobs in the data directory it no longer serves.
+    let sweeper = AbortOnDrop(tokio::spawn(sweep_forever(broker.clone())));
     let stop = broker.shutdown_token().clone();
     tokio::spawn({
         let stop = stop.clone();
@@ -62,8 +64,17 @@ pub async fn run(
             Ok(())
         }
     };
-    sweeper.abort();
+    drop(sweeper);
     served.map_err(BrokerError::Io)
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How long a shutdown waits for requests in flight (uploads) before closing them.

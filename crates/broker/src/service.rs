@@ -82,11 +82,17 @@ pub enum BrokerError {
 }
 
 impl Broker {
-    /// Opens the store and file area under `config.data_dir`.
-    pub fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
+    /// Opens the store and file area under `config.data_dir`, and gives the jobs that were running
+    /// when the broker stopped one `LEASE_TTL` for their workers to check in (see
+    /// [`Store::resume_running`]); call it before the first [`Broker::sweep`].
+    pub async fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = Store::open(&config.data_dir.join("jobs.sqlite3"))?;
         let blobs = Blobs::open(&config.data_dir.join("files"))?;
+        let resumed = store.resume_running(Timestamp::now(), config.lease_ttl.as_millis() as i64).await?;
+        if resumed > 0 {
+            tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
+        }
         Ok(Broker {
             inner: Arc::new(Inner {
                 config,

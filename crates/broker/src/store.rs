@@ -353,6 +353,20 @@ impl Store {
         .await
     }
 
+    /// Gives every running job's lease one full `lease_ms` from `now`, in one transaction. Called
+    /// at start, before the first sweep: while the broker was down its workers' heartbeats failed,
+    /// so their stored leases lapsed through no fault of theirs; their next heartbeat renews them.
+    /// A worker that died meanwhile still loses the job one lease later. The lease is *set*, not
+    /// only extended, so a lease stored on a timeline ahead of this one cannot outlive one TTL.
+    pub async fn resume_running(&self, now: Timestamp, lease_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |tx, _| {
+            let n = tx
+                .execute("UPDATE jobs SET lease_expires_at = ?1 WHERE status = 'running'", [now.millis() + lease_ms])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     /// One job by id.
     pub async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.read(|c| get_in(c, id))

@@ -115,11 +115,17 @@ impl TestApp {
 
     /// Stops the broker without letting anything finish, as close to a crash as a task allows,
     /// and starts a new one on the same data directory.
-    pub async fn crash_and_restart(mut self) -> TestApp {
+    pub async fn crash_and_restart(self) -> TestApp {
+        self.crash_and_restart_after(Duration::ZERO).await
+    }
+
+    /// Like [`TestApp::crash_and_restart`], with the broker down for `downtime` in between.
+    pub async fn crash_and_restart_after(mut self, downtime: Duration) -> TestApp {
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
         }
+        tokio::time::sleep(downtime).await;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         start(dir, self.args.clone()).await
     }
