@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tdcomfy_workflows::WorkflowRegistry;
 
+use crate::clock::Clock;
+
 /// Flags and environment variables of `tdcomfy serve` (and of the broker inside `tdcomfy up`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
@@ -108,6 +110,8 @@ pub struct BrokerConfig {
     pub workflows: Arc<WorkflowRegistry>,
     /// How often expired leases, timeouts and old files are swept.
     pub sweep_interval: Duration,
+    /// The source of every time the broker records or compares (a test may inject its own).
+    pub clock: Clock,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -159,6 +163,7 @@ impl BrokerArgs {
             lease_ttl,
             max_attempts: self.max_attempts,
             workflows,
+            clock: Clock::system(),
         })
     }
 }

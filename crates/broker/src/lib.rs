@@ -6,6 +6,7 @@
 //! HTTP layer on top.
 
 pub mod blobs;
+pub mod clock;
 pub mod config;
 pub mod events;
 pub mod http;

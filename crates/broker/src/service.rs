@@ -87,9 +87,10 @@ impl Broker {
     /// [`Store::resume_running`]); call it before the first [`Broker::sweep`].
     pub async fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("jobs.sqlite3"))?;
+        let store = Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?;
         let blobs = Blobs::open(&config.data_dir.join("files"))?;
-        let resumed = store.resume_running(Timestamp::now(), config.lease_ttl.as_millis() as i64).await?;
+        let resumed =
+            store.resume_running(config.lease_ttl.as_millis() as i64, config.job_timeout.as_millis() as i64).await?;
         if resumed > 0 {
             tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
         }
@@ -131,7 +132,7 @@ impl Broker {
         let queue_position =
             if r.status == JobStatus::Queued { Some(self.inner.store.queue_position(r.seq).await?) } else { None };
         let processing_time = r.started_at.map(|start| {
-            let end = r.finished_at.unwrap_or_else(Timestamp::now);
+            let end = r.finished_at.unwrap_or_else(|| self.inner.config.clock.now());
             (end.millis() - start.millis()).max(0) as f64 / 1000.0
         });
         let result = match (&r.result, r.status) {

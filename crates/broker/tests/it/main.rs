@@ -1,6 +1,7 @@
 //! Integration tests of the broker: the real server on 127.0.0.1:0 with a temporary data
 //! directory, driven over HTTP.
 
+mod clock;
 mod contract;
 mod events;
 mod helpers;
