@@ -464,32 +464,106 @@ impl Broker {
     }
 
     /// One pass of housekeeping: expired leases back to the queue, over-long attempts failed,
-    /// finished jobs' files past `RESULT_TTL` deleted.
+    /// finished jobs' files past `RESULT_TTL` deleted, records past `JOB_RETENTION` deleted.
+    ///
+    /// Every step runs whatever the others did: a job that cannot be changed, or a file that
+    /// cannot be deleted, is logged and skipped, and workers are woken for requeued jobs before
+    /// anything else can fail. Returns the first error, after the whole pass.
     pub async fn sweep(&self) -> Result<(), BrokerError> {
         let cfg = &self.inner.config;
-        let mut requeued = false;
-        for r in self.inner.store.expire_leases(cfg.max_attempts).await? {
-            tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
-            requeued |= r.status == JobStatus::Queued;
-            self.publish(Self::kind_for_status(r.status), &r).await?;
+        let mut first_error: Option<BrokerError> = None;
+        let mut note = |e: BrokerError| {
+            tracing::error!(error = %e, "housekeeping step failed; the others went on");
+            first_error.get_or_insert(e);
+        };
+        match self.inner.store.expire_leases(cfg.max_attempts).await {
+            Ok(swept) => {
+                let mut requeued = false;
+                for r in &swept.changed {
+                    tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
+                    requeued |= r.status == JobStatus::Queued;
+                }
+                // Wake before publishing, so nothing below can hold a requeued job from a waiting worker.
+                if requeued || !swept.failed.is_empty() {
+                    self.inner.hub.job_queued();
+                }
+                self.publish_swept(swept, "expiring its lease").await;
+            }
+            Err(e) => note(e.into()),
         }
-        for r in self.inner.store.time_out_running(cfg.job_timeout.as_millis() as i64).await? {
-            tracing::warn!(job_id = %r.id, "job timed out");
-            self.publish(JobEventKind::Error, &r).await?;
+        match self.inner.store.time_out_running(cfg.job_timeout.as_millis() as i64).await {
+            Ok(swept) => {
+                for r in &swept.changed {
+                    tracing::warn!(job_id = %r.id, "job timed out");
+                }
+                self.publish_swept(swept, "timing it out").await;
+            }
+            Err(e) => note(e.into()),
         }
         if let Some(ttl) = cfg.result_ttl {
-            // Files first, record second: once a job says it has no result, the file is gone.
-            for id in self.inner.store.files_expired(ttl.as_millis() as i64).await? {
+            match self.inner.store.files_expired(ttl.as_millis() as i64).await {
+                Ok(ids) => {
+                    for id in ids {
+                        if let Err(e) = self.expire_files(id).await {
+                            tracing::error!(job_id = %id, error = %e, "could not delete the files of a job past RESULT_TTL; skipped");
+                        }
+                    }
+                }
+                Err(e) => note(e.into()),
+            }
+        }
+        if let Some(retention) = cfg.job_retention {
+            if let Err(e) = self.expire_records(retention.as_millis() as i64).await {
+                note(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn publish_swept(&self, swept: crate::store::Swept, doing: &str) {
+        for (seq, e) in swept.failed {
+            tracing::error!(seq, error = %e, "housekeeping could not finish {doing} for a job; skipped");
+        }
+        for r in swept.changed {
+            if let Err(e) = self.publish(Self::kind_for_status(r.status), &r).await {
+                tracing::error!(job_id = %r.id, error = %e, "could not publish a housekeeping change");
+            }
+        }
+    }
+
+    /// Files first, record second: once a job says it has no result, the file is gone.
+    async fn expire_files(&self, id: JobId) -> Result<(), BrokerError> {
+        self.inner.blobs.remove(BlobKind::Input, id).await?;
+        self.inner.blobs.remove(BlobKind::Result, id).await?;
+        if let Some(r) = self.inner.store.mark_files_deleted(id).await? {
+            self.publish(JobEventKind::Deleted, &r).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the records (and any files left) of jobs finished longer than `JOB_RETENTION` ago.
+    /// No event is published: the job is past any client's interest, and its GET answers 404.
+    async fn expire_records(&self, retention_ms: i64) -> Result<(), BrokerError> {
+        let ids = self.inner.store.records_expired(retention_ms).await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut gone = Vec::with_capacity(ids.len());
+        for id in ids {
+            let removed = async {
                 self.inner.blobs.remove(BlobKind::Input, id).await?;
-                self.inner.blobs.remove(BlobKind::Result, id).await?;
-                if let Some(r) = self.inner.store.mark_files_deleted(id).await? {
-                    self.publish(JobEventKind::Deleted, &r).await?;
+                self.inner.blobs.remove(BlobKind::Result, id).await
+            };
+            match removed.await {
+                Ok(()) => gone.push(id),
+                // The record stays until its files can go, so no file outlives its record.
+                Err(e) => {
+                    tracing::error!(job_id = %id, error = %e, "could not delete the files of a job past JOB_RETENTION; kept")
                 }
             }
         }
-        if requeued {
-            self.inner.hub.job_queued();
-        }
+        let n = self.inner.store.delete_records(gone, retention_ms).await?;
+        tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
         Ok(())
     }
 }

@@ -165,6 +165,32 @@ pub struct CancelOutcome {
     pub changed: bool,
 }
 
+/// What one sweep step changed, and the jobs it could not handle (each reported, none stopping the
+/// rest).
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// The records after the change.
+    pub changed: Vec<JobRecord>,
+    /// `(seq, error)` of each job that failed.
+    pub failed: Vec<(i64, StoreError)>,
+}
+
+impl Swept {
+    fn record(&mut self, seq: i64, outcome: Result<JobRecord, StoreError>) {
+        match outcome {
+            Ok(r) => self.changed.push(r),
+            Err(e) => self.failed.push((seq, e)),
+        }
+    }
+}
+
+/// Most jobs one sweep step changes: a backlog (a million rows past `JOB_RETENTION` after an
+/// upgrade) is worked off over several sweeps instead of in one long transaction.
+pub const SWEEP_BATCH: i64 = 256;
+
+/// Most records one sweep deletes for `JOB_RETENTION`.
+pub const RETENTION_BATCH: i64 = 2000;
+
 /// Counts per status, for `/health`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StatusCounts {
@@ -643,70 +669,129 @@ impl Store {
     }
 
     /// Puts running jobs whose lease lapsed back in the queue, or fails them when they used up
-    /// `max_attempts`. Returns the changed jobs.
-    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<JobRecord>, StoreError> {
+    /// `max_attempts`; at most [`SWEEP_BATCH`] per call (the next sweep takes the rest).
+    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Swept, StoreError> {
         self.write(move |tx, queue, now| {
             let expired: Vec<(i64, u32)> = tx
-                .prepare_cached("SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1")?
-                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .prepare_cached(
+                    "SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1 \
+                     ORDER BY lease_expires_at LIMIT ?2",
+                )?
+                .query_map(params![now, SWEEP_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut changed = Vec::with_capacity(expired.len());
+            let mut swept = Swept::default();
             for (seq, attempts) in expired {
-                if attempts < max_attempts {
-                    requeue(tx, queue, seq)?;
-                } else {
-                    finish_with_error(
-                        tx,
-                        seq,
-                        &format!("worker lost: its lease expired without a heartbeat on all {attempts} attempts"),
-                        now,
-                    )?;
-                }
-                changed.extend(get_by_seq(tx, seq)?);
+                // One job that cannot be changed or read back is reported, not allowed to stop
+                // the others (a failed statement leaves the transaction usable).
+                let one = (|| {
+                    if attempts < max_attempts {
+                        requeue(tx, queue, seq)?;
+                    } else {
+                        finish_with_error(
+                            tx,
+                            seq,
+                            &format!("worker lost: its lease expired without a heartbeat on all {attempts} attempts"),
+                            now,
+                        )?;
+                    }
+                    get_by_seq(tx, seq)?.ok_or(StoreError::NotFound)
+                })();
+                swept.record(seq, one);
             }
-            Ok(changed)
+            Ok(swept)
         })
         .await
     }
 
-    /// Fails running jobs whose current attempt has run longer than `timeout_ms`.
-    pub async fn time_out_running(&self, timeout_ms: i64) -> Result<Vec<JobRecord>, StoreError> {
+    /// Fails running jobs whose current attempt has run longer than `timeout_ms` (and whose
+    /// restart grace, if any, is over); at most [`SWEEP_BATCH`] per call.
+    pub async fn time_out_running(&self, timeout_ms: i64) -> Result<Swept, StoreError> {
         self.write(move |tx, _, now| {
             let late: Vec<i64> = tx
                 .prepare_cached(
                     "SELECT seq FROM jobs WHERE status = 'running' AND started_at < ?1 \
-                     AND (timeout_grace_until IS NULL OR timeout_grace_until < ?2)",
+                     AND (timeout_grace_until IS NULL OR timeout_grace_until < ?2) LIMIT ?3",
                 )?
-                .query_map([now - timeout_ms, now], |r| r.get(0))?
+                .query_map(params![now - timeout_ms, now, SWEEP_BATCH], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
-            let mut changed = Vec::with_capacity(late.len());
+            let mut swept = Swept::default();
             for seq in late {
-                finish_with_error(
-                    tx,
-                    seq,
-                    &format!("timed out: the job ran longer than JOB_TIMEOUT ({} s)", timeout_ms / 1000),
-                    now,
-                )?;
-                changed.extend(get_by_seq(tx, seq)?);
+                let one = (|| {
+                    finish_with_error(
+                        tx,
+                        seq,
+                        &format!("timed out: the job ran longer than JOB_TIMEOUT ({} s)", timeout_ms / 1000),
+                        now,
+                    )?;
+                    get_by_seq(tx, seq)?.ok_or(StoreError::NotFound)
+                })();
+                swept.record(seq, one);
             }
-            Ok(changed)
+            Ok(swept)
         })
         .await
     }
 
-    /// Finished jobs whose files are still on disk and older than `ttl_ms` (by finish time).
+    /// Finished jobs whose files are still on disk and older than `ttl_ms` (by finish time), oldest
+    /// first, at most [`SWEEP_BATCH`]. The partial index on finish time over rows that still have
+    /// files means this touches only those rows, however many finished jobs are stored.
     pub async fn files_expired(&self, ttl_ms: i64) -> Result<Vec<JobId>, StoreError> {
-        self.read(|c| {
-            let cutoff = self.clock.now().millis() - ttl_ms;
+        let cutoff = self.clock.now().millis() - ttl_ms;
+        self.read_blocking(move |c| {
+            // The OR term is written exactly as in the index's WHERE, so SQLite can use it.
             let ids: Vec<String> = c
                 .prepare_cached(
-                    "SELECT id FROM jobs WHERE status IN ('done', 'error') \
-                     AND (result_state = 'present' OR input_present = 1) AND finished_at < ?1",
+                    "SELECT id FROM jobs WHERE (input_present = 1 OR result_state = 'present') \
+                     AND finished_at < ?1 AND status IN ('done', 'error') ORDER BY finished_at LIMIT ?2",
                 )?
-                .query_map([cutoff], |r| r.get(0))?
+                .query_map(params![cutoff, SWEEP_BATCH], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             ids.iter().map(|id| parse_id(id)).collect()
         })
+        .await
+    }
+
+    /// Finished jobs whose record is older than `retention_ms` (by finish time), oldest first, at
+    /// most [`RETENTION_BATCH`]; from the index on finish time, so only those rows are read.
+    pub async fn records_expired(&self, retention_ms: i64) -> Result<Vec<JobId>, StoreError> {
+        let cutoff = self.clock.now().millis() - retention_ms;
+        self.read_blocking(move |c| {
+            let ids: Vec<String> = c
+                .prepare_cached(
+                    "SELECT id FROM jobs WHERE finished_at < ?1 AND status IN ('done', 'error', 'cancelled') \
+                     ORDER BY finished_at LIMIT ?2",
+                )?
+                .query_map(params![cutoff, RETENTION_BATCH], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            ids.iter().map(|id| parse_id(id)).collect()
+        })
+        .await
+    }
+
+    /// Deletes the records of `ids` that are still finished and older than `retention_ms` (the
+    /// caller removed their files first). Returns how many went.
+    pub async fn delete_records(&self, ids: Vec<JobId>, retention_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |tx, _, now| {
+            let mut stmt = tx.prepare_cached(
+                "DELETE FROM jobs WHERE id = ?1 AND finished_at < ?2 AND status IN ('done', 'error', 'cancelled')",
+            )?;
+            let mut n = 0;
+            for id in ids {
+                n += stmt.execute(params![id.to_string(), now - retention_ms])? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Runs a read on the blocking pool: for the sweep's scans, which must not hold up the async
+    /// runtime however large the database is.
+    async fn read_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.read(f)).await.map_err(|e| StoreError::Join(e.to_string()))?
     }
 
     /// Records that a finished job's files were deleted; `None` when there was nothing to record.

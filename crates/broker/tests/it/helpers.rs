@@ -25,6 +25,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         api_token: None,
         worker_token: None,
         result_ttl: 0,
+        job_retention: 0,
         job_timeout: 600.0,
         lease_ttl: 30.0,
         max_attempts: 3,

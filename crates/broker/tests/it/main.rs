@@ -5,6 +5,7 @@ mod clock;
 mod contract;
 mod events;
 mod helpers;
+mod housekeeping;
 mod jobs;
 mod persistence;
 mod results;
