@@ -674,7 +674,8 @@ impl Store {
         self.write(move |tx, queue, now| {
             let expired: Vec<(i64, u32)> = tx
                 .prepare_cached(
-                    "SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1 \
+                    "SELECT seq, attempts FROM jobs INDEXED BY jobs_lease_expiry \
+                     WHERE status = 'running' AND lease_expires_at < ?1 \
                      ORDER BY lease_expires_at LIMIT ?2",
                 )?
                 .query_map(params![now, SWEEP_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -738,10 +739,13 @@ impl Store {
     pub async fn files_expired(&self, ttl_ms: i64) -> Result<Vec<JobId>, StoreError> {
         let cutoff = self.clock.now().millis() - ttl_ms;
         self.read_blocking(move |c| {
-            // The OR term is written exactly as in the index's WHERE, so SQLite can use it.
+            // INDEXED BY: without it the planner may prefer the status index and read every done
+            // row; with it, a query the index cannot serve fails at prepare instead of going slow.
+            // The OR term is written exactly as in the index's WHERE, so the partial index applies.
             let ids: Vec<String> = c
                 .prepare_cached(
-                    "SELECT id FROM jobs WHERE (input_present = 1 OR result_state = 'present') \
+                    "SELECT id FROM jobs INDEXED BY jobs_with_files_by_finish \
+                     WHERE (input_present = 1 OR result_state = 'present') \
                      AND finished_at < ?1 AND status IN ('done', 'error') ORDER BY finished_at LIMIT ?2",
                 )?
                 .query_map(params![cutoff, SWEEP_BATCH], |r| r.get(0))?
@@ -758,7 +762,8 @@ impl Store {
         self.read_blocking(move |c| {
             let ids: Vec<String> = c
                 .prepare_cached(
-                    "SELECT id FROM jobs WHERE finished_at < ?1 AND status IN ('done', 'error', 'cancelled') \
+                    "SELECT id FROM jobs INDEXED BY jobs_by_finish \
+                     WHERE finished_at < ?1 AND status IN ('done', 'error', 'cancelled') \
                      ORDER BY finished_at LIMIT ?2",
                 )?
                 .query_map(params![cutoff, RETENTION_BATCH], |r| r.get(0))?
@@ -780,6 +785,28 @@ impl Store {
                 n += stmt.execute(params![id.to_string(), now - retention_ms])? as u64;
             }
             Ok(n)
+        })
+        .await
+    }
+
+    /// Benchmark hook: stores `n` finished (`done`) jobs in one statement, finish times spread
+    /// evenly over the `spread_ms` before now, the newest `with_files` of them still marked as
+    /// having their files. Not for production use: the rows name files that do not exist.
+    #[doc(hidden)]
+    pub async fn fill_finished_for_benchmark(&self, n: u64, spread_ms: i64, with_files: u64) -> Result<(), StoreError> {
+        self.write(move |tx, _, now| {
+            tx.execute(
+                "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?1) \
+                 INSERT INTO jobs (id, status, prompt, negative_prompt, workflow, params, input_content_type, \
+                 input_size, input_width, input_height, input_present, created_at, started_at, finished_at, \
+                 attempts, result_state, result_content_type, result_size) \
+                 SELECT printf('%08x-0000-4000-8000-%012x', i, i), 'done', 'benchmark', '', 'bench', '{}', \
+                 'image/png', 1000, 64, 64, i > ?1 - ?4, t - 5000, t - 4000, t, 1, \
+                 CASE WHEN i > ?1 - ?4 THEN 'present' ELSE 'deleted' END, 'video/mp4', 100000 \
+                 FROM (SELECT i, ?2 - ?3 + ?3 * i / ?1 AS t FROM k)",
+                params![n as i64, now, spread_ms, with_files as i64],
+            )?;
+            Ok(())
         })
         .await
     }
