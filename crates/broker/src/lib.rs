@@ -8,6 +8,7 @@
 pub mod blobs;
 pub mod clock;
 pub mod config;
+pub mod data_dir;
 pub mod events;
 pub mod http;
 pub mod image_sniff;
@@ -34,6 +35,9 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     let addr = listener.local_addr()?;
     warn_if_exposed(addr, &config);
+    // Held until this function ends (or its task is dropped), so a restart in the same process
+    // can take it again.
+    let _lock = data_dir::DataDirLock::acquire(&config.data_dir, addr)?;
     let broker = Broker::open(config).await?;
     // Aborted when this future ends or is dropped: a broker that stopped must not go on requeueing
     // jobs in the data directory it no longer serves.

@@ -79,6 +79,17 @@ pub enum BrokerError {
     /// The disk failed.
     #[error("disk error: {0}")]
     Io(#[from] std::io::Error),
+    /// Another broker holds the data directory.
+    #[error(
+        "DATA_DIR {} is in use by another broker ({holder}); stop that one, or give this one its own DATA_DIR",
+        dir.display()
+    )]
+    DataDirInUse {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
 }
 
 impl Broker {
@@ -94,6 +105,7 @@ impl Broker {
         if resumed > 0 {
             tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
         }
+        reconcile_files(&store, &blobs).await?;
         Ok(Broker {
             inner: Arc::new(Inner {
                 config,
@@ -566,4 +578,33 @@ impl Broker {
         tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
         Ok(())
     }
+}
+
+/// Deletes the files in `inputs/` and `results/` that no job owns: left by a crash between a
+/// file's rename and its row's commit, or between a commit that gave a file up (cancel, expiry)
+/// and the file's removal. One pass at start, before any request, so no upload is in flight; each
+/// file costs one point lookup.
+async fn reconcile_files(store: &Store, blobs: &Blobs) -> Result<(), BrokerError> {
+    let mut removed = 0u64;
+    for kind in [BlobKind::Input, BlobKind::Result] {
+        let listed = {
+            let blobs = blobs.clone();
+            tokio::task::spawn_blocking(move || blobs.list(kind)).await.map_err(std::io::Error::other)??
+        };
+        let owned = store.owned_files(listed.clone()).await?;
+        for id in listed {
+            let keep = owned.get(&id).is_some_and(|&(input, result)| match kind {
+                BlobKind::Input => input,
+                BlobKind::Result => result,
+            });
+            if !keep {
+                blobs.remove(kind, id).await?;
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::warn!(files = removed, "removed files no job owns (left by a crash)");
+    }
+    Ok(())
 }

@@ -10,7 +10,7 @@
 //! a PostgreSQL store (several brokers sharing one database, `FOR UPDATE SKIP LOCKED` claims) can be
 //! added behind the same methods without touching the service or the handlers.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -807,6 +807,22 @@ impl Store {
                 params![n as i64, now, spread_ms, with_files as i64],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// For each of `ids` that has a row: whether the row says its input and its result are on disk.
+    pub async fn owned_files(&self, ids: Vec<JobId>) -> Result<HashMap<JobId, (bool, bool)>, StoreError> {
+        self.read_blocking(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT input_present, result_state = 'present' FROM jobs WHERE id = ?1")?;
+            let mut owned = HashMap::with_capacity(ids.len());
+            for id in ids {
+                if let Some(flags) = stmt.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional()? {
+                    owned.insert(id, flags);
+                }
+            }
+            Ok(owned)
         })
         .await
     }

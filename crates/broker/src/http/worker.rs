@@ -145,6 +145,13 @@ pub async fn put_result(
         .unwrap_or("application/octet-stream")
         .to_owned();
     let limit = broker.config().max_result_bytes;
+    // A body that announces it is over the limit is refused before a byte is staged; a body without
+    // a length (chunked) is still cut off at the limit while it streams.
+    let announced =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit, what: "MAX_RESULT_MB" });
+    }
     let staged = match broker.blobs().stage(body.into_data_stream(), limit, 0).await {
         Ok(s) => s,
         Err(BlobError::TooLarge { limit }) => {

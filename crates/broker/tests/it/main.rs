@@ -3,6 +3,7 @@
 
 mod clock;
 mod contract;
+mod data_dir;
 mod events;
 mod helpers;
 mod housekeeping;
