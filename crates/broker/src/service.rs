@@ -524,10 +524,10 @@ impl Broker {
                 Err(e) => note(e.into()),
             }
         }
-        if let Some(retention) = cfg.job_retention {
-            if let Err(e) = self.expire_records(retention.as_millis() as i64).await {
-                note(e);
-            }
+        if let Some(retention) = cfg.job_retention
+            && let Err(e) = self.expire_records(retention.as_millis() as i64).await
+        {
+            note(e);
         }
         first_error.map_or(Ok(()), Err)
     }
