@@ -51,6 +51,7 @@ async fn a_worker_id_the_broker_would_refuse_stops_the_worker_at_start_with_a_cl
         .env("WORKER_ID", "render node 1")
         .env("BROKER_URL", format!("http://127.0.0.1:{}", free_port()))
         .env("WORKFLOWS_DIR", crate::process::repo_workflows())
+        .env("WORKER_SPOOL_DIR", std::env::temp_dir().join("tdcomfy-test-unused-spool"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
