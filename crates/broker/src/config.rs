@@ -56,8 +56,8 @@ pub struct BrokerArgs {
     pub result_ttl: u64,
 
     /// Seconds a finished job's record is kept (with any files it still has) before it is deleted,
-    /// so the database does not grow without end; its GET then answers 404. 0 keeps records
-    /// forever.
+    /// so the database does not grow without end; its GET then answers 404 and its Idempotency-Key
+    /// may be used again. 0 keeps records forever.
     #[arg(long, env = "JOB_RETENTION", default_value_t = 604_800)]
     pub job_retention: u64,
 

@@ -556,12 +556,16 @@ impl Broker {
     /// Deletes the records (and any files left) of jobs finished longer than `JOB_RETENTION` ago.
     /// No event is published: the job is past any client's interest, and its GET answers 404.
     async fn expire_records(&self, retention_ms: i64) -> Result<(), BrokerError> {
-        let ids = self.inner.store.records_expired(retention_ms).await?;
-        if ids.is_empty() {
+        let expired = self.inner.store.records_expired(retention_ms).await?;
+        if expired.is_empty() {
             return Ok(());
         }
-        let mut gone = Vec::with_capacity(ids.len());
-        for id in ids {
+        let mut gone = Vec::with_capacity(expired.len());
+        for (id, has_files) in expired {
+            if !has_files {
+                gone.push(id);
+                continue;
+            }
             let removed = async {
                 self.inner.blobs.remove(BlobKind::Input, id).await?;
                 self.inner.blobs.remove(BlobKind::Result, id).await
