@@ -84,14 +84,33 @@ pub enum BrokerError {
     /// The disk failed.
     #[error("disk error: {0}")]
     Io(#[from] std::io::Error),
+    /// Another broker holds the data directory.
+    #[error(
+        "DATA_DIR {} is in use by another broker ({holder}); stop that one, or give this one its own DATA_DIR",
+        dir.display()
+    )]
+    DataDirInUse {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
 }
 
 impl Broker {
-    /// Opens the store and file area under `config.data_dir`.
-    pub fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
+    /// Opens the store and file area under `config.data_dir`, and gives the jobs that were running
+    /// when the broker stopped one `LEASE_TTL` for their workers to check in (see
+    /// [`Store::resume_running`]); call it before the first [`Broker::sweep`].
+    pub async fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("jobs.sqlite3"))?;
+        let store = Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?;
         let blobs = Blobs::open(&config.data_dir.join("files"))?;
+        let resumed =
+            store.resume_running(config.lease_ttl.as_millis() as i64, config.job_timeout.as_millis() as i64).await?;
+        if resumed > 0 {
+            tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
+        }
+        reconcile_files(&store, &blobs).await?;
         Ok(Broker {
             inner: Arc::new(Inner {
                 config,
@@ -131,7 +150,7 @@ impl Broker {
         let queue_position =
             if r.status == JobStatus::Queued { Some(self.inner.store.queue_position(r.seq).await?) } else { None };
         let processing_time = r.started_at.map(|start| {
-            let end = r.finished_at.unwrap_or_else(Timestamp::now);
+            let end = r.finished_at.unwrap_or_else(|| self.inner.config.clock.now());
             (end.millis() - start.millis()).max(0) as f64 / 1000.0
         });
         let result = match (&r.result, r.status) {
@@ -639,35 +658,144 @@ impl Broker {
     }
 
     /// One pass of housekeeping: expired leases back to the queue, over-long attempts failed,
-    /// finished jobs' files past `RESULT_TTL` deleted.
+    /// finished jobs' files past `RESULT_TTL` deleted, records past `JOB_RETENTION` deleted.
+    ///
+    /// Every step runs whatever the others did: a job that cannot be changed, or a file that
+    /// cannot be deleted, is logged and skipped, and workers are woken for requeued jobs before
+    /// anything else can fail. Returns the first error, after the whole pass.
     pub async fn sweep(&self) -> Result<(), BrokerError> {
         let cfg = &self.inner.config;
-        self.release_unacknowledged().await?;
-        let mut requeued = false;
-        for r in self.inner.store.expire_leases(cfg.max_attempts).await? {
-            tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
-            requeued |= r.status == JobStatus::Queued;
-            self.publish(Self::kind_for_status(r.status), &r).await?;
+        let mut first_error: Option<BrokerError> = None;
+        let mut note = |e: BrokerError| {
+            tracing::error!(error = %e, "housekeeping step failed; the others went on");
+            first_error.get_or_insert(e);
+        };
+        if let Err(e) = self.release_unacknowledged().await {
+            note(e);
         }
-        for r in self.inner.store.time_out_running(cfg.job_timeout.as_millis() as i64).await? {
-            tracing::warn!(job_id = %r.id, "job timed out");
-            self.publish(JobEventKind::Error, &r).await?;
+        match self.inner.store.expire_leases(cfg.max_attempts).await {
+            Ok(swept) => {
+                let mut requeued = false;
+                for r in &swept.changed {
+                    tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
+                    requeued |= r.status == JobStatus::Queued;
+                }
+                // Wake before publishing, so nothing below can hold a requeued job from a waiting worker.
+                if requeued || !swept.failed.is_empty() {
+                    self.inner.hub.job_queued();
+                }
+                self.publish_swept(swept, "expiring its lease").await;
+            }
+            Err(e) => note(e.into()),
+        }
+        match self.inner.store.time_out_running(cfg.job_timeout.as_millis() as i64).await {
+            Ok(swept) => {
+                for r in &swept.changed {
+                    tracing::warn!(job_id = %r.id, "job timed out");
+                }
+                self.publish_swept(swept, "timing it out").await;
+            }
+            Err(e) => note(e.into()),
         }
         if let Some(ttl) = cfg.result_ttl {
-            // Files first, record second: once a job says it has no result, the file is gone.
-            for id in self.inner.store.files_expired(ttl.as_millis() as i64).await? {
-                self.inner.blobs.remove(BlobKind::Input, id).await?;
-                self.inner.blobs.remove(BlobKind::Result, id).await?;
-                if let Some(r) = self.inner.store.mark_files_deleted(id).await? {
-                    self.publish(JobEventKind::Deleted, &r).await?;
+            match self.inner.store.files_expired(ttl.as_millis() as i64).await {
+                Ok(ids) => {
+                    for id in ids {
+                        if let Err(e) = self.expire_files(id).await {
+                            tracing::error!(job_id = %id, error = %e, "could not delete the files of a job past RESULT_TTL; skipped");
+                        }
+                    }
                 }
+                Err(e) => note(e.into()),
             }
         }
-        if requeued {
-            self.inner.hub.job_queued();
+        if let Some(retention) = cfg.job_retention
+            && let Err(e) = self.expire_records(retention.as_millis() as i64).await
+        {
+            note(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn publish_swept(&self, swept: crate::store::Swept, doing: &str) {
+        for (seq, e) in swept.failed {
+            tracing::error!(seq, error = %e, "housekeeping could not finish {doing} for a job; skipped");
+        }
+        for r in swept.changed {
+            if let Err(e) = self.publish(Self::kind_for_status(r.status), &r).await {
+                tracing::error!(job_id = %r.id, error = %e, "could not publish a housekeeping change");
+            }
+        }
+    }
+
+    /// Files first, record second: once a job says it has no result, the file is gone.
+    async fn expire_files(&self, id: JobId) -> Result<(), BrokerError> {
+        self.inner.blobs.remove(BlobKind::Input, id).await?;
+        self.inner.blobs.remove(BlobKind::Result, id).await?;
+        if let Some(r) = self.inner.store.mark_files_deleted(id).await? {
+            self.publish(JobEventKind::Deleted, &r).await?;
         }
         Ok(())
     }
+
+    /// Deletes the records (and any files left) of jobs finished longer than `JOB_RETENTION` ago.
+    /// No event is published: the job is past any client's interest, and its GET answers 404.
+    async fn expire_records(&self, retention_ms: i64) -> Result<(), BrokerError> {
+        let expired = self.inner.store.records_expired(retention_ms).await?;
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let mut gone = Vec::with_capacity(expired.len());
+        for (id, has_files) in expired {
+            if !has_files {
+                gone.push(id);
+                continue;
+            }
+            let removed = async {
+                self.inner.blobs.remove(BlobKind::Input, id).await?;
+                self.inner.blobs.remove(BlobKind::Result, id).await
+            };
+            match removed.await {
+                Ok(()) => gone.push(id),
+                // The record stays until its files can go, so no file outlives its record.
+                Err(e) => {
+                    tracing::error!(job_id = %id, error = %e, "could not delete the files of a job past JOB_RETENTION; kept")
+                }
+            }
+        }
+        let n = self.inner.store.delete_records(gone, retention_ms).await?;
+        tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
+        Ok(())
+    }
+}
+
+/// Deletes the files in `inputs/` and `results/` that no job owns: left by a crash between a
+/// file's rename and its row's commit, or between a commit that gave a file up (cancel, expiry)
+/// and the file's removal. One pass at start, before any request, so no upload is in flight; each
+/// file costs one point lookup.
+async fn reconcile_files(store: &Store, blobs: &Blobs) -> Result<(), BrokerError> {
+    let mut removed = 0u64;
+    for kind in [BlobKind::Input, BlobKind::Result] {
+        let listed = {
+            let blobs = blobs.clone();
+            tokio::task::spawn_blocking(move || blobs.list(kind)).await.map_err(std::io::Error::other)??
+        };
+        let owned = store.owned_files(listed.clone()).await?;
+        for id in listed {
+            let keep = owned.get(&id).is_some_and(|&(input, result)| match kind {
+                BlobKind::Input => input,
+                BlobKind::Result => result,
+            });
+            if !keep {
+                blobs.remove(kind, id).await?;
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::warn!(files = removed, "removed files no job owns (left by a crash)");
+    }
+    Ok(())
 }
 
 /// Where a claim stands relative to the lease request that asked for it.

@@ -146,6 +146,13 @@ pub async fn put_result(
         .unwrap_or("application/octet-stream")
         .to_owned();
     let limit = broker.config().max_result_bytes;
+    // A body that announces it is over the limit is refused before a byte is staged; a body without
+    // a length (chunked) is still cut off at the limit while it streams.
+    let announced =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit, what: "MAX_RESULT_MB" });
+    }
     // The upload itself keeps the lease alive while its bytes arrive: a large result on a slow
     // link may take many LEASE_TTLs, and the worker's own heartbeats may be held up on the same link.
     let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -144,6 +144,7 @@ impl Pipeline {
             api_token: None,
             worker_token: None,
             result_ttl: 0,
+            job_retention: 0,
             job_timeout: self.setup.job_timeout,
             lease_ttl: self.setup.lease_ttl,
             max_attempts: self.setup.max_attempts,
