@@ -1,11 +1,14 @@
-//! Timestamps: milliseconds since the Unix epoch inside, RFC 3339 UTC text on the wire.
+//! Timestamps: milliseconds since the Unix epoch inside; on the wire, seconds since the epoch as a
+//! number (`1764676800.123`), the original design's type, which TD scripts compute with
+//! (`time.time() - status["created_at"]`).
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use utoipa::ToSchema;
 
-/// A point in time with millisecond precision, serialized as `2026-11-26T12:00:00.123Z`.
+/// A point in time with millisecond precision, serialized as seconds since the Unix epoch
+/// (`1764676800.123`). Deserializing also takes the RFC 3339 text earlier versions wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ToSchema)]
-#[schema(value_type = String, format = DateTime)]
+#[schema(value_type = f64, example = 1764676800.123)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
@@ -84,16 +87,33 @@ impl std::fmt::Display for Timestamp {
     }
 }
 
+impl Timestamp {
+    /// Seconds since the epoch, as sent on the wire.
+    pub fn epoch_seconds(self) -> f64 {
+        self.0 as f64 / 1000.0
+    }
+}
+
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format_rfc3339_ms(self.0))
+        serializer.serialize_f64(self.epoch_seconds())
     }
 }
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        Timestamp::parse_rfc3339(&s).ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 UTC time: {s}")))
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Seconds(f64),
+            Text(String),
+        }
+        match Wire::deserialize(deserializer)? {
+            Wire::Seconds(s) if s.is_finite() => Ok(Timestamp((s * 1000.0).round() as i64)),
+            Wire::Seconds(s) => Err(serde::de::Error::custom(format!("not a time: {s}"))),
+            Wire::Text(s) => Timestamp::parse_rfc3339(&s)
+                .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 UTC time: {s}"))),
+        }
     }
 }
 
@@ -115,5 +135,13 @@ mod tests {
             assert_eq!(Timestamp::parse_rfc3339(&text), Some(Timestamp(ms)), "{text}");
         }
         assert_eq!(Timestamp::parse_rfc3339("2026-11-26 12:00:00Z"), None);
+    }
+
+    #[test]
+    fn wire_form_is_epoch_seconds_and_reads_back() {
+        let t = Timestamp(1_795_691_835_463);
+        assert_eq!(serde_json::to_string(&t).unwrap(), "1795691835.463");
+        assert_eq!(serde_json::from_str::<Timestamp>("1795691835.463").unwrap(), t);
+        assert_eq!(serde_json::from_str::<Timestamp>("\"2026-11-26T11:17:15.463Z\"").unwrap(), t);
     }
 }

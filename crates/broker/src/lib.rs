@@ -11,6 +11,7 @@ pub mod config;
 pub mod data_dir;
 pub mod events;
 pub mod http;
+pub mod image_check;
 pub mod image_sniff;
 pub mod service;
 pub mod store;

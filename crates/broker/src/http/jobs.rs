@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::ApiError;
 use super::extract::{ApiQuery, job_id, wait_secs};
 use crate::blobs::{BlobError, StagedBlob};
+use crate::image_check::{ContainerError, check_container};
 use crate::image_sniff::{SniffError, sniff};
 use crate::service::{Broker, Submission, SubmitOutcome};
 
@@ -29,7 +30,8 @@ pub struct SubmitForm {
     /// Negative prompt.
     #[schema(nullable = false)]
     negative_prompt: Option<String>,
-    /// Integer seed, 0 ..= 18446744073709551615 (empty: random).
+    /// Integer seed, 0 ..= 18446744073709551615, or -1 for a random seed (reported back as the job's
+    /// `seed`). Empty: the workflow's own seed.
     #[schema(nullable = false, pattern = "^[0-9]{0,19}$")]
     seed: Option<String>,
     /// Workflow name (see `GET /workflows`; empty: the default).
@@ -344,6 +346,14 @@ impl RawForm {
                 )
             ));
         }
+        // After the header checks, so an absurd image is refused without reading it to the end.
+        let (path, format) = (image.path().to_owned(), header.format);
+        match tokio::task::spawn_blocking(move || check_container(&path, format)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(ContainerError::Io(e))) => bail!(ApiError::Internal(e)),
+            Ok(Err(e)) => bail!(ApiError::field("corrupt_image", "image", format!("{e}; send the frame again"))),
+            Err(e) => bail!(ApiError::Internal(e.to_string())),
+        }
         for (field, text) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
             if text.as_ref().is_some_and(|t| t.chars().count() > cfg.max_prompt_chars) {
                 bail!(TextError::TooLong.named(field, cfg.max_prompt_chars));
@@ -351,13 +361,16 @@ impl RawForm {
         }
         let seed = match self.seed.as_deref().map(str::trim) {
             None | Some("") => None,
+            // Most diffusion UIs' "pick one for me"; the seed picked is stored and reported, so the
+            // clip can be made again.
+            Some("-1") => Some(random_seed()),
             Some(s) => match s.parse::<u64>() {
                 Ok(v) => Some(v),
                 Err(_) => bail!(ApiError::limit(
                     "invalid_seed",
                     "seed",
                     u64::MAX,
-                    format!("seed must be an integer from 0 to {}, got {s:?}", u64::MAX)
+                    format!("seed must be an integer from 0 to {}, or -1 for a random one, got {s:?}", u64::MAX)
                 )),
             },
         };
@@ -569,4 +582,9 @@ pub async fn list_workflows(State(broker): State<Broker>) -> axum::Json<serde_js
         "default": registry.default_name(),
         "workflows": registry.describe(),
     }))
+}
+
+/// A random seed below 2^53, so it survives every JSON reader (JavaScript numbers are doubles).
+fn random_seed() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0 & ((1 << 53) - 1)
 }

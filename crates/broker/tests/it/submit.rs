@@ -34,7 +34,10 @@ async fn submit_returns_the_design_fields_and_get_shows_the_job() {
     assert_eq!(job["processing_time"], Value::Null);
     assert_eq!(job["workflow"], "ltxv_image_to_video");
     assert_eq!(job["attempts"], 0);
-    assert!(job["created_at"].as_str().unwrap().ends_with('Z'));
+    // The original design's type: seconds since the epoch, so `time.time() - created_at` works.
+    let created = job["created_at"].as_f64().expect("created_at is a number");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - created).abs() < 60.0, "created_at {created} is now ({now})");
     assert_eq!(app.files("inputs"), vec![id.to_owned()]);
 }
 
@@ -98,7 +101,7 @@ async fn every_bad_input_gets_a_4xx_naming_the_field_and_loses_nothing() {
             Some("image"),
         ),
         ("seed not integer", Form::new().part("image", png()).text("seed", "4.5"), 400, "invalid_seed", Some("seed")),
-        ("seed negative", Form::new().part("image", png()).text("seed", "-1"), 400, "invalid_seed", Some("seed")),
+        ("seed negative", Form::new().part("image", png()).text("seed", "-2"), 400, "invalid_seed", Some("seed")),
         (
             "seed too big",
             Form::new().part("image", png()).text("seed", "18446744073709551616"),
@@ -213,4 +216,64 @@ async fn idempotency_key_returns_the_same_job_and_refuses_a_different_body() {
     assert_ne!(other["job_id"], first["job_id"]);
     assert_eq!(app.health().await["jobs_count"], 2);
     assert_eq!(app.files("inputs").len(), 2, "a replay must not leave a second input file");
+}
+
+#[tokio::test]
+async fn seed_minus_one_picks_a_random_seed_and_reports_it() {
+    let app = spawn_app().await;
+    let mut seeds = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let resp = app.submit(png_form("random please").text("seed", "-1")).await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        let id = resp.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_owned();
+        let job = app.job(&id).await;
+        let seed = job["seed"].as_u64().expect("the seed used is reported");
+        assert!(seed < 1 << 53, "exact in every JSON reader: {seed}");
+        let lease = app.lease("w", 2.0).await.expect("leased");
+        assert_eq!(lease["seed"].as_u64(), Some(seed), "the worker runs the reported seed");
+        seeds.insert(seed);
+    }
+    assert_eq!(seeds.len(), 3, "each -1 picks its own seed");
+}
+
+fn encoded(format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(96, 64, |x, y| image::Rgb([(x * 3) as u8, (y * 4) as u8, ((x ^ y) * 5) as u8]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test]
+async fn truncated_or_corrupt_frames_are_refused_at_submit_and_whole_ones_accepted() {
+    let app = spawn_app().await;
+    let png = encoded(image::ImageFormat::Png);
+    let jpeg = encoded(image::ImageFormat::Jpeg);
+    let webp = encoded(image::ImageFormat::WebP);
+    let mut flipped = png.clone();
+    let mid = flipped.len() / 2; // inside IDAT: the header is intact, a CRC is not
+    flipped[mid] ^= 0x55;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("PNG cut off mid-write", png[..png.len() * 2 / 3].to_vec(), "image/png"),
+        ("PNG without IEND", png[..png.len() - 12].to_vec(), "image/png"),
+        ("PNG with a damaged chunk", flipped, "image/png"),
+        ("JPEG cut off mid-scan", jpeg[..jpeg.len() * 2 / 3].to_vec(), "image/jpeg"),
+        ("JPEG without EOI", jpeg[..jpeg.len() - 2].to_vec(), "image/jpeg"),
+        ("WebP cut off", webp[..webp.len() - 7].to_vec(), "image/webp"),
+    ];
+    for (name, bytes, mime) in cases {
+        let resp = app.submit(Form::new().part("image", image_part(bytes, mime)).text("prompt", name)).await;
+        let (status, err) = error_of(resp).await;
+        assert_eq!(
+            (status, err["code"].as_str(), err["field"].as_str()),
+            (400, Some("corrupt_image"), Some("image")),
+            "{name}: {err}"
+        );
+        assert!(err["message"].as_str().unwrap().contains("send the frame again"), "{name}: {err}");
+    }
+    assert!(app.files("inputs").is_empty(), "no refused frame was kept");
+    assert!(app.files("tmp").is_empty(), "no staged file was left behind");
+    for (bytes, mime) in [(png, "image/png"), (jpeg, "image/jpeg"), (webp, "image/webp")] {
+        let resp = app.submit(Form::new().part("image", image_part(bytes, mime)).text("prompt", "whole")).await;
+        assert_eq!(resp.status(), 200, "a whole {mime} is accepted: {}", resp.text().await.unwrap());
+    }
 }

@@ -38,7 +38,7 @@ async fn a_waiting_worker_gets_a_job_the_moment_it_is_queued() {
     assert_eq!(lease["job_timeout"], 600.0);
     let job = app.job(&id).await;
     assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("running"), Some(1)));
-    assert!(job["started_at"].is_string());
+    assert!(job["started_at"].is_f64(), "started_at is epoch seconds");
 }
 
 #[tokio::test]
@@ -107,7 +107,7 @@ async fn full_lifecycle_input_progress_result() {
     assert_eq!(job["has_result"], true);
     assert_eq!(job["progress"]["value"], 1.0);
     assert_eq!(job["result"], json!({"content_type": "video/mp4", "size": video.len()}));
-    assert!(job["finished_at"].is_string() && job["processing_time"].as_f64().unwrap() >= 0.0);
+    assert!(job["finished_at"].is_f64() && job["processing_time"].as_f64().unwrap() >= 0.0);
     let got = app.get(&format!("/jobs/{id}/result")).send().await.unwrap();
     assert_eq!(got.headers()["content-type"], "video/mp4");
     assert_eq!(got.bytes().await.unwrap().to_vec(), video);
