@@ -72,6 +72,11 @@ pub struct BrokerArgs {
     /// Leases a job may get (a worker died or the backend was down) before it fails.
     #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+
+    /// Most queued jobs; past it `POST /jobs` answers 429 queue_full with Retry-After, so a client
+    /// that submits faster than the GPUs run learns it at once instead of queueing hours of work.
+    #[arg(long, env = "MAX_QUEUE", default_value_t = 1000)]
+    pub max_queue: u64,
 }
 
 /// Why the settings are unusable.
@@ -114,6 +119,8 @@ pub struct BrokerConfig {
     pub lease_ttl: Duration,
     /// Most leases per job.
     pub max_attempts: u32,
+    /// Most queued jobs.
+    pub max_queue: u64,
     /// Loaded workflows.
     pub workflows: Arc<WorkflowRegistry>,
     /// How often expired leases, timeouts and old files are swept.
@@ -171,6 +178,7 @@ impl BrokerArgs {
             sweep_interval: (lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
             lease_ttl,
             max_attempts: self.max_attempts,
+            max_queue: self.max_queue.max(1),
             workflows,
             clock: Clock::system(),
         })

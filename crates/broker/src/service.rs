@@ -275,6 +275,11 @@ impl Broker {
         })
     }
 
+    /// Number of queued jobs.
+    pub fn queued_count(&self) -> u64 {
+        self.inner.store.queued_count()
+    }
+
     /// One job.
     pub async fn job(&self, id: JobId) -> Result<Option<JobRecord>, BrokerError> {
         Ok(self.inner.store.get(id).await?)

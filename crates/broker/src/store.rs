@@ -451,6 +451,11 @@ impl Store {
         self.read(|c| get_in(c, id))
     }
 
+    /// Number of queued jobs (from the in-memory index).
+    pub fn queued_count(&self) -> u64 {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).seqs.len() as u64
+    }
+
     /// 1-based position of a queued job in the queue (from the in-memory index, in O(log n)).
     pub async fn queue_position(&self, seq: i64) -> Result<u64, StoreError> {
         Ok(self.queue.lock().unwrap_or_else(|p| p.into_inner()).position(seq))

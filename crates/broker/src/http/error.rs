@@ -31,6 +31,14 @@ pub enum ApiError {
         /// Which limit (`MAX_UPLOAD_MB`, `MAX_RESULT_MB`).
         what: &'static str,
     },
+    /// `MAX_QUEUE` jobs are queued already (429, with `Retry-After`).
+    #[error("the queue is full: {limit} jobs are waiting (MAX_QUEUE); retry in {retry_after} s")]
+    QueueFull {
+        /// MAX_QUEUE.
+        limit: u64,
+        /// Seconds to wait before trying again.
+        retry_after: u64,
+    },
     /// No such job (404).
     #[error("no job with id {0}")]
     JobNotFound(String),
@@ -100,6 +108,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { limit, .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None, Some(*limit))
             }
+            ApiError::QueueFull { limit, .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full", None, Some(*limit)),
             ApiError::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None, None),
             ApiError::RouteNotFound { .. } => (StatusCode::NOT_FOUND, "route_not_found", None, None),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None, None),
@@ -132,6 +141,9 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Unauthorized(_) => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::QueueFull { retry_after, .. } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             ApiError::RangeNotSatisfiable { size } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

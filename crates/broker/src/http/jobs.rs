@@ -61,6 +61,7 @@ const FORM_SLACK: u64 = 1024 * 1024;
         (status = 400, description = "Invalid field", body = tdcomfy_api::ErrorBody),
         (status = 409, description = "Idempotency-Key reused with different fields", body = tdcomfy_api::ErrorBody),
         (status = 413, description = "Upload over MAX_UPLOAD_MB", body = tdcomfy_api::ErrorBody),
+        (status = 429, description = "MAX_QUEUE jobs are queued already; see Retry-After", body = tdcomfy_api::ErrorBody),
     )
 )]
 pub async fn submit_job(State(broker): State<Broker>, req: Request) -> Result<Response, ApiError> {
@@ -74,6 +75,13 @@ pub async fn submit_job(State(broker): State<Broker>, req: Request) -> Result<Re
             drain(req.into_body(), limit).await;
         }
         return Err(ApiError::PayloadTooLarge { limit, what: "MAX_UPLOAD_MB" });
+    }
+    // Checked before the body is read; concurrent submissions may pass it together, so the queue
+    // can exceed MAX_QUEUE by the number of uploads in flight, never more.
+    let max_queue = broker.config().max_queue;
+    if broker.queued_count() >= max_queue {
+        drain(req.into_body(), limit).await;
+        return Err(ApiError::QueueFull { limit: max_queue, retry_after: QUEUE_FULL_RETRY_AFTER });
     }
     let idempotency_key = idempotency_key(req.headers())?;
     let multipart = axum::extract::Multipart::from_request(req, &broker).await.map_err(|e| {
@@ -113,6 +121,9 @@ pub async fn submit_job(State(broker): State<Broker>, req: Request) -> Result<Re
         }),
     }
 }
+
+/// Seconds a client is asked to wait after `429 queue_full`: about one short clip's run.
+const QUEUE_FULL_RETRY_AFTER: u64 = 5;
 
 /// Reads and discards what is left of a refused body (bounded), so the client, still sending,
 /// reads the 413 instead of a reset connection.

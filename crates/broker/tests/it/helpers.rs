@@ -29,6 +29,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         job_timeout: 600.0,
         lease_ttl: 30.0,
         max_attempts: 3,
+        max_queue: 1000,
     }
 }
 

@@ -277,3 +277,21 @@ async fn truncated_or_corrupt_frames_are_refused_at_submit_and_whole_ones_accept
         assert_eq!(resp.status(), 200, "a whole {mime} is accepted: {}", resp.text().await.unwrap());
     }
 }
+
+#[tokio::test]
+async fn past_max_queue_a_submission_gets_429_with_retry_after_and_nothing_is_kept() {
+    let app = crate::helpers::spawn_with(|a| a.max_queue = 3).await;
+    for i in 0..3 {
+        app.submit_png(&format!("fits {i}")).await;
+    }
+    let resp = app.submit(png_form("one too many")).await;
+    let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err["code"].as_str(), err["limit"].as_u64()), (429, Some("queue_full"), Some(3)), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("MAX_QUEUE"), "{err}");
+    assert!(retry_after.and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s > 0), "Retry-After in seconds");
+    assert_eq!(app.files("inputs").len(), 3, "the refused frame was not kept");
+    // Once a worker takes a job, there is room again.
+    app.lease("w", 2.0).await.expect("leased");
+    app.submit_png("fits again").await;
+}
