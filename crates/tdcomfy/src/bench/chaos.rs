@@ -372,10 +372,12 @@ async fn run_job(shared: &Shared, frame: Vec<u8>) -> Record {
             .send()
             .await;
         match sent {
-            Ok(r) if r.status().is_success() => match r.json::<SubmitResponse>().await {
-                Ok(s) => break s.job_id,
-                Err(_) => {} // the broker died mid-answer: replay the key
-            },
+            Ok(r) if r.status().is_success() => {
+                // An unreadable answer means the broker died mid-answer: replay the key.
+                if let Ok(s) = r.json::<SubmitResponse>().await {
+                    break s.job_id;
+                }
+            }
             Ok(r) if r.status().is_client_error() => {
                 record.outcome = Outcome::NotAccepted(format!("HTTP {}", r.status()));
                 return record;
@@ -492,6 +494,8 @@ struct FaultLog {
     untargeted: BTreeMap<Fault, usize>,
     /// Mid-delivery kills that hit a job whose prompt had finished but which was not yet `done`.
     delivery_hits: usize,
+    /// The jobs each fault hit: running on the broker at the kill.
+    hit: BTreeMap<Fault, HashSet<JobId>>,
 }
 
 /// Waits (bounded) for `pred` over the running jobs; false on timeout.
@@ -512,6 +516,9 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
     let mut untargeted = false;
     match fault {
         Fault::Broker => {
+            // Asked before the kill: afterwards there is no one to ask.
+            let running = cluster.running_jobs().await;
+            log.hit.entry(fault).or_default().extend(running.iter().map(|j| j.id));
             cluster.kill(Role::Broker).await;
             // Longer than LEASE_TTL, so every lease held at the kill is past its expiry on return.
             tokio::time::sleep(Duration::from_secs_f64(cluster.lease_ttl) + rng.secs(0.5, 1.5)).await;
@@ -521,6 +528,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
             // Part-way through the SlowPassthrough: the prompt started and has not finished.
             untargeted = !wait_running(cluster, target, |j| j.progress.value > 0.05 && j.progress.value < 0.85).await;
             cluster.kill(Role::Worker).await;
+            note_hits(cluster, fault, log).await;
             tokio::time::sleep(rng.secs(0.2, 1.0)).await;
             cluster.start(Role::Worker).await?;
         }
@@ -541,6 +549,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
                 }
             }
             cluster.kill(Role::Worker).await;
+            note_hits(cluster, fault, log).await;
             match fresh.as_deref().and_then(JobId::parse) {
                 Some(id) => {
                     if cluster.job(id).await.is_some_and(|v| v.status == JobStatus::Running) {
@@ -555,6 +564,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
         Fault::Sim => {
             untargeted = !wait_running(cluster, target, |j| j.progress.value > 0.05 && j.progress.value < 0.85).await;
             cluster.kill(Role::Sim).await;
+            note_hits(cluster, fault, log).await;
             tokio::time::sleep(rng.secs(0.3, 1.2)).await;
             cluster.start(Role::Sim).await?;
         }
@@ -563,6 +573,13 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
         *log.untargeted.entry(fault).or_default() += 1;
     }
     Ok(())
+}
+
+/// Records the jobs the broker shows running right after a worker or simulator kill: their
+/// leases are still held, so these are the jobs the dead process had.
+async fn note_hits(cluster: &Cluster, fault: Fault, log: &mut FaultLog) {
+    let running = cluster.running_jobs().await;
+    log.hit.entry(fault).or_default().extend(running.iter().map(|j| j.id));
 }
 
 /// Runs the chaos run, prints the figures, and fails (exit 1) on any lost, stuck or wrong job.
@@ -631,7 +648,7 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
     let mut log = FaultLog::default();
     let mut fault_error = None;
     for (n, fault) in schedule.iter().enumerate() {
-        tokio::time::sleep(rng.secs(1.0, 2.5)).await;
+        tokio::time::sleep(rng.secs(1.5, 3.5)).await;
         let at = started.elapsed().as_secs_f64();
         if let Err(e) = inject(&mut cluster, *fault, &mut rng, &mut log).await {
             fault_error = Some(e);
@@ -773,15 +790,46 @@ fn report(
     line("jobs run more than once (attempts > 1)", rerun.to_string());
     line("jobs whose prompt completed in ComfyUI more than once", prompts_twice.to_string());
     line("prompts completed in ComfyUI", outputs.values().map(Vec::len).sum::<usize>().to_string());
+    // Which faults the re-runs and failures follow: the outcome of every job a fault hit.
+    let by_id: HashMap<JobId, &Record> = accepted.iter().map(|r| (r.id.expect("accepted"), *r)).collect();
+    let mut explained: HashSet<JobId> = HashSet::new();
     for (fault, n) in &log.count {
         let miss = log.untargeted.get(fault).copied().unwrap_or(0);
-        let extra = match fault {
-            Fault::WorkerMidDelivery => format!(" ({} hit a job before `done`)", log.delivery_hits),
-            _ if miss > 0 => format!(" ({miss} without a job at the targeted point)"),
-            _ => String::new(),
+        let hit = log.hit.get(fault).cloned().unwrap_or_default();
+        explained.extend(hit.iter().copied());
+        let count = |pred: &dyn Fn(&Record, u32) -> bool| {
+            hit.iter()
+                .filter_map(|id| {
+                    by_id.get(id).map(|r| (r, finals.get(id).or(r.view.as_ref()).map_or(0, |v| v.attempts)))
+                })
+                .filter(|(r, a)| pred(r, *a))
+                .count()
         };
-        line(&format!("faults: {}", fault.label()), format!("{n}{extra}"));
+        let mut notes = vec![format!(
+            "jobs hit {}: re-run {}, error {}, lost {}, stuck {}, wrong {}",
+            hit.len(),
+            count(&|_, a| a > 1),
+            count(&|r, _| matches!(r.outcome, Outcome::Error(_))),
+            count(&|r, _| matches!(r.outcome, Outcome::Lost)),
+            count(&|r, _| matches!(r.outcome, Outcome::Stuck(_))),
+            count(&|r, _| matches!(r.outcome, Outcome::Wrong(_))),
+        )];
+        if *fault == Fault::WorkerMidDelivery {
+            notes.push(format!("{} killed a job between its prompt's end and `done`", log.delivery_hits));
+        }
+        if miss > 0 {
+            notes.push(format!("{miss} fired without a job at the targeted point"));
+        }
+        line(&format!("faults: {}", fault.label()), format!("{n} ({})", notes.join("; ")));
     }
+    let unexplained = accepted
+        .iter()
+        .filter(|r| {
+            let id = r.id.expect("accepted");
+            !explained.contains(&id) && finals.get(&id).or(r.view.as_ref()).is_some_and(|v| v.attempts > 1)
+        })
+        .count();
+    line("re-runs of jobs no fault hit", unexplained.to_string());
     line(
         "time from the last fault until every job ended",
         if drained { format!("{:.1} s", settled_in.as_secs_f64()) } else { "did not (stuck jobs)".into() },
