@@ -238,6 +238,31 @@ impl Cluster {
         }
     }
 
+    /// Polls the simulator's `/history` (every 2 ms, up to `limit`) until the prompt of job `id`
+    /// is recorded as a success. False on timeout, or if the entry was already deleted (the
+    /// worker deletes it once it has seen the end).
+    async fn wait_prompt_success(&self, id: JobId, limit: Duration) -> bool {
+        let url = format!("http://127.0.0.1:{}/history", self.sim_port);
+        let needle = id.to_string();
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            let history = match self.http.get(&url).timeout(Duration::from_secs(1)).send().await {
+                Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
+                _ => None,
+            };
+            let entries = history.as_ref().and_then(|h| h.as_object()).into_iter().flat_map(|m| m.values());
+            // The job id appears in the entry's graph (the uploaded frame's name, the prefix).
+            let succeeded = entries
+                .filter(|e| e.to_string().contains(&needle))
+                .any(|e| e["status"]["status_str"] == "success" && e["status"]["completed"] == true);
+            if succeeded {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        false
+    }
+
     async fn running_jobs(&self) -> Vec<JobView> {
         let url = format!("{}/jobs?status=running&limit=50", self.broker_base());
         match self.http.get(url).timeout(Duration::from_secs(2)).send().await {
@@ -492,22 +517,28 @@ struct FaultLog {
     count: BTreeMap<Fault, usize>,
     /// Faults whose target did not show up in time (fired anyway).
     untargeted: BTreeMap<Fault, usize>,
-    /// Mid-delivery kills that hit a job whose prompt had finished but which was not yet `done`.
+    /// Mid-delivery kills after ComfyUI recorded the prompt's success and before the job was `done`.
     delivery_hits: usize,
-    /// The jobs each fault hit: running on the broker at the kill.
+    /// The jobs each fault hit: every job running at a broker kill; the targeted job of the
+    /// others (mid-prompt, or not yet `done` after its prompt's output appeared).
     hit: BTreeMap<Fault, HashSet<JobId>>,
 }
 
-/// Waits (bounded) for `pred` over the running jobs; false on timeout.
-async fn wait_running(cluster: &Cluster, limit: Duration, pred: impl Fn(&JobView) -> bool) -> bool {
+/// Waits (bounded) for a running job matching `pred`; `None` on timeout.
+async fn wait_running(cluster: &Cluster, limit: Duration, pred: impl Fn(&JobView) -> bool) -> Option<JobId> {
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if cluster.running_jobs().await.iter().any(&pred) {
-            return true;
+        if let Some(job) = cluster.running_jobs().await.iter().find(|j| pred(j)) {
+            return Some(job.id);
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    false
+    None
+}
+
+/// Part-way through the SlowPassthrough: the prompt started and has not finished.
+fn mid_prompt(job: &JobView) -> bool {
+    job.progress.value > 0.05 && job.progress.value < 0.85
 }
 
 async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut FaultLog) -> anyhow::Result<()> {
@@ -516,7 +547,8 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
     let mut untargeted = false;
     match fault {
         Fault::Broker => {
-            // Asked before the kill: afterwards there is no one to ask.
+            // Asked before the kill: afterwards there is no one to ask. A job whose lease from an
+            // earlier kill has not expired yet is counted too: the outage hits it as well.
             let running = cluster.running_jobs().await;
             log.hit.entry(fault).or_default().extend(running.iter().map(|j| j.id));
             cluster.kill(Role::Broker).await;
@@ -525,46 +557,58 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
             cluster.start(Role::Broker).await?;
         }
         Fault::WorkerMidPrompt => {
-            // Part-way through the SlowPassthrough: the prompt started and has not finished.
-            untargeted = !wait_running(cluster, target, |j| j.progress.value > 0.05 && j.progress.value < 0.85).await;
+            let victim = wait_running(cluster, target, mid_prompt).await;
+            untargeted = victim.is_none();
+            log.hit.entry(fault).or_default().extend(victim);
             cluster.kill(Role::Worker).await;
-            note_hits(cluster, fault, log).await;
             tokio::time::sleep(rng.secs(0.2, 1.0)).await;
             cluster.start(Role::Worker).await?;
         }
         Fault::WorkerMidDelivery => {
-            // A new output file in the simulator means a prompt just finished: the worker is now
-            // between the prompt's end and the broker's `done` (fetch /view, PUT the result).
-            // Polled every 2 ms; whether the kill landed before `done` is checked right after.
+            // Two steps, both polled every 2 ms. A new output file in the simulator names the job
+            // whose prompt is ending (the worker binds `tdcomfy/<job_id>/` as prefix); the kill
+            // comes when ComfyUI's history records that prompt as a success, so from then on only
+            // the worker's delivery (notice the end, fetch /view, PUT to the broker) stands
+            // between the job and `done`. Whether the kill beat `done` is checked right after.
+            // A prompt whose success the poll missed (the worker was quicker) is skipped for the
+            // next one.
             let dir = cluster.sim_output();
-            let seen: HashSet<PathBuf> = outputs_by_job(&dir).into_values().flatten().collect();
+            let mut seen: HashSet<PathBuf> = outputs_by_job(&dir).into_values().flatten().collect();
             let until = Instant::now() + target;
-            let mut fresh = None;
-            while Instant::now() < until && fresh.is_none() {
-                fresh = outputs_by_job(&dir)
+            let mut victim = None;
+            while Instant::now() < until && victim.is_none() {
+                let fresh: Vec<(String, PathBuf)> = outputs_by_job(&dir)
                     .into_iter()
-                    .find_map(|(job, files)| files.iter().any(|f| !seen.contains(f)).then_some(job));
-                if fresh.is_none() {
+                    .flat_map(|(job, files)| files.into_iter().map(move |f| (job.clone(), f)))
+                    .filter(|(_, f)| !seen.contains(f))
+                    .collect();
+                let Some((job, _)) = fresh.first().cloned() else {
                     tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                };
+                seen.extend(fresh.into_iter().map(|(_, f)| f));
+                if let Some(id) = JobId::parse(&job)
+                    && cluster.wait_prompt_success(id, Duration::from_secs(2)).await
+                {
+                    victim = Some(id);
                 }
             }
             cluster.kill(Role::Worker).await;
-            note_hits(cluster, fault, log).await;
-            match fresh.as_deref().and_then(JobId::parse) {
-                Some(id) => {
-                    if cluster.job(id).await.is_some_and(|v| v.status == JobStatus::Running) {
-                        log.delivery_hits += 1;
-                    }
-                }
-                None => untargeted = true,
+            untargeted = victim.is_none();
+            if let Some(id) = victim
+                && cluster.job(id).await.is_some_and(|v| v.status == JobStatus::Running)
+            {
+                log.delivery_hits += 1;
+                log.hit.entry(fault).or_default().insert(id);
             }
             tokio::time::sleep(rng.secs(0.2, 1.0)).await;
             cluster.start(Role::Worker).await?;
         }
         Fault::Sim => {
-            untargeted = !wait_running(cluster, target, |j| j.progress.value > 0.05 && j.progress.value < 0.85).await;
+            let victim = wait_running(cluster, target, mid_prompt).await;
+            untargeted = victim.is_none();
+            log.hit.entry(fault).or_default().extend(victim);
             cluster.kill(Role::Sim).await;
-            note_hits(cluster, fault, log).await;
             tokio::time::sleep(rng.secs(0.3, 1.2)).await;
             cluster.start(Role::Sim).await?;
         }
@@ -573,13 +617,6 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
         *log.untargeted.entry(fault).or_default() += 1;
     }
     Ok(())
-}
-
-/// Records the jobs the broker shows running right after a worker or simulator kill: their
-/// leases are still held, so these are the jobs the dead process had.
-async fn note_hits(cluster: &Cluster, fault: Fault, log: &mut FaultLog) {
-    let running = cluster.running_jobs().await;
-    log.hit.entry(fault).or_default().extend(running.iter().map(|j| j.id));
 }
 
 /// Runs the chaos run, prints the figures, and fails (exit 1) on any lost, stuck or wrong job.
@@ -815,7 +852,7 @@ fn report(
             count(&|r, _| matches!(r.outcome, Outcome::Wrong(_))),
         )];
         if *fault == Fault::WorkerMidDelivery {
-            notes.push(format!("{} killed a job between its prompt's end and `done`", log.delivery_hits));
+            notes.push(format!("{} after the prompt's success and before `done`", log.delivery_hits));
         }
         if miss > 0 {
             notes.push(format!("{miss} fired without a job at the targeted point"));
