@@ -7,7 +7,10 @@
 //!
 //! Jobs run `chaos_invert`: the shipped `image_invert` graph with the simulator's `SlowPassthrough`
 //! test node in front, so a prompt takes a known time (there is something to kill mid-prompt) and
-//! its output is computable: every pixel the inverse of the job's own frame.
+//! its output is computable: every pixel the inverse of the job's own frame. Every `--video-every`th
+//! job is an LTXV clip of the shipped default workflow instead, checked as an MP4 of the right
+//! size and frame count. Every result must also be byte-identical to a file the simulator wrote
+//! for that job: the worker hands ComfyUI's output over unchanged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -43,6 +46,10 @@ pub struct ChaosBenchArgs {
     /// The broker's MAX_ATTEMPTS: generous, so the kills alone cannot exhaust a job's attempts.
     #[arg(long, default_value_t = 20)]
     pub max_attempts: u32,
+    /// Every Nth job is an LTXV clip (MP4, checked for its size and frame count) instead of an
+    /// inverted image; 0: none.
+    #[arg(long, default_value_t = 5)]
+    pub video_every: usize,
     /// Seed of the fault schedule (which fault when, and for how long).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -70,6 +77,13 @@ const CHAOS_WORKFLOW: &str = r#"{
 /// Frame size: small, so a run of hundreds of jobs is cheap; every pixel still differs by job.
 const FRAME_W: u32 = 48;
 const FRAME_H: u32 = 32;
+
+/// Frames of the LTXV clips (8k+1); the output size is the workflow's default, 512×320.
+const CLIP_FRAMES: u32 = 9;
+
+/// The shipped default workflow, for the clip jobs (compiled in, so the run works from any
+/// directory).
+const LTXV_WORKFLOW: &str = include_str!("../../../../workflows/ltxv_image_to_video.json");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Role {
@@ -286,7 +300,7 @@ fn outputs_by_job(dir: &Path) -> HashMap<String, Vec<PathBuf>> {
         let Ok(files) = std::fs::read_dir(job.path()) else { continue };
         let name = job.file_name().to_string_lossy().into_owned();
         for f in files.flatten() {
-            if f.path().extension().is_some_and(|e| e == "png") {
+            if f.path().extension().is_some_and(|e| e == "png" || e == "mp4") {
                 out.entry(name.clone()).or_default().push(f.path());
             }
         }
@@ -314,6 +328,8 @@ enum Outcome {
 
 struct Record {
     id: Option<JobId>,
+    /// An LTXV clip (MP4) rather than an inverted image.
+    video: bool,
     frame: Vec<u8>,
     result: Option<Vec<u8>>,
     view: Option<JobView>,
@@ -322,6 +338,9 @@ struct Record {
 
 struct Shared {
     base: String,
+    /// Where downloaded clips are written for the MP4 check.
+    downloads: PathBuf,
+    video_every: usize,
     http: reqwest::Client,
     next_job: AtomicUsize,
     max_jobs: usize,
@@ -356,13 +375,28 @@ fn check_inverted(frame: &[u8], result: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that `result` is an MP4 of the clip the job asked for (written to `path` for parsing).
+fn check_clip(path: &Path, result: &[u8]) -> Result<(), String> {
+    std::fs::write(path, result).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let info = tdcomfy_sim::video_info(path).map_err(|e| format!("result is not an MP4: {e}"))?;
+    let _ = std::fs::remove_file(path);
+    if (info.width, info.height, info.frames) != (512, 320, CLIP_FRAMES) {
+        return Err(format!(
+            "clip is {}x{} with {} frames, expected 512x320 with {CLIP_FRAMES}",
+            info.width, info.height, info.frames
+        ));
+    }
+    Ok(())
+}
+
 async fn client_loop(shared: Arc<Shared>, seed: u64) {
     while shared.submitting.load(Ordering::SeqCst) {
         let index = shared.next_job.fetch_add(1, Ordering::SeqCst);
         if index >= shared.max_jobs {
             break;
         }
-        let record = run_job(&shared, job_frame(seed, index)).await;
+        let video = shared.video_every > 0 && index % shared.video_every == shared.video_every - 1;
+        let record = run_job(&shared, job_frame(seed, index), video).await;
         shared.records.lock().expect("records lock").push(record);
     }
 }
@@ -374,8 +408,9 @@ enum Follow {
     Pending(Option<JobView>),
 }
 
-async fn run_job(shared: &Shared, frame: Vec<u8>) -> Record {
-    let mut record = Record { id: None, frame, result: None, view: None, outcome: Outcome::NotAccepted(String::new()) };
+async fn run_job(shared: &Shared, frame: Vec<u8>, video: bool) -> Record {
+    let mut record =
+        Record { id: None, video, frame, result: None, view: None, outcome: Outcome::NotAccepted(String::new()) };
     // Submit, retrying with the same Idempotency-Key while the broker is away: a replay of a
     // stored job returns that job, so a retry never makes a second one.
     let key = JobId::new().to_string();
@@ -385,9 +420,13 @@ async fn run_job(shared: &Shared, frame: Vec<u8>) -> Record {
             record.outcome = Outcome::NotAccepted("the broker did not acknowledge it within 60 s".into());
             return record;
         }
-        let form = reqwest::multipart::Form::new()
+        let mut form = reqwest::multipart::Form::new()
             .part("image", reqwest::multipart::Part::bytes(record.frame.clone()).file_name("frame.png"))
             .text("prompt", "chaos");
+        if video {
+            form =
+                form.text("workflow", "ltxv_image_to_video").text("params", format!(r#"{{"frames": {CLIP_FRAMES}}}"#));
+        }
         let sent = shared
             .http
             .post(format!("{}/jobs", shared.base))
@@ -440,7 +479,11 @@ async fn run_job(shared: &Shared, frame: Vec<u8>) -> Record {
     record.outcome = match view.status {
         JobStatus::Done => match download(shared, id).await {
             Ok(bytes) => {
-                let checked = check_inverted(&record.frame, &bytes);
+                let checked = if video {
+                    check_clip(&shared.downloads.join(format!("{id}.mp4")), &bytes)
+                } else {
+                    check_inverted(&record.frame, &bytes)
+                };
                 record.result = Some(bytes);
                 match checked {
                     Ok(()) => Outcome::Verified,
@@ -630,11 +673,12 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.lease_ttl > 0.0 && args.job_time > 0.0, "--lease-ttl and --job-time must be positive");
     let started = Instant::now();
     let dir = TempDir::new("tdcomfy-chaos")?;
-    for sub in ["logs", "workflows", "sim", "broker", "spool"] {
+    for sub in ["logs", "workflows", "sim", "broker", "spool", "downloads"] {
         std::fs::create_dir_all(dir.0.join(sub))?;
     }
     let workflow = CHAOS_WORKFLOW.replace("{STEP}", &format!("{:.4}", args.job_time / 10.0));
     std::fs::write(dir.0.join("workflows/chaos_invert.json"), workflow)?;
+    std::fs::write(dir.0.join("workflows/ltxv_image_to_video.json"), LTXV_WORKFLOW)?;
 
     let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
     let mut cluster = Cluster {
@@ -661,6 +705,8 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
 
     let shared = Arc::new(Shared {
         base: cluster.broker_base(),
+        downloads: dir.0.join("downloads"),
+        video_every: args.video_every,
         http: http.clone(),
         next_job: AtomicUsize::new(0),
         max_jobs: args.jobs,
@@ -808,7 +854,9 @@ fn report(
     }
     line("  on the broker without an acknowledgement", unacknowledged.map_or("?".into(), |n| n.to_string()));
     line("jobs accepted", accepted.len().to_string());
-    line("  done", done.to_string());
+    let clips =
+        accepted.iter().filter(|r| r.video && matches!(r.outcome, Outcome::Verified | Outcome::Wrong(_))).count();
+    line("  done", format!("{done} ({clips} of them LTXV clips)"));
     line("  error", error_total.to_string());
     for (m, n) in &errors {
         println!("      {n:>4} × {m}");
@@ -866,6 +914,14 @@ fn report(
             !explained.contains(&id) && finals.get(&id).or(r.view.as_ref()).is_some_and(|v| v.attempts > 1)
         })
         .count();
+    let mut times_hit: HashMap<JobId, usize> = HashMap::new();
+    for id in log.hit.values().flatten() {
+        *times_hit.entry(*id).or_default() += 1;
+    }
+    line(
+        "jobs hit by a fault",
+        format!("{} ({} of them by more than one)", times_hit.len(), times_hit.values().filter(|n| **n > 1).count()),
+    );
     line("re-runs of jobs no fault hit", unexplained.to_string());
     line(
         "time from the last fault until every job ended",
