@@ -256,7 +256,9 @@ impl Cluster {
     /// is recorded as a success. False on timeout, or if the entry was already deleted (the
     /// worker deletes it once it has seen the end).
     async fn wait_prompt_success(&self, id: JobId, limit: Duration) -> bool {
-        let url = format!("http://127.0.0.1:{}/history", self.sim_port);
+        // The newest entries only: prompts of killed workers stay in the history (nobody deletes
+        // them), and parsing all of it every 2 ms would be slower than the delivery it targets.
+        let url = format!("http://127.0.0.1:{}/history?max_items=4", self.sim_port);
         let needle = id.to_string();
         let until = Instant::now() + limit;
         while Instant::now() < until {
@@ -565,14 +567,23 @@ struct FaultLog {
     /// The jobs each fault hit: every job running at a broker kill; the targeted job of the
     /// others (mid-prompt, or not yet `done` after its prompt's output appeared).
     hit: BTreeMap<Fault, HashSet<JobId>>,
+    /// The attempts those faults ended: a killed attempt's job still shows `running` (with its
+    /// last progress) until its lease expires, and must not be taken for a live target.
+    dead_attempts: HashSet<(JobId, u32)>,
 }
 
 /// Waits (bounded) for a running job matching `pred`; `None` on timeout.
-async fn wait_running(cluster: &Cluster, limit: Duration, pred: impl Fn(&JobView) -> bool) -> Option<JobId> {
+async fn wait_running(
+    cluster: &Cluster,
+    limit: Duration,
+    log: &FaultLog,
+    pred: impl Fn(&JobView) -> bool,
+) -> Option<JobView> {
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if let Some(job) = cluster.running_jobs().await.iter().find(|j| pred(j)) {
-            return Some(job.id);
+        let running = cluster.running_jobs().await;
+        if let Some(job) = running.into_iter().find(|j| pred(j) && !log.dead_attempts.contains(&(j.id, j.attempts))) {
+            return Some(job);
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
@@ -594,15 +605,17 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
             // earlier kill has not expired yet is counted too: the outage hits it as well.
             let running = cluster.running_jobs().await;
             log.hit.entry(fault).or_default().extend(running.iter().map(|j| j.id));
+            log.dead_attempts.extend(running.iter().map(|j| (j.id, j.attempts)));
             cluster.kill(Role::Broker).await;
             // Longer than LEASE_TTL, so every lease held at the kill is past its expiry on return.
             tokio::time::sleep(Duration::from_secs_f64(cluster.lease_ttl) + rng.secs(0.5, 1.5)).await;
             cluster.start(Role::Broker).await?;
         }
         Fault::WorkerMidPrompt => {
-            let victim = wait_running(cluster, target, mid_prompt).await;
+            let victim = wait_running(cluster, target, log, mid_prompt).await;
             untargeted = victim.is_none();
-            log.hit.entry(fault).or_default().extend(victim);
+            log.hit.entry(fault).or_default().extend(victim.as_ref().map(|j| j.id));
+            log.dead_attempts.extend(victim.as_ref().map(|j| (j.id, j.attempts)));
             cluster.kill(Role::Worker).await;
             tokio::time::sleep(rng.secs(0.2, 1.0)).await;
             cluster.start(Role::Worker).await?;
@@ -631,7 +644,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
                 };
                 seen.extend(fresh.into_iter().map(|(_, f)| f));
                 if let Some(id) = JobId::parse(&job)
-                    && cluster.wait_prompt_success(id, Duration::from_secs(2)).await
+                    && cluster.wait_prompt_success(id, Duration::from_millis(500)).await
                 {
                     victim = Some(id);
                 }
@@ -639,18 +652,20 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
             cluster.kill(Role::Worker).await;
             untargeted = victim.is_none();
             if let Some(id) = victim
-                && cluster.job(id).await.is_some_and(|v| v.status == JobStatus::Running)
+                && let Some(view) = cluster.job(id).await.filter(|v| v.status == JobStatus::Running)
             {
                 log.delivery_hits += 1;
                 log.hit.entry(fault).or_default().insert(id);
+                log.dead_attempts.insert((id, view.attempts));
             }
             tokio::time::sleep(rng.secs(0.2, 1.0)).await;
             cluster.start(Role::Worker).await?;
         }
         Fault::Sim => {
-            let victim = wait_running(cluster, target, mid_prompt).await;
+            let victim = wait_running(cluster, target, log, mid_prompt).await;
             untargeted = victim.is_none();
-            log.hit.entry(fault).or_default().extend(victim);
+            log.hit.entry(fault).or_default().extend(victim.as_ref().map(|j| j.id));
+            log.dead_attempts.extend(victim.as_ref().map(|j| (j.id, j.attempts)));
             cluster.kill(Role::Sim).await;
             tokio::time::sleep(rng.secs(0.3, 1.2)).await;
             cluster.start(Role::Sim).await?;
@@ -907,13 +922,12 @@ fn report(
         }
         line(&format!("faults: {}", fault.label()), format!("{n} ({})", notes.join("; ")));
     }
-    let unexplained = accepted
+    let unexplained: Vec<String> = accepted
         .iter()
-        .filter(|r| {
-            let id = r.id.expect("accepted");
-            !explained.contains(&id) && finals.get(&id).or(r.view.as_ref()).is_some_and(|v| v.attempts > 1)
-        })
-        .count();
+        .filter_map(|r| r.id)
+        .filter(|id| !explained.contains(id) && finals.get(id).is_some_and(|v| v.attempts > 1))
+        .map(|id| id.to_string())
+        .collect();
     let mut times_hit: HashMap<JobId, usize> = HashMap::new();
     for id in log.hit.values().flatten() {
         *times_hit.entry(*id).or_default() += 1;
@@ -922,7 +936,11 @@ fn report(
         "jobs hit by a fault",
         format!("{} ({} of them by more than one)", times_hit.len(), times_hit.values().filter(|n| **n > 1).count()),
     );
-    line("re-runs of jobs no fault hit", unexplained.to_string());
+    // Ids, so they can be looked up in the child logs (`--keep`).
+    line(
+        "re-runs of jobs no fault hit",
+        if unexplained.is_empty() { "0".into() } else { format!("{} ({})", unexplained.len(), unexplained.join(", ")) },
+    );
     line(
         "time from the last fault until every job ended",
         if drained { format!("{:.1} s", settled_in.as_secs_f64()) } else { "did not (stuck jobs)".into() },
