@@ -200,10 +200,12 @@ impl Cluster {
                     .env("LEASE_TTL", self.lease_ttl.to_string())
                     .env("MAX_ATTEMPTS", self.max_attempts.to_string())
                     .env("RESULT_TTL", "0")
+                    // Far above a prompt's time: a job that errors here errors because of a fault.
                     .env("JOB_TIMEOUT", "120");
             }
             Role::Worker => {
-                // The spool survives restarts, as /var/lib would: a restarted worker finds it.
+                // One spool directory across restarts, as a deployment has (/var/lib/…): a worker
+                // that picks up spooled results after a restart would find them there.
                 cmd.arg("worker")
                     .env("WORKER_ID", "chaos-worker")
                     .env("WORKER_SPOOL_DIR", self.root.join("spool"))
@@ -313,7 +315,8 @@ fn outputs_by_job(dir: &Path) -> HashMap<String, Vec<PathBuf>> {
 /// What became of one submission.
 #[derive(Debug)]
 enum Outcome {
-    /// Done; the result is byte-identical to the simulator's output and pixel-exact.
+    /// Done; the result passed its content check (inverse pixels, or the clip's size and frames).
+    /// Byte identity with the simulator's files is checked in the report, once all are written.
     Verified,
     /// Done, but the result is missing, altered or not this job's.
     Wrong(String),
@@ -699,6 +702,8 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
     let mut cluster = Cluster {
         exe: std::env::current_exe().context("locating the tdcomfy binary")?,
         root: dir.0.clone(),
+        // Picked once and reused by every restart, as a deployment's fixed ports are. (Another
+        // program could take one while its server is down; the restart would then fail loudly.)
         broker_port: free_port()?,
         sim_port: free_port()?,
         lease_ttl: args.lease_ttl,
@@ -818,6 +823,7 @@ fn report(
     let (mut done, mut cancelled, mut lost, mut stuck, mut rerun) = (0, 0, 0, 0, 0);
     let mut stuck_status: BTreeMap<&str, usize> = BTreeMap::new();
     let mut prompts_twice = 0;
+    let mut forgotten: Vec<String> = Vec::new();
     for r in &accepted {
         let id = r.id.expect("accepted");
         let attempts = finals.get(&id).or(r.view.as_ref()).map(|v| v.attempts).unwrap_or(0);
@@ -827,6 +833,15 @@ fn report(
         let files = outputs.get(&id.to_string()).map(Vec::as_slice).unwrap_or(&[]);
         if files.len() > 1 {
             prompts_twice += 1;
+        }
+        // An end the client saw must still be the broker's word after all the restarts.
+        let seen_end = r.view.as_ref().map(|v| v.status).filter(|s| s.is_terminal());
+        if let Some(seen) = seen_end
+            && finals.get(&id).is_none_or(|v| v.status != seen)
+        {
+            let now = finals.get(&id).map_or("404".into(), |v| v.status.to_string());
+            forgotten.push(format!("{id}: the client saw it end {seen}; the broker now says {now}"));
+            continue;
         }
         match &r.outcome {
             Outcome::Verified => {
@@ -878,6 +893,10 @@ fn report(
     }
     line("  cancelled", cancelled.to_string());
     line("  lost (accepted, then 404)", lost.to_string());
+    line("  forgotten (ended, then 404 or another state)", forgotten.len().to_string());
+    for f in forgotten.iter().take(20) {
+        println!("      {f}");
+    }
     let stuck_detail: Vec<String> = stuck_status.iter().map(|(s, n)| format!("{n} {s}")).collect();
     line(
         &format!("  stuck (not ended {:.0} s after the last fault)", args.settle),
@@ -946,7 +965,7 @@ fn report(
         if drained { format!("{:.1} s", settled_in.as_secs_f64()) } else { "did not (stuck jobs)".into() },
     );
     line("wall time", format!("{:.1} s", wall.as_secs_f64()));
-    let ok = lost == 0 && stuck == 0 && wrong.is_empty() && !accepted.is_empty();
+    let ok = lost == 0 && forgotten.is_empty() && stuck == 0 && wrong.is_empty() && !accepted.is_empty();
     println!(
         "{}",
         if ok { "chaos: PASS (0 lost, 0 stuck, 0 wrong)" } else { "chaos: FAIL (lost, stuck or wrong jobs above)" }

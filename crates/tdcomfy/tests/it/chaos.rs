@@ -48,6 +48,7 @@ async fn chaos_short_loses_nothing_leaves_nothing_stuck_and_returns_only_right_r
     let accepted = figure(&report, "jobs accepted");
     assert!(accepted >= 5, "too few jobs to mean anything: {accepted}");
     assert_eq!(figure(&report, "lost (accepted, then 404)"), 0, "lost jobs");
+    assert_eq!(figure(&report, "forgotten (ended, then 404 or another state)"), 0, "forgotten jobs");
     assert_eq!(figure(&report, "stuck (not ended 40 s after the last fault)"), 0, "stuck jobs");
     assert_eq!(figure(&report, "wrong results (missing, not the inverse, not byte-identical)"), 0, "wrong results");
     let done = figure(&report, "done");
