@@ -3,7 +3,7 @@
 //! their jobs over SSE (falling back to `GET /jobs/{id}` while the broker is away) and download and
 //! check every result, while a seeded fault schedule SIGKILLs and restarts each process several
 //! times. It prints what happened to every accepted job and exits non-zero if any job was lost,
-//! stuck or came back wrong.
+//! forgotten after it ended, stuck, or came back wrong.
 //!
 //! Jobs run `chaos_invert`: the shipped `image_invert` graph with the simulator's `SlowPassthrough`
 //! test node in front, so a prompt takes a known time (there is something to kill mid-prompt) and
@@ -680,7 +680,8 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
     Ok(())
 }
 
-/// Runs the chaos run, prints the figures, and fails (exit 1) on any lost, stuck or wrong job.
+/// Runs the chaos run, prints the figures, and fails (exit 1) on any lost, forgotten, stuck or
+/// wrong job.
 pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
     if args.short {
         args.clients = 3;
@@ -804,7 +805,7 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// Prints the table; true when nothing was lost, stuck or wrong.
+/// Prints the table; true when nothing was lost, forgotten, stuck or wrong.
 #[allow(clippy::too_many_arguments)]
 fn report(
     args: &ChaosBenchArgs,
@@ -968,7 +969,11 @@ fn report(
     let ok = lost == 0 && forgotten.is_empty() && stuck == 0 && wrong.is_empty() && !accepted.is_empty();
     println!(
         "{}",
-        if ok { "chaos: PASS (0 lost, 0 stuck, 0 wrong)" } else { "chaos: FAIL (lost, stuck or wrong jobs above)" }
+        if ok {
+            "chaos: PASS (0 lost, 0 forgotten, 0 stuck, 0 wrong)"
+        } else {
+            "chaos: FAIL (lost, forgotten, stuck or wrong jobs above)"
+        }
     );
     ok
 }
