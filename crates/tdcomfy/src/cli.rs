@@ -134,10 +134,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Submit(cmd) => crate::submit::run(cmd).await,
-        Command::Bench(cmd) => {
-            crate::bench::run(cmd).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Bench(cmd) => crate::bench::run(cmd).await,
     }
 }
 

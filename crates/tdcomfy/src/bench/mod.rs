@@ -3,6 +3,7 @@
 //! broker's own and not the load generator's.
 
 pub mod broker;
+pub mod chaos;
 pub mod loadgen;
 pub mod pipeline;
 
@@ -19,14 +20,18 @@ pub enum BenchCommand {
     Sweep(broker::SweepBenchArgs),
     /// The TouchDesigner loop against broker + worker + simulator: per-frame overhead.
     Pipeline(pipeline::PipelineBenchArgs),
+    /// The reliability proof: SIGKILL and restart broker, worker and simulator under load; count
+    /// lost, stuck, wrong and re-run jobs (exit 1 on any lost, stuck or wrong).
+    Chaos(chaos::ChaosBenchArgs),
 }
 
-/// Runs a benchmark.
-pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+/// Runs a benchmark; only the chaos run has a verdict of its own (its exit code).
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
-        BenchCommand::Broker(a) => broker::run(a).await,
-        BenchCommand::Sweep(a) => broker::run_sweep(a).await,
-        BenchCommand::Pipeline(a) => pipeline::run(a).await,
+        BenchCommand::Broker(a) => broker::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Sweep(a) => broker::run_sweep(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Pipeline(a) => pipeline::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Chaos(a) => chaos::run(a).await,
     }
 }
 

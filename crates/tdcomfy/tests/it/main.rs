@@ -1,5 +1,6 @@
 //! Tests of the `tdcomfy` binary itself: real processes, real signals.
 
+mod chaos;
 mod cli;
 mod crash;
 mod process;
