@@ -80,3 +80,33 @@ async fn a_wall_clock_step_back_keeps_a_dead_worker_s_job_and_old_files_no_longe
     assert_eq!(job["has_result"], false, "RESULT_TTL of 2 s must not wait an hour: {job}");
     assert!(app.files("results").is_empty());
 }
+
+#[tokio::test]
+async fn a_restart_after_the_wall_clock_stepped_forward_keeps_the_running_job_with_its_worker() {
+    let (wall, offset) = steppable_wall();
+    let app = spawn_with_wall(wall, |a| a.lease_ttl = 2.0).await;
+    let id = app.submit_png("running").await;
+    let token = app.lease("gpu", 1.0).await.unwrap()["lease_token"].as_str().unwrap().to_owned();
+    offset.store(HOUR_MS, Ordering::SeqCst);
+    // The new broker reads the stepped wall clock: every stored lease looks an hour old.
+    let app = app.crash_and_restart().await;
+    let hb = app.heartbeat(&id, &token, None).await;
+    assert_eq!(hb.status(), 200, "{}", hb.text().await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.put_result(&id, &token, b"clip".to_vec()).await.status(), 200);
+    let job = app.job(&id).await;
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("done"), Some(1)), "{job}");
+}
+
+#[tokio::test]
+async fn a_restart_after_the_wall_clock_stepped_back_does_not_keep_a_dead_worker_s_job_for_an_hour() {
+    let (wall, offset) = steppable_wall();
+    let app = spawn_with_wall(wall, |a| a.lease_ttl = 1.0).await;
+    let id = app.submit_png("its worker died").await;
+    app.lease("dies", 1.0).await.unwrap();
+    offset.store(-HOUR_MS, Ordering::SeqCst);
+    // Every stored lease now looks an hour in the future; the restart still gives it only one TTL.
+    let app = app.crash_and_restart().await;
+    let job = app.wait_until(&id, 15.0, |j| j["status"] == "queued").await;
+    assert_eq!(job["status"], "queued", "{job}");
+}
