@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker_client::{BrokerCallError, BrokerClient};
+use crate::comfy_files::{self, Fingerprint, FingerprintBuilder, INPUT_SUBFOLDER, PromptFate, ServerFiles, SlotGuard};
 use crate::config::WorkerConfig;
 
 /// Why the worker stopped.
@@ -40,6 +41,8 @@ pub enum WorkerError {
 struct Backend {
     label: String,
     runner: PromptRunner,
+    /// Upload names and folders of this server.
+    files: std::sync::Arc<ServerFiles>,
 }
 
 /// How one job ended, from the worker's side.
@@ -69,9 +72,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             unreachable_timeout: config.comfy_retry_budget,
             ..RunConfig::default()
         };
-        let backend = Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config) };
         // Each ComfyUI server gets its own lease loop, so N servers run N jobs at once.
         let lease_name = if servers == 1 { config.worker_id.clone() } else { format!("{}/{index}", config.worker_id) };
+        let files = ServerFiles::new(&lease_name, config.comfy_folders.clone(), &endpoint.to_string());
+        let backend = Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files };
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
     tracing::info!(worker = %config.worker_id, broker = %config.broker_url, servers, "worker started");
@@ -170,7 +174,8 @@ impl Failure {
 
 impl JobRun<'_> {
     async fn run(&self) -> JobEnd {
-        let dir = self.config.spool_dir.join(self.lease.job_id.to_string());
+        // Per attempt, not per job: another attempt of this job may be running right now.
+        let dir = comfy_files::attempt_dir(&self.config.spool_dir, self.lease.job_id, &self.lease.lease_token);
         let end = match self.execute(&dir).await {
             Ok(end) => end,
             Err(f) => self.report_failure(f).await,
@@ -203,7 +208,7 @@ impl JobRun<'_> {
             Failure::new(format!("this worker does not have the workflow {:?}", lease.workflow), true)
         })?;
 
-        // 1. The frame, from the broker to ComfyUI, under a name no other job uses.
+        // 1. The frame, from the broker to ComfyUI, under a name no other prompt still reads.
         let ext = tdcomfy_api::media::extension_for_mime(&lease.input.content_type);
         let leased = Instant::now();
         let input_path = dir.join(format!("input.{ext}"));
@@ -217,8 +222,13 @@ impl JobRun<'_> {
             }
         }
         let client = self.backend.runner.client();
-        let upload =
-            ImageUpload::from_file(format!("{}.{ext}", lease.job_id), input_path.clone()).in_subfolder("tdcomfy");
+        // The slot is given back when `slot` drops, whichever way this attempt ends.
+        let mut slot = SlotGuard::take(&self.backend.files, client, ext).await;
+        // Overwrite: the name is free, so no prompt reads the old bytes any more (LoadImage's
+        // cache hashes the file, so the new bytes run again).
+        let upload = ImageUpload::from_file(slot.name().to_owned(), input_path.clone())
+            .in_subfolder(INPUT_SUBFOLDER)
+            .overwrite(true);
         let uploaded = self.upload_with_retry(client, upload).await?;
         let image_name = if uploaded.subfolder.is_empty() {
             uploaded.name.clone()
@@ -242,9 +252,14 @@ impl JobRun<'_> {
 
         // 3. Run it, relaying progress and watching for cancellation.
         let prompt_id = PromptId::new();
+        slot.set_fate(PromptFate::MaybeQueued(prompt_id.clone()));
         let outcome = self.supervise(graph, prompt_id.clone()).await;
+        if prompt_is_gone(&outcome) {
+            slot.set_fate(PromptFate::Gone);
+        }
+        drop(slot);
         // Cleanup in ComfyUI is off the frame's path: it runs while the result travels.
-        tokio::spawn(clean_comfy(client.clone(), prompt_id, uploaded.subfolder.clone(), uploaded.name.clone()));
+        tokio::spawn(clean_comfy(client.clone(), prompt_id, self.backend.files.clone()));
         let (outputs, comfy_execution) = match outcome {
             Supervised::Finished(outputs, t) => (outputs, t),
             Supervised::Abandoned => return Ok(JobEnd::Abandoned),
@@ -262,9 +277,19 @@ impl JobRun<'_> {
         let primary = pick_primary(&outputs, workflow.primary_output_hint())
             .ok_or_else(|| Failure::new("ComfyUI reported success but produced no output file", false))?;
         let t = Instant::now();
-        let (result_path, content_type) = self.fetch_output(client, primary, dir).await?;
+        let (result_path, content_type, served) = self.fetch_output(client, primary, dir).await?;
         let fetched = t.elapsed();
         let end = self.deliver(&result_path, &content_type, comfy_execution).await;
+        if matches!(end, Ok(JobEnd::Delivered)) {
+            // The result is safe at the broker: ComfyUI's copies can go (off the frame's path).
+            let files = self.backend.files.clone();
+            let (client, primary) = (client.clone(), primary.clone());
+            let job_folder = tdcomfy_workflows::job_output_subfolder(&lease.job_id.to_string());
+            tokio::spawn(async move {
+                let removed = files.folders.remove_outputs(&client, &outputs, &primary, served, &job_folder).await;
+                tracing::debug!(removed, job_folder, "removed the job's files from ComfyUI's output folder");
+            });
+        }
         tracing::debug!(job_id = %lease.job_id, ?fetched, delivered = ?t.elapsed() - fetched, "result handed over");
         end
     }
@@ -375,7 +400,7 @@ impl JobRun<'_> {
         client: &ComfyClient,
         file: &OutputFile,
         dir: &Path,
-    ) -> Result<(PathBuf, String), Failure> {
+    ) -> Result<(PathBuf, String, Fingerprint), Failure> {
         let fail = |e: &dyn std::fmt::Display| {
             Failure::new(
                 format!("could not download {} from ComfyUI at {}: {e}", file.filename, self.backend.label),
@@ -393,12 +418,16 @@ impl JobRun<'_> {
             256 * 1024,
             tokio::fs::File::create(&path).await.map_err(|e| fail(&e))?,
         );
+        // Fingerprinted as it streams: the file in ComfyUI's folder is deleted later only if it
+        // is this one.
+        let mut served = FingerprintBuilder::default();
         while let Some(chunk) = download.next().await {
             let chunk = chunk.map_err(|e| fail(&e))?;
+            served.update(&chunk);
             out.write_all(&chunk).await.map_err(|e| fail(&e))?;
         }
         out.flush().await.map_err(|e| fail(&e))?;
-        Ok((path, content_type))
+        Ok((path, content_type, served.finish()))
     }
 
     /// Uploads the result, retrying while the broker is away, until it is accepted or the lease is
@@ -442,17 +471,27 @@ enum Supervised {
     TimedOut,
 }
 
-/// Removes what a job left in ComfyUI. ComfyUI has no delete for uploads: the frame is overwritten
-/// with a 1-pixel stand-in so the input folder does not grow by a frame per job; the history entry
-/// is deleted.
-async fn clean_comfy(client: ComfyClient, prompt_id: PromptId, subfolder: String, name: String) {
-    let tombstone = ImageUpload::from_bytes(name, tombstone_bytes()).in_subfolder(subfolder).overwrite(true);
-    if let Err(e) = client.upload_image(tombstone).await {
-        tracing::debug!(error = %e, "could not blank the uploaded frame");
+/// Whether the prompt has certainly left ComfyUI's queue when supervision ends (else its upload
+/// name stays held until `/queue` shows it gone).
+fn prompt_is_gone(outcome: &Supervised) -> bool {
+    match outcome {
+        Supervised::Finished(..) => true,
+        Supervised::Failed(f) => matches!(
+            f.kind,
+            RunFailureKind::Validation | RunFailureKind::Execution | RunFailureKind::NoOutputs | RunFailureKind::Lost
+        ),
+        Supervised::Abandoned | Supervised::Shutdown | Supervised::TimedOut => false,
     }
+}
+
+/// Removes what an attempt left in ComfyUI: its history entry, and one-off uploads whose prompt
+/// is gone (when ComfyUI's input folder is reachable). Uploaded frames are never overwritten
+/// here: a later attempt may be reading that name.
+async fn clean_comfy(client: ComfyClient, prompt_id: PromptId, files: std::sync::Arc<ServerFiles>) {
     if let Err(e) = client.delete_history(&prompt_id).await {
         tracing::debug!(error = %e, "could not delete the history entry");
     }
+    files.folders.remove_one_offs(&files.slots).await;
 }
 
 fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
@@ -464,16 +503,4 @@ fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
         _ => f.message.clone(),
     };
     Failure::new(message, f.kind.is_retryable())
-}
-
-/// A 1×1 PNG that replaces an uploaded frame. Its name may end in .jpg or .webp; that only
-/// matters if the frame were loaded again, which it is not.
-fn tombstone_bytes() -> Vec<u8> {
-    const PNG_1X1: &[u8] = &[
-        0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00,
-        0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x00, 0x00, 0x00, 0x3A, 0x7E, 0x9B, 0x55, 0x00, 0x00, 0x00,
-        0x0A, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9C, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01, 0xE5, 0x27, 0xDE,
-        0xFC, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
-    ];
-    PNG_1X1.to_vec()
 }

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 /// A server task that can be stopped (gracefully or abruptly) and started again on its address.
 pub struct Served {
     pub addr: SocketAddr,
+    /// The simulator's base directory (its `input/` and `output/`), for a simulator.
+    pub dir: Option<PathBuf>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -112,8 +114,13 @@ impl Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let workflows = workflows(dir.path());
         let mut p = Pipeline {
-            broker: Served { addr: "127.0.0.1:0".parse().unwrap(), stop: CancellationToken::new(), task: None },
-            sim: Served { addr: "127.0.0.1:0".parse().unwrap(), stop: CancellationToken::new(), task: None },
+            broker: Served {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                dir: None,
+                stop: CancellationToken::new(),
+                task: None,
+            },
+            sim: Served { addr: "127.0.0.1:0".parse().unwrap(), dir: None, stop: CancellationToken::new(), task: None },
             workers: Vec::new(),
             http: reqwest::Client::new(),
             dir,
@@ -151,13 +158,14 @@ impl Pipeline {
         let task = tokio::spawn(async move {
             tdcomfy_broker::run(listener, config, async move { s.cancelled().await }).await.unwrap();
         });
-        Served { addr, stop, task: Some(task) }
+        Served { addr, dir: None, stop, task: Some(task) }
     }
 
     pub async fn start_sim(&self, addr: Option<SocketAddr>) -> Served {
         let listener = bind(addr).await;
         let addr = listener.local_addr().unwrap();
-        let mut config = tdcomfy_sim::SimConfig::new(self.dir.path().join(format!("sim-{}", uuid::Uuid::new_v4())));
+        let sim_dir = self.dir.path().join(format!("sim-{}", uuid::Uuid::new_v4()));
+        let mut config = tdcomfy_sim::SimConfig::new(&sim_dir);
         config.job_time = Duration::from_secs_f64(self.setup.sim_job_time);
         config.progress_steps = 3;
         if let Some(models) = &self.setup.models {
@@ -168,7 +176,7 @@ impl Pipeline {
         let task = tokio::spawn(async move {
             tdcomfy_sim::run(listener, config, async move { s.cancelled().await }).await.unwrap();
         });
-        Served { addr, stop, task: Some(task) }
+        Served { addr, dir: Some(sim_dir), stop, task: Some(task) }
     }
 
     pub async fn start_worker(&self, name: &str) -> Served {
@@ -177,6 +185,11 @@ impl Pipeline {
 
     /// A worker on the given ComfyUI servers (`COMFYUI_URLS`), or on this pipeline's simulator.
     pub async fn start_worker_on(&self, name: &str, comfyui_urls: Option<String>) -> Served {
+        self.start_worker_with(name, comfyui_urls, self.broker.addr).await
+    }
+
+    /// A worker that reaches the broker at `broker` (e.g. through a [`crate::harness::Proxy`]).
+    pub async fn start_worker_with(&self, name: &str, comfyui_urls: Option<String>, broker: SocketAddr) -> Served {
         let args = tdcomfy_worker::WorkerArgs {
             comfyui_host: self.sim.addr.ip().to_string(),
             comfyui_port: self.sim.addr.port(),
@@ -187,16 +200,18 @@ impl Pipeline {
             stall_timeout: self.setup.stall_timeout,
             comfyui_poll_interval: 0.2,
             spool_dir: Some(self.dir.path().join(format!("spool-{name}"))),
+            comfyui_dir: None,
+            comfyui_output_dir: None,
+            comfyui_input_dir: None,
         };
-        let config = args
-            .into_config(format!("http://{}", self.broker.addr), None, self.workflows.clone(), PathBuf::new())
-            .unwrap();
+        let config =
+            args.into_config(format!("http://{broker}"), None, self.workflows.clone(), PathBuf::new()).unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
             tdcomfy_worker::run(config, s).await.unwrap();
         });
-        Served { addr: self.broker.addr, stop, task: Some(task) }
+        Served { addr: self.broker.addr, dir: None, stop, task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -279,4 +294,73 @@ pub fn video_info(dir: &Path, bytes: &[u8]) -> tdcomfy_sim::VideoInfo {
     let path = dir.join(format!("{}.mp4", uuid::Uuid::new_v4()));
     std::fs::write(&path, bytes).unwrap();
     tdcomfy_sim::video_info(&path).expect("a parsable MP4")
+}
+
+/// A TCP pass-through to another address that can be cut (every connection closed, new ones
+/// refused) and restored: one piece losing the network while the others keep it.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<std::sync::Mutex<(bool, CancellationToken)>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = bind(None).await;
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(std::sync::Mutex::new((true, CancellationToken::new())));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (open, cut) = { shared.lock().unwrap().clone() };
+                if !open {
+                    continue; // dropped: the connection is closed at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, state, task }
+    }
+
+    pub fn cut(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = false;
+        s.1.cancel();
+    }
+
+    pub fn restore(&self) {
+        *self.state.lock().unwrap() = (true, CancellationToken::new());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.lock().unwrap().1.cancel();
+    }
+}
+
+/// Regular files under `dir` (recursively), as paths relative to it.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() => out.push(path.strip_prefix(dir).unwrap().to_path_buf()),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
 }

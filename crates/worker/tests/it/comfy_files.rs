@@ -1,0 +1,128 @@
+//! What the worker leaves in ComfyUI's folders: every attempt reads its own frame, the input
+//! folder holds a bounded set of names, and delivered outputs are removed.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Pipeline, Proxy, Setup, files_under, frame_png};
+
+/// The job's frame inverted, as the `image_invert` workflow should return it.
+fn assert_is_this_frame_inverted(png: &[u8]) {
+    let out = image::load_from_memory(png).expect("a PNG").to_rgb8();
+    let frame = image::load_from_memory(&frame_png()).unwrap().to_rgb8();
+    assert_eq!(out.dimensions(), frame.dimensions(), "the result is not made from this job's frame");
+    for (o, f) in out.pixels().zip(frame.pixels()) {
+        assert_eq!(o.0, [255 - f[0], 255 - f[1], 255 - f[2]], "the result is not this job's frame inverted");
+    }
+}
+
+/// Posts a prompt straight to the simulator, as another user of the same ComfyUI would: it holds
+/// the simulator's single executor for `secs` seconds.
+async fn occupy_comfyui(p: &Pipeline, secs: f64) {
+    let upload = reqwest::multipart::Form::new()
+        .part("image", reqwest::multipart::Part::bytes(frame_png()).file_name("other.png"))
+        .text("subfolder", "someone-else");
+    let r = p.http.post(p.sim_url("/upload/image")).multipart(upload).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let steps = (secs / 0.25).ceil() as u64;
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "someone-else/other.png"}},
+        "2": {"class_type": "SlowPassthrough", "inputs": {"images": ["1", 0], "steps": steps, "step_seconds": 0.25, "send_preview": false}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "someone-else/slow"}},
+    });
+    let r = p.http.post(p.sim_url("/prompt")).json(&json!({"prompt": graph})).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+async fn wait_for_sim_queue(p: &Pipeline, want: (usize, usize), secs: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+    loop {
+        let q = p.sim_queue().await;
+        if q == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ComfyUI's queue is {q:?}, expected {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two attempts of one job on one ComfyUI at once: the first worker loses the broker (and so its
+/// lease) while its prompt waits in ComfyUI's queue; a second worker takes the job again and
+/// queues its own prompt; then the first comes back, learns its lease is gone and stops its
+/// prompt. Whatever the first attempt does while cleaning up, the second attempt's prompt must
+/// read the second attempt's frame.
+#[tokio::test]
+async fn a_re_attempt_on_the_same_comfyui_computes_its_result_from_its_own_frame() {
+    let mut p = Pipeline::start(Setup { lease_ttl: 4.0, ..Setup::default() }).await;
+    let mut default_worker = p.workers.remove(0);
+    default_worker.stop().await;
+    let proxy = Proxy::start(p.broker.addr).await;
+    let stale = p.start_worker_with("stale", None, proxy.addr).await;
+
+    // Someone else's long prompt keeps ComfyUI busy, so our prompts wait in its queue.
+    occupy_comfyui(&p, 16.0).await;
+    wait_for_sim_queue(&p, (1, 0), 10.0).await;
+    let id = p.submit("attempt isolation", Some("image_invert"), None).await;
+    wait_for_sim_queue(&p, (1, 1), 10.0).await;
+
+    // The first worker loses the broker; its lease expires and the job goes to a second worker.
+    proxy.cut();
+    let fresh = p.start_worker("fresh").await;
+    p.wait_for(&id, 20.0, |j| j["attempts"] == 2 && j["status"] == "running").await;
+    wait_for_sim_queue(&p, (1, 2), 10.0).await;
+    // The first worker is back: its next heartbeat says the lease is gone, and it stops its prompt.
+    proxy.restore();
+    wait_for_sim_queue(&p, (1, 1), 10.0).await;
+
+    let job = p.wait_terminal(&id).await;
+    assert_eq!(job["status"], "done", "{job}");
+    assert_eq!(job["attempts"], 2, "{job}");
+    let (content_type, png) = p.result(&id).await;
+    assert_eq!(content_type, "image/png");
+    assert_is_this_frame_inverted(&png);
+    drop((stale, fresh));
+}
+
+/// Many jobs through one worker and one ComfyUI leave at most the worker's fixed upload names in
+/// ComfyUI's input folder and none of their outputs in its output folder.
+#[tokio::test]
+async fn many_jobs_leave_a_bounded_input_folder_and_no_outputs() {
+    const JOBS: usize = 200;
+    let p = Pipeline::start(Setup::default()).await;
+    let sim_dir = p.sim.dir.clone().unwrap();
+    let started = tokio::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..JOBS {
+        ids.push(p.submit(&format!("job {i}"), Some("image_invert"), None).await);
+    }
+    for id in &ids {
+        let job = p.wait_terminal(id).await;
+        assert_eq!(job["status"], "done", "{job}");
+    }
+    let ran = started.elapsed();
+    let (content_type, png) = p.result(ids.last().unwrap()).await;
+    assert_eq!(content_type, "image/png");
+    assert_is_this_frame_inverted(&png);
+
+    // Outputs go after delivery, off the frame's path: give the last removals a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut outputs = files_under(&sim_dir.join("output"));
+    while !outputs.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        outputs = files_under(&sim_dir.join("output"));
+    }
+    let inputs = files_under(&sim_dir.join("input"));
+    eprintln!("{JOBS} jobs in {ran:?}: {} input files, {} output files", inputs.len(), outputs.len());
+    assert!(
+        inputs.len() <= tdcomfy_worker::comfy_files::SLOTS_PER_SERVER,
+        "{} input files, e.g. {:?}",
+        inputs.len(),
+        &inputs[..inputs.len().min(5)]
+    );
+    assert!(outputs.is_empty(), "{} output files left, e.g. {:?}", outputs.len(), outputs.first());
+    let leftover_dirs: Vec<Value> = std::fs::read_dir(sim_dir.join("output/tdcomfy"))
+        .map(|d| d.flatten().map(|e| Value::String(e.file_name().to_string_lossy().into_owned())).collect())
+        .unwrap_or_default();
+    assert!(leftover_dirs.is_empty(), "job folders left: {leftover_dirs:?}");
+}
