@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Pipeline, Proxy, Setup, files_under, frame_png};
+use crate::harness::{Pipeline, Proxy, Setup, files_under, frame_png, frame_png_seeded};
 
-/// The job's frame inverted, as the `image_invert` workflow should return it.
-fn assert_is_this_frame_inverted(png: &[u8]) {
+/// `png` is `frame` inverted, as the `image_invert` workflow should return it.
+fn assert_is_inverted(png: &[u8], frame: &[u8]) {
     let out = image::load_from_memory(png).expect("a PNG").to_rgb8();
-    let frame = image::load_from_memory(&frame_png()).unwrap().to_rgb8();
+    let frame = image::load_from_memory(frame).unwrap().to_rgb8();
     assert_eq!(out.dimensions(), frame.dimensions(), "the result is not made from this job's frame");
     for (o, f) in out.pixels().zip(frame.pixels()) {
         assert_eq!(o.0, [255 - f[0], 255 - f[1], 255 - f[2]], "the result is not this job's frame inverted");
@@ -80,12 +80,13 @@ async fn a_re_attempt_on_the_same_comfyui_computes_its_result_from_its_own_frame
     assert_eq!(job["attempts"], 2, "{job}");
     let (content_type, png) = p.result(&id).await;
     assert_eq!(content_type, "image/png");
-    assert_is_this_frame_inverted(&png);
+    assert_is_inverted(&png, &frame_png());
     drop((stale, fresh));
 }
 
 /// Many jobs through one worker and one ComfyUI leave at most the worker's fixed upload names in
-/// ComfyUI's input folder and none of their outputs in its output folder.
+/// ComfyUI's input folder and none of their outputs in its output folder, and each result is
+/// still made from its own frame although the names are reused.
 #[tokio::test]
 async fn many_jobs_leave_a_bounded_input_folder_and_no_outputs() {
     const JOBS: usize = 200;
@@ -93,17 +94,21 @@ async fn many_jobs_leave_a_bounded_input_folder_and_no_outputs() {
     let sim_dir = p.sim.dir.clone().unwrap();
     let started = tokio::time::Instant::now();
     let mut ids = Vec::new();
+    // Runs of the same frame, then a new one: the loader cache must see each change.
+    let seed = |i: usize| (i / 3 % 256) as u8;
     for i in 0..JOBS {
-        ids.push(p.submit(&format!("job {i}"), Some("image_invert"), None).await);
+        ids.push(p.submit_frame(frame_png_seeded(seed(i)), &format!("job {i}"), Some("image_invert"), None).await);
     }
     for id in &ids {
         let job = p.wait_terminal(id).await;
         assert_eq!(job["status"], "done", "{job}");
     }
     let ran = started.elapsed();
-    let (content_type, png) = p.result(ids.last().unwrap()).await;
-    assert_eq!(content_type, "image/png");
-    assert_is_this_frame_inverted(&png);
+    for (i, id) in ids.iter().enumerate() {
+        let (content_type, png) = p.result(id).await;
+        assert_eq!(content_type, "image/png");
+        assert_is_inverted(&png, &frame_png_seeded(seed(i)));
+    }
 
     // Outputs go after delivery, off the frame's path: give the last removals a moment.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -224,8 +224,19 @@ impl Pipeline {
 
     /// Submits a small frame; returns the job id.
     pub async fn submit(&self, prompt: &str, workflow: Option<&str>, params: Option<Value>) -> String {
+        self.submit_frame(frame_png(), prompt, workflow, params).await
+    }
+
+    /// Submits `frame` (PNG bytes); returns the job id.
+    pub async fn submit_frame(
+        &self,
+        frame: Vec<u8>,
+        prompt: &str,
+        workflow: Option<&str>,
+        params: Option<Value>,
+    ) -> String {
         let mut form = reqwest::multipart::Form::new()
-            .part("image", reqwest::multipart::Part::bytes(frame_png()).file_name("frame.png"))
+            .part("image", reqwest::multipart::Part::bytes(frame).file_name("frame.png"))
             .text("prompt", prompt.to_owned());
         if let Some(w) = workflow {
             form = form.text("workflow", w.to_owned());
@@ -283,7 +294,12 @@ impl Pipeline {
 
 /// A small real PNG (even dimensions, so H.264 can encode it).
 pub fn frame_png() -> Vec<u8> {
-    let img = image::RgbImage::from_fn(64, 40, |x, y| image::Rgb([(x * 4) as u8, (y * 6) as u8, 120]));
+    frame_png_seeded(120)
+}
+
+/// [`frame_png`] with its blue channel set to `seed`: a different frame per seed.
+pub fn frame_png_seeded(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 40, |x, y| image::Rgb([(x * 4) as u8, (y * 6) as u8, seed]));
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
