@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tdcomfy_comfy::{ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, PromptId};
+use tdcomfy_worker::comfy_files::{InputSlots, PromptFate, SLOTS_PER_SERVER};
 
 use crate::harness::{Pipeline, Proxy, Setup, files_under, frame_png, frame_png_seeded};
 
@@ -120,7 +122,7 @@ async fn many_jobs_leave_a_bounded_input_folder_and_no_outputs() {
     let inputs = files_under(&sim_dir.join("input"));
     eprintln!("{JOBS} jobs in {ran:?}: {} input files, {} output files", inputs.len(), outputs.len());
     assert!(
-        inputs.len() <= tdcomfy_worker::comfy_files::SLOTS_PER_SERVER,
+        inputs.len() <= SLOTS_PER_SERVER,
         "{} input files, e.g. {:?}",
         inputs.len(),
         &inputs[..inputs.len().min(5)]
@@ -130,4 +132,67 @@ async fn many_jobs_leave_a_bounded_input_folder_and_no_outputs() {
         .map(|d| d.flatten().map(|e| Value::String(e.file_name().to_string_lossy().into_owned())).collect())
         .unwrap_or_default();
     assert!(leftover_dirs.is_empty(), "job folders left: {leftover_dirs:?}");
+}
+
+/// `COMFYUI_DIR` names a folder that is not the simulator's, holding a file at the path of the
+/// job's output but with other bytes: the worker must see that it is not the file `/view` served
+/// and delete nothing.
+#[tokio::test]
+async fn a_file_that_is_not_the_one_comfyui_served_is_never_deleted() {
+    let decoy = tempfile::tempdir().unwrap();
+    let p = Pipeline::start(Setup { comfyui_dir: Some(decoy.path().to_path_buf()), ..Setup::default() }).await;
+    // Hold ComfyUI so the job waits while the decoy is put in place.
+    occupy_comfyui(&p, 2.0).await;
+    let id = p.submit("decoy", Some("image_invert"), None).await;
+    let decoy_file = decoy.path().join(format!("output/tdcomfy/{id}/3_00001_.png"));
+    std::fs::create_dir_all(decoy_file.parent().unwrap()).unwrap();
+    std::fs::write(&decoy_file, b"not the file ComfyUI served").unwrap();
+
+    let job = p.wait_terminal(&id).await;
+    assert_eq!(job["status"], "done", "{job}");
+    let real = p.sim.dir.clone().unwrap().join(format!("output/tdcomfy/{id}/3_00001_.png"));
+    assert!(real.is_file(), "ComfyUI's own output is out of this worker's reach");
+    // Deleting happens right after delivery; watch the decoy for a while.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(
+            std::fs::read(&decoy_file).ok().as_deref(),
+            Some(&b"not the file ComfyUI served"[..]),
+            "the worker deleted a file that was not the one ComfyUI served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every upload name is held by a prompt still waiting in ComfyUI's queue (attempts that ended
+/// without confirming their prompt left): a new attempt gets a one-off name, never one of those,
+/// and the names are free again once ComfyUI's queue no longer has their prompts.
+#[tokio::test]
+async fn upload_names_still_read_by_queued_prompts_are_not_reused() {
+    let p = Pipeline::start(Setup::default()).await;
+    let endpoint = ComfyEndpoint::from_host_port(&p.sim.addr.ip().to_string(), p.sim.addr.port()).unwrap();
+    let client = ComfyClient::new(endpoint, ClientId::new(), ComfyTimeouts::default()).unwrap();
+    occupy_comfyui(&p, 2.0).await;
+    let slots = InputSlots::new("probe");
+    let mut held = Vec::new();
+    for _ in 0..SLOTS_PER_SERVER {
+        let name = slots.take(&client, "png").await;
+        let prompt_id = PromptId::new();
+        let graph = json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "someone-else/other.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "someone-else/held"}},
+        });
+        let r = p.http.post(p.sim_url("/prompt")).json(&json!({"prompt": graph, "prompt_id": prompt_id.as_str()}));
+        assert_eq!(r.send().await.unwrap().status(), 200);
+        held.push(name.name.clone());
+        slots.release(name, PromptFate::MaybeQueued(prompt_id));
+    }
+    let extra = slots.take(&client, "png").await;
+    assert!(!held.contains(&extra.name), "{} is still read by a queued prompt", extra.name);
+    assert!(extra.name.contains("-once-"), "{}", extra.name);
+    slots.release(extra, PromptFate::Gone);
+
+    wait_for_sim_queue(&p, (0, 0), 30.0).await;
+    let again = slots.take(&client, "png").await;
+    assert!(held.contains(&again.name), "{} should be a freed slot name", again.name);
 }

@@ -65,6 +65,8 @@ pub struct Setup {
     pub stall_timeout: f64,
     pub models: Option<Vec<String>>,
     pub job_timeout: f64,
+    /// `COMFYUI_DIR` of the workers.
+    pub comfyui_dir: Option<PathBuf>,
 }
 
 impl Default for Setup {
@@ -76,6 +78,7 @@ impl Default for Setup {
             stall_timeout: 60.0,
             models: None,
             job_timeout: 120.0,
+            comfyui_dir: None,
         }
     }
 }
@@ -200,7 +203,7 @@ impl Pipeline {
             stall_timeout: self.setup.stall_timeout,
             comfyui_poll_interval: 0.2,
             spool_dir: Some(self.dir.path().join(format!("spool-{name}"))),
-            comfyui_dir: None,
+            comfyui_dir: self.setup.comfyui_dir.clone(),
             comfyui_output_dir: None,
             comfyui_input_dir: None,
         };
