@@ -13,6 +13,9 @@
 //!   cache with the SHA-256 `IS_CHANGED` of these nodes: a reused name with new bytes runs again),
 //!   and are listed in `execution_cached`; every other node runs every time and save nodes write
 //!   new files (real ComfyUI would also reuse them when their inputs are unchanged);
+//! * `/system_stats` `argv` is `["main.py", "--listen", "--tdcomfy-sim", "--base-directory", <data dir>]`
+//!   with the data directory absolute, so a worker on the same machine finds `input/` and
+//!   `output/` as it would for a ComfyUI started with `--base-directory`;
 //! * a client `prompt_id` must be a canonical lowercase UUID (newer ComfyUI's rule), else
 //!   400 `invalid_prompt_id`;
 //! * sampler nodes (`SamplerCustom`, `KSampler`) take [`SimConfig::job_time`] and report

@@ -276,7 +276,8 @@ impl FolderSettings {
     /// the folder of `main.py`. Only absolute paths count (a relative one is relative to a
     /// working directory this worker does not know).
     fn resolve(&self, argv: &[String]) -> Folders {
-        let flag = |name: &str| -> Option<PathBuf> {
+        // `None`: flag absent; `Some(None)`: given, but relative (so the folder is unknown).
+        let flag = |name: &str| -> Option<Option<PathBuf>> {
             let mut args = argv.iter().skip(1);
             let mut found = None;
             while let Some(arg) = args.next() {
@@ -287,20 +288,22 @@ impl FolderSettings {
                     found = Some(PathBuf::from(v));
                 }
             }
-            found.filter(|p| p.is_absolute())
+            found.map(|p| Some(p).filter(|p| p.is_absolute()))
         };
-        let main_dir = argv
-            .first()
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute() && p.file_name().is_some_and(|n| n == "main.py"))
-            .and_then(|p| p.parent().map(Path::to_path_buf));
-        let base = self.base.clone().or_else(|| flag("--base-directory")).or(main_dir);
-        let pick = |explicit: &Option<PathBuf>, flag_name: &str, sub: &str| {
-            explicit
-                .clone()
-                .or_else(|| self.base.as_ref().map(|b| b.join(sub)))
-                .or_else(|| flag(flag_name))
-                .or_else(|| base.as_ref().map(|b| b.join(sub)))
+        let main_dir = || {
+            argv.first()
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute() && p.file_name().is_some_and(|n| n == "main.py"))
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+        };
+        let base = match &self.base {
+            Some(b) => Some(b.clone()),
+            None => flag("--base-directory").unwrap_or_else(main_dir),
+        };
+        let pick = |explicit: &Option<PathBuf>, flag_name: &str, sub: &str| match (explicit, &self.base) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, Some(b)) => Some(b.join(sub)),
+            (None, None) => flag(flag_name).unwrap_or_else(|| base.as_ref().map(|b| b.join(sub))),
         };
         Folders {
             input: pick(&self.input, "--input-directory", "input"),
@@ -558,6 +561,11 @@ mod tests {
         assert_eq!(f.input, Some(PathBuf::from("/data/comfy/input")));
         // A relative main.py or directory says nothing: ComfyUI's working directory is unknown.
         let f = none.resolve(&argv(&["main.py", "--input-directory", "in"]));
+        assert_eq!((f.input, f.output), (None, None));
+        let f = none.resolve(&argv(&["/opt/ComfyUI/main.py", "--output-directory", "out"]));
+        assert_eq!(f.output, None, "a relative --output-directory is not <main.py's folder>/output");
+        assert_eq!(f.input, Some(PathBuf::from("/opt/ComfyUI/input")));
+        let f = none.resolve(&argv(&["/opt/ComfyUI/main.py", "--base-directory", "rel"]));
         assert_eq!((f.input, f.output), (None, None));
         let set = FolderSettings { base: Some("/srv/comfy".into()), output: Some("/mnt/out".into()), input: None };
         let f = set.resolve(&argv(&["main.py", "--input-directory", "/elsewhere/in"]));
