@@ -369,7 +369,8 @@ impl ComfyFolders {
     }
 
     /// Deletes a delivered job's files from ComfyUI's output folder: every output of the prompt
-    /// inside `job_subfolder` (`tdcomfy/<job>`), then that folder if empty. `primary` is checked
+    /// inside `job_subfolder` (`tdcomfy/<job>`) and any other file directly in that folder, then
+    /// the folder if empty. `primary` is checked
     /// first against `served` (what `/view` streamed); on a mismatch nothing is deleted and the
     /// folders are not used again. Returns how many files were removed.
     pub async fn remove_outputs(
@@ -434,8 +435,16 @@ impl ComfyFolders {
                     removed += 1;
                 }
             }
-            // Empty folders of the job go too; a non-empty one stays (remove_dir refuses it).
             if let Some(dir) = confined_dir(&output_dir, &job_subfolder) {
+                // Files a save node wrote without listing them (VideoHelperSuite's workflow PNG
+                // beside its video) are the job's too: only this job's prompts write here.
+                for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    // `DirEntry::file_type` does not follow symlinks: a link is left alone.
+                    if entry.file_type().is_ok_and(|t| t.is_file()) && std::fs::remove_file(entry.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+                // A folder still holding something (a subfolder) stays: remove_dir refuses it.
                 let _ = std::fs::remove_dir(dir);
             }
             removed

@@ -196,3 +196,39 @@ async fn upload_names_still_read_by_queued_prompts_are_not_reused() {
     let again = slots.take(&client, "png").await;
     assert!(held.contains(&again.name), "{} should be a freed slot name", again.name);
 }
+
+/// After delivery the job's output folder goes, with files a save node wrote without listing
+/// them; a symlink found there is not followed (its target outside the folder stays).
+#[tokio::test]
+async fn a_delivered_job_s_output_folder_is_removed_and_links_out_of_it_are_not_followed() {
+    let p = Pipeline::start(Setup::default()).await;
+    let output = p.sim.dir.clone().unwrap().join("output");
+    let outside = p.dir.path().join("precious.txt");
+    std::fs::write(&outside, b"keep me").unwrap();
+    // Hold ComfyUI so the job waits while its folder is prepared.
+    occupy_comfyui(&p, 2.0).await;
+    let id = p.submit("cleanup", Some("image_invert"), None).await;
+    let job_dir = output.join(format!("tdcomfy/{id}"));
+    std::fs::create_dir_all(&job_dir).unwrap();
+    std::fs::write(job_dir.join("3_00001_.png.workflow.png"), b"unlisted metadata").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&outside, job_dir.join("link.txt")).unwrap();
+
+    let job = p.wait_terminal(&id).await;
+    assert_eq!(job["status"], "done", "{job}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let expected_left: Vec<std::path::PathBuf> =
+        if cfg!(unix) { vec![format!("tdcomfy/{id}/link.txt").into()] } else { Vec::new() };
+    loop {
+        let left: Vec<std::path::PathBuf> =
+            std::fs::read_dir(&job_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        let left: Vec<std::path::PathBuf> =
+            left.iter().map(|p| p.strip_prefix(&output).unwrap().to_path_buf()).collect();
+        if left == expected_left {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "left in the job's folder: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+}
