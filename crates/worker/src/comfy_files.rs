@@ -118,6 +118,8 @@ struct OneOff {
 #[derive(Debug)]
 struct SlotTable {
     slots: Vec<SlotState>,
+    /// Every name handed out per slot (one per image format), for the clean-up at shutdown.
+    names: Vec<std::collections::BTreeSet<String>>,
     one_offs: Vec<OneOff>,
     one_offs_made: u64,
 }
@@ -147,6 +149,7 @@ impl InputSlots {
             table: Mutex::new(SlotTable {
                 slots: vec![SlotState::Free; SLOTS_PER_SERVER],
                 one_offs: Vec::new(),
+                names: vec![std::collections::BTreeSet::new(); SLOTS_PER_SERVER],
                 one_offs_made: 0,
             }),
         }
@@ -214,7 +217,22 @@ impl InputSlots {
         let mut table = self.lock();
         let index = table.slots.iter().position(|s| matches!(s, SlotState::Free))?;
         table.slots[index] = SlotState::Taken;
-        Some(InputName { slot: Some(index), name: format!("{}-{index}.{ext}", self.prefix) })
+        let name = format!("{}-{index}.{ext}", self.prefix);
+        table.names[index].insert(name.clone());
+        Some(InputName { slot: Some(index), name })
+    }
+
+    /// The names of free slots, taken out of use for good (the worker is stopping).
+    fn retire_free(&self) -> Vec<String> {
+        let mut table = self.lock();
+        let mut names = Vec::new();
+        for index in 0..table.slots.len() {
+            if matches!(table.slots[index], SlotState::Free) {
+                table.slots[index] = SlotState::Taken;
+                names.extend(std::mem::take(&mut table.names[index]));
+            }
+        }
+        names
     }
 
     /// Gives a name back once its attempt ended: free at once if its prompt is gone, otherwise
@@ -467,6 +485,30 @@ impl ComfyFolders {
             slots.keep_one_offs(names);
             return;
         };
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in names {
+                if let Some(path) = confined(&input, INPUT_SUBFOLDER, &name) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl ComfyFolders {
+    /// At shutdown: deletes this pool's uploads that no prompt holds, once the folders have been
+    /// verified, so a worker whose id changes with each start (the default `host-pid`) leaves
+    /// nothing behind. Files still held by a queued prompt stay.
+    pub async fn remove_free_slots(&self, slots: &InputSlots) {
+        let input = match &*self.state.lock().await {
+            FolderState::Verified(f) => f.input.clone(),
+            _ => None,
+        };
+        let Some(input) = input else {
+            return;
+        };
+        let names = slots.retire_free();
         let _ = tokio::task::spawn_blocking(move || {
             for name in names {
                 if let Some(path) = confined(&input, INPUT_SUBFOLDER, &name) {

@@ -124,6 +124,8 @@ async fn serve_backend(
             }
         }
     }
+    // Stopping: this loop's upload names that no prompt reads any more go (when reachable).
+    backend.files.folders.remove_free_slots(&backend.files.slots).await;
 }
 
 /// After a job failed because this ComfyUI server was unreachable, takes no job until the server

@@ -232,3 +232,19 @@ async fn a_delivered_job_s_output_folder_is_removed_and_links_out_of_it_are_not_
     }
     assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
 }
+
+/// A worker that stops takes its upload names with it, so workers whose id changes with every
+/// start (the default host-pid) do not add names to ComfyUI's input folder each time.
+#[tokio::test]
+async fn a_stopped_worker_leaves_no_upload_behind() {
+    let mut p = Pipeline::start(Setup::default()).await;
+    let input = p.sim.dir.clone().unwrap().join("input");
+    for i in 0..3 {
+        let id = p.submit_frame(frame_png_seeded(i), "before a stop", Some("image_invert"), None).await;
+        assert_eq!(p.wait_terminal(&id).await["status"], "done");
+    }
+    assert!(!files_under(&input).is_empty(), "the frames went through ComfyUI's input folder");
+    let mut worker = p.workers.remove(0);
+    worker.stop().await;
+    assert_eq!(files_under(&input), Vec::<std::path::PathBuf>::new());
+}
