@@ -177,26 +177,7 @@ impl InputSlots {
             })
             .collect();
         if !held.is_empty() {
-            match client.queue().await {
-                Ok(queue) => {
-                    let mut table = self.lock();
-                    for slot in &mut table.slots {
-                        if let SlotState::Held(p) = slot
-                            && queue.position(p).is_none()
-                        {
-                            *slot = SlotState::Free;
-                        }
-                    }
-                    for one_off in &mut table.one_offs {
-                        if let Some(PromptFate::MaybeQueued(p)) = &one_off.fate
-                            && queue.position(p).is_none()
-                        {
-                            one_off.fate = Some(PromptFate::Gone);
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "could not read ComfyUI's queue to free upload names"),
-            }
+            self.settle(client).await;
             if let Some(name) = self.take_free(&ext) {
                 return name;
             }
@@ -211,6 +192,30 @@ impl InputSlots {
         );
         table.one_offs.push(OneOff { name: name.clone(), fate: None });
         InputName { slot: None, name }
+    }
+
+    /// Frees the names whose prompt ComfyUI's queue no longer has.
+    async fn settle(&self, client: &ComfyClient) {
+        match client.queue().await {
+            Ok(queue) => {
+                let mut table = self.lock();
+                for slot in &mut table.slots {
+                    if let SlotState::Held(p) = slot
+                        && queue.position(p).is_none()
+                    {
+                        *slot = SlotState::Free;
+                    }
+                }
+                for one_off in &mut table.one_offs {
+                    if let Some(PromptFate::MaybeQueued(p)) = &one_off.fate
+                        && queue.position(p).is_none()
+                    {
+                        one_off.fate = Some(PromptFate::Gone);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read ComfyUI's queue to free upload names"),
+        }
     }
 
     fn take_free(&self, ext: &str) -> Option<InputName> {
@@ -472,7 +477,11 @@ impl ComfyFolders {
     }
 
     /// Deletes one-off uploads whose prompt is gone, once the folders have been verified.
-    pub async fn remove_one_offs(&self, slots: &InputSlots) {
+    pub async fn remove_one_offs(&self, client: &ComfyClient, slots: &InputSlots) {
+        let waiting = slots.lock().one_offs.iter().any(|o| matches!(o.fate, Some(PromptFate::MaybeQueued(_))));
+        if waiting {
+            slots.settle(client).await;
+        }
         let names = slots.drain_gone_one_offs();
         if names.is_empty() {
             return;

@@ -493,7 +493,7 @@ async fn clean_comfy(client: ComfyClient, prompt_id: PromptId, files: std::sync:
     if let Err(e) = client.delete_history(&prompt_id).await {
         tracing::debug!(error = %e, "could not delete the history entry");
     }
-    files.folders.remove_one_offs(&files.slots).await;
+    files.folders.remove_one_offs(&client, &files.slots).await;
 }
 
 fn describe_failure(f: &RunFailure, backend: &str) -> Failure {

@@ -3,9 +3,12 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tdcomfy_comfy::{ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, PromptId};
-use tdcomfy_worker::comfy_files::{InputSlots, PromptFate, SLOTS_PER_SERVER};
+use tdcomfy_comfy::{ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, ImageUpload, PromptId, collect_outputs};
+use tdcomfy_worker::comfy_files::{
+    ComfyFolders, FingerprintBuilder, FolderSettings, INPUT_SUBFOLDER, InputSlots, PromptFate, SLOTS_PER_SERVER,
+};
 
 use crate::harness::{Pipeline, Proxy, Setup, files_under, frame_png, frame_png_seeded};
 
@@ -247,4 +250,70 @@ async fn a_stopped_worker_leaves_no_upload_behind() {
     let mut worker = p.workers.remove(0);
     worker.stop().await;
     assert_eq!(files_under(&input), Vec::<std::path::PathBuf>::new());
+}
+
+/// One-off upload names (used while every slot was held) are deleted once their prompt is gone,
+/// but only after ComfyUI's folders were found (here from `/system_stats` `argv`) and verified
+/// against a file `/view` served.
+#[tokio::test]
+async fn one_off_uploads_are_deleted_once_their_prompt_is_gone_and_the_folders_are_verified() {
+    let p = Pipeline::start(Setup::default()).await;
+    let sim_dir = p.sim.dir.clone().unwrap();
+    let endpoint = ComfyEndpoint::from_host_port(&p.sim.addr.ip().to_string(), p.sim.addr.port()).unwrap();
+    let client = ComfyClient::new(endpoint, ClientId::new(), ComfyTimeouts::default()).unwrap();
+    let folders = ComfyFolders::new(FolderSettings::default(), "sim");
+    let slots = InputSlots::new("probe");
+
+    // Every slot held by a prompt waiting in ComfyUI's queue: the next name is a one-off.
+    occupy_comfyui(&p, 2.0).await;
+    for _ in 0..SLOTS_PER_SERVER {
+        let name = slots.take(&client, "png").await;
+        let prompt_id = PromptId::new();
+        let graph = json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "someone-else/other.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "someone-else/held"}},
+        });
+        let r = p.http.post(p.sim_url("/prompt")).json(&json!({"prompt": graph, "prompt_id": prompt_id.as_str()}));
+        assert_eq!(r.send().await.unwrap().status(), 200);
+        slots.release(name, PromptFate::MaybeQueued(prompt_id));
+    }
+    let one_off = slots.take(&client, "png").await;
+    let upload = ImageUpload::from_bytes(one_off.name.clone(), frame_png()).in_subfolder(INPUT_SUBFOLDER);
+    client.upload_image(upload.overwrite(true)).await.unwrap();
+    let one_off_file = sim_dir.join("input").join(INPUT_SUBFOLDER).join(&one_off.name);
+    assert!(one_off_file.is_file());
+    slots.release(one_off, PromptFate::Gone);
+
+    // Not verified yet: nothing is deleted.
+    folders.remove_one_offs(&client, &slots).await;
+    assert!(one_off_file.is_file(), "deleted before the folders were verified");
+
+    // A job's output, downloaded through /view, verifies the folders and is removed.
+    wait_for_sim_queue(&p, (0, 0), 30.0).await;
+    let prompt_id = PromptId::new();
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "someone-else/other.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "tdcomfy/probe-job/2"}},
+    });
+    let r = p.http.post(p.sim_url("/prompt")).json(&json!({"prompt": graph, "prompt_id": prompt_id.as_str()}));
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    let entry = loop {
+        if let Some(entry) = client.history(&prompt_id).await.unwrap() {
+            break entry;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let outputs = collect_outputs(entry.outputs.iter().map(|(k, v)| (k.as_str(), v)));
+    let mut download = client.download(&outputs[0]).await.unwrap();
+    let mut served = FingerprintBuilder::default();
+    while let Some(chunk) = download.next().await {
+        served.update(&chunk.unwrap());
+    }
+    let removed = folders.remove_outputs(&client, &outputs, &outputs[0], served.finish(), "tdcomfy/probe-job").await;
+    assert_eq!(removed, 1);
+    assert!(!sim_dir.join("output/tdcomfy/probe-job").exists());
+
+    // Verified, and the one-off's prompt is gone: its file goes.
+    folders.remove_one_offs(&client, &slots).await;
+    assert!(!one_off_file.exists(), "the one-off upload was left behind");
 }
