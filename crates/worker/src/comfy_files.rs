@@ -11,10 +11,9 @@
 //!   than waiting; one-off files are deleted once their prompt is gone, if the folder is reachable.
 //! - [`ComfyFolders`]: ComfyUI's `input/` and `output/` on this machine, from `COMFYUI_DIR`,
 //!   `COMFYUI_INPUT_DIR`, `COMFYUI_OUTPUT_DIR` or `/system_stats` `argv`. Used only after a file on
-//!   disk was checked to be the one `/view` served ([`Fingerprint`]); every path is confined to
+//!   disk was compared with the copy `/view` served ([`ServedCopy`]); every path is confined to
 //!   the folder (no `..`, no symlinks). When they cannot be reached it says so once in the log.
 
-use std::hash::Hasher;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,52 +41,52 @@ fn file_safe(s: &str, max: usize) -> String {
     if safe.is_empty() { "_".to_owned() } else { safe }
 }
 
-/// Length and hash of a file's bytes, to tell whether a file on disk is the one downloaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint {
-    len: u64,
-    hash: u64,
+/// The copy of a job's primary output that `/view` served, kept aside (out of the attempt's spool
+/// folder, which goes when the attempt ends) until the file in ComfyUI's folder has been compared
+/// with it; deleted when dropped.
+#[derive(Debug)]
+pub struct ServedCopy {
+    path: PathBuf,
 }
 
-/// Builds a [`Fingerprint`] from chunks as they stream by.
-pub struct FingerprintBuilder {
-    len: u64,
-    // SipHash with the fixed keys of `DefaultHasher::new()`: both sides of a comparison are
-    // computed in this process, and its `write` is streaming, so chunk sizes do not matter.
-    hasher: std::hash::DefaultHasher,
-}
+impl ServedCopy {
+    /// Takes ownership of the file at `path` (it is deleted when this is dropped).
+    pub fn new(path: PathBuf) -> ServedCopy {
+        ServedCopy { path }
+    }
 
-impl Default for FingerprintBuilder {
-    fn default() -> Self {
-        FingerprintBuilder { len: 0, hasher: std::hash::DefaultHasher::new() }
+    /// Moves `result` (a file in an attempt's spool folder) next to that folder, so the folder can
+    /// be removed now and the comparison runs later, off the frame's path. A rename: no copy.
+    pub async fn keep(result: &Path) -> Option<ServedCopy> {
+        let attempt = result.parent()?;
+        let name = format!("{}.served", attempt.file_name()?.to_string_lossy());
+        let aside = attempt.parent()?.join(name);
+        tokio::fs::rename(result, &aside).await.ok()?;
+        Some(ServedCopy { path: aside })
     }
 }
 
-impl FingerprintBuilder {
-    /// Adds the next chunk.
-    pub fn update(&mut self, chunk: &[u8]) {
-        self.len += chunk.len() as u64;
-        self.hasher.write(chunk);
-    }
-
-    /// The fingerprint of everything added.
-    pub fn finish(&self) -> Fingerprint {
-        Fingerprint { len: self.len, hash: self.hasher.finish() }
+impl Drop for ServedCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
-impl Fingerprint {
-    /// Reads a file (blocking) and fingerprints it.
-    fn of_file(path: &Path) -> std::io::Result<Fingerprint> {
-        let mut file = std::fs::File::open(path)?;
-        let mut builder = FingerprintBuilder::default();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                return Ok(builder.finish());
-            }
-            builder.update(&buf[..n]);
+/// Whether two files hold the same bytes (lengths first, then the contents, 256 KiB at a time).
+fn same_bytes(a: &Path, b: &Path) -> std::io::Result<bool> {
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(fb.read(&mut bb[..1])? == 0);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
         }
     }
 }
@@ -393,15 +392,15 @@ impl ComfyFolders {
 
     /// Deletes a delivered job's files from ComfyUI's output folder: every output of the prompt
     /// inside `job_subfolder` (`tdcomfy/<job>`) and any other file directly in that folder, then
-    /// the folder if empty. `primary` is checked
-    /// first against `served` (what `/view` streamed); on a mismatch nothing is deleted and the
-    /// folders are not used again. Returns how many files were removed.
+    /// the folder if empty. `primary` is first compared with `served` (the copy `/view`
+    /// streamed); on a mismatch nothing is deleted and the folders are not used again. Returns how
+    /// many files were removed.
     pub async fn remove_outputs(
         &self,
         client: &ComfyClient,
         outputs: &[OutputFile],
         primary: &OutputFile,
-        served: Fingerprint,
+        served: ServedCopy,
         job_subfolder: &str,
     ) -> usize {
         let mut state = self.state.lock().await;
@@ -423,7 +422,7 @@ impl ComfyFolders {
         let (dir, primary_path) = (output_dir.clone(), (primary.subfolder.clone(), primary.filename.clone()));
         let matches = tokio::task::spawn_blocking(move || {
             let path = confined(&dir, &primary_path.0, &primary_path.1)?;
-            Fingerprint::of_file(&path).ok().map(|fp| fp == served)
+            same_bytes(&path, &served.path).ok()
         })
         .await
         .ok()
@@ -634,6 +633,23 @@ mod tests {
     }
 
     #[test]
+    fn same_bytes_compares_length_and_content() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let write = |name: &str, bytes: &[u8]| {
+            let path = tmp.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        let a = write("a", &data);
+        assert!(same_bytes(&a, &write("b", &data)).unwrap());
+        let mut changed = data.clone();
+        changed[500_000] ^= 1;
+        assert!(!same_bytes(&a, &write("c", &changed)).unwrap(), "a byte past the first chunk differs");
+        assert!(!same_bytes(&a, &write("d", &data[..599_999])).unwrap(), "shorter");
+    }
+
+    #[test]
     fn paths_never_leave_the_folder() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("output");
@@ -652,20 +668,5 @@ mod tests {
             assert!(confined(&out, "tdcomfy/escape", "secret").is_none(), "a symlinked folder leaves");
             assert!(confined(&out, "tdcomfy/job", "link").is_none(), "a symlinked file is not a file");
         }
-    }
-
-    #[test]
-    fn fingerprints_do_not_depend_on_chunking() {
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let mut a = FingerprintBuilder::default();
-        a.update(&data);
-        let mut b = FingerprintBuilder::default();
-        for chunk in data.chunks(777) {
-            b.update(chunk);
-        }
-        assert_eq!(a.finish(), b.finish());
-        let mut c = FingerprintBuilder::default();
-        c.update(&data[1..]);
-        assert_ne!(a.finish(), c.finish());
     }
 }

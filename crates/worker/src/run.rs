@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker_client::{BrokerCallError, BrokerClient};
-use crate::comfy_files::{self, Fingerprint, FingerprintBuilder, INPUT_SUBFOLDER, PromptFate, ServerFiles, SlotGuard};
+use crate::comfy_files::{self, INPUT_SUBFOLDER, PromptFate, ServedCopy, ServerFiles, SlotGuard};
 use crate::config::WorkerConfig;
 
 /// Why the worker stopped.
@@ -279,11 +279,14 @@ impl JobRun<'_> {
         let primary = pick_primary(&outputs, workflow.primary_output_hint())
             .ok_or_else(|| Failure::new("ComfyUI reported success but produced no output file", false))?;
         let t = Instant::now();
-        let (result_path, content_type, served) = self.fetch_output(client, primary, dir).await?;
+        let (result_path, content_type) = self.fetch_output(client, primary, dir).await?;
         let fetched = t.elapsed();
         let end = self.deliver(&result_path, &content_type, comfy_execution).await;
-        if matches!(end, Ok(JobEnd::Delivered)) {
-            // The result is safe at the broker: ComfyUI's copies can go (off the frame's path).
+        if matches!(end, Ok(JobEnd::Delivered))
+            && let Some(served) = ServedCopy::keep(&result_path).await
+        {
+            // The result is safe at the broker: ComfyUI's copies can go once compared with what
+            // /view served (off the frame's path).
             let files = self.backend.files.clone();
             let (client, primary) = (client.clone(), primary.clone());
             let job_folder = tdcomfy_workflows::job_output_subfolder(&lease.job_id.to_string());
@@ -402,7 +405,7 @@ impl JobRun<'_> {
         client: &ComfyClient,
         file: &OutputFile,
         dir: &Path,
-    ) -> Result<(PathBuf, String, Fingerprint), Failure> {
+    ) -> Result<(PathBuf, String), Failure> {
         let fail = |e: &dyn std::fmt::Display| {
             Failure::new(
                 format!("could not download {} from ComfyUI at {}: {e}", file.filename, self.backend.label),
@@ -420,16 +423,12 @@ impl JobRun<'_> {
             256 * 1024,
             tokio::fs::File::create(&path).await.map_err(|e| fail(&e))?,
         );
-        // Fingerprinted as it streams: the file in ComfyUI's folder is deleted later only if it
-        // is this one.
-        let mut served = FingerprintBuilder::default();
         while let Some(chunk) = download.next().await {
             let chunk = chunk.map_err(|e| fail(&e))?;
-            served.update(&chunk);
             out.write_all(&chunk).await.map_err(|e| fail(&e))?;
         }
         out.flush().await.map_err(|e| fail(&e))?;
-        Ok((path, content_type, served.finish()))
+        Ok((path, content_type))
     }
 
     /// Uploads the result, retrying while the broker is away, until it is accepted or the lease is

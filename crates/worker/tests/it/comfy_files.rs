@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tdcomfy_comfy::{ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, ImageUpload, PromptId, collect_outputs};
 use tdcomfy_worker::comfy_files::{
-    ComfyFolders, FingerprintBuilder, FolderSettings, INPUT_SUBFOLDER, InputSlots, PromptFate, SLOTS_PER_SERVER,
+    ComfyFolders, FolderSettings, INPUT_SUBFOLDER, InputSlots, PromptFate, SLOTS_PER_SERVER, ServedCopy,
 };
 
 use crate::harness::{Pipeline, Proxy, Setup, files_under, frame_png, frame_png_seeded};
@@ -117,11 +117,13 @@ async fn many_jobs_leave_a_bounded_input_folder_and_no_outputs() {
 
     // Outputs go after delivery, off the frame's path: give the last removals a moment.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut outputs = files_under(&sim_dir.join("output"));
-    while !outputs.is_empty() && tokio::time::Instant::now() < deadline {
+    let spool = p.dir.path().join("spool-worker-1");
+    let (mut outputs, mut spooled) = (files_under(&sim_dir.join("output")), files_under(&spool));
+    while !(outputs.is_empty() && spooled.is_empty()) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        outputs = files_under(&sim_dir.join("output"));
+        (outputs, spooled) = (files_under(&sim_dir.join("output")), files_under(&spool));
     }
+    assert!(spooled.is_empty(), "left in the worker's spool: {spooled:?}");
     let inputs = files_under(&sim_dir.join("input"));
     eprintln!("{JOBS} jobs in {ran:?}: {} input files, {} output files", inputs.len(), outputs.len());
     assert!(
@@ -305,13 +307,17 @@ async fn one_off_uploads_are_deleted_once_their_prompt_is_gone_and_the_folders_a
     };
     let outputs = collect_outputs(entry.outputs.iter().map(|(k, v)| (k.as_str(), v)));
     let mut download = client.download(&outputs[0]).await.unwrap();
-    let mut served = FingerprintBuilder::default();
+    let mut served = Vec::new();
     while let Some(chunk) = download.next().await {
-        served.update(&chunk.unwrap());
+        served.extend_from_slice(&chunk.unwrap());
     }
-    let removed = folders.remove_outputs(&client, &outputs, &outputs[0], served.finish(), "tdcomfy/probe-job").await;
+    let served_path = p.dir.path().join("served.png");
+    std::fs::write(&served_path, &served).unwrap();
+    let served = ServedCopy::new(served_path.clone());
+    let removed = folders.remove_outputs(&client, &outputs, &outputs[0], served, "tdcomfy/probe-job").await;
     assert_eq!(removed, 1);
     assert!(!sim_dir.join("output/tdcomfy/probe-job").exists());
+    assert!(!served_path.exists(), "the served copy is dropped once compared");
 
     // Verified, and the one-off's prompt is gone: its file goes.
     folders.remove_one_offs(&client, &slots).await;
