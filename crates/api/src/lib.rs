@@ -329,6 +329,10 @@ pub struct Lease {
     pub input: InputInfo,
     /// Seconds the job may run in all (`JOB_TIMEOUT`).
     pub job_timeout: f64,
+    /// Largest result the broker accepts, in bytes (`MAX_RESULT_MB`), so a worker refuses an
+    /// over-large output before sending it. Absent from older brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_result_bytes: Option<u64>,
 }
 
 /// Response of `POST /worker/lease` when a job was leased.

@@ -74,6 +74,19 @@ impl Blobs {
         Ok(Blobs { root: root.to_owned() })
     }
 
+    /// The jobs that have a file of `kind` (files not named by a job id are left alone).
+    pub fn list(&self, kind: BlobKind) -> io::Result<Vec<JobId>> {
+        let dir = self.path(kind, JobId::new());
+        let dir = dir.parent().unwrap_or(&self.root);
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            if let Some(id) = entry?.file_name().to_str().and_then(JobId::parse) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Where a job's file of `kind` lives.
     pub fn path(&self, kind: BlobKind, id: JobId) -> PathBuf {
         let dir = match kind {

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tdcomfy_workflows::WorkflowRegistry;
 
+use crate::clock::Clock;
+
 /// Flags and environment variables of `tdcomfy serve` (and of the broker inside `tdcomfy up`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
@@ -53,6 +55,12 @@ pub struct BrokerArgs {
     #[arg(long, env = "RESULT_TTL", default_value_t = 86_400)]
     pub result_ttl: u64,
 
+    /// Seconds a finished job's record is kept (with any files it still has) before it is deleted,
+    /// so the database does not grow without end; its GET then answers 404 and its Idempotency-Key
+    /// may be used again. 0 keeps records forever.
+    #[arg(long, env = "JOB_RETENTION", default_value_t = 604_800)]
+    pub job_retention: u64,
+
     /// Seconds one attempt of a job may run before it fails as timed out.
     #[arg(long, env = "JOB_TIMEOUT", default_value_t = 600.0)]
     pub job_timeout: f64,
@@ -98,6 +106,8 @@ pub struct BrokerConfig {
     pub worker_token: Option<String>,
     /// Keep finished jobs' files this long (`None`: forever).
     pub result_ttl: Option<Duration>,
+    /// Keep finished jobs' records this long (`None`: forever).
+    pub job_retention: Option<Duration>,
     /// Longest attempt.
     pub job_timeout: Duration,
     /// Lease lifetime without a heartbeat.
@@ -108,6 +118,8 @@ pub struct BrokerConfig {
     pub workflows: Arc<WorkflowRegistry>,
     /// How often expired leases, timeouts and old files are swept.
     pub sweep_interval: Duration,
+    /// The source of every time the broker records or compares (a test may inject its own).
+    pub clock: Clock,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -154,11 +166,13 @@ impl BrokerArgs {
             api_token: non_empty(&self.api_token),
             worker_token: non_empty(&self.worker_token),
             result_ttl: (self.result_ttl > 0).then(|| Duration::from_secs(self.result_ttl)),
+            job_retention: (self.job_retention > 0).then(|| Duration::from_secs(self.job_retention)),
             job_timeout: positive_secs("JOB_TIMEOUT", self.job_timeout)?,
             sweep_interval: (lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
             lease_ttl,
             max_attempts: self.max_attempts,
             workflows,
+            clock: Clock::system(),
         })
     }
 }

@@ -6,7 +6,9 @@
 //! HTTP layer on top.
 
 pub mod blobs;
+pub mod clock;
 pub mod config;
+pub mod data_dir;
 pub mod events;
 pub mod http;
 pub mod image_sniff;
@@ -33,8 +35,13 @@ pub async fn run(
 ) -> Result<(), BrokerError> {
     let addr = listener.local_addr()?;
     warn_if_exposed(addr, &config);
-    let broker = Broker::open(config)?;
-    let sweeper = tokio::spawn(sweep_forever(broker.clone()));
+    // Held until this function ends (or its task is dropped), so a restart in the same process
+    // can take it again.
+    let _lock = data_dir::DataDirLock::acquire(&config.data_dir, addr)?;
+    let broker = Broker::open(config).await?;
+    // Aborted when this future ends or is dropped: a broker that stopped must not go on requeueing
+    // jobs in the data directory it no longer serves.
+    let sweeper = AbortOnDrop(tokio::spawn(sweep_forever(broker.clone())));
     let stop = broker.shutdown_token().clone();
     tokio::spawn({
         let stop = stop.clone();
@@ -62,8 +69,17 @@ pub async fn run(
             Ok(())
         }
     };
-    sweeper.abort();
+    drop(sweeper);
     served.map_err(BrokerError::Io)
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How long a shutdown waits for requests in flight (uploads) before closing them.

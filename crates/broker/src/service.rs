@@ -5,6 +5,7 @@
 //! network await: each store call is one short transaction, and streamed bytes are on disk before
 //! the store hears of them.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,10 @@ struct Inner {
     hub: EventHub,
     workers: WorkerRegistry,
     shutdown: tokio_util::sync::CancellationToken,
+    /// Leases handed out but not yet acknowledged by their worker (no input download, no
+    /// heartbeat). An answer written into a closed socket looks delivered to the server; only the
+    /// worker's first call proves it arrived.
+    unacknowledged: std::sync::Mutex<std::collections::HashMap<JobId, (LeaseToken, Instant)>>,
 }
 
 /// Broker faults that are not a client's doing.
@@ -79,14 +84,33 @@ pub enum BrokerError {
     /// The disk failed.
     #[error("disk error: {0}")]
     Io(#[from] std::io::Error),
+    /// Another broker holds the data directory.
+    #[error(
+        "DATA_DIR {} is in use by another broker ({holder}); stop that one, or give this one its own DATA_DIR",
+        dir.display()
+    )]
+    DataDirInUse {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
 }
 
 impl Broker {
-    /// Opens the store and file area under `config.data_dir`.
-    pub fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
+    /// Opens the store and file area under `config.data_dir`, and gives the jobs that were running
+    /// when the broker stopped one `LEASE_TTL` for their workers to check in (see
+    /// [`Store::resume_running`]); call it before the first [`Broker::sweep`].
+    pub async fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("jobs.sqlite3"))?;
+        let store = Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?;
         let blobs = Blobs::open(&config.data_dir.join("files"))?;
+        let resumed =
+            store.resume_running(config.lease_ttl.as_millis() as i64, config.job_timeout.as_millis() as i64).await?;
+        if resumed > 0 {
+            tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
+        }
+        reconcile_files(&store, &blobs).await?;
         Ok(Broker {
             inner: Arc::new(Inner {
                 config,
@@ -95,6 +119,7 @@ impl Broker {
                 hub: EventHub::new(1024),
                 shutdown: tokio_util::sync::CancellationToken::new(),
                 workers: WorkerRegistry::default(),
+                unacknowledged: Default::default(),
             }),
         })
     }
@@ -125,7 +150,7 @@ impl Broker {
         let queue_position =
             if r.status == JobStatus::Queued { Some(self.inner.store.queue_position(r.seq).await?) } else { None };
         let processing_time = r.started_at.map(|start| {
-            let end = r.finished_at.unwrap_or_else(Timestamp::now);
+            let end = r.finished_at.unwrap_or_else(|| self.inner.config.clock.now());
             (end.millis() - start.millis()).max(0) as f64 / 1000.0
         });
         let result = match (&r.result, r.status) {
@@ -176,8 +201,28 @@ impl Broker {
         }
     }
 
+    /// Runs a state change to its end on its own task. hyper drops a handler's future when its
+    /// client hangs up; a change awaited inline would then stop between its commit and its event,
+    /// its worker wake-up or its file deletion. Spawned, it finishes whatever the client does.
+    async fn detached<T, F>(&self, change: F) -> T
+    where
+        T: Send + 'static,
+        F: Future<Output = T> + Send + 'static,
+    {
+        match tokio::spawn(change).await {
+            Ok(out) => out,
+            // The task is never aborted, so a join error is a panic: let it surface as one.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     /// Stores a submission: the image file first (durably), then the row.
     pub async fn submit(&self, sub: Submission) -> Result<SubmitOutcome, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.submit_now(sub).await }).await
+    }
+
+    async fn submit_now(&self, sub: Submission) -> Result<SubmitOutcome, BrokerError> {
         let id = JobId::new();
         self.inner.blobs.commit(sub.image, BlobKind::Input, id).await?;
         let outcome = self
@@ -309,6 +354,11 @@ impl Broker {
 
     /// Cancels a job (or, when it already ended, deletes its files). `None` for an unknown id.
     pub async fn cancel(&self, id: JobId) -> Result<Option<DeleteResponse>, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.cancel_now(id).await }).await
+    }
+
+    async fn cancel_now(&self, id: JobId) -> Result<Option<DeleteResponse>, BrokerError> {
         let outcome = match self.inner.store.cancel(id).await {
             Err(StoreError::NotFound) => return Ok(None),
             other => other?,
@@ -329,6 +379,10 @@ impl Broker {
                 JobEventKind::Deleted
             };
             self.publish(kind, r).await?;
+        } else if r.status == JobStatus::Cancelled {
+            // A client that asks again may have missed the event (it hung up, its stream broke):
+            // repeating the DELETE is its way to hear the cancellation, so say it again.
+            self.publish(JobEventKind::Cancelled, r).await?;
         }
         Ok(Some(DeleteResponse { job_id: id, status: r.status, message }))
     }
@@ -344,19 +398,25 @@ impl Broker {
     }
 
     /// Waits up to `wait` for a queued job and leases it to `worker`.
+    ///
+    /// The wait ends with the request (a worker that hung up claims nothing), but a claim, once
+    /// made, is finished on its own task; if the request is gone by then, [`LeaseHandover`] hands
+    /// the job back to the queue without counting the attempt.
     pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<Lease>, BrokerError> {
         let _waiting = self.inner.workers.waiting(worker);
         let deadline = Instant::now() + wait;
-        let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
+        let handover =
+            LeaseHandover { broker: self.clone(), state: Arc::new(std::sync::Mutex::new(Handover::Waiting)) };
         loop {
             // Register for the wake-up before looking, so a job queued in between is not missed.
             let signal = self.inner.hub.queued_signal().notified();
             tokio::pin!(signal);
             signal.as_mut().enable();
-            if let Some(r) = self.inner.store.claim_next(worker.to_owned(), lease_ms).await? {
-                self.inner.workers.touch(worker, Some(r.id));
-                self.publish(JobEventKind::Started, &r).await?;
-                return Ok(Some(self.lease_of(&r)));
+            let (this, worker_name, state) = (self.clone(), worker.to_owned(), handover.state.clone());
+            let claimed = self.detached(async move { this.claim_now(worker_name, state).await }).await?;
+            if let Some(lease) = claimed {
+                handover.received();
+                return Ok(Some(lease));
             }
             tokio::select! {
                 _ = &mut signal => {}
@@ -364,6 +424,82 @@ impl Broker {
                 _ = self.inner.shutdown.cancelled() => return Ok(None),
             }
         }
+    }
+
+    async fn claim_now(
+        &self,
+        worker: String,
+        handover: Arc<std::sync::Mutex<Handover>>,
+    ) -> Result<Option<Lease>, BrokerError> {
+        let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
+        let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms).await? else {
+            return Ok(None);
+        };
+        self.inner.workers.touch(&worker, Some(r.id));
+        self.publish(JobEventKind::Started, &r).await?;
+        let lease = self.lease_of(&r);
+        let abandoned = {
+            let mut state = handover.lock().unwrap_or_else(|p| p.into_inner());
+            match *state {
+                Handover::Abandoned => true,
+                _ => {
+                    *state = Handover::Claimed(r.id, lease.lease_token.clone());
+                    false
+                }
+            }
+        };
+        if abandoned {
+            self.release_unreceived(r.id, lease.lease_token.clone()).await?;
+            return Ok(None);
+        }
+        self.unacknowledged().insert(r.id, (lease.lease_token.clone(), Instant::now()));
+        Ok(Some(lease))
+    }
+
+    fn unacknowledged(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, (LeaseToken, Instant)>> {
+        self.inner.unacknowledged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The worker showed it has the lease: it is no longer a candidate for [`Self::sweep`]'s
+    /// hand-back of unreceived leases.
+    fn acknowledge(&self, id: JobId) {
+        self.unacknowledged().remove(&id);
+    }
+
+    /// How long a lease may go without its worker's first call before it counts as never received:
+    /// a third of `LEASE_TTL`, within 1 to 10 s (workers call at once: input download, heartbeat).
+    fn acknowledge_window(&self) -> Duration {
+        (self.inner.config.lease_ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// Hands back leases whose worker never called (their answer was lost with the connection).
+    async fn release_unacknowledged(&self) -> Result<(), BrokerError> {
+        let window = self.acknowledge_window();
+        let stale: Vec<(JobId, LeaseToken)> = {
+            let mut map = self.unacknowledged();
+            let stale: Vec<_> =
+                map.iter().filter(|(_, (_, at))| at.elapsed() >= window).map(|(id, (t, _))| (*id, t.clone())).collect();
+            for (id, _) in &stale {
+                map.remove(id);
+            }
+            stale
+        };
+        for (id, token) in stale {
+            self.release_unreceived(id, token).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts a job whose lease never reached its worker back in the queue, attempt uncounted.
+    async fn release_unreceived(&self, id: JobId, token: LeaseToken) -> Result<(), BrokerError> {
+        self.acknowledge(id);
+        if let Some(r) = self.inner.store.release_unreceived(id, token).await? {
+            tracing::info!(job_id = %id, "the worker hung up before receiving its lease: job queued again");
+            self.inner.workers.release(id);
+            self.publish(JobEventKind::Queued, &r).await?;
+            self.inner.hub.job_queued();
+        }
+        Ok(())
     }
 
     fn lease_of(&self, r: &JobRecord) -> Lease {
@@ -379,12 +515,15 @@ impl Broker {
             params: r.params.clone(),
             input: r.input.clone(),
             job_timeout: self.inner.config.job_timeout.as_secs_f64(),
+            max_result_bytes: Some(self.inner.config.max_result_bytes),
         }
     }
 
     /// Checks a lease before serving the input or accepting a result.
     pub async fn check_lease(&self, id: JobId, token: &LeaseToken) -> Result<JobRecord, BrokerError> {
-        Ok(self.inner.store.check_lease(id, token).await?)
+        let job = self.inner.store.check_lease(id, token).await?;
+        self.acknowledge(id);
+        Ok(job)
     }
 
     /// Renews a lease, records progress; true when the job was cancelled.
@@ -394,8 +533,19 @@ impl Broker {
         token: LeaseToken,
         progress: Option<Progress>,
     ) -> Result<bool, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.heartbeat_now(id, token, progress).await }).await
+    }
+
+    async fn heartbeat_now(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        progress: Option<Progress>,
+    ) -> Result<bool, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
         let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms).await?;
+        self.acknowledge(id);
         if let Some(r) = &outcome.changed {
             if let Some(lease) = &r.lease {
                 self.inner.workers.touch(&lease.owner, Some(id));
@@ -405,8 +555,48 @@ impl Broker {
         Ok(outcome.cancelled)
     }
 
+    /// Renews a lease every third of `LEASE_TTL` for as long as `received` (bytes of an upload
+    /// under that lease) keeps growing. Returns only when the lease ended: the job was cancelled
+    /// ([`StoreError::Cancelled`]) or the lease lost, so the upload can stop early.
+    pub async fn renew_while_receiving(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        received: Arc<std::sync::atomic::AtomicU64>,
+    ) -> BrokerError {
+        let every = self.inner.config.lease_ttl / 3;
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = received.load(std::sync::atomic::Ordering::Relaxed);
+            if now == seen {
+                continue; // a stalled upload does not hold the lease: the sweep may take it back
+            }
+            seen = now;
+            match self.heartbeat(id, token.clone(), None).await {
+                Ok(false) => {}
+                Ok(true) => return BrokerError::Store(StoreError::Cancelled),
+                Err(e @ BrokerError::Store(StoreError::LeaseLost { .. } | StoreError::NotFound)) => return e,
+                // A fault of our own (disk, database): the upload goes on; complete() decides.
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "could not renew the lease of an upload"),
+            }
+        }
+    }
+
     /// Finishes a job with a staged result file. On a refused lease the file is discarded.
     pub async fn complete(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        staged: StagedBlob,
+        content_type: String,
+        comfy_execution_ms: Option<u64>,
+    ) -> Result<JobStatus, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.complete_now(id, token, staged, content_type, comfy_execution_ms).await }).await
+    }
+
+    async fn complete_now(
         &self,
         id: JobId,
         token: LeaseToken,
@@ -447,6 +637,17 @@ impl Broker {
         message: String,
         retryable: bool,
     ) -> Result<JobStatus, BrokerError> {
+        let this = self.clone();
+        self.detached(async move { this.fail_now(id, token, message, retryable).await }).await
+    }
+
+    async fn fail_now(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        message: String,
+        retryable: bool,
+    ) -> Result<JobStatus, BrokerError> {
         let r = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
         self.inner.workers.release(id);
         self.publish(Self::kind_for_status(r.status), &r).await?;
@@ -457,32 +658,183 @@ impl Broker {
     }
 
     /// One pass of housekeeping: expired leases back to the queue, over-long attempts failed,
-    /// finished jobs' files past `RESULT_TTL` deleted.
+    /// finished jobs' files past `RESULT_TTL` deleted, records past `JOB_RETENTION` deleted.
+    ///
+    /// Every step runs whatever the others did: a job that cannot be changed, or a file that
+    /// cannot be deleted, is logged and skipped, and workers are woken for requeued jobs before
+    /// anything else can fail. Returns the first error, after the whole pass.
     pub async fn sweep(&self) -> Result<(), BrokerError> {
         let cfg = &self.inner.config;
-        let mut requeued = false;
-        for r in self.inner.store.expire_leases(cfg.max_attempts).await? {
-            tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
-            requeued |= r.status == JobStatus::Queued;
-            self.publish(Self::kind_for_status(r.status), &r).await?;
+        let mut first_error: Option<BrokerError> = None;
+        let mut note = |e: BrokerError| {
+            tracing::error!(error = %e, "housekeeping step failed; the others went on");
+            first_error.get_or_insert(e);
+        };
+        if let Err(e) = self.release_unacknowledged().await {
+            note(e);
         }
-        for r in self.inner.store.time_out_running(cfg.job_timeout.as_millis() as i64).await? {
-            tracing::warn!(job_id = %r.id, "job timed out");
-            self.publish(JobEventKind::Error, &r).await?;
+        match self.inner.store.expire_leases(cfg.max_attempts).await {
+            Ok(swept) => {
+                let mut requeued = false;
+                for r in &swept.changed {
+                    tracing::warn!(job_id = %r.id, status = %r.status, attempts = r.attempts, "lease expired");
+                    requeued |= r.status == JobStatus::Queued;
+                }
+                // Wake before publishing, so nothing below can hold a requeued job from a waiting worker.
+                if requeued || !swept.failed.is_empty() {
+                    self.inner.hub.job_queued();
+                }
+                self.publish_swept(swept, "expiring its lease").await;
+            }
+            Err(e) => note(e.into()),
+        }
+        match self.inner.store.time_out_running(cfg.job_timeout.as_millis() as i64).await {
+            Ok(swept) => {
+                for r in &swept.changed {
+                    tracing::warn!(job_id = %r.id, "job timed out");
+                }
+                self.publish_swept(swept, "timing it out").await;
+            }
+            Err(e) => note(e.into()),
         }
         if let Some(ttl) = cfg.result_ttl {
-            // Files first, record second: once a job says it has no result, the file is gone.
-            for id in self.inner.store.files_expired(ttl.as_millis() as i64).await? {
+            match self.inner.store.files_expired(ttl.as_millis() as i64).await {
+                Ok(ids) => {
+                    for id in ids {
+                        if let Err(e) = self.expire_files(id).await {
+                            tracing::error!(job_id = %id, error = %e, "could not delete the files of a job past RESULT_TTL; skipped");
+                        }
+                    }
+                }
+                Err(e) => note(e.into()),
+            }
+        }
+        if let Some(retention) = cfg.job_retention
+            && let Err(e) = self.expire_records(retention.as_millis() as i64).await
+        {
+            note(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn publish_swept(&self, swept: crate::store::Swept, doing: &str) {
+        for (seq, e) in swept.failed {
+            tracing::error!(seq, error = %e, "housekeeping could not finish {doing} for a job; skipped");
+        }
+        for r in swept.changed {
+            if let Err(e) = self.publish(Self::kind_for_status(r.status), &r).await {
+                tracing::error!(job_id = %r.id, error = %e, "could not publish a housekeeping change");
+            }
+        }
+    }
+
+    /// Files first, record second: once a job says it has no result, the file is gone.
+    async fn expire_files(&self, id: JobId) -> Result<(), BrokerError> {
+        self.inner.blobs.remove(BlobKind::Input, id).await?;
+        self.inner.blobs.remove(BlobKind::Result, id).await?;
+        if let Some(r) = self.inner.store.mark_files_deleted(id).await? {
+            self.publish(JobEventKind::Deleted, &r).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the records (and any files left) of jobs finished longer than `JOB_RETENTION` ago.
+    /// No event is published: the job is past any client's interest, and its GET answers 404.
+    async fn expire_records(&self, retention_ms: i64) -> Result<(), BrokerError> {
+        let expired = self.inner.store.records_expired(retention_ms).await?;
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let mut gone = Vec::with_capacity(expired.len());
+        for (id, has_files) in expired {
+            if !has_files {
+                gone.push(id);
+                continue;
+            }
+            let removed = async {
                 self.inner.blobs.remove(BlobKind::Input, id).await?;
-                self.inner.blobs.remove(BlobKind::Result, id).await?;
-                if let Some(r) = self.inner.store.mark_files_deleted(id).await? {
-                    self.publish(JobEventKind::Deleted, &r).await?;
+                self.inner.blobs.remove(BlobKind::Result, id).await
+            };
+            match removed.await {
+                Ok(()) => gone.push(id),
+                // The record stays until its files can go, so no file outlives its record.
+                Err(e) => {
+                    tracing::error!(job_id = %id, error = %e, "could not delete the files of a job past JOB_RETENTION; kept")
                 }
             }
         }
-        if requeued {
-            self.inner.hub.job_queued();
-        }
+        let n = self.inner.store.delete_records(gone, retention_ms).await?;
+        tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
         Ok(())
+    }
+}
+
+/// Deletes the files in `inputs/` and `results/` that no job owns: left by a crash between a
+/// file's rename and its row's commit, or between a commit that gave a file up (cancel, expiry)
+/// and the file's removal. One pass at start, before any request, so no upload is in flight; each
+/// file costs one point lookup.
+async fn reconcile_files(store: &Store, blobs: &Blobs) -> Result<(), BrokerError> {
+    let mut removed = 0u64;
+    for kind in [BlobKind::Input, BlobKind::Result] {
+        let listed = {
+            let blobs = blobs.clone();
+            tokio::task::spawn_blocking(move || blobs.list(kind)).await.map_err(std::io::Error::other)??
+        };
+        let owned = store.owned_files(listed.clone()).await?;
+        for id in listed {
+            let keep = owned.get(&id).is_some_and(|&(input, result)| match kind {
+                BlobKind::Input => input,
+                BlobKind::Result => result,
+            });
+            if !keep {
+                blobs.remove(kind, id).await?;
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::warn!(files = removed, "removed files no job owns (left by a crash)");
+    }
+    Ok(())
+}
+
+/// Where a claim stands relative to the lease request that asked for it.
+enum Handover {
+    /// The request is still waiting; nothing claimed.
+    Waiting,
+    /// A job was claimed for this request.
+    Claimed(JobId, LeaseToken),
+    /// The request went away (its future was dropped).
+    Abandoned,
+    /// The lease was returned to the handler, which answers the worker with it.
+    Received,
+}
+
+/// Dropped with the lease request's future: if that happens before the handler took the lease
+/// (the worker hung up between the claim's commit and the answer), the claim is undone.
+struct LeaseHandover {
+    broker: Broker,
+    state: Arc<std::sync::Mutex<Handover>>,
+}
+
+impl LeaseHandover {
+    fn received(&self) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = Handover::Received;
+    }
+}
+
+impl Drop for LeaseHandover {
+    fn drop(&mut self) {
+        let previous =
+            std::mem::replace(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()), Handover::Abandoned);
+        if let Handover::Claimed(id, token) = previous {
+            let broker = self.broker.clone();
+            // Drop cannot await; the release is a state change like any other, on its own task.
+            tokio::spawn(async move {
+                if let Err(e) = broker.release_unreceived(id, token).await {
+                    tracing::error!(job_id = %id, error = %e, "could not hand back an unreceived lease");
+                }
+            });
+        }
     }
 }

@@ -10,12 +10,14 @@
 //! a PostgreSQL store (several brokers sharing one database, `FOR UPDATE SKIP LOCKED` claims) can be
 //! added behind the same methods without touching the service or the handlers.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tdcomfy_api::{InputInfo, JobId, JobStatus, LeaseToken, Progress, ResultInfo, Timestamp};
+
+use crate::clock::Clock;
 
 /// Errors of the store. Lease and state conflicts are ordinary outcomes a worker must handle;
 /// `Database` and `Join` are broker faults.
@@ -163,6 +165,34 @@ pub struct CancelOutcome {
     pub changed: bool,
 }
 
+/// What one sweep step changed, and the jobs it could not handle (each reported, none stopping the
+/// rest).
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// The records after the change.
+    pub changed: Vec<JobRecord>,
+    /// `(seq, error)` of each job that failed.
+    pub failed: Vec<(i64, StoreError)>,
+}
+
+impl Swept {
+    fn record(&mut self, seq: i64, outcome: Result<JobRecord, StoreError>) {
+        match outcome {
+            Ok(r) => self.changed.push(r),
+            Err(e) => self.failed.push((seq, e)),
+        }
+    }
+}
+
+/// Most jobs one sweep step changes: a backlog (a million rows past `JOB_RETENTION` after an
+/// upgrade) is worked off over several sweeps instead of in one long transaction.
+pub const SWEEP_BATCH: i64 = 256;
+
+/// Most records one sweep deletes for `JOB_RETENTION`: each deletion maintains five indexes and
+/// the counts, and the writer is held meanwhile, so a backlog is worked off at 500 a sweep (a
+/// million in about half an hour) rather than delaying submissions by tens of milliseconds.
+pub const RETENTION_BATCH: i64 = 500;
+
 /// Counts per status, for `/health`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StatusCounts {
@@ -178,7 +208,7 @@ pub struct StatusCounts {
     pub cancelled: u64,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -216,6 +246,31 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_lease_expiry ON jobs (lease_expires_at) WHERE status = 'running';
 ";
 
+/// Version 1 to 2, in one transaction. The sweep must touch only rows with work to do and `/health`
+/// must not count a million rows, so: indexes on finish time (for `RESULT_TTL` over the rows that
+/// still have files, and for `JOB_RETENTION` over all finished rows), a counts table kept exact by
+/// triggers in the same transactions as the changes, and the restart grace of `JOB_TIMEOUT`.
+const MIGRATE_TO_2: &str = "
+ALTER TABLE jobs ADD COLUMN timeout_grace_until INTEGER;
+CREATE INDEX jobs_with_files_by_finish ON jobs (finished_at) WHERE input_present = 1 OR result_state = 'present';
+CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO job_counts (status, n)
+    SELECT s.status, (SELECT COUNT(*) FROM jobs WHERE jobs.status = s.status)
+    FROM (SELECT 'queued' AS status UNION ALL SELECT 'running' UNION ALL SELECT 'done'
+          UNION ALL SELECT 'error' UNION ALL SELECT 'cancelled') AS s;
+CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+    UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+END;
+CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+END;
+CREATE TRIGGER jobs_counted_update AFTER UPDATE OF status ON jobs WHEN OLD.status <> NEW.status BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+    UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+END;
+";
+
 const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow, params, \
     input_content_type, input_size, input_width, input_height, input_present, created_at, started_at, \
     finished_at, attempts, lease_token, lease_owner, lease_expires_at, progress, error_message, \
@@ -228,12 +283,14 @@ pub struct Store {
     queue: Arc<Mutex<QueueIndex>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     path: Arc<std::path::PathBuf>,
+    clock: Clock,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let writer = Connection::open(path)?;
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date. Every
+    /// time the store records or compares comes from `clock`.
+    pub fn open(path: &Path, clock: Clock) -> Result<Store, StoreError> {
+        let mut writer = Connection::open(path)?;
         writer.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL lets readers run beside the writer; FULL syncs the WAL on every commit, so an
         // accepted job survives power loss as well as a killed process.
@@ -246,8 +303,17 @@ impl Store {
                 "database schema version {version} is newer than this broker understands ({SCHEMA_VERSION})"
             )));
         }
-        writer.execute_batch(SCHEMA)?;
-        writer.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        if version < SCHEMA_VERSION {
+            // Each step and the version bump commit together: a crash mid-migration leaves the
+            // database as it was.
+            let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA)?;
+            if version < 2 {
+                tx.execute_batch(MIGRATE_TO_2)?;
+            }
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
+        }
         let queued: VecDeque<i64> = writer
             .prepare("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq")?
             .query_map([], |r| r.get(0))?
@@ -257,21 +323,24 @@ impl Store {
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
             path: Arc::new(path.to_owned()),
+            clock,
         })
     }
 
     /// Runs `f` on the writer connection on the blocking pool, inside one immediate transaction.
+    /// `f` gets the clock's time in milliseconds, read under the writer lock so times are in
+    /// commit order.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&rusqlite::Transaction<'_>, &mut QueueDelta) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>, &mut QueueDelta, i64) -> Result<T, StoreError> + Send + 'static,
     {
-        let (writer, queue) = (self.writer.clone(), self.queue.clone());
+        let (writer, queue, clock) = (self.writer.clone(), self.queue.clone(), self.clock.clone());
         tokio::task::spawn_blocking(move || {
             let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut delta = QueueDelta::default();
-            let out = f(&tx, &mut delta)?;
+            let out = f(&tx, &mut delta, clock.now().millis())?;
             tx.commit()?;
             // Still under the writer lock: the index changes in commit order.
             queue.lock().unwrap_or_else(|p| p.into_inner()).apply(delta);
@@ -309,7 +378,7 @@ impl Store {
 
     /// Stores a new job, or finds the one its idempotency key already names.
     pub async fn insert(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
-        self.write(move |tx, queue| {
+        self.write(move |tx, queue, now| {
             if let Some((key, fingerprint)) = &job.idempotency {
                 let existing: Option<(String, String)> = tx
                     .query_row("SELECT id, request_fingerprint FROM jobs WHERE idempotency_key = ?1", [key], |r| {
@@ -341,7 +410,7 @@ impl Store {
                     job.input.size as i64,
                     job.input.width,
                     job.input.height,
-                    Timestamp::now().millis(),
+                    now,
                     key,
                     fingerprint,
                 ],
@@ -349,6 +418,30 @@ impl Store {
             let record = get_in(tx, job.id)?.ok_or(StoreError::NotFound)?;
             queue.added(record.seq);
             Ok(InsertOutcome::Created(record))
+        })
+        .await
+    }
+
+    /// Gives every running job's lease one full `lease_ms` from now, in one transaction. Called
+    /// at start, before the first sweep: while the broker was down its workers' heartbeats failed,
+    /// so their stored leases lapsed through no fault of theirs; their next heartbeat renews them.
+    /// A worker that died meanwhile still loses the job one lease later. The lease is *set*, not
+    /// only extended, so a lease stored on a timeline ahead of this one cannot outlive one TTL.
+    ///
+    /// `JOB_TIMEOUT` (`timeout_ms`) keeps counting the downtime, since the worker went on running
+    /// the attempt (and its own timer counts it too); but an attempt whose time ran out while the
+    /// broker was down gets the same one lease to report, because its worker may be holding a
+    /// finished result it could not upload. `started_at` is pulled back to now if a previous
+    /// timeline put it in the future, so the timeout cannot be postponed by a clock step.
+    pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |tx, _, now| {
+            let n = tx.execute(
+                "UPDATE jobs SET lease_expires_at = ?1 + ?2, started_at = MIN(started_at, ?1), \
+                 timeout_grace_until = CASE WHEN MIN(started_at, ?1) + ?3 < ?1 + ?2 THEN ?1 + ?2 END \
+                 WHERE status = 'running'",
+                params![now, lease_ms, timeout_ms],
+            )?;
+            Ok(n as u64)
         })
         .await
     }
@@ -383,11 +476,12 @@ impl Store {
         })
     }
 
-    /// Number of jobs in each status.
+    /// Number of jobs in each status, from the counts table the triggers keep (five rows, however
+    /// many jobs are stored).
     pub async fn counts(&self) -> Result<StatusCounts, StoreError> {
         self.read(|c| {
             let mut counts = StatusCounts::default();
-            let mut stmt = c.prepare_cached("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+            let mut stmt = c.prepare_cached("SELECT status, n FROM job_counts")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (status, n) = row?;
@@ -407,17 +501,16 @@ impl Store {
 
     /// Leases the oldest queued job to `worker`, or returns `None` when the queue is empty.
     pub async fn claim_next(&self, worker: String, lease_ms: i64) -> Result<Option<JobRecord>, StoreError> {
-        self.write(move |tx, queue| {
+        self.write(move |tx, queue, now| {
             let seq: Option<i64> = tx
                 .prepare_cached("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1")?
                 .query_row([], |r| r.get(0))
                 .optional()?;
             let Some(seq) = seq else { return Ok(None) };
-            let now = Timestamp::now().millis();
             tx.prepare_cached(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = ?1, \
                  lease_owner = ?2, lease_expires_at = ?3, started_at = ?4, finished_at = NULL, \
-                 progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
+                 timeout_grace_until = NULL, progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
             )?
             .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq])?;
             queue.removed(seq);
@@ -435,14 +528,13 @@ impl Store {
         progress: Option<Progress>,
         lease_ms: i64,
     ) -> Result<HeartbeatOutcome, StoreError> {
-        self.write(move |tx, _| {
+        self.write(move |tx, _, now| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
                 JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
                 JobStatus::Running => {
-                    let now = Timestamp::now().millis();
-                    let changed = progress.as_ref().is_some_and(|p| *p != job.progress);
+                            let changed = progress.as_ref().is_some_and(|p| *p != job.progress);
                     if changed {
                         let text = serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                         tx.prepare_cached(
@@ -482,7 +574,7 @@ impl Store {
         result: ResultInfo,
         comfy_execution_ms: Option<u64>,
     ) -> Result<(JobRecord, bool), StoreError> {
-        self.write(move |tx, _| {
+        self.write(move |tx, _, now| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
@@ -491,7 +583,6 @@ impl Store {
                 JobStatus::Cancelled => return Err(StoreError::Cancelled),
                 status => return Err(StoreError::LeaseLost { status }),
             }
-            let now = Timestamp::now().millis();
             let progress = Progress { value: 1.0, ..job.progress.clone() };
             tx.execute(
                 "UPDATE jobs SET status = 'done', finished_at = ?1, lease_expires_at = NULL, \
@@ -521,7 +612,7 @@ impl Store {
         retryable: bool,
         max_attempts: u32,
     ) -> Result<JobRecord, StoreError> {
-        self.write(move |tx, queue| {
+        self.write(move |tx, queue, now| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
@@ -535,9 +626,25 @@ impl Store {
             } else {
                 let message =
                     if retryable { format!("{message} (gave up after {} attempts)", job.attempts) } else { message };
-                finish_with_error(tx, job.seq, &message)?;
+                finish_with_error(tx, job.seq, &message, now)?;
             }
             get_by_seq(tx, job.seq)?.ok_or(StoreError::NotFound)
+        })
+        .await
+    }
+
+    /// Hands back a lease that never reached its worker (the lease request's client hung up after
+    /// the claim committed): the job is queued again and the attempt is not counted. `None` when
+    /// the lease is no longer current (nothing to undo).
+    pub async fn release_unreceived(&self, id: JobId, token: LeaseToken) -> Result<Option<JobRecord>, StoreError> {
+        self.write(move |tx, queue, _now| {
+            let Some(job) = get_in(tx, id)? else { return Ok(None) };
+            if job.status != JobStatus::Running || check_lease(&job, &token).is_err() {
+                return Ok(None);
+            }
+            requeue(tx, queue, job.seq)?;
+            tx.prepare_cached("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE seq = ?1")?.execute([job.seq])?;
+            get_by_seq(tx, job.seq)
         })
         .await
     }
@@ -545,7 +652,7 @@ impl Store {
     /// Cancels a queued or running job; on a finished job only marks its files deleted. Files are
     /// marked gone in the same transaction, so the caller deletes them after the commit.
     pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, StoreError> {
-        self.write(move |tx, queue| {
+        self.write(move |tx, queue, now| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             let previous = job.status;
             let files_present = job.input_present || matches!(job.result, ResultState::Present(_));
@@ -557,7 +664,7 @@ impl Store {
                          error_message = 'cancelled by client', input_present = 0, \
                          result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
                          version = version + 1 WHERE seq = ?2",
-                        params![Timestamp::now().millis(), job.seq],
+                        params![now, job.seq],
                     )?;
                     queue.removed(job.seq);
                     true
@@ -580,72 +687,178 @@ impl Store {
     }
 
     /// Puts running jobs whose lease lapsed back in the queue, or fails them when they used up
-    /// `max_attempts`. Returns the changed jobs.
-    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Vec<JobRecord>, StoreError> {
-        self.write(move |tx, queue| {
-            let now = Timestamp::now().millis();
+    /// `max_attempts`; at most [`SWEEP_BATCH`] per call (the next sweep takes the rest).
+    pub async fn expire_leases(&self, max_attempts: u32) -> Result<Swept, StoreError> {
+        self.write(move |tx, queue, now| {
             let expired: Vec<(i64, u32)> = tx
-                .prepare_cached("SELECT seq, attempts FROM jobs WHERE status = 'running' AND lease_expires_at < ?1")?
-                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .prepare_cached(
+                    "SELECT seq, attempts FROM jobs INDEXED BY jobs_lease_expiry \
+                     WHERE status = 'running' AND lease_expires_at < ?1 \
+                     ORDER BY lease_expires_at LIMIT ?2",
+                )?
+                .query_map(params![now, SWEEP_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut changed = Vec::with_capacity(expired.len());
+            let mut swept = Swept::default();
             for (seq, attempts) in expired {
-                if attempts < max_attempts {
-                    requeue(tx, queue, seq)?;
-                } else {
+                // One job that cannot be changed or read back is reported, not allowed to stop
+                // the others (a failed statement leaves the transaction usable).
+                let one = (|| {
+                    if attempts < max_attempts {
+                        requeue(tx, queue, seq)?;
+                    } else {
+                        finish_with_error(
+                            tx,
+                            seq,
+                            &format!("worker lost: its lease expired without a heartbeat on all {attempts} attempts"),
+                            now,
+                        )?;
+                    }
+                    get_by_seq(tx, seq)?.ok_or(StoreError::NotFound)
+                })();
+                swept.record(seq, one);
+            }
+            Ok(swept)
+        })
+        .await
+    }
+
+    /// Fails running jobs whose current attempt has run longer than `timeout_ms` (and whose
+    /// restart grace, if any, is over); at most [`SWEEP_BATCH`] per call.
+    pub async fn time_out_running(&self, timeout_ms: i64) -> Result<Swept, StoreError> {
+        self.write(move |tx, _, now| {
+            let late: Vec<i64> = tx
+                .prepare_cached(
+                    "SELECT seq FROM jobs WHERE status = 'running' AND started_at < ?1 \
+                     AND (timeout_grace_until IS NULL OR timeout_grace_until < ?2) LIMIT ?3",
+                )?
+                .query_map(params![now - timeout_ms, now, SWEEP_BATCH], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut swept = Swept::default();
+            for seq in late {
+                let one = (|| {
                     finish_with_error(
                         tx,
                         seq,
-                        &format!("worker lost: its lease expired without a heartbeat on all {attempts} attempts"),
+                        &format!("timed out: the job ran longer than JOB_TIMEOUT ({} s)", timeout_ms / 1000),
+                        now,
                     )?;
-                }
-                changed.extend(get_by_seq(tx, seq)?);
+                    get_by_seq(tx, seq)?.ok_or(StoreError::NotFound)
+                })();
+                swept.record(seq, one);
             }
-            Ok(changed)
+            Ok(swept)
         })
         .await
     }
 
-    /// Fails running jobs whose current attempt has run longer than `timeout_ms`.
-    pub async fn time_out_running(&self, timeout_ms: i64) -> Result<Vec<JobRecord>, StoreError> {
-        self.write(move |tx, _| {
-            let now = Timestamp::now().millis();
-            let late: Vec<i64> = tx
-                .prepare_cached("SELECT seq FROM jobs WHERE status = 'running' AND started_at < ?1")?
-                .query_map([now - timeout_ms], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let mut changed = Vec::with_capacity(late.len());
-            for seq in late {
-                finish_with_error(
-                    tx,
-                    seq,
-                    &format!("timed out: the job ran longer than JOB_TIMEOUT ({} s)", timeout_ms / 1000),
-                )?;
-                changed.extend(get_by_seq(tx, seq)?);
-            }
-            Ok(changed)
-        })
-        .await
-    }
-
-    /// Finished jobs whose files are still on disk and older than `ttl_ms` (by finish time).
+    /// Finished jobs whose files are still on disk and older than `ttl_ms` (by finish time), oldest
+    /// first, at most [`SWEEP_BATCH`]. The partial index on finish time over rows that still have
+    /// files means this touches only those rows, however many finished jobs are stored.
     pub async fn files_expired(&self, ttl_ms: i64) -> Result<Vec<JobId>, StoreError> {
-        self.read(|c| {
-            let cutoff = Timestamp::now().millis() - ttl_ms;
+        let cutoff = self.clock.now().millis() - ttl_ms;
+        self.read_blocking(move |c| {
+            // INDEXED BY: without it the planner may prefer the status index and read every done
+            // row; with it, a query the index cannot serve fails at prepare instead of going slow.
+            // The OR term is written exactly as in the index's WHERE, so the partial index applies.
             let ids: Vec<String> = c
                 .prepare_cached(
-                    "SELECT id FROM jobs WHERE status IN ('done', 'error') \
-                     AND (result_state = 'present' OR input_present = 1) AND finished_at < ?1",
+                    "SELECT id FROM jobs INDEXED BY jobs_with_files_by_finish \
+                     WHERE (input_present = 1 OR result_state = 'present') \
+                     AND finished_at < ?1 AND status IN ('done', 'error') ORDER BY finished_at LIMIT ?2",
                 )?
-                .query_map([cutoff], |r| r.get(0))?
+                .query_map(params![cutoff, SWEEP_BATCH], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             ids.iter().map(|id| parse_id(id)).collect()
         })
+        .await
+    }
+
+    /// Finished jobs whose record is older than `retention_ms` (by finish time), oldest first, at
+    /// most [`RETENTION_BATCH`], each with whether its row says it still has a file; from the
+    /// index on finish time, so only those rows are read.
+    pub async fn records_expired(&self, retention_ms: i64) -> Result<Vec<(JobId, bool)>, StoreError> {
+        let cutoff = self.clock.now().millis() - retention_ms;
+        self.read_blocking(move |c| {
+            let rows: Vec<(String, bool)> = c
+                .prepare_cached(
+                    "SELECT id, input_present = 1 OR result_state = 'present' FROM jobs INDEXED BY jobs_by_finish \
+                     WHERE finished_at < ?1 AND status IN ('done', 'error', 'cancelled') \
+                     ORDER BY finished_at LIMIT ?2",
+                )?
+                .query_map(params![cutoff, RETENTION_BATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            rows.iter().map(|(id, files)| Ok((parse_id(id)?, *files))).collect()
+        })
+        .await
+    }
+
+    /// Deletes the records of `ids` that are still finished and older than `retention_ms` (the
+    /// caller removed their files first). Returns how many went.
+    pub async fn delete_records(&self, ids: Vec<JobId>, retention_ms: i64) -> Result<u64, StoreError> {
+        self.write(move |tx, _, now| {
+            let mut stmt = tx.prepare_cached(
+                "DELETE FROM jobs WHERE id = ?1 AND finished_at < ?2 AND status IN ('done', 'error', 'cancelled')",
+            )?;
+            let mut n = 0;
+            for id in ids {
+                n += stmt.execute(params![id.to_string(), now - retention_ms])? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Benchmark hook: stores `n` finished (`done`) jobs in one statement, finish times spread
+    /// evenly over the `spread_ms` before now, the newest `with_files` of them still marked as
+    /// having their files. Not for production use: the rows name files that do not exist.
+    #[doc(hidden)]
+    pub async fn fill_finished_for_benchmark(&self, n: u64, spread_ms: i64, with_files: u64) -> Result<(), StoreError> {
+        self.write(move |tx, _, now| {
+            tx.execute(
+                "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < ?1) \
+                 INSERT INTO jobs (id, status, prompt, negative_prompt, workflow, params, input_content_type, \
+                 input_size, input_width, input_height, input_present, created_at, started_at, finished_at, \
+                 attempts, result_state, result_content_type, result_size) \
+                 SELECT printf('%08x-0000-4000-8000-%012x', i, i), 'done', 'benchmark', '', 'bench', '{}', \
+                 'image/png', 1000, 64, 64, i > ?1 - ?4, t - 5000, t - 4000, t, 1, \
+                 CASE WHEN i > ?1 - ?4 THEN 'present' ELSE 'deleted' END, 'video/mp4', 100000 \
+                 FROM (SELECT i, ?2 - ?3 + ?3 * i / ?1 AS t FROM k)",
+                params![n as i64, now, spread_ms, with_files as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// For each of `ids` that has a row: whether the row says its input and its result are on disk.
+    pub async fn owned_files(&self, ids: Vec<JobId>) -> Result<HashMap<JobId, (bool, bool)>, StoreError> {
+        self.read_blocking(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT input_present, result_state = 'present' FROM jobs WHERE id = ?1")?;
+            let mut owned = HashMap::with_capacity(ids.len());
+            for id in ids {
+                if let Some(flags) = stmt.query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional()? {
+                    owned.insert(id, flags);
+                }
+            }
+            Ok(owned)
+        })
+        .await
+    }
+
+    /// Runs a read on the blocking pool: for the sweep's scans, which must not hold up the async
+    /// runtime however large the database is.
+    async fn read_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.read(f)).await.map_err(|e| StoreError::Join(e.to_string()))?
     }
 
     /// Records that a finished job's files were deleted; `None` when there was nothing to record.
     pub async fn mark_files_deleted(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-        self.write(move |tx, _| {
+        self.write(move |tx, _, _| {
             let changed = tx.execute(
                 "UPDATE jobs SET input_present = 0, \
                  result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
@@ -721,18 +934,19 @@ fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64) -> 
     queue.added(seq);
     tx.prepare_cached(
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_owner = NULL, \
-         lease_expires_at = NULL, started_at = NULL, progress = NULL, version = version + 1 WHERE seq = ?1",
+         lease_expires_at = NULL, started_at = NULL, timeout_grace_until = NULL, progress = NULL, \
+         version = version + 1 WHERE seq = ?1",
     )?
     .execute([seq])?;
     Ok(())
 }
 
-fn finish_with_error(tx: &rusqlite::Transaction<'_>, seq: i64, message: &str) -> Result<(), StoreError> {
+fn finish_with_error(tx: &rusqlite::Transaction<'_>, seq: i64, message: &str, now: i64) -> Result<(), StoreError> {
     tx.prepare_cached(
         "UPDATE jobs SET status = 'error', error_message = ?1, finished_at = ?2, \
          lease_expires_at = NULL, version = version + 1 WHERE seq = ?3",
     )?
-    .execute(params![message, Timestamp::now().millis(), seq])?;
+    .execute(params![message, now, seq])?;
     Ok(())
 }
 

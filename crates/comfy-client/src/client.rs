@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -136,7 +137,13 @@ struct Inner {
     client_id: ClientId,
     timeouts: ComfyTimeouts,
     http: reqwest::Client,
+    /// Whether the server has the jobs API (`JOBS_API_*`), found out on first use.
+    jobs_api: AtomicU8,
 }
+
+const JOBS_API_UNKNOWN: u8 = 0;
+const JOBS_API_YES: u8 = 1;
+const JOBS_API_NO: u8 = 2;
 
 impl std::fmt::Debug for ComfyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,7 +170,16 @@ impl ComfyClient {
                 route: String::new(),
                 reason: crate::error::error_chain(&e),
             })?;
-        Ok(Self { inner: Arc::new(Inner { endpoint, label, client_id, timeouts, http }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                label,
+                client_id,
+                timeouts,
+                http,
+                jobs_api: AtomicU8::new(JOBS_API_UNKNOWN),
+            }),
+        })
     }
 
     /// The server.
@@ -292,6 +308,61 @@ impl ComfyClient {
             });
         }
         Ok(QueueState::from_value(&body))
+    }
+
+    /// The running and pending prompts, without their graphs where the server allows it: ComfyUI
+    /// with the jobs API (C1, after 0.3.64) answers `GET /api/jobs?status=in_progress,pending`
+    /// with a few hundred bytes per prompt, while `GET /queue` carries every queued graph (MBs
+    /// on a ComfyUI shared with UI users). The first call finds out which one the server has
+    /// (a 404 means no jobs API) and later calls remember it.
+    pub async fn active_prompts(&self) -> Result<QueueState, ComfyError> {
+        const ROUTE: &str = "api/jobs";
+        if self.inner.jobs_api.load(Ordering::Relaxed) != JOBS_API_NO {
+            let mut url = self.inner.endpoint.http_url(ROUTE);
+            // No `sort_by`: its accepted names differ between versions (C2).
+            url.query_pairs_mut().append_pair("status", "in_progress,pending");
+            let request = self.inner.http.get(url).timeout(self.inner.timeouts.request);
+            let response = self.send(ROUTE, request).await?;
+            let status = response.status();
+            if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
+                self.note_no_jobs_api(&format!("HTTP {status}"));
+            } else {
+                let response = self.check_status(ROUTE, response).await?;
+                let body = self.read_text(ROUTE, response).await?;
+                match serde_json::from_str::<Value>(&body).ok().and_then(|body| QueueState::from_jobs(&body)) {
+                    Some(state) => {
+                        self.inner.jobs_api.store(JOBS_API_YES, Ordering::Relaxed);
+                        return Ok(state);
+                    }
+                    // E.g. a proxy's HTML page for unknown routes: not the jobs API.
+                    None if self.inner.jobs_api.load(Ordering::Relaxed) == JOBS_API_UNKNOWN => {
+                        self.note_no_jobs_api("not a job list");
+                    }
+                    None => {
+                        return Err(ComfyError::Protocol {
+                            route: ROUTE.to_owned(),
+                            reason: format!("expected a job list: {}", truncate(&body)),
+                        });
+                    }
+                }
+            }
+        }
+        self.queue().await
+    }
+
+    /// Whether the server has shown that it has the jobs API (`None` until the first
+    /// [`ComfyClient::active_prompts`] call found out).
+    pub fn has_jobs_api(&self) -> Option<bool> {
+        match self.inner.jobs_api.load(Ordering::Relaxed) {
+            JOBS_API_YES => Some(true),
+            JOBS_API_NO => Some(false),
+            _ => None,
+        }
+    }
+
+    fn note_no_jobs_api(&self, why: &str) {
+        tracing::debug!(endpoint = %self.inner.label, why, "no jobs API; using GET /queue");
+        self.inner.jobs_api.store(JOBS_API_NO, Ordering::Relaxed);
     }
 
     /// `POST /queue {"delete": [id]}`: removes a pending prompt (no effect once it runs; unknown

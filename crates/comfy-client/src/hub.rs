@@ -21,7 +21,8 @@ use crate::socket::{ComfySocket, Received, SocketOptions};
 pub struct HubOptions {
     /// How each connection is opened.
     pub socket: SocketOptions,
-    /// First reconnect delay; doubles per failed attempt.
+    /// First reconnect delay; doubles per failed attempt or connection shorter than
+    /// `reconnect_max`.
     pub reconnect_initial: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
@@ -149,7 +150,7 @@ impl HubTask {
             };
             match connected {
                 Ok(socket) => {
-                    delay = self.options.reconnect_initial;
+                    let connected_at = Instant::now();
                     let mut generation = 0;
                     self.state.send_modify(|s| {
                         s.connected = true;
@@ -160,6 +161,11 @@ impl HubTask {
                     tracing::debug!(%endpoint, generation, "ComfyUI WebSocket connected");
                     let _ = self.sender.send(HubNotice::Connected { generation });
                     let reason = self.pump(socket).await;
+                    // Only a connection that lasted counts as recovery: a server that accepts and
+                    // drops at once must see the delays grow, not a reconnect every few ms.
+                    if connected_at.elapsed() >= self.options.reconnect_max {
+                        delay = self.options.reconnect_initial;
+                    }
                     self.state.send_modify(|s| {
                         s.connected = false;
                         s.last_error = reason.clone();

@@ -220,6 +220,28 @@ impl QueueState {
         Self { running, pending }
     }
 
+    /// Parses a `GET /api/jobs` body (`{"jobs": [{id, status, priority, …}], …}`): `in_progress`
+    /// items are running, `pending` ones are sorted by priority as the queue's heap runs them.
+    /// `None` when the body is not a job list.
+    pub fn from_jobs(body: &Value) -> Option<Self> {
+        let jobs = body.get("jobs")?.as_array()?;
+        let mut state = Self::default();
+        for job in jobs {
+            let Some(prompt_id) = job.get("id").and_then(Value::as_str) else { continue };
+            let item = QueueItem {
+                number: job.get("priority").and_then(Value::as_f64).unwrap_or_default(),
+                prompt_id: prompt_id.to_owned(),
+            };
+            match job.get("status").and_then(Value::as_str) {
+                Some("in_progress") => state.running.push(item),
+                Some("pending") => state.pending.push(item),
+                _ => {}
+            }
+        }
+        state.pending.sort_by(|a, b| a.number.total_cmp(&b.number).then_with(|| a.prompt_id.cmp(&b.prompt_id)));
+        Some(state)
+    }
+
     /// Where `prompt_id` is, or `None` if it is neither running nor pending.
     pub fn position(&self, prompt_id: &PromptId) -> Option<QueuePosition> {
         if self.running.iter().any(|item| prompt_id.matches(&item.prompt_id)) {

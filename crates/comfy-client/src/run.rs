@@ -1,9 +1,13 @@
 //! Supervision of one prompt from submission to a trustworthy terminal outcome.
 //!
-//! The WebSocket is used for speed and progress only; `/history/{id}` and `/queue` are the source
-//! of truth, polled at a low rate and immediately when the socket hints at an end. Success needs
+//! The WebSocket is used for speed and progress only; `/history/{id}` is the source of truth,
+//! polled at a low rate and immediately when the socket hints at an end. Where the prompt is
+//! (running, pending, gone) is asked only when in doubt, from the jobs API where the server has
+//! it and from `/queue` (which carries every queued graph) otherwise. Success needs
 //! a history entry with status success and the expected outputs, never just "not in the queue".
 //! A prompt that is in neither queue nor history for several polls was lost (ComfyUI restarted).
+//! A running prompt stalls only when nothing shows ComfyUI still working on it: no event naming
+//! it and no answer listing it as running.
 //! Stalls and the total time limit end in a targeted interrupt; cancellation deletes a pending
 //! prompt or interrupts a running one, always by prompt id.
 
@@ -15,7 +19,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -45,10 +49,17 @@ pub enum ExpectedOutputs {
 /// Timing and policy of prompt supervision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunConfig {
-    /// Regular `/history` + `/queue` poll period.
+    /// Regular `/history/{id}` poll period (a few bytes per poll until the prompt is over).
     pub poll_interval: Duration,
-    /// Fail as stalled when a running prompt shows no event and no state change for this long
-    /// (only counted while the socket is connected; without it there is no evidence of activity).
+    /// How often to ask where the prompt is (running, pending or gone) when nothing else tells:
+    /// while it is pending, and while a running prompt's events are silent (then at least four
+    /// times per `stall_timeout`). Asked at every poll while the prompt is not seen yet or
+    /// suspected lost. The jobs API is used where the server has it, `GET /queue` otherwise.
+    pub presence_interval: Duration,
+    /// Fail as stalled when a running prompt shows no sign of life for this long: no socket event
+    /// naming it and no answer from ComfyUI that it is still running it. A long silent node is
+    /// not a stall while ComfyUI keeps listing the prompt as running (`total_timeout` bounds
+    /// that); a ComfyUI that stopped answering is.
     pub stall_timeout: Duration,
     /// Hard limit for the whole run, from the call to the outcome.
     pub total_timeout: Duration,
@@ -78,6 +89,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             poll_interval: Duration::from_secs(1),
+            presence_interval: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(180),
             total_timeout: Duration::from_secs(30 * 60),
             queue_timeout: None,
@@ -138,7 +150,8 @@ pub enum RunFailureKind {
     Interrupted,
     /// The prompt vanished from queue and history (ComfyUI restarted).
     Lost,
-    /// Running but no sign of life for `stall_timeout`; it was interrupted.
+    /// Running, but for `stall_timeout` neither an event nor ComfyUI's answer showed it still
+    /// running (ComfyUI hung or stopped answering); it was interrupted.
     Stalled,
     /// Over the total (or queue) time limit; it was interrupted.
     TimedOut,
@@ -265,8 +278,10 @@ impl PromptRunner {
             cancel,
             phase: Phase::Unknown,
             absent_polls: 0,
+            last_presence: None,
+            presence_wanted: false,
             last_ok_poll: Instant::now(),
-            last_activity: Instant::now(),
+            last_alive: Instant::now(),
             queued_since: Instant::now(),
             execution_time: None,
         };
@@ -323,6 +338,27 @@ impl Drop for PromptRun {
     }
 }
 
+/// A limit that ends supervision.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Cancelled,
+    Total,
+    Stall,
+    QueueWait,
+}
+
+/// What ComfyUI said about an ambiguous submission.
+enum Submission {
+    /// It has the prompt.
+    Known,
+    /// It answered, repeatedly, that it has no such prompt: posting again is safe.
+    Unknown,
+    /// It could not tell within the start budget.
+    Unsure,
+    /// The run was cancelled while checking.
+    Cancelled,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Unknown,
@@ -343,8 +379,13 @@ struct Supervisor {
     cancel: CancellationToken,
     phase: Phase,
     absent_polls: u32,
+    /// When ComfyUI last said where the prompt is (queue or jobs API).
+    last_presence: Option<Instant>,
+    /// The next poll must ask where the prompt is (the socket hinted at a change).
+    presence_wanted: bool,
     last_ok_poll: Instant,
-    last_activity: Instant,
+    /// Last sign that ComfyUI is working on the prompt; the stall clock runs from here.
+    last_alive: Instant,
     queued_since: Instant,
     execution_time: Option<Duration>,
 }
@@ -425,10 +466,29 @@ impl Supervisor {
                     return Err(RunFailure::new(RunFailureKind::Protocol, error.to_string()));
                 }
             };
-            // A timeout or broken connection may hide a successful submission: never queue twice.
-            if error.is_ambiguous() && self.prompt_known().await {
-                self.queued_since = Instant::now();
-                return Ok(());
+            // A timeout or broken connection may hide a successful submission, and ComfyUI
+            // (0.3.64 and 0.38 alike) queues a repeated prompt id a second time: post again only
+            // once ComfyUI has said it does not know the prompt.
+            if error.is_ambiguous() {
+                match self.confirm_submission(budget_end, &mut backoff).await {
+                    Submission::Known => {
+                        self.queued_since = Instant::now();
+                        return Ok(());
+                    }
+                    Submission::Unknown => {}
+                    Submission::Unsure => {
+                        // Posting again could run it twice; supervising finds it if it is there
+                        // and ends as lost (retryable) if it is not.
+                        tracing::warn!(prompt_id = %self.prompt_id, %error,
+                            "could not confirm the submission; supervising it as submitted");
+                        self.queued_since = Instant::now();
+                        return Ok(());
+                    }
+                    Submission::Cancelled => {
+                        self.stop_remote().await;
+                        return Err(RunFailure::new(RunFailureKind::Interrupted, "cancelled before submission"));
+                    }
+                }
             }
             if Instant::now() + backoff > budget_end {
                 return Err(RunFailure::new(
@@ -445,11 +505,46 @@ impl Supervisor {
         }
     }
 
-    async fn prompt_known(&self) -> bool {
-        if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
-            return true;
+    /// After an ambiguous `POST /prompt`: asks ComfyUI whether it has the prompt, retrying while
+    /// it cannot answer. `Unknown` needs `lost_after_polls` answers that it has no such prompt
+    /// (one could come while ComfyUI is still validating the graph it received).
+    async fn confirm_submission(&self, budget_end: Instant, backoff: &mut Duration) -> Submission {
+        let mut denials = 0;
+        loop {
+            match self.prompt_known().await {
+                Ok(true) => return Submission::Known,
+                Ok(false) => {
+                    denials += 1;
+                    if denials >= self.config.lost_after_polls.max(1) {
+                        return Submission::Unknown;
+                    }
+                }
+                Err(error) => {
+                    tracing::info!(prompt_id = %self.prompt_id, %error, "cannot tell yet whether ComfyUI has the prompt")
+                }
+            }
+            if Instant::now() + *backoff > budget_end {
+                return Submission::Unsure;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Submission::Cancelled,
+                _ = tokio::time::sleep(*backoff) => {}
+            }
+            *backoff = (*backoff * 2).min(self.config.start_backoff_max);
         }
-        matches!(self.client.queue().await, Ok(queue) if queue.position(&self.prompt_id).is_some())
+    }
+
+    /// Whether ComfyUI has the prompt (finished, running or pending); an error means it could
+    /// not tell.
+    async fn prompt_known(&self) -> Result<bool, ComfyError> {
+        if self.client.history(&self.prompt_id).await?.is_some() {
+            return Ok(true);
+        }
+        if self.client.active_prompts().await?.position(&self.prompt_id).is_some() {
+            return Ok(true);
+        }
+        // It may have finished between the two requests.
+        Ok(self.client.history(&self.prompt_id).await?.is_some())
     }
 
     async fn supervise(&mut self, notices: &mut broadcast::Receiver<HubNotice>, deadline: Instant) -> Outcome {
@@ -458,55 +553,112 @@ impl Supervisor {
         let mut notices_open = true;
         self.last_ok_poll = Instant::now();
         loop {
-            let stall_at = (self.phase == Phase::Running && self.hub.state().connected)
-                .then(|| self.last_activity + self.config.stall_timeout);
-            let queue_limit_at = match (self.phase, self.config.queue_timeout) {
-                (Phase::Pending(_) | Phase::Unknown, Some(limit)) => Some(self.queued_since + limit),
-                _ => None,
-            };
             let mut poll_now = false;
             tokio::select! {
                 biased;
-                _ = self.cancel.cancelled() => {
-                    return Err(self.abort(RunFailureKind::Interrupted, "cancelled".to_owned()).await);
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let message = format!("no result within {:?}", self.config.total_timeout);
-                    return Err(self.abort(RunFailureKind::TimedOut, message).await);
-                }
-                _ = sleep_until_opt(stall_at) => {
-                    let message = format!(
-                        "no progress for {:?}{}",
-                        self.config.stall_timeout,
-                        self.tracker.snapshot().node_type.map(|t| format!(" (last node: {t})")).unwrap_or_default()
-                    );
-                    return Err(self.abort(RunFailureKind::Stalled, message).await);
-                }
-                _ = sleep_until_opt(queue_limit_at) => {
-                    let message = format!("still waiting in the ComfyUI queue after {:?}", self.config.queue_timeout.unwrap_or_default());
-                    return Err(self.abort(RunFailureKind::TimedOut, message).await);
-                }
+                reached = self.limits(deadline) => return Err(self.on_limit(reached).await),
                 notice = notices.recv(), if notices_open => match notice {
-                    Ok(HubNotice::Event(event)) => poll_now = self.on_event(&event).await,
+                    Ok(HubNotice::Event(event)) => {
+                        poll_now = self.on_event(&event).await;
+                        // An end: if history has no entry yet, the prompt may have been lost.
+                        self.presence_wanted |= poll_now;
+                    }
                     Ok(HubNotice::Connected { .. }) => {
                         // Events sent while disconnected are gone: catch up from history/queue.
-                        self.last_activity = Instant::now();
+                        // A connection says nothing about the prompt, so the stall clock keeps
+                        // running (a socket that keeps reconnecting must not hide a hang).
                         poll_now = true;
+                        self.presence_wanted = true;
                     }
                     Ok(HubNotice::Disconnected { .. }) => {}
                     Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(prompt_id = %self.prompt_id, missed, "event subscriber lagged");
                         poll_now = true;
+                        self.presence_wanted = true;
                     }
                     Err(RecvError::Closed) => notices_open = false,
                 },
                 _ = poll_timer.tick() => poll_now = true,
             }
             if poll_now {
-                if let Some(outcome) = self.poll().await {
-                    return outcome;
+                // A request to a hung ComfyUI can take the whole request timeout: the limits
+                // (cancel, total, stall) must not wait for it.
+                let polled = tokio::select! {
+                    biased;
+                    reached = self.limits(deadline) => Err(reached),
+                    outcome = self.poll() => Ok(outcome),
+                };
+                match polled {
+                    Err(Limit::Stall) if self.alive_in_buffered_events(notices).await => {}
+                    Err(reached) => return Err(self.on_limit(reached).await),
+                    Ok(Some(outcome)) => return outcome,
+                    Ok(None) => {}
                 }
                 poll_timer.reset();
+            }
+        }
+    }
+
+    /// Handles the notices that queued up while a poll was waiting and tells whether they show
+    /// the prompt alive again (events naming it), which cancels a stall that fired meanwhile.
+    async fn alive_in_buffered_events(&mut self, notices: &mut broadcast::Receiver<HubNotice>) -> bool {
+        loop {
+            match notices.try_recv() {
+                Ok(HubNotice::Event(event)) => {
+                    // An end hint makes the next poll ask where the prompt is.
+                    self.presence_wanted |= self.on_event(&event).await;
+                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        self.last_alive + self.config.stall_timeout > Instant::now()
+    }
+
+    /// Resolves when a limit of the run is reached. The future owns copies of the deadlines, so
+    /// it can race a poll that borrows the supervisor.
+    fn limits(&self, deadline: Instant) -> impl Future<Output = Limit> + use<> {
+        let cancel = self.cancel.clone();
+        // Only a running prompt can stall; `last_alive` moves with every sign that ComfyUI is
+        // still working on it (its events, or a poll that lists it as running).
+        let stall_at = (self.phase == Phase::Running).then(|| self.last_alive + self.config.stall_timeout);
+        let queue_limit_at = match (self.phase, self.config.queue_timeout) {
+            (Phase::Pending(_) | Phase::Unknown, Some(limit)) => Some(self.queued_since + limit),
+            _ => None,
+        };
+        async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Limit::Cancelled,
+                _ = tokio::time::sleep_until(deadline) => Limit::Total,
+                _ = sleep_until_opt(stall_at) => Limit::Stall,
+                _ = sleep_until_opt(queue_limit_at) => Limit::QueueWait,
+            }
+        }
+    }
+
+    /// Stops the prompt for a reached limit and returns the failure to report.
+    async fn on_limit(&mut self, reached: Limit) -> RunFailure {
+        match reached {
+            Limit::Cancelled => self.abort(RunFailureKind::Interrupted, "cancelled".to_owned()).await,
+            Limit::Total => {
+                let message = format!("no result within {:?}", self.config.total_timeout);
+                self.abort(RunFailureKind::TimedOut, message).await
+            }
+            Limit::Stall => {
+                let message = format!(
+                    "no sign of progress for {:?}: ComfyUI neither sent an event for the prompt nor answered that it is still running it{}",
+                    self.config.stall_timeout,
+                    self.tracker.snapshot().node_type.map(|t| format!(" (last node: {t})")).unwrap_or_default()
+                );
+                self.abort(RunFailureKind::Stalled, message).await
+            }
+            Limit::QueueWait => {
+                let message = format!(
+                    "still waiting in the ComfyUI queue after {:?}",
+                    self.config.queue_timeout.unwrap_or_default()
+                );
+                self.abort(RunFailureKind::TimedOut, message).await
             }
         }
     }
@@ -530,7 +682,11 @@ impl Supervisor {
         if !ours {
             return false;
         }
-        self.last_activity = Instant::now();
+        // Only an event naming the prompt proves progress: the replayed `executing` after a
+        // reconnect carries no id and comes even when the node is hung.
+        if event.prompt_id().is_some() {
+            self.last_alive = Instant::now();
+        }
         match event {
             ComfyEvent::ExecutionSuccess { .. }
             | ComfyEvent::ExecutionError(_)
@@ -552,22 +708,32 @@ impl Supervisor {
         false
     }
 
-    /// One round of the source of truth: history first, then the queue.
+    /// One round of the source of truth: history (`{}` until the prompt is over, so a few bytes)
+    /// every time, then where the prompt is (running, pending or gone) only when that is in doubt.
     async fn poll(&mut self) -> Option<Outcome> {
         match self.client.history(&self.prompt_id).await {
             Ok(Some(entry)) => return Some(self.conclude(&entry)),
             Ok(None) => {}
             Err(error) => return self.poll_failed(error),
         }
-        let queue = match self.client.queue().await {
+        self.last_ok_poll = Instant::now();
+        if !self.presence_due() {
+            return None;
+        }
+        let queue = match self.client.active_prompts().await {
             Ok(queue) => queue,
             Err(error) => return self.poll_failed(error),
         };
         self.last_ok_poll = Instant::now();
+        self.last_presence = Some(Instant::now());
+        self.presence_wanted = false;
         match queue.position(&self.prompt_id) {
             Some(QueuePosition::Running) => {
                 self.absent_polls = 0;
                 self.mark_running().await;
+                // ComfyUI answers and still runs it: a long silent node (a first model load, a
+                // long VAE decode) is not a stall.
+                self.last_alive = Instant::now();
             }
             Some(QueuePosition::Pending { position }) => {
                 self.absent_polls = 0;
@@ -598,6 +764,23 @@ impl Supervisor {
             }
         }
         None
+    }
+
+    /// Whether this poll must also ask where the prompt is. The answer is needed to tell a
+    /// pending or running prompt from a lost one, for queue positions and, while the prompt's own
+    /// events are silent, to keep a running prompt from counting as stalled.
+    fn presence_due(&self) -> bool {
+        // Not seen yet, suspected lost, or the socket hinted at a change (reconnect, end).
+        if self.phase == Phase::Unknown || self.absent_polls > 0 || self.presence_wanted {
+            return true;
+        }
+        let interval = self.config.presence_interval;
+        match self.phase {
+            // Its own events prove it runs; ask only after a silence, and often enough that a
+            // healthy ComfyUI answers several times within the stall timeout.
+            Phase::Running => self.last_alive.elapsed() >= interval.min(self.config.stall_timeout / 4),
+            _ => self.last_presence.is_none_or(|at| at.elapsed() >= interval),
+        }
     }
 
     fn poll_failed(&mut self, error: ComfyError) -> Option<Outcome> {
@@ -701,20 +884,40 @@ impl Supervisor {
     /// Delete (if pending) and interrupt (if running), by prompt id only, until ComfyUI confirms
     /// the prompt is no longer queued or running, or the grace period ends.
     async fn stop_remote(&self) {
+        // A hung ComfyUI would hold each request for the whole request timeout.
+        if tokio::time::timeout(self.config.cancel_grace, self.stop_remote_until_confirmed()).await.is_err() {
+            tracing::warn!(prompt_id = %self.prompt_id, "ComfyUI did not answer the stop requests in time");
+        }
+    }
+
+    async fn stop_remote_until_confirmed(&self) {
         let grace_end = Instant::now() + self.config.cancel_grace;
         let pause = self.config.poll_interval.min(Duration::from_millis(250));
-        // Delete first so it cannot start, then interrupt in case it already had.
-        if let Err(error) = self.client.delete_pending(&self.prompt_id).await {
-            tracing::warn!(prompt_id = %self.prompt_id, %error, "queue delete failed");
-        }
-        if let Err(error) = self.client.interrupt(&self.prompt_id).await {
-            tracing::warn!(prompt_id = %self.prompt_id, %error, "interrupt failed");
+        let delete = async {
+            if let Err(error) = self.client.delete_pending(&self.prompt_id).await {
+                tracing::warn!(prompt_id = %self.prompt_id, %error, "queue delete failed");
+            }
+        };
+        let interrupt = async {
+            if let Err(error) = self.client.interrupt(&self.prompt_id).await {
+                tracing::warn!(prompt_id = %self.prompt_id, %error, "interrupt failed");
+            }
+        };
+        if self.phase == Phase::Running {
+            // Interrupt first: on a hung ComfyUI the first request may be the only one sent.
+            interrupt.await;
+            delete.await;
+        } else {
+            // Delete first so it cannot start, then interrupt in case it already had (the loop
+            // below catches one that started in between).
+            delete.await;
+            interrupt.await;
         }
         loop {
             if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
                 return;
             }
-            match self.client.queue().await.map(|q| q.position(&self.prompt_id)) {
+            match self.client.active_prompts().await.map(|q| q.position(&self.prompt_id)) {
                 Ok(None) => return,
                 Ok(Some(QueuePosition::Running)) => {
                     let _ = self.client.interrupt(&self.prompt_id).await;
@@ -735,7 +938,7 @@ impl Supervisor {
     async fn mark_running(&mut self) {
         if self.phase != Phase::Running {
             self.phase = Phase::Running;
-            self.last_activity = Instant::now();
+            self.last_alive = Instant::now();
             self.emit(RunUpdate::Started).await;
         }
     }

@@ -2,7 +2,12 @@
 //! heartbeat, streamed result upload, failure report.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::time::Instant;
 
 use reqwest::StatusCode;
 use tdcomfy_api::{
@@ -11,6 +16,10 @@ use tdcomfy_api::{
 };
 use tdcomfy_comfy::error_chain;
 use tokio::io::AsyncWriteExt;
+
+/// A result upload whose link moved no byte for this long (nor got an answer after the last one)
+/// is given up and retried: the broker is gone without a reset, or the link is dead.
+const UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a broker call failed.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +164,16 @@ impl BrokerClient {
     ) -> Result<(), BrokerCallError> {
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
+        // hyper pulls the next chunk only once the previous one is on the wire, so the time of the
+        // last pull tells whether the link still moves. A whole-request timeout would cut off a
+        // large result on a slow but healthy link; a stall limit does not.
+        let started = Instant::now();
+        let last_pull = Arc::new(AtomicU64::new(0));
+        let mark = last_pull.clone();
+        let chunks = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect(move |_| {
+            mark.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        });
+        let body = reqwest::Body::wrap_stream(chunks);
         let rb = self
             .request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/result"))
             .header("lease-token", token.as_str())
@@ -166,8 +184,21 @@ impl BrokerClient {
             Some(d) => rb.header("comfy-execution-ms", d.as_millis().to_string()),
             None => rb,
         };
-        self.send(rb).await?;
-        Ok(())
+        let stalled = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let idle = started.elapsed().saturating_sub(Duration::from_millis(last_pull.load(Ordering::Relaxed)));
+                if idle >= UPLOAD_STALL_TIMEOUT {
+                    return idle;
+                }
+            }
+        };
+        tokio::select! {
+            sent = self.send(rb) => sent.map(|_| ()),
+            idle = stalled => Err(BrokerCallError::Unreachable(format!(
+                "the result upload made no progress for {} s", idle.as_secs()
+            ))),
+        }
     }
 
     /// Reports a failure; `retryable` lets the broker requeue the job while attempts remain.

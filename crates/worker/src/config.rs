@@ -154,6 +154,14 @@ impl WorkerArgs {
             }
         };
         let worker_id = self.worker_id.filter(|w| !w.trim().is_empty()).unwrap_or_else(default_worker_id);
+        // The broker refuses any other name on every lease; caught here, it is a clear message at
+        // start instead of a worker retrying forever as if the broker were unreachable.
+        if worker_id.len() > 128 || !worker_id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(WorkerConfigError::Invalid {
+                name: "WORKER_ID",
+                message: format!("must be 1 to 128 visible ASCII characters (no spaces), got {worker_id:?}"),
+            });
+        }
         Ok(WorkerConfig {
             broker_url,
             token: token.filter(|t| !t.is_empty()),

@@ -5,6 +5,7 @@
 pub mod broker_client;
 pub mod comfy_files;
 pub mod config;
+mod lease_keeper;
 pub mod run;
 
 pub use config::{WorkerArgs, WorkerConfig, WorkerConfigError};

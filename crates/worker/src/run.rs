@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker_client::{BrokerCallError, BrokerClient};
 use crate::comfy_files::{self, INPUT_SUBFOLDER, PromptFate, ServedCopy, ServerFiles, SlotGuard};
 use crate::config::WorkerConfig;
+use crate::lease_keeper::{Cadence, LeaseKeeper};
 
 /// Why the worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -178,12 +179,34 @@ impl JobRun<'_> {
     async fn run(&self) -> JobEnd {
         // Per attempt, not per job: another attempt of this job may be running right now.
         let dir = comfy_files::attempt_dir(&self.config.spool_dir, self.lease.job_id, &self.lease.lease_token);
-        let end = match self.execute(&dir).await {
+        // The lease is kept alive for the whole attempt — every step below can outlast LEASE_TTL
+        // on a slow link or while the broker is away — until the result is accepted or the
+        // failure reported.
+        let cadence = Cadence::for_lease(self.lease, self.config.heartbeat_interval, self.config.progress_interval);
+        let keeper = LeaseKeeper::start(self.broker.clone(), self.lease, cadence);
+        let end = match self.execute(&dir, &keeper).await {
             Ok(end) => end,
             Err(f) => self.report_failure(f).await,
         };
+        keeper.stop().await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
         end
+    }
+
+    /// Runs `step` unless the broker ends the lease first (a client cancelled, or the lease went
+    /// elsewhere): then the job is abandoned, since nothing more may be reported for it.
+    async fn unless_lease_ends<T>(
+        &self,
+        keeper: &LeaseKeeper,
+        step: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Abandon> {
+        tokio::select! {
+            out = step => out.map_err(Abandon::Failed),
+            end = keeper.ended() => {
+                tracing::info!(job_id = %self.lease.job_id, ?end, "the broker ended the lease: stopping");
+                Err(Abandon::LeaseEnded)
+            }
+        }
     }
 
     async fn report_failure(&self, f: Failure) -> JobEnd {
@@ -203,7 +226,7 @@ impl JobRun<'_> {
         }
     }
 
-    async fn execute(&self, dir: &Path) -> Result<JobEnd, Failure> {
+    async fn execute(&self, dir: &Path, keeper: &LeaseKeeper) -> Result<JobEnd, Failure> {
         let lease = self.lease;
         tokio::fs::create_dir_all(dir).await.map_err(|e| Failure::new(format!("worker spool: {e}"), true))?;
         let workflow = self.config.workflows.get(&lease.workflow).ok_or_else(|| {
@@ -214,14 +237,17 @@ impl JobRun<'_> {
         let ext = tdcomfy_api::media::extension_for_mime(&lease.input.content_type);
         let leased = Instant::now();
         let input_path = dir.join(format!("input.{ext}"));
-        match self.broker.download_input(lease.job_id, &lease.lease_token, &input_path).await {
-            Ok(_) => {}
-            Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => {
-                return Ok(JobEnd::Abandoned);
+        let download = async {
+            match self.broker.download_input(lease.job_id, &lease.lease_token, &input_path).await {
+                Ok(_) => Ok(true),
+                Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => Ok(false),
+                Err(e) => Err(Failure::new(format!("could not fetch the input frame: {e}"), true)),
             }
-            Err(e) => {
-                return Err(Failure::new(format!("could not fetch the input frame: {e}"), true));
-            }
+        };
+        match self.unless_lease_ends(keeper, download).await {
+            Ok(true) => {}
+            Ok(false) | Err(Abandon::LeaseEnded) => return Ok(JobEnd::Abandoned),
+            Err(Abandon::Failed(f)) => return Err(f),
         }
         let client = self.backend.runner.client();
         // The slot is given back when `slot` drops, whichever way this attempt ends.
@@ -231,7 +257,11 @@ impl JobRun<'_> {
         let upload = ImageUpload::from_file(slot.name().to_owned(), input_path.clone())
             .in_subfolder(INPUT_SUBFOLDER)
             .overwrite(true);
-        let uploaded = self.upload_with_retry(client, upload).await?;
+        let uploaded = match self.unless_lease_ends(keeper, self.upload_with_retry(client, upload)).await {
+            Ok(u) => u,
+            Err(Abandon::LeaseEnded) => return Ok(JobEnd::Abandoned),
+            Err(Abandon::Failed(f)) => return Err(f),
+        };
         let image_name = if uploaded.subfolder.is_empty() {
             uploaded.name.clone()
         } else {
@@ -255,7 +285,7 @@ impl JobRun<'_> {
         // 3. Run it, relaying progress and watching for cancellation.
         let prompt_id = PromptId::new();
         slot.set_fate(PromptFate::MaybeQueued(prompt_id.clone()));
-        let outcome = self.supervise(graph, prompt_id.clone()).await;
+        let outcome = self.supervise(graph, prompt_id.clone(), keeper).await;
         if prompt_is_gone(&outcome) {
             slot.set_fate(PromptFate::Gone);
         }
@@ -279,9 +309,19 @@ impl JobRun<'_> {
         let primary = pick_primary(&outputs, workflow.primary_output_hint())
             .ok_or_else(|| Failure::new("ComfyUI reported success but produced no output file", false))?;
         let t = Instant::now();
-        let (result_path, content_type) = self.fetch_output(client, primary, dir).await?;
+        let (result_path, content_type) =
+            match self.unless_lease_ends(keeper, self.fetch_output(client, primary, dir)).await {
+                Ok(fetched) => fetched,
+                Err(Abandon::LeaseEnded) => return Ok(JobEnd::Abandoned),
+                Err(Abandon::Failed(f)) => return Err(f),
+            };
         let fetched = t.elapsed();
-        let end = self.deliver(&result_path, &content_type, comfy_execution).await;
+        let end = match self.unless_lease_ends(keeper, self.deliver(&result_path, &content_type, comfy_execution)).await
+        {
+            Ok(end) => Ok(end),
+            Err(Abandon::LeaseEnded) => Ok(JobEnd::Abandoned),
+            Err(Abandon::Failed(f)) => Err(f),
+        };
         if matches!(end, Ok(JobEnd::Delivered))
             && let Some(served) = ServedCopy::keep(&result_path).await
         {
@@ -330,14 +370,10 @@ impl JobRun<'_> {
         }
     }
 
-    async fn supervise(&self, graph: serde_json::Value, prompt_id: PromptId) -> Supervised {
-        let (id, token) = (self.lease.job_id, &self.lease.lease_token);
+    async fn supervise(&self, graph: serde_json::Value, prompt_id: PromptId, keeper: &LeaseKeeper) -> Supervised {
+        let id = self.lease.job_id;
         let cancel = CancellationToken::new();
         let mut run = self.backend.runner.run_prompt(graph, prompt_id, cancel.clone());
-        let mut tick = tokio::time::interval(self.config.progress_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pending: Option<Progress> = None;
-        let mut last_beat = Instant::now();
         let mut stop_reason: Option<Supervised> = None;
         // JOB_TIMEOUT holds here too, so a job ends on time even while the broker is unreachable.
         let deadline = tokio::time::sleep(Duration::from_secs_f64(self.lease.job_timeout.clamp(1.0, 1e7)));
@@ -345,15 +381,13 @@ impl JobRun<'_> {
         loop {
             tokio::select! {
                 update = run.next() => match update {
-                    Some(RunUpdate::Progress(p)) => {
-                        pending = Some(Progress {
-                            value: f64::from(p.fraction).clamp(0.0, 0.999),
-                            step: p.step,
-                            max_steps: p.max,
-                            node: p.node,
-                            node_type: p.node_type,
-                        });
-                    }
+                    Some(RunUpdate::Progress(p)) => keeper.report(Progress {
+                        value: f64::from(p.fraction).clamp(0.0, 0.999),
+                        step: p.step,
+                        max_steps: p.max,
+                        node: p.node,
+                        node_type: p.node_type,
+                    }),
                     Some(RunUpdate::Finished { outputs, execution_time }) => {
                         return stop_reason.unwrap_or(Supervised::Finished(outputs, execution_time));
                     }
@@ -366,27 +400,11 @@ impl JobRun<'_> {
                         )));
                     }
                 },
-                _ = tick.tick() => {
-                    if pending.is_none() && last_beat.elapsed() < self.config.heartbeat_interval {
-                        continue;
-                    }
-                    last_beat = Instant::now();
-                    match self.broker.heartbeat(id, token, pending.take()).await {
-                        Ok(false) => {}
-                        Ok(true) | Err(BrokerCallError::Cancelled) => {
-                            tracing::info!(job_id = %id, "cancelled by a client: stopping the prompt");
-                            stop_reason.get_or_insert(Supervised::Abandoned);
-                            cancel.cancel();
-                        }
-                        Err(BrokerCallError::LeaseLost(m)) => {
-                            tracing::warn!(job_id = %id, reason = %m, "lease lost: stopping the prompt");
-                            stop_reason.get_or_insert(Supervised::Abandoned);
-                            cancel.cancel();
-                        }
-                        // The broker is away: keep running; the lease survives a short outage.
-                        Err(e) => tracing::warn!(job_id = %id, error = %e, "heartbeat failed"),
-                    }
-                },
+                end = keeper.ended(), if stop_reason.is_none() => {
+                    tracing::info!(job_id = %id, ?end, "the broker ended the lease: stopping the prompt");
+                    stop_reason = Some(Supervised::Abandoned);
+                    cancel.cancel();
+                }
                 _ = self.shutdown.cancelled(), if stop_reason.is_none() => {
                     stop_reason = Some(Supervised::Shutdown);
                     cancel.cancel();
@@ -423,8 +441,24 @@ impl JobRun<'_> {
             256 * 1024,
             tokio::fs::File::create(&path).await.map_err(|e| fail(&e))?,
         );
+        let limit = self.lease.max_result_bytes.unwrap_or(u64::MAX);
+        let mut size = 0u64;
         while let Some(chunk) = download.next().await {
             let chunk = chunk.map_err(|e| fail(&e))?;
+            size += chunk.len() as u64;
+            // Checked here, not by the broker's 413 after an upload: a result the broker cannot
+            // take would otherwise fill the spool and cross the link for nothing, and retrying
+            // it would not help.
+            if size > limit {
+                return Err(Failure::new(
+                    format!(
+                        "ComfyUI's output {} is over the broker's MAX_RESULT_MB ({} MB)",
+                        file.filename,
+                        limit / (1024 * 1024)
+                    ),
+                    false,
+                ));
+            }
             out.write_all(&chunk).await.map_err(|e| fail(&e))?;
         }
         out.flush().await.map_err(|e| fail(&e))?;
@@ -432,7 +466,8 @@ impl JobRun<'_> {
     }
 
     /// Uploads the result, retrying while the broker is away, until it is accepted or the lease is
-    /// gone.
+    /// gone. A shutdown lets an upload in flight finish for [`DELIVERY_SHUTDOWN_GRACE`], then hands
+    /// the job back (retryable) so another worker runs it instead of the lease lapsing unseen.
     async fn deliver(
         &self,
         path: &Path,
@@ -442,8 +477,21 @@ impl JobRun<'_> {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
         let mut delay = self.config.retry_delay;
         let give_up = Instant::now() + Duration::from_secs_f64(self.lease.job_timeout.max(60.0));
+        let shut_down = || Failure::new("the worker was shut down before the broker accepted the result", true);
         loop {
-            match self.broker.upload_result(id, token, path, content_type, comfy_execution).await {
+            let upload = self.broker.upload_result(id, token, path, content_type, comfy_execution);
+            tokio::pin!(upload);
+            let outcome = tokio::select! {
+                outcome = &mut upload => outcome,
+                _ = self.shutdown.cancelled() => {
+                    match tokio::time::timeout(DELIVERY_SHUTDOWN_GRACE, &mut upload).await {
+                        Ok(Ok(())) => return Ok(JobEnd::Delivered),
+                        Ok(Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_))) => return Ok(JobEnd::Abandoned),
+                        _ => return Err(shut_down()),
+                    }
+                }
+            };
+            match outcome {
                 Ok(()) => return Ok(JobEnd::Delivered),
                 Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => {
                     return Ok(JobEnd::Abandoned);
@@ -452,7 +500,7 @@ impl JobRun<'_> {
                     tracing::warn!(job_id = %id, error = %error_chain(&e), retry_in = ?delay, "result upload failed; the result waits in the spool");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => return Ok(JobEnd::Abandoned),
+                        _ = self.shutdown.cancelled() => return Err(shut_down()),
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -462,6 +510,17 @@ impl JobRun<'_> {
             }
         }
     }
+}
+
+/// How long a result upload in flight at shutdown may still run before the job is handed back:
+/// well inside systemd's default 90 s stop timeout, with room for the failure report.
+const DELIVERY_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+enum Abandon {
+    /// The step failed.
+    Failed(Failure),
+    /// The broker ended the lease meanwhile.
+    LeaseEnded,
 }
 
 enum Supervised {

@@ -162,6 +162,7 @@ impl From<BrokerError> for ApiError {
         match e {
             BrokerError::Store(s) => s.into(),
             BrokerError::Io(io) => ApiError::Internal(io.to_string()),
+            other @ BrokerError::DataDirInUse { .. } => ApiError::Internal(other.to_string()),
         }
     }
 }

@@ -4,6 +4,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use tdcomfy_api::{FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, WorkerAck};
 
 use super::error::ApiError;
@@ -145,7 +146,28 @@ pub async fn put_result(
         .unwrap_or("application/octet-stream")
         .to_owned();
     let limit = broker.config().max_result_bytes;
-    let staged = match broker.blobs().stage(body.into_data_stream(), limit, 0).await {
+    // A body that announces it is over the limit is refused before a byte is staged; a body without
+    // a length (chunked) is still cut off at the limit while it streams.
+    let announced =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit, what: "MAX_RESULT_MB" });
+    }
+    // The upload itself keeps the lease alive while its bytes arrive: a large result on a slow
+    // link may take many LEASE_TTLs, and the worker's own heartbeats may be held up on the same link.
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    let chunks = body.into_data_stream().inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            counter.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let staging = broker.blobs().stage(chunks, limit, 0);
+    let staged = tokio::select! {
+        staged = staging => staged,
+        ended = broker.renew_while_receiving(id, token.clone(), received) => return Err(not_found_as(id)(ended)),
+    };
+    let staged = match staged {
         Ok(s) => s,
         Err(BlobError::TooLarge { limit }) => {
             return Err(ApiError::PayloadTooLarge { limit, what: "MAX_RESULT_MB" });

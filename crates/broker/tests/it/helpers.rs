@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 use tdcomfy_broker::BrokerArgs;
+use tdcomfy_broker::clock::{Clock, WallSource};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -24,6 +25,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         api_token: None,
         worker_token: None,
         result_ttl: 0,
+        job_retention: 0,
         job_timeout: 600.0,
         lease_ttl: 30.0,
         max_attempts: 3,
@@ -46,6 +48,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub dir: tempfile::TempDir,
     pub args: BrokerArgs,
+    wall: Option<WallSource>,
     token: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -59,13 +62,25 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut BrokerArgs)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut args = test_args(dir.path().join("data"));
     tweak(&mut args);
-    start(dir, args).await
+    start(dir, args, None).await
 }
 
-async fn start(dir: tempfile::TempDir, args: BrokerArgs) -> TestApp {
+/// A broker whose clock reads its wall time from `wall` (once per start, as the real one reads
+/// the system clock), so a test can step the wall clock under it.
+pub async fn spawn_with_wall(wall: WallSource, tweak: impl FnOnce(&mut BrokerArgs)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut args = test_args(dir.path().join("data"));
+    tweak(&mut args);
+    start(dir, args, Some(wall)).await
+}
+
+async fn start(dir: tempfile::TempDir, args: BrokerArgs, wall: Option<WallSource>) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let config = args.clone().into_config(test_workflows()).expect("valid test config");
+    let mut config = args.clone().into_config(test_workflows()).expect("valid test config");
+    if let Some(wall) = &wall {
+        config.clock = Clock::from_wall(wall.clone());
+    }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tdcomfy_broker::run(listener, config, async move {
@@ -75,7 +90,7 @@ async fn start(dir: tempfile::TempDir, args: BrokerArgs) -> TestApp {
         .expect("broker runs");
     });
     let token = args.api_token.clone();
-    TestApp { base, http: reqwest::Client::new(), dir, args, token, stop: Some(stop), task: Some(task) }
+    TestApp { base, http: reqwest::Client::new(), dir, args, wall, token, stop: Some(stop), task: Some(task) }
 }
 
 impl TestApp {
@@ -110,18 +125,24 @@ impl TestApp {
     pub async fn restart(mut self) -> TestApp {
         self.shutdown().await;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        start(dir, self.args.clone()).await
+        start(dir, self.args.clone(), self.wall.clone()).await
     }
 
     /// Stops the broker without letting anything finish, as close to a crash as a task allows,
     /// and starts a new one on the same data directory.
-    pub async fn crash_and_restart(mut self) -> TestApp {
+    pub async fn crash_and_restart(self) -> TestApp {
+        self.crash_and_restart_after(Duration::ZERO).await
+    }
+
+    /// Like [`TestApp::crash_and_restart`], with the broker down for `downtime` in between.
+    pub async fn crash_and_restart_after(mut self, downtime: Duration) -> TestApp {
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
         }
+        tokio::time::sleep(downtime).await;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        start(dir, self.args.clone()).await
+        start(dir, self.args.clone(), self.wall.clone()).await
     }
 
     pub async fn shutdown(&mut self) {

@@ -1,10 +1,15 @@
 //! Integration tests of the broker: the real server on 127.0.0.1:0 with a temporary data
 //! directory, driven over HTTP.
 
+mod clock;
 mod contract;
+mod data_dir;
 mod events;
+mod hangup;
 mod helpers;
+mod housekeeping;
 mod jobs;
+mod lease;
 mod persistence;
 mod results;
 mod security;

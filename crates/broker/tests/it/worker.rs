@@ -126,6 +126,8 @@ async fn an_expired_lease_requeues_the_job_and_the_old_worker_cannot_finish_it()
     let id = app.submit_png("orphan").await;
     let first = app.lease("dies", 1.0).await.unwrap();
     let old_token = first["lease_token"].as_str().unwrap().to_owned();
+    // It starts work (its first call acknowledges the lease), then dies.
+    assert_eq!(app.heartbeat(&id, &old_token, None).await.status(), 200);
 
     let requeued = app.wait_until(&id, 15.0, |j| j["status"] == "queued").await;
     assert_eq!(requeued["status"], "queued", "expired lease must requeue: {requeued}");
@@ -133,6 +135,7 @@ async fn an_expired_lease_requeues_the_job_and_the_old_worker_cannot_finish_it()
 
     let second = app.lease("lives", 1.0).await.expect("requeued job is leased again");
     assert_eq!((second["job_id"].as_str(), second["attempt"].as_u64()), (Some(id.as_str()), Some(2)));
+    assert_eq!(app.heartbeat(&id, second["lease_token"].as_str().unwrap(), None).await.status(), 200);
     // The first worker wakes up and tries to deliver: refused, so "done" never comes from a stale run.
     let (status, err) = error_of(app.put_result(&id, &old_token, b"stale".to_vec()).await).await;
     assert_eq!((status, err["code"].as_str()), (409, Some("lease_lost")));

@@ -158,3 +158,33 @@ async fn a_graph_that_is_not_an_object_is_refused_locally() {
     assert!(matches!(result, Err(ComfyError::InvalidInput(_))));
     assert!(fake.requests("POST", "/prompt").is_empty());
 }
+
+#[tokio::test]
+async fn active_prompts_use_the_jobs_api_where_it_exists_and_find_out_once() {
+    for jobs_api in [false, true] {
+        let fake = Fake::start().await;
+        let client = fake.client();
+        let id = PromptId::new();
+        fake.with(|s| {
+            s.jobs_api = jobs_api;
+            s.running.push("other".into());
+            s.pending.extend(["a".to_owned(), id.to_string()]);
+        });
+        assert_eq!(client.has_jobs_api(), None);
+        for _ in 0..3 {
+            let active = client.active_prompts().await.expect("active prompts");
+            assert_eq!(active.position(&id), Some(QueuePosition::Pending { position: 1 }));
+            assert_eq!(active.running.len(), 1);
+        }
+        assert_eq!(client.has_jobs_api(), Some(jobs_api));
+        let (jobs_requests, queue_requests) =
+            (fake.requests("GET", "/api/jobs").len(), fake.requests("GET", "/queue").len());
+        if jobs_api {
+            assert_eq!((jobs_requests, queue_requests), (3, 0), "the full queue is never asked for");
+            let query = &fake.requests("GET", "/api/jobs")[0].body;
+            assert_eq!(query, &json!({"status": "in_progress,pending"}), "no sort_by (C2)");
+        } else {
+            assert_eq!((jobs_requests, queue_requests), (1, 3), "a 404 is remembered");
+        }
+    }
+}

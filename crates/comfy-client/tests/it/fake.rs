@@ -3,6 +3,10 @@
 //!
 //! Tests mutate its state directly and wait for conditions with [`Fake::wait_until`], which wakes
 //! on every request or state change (no sleeps).
+//!
+//! Fault knobs: responses cut off mid-answer (`OnPrompt::QueueThenDrop`, `cut_history`,
+//! `cut_active`), an HTTP side that accepts requests and never answers (`hang_http`), a socket
+//! that closes right after connecting (`flap_sockets`), and the newer jobs API (`jobs_api`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -32,6 +37,11 @@ pub enum OnPrompt {
     QueueWithNodeErrors(Value),
     /// Answer 200 but keep nothing (as if ComfyUI restarted right after).
     Forget,
+    /// Queue it, then cut the connection instead of answering (the client cannot tell whether
+    /// it was queued).
+    QueueThenDrop,
+    /// Cut the connection without queueing anything (the server died while validating).
+    DropWithoutQueueing,
 }
 
 /// One recorded request.
@@ -65,6 +75,24 @@ pub struct FakeState {
     pub rename_uploads_to: Option<String>,
     pub uploads: Vec<Upload>,
     pub files: HashMap<String, (String, Vec<u8>)>,
+    /// The next this many `GET /history/{id}` answers are cut off mid-response.
+    pub cut_history: u32,
+    /// The next this many `GET /queue` and `GET /api/jobs` answers are cut off mid-response.
+    pub cut_active: u32,
+    /// Every HTTP request (not the socket) is accepted and never answered.
+    pub hang_http: bool,
+    /// `GET /history`, `/queue` and `/api/jobs` answer 500 (the other routes still work).
+    pub fail_polls: bool,
+    /// Every socket is closed right after its greeting (and replay), so the client reconnects.
+    pub flap_sockets: bool,
+    /// On connect, send `executing` for this node without a prompt id, as ComfyUI does.
+    pub replay_executing: Option<String>,
+    /// Serve `GET /api/jobs` (ComfyUI with the jobs API, C1); otherwise it is a 404 as in 0.3.64.
+    pub jobs_api: bool,
+    /// The graph each `/queue` item carries (ComfyUI sends every queued prompt's whole graph).
+    pub queue_graph: Value,
+    /// Response body bytes served, per route (`/queue`, `/api/jobs`, `/history`).
+    pub served_bytes: HashMap<&'static str, usize>,
     sockets: Vec<mpsc::UnboundedSender<Message>>,
 }
 
@@ -117,6 +145,15 @@ impl Fake {
                 rename_uploads_to: None,
                 uploads: Vec::new(),
                 files: HashMap::new(),
+                cut_history: 0,
+                cut_active: 0,
+                hang_http: false,
+                fail_polls: false,
+                flap_sockets: false,
+                replay_executing: None,
+                jobs_api: false,
+                queue_graph: json!({}),
+                served_bytes: HashMap::new(),
                 sockets: Vec::new(),
             }),
             version,
@@ -130,7 +167,9 @@ impl Fake {
             .route("/system_stats", get(system_stats))
             .route("/upload/image", post(upload))
             .route("/view", get(view))
+            .route("/api/jobs", get(get_jobs))
             .route("/ws", get(ws))
+            .layer(axum::middleware::from_fn_with_state(shared.clone(), hang))
             // ComfyUI accepts 100 MB uploads; axum's default limit is 2 MB.
             .layer(DefaultBodyLimit::max(100 * 1024 * 1024))
             .with_state(shared.clone());
@@ -272,6 +311,16 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
                 Json200(json!({"prompt_id": id, "number": 1, "node_errors": errors})).into_response()
             }
             OnPrompt::Forget => Json200(json!({"prompt_id": id, "number": 1, "node_errors": {}})).into_response(),
+            OnPrompt::QueueThenDrop => {
+                queue(s);
+                // Only the first submission is cut off; a second one is answered normally.
+                s.on_prompt = OnPrompt::Queue;
+                cut_off()
+            }
+            OnPrompt::DropWithoutQueueing => {
+                s.on_prompt = OnPrompt::Queue;
+                cut_off()
+            }
             OnPrompt::Reject(status, body) => (
                 StatusCode::from_u16(status).expect("status"),
                 [(header::CONTENT_TYPE, "application/json")],
@@ -284,6 +333,38 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
 
 struct Json200(Value);
 
+/// A 200 whose body breaks off: the client sees the connection drop mid-answer.
+fn cut_off() -> Response {
+    let broken = futures_util::stream::once(async { Err::<Bytes, _>(std::io::Error::other("cut off by the fake")) });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(broken))
+        .expect("response")
+}
+
+/// Serialises `body`, counting its bytes under `route`.
+fn counted(state: &mut FakeState, route: &'static str, body: &Value) -> Response {
+    let text = body.to_string();
+    *state.served_bytes.entry(route).or_default() += text.len();
+    ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// With `hang_http`, records the request and never answers it (the socket still works).
+async fn hang(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let hung = shared.with(|s| s.hang_http) && request.uri().path() != "/ws";
+    if !hung {
+        return next.run(request).await;
+    }
+    let method = request.method().to_string();
+    let path = request.uri().path().to_owned();
+    let body = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap_or_default();
+    shared.with(|s| match path.strip_prefix("/history/") {
+        Some(id) => record(s, &method, "/history", json!(id)),
+        None => record(s, &method, &path, parse_body(&body)),
+    });
+    std::future::pending().await
+}
+
 impl IntoResponse for Json200 {
     fn into_response(self) -> Response {
         ([(header::CONTENT_TYPE, "application/json")], self.0.to_string()).into_response()
@@ -293,12 +374,52 @@ impl IntoResponse for Json200 {
 async fn get_queue(State(shared): State<Arc<Shared>>) -> Response {
     shared.with(|s| {
         record(s, "GET", "/queue", Value::Null);
-        let item = |(n, id): (usize, &String)| json!([n, id, {}, {"client_id": "x"}, []]);
-        Json200(json!({
+        if s.fail_polls {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        if s.cut_active > 0 {
+            s.cut_active -= 1;
+            return cut_off();
+        }
+        let graph = &s.queue_graph;
+        let item = |(n, id): (usize, &String)| json!([n, id, graph, {"client_id": "x"}, []]);
+        let body = json!({
             "queue_running": s.running.iter().enumerate().map(item).collect::<Vec<_>>(),
             "queue_pending": s.pending.iter().enumerate().map(|(n, id)| item((n + 100, id))).collect::<Vec<_>>(),
-        }))
-        .into_response()
+        });
+        counted(s, "/queue", &body)
+    })
+}
+
+/// `GET /api/jobs?status=…` as in ComfyUI 0.38 (`comfy_execution/jobs.py`): light items, no graphs.
+async fn get_jobs(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap<String, String>>) -> Response {
+    shared.with(|s| {
+        record(s, "GET", "/api/jobs", json!(query));
+        if !s.jobs_api {
+            return StatusCode::NOT_FOUND.into_response();
+        }
+        if s.fail_polls {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        if s.cut_active > 0 {
+            s.cut_active -= 1;
+            return cut_off();
+        }
+        let wanted = query.get("status").cloned().unwrap_or_else(|| "pending,in_progress".to_owned());
+        let wanted: Vec<&str> = wanted.split(',').collect();
+        let job = |id: &String, status: &str, priority: usize| {
+            json!({"id": id, "status": status, "priority": priority, "create_time": 1, "outputs_count": 0})
+        };
+        let mut jobs = Vec::new();
+        if wanted.contains(&"in_progress") {
+            jobs.extend(s.running.iter().enumerate().map(|(n, id)| job(id, "in_progress", n)));
+        }
+        if wanted.contains(&"pending") {
+            jobs.extend(s.pending.iter().enumerate().map(|(n, id)| job(id, "pending", n + 100)));
+        }
+        let total = jobs.len();
+        let body = json!({"jobs": jobs, "pagination": {"offset": 0, "limit": null, "total": total, "has_more": false}});
+        counted(s, "/api/jobs", &body)
     })
 }
 
@@ -316,11 +437,18 @@ async fn post_queue(State(shared): State<Arc<Shared>>, body: Bytes) -> StatusCod
 async fn get_history(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     shared.with(|s| {
         record(s, "GET", "/history", json!(id));
+        if s.fail_polls {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        if s.cut_history > 0 {
+            s.cut_history -= 1;
+            return cut_off();
+        }
         let body = match s.history.get(&id) {
             Some(entry) => json!({ id.clone(): entry }),
             None => json!({}),
         };
-        Json200(body).into_response()
+        counted(s, "/history", &body)
     })
 }
 
@@ -415,14 +543,25 @@ async fn ws(
 
 async fn serve_socket(shared: Arc<Shared>, client_id: String, mut socket: WebSocket) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let queue_remaining = shared.with(|s| {
+    let (queue_remaining, replay, flap) = shared.with(|s| {
         record(s, "WS", "/ws", json!(client_id));
         s.ws_client_ids.push(client_id.clone());
         s.sockets.push(tx);
-        s.running.len() + s.pending.len()
+        (s.running.len() + s.pending.len(), s.replay_executing.clone(), s.flap_sockets)
     });
     let hello = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": queue_remaining}}, "sid": client_id}});
     if socket.send(Message::Text(hello.to_string().into())).await.is_err() {
+        return;
+    }
+    if let Some(node) = replay {
+        // ComfyUI re-sends the node it is executing to a reconnected client id, without a prompt id.
+        let replay = json!({"type": "executing", "data": {"node": node}});
+        if socket.send(Message::Text(replay.to_string().into())).await.is_err() {
+            return;
+        }
+    }
+    if flap {
+        let _ = socket.send(Message::Close(None)).await;
         return;
     }
     loop {

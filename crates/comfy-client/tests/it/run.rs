@@ -17,6 +17,7 @@ use crate::fake::{Fake, OnPrompt, client_for, interrupted_entry, success_entry};
 fn config() -> RunConfig {
     RunConfig {
         poll_interval: Duration::from_millis(40),
+        presence_interval: Duration::from_millis(400),
         // Long enough never to fire unless a test wants it to.
         stall_timeout: Duration::from_secs(60),
         total_timeout: Duration::from_secs(60),
@@ -214,10 +215,11 @@ async fn a_prompt_forgotten_by_comfyui_is_lost() {
 }
 
 #[tokio::test]
-async fn a_stalled_prompt_is_interrupted_by_id() {
+async fn a_prompt_comfyui_stops_answering_about_is_stalled_and_interrupted_by_id() {
     let fake = Fake::start().await;
     let mut config = config();
     config.stall_timeout = Duration::from_secs(1);
+    config.cancel_grace = Duration::from_millis(500);
     let runner = PromptRunner::new(fake.client(), config);
     let id = PromptId::new();
     let key = id.to_string();
@@ -226,12 +228,100 @@ async fn a_stalled_prompt_is_interrupted_by_id() {
     until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
     fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
     until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2"))).await;
-    // From here on nothing happens: no event, no queue change.
+    // From here on no event comes and every question about the prompt gets a 500.
+    fake.with(|s| s.fail_polls = true);
     let failure = drain(&mut run, &mut seen).await.expect_err("stalled");
     assert_eq!(failure.kind, RunFailureKind::Stalled);
     assert_eq!(failure.node_type.as_deref(), Some("KSampler"));
     assert!(interrupts_name_only(&fake, &id) >= 1);
     fake.with(|s| assert!(!s.running.contains(&key), "the stalled prompt was stopped"));
+}
+
+#[tokio::test]
+async fn a_long_silent_node_is_not_a_stall_while_comfyui_lists_it_as_running() {
+    let fake = Fake::start().await;
+    let stall = Duration::from_secs(1);
+    let mut config = config();
+    config.stall_timeout = stall;
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2"))).await;
+    // A first model load: the node runs three stall timeouts without a single event, while
+    // ComfyUI keeps answering and listing the prompt as running.
+    let silent = tokio::time::sleep(stall * 3);
+    tokio::pin!(silent);
+    tokio::select! {
+        _ = &mut silent => {}
+        update = run.next() => panic!("the run must stay quiet while the node works, got {update:?}"),
+    }
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    assert_eq!(fake.requests("POST", "/interrupt").len(), 0, "nothing was interrupted");
+}
+
+#[tokio::test]
+async fn events_that_arrive_while_a_poll_hangs_keep_the_prompt_alive() {
+    let fake = Fake::start().await;
+    let stall = Duration::from_secs(1);
+    let mut config = config();
+    config.stall_timeout = stall;
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    // ComfyUI's HTTP side stops answering while its socket keeps reporting sampler steps for
+    // three stall timeouts: the steps are signs of life, even though they wait behind a poll.
+    fake.with(|s| s.hang_http = true);
+    let started = tokio::time::Instant::now();
+    let mut step = 0;
+    while started.elapsed() < stall * 3 {
+        step += 1;
+        fake.push(json!({"type": "progress", "data": {"value": step, "max": 100, "node": "2", "prompt_id": key}}));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fake.with(|s| s.hang_http = false);
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    assert!(seen.iter().any(|u| matches!(u, RunUpdate::Progress(p) if p.step == Some(step))), "every step arrived");
+}
+
+#[tokio::test]
+async fn a_reconnecting_socket_does_not_hide_a_hung_comfyui() {
+    let fake = Fake::start().await;
+    let stall = Duration::from_millis(500);
+    let mut config = config();
+    config.stall_timeout = stall;
+    config.cancel_grace = Duration::from_millis(500);
+    // Only the stall rule may end this run in time.
+    config.unreachable_timeout = Duration::from_secs(60);
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2"))).await;
+    // ComfyUI hangs: HTTP requests are accepted and never answered, while the socket keeps
+    // connecting, replaying the node it was executing, and dropping.
+    let sockets_before = fake.with(|s| {
+        s.hang_http = true;
+        s.flap_sockets = true;
+        s.replay_executing = Some("2".into());
+        s.ws_client_ids.len()
+    });
+    fake.close_sockets();
+    let failure = drain_within(&mut run, &mut seen, Duration::from_secs(10)).await.expect_err("stalled");
+    assert_eq!(failure.kind, RunFailureKind::Stalled, "{failure}");
+    assert!(fake.with(|s| s.ws_client_ids.len()) > sockets_before + 2, "the socket kept reconnecting");
+    assert!(interrupts_name_only(&fake, &id) >= 1, "an interrupt of exactly this prompt was attempted");
 }
 
 #[tokio::test]
@@ -484,4 +574,163 @@ async fn attach_supervises_an_already_queued_prompt_without_posting() {
     fake.complete(&key, success_entry(&key, video_outputs()));
     drain(&mut run, &mut seen).await.expect("finished");
     assert!(fake.requests("POST", "/prompt").is_empty());
+}
+
+/// How many times the fake holds `key` in its queue (running or pending).
+fn times_queued(fake: &Fake, key: &str) -> usize {
+    fake.with(|s| s.running.iter().chain(&s.pending).filter(|p| *p == key).count())
+}
+
+#[tokio::test]
+async fn an_ambiguous_submission_is_not_queued_twice_when_the_check_fails() {
+    let fake = Fake::start().await;
+    // ComfyUI queues the prompt but the answer is lost, and the next checks of whether it knows
+    // the prompt break off too: nothing says it is unknown, so it must not be posted again.
+    fake.with(|s| {
+        s.on_prompt = OnPrompt::QueueThenDrop;
+        s.cut_history = 2;
+        s.cut_active = 2;
+    });
+    let runner = PromptRunner::new(fake.client(), config());
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    assert_eq!(fake.requests("POST", "/prompt").len(), 1, "posted once");
+    assert_eq!(times_queued(&fake, &key), 1, "queued exactly once");
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    assert_eq!(fake.requests("POST", "/prompt").len(), 1);
+}
+
+#[tokio::test]
+async fn an_ambiguous_submission_that_cannot_be_checked_in_time_is_supervised_not_reposted() {
+    let fake = Fake::start().await;
+    fake.with(|s| {
+        s.on_prompt = OnPrompt::QueueThenDrop;
+        s.cut_history = u32::MAX;
+    });
+    let mut config = config();
+    config.start_budget = Duration::from_millis(300);
+    let runner = PromptRunner::new(fake.client(), config);
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    // Checks back off from 20 ms, so the 300 ms start budget allows at most six of them: more
+    // history requests than that are the supervision's polls.
+    fake.wait_until("supervision polls", |s| s.requests.iter().filter(|r| r.path == "/history").count() >= 15).await;
+    fake.with(|s| s.cut_history = 0);
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    assert_eq!(fake.requests("POST", "/prompt").len(), 1, "not posted again");
+    assert_eq!(times_queued(&fake, &key), 1);
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+}
+
+#[tokio::test]
+async fn an_ambiguous_submission_that_comfyui_denies_knowing_is_posted_again() {
+    let fake = Fake::start().await;
+    // The connection drops and ComfyUI then answers, repeatedly, that it has no such prompt:
+    // only that positive answer makes a second submission safe.
+    fake.with(|s| s.on_prompt = OnPrompt::DropWithoutQueueing);
+    let runner = PromptRunner::new(fake.client(), config());
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    assert_eq!(fake.requests("POST", "/prompt").len(), 2);
+    assert_eq!(times_queued(&fake, &key), 1);
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+}
+
+/// What one job cost in polling requests and bytes.
+#[derive(Debug)]
+struct PollCost {
+    history: (usize, usize),
+    queue: (usize, usize),
+    jobs: (usize, usize),
+}
+
+/// Runs one job for `running_for` on a fake whose queue holds ten large prompts of other users,
+/// with sampler progress events every 100 ms or (`silent`) none, and returns what its
+/// supervision asked of ComfyUI.
+async fn poll_cost(jobs_api: bool, silent: bool, running_for: Duration) -> PollCost {
+    let fake = Fake::start().await;
+    // About 20 KB per queued graph: a UI user's workflow with its widget values.
+    let nodes: serde_json::Map<String, Value> = (0..150)
+        .map(|n| (n.to_string(), json!({"class_type": "CLIPTextEncode", "inputs": {"text": "x".repeat(100)}})))
+        .collect();
+    fake.with(|s| {
+        s.jobs_api = jobs_api;
+        s.queue_graph = Value::Object(nodes);
+        s.pending.extend((0..10).map(|n| format!("someone-elses-prompt-{n}")));
+    });
+    let runner = PromptRunner::new(fake.client(), config());
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
+    let started = tokio::time::Instant::now();
+    let mut step = 0;
+    while started.elapsed() < running_for {
+        if !silent {
+            step += 1;
+            fake.push(json!({"type": "progress", "data": {"value": step, "max": 1000, "node": "2", "prompt_id": key}}));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain(&mut run, &mut seen).await.expect("finished");
+    let count = |method: &str, path: &str, bytes_key: &str| {
+        (fake.requests(method, path).len(), fake.with(|s| s.served_bytes.get(bytes_key).copied().unwrap_or_default()))
+    };
+    PollCost {
+        history: count("GET", "/history", "/history"),
+        queue: count("GET", "/queue", "/queue"),
+        jobs: count("GET", "/api/jobs", "/api/jobs"),
+    }
+}
+
+#[tokio::test]
+async fn a_job_does_not_poll_the_whole_queue_of_a_shared_comfyui() {
+    let running_for = Duration::from_secs(2);
+    for silent in [false, true] {
+        let node = if silent { "a silent node" } else { "a sampler sending progress" };
+        let legacy = poll_cost(false, silent, running_for).await;
+        eprintln!("ComfyUI 0.3.64, {node}, {running_for:?}, poll 40 ms, presence 400 ms: {legacy:?}");
+        // History is asked every poll; the queue only when nothing else shows where the prompt
+        // is (with events flowing: once, to see it; silent: every presence interval).
+        assert!(legacy.history.0 >= 10, "{legacy:?}");
+        let most = if silent { (running_for.as_millis() / 400) as usize + 2 } else { 2 };
+        assert!(legacy.queue.0 <= most, "at most {most} GET /queue: {legacy:?}");
+
+        let jobs = poll_cost(true, silent, running_for).await;
+        eprintln!("ComfyUI with the jobs API, {node}, {running_for:?}, poll 40 ms, presence 400 ms: {jobs:?}");
+        assert_eq!(jobs.queue.0, 0, "never the full queue when the jobs API exists: {jobs:?}");
+        assert!(jobs.jobs.1 * 20 < legacy.queue.1, "the job list carries no graphs: {jobs:?} vs {legacy:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_socket_that_keeps_dropping_is_reconnected_with_growing_delays() {
+    let fake = Fake::start().await;
+    fake.with(|s| s.flap_sockets = true);
+    let options = HubOptions {
+        reconnect_initial: Duration::from_millis(10),
+        reconnect_max: Duration::from_millis(300),
+        ..HubOptions::default()
+    };
+    let _hub = tdcomfy_comfy::EventHub::spawn(&fake.client(), options);
+    fake.wait_until("first socket", |s| !s.ws_client_ids.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // 10 + 20 + 40 + … ms, capped at 300: about eight attempts in 1.5 s. Reconnecting at the
+    // first delay after every short-lived connection would be well over a hundred.
+    let attempts = fake.with(|s| s.ws_client_ids.len());
+    assert!(attempts <= 12, "{attempts} connections in 1.5 s");
 }

@@ -233,3 +233,113 @@ async fn big_upload(addr: &str, size: u64) -> anyhow::Result<()> {
 fn fmt_kib(kib: u64) -> String {
     format!("{:.1} MB", kib as f64 / 1024.0)
 }
+
+/// Options of the sweep benchmark.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SweepBenchArgs {
+    /// Finished jobs in the database.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: u64,
+    /// Sweeps timed.
+    #[arg(long, default_value_t = 50)]
+    pub sweeps: usize,
+    /// Seconds of sequential `GET /health`.
+    #[arg(long, default_value_t = 3.0)]
+    pub health_seconds: f64,
+}
+
+/// `tdcomfy bench sweep`: the cost of housekeeping and `/health` with a large history. Fills the
+/// database with `rows` finished jobs (spread over the last six days, the newest 10,000 still
+/// holding files, so nothing is due with the default RESULT_TTL and JOB_RETENTION), times the
+/// broker's sweep in-process, then times `/health` against a `tdcomfy serve` child on that data.
+pub async fn run_sweep(args: SweepBenchArgs) -> anyhow::Result<()> {
+    let dir = super::TempDir::new("tdcomfy-bench-sweep")?;
+    let data = dir.0.join("data");
+    std::fs::create_dir_all(&data)?;
+    let t = Instant::now();
+    {
+        let store =
+            tdcomfy_broker::store::Store::open(&data.join("jobs.sqlite3"), tdcomfy_broker::clock::Clock::system())?;
+        store.fill_finished_for_benchmark(args.rows, 6 * 86_400_000, args.rows.min(10_000)).await?;
+    }
+    println!("tdcomfy sweep benchmark: {} finished jobs stored in {:.1} s", args.rows, t.elapsed().as_secs_f64());
+
+    let workflows = std::sync::Arc::new(
+        tdcomfy_workflows::WorkflowArgs {
+            workflows_dir: std::env::current_dir()?.join("workflows"),
+            default_workflow: "ltxv_image_to_video".into(),
+            workflow_nodes: None,
+        }
+        .load()?,
+    );
+    let args_for = |job_retention: u64| tdcomfy_broker::BrokerArgs {
+        api_host: "127.0.0.1".into(),
+        api_port: 0,
+        data_dir: data.clone(),
+        max_upload_mb: 50,
+        max_result_mb: 4096,
+        max_image_dim: 8192,
+        max_prompt_chars: 10_000,
+        api_token: None,
+        worker_token: None,
+        result_ttl: 86_400,
+        job_retention,
+        job_timeout: 600.0,
+        lease_ttl: 30.0,
+        max_attempts: 3,
+    };
+    {
+        let broker = tdcomfy_broker::Broker::open(args_for(604_800).into_config(workflows.clone())?).await?;
+        broker.sweep().await?; // warm the page cache and statement caches
+        let mut times = Vec::with_capacity(args.sweeps);
+        for _ in 0..args.sweeps {
+            let t = Instant::now();
+            broker.sweep().await?;
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "{:<44} p50 {}  p99 {}  max {}  ({} sweeps, RESULT_TTL and JOB_RETENTION at their defaults)",
+            "sweep with nothing due",
+            fmt_ms(quantile(&times, 0.5)),
+            fmt_ms(quantile(&times, 0.99)),
+            fmt_ms(*times.last().unwrap_or(&Duration::ZERO)),
+            args.sweeps
+        );
+    }
+    {
+        // A backlog: with JOB_RETENTION at three days, half the rows are due; each sweep deletes a
+        // batch, so no sweep holds the writer for long however large the backlog.
+        let broker = tdcomfy_broker::Broker::open(args_for(3 * 86_400).into_config(workflows)?).await?;
+        let mut times = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            broker.sweep().await?;
+            times.push(t.elapsed());
+        }
+        times.sort();
+        println!(
+            "{:<44} p50 {}  max {}  (10 sweeps, {} records each)",
+            "sweep deleting a JOB_RETENTION backlog",
+            fmt_ms(quantile(&times, 0.5)),
+            fmt_ms(*times.last().unwrap_or(&Duration::ZERO)),
+            tdcomfy_broker::store::RETENTION_BATCH
+        );
+    }
+
+    let data_env = data.to_string_lossy().into_owned();
+    let server = ChildServer::start(&["serve"], &[("DATA_DIR", data_env.as_str())]).await?;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let report = get_load(&addr, "/health", 1, Duration::from_secs_f64(args.health_seconds)).await?;
+    println!(
+        "{:<44} p50 {}  p99 {}  ({} requests, {} failed)",
+        format!("GET /health with {} jobs stored", args.rows),
+        fmt_ms(quantile(&report.latencies, 0.5)),
+        fmt_ms(quantile(&report.latencies, 0.99)),
+        report.ok,
+        report.failed
+    );
+    drop(server);
+    drop(dir);
+    Ok(())
+}

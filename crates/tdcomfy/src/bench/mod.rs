@@ -15,6 +15,8 @@ use anyhow::Context;
 pub enum BenchCommand {
     /// Broker throughput, queued-to-leased latency and memory (GET/POST rates, RSS).
     Broker(broker::BrokerBenchArgs),
+    /// Housekeeping and `/health` with a million finished jobs stored: sweep time, `/health` latency.
+    Sweep(broker::SweepBenchArgs),
     /// The TouchDesigner loop against broker + worker + simulator: per-frame overhead.
     Pipeline(pipeline::PipelineBenchArgs),
 }
@@ -23,6 +25,7 @@ pub enum BenchCommand {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Broker(a) => broker::run(a).await,
+        BenchCommand::Sweep(a) => broker::run_sweep(a).await,
         BenchCommand::Pipeline(a) => pipeline::run(a).await,
     }
 }

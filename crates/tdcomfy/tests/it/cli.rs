@@ -42,3 +42,34 @@ async fn up_simulate_and_submit_produce_a_video_and_report_failures() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown_workflow"));
 }
+
+#[tokio::test]
+async fn a_worker_id_the_broker_would_refuse_stops_the_worker_at_start_with_a_clear_message() {
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_tdcomfy"))
+        .arg("worker")
+        .env_clear()
+        .env("WORKER_ID", "render node 1")
+        .env("BROKER_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("WORKFLOWS_DIR", crate::process::repo_workflows())
+        .env("WORKER_SPOOL_DIR", std::env::temp_dir().join("tdcomfy-test-unused-spool"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = worker.kill();
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut stderr).unwrap();
+    let status = status.expect("the worker must stop, not retry an unreachable broker forever");
+    assert!(!status.success());
+    assert!(stderr.contains("WORKER_ID") && stderr.contains("128"), "{stderr}");
+}

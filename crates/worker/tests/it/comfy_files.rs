@@ -63,7 +63,7 @@ async fn a_re_attempt_on_the_same_comfyui_computes_its_result_from_its_own_frame
     let mut default_worker = p.workers.remove(0);
     default_worker.stop().await;
     let proxy = Proxy::start(p.broker.addr).await;
-    let stale = p.start_worker_with("stale", None, proxy.addr).await;
+    let stale = p.start_worker_with("stale", None, format!("http://{}", proxy.addr)).await;
 
     // Someone else's long prompt keeps ComfyUI busy, so our prompts wait in its queue.
     occupy_comfyui(&p, 16.0).await;

@@ -65,6 +65,8 @@ pub struct Setup {
     pub stall_timeout: f64,
     pub models: Option<Vec<String>>,
     pub job_timeout: f64,
+    /// `COMFYUI_RETRY_BUDGET` of the workers.
+    pub comfyui_retry_budget: f64,
     /// `COMFYUI_DIR` of the workers.
     pub comfyui_dir: Option<PathBuf>,
 }
@@ -78,6 +80,7 @@ impl Default for Setup {
             stall_timeout: 60.0,
             models: None,
             job_timeout: 120.0,
+            comfyui_retry_budget: 2.0,
             comfyui_dir: None,
         }
     }
@@ -151,6 +154,7 @@ impl Pipeline {
             api_token: None,
             worker_token: None,
             result_ttl: 0,
+            job_retention: 0,
             job_timeout: self.setup.job_timeout,
             lease_ttl: self.setup.lease_ttl,
             max_attempts: self.setup.max_attempts,
@@ -188,16 +192,16 @@ impl Pipeline {
 
     /// A worker on the given ComfyUI servers (`COMFYUI_URLS`), or on this pipeline's simulator.
     pub async fn start_worker_on(&self, name: &str, comfyui_urls: Option<String>) -> Served {
-        self.start_worker_with(name, comfyui_urls, self.broker.addr).await
+        self.start_worker_with(name, comfyui_urls, format!("http://{}", self.broker.addr)).await
     }
 
-    /// A worker that reaches the broker at `broker` (e.g. through a [`crate::harness::Proxy`]).
-    pub async fn start_worker_with(&self, name: &str, comfyui_urls: Option<String>, broker: SocketAddr) -> Served {
+    /// A worker that reaches the broker at `broker_url` (e.g. through a proxy).
+    pub async fn start_worker_with(&self, name: &str, comfyui_urls: Option<String>, broker_url: String) -> Served {
         let args = tdcomfy_worker::WorkerArgs {
             comfyui_host: self.sim.addr.ip().to_string(),
             comfyui_port: self.sim.addr.port(),
             comfyui_urls,
-            comfyui_retry_budget: 2.0,
+            comfyui_retry_budget: self.setup.comfyui_retry_budget,
             worker_poll_interval: 0.1,
             worker_id: Some(name.to_owned()),
             stall_timeout: self.setup.stall_timeout,
@@ -207,8 +211,7 @@ impl Pipeline {
             comfyui_output_dir: None,
             comfyui_input_dir: None,
         };
-        let config =
-            args.into_config(format!("http://{broker}"), None, self.workflows.clone(), PathBuf::new()).unwrap();
+        let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {

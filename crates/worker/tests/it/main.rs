@@ -2,5 +2,7 @@
 
 mod comfy_files;
 mod harness;
+mod lease;
 mod pipeline;
+mod proxy;
 mod recovery;

@@ -1,0 +1,75 @@
+//! The lease covers the whole attempt, including a result upload that takes longer than it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::helpers::spawn_with;
+
+#[tokio::test]
+async fn a_result_upload_slower_than_the_lease_keeps_the_lease_and_finishes_the_job() {
+    let app = spawn_with(|a| {
+        a.lease_ttl = 1.5;
+        a.max_attempts = 3;
+    })
+    .await;
+    let id = app.submit_png("slow link").await;
+    let job = app.lease("w", 5.0).await.expect("leased");
+    let token = job["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.heartbeat(&id, &token, None).await.status(), 200);
+    // 3× LEASE_TTL of trickling bytes and no heartbeat: only the upload itself speaks for the lease.
+    let chunks = 18;
+    let body = futures_util::stream::unfold(0, move |i| async move {
+        if i == chunks {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        Some((Ok::<_, std::io::Error>(Bytes::from(vec![i as u8; 10_000])), i + 1))
+    });
+    let resp = app
+        .put(&format!("/worker/jobs/{id}/result"))
+        .header("lease-token", &token)
+        .header("content-type", "video/mp4")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "done");
+    assert_eq!(job["attempts"], 1, "the job was never handed to another attempt");
+    assert_eq!(job["result"]["size"], 180_000);
+}
+
+#[tokio::test]
+async fn a_stalled_result_upload_does_not_hold_the_lease() {
+    let app = spawn_with(|a| {
+        a.lease_ttl = 1.5;
+        a.max_attempts = 3;
+    })
+    .await;
+    let id = app.submit_png("dead link").await;
+    let job = app.lease("w", 5.0).await.expect("leased");
+    let token = job["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.heartbeat(&id, &token, None).await.status(), 200);
+    // One chunk, then silence: a worker that vanished mid-upload must not keep the job forever.
+    let body = futures_util::stream::unfold(0, |i| async move {
+        match i {
+            0 => Some((Ok::<_, std::io::Error>(Bytes::from(vec![1u8; 1000])), 1)),
+            _ => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                None
+            }
+        }
+    });
+    let upload = app
+        .put(&format!("/worker/jobs/{id}/result"))
+        .header("lease-token", &token)
+        .header("content-length", "2000")
+        .body(reqwest::Body::wrap_stream(body))
+        .send();
+    let upload = tokio::spawn(upload);
+    let requeued = app.wait_until(&id, 15.0, |j| j["status"] == "queued").await;
+    assert_eq!(requeued["status"], "queued", "the stalled upload's lease expired: {requeued}");
+    upload.abort();
+}

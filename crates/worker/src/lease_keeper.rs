@@ -1,0 +1,160 @@
+//! Keeps one attempt's lease alive from the moment it is leased until its result is accepted or
+//! its failure reported: through the frame download, the upload to ComfyUI, the prompt, the
+//! download from `/view` and the delivery — every step that can outlast `LEASE_TTL` on a slow link
+//! or while the broker is away.
+//!
+//! The keeper is a task of its own, so no step has to remember to heartbeat. It also carries the
+//! latest progress to the broker and tells the job when the broker says the lease is over (a client
+//! cancelled, or the lease went elsewhere).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tdcomfy_api::{JobId, Lease, LeaseToken, Progress};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker_client::{BrokerCallError, BrokerClient};
+
+/// Why the broker ended a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseEnd {
+    /// A client cancelled the job.
+    Cancelled,
+    /// The lease is no longer this worker's (expired and re-leased, or the job ended).
+    Lost,
+}
+
+struct Shared {
+    pending: Mutex<Option<Progress>>,
+    ended: Mutex<Option<LeaseEnd>>,
+    /// Cancelled when the broker ended the lease; every step of the job selects on it.
+    over: CancellationToken,
+}
+
+/// The heartbeat of one lease. Dropping it stops the heartbeats.
+pub(crate) struct LeaseKeeper {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// How often the keeper beats.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cadence {
+    /// A heartbeat at least this often, progress or not.
+    pub beat: Duration,
+    /// Progress goes out at most this often.
+    pub progress: Duration,
+}
+
+impl Cadence {
+    /// `heartbeat_interval`, but never more than a third of the lease's lifetime, so two lost
+    /// heartbeats in a row still leave the lease standing.
+    pub fn for_lease(lease: &Lease, heartbeat_interval: Duration, progress_interval: Duration) -> Cadence {
+        let third = Duration::from_secs_f64((lease.lease_expires_in / 3.0).clamp(0.1, 3600.0));
+        Cadence { beat: heartbeat_interval.min(third), progress: progress_interval.min(third) }
+    }
+}
+
+impl LeaseKeeper {
+    /// Starts heartbeating `lease` at once: the first beat also tells the broker the lease arrived.
+    pub fn start(broker: BrokerClient, lease: &Lease, cadence: Cadence) -> LeaseKeeper {
+        let shared =
+            Arc::new(Shared { pending: Mutex::new(None), ended: Mutex::new(None), over: CancellationToken::new() });
+        let stop = CancellationToken::new();
+        let task =
+            tokio::spawn(beat(broker, lease.job_id, lease.lease_token.clone(), cadence, shared.clone(), stop.clone()));
+        LeaseKeeper { shared, stop, task: Some(task) }
+    }
+
+    /// Progress for the next heartbeat (only the latest is kept).
+    pub fn report(&self, progress: Progress) {
+        *self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(progress);
+    }
+
+    /// Resolves when the broker ended the lease.
+    pub async fn ended(&self) -> LeaseEnd {
+        self.shared.over.cancelled().await;
+        self.end().unwrap_or(LeaseEnd::Lost)
+    }
+
+    /// How the broker ended the lease, if it did.
+    pub fn end(&self) -> Option<LeaseEnd> {
+        *self.shared.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops heartbeating (the result was accepted or the failure reported).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn beat(
+    broker: BrokerClient,
+    id: JobId,
+    token: LeaseToken,
+    cadence: Cadence,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(cadence.progress);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat: Option<Instant> = None;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let progress = shared.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let due = last_beat.is_none_or(|t| t.elapsed() >= cadence.beat);
+        if progress.is_none() && !due {
+            continue;
+        }
+        last_beat = Some(Instant::now());
+        let answer = tokio::select! {
+            _ = stop.cancelled() => return,
+            answer = broker.heartbeat(id, &token, progress.clone()) => answer,
+        };
+        let end = match answer {
+            Ok(false) => {
+                if failing {
+                    tracing::info!(job_id = %id, "heartbeats reach the broker again");
+                    failing = false;
+                }
+                continue;
+            }
+            Ok(true) | Err(BrokerCallError::Cancelled) => LeaseEnd::Cancelled,
+            Err(BrokerCallError::LeaseLost(m)) => {
+                tracing::warn!(job_id = %id, reason = %m, "lease lost");
+                LeaseEnd::Lost
+            }
+            Err(e) => {
+                // The broker is away: keep beating. Its restart grace keeps the lease for the
+                // first beat after it is back; unsent progress is offered again next time.
+                if !failing {
+                    tracing::warn!(job_id = %id, error = %e, "heartbeat failed; retrying");
+                    failing = true;
+                }
+                if let Some(p) = progress {
+                    shared.pending.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(p);
+                }
+                continue;
+            }
+        };
+        *shared.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(end);
+        shared.over.cancel();
+        return;
+    }
+}
