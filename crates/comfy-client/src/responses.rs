@@ -312,6 +312,9 @@ pub struct SystemStats {
     pub os: Option<String>,
     /// Compute devices.
     pub devices: Vec<DeviceStats>,
+    /// `system.argv`: ComfyUI's command line (`main.py` first), which tells where its `input/`
+    /// and `output/` folders are (`--base-directory`, `--input-directory`, `--output-directory`).
+    pub argv: Vec<String>,
 }
 
 /// One compute device from `/system_stats`.
@@ -347,6 +350,11 @@ impl SystemStats {
                     .collect()
             })
             .unwrap_or_default();
-        Self { comfyui_version: text("comfyui_version"), os: text("os"), devices }
+        let argv = system
+            .and_then(|s| s.get("argv"))
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default();
+        Self { comfyui_version: text("comfyui_version"), os: text("os"), devices, argv }
     }
 }

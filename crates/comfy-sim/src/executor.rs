@@ -73,6 +73,8 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     /// the interrupt flag
     pub interrupt: Interrupt,
+    /// outputs of image loaders by [`loader_signature`], kept from the previous prompt
+    pub loader_cache: std::sync::Mutex<HashMap<String, Arc<Vec<Value>>>>,
 }
 
 impl Shared {
@@ -80,6 +82,45 @@ impl Shared {
     pub fn lists(&self) -> DynamicLists {
         DynamicLists::gather(&self.dirs.input, &self.config.models)
     }
+}
+
+/// Loaders whose `IS_CHANGED` is a hash of the file they read.
+const CONTENT_KEYED_LOADERS: &[&str] = &["LoadImage", "LoadImageOutput"];
+
+/// The cache key of a loader node: its class and inputs plus a hash of the file's bytes (ComfyUI
+/// hashes the file with SHA-256 in `IS_CHANGED`; any content hash gives the same behaviour), so
+/// the same name with new bytes is a new key. `None` for other nodes and unreadable files.
+fn loader_signature(dirs: &DataDirs, class_type: &str, node: &OValue) -> Option<String> {
+    use std::hash::Hasher;
+    if !CONTENT_KEYED_LOADERS.contains(&class_type) {
+        return None;
+    }
+    let inputs = node.get("inputs")?.as_object()?;
+    if inputs.iter().any(|(_, v)| as_link(v).is_some()) {
+        return None;
+    }
+    let name = inputs.get("image")?.as_str()?;
+    let default_dir = if class_type == "LoadImageOutput" { "output" } else { "input" };
+    let bytes = std::fs::read(crate::files::resolve_annotated(dirs, name, default_dir)?).ok()?;
+    let mut hash = std::hash::DefaultHasher::new();
+    hash.write(&bytes);
+    Some(format!("{class_type}|{}|{}:{:016x}", OValue::Object(inputs.clone()).py_str(), bytes.len(), hash.finish()))
+}
+
+/// The loader signatures of a prompt's nodes, computed off the async threads (files are read).
+async fn loader_signatures(shared: &Shared, graph: &Arc<OMap>) -> HashMap<String, String> {
+    let (dirs, graph) = (shared.dirs.clone(), graph.clone());
+    tokio::task::spawn_blocking(move || {
+        graph
+            .iter()
+            .filter_map(|(id, node)| {
+                let class = node.get("class_type").and_then(OValue::as_str)?;
+                Some((id.clone(), loader_signature(&dirs, class, node)?))
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 fn now_ms() -> i64 {
@@ -309,6 +350,7 @@ fn fire_faults(shared: &Shared, faults: Faults, class_type: &str) -> FaultEffect
         tracing::info!("sim fault: simulated ComfyUI restart, forgetting queue and history");
         // Forget state before closing sockets: a client that sees the close must find it gone.
         shared.queue.restart();
+        shared.loader_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         shared.hub.set_exec_client(None);
         shared.hub.drop_all();
         return FaultEffect::Vanish;
@@ -337,8 +379,17 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
     messages.push(("execution_start".into(), start.clone()));
     ev.exec("execution_start", start);
     ev.silent = faults.silent;
+    let signatures = loader_signatures(shared, &graph).await;
+    let cached_values: HashMap<String, Arc<Vec<Value>>> = {
+        let mut cache = shared.loader_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // ComfyUI's classic cache keeps only what the current prompt uses (`clean_unused`).
+        let used: std::collections::HashSet<&String> = signatures.values().collect();
+        cache.retain(|k, _| used.contains(k));
+        signatures.iter().filter_map(|(id, sig)| cache.get(sig).map(|v| (id.clone(), v.clone()))).collect()
+    };
+    let cached_ids: Vec<String> = graph.keys().filter(|id| cached_values.contains_key(*id)).cloned().collect();
     let cached = obj(vec![
-        ("nodes", OValue::Array(vec![])),
+        ("nodes", ids(&cached_ids)),
         ("prompt_id", s(&prompt_id)),
         ("timestamp", OValue::Number(now_ms().into())),
     ]);
@@ -353,11 +404,16 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
     let class_of = |id: &str| graph.get(id).and_then(|n| n.get("class_type")).map(OValue::py_str).unwrap_or_default();
     let output_classes: HashMap<String, bool> =
         graph.keys().map(|id| (id.clone(), spec_of(&class_of(id)).is_some_and(|s| s.output_node))).collect();
-    let mut plan = ExecutionList::new(&graph, &item.outputs, |id| output_classes.get(id).copied().unwrap_or(false));
+    let mut plan = ExecutionList::with_cached(
+        &graph,
+        &item.outputs,
+        |id| output_classes.get(id).copied().unwrap_or(false),
+        |id| cached_values.contains_key(id),
+    );
     let planned = plan.planned();
     let has_sampler = planned.iter().any(|id| catalog::SAMPLER_CLASSES.contains(&class_of(id).as_str()));
 
-    let mut results: HashMap<String, Arc<Vec<Value>>> = HashMap::new();
+    let mut results: HashMap<String, Arc<Vec<Value>>> = cached_values.clone();
     let mut executed: Vec<String> = Vec::new();
     let mut ui_outputs: HashMap<String, OValue> = HashMap::new();
     let mut progress = ProgressState { prompt_id: prompt_id.clone(), nodes: Vec::new() };
@@ -498,7 +554,15 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
             progress.set(&node_id, int(total), int(total), "running");
         }
 
-        results.insert(node_id.clone(), Arc::new(output.values));
+        let values = Arc::new(output.values);
+        if let Some(sig) = signatures.get(&node_id) {
+            shared
+                .loader_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(sig.clone(), values.clone());
+        }
+        results.insert(node_id.clone(), values);
         executed.push(node_id.clone());
         if let Some(ui) = output.ui {
             ev.exec(

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 /// The three directories ComfyUI serves files from.
 #[derive(Debug, Clone)]
 pub struct DataDirs {
+    /// the base directory itself, absolute (what `/system_stats` reports as `--base-directory`)
+    pub root: PathBuf,
     /// `<data_dir>/input`: uploads, LoadImage sources
     pub input: PathBuf,
     /// `<data_dir>/output`: saved results
@@ -24,7 +26,12 @@ impl DataDirs {
     pub fn create(root: &Path) -> io::Result<Self> {
         let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
         let root = PathBuf::from(normpath(&root.to_string_lossy()));
-        let dirs = Self { input: root.join("input"), output: root.join("output"), temp: root.join("temp") };
+        let dirs = Self {
+            input: root.join("input"),
+            root: root.clone(),
+            output: root.join("output"),
+            temp: root.join("temp"),
+        };
         if dirs.temp.exists() {
             std::fs::remove_dir_all(&dirs.temp)?;
         }

@@ -8,8 +8,14 @@
 //! moving clip from the input frame, and save nodes write real PNG / APNG / WebP / H.264 MP4 files.
 //!
 //! Differences from a real ComfyUI, on purpose:
-//! * no output caching: every run executes every node and writes new files, while
-//!   `execution_cached` is still sent (with `nodes: []`);
+//! * only image loaders are cached: `LoadImage` / `LoadImageOutput` outputs are reused while the
+//!   node's inputs and the file's *content* are those of the previous prompt (ComfyUI's classic
+//!   cache with the SHA-256 `IS_CHANGED` of these nodes: a reused name with new bytes runs again),
+//!   and are listed in `execution_cached`; every other node runs every time and save nodes write
+//!   new files (real ComfyUI would also reuse them when their inputs are unchanged);
+//! * `/system_stats` `argv` is `["main.py", "--listen", "--tdcomfy-sim", "--base-directory", <data dir>]`
+//!   with the data directory absolute, so a worker on the same machine finds `input/` and
+//!   `output/` as it would for a ComfyUI started with `--base-directory`;
 //! * a client `prompt_id` must be a canonical lowercase UUID (newer ComfyUI's rule), else
 //!   400 `invalid_prompt_id`;
 //! * sampler nodes (`SamplerCustom`, `KSampler`) take [`SimConfig::job_time`] and report
@@ -116,8 +122,14 @@ pub async fn run(
     let dirs = files::DataDirs::create(&config.data_dir)?;
     let hub = Arc::new(hub::Hub::new());
     let queue = Arc::new(queue::PromptQueue::new(hub.clone()));
-    let shared =
-        Arc::new(executor::Shared { config, dirs, queue, hub: hub.clone(), interrupt: executor::Interrupt::default() });
+    let shared = Arc::new(executor::Shared {
+        config,
+        dirs,
+        queue,
+        hub: hub.clone(),
+        interrupt: executor::Interrupt::default(),
+        loader_cache: std::sync::Mutex::default(),
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(executor::worker(shared.clone()));
     let app = server::router(server::AppState { shared, shutdown: stop_rx });

@@ -34,7 +34,19 @@ pub struct ExecutionList {
 
 impl ExecutionList {
     /// Plans the execution of `outputs` in `graph`; `is_output` tells output nodes apart.
+    #[cfg(test)]
     pub fn new(graph: &OMap, outputs: &[String], is_output: impl Fn(&str) -> bool) -> Self {
+        Self::with_cached(graph, outputs, is_output, |_| false)
+    }
+
+    /// Like [`ExecutionList::new`], leaving out nodes whose outputs come from the cache: like
+    /// ComfyUI's `add_strong_link`, a cached input neither runs nor blocks its dependents.
+    pub fn with_cached(
+        graph: &OMap,
+        outputs: &[String],
+        is_output: impl Fn(&str) -> bool,
+        is_cached: impl Fn(&str) -> bool,
+    ) -> Self {
         let mut list = Self {
             pending: Vec::new(),
             block_count: HashMap::new(),
@@ -42,12 +54,12 @@ impl ExecutionList {
             outputs: graph.keys().filter(|id| is_output(id)).cloned().collect(),
         };
         for output in outputs {
-            list.add_node(graph, output);
+            list.add_node(graph, output, &is_cached);
         }
         list
     }
 
-    fn add_node(&mut self, graph: &OMap, root: &str) {
+    fn add_node(&mut self, graph: &OMap, root: &str, is_cached: &impl Fn(&str) -> bool) {
         let mut stack = vec![root.to_string()];
         let mut links: Vec<(String, String)> = Vec::new();
         while let Some(id) = stack.pop() {
@@ -63,6 +75,7 @@ impl ExecutionList {
             for (_, value) in inputs.iter() {
                 if let Some((from, _)) = as_link(value)
                     && graph.contains_key(from)
+                    && !is_cached(from)
                 {
                     stack.push(from.to_string());
                     links.push((from.to_string(), id.clone()));

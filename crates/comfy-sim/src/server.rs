@@ -595,7 +595,9 @@ async fn system_stats(State(state): State<AppState>) -> Response {
             "python_version": "3.11.7 (tdcomfy sim) [rustc]",
             "pytorch_version": "2.8.0+cu128",
             "embedded_python": false,
-            "argv": ["main.py", "--listen", "--tdcomfy-sim", "--base-directory", state.shared.config.data_dir.to_string_lossy()],
+            // Absolute, like a real ComfyUI started with `--base-directory`: a worker on the same
+            // machine finds input/ and output/ from it.
+            "argv": ["main.py", "--listen", "--tdcomfy-sim", "--base-directory", state.shared.dirs.root.to_string_lossy()],
         },
         "devices": [{
             "name": "cuda:0 tdcomfy simulated GPU : cudaMallocAsync",

@@ -8,6 +8,8 @@ use std::time::Duration;
 use tdcomfy_comfy::{ComfyEndpoint, ComfyEndpoints};
 use tdcomfy_workflows::WorkflowRegistry;
 
+use crate::comfy_files::FolderSettings;
+
 /// Flags of the worker (shared by `tdcomfy worker` and `tdcomfy up`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
@@ -51,6 +53,20 @@ pub struct WorkerArgs {
     /// Directory for frames and results in transit (a result waits here while the broker is down).
     #[arg(long, env = "WORKER_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
+
+    /// ComfyUI's base directory as seen from this worker (its `input/` and `output/` are inside).
+    /// Delivered jobs' output files are deleted from it. Default: detected from ComfyUI's command
+    /// line (`/system_stats`), when ComfyUI runs on this machine.
+    #[arg(long, env = "COMFYUI_DIR")]
+    pub comfyui_dir: Option<PathBuf>,
+
+    /// ComfyUI's output folder (overrides COMFYUI_DIR's `output/`).
+    #[arg(long, env = "COMFYUI_OUTPUT_DIR")]
+    pub comfyui_output_dir: Option<PathBuf>,
+
+    /// ComfyUI's input folder (overrides COMFYUI_DIR's `input/`).
+    #[arg(long, env = "COMFYUI_INPUT_DIR")]
+    pub comfyui_input_dir: Option<PathBuf>,
 }
 
 /// Why the worker settings are unusable.
@@ -95,6 +111,8 @@ pub struct WorkerConfig {
     pub comfy_retry_budget: Duration,
     /// Spool directory.
     pub spool_dir: PathBuf,
+    /// Where ComfyUI's folders are, where set (the rest is detected).
+    pub comfy_folders: FolderSettings,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -158,6 +176,11 @@ impl WorkerArgs {
             comfy_poll_interval: secs("COMFYUI_POLL_INTERVAL", self.comfyui_poll_interval)?,
             comfy_retry_budget: secs("COMFYUI_RETRY_BUDGET", self.comfyui_retry_budget)?,
             spool_dir: self.spool_dir.unwrap_or(default_spool),
+            comfy_folders: FolderSettings {
+                base: self.comfyui_dir.filter(|p| !p.as_os_str().is_empty()),
+                input: self.comfyui_input_dir.filter(|p| !p.as_os_str().is_empty()),
+                output: self.comfyui_output_dir.filter(|p| !p.as_os_str().is_empty()),
+            },
         })
     }
 }

@@ -3,6 +3,7 @@
 //! cancellation, and streams the result back ([`run`]).
 
 pub mod broker_client;
+pub mod comfy_files;
 pub mod config;
 mod lease_keeper;
 pub mod run;

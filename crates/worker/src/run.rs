@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker_client::{BrokerCallError, BrokerClient};
+use crate::comfy_files::{self, INPUT_SUBFOLDER, PromptFate, ServedCopy, ServerFiles, SlotGuard};
 use crate::config::WorkerConfig;
 use crate::lease_keeper::{Cadence, LeaseKeeper};
 
@@ -41,6 +42,8 @@ pub enum WorkerError {
 struct Backend {
     label: String,
     runner: PromptRunner,
+    /// Upload names and folders of this server.
+    files: std::sync::Arc<ServerFiles>,
 }
 
 /// How one job ended, from the worker's side.
@@ -70,9 +73,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             unreachable_timeout: config.comfy_retry_budget,
             ..RunConfig::default()
         };
-        let backend = Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config) };
         // Each ComfyUI server gets its own lease loop, so N servers run N jobs at once.
         let lease_name = if servers == 1 { config.worker_id.clone() } else { format!("{}/{index}", config.worker_id) };
+        let files = ServerFiles::new(&lease_name, config.comfy_folders.clone(), &endpoint.to_string());
+        let backend = Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files };
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
     tracing::info!(worker = %config.worker_id, broker = %config.broker_url, servers, "worker started");
@@ -121,6 +125,8 @@ async fn serve_backend(
             }
         }
     }
+    // Stopping: this loop's upload names that no prompt reads any more go (when reachable).
+    backend.files.folders.remove_free_slots(&backend.files.slots).await;
 }
 
 /// After a job failed because this ComfyUI server was unreachable, takes no job until the server
@@ -171,7 +177,8 @@ impl Failure {
 
 impl JobRun<'_> {
     async fn run(&self) -> JobEnd {
-        let dir = self.config.spool_dir.join(self.lease.job_id.to_string());
+        // Per attempt, not per job: another attempt of this job may be running right now.
+        let dir = comfy_files::attempt_dir(&self.config.spool_dir, self.lease.job_id, &self.lease.lease_token);
         // The lease is kept alive for the whole attempt — every step below can outlast LEASE_TTL
         // on a slow link or while the broker is away — until the result is accepted or the
         // failure reported.
@@ -226,7 +233,7 @@ impl JobRun<'_> {
             Failure::new(format!("this worker does not have the workflow {:?}", lease.workflow), true)
         })?;
 
-        // 1. The frame, from the broker to ComfyUI, under a name no other job uses.
+        // 1. The frame, from the broker to ComfyUI, under a name no other prompt still reads.
         let ext = tdcomfy_api::media::extension_for_mime(&lease.input.content_type);
         let leased = Instant::now();
         let input_path = dir.join(format!("input.{ext}"));
@@ -243,8 +250,13 @@ impl JobRun<'_> {
             Err(Abandon::Failed(f)) => return Err(f),
         }
         let client = self.backend.runner.client();
-        let upload =
-            ImageUpload::from_file(format!("{}.{ext}", lease.job_id), input_path.clone()).in_subfolder("tdcomfy");
+        // The slot is given back when `slot` drops, whichever way this attempt ends.
+        let mut slot = SlotGuard::take(&self.backend.files, client, ext).await;
+        // Overwrite: the name is free, so no prompt reads the old bytes any more (LoadImage's
+        // cache hashes the file, so the new bytes run again).
+        let upload = ImageUpload::from_file(slot.name().to_owned(), input_path.clone())
+            .in_subfolder(INPUT_SUBFOLDER)
+            .overwrite(true);
         let uploaded = match self.unless_lease_ends(keeper, self.upload_with_retry(client, upload)).await {
             Ok(u) => u,
             Err(Abandon::LeaseEnded) => return Ok(JobEnd::Abandoned),
@@ -272,9 +284,14 @@ impl JobRun<'_> {
 
         // 3. Run it, relaying progress and watching for cancellation.
         let prompt_id = PromptId::new();
+        slot.set_fate(PromptFate::MaybeQueued(prompt_id.clone()));
         let outcome = self.supervise(graph, prompt_id.clone(), keeper).await;
+        if prompt_is_gone(&outcome) {
+            slot.set_fate(PromptFate::Gone);
+        }
+        drop(slot);
         // Cleanup in ComfyUI is off the frame's path: it runs while the result travels.
-        tokio::spawn(clean_comfy(client.clone(), prompt_id, uploaded.subfolder.clone(), uploaded.name.clone()));
+        tokio::spawn(clean_comfy(client.clone(), prompt_id, self.backend.files.clone()));
         let (outputs, comfy_execution) = match outcome {
             Supervised::Finished(outputs, t) => (outputs, t),
             Supervised::Abandoned => return Ok(JobEnd::Abandoned),
@@ -305,6 +322,19 @@ impl JobRun<'_> {
             Err(Abandon::LeaseEnded) => Ok(JobEnd::Abandoned),
             Err(Abandon::Failed(f)) => Err(f),
         };
+        if matches!(end, Ok(JobEnd::Delivered))
+            && let Some(served) = ServedCopy::keep(&result_path).await
+        {
+            // The result is safe at the broker: ComfyUI's copies can go once compared with what
+            // /view served (off the frame's path).
+            let files = self.backend.files.clone();
+            let (client, primary) = (client.clone(), primary.clone());
+            let job_folder = tdcomfy_workflows::job_output_subfolder(&lease.job_id.to_string());
+            tokio::spawn(async move {
+                let removed = files.folders.remove_outputs(&client, &outputs, &primary, served, &job_folder).await;
+                tracing::debug!(removed, job_folder, "removed the job's files from ComfyUI's output folder");
+            });
+        }
         tracing::debug!(job_id = %lease.job_id, ?fetched, delivered = ?t.elapsed() - fetched, "result handed over");
         end
     }
@@ -501,17 +531,27 @@ enum Supervised {
     TimedOut,
 }
 
-/// Removes what a job left in ComfyUI. ComfyUI has no delete for uploads: the frame is overwritten
-/// with a 1-pixel stand-in so the input folder does not grow by a frame per job; the history entry
-/// is deleted.
-async fn clean_comfy(client: ComfyClient, prompt_id: PromptId, subfolder: String, name: String) {
-    let tombstone = ImageUpload::from_bytes(name, tombstone_bytes()).in_subfolder(subfolder).overwrite(true);
-    if let Err(e) = client.upload_image(tombstone).await {
-        tracing::debug!(error = %e, "could not blank the uploaded frame");
+/// Whether the prompt has certainly left ComfyUI's queue when supervision ends (else its upload
+/// name stays held until `/queue` shows it gone).
+fn prompt_is_gone(outcome: &Supervised) -> bool {
+    match outcome {
+        Supervised::Finished(..) => true,
+        Supervised::Failed(f) => matches!(
+            f.kind,
+            RunFailureKind::Validation | RunFailureKind::Execution | RunFailureKind::NoOutputs | RunFailureKind::Lost
+        ),
+        Supervised::Abandoned | Supervised::Shutdown | Supervised::TimedOut => false,
     }
+}
+
+/// Removes what an attempt left in ComfyUI: its history entry, and one-off uploads whose prompt
+/// is gone (when ComfyUI's input folder is reachable). Uploaded frames are never overwritten
+/// here: a later attempt may be reading that name.
+async fn clean_comfy(client: ComfyClient, prompt_id: PromptId, files: std::sync::Arc<ServerFiles>) {
     if let Err(e) = client.delete_history(&prompt_id).await {
         tracing::debug!(error = %e, "could not delete the history entry");
     }
+    files.folders.remove_one_offs(&client, &files.slots).await;
 }
 
 fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
@@ -523,16 +563,4 @@ fn describe_failure(f: &RunFailure, backend: &str) -> Failure {
         _ => f.message.clone(),
     };
     Failure::new(message, f.kind.is_retryable())
-}
-
-/// A 1×1 PNG that replaces an uploaded frame. Its name may end in .jpg or .webp; that only
-/// matters if the frame were loaded again, which it is not.
-fn tombstone_bytes() -> Vec<u8> {
-    const PNG_1X1: &[u8] = &[
-        0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00,
-        0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x00, 0x00, 0x00, 0x00, 0x3A, 0x7E, 0x9B, 0x55, 0x00, 0x00, 0x00,
-        0x0A, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9C, 0x63, 0x60, 0x00, 0x00, 0x00, 0x02, 0x00, 0x01, 0xE5, 0x27, 0xDE,
-        0xFC, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
-    ];
-    PNG_1X1.to_vec()
 }

@@ -136,6 +136,7 @@ async fn queue_control_always_names_the_prompt() {
     let stats = client.system_stats().await.expect("stats");
     assert_eq!(stats.comfyui_version.as_deref(), Some("0.3.64"));
     assert_eq!(stats.devices[0].kind, "cuda");
+    assert_eq!(stats.argv, ["/opt/ComfyUI/main.py", "--base-directory", "/data/comfy"]);
 }
 
 #[tokio::test]

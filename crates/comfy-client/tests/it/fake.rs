@@ -486,7 +486,7 @@ async fn post_interrupt(State(shared): State<Arc<Shared>>, body: Bytes) -> Statu
 async fn system_stats(State(shared): State<Arc<Shared>>) -> Response {
     shared.with(|s| record(s, "GET", "/system_stats", Value::Null));
     Json200(json!({
-        "system": {"os": "posix", "comfyui_version": "0.3.64"},
+        "system": {"os": "posix", "comfyui_version": "0.3.64", "argv": ["/opt/ComfyUI/main.py", "--base-directory", "/data/comfy"]},
         "devices": [{"name": "cuda:0 Fake GPU", "type": "cuda", "index": 0, "vram_total": 8, "vram_free": 4}]
     }))
     .into_response()

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 /// A server task that can be stopped (gracefully or abruptly) and started again on its address.
 pub struct Served {
     pub addr: SocketAddr,
+    /// The simulator's base directory (its `input/` and `output/`), for a simulator.
+    pub dir: Option<PathBuf>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -65,6 +67,8 @@ pub struct Setup {
     pub job_timeout: f64,
     /// `COMFYUI_RETRY_BUDGET` of the workers.
     pub comfyui_retry_budget: f64,
+    /// `COMFYUI_DIR` of the workers.
+    pub comfyui_dir: Option<PathBuf>,
 }
 
 impl Default for Setup {
@@ -77,6 +81,7 @@ impl Default for Setup {
             models: None,
             job_timeout: 120.0,
             comfyui_retry_budget: 2.0,
+            comfyui_dir: None,
         }
     }
 }
@@ -115,8 +120,13 @@ impl Pipeline {
         let dir = tempfile::tempdir().unwrap();
         let workflows = workflows(dir.path());
         let mut p = Pipeline {
-            broker: Served { addr: "127.0.0.1:0".parse().unwrap(), stop: CancellationToken::new(), task: None },
-            sim: Served { addr: "127.0.0.1:0".parse().unwrap(), stop: CancellationToken::new(), task: None },
+            broker: Served {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                dir: None,
+                stop: CancellationToken::new(),
+                task: None,
+            },
+            sim: Served { addr: "127.0.0.1:0".parse().unwrap(), dir: None, stop: CancellationToken::new(), task: None },
             workers: Vec::new(),
             http: reqwest::Client::new(),
             dir,
@@ -156,13 +166,14 @@ impl Pipeline {
         let task = tokio::spawn(async move {
             tdcomfy_broker::run(listener, config, async move { s.cancelled().await }).await.unwrap();
         });
-        Served { addr, stop, task: Some(task) }
+        Served { addr, dir: None, stop, task: Some(task) }
     }
 
     pub async fn start_sim(&self, addr: Option<SocketAddr>) -> Served {
         let listener = bind(addr).await;
         let addr = listener.local_addr().unwrap();
-        let mut config = tdcomfy_sim::SimConfig::new(self.dir.path().join(format!("sim-{}", uuid::Uuid::new_v4())));
+        let sim_dir = self.dir.path().join(format!("sim-{}", uuid::Uuid::new_v4()));
+        let mut config = tdcomfy_sim::SimConfig::new(&sim_dir);
         config.job_time = Duration::from_secs_f64(self.setup.sim_job_time);
         config.progress_steps = 3;
         if let Some(models) = &self.setup.models {
@@ -173,7 +184,7 @@ impl Pipeline {
         let task = tokio::spawn(async move {
             tdcomfy_sim::run(listener, config, async move { s.cancelled().await }).await.unwrap();
         });
-        Served { addr, stop, task: Some(task) }
+        Served { addr, dir: Some(sim_dir), stop, task: Some(task) }
     }
 
     pub async fn start_worker(&self, name: &str) -> Served {
@@ -197,6 +208,9 @@ impl Pipeline {
             stall_timeout: self.setup.stall_timeout,
             comfyui_poll_interval: 0.2,
             spool_dir: Some(self.dir.path().join(format!("spool-{name}"))),
+            comfyui_dir: self.setup.comfyui_dir.clone(),
+            comfyui_output_dir: None,
+            comfyui_input_dir: None,
         };
         let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();
         let stop = CancellationToken::new();
@@ -204,7 +218,7 @@ impl Pipeline {
         let task = tokio::spawn(async move {
             tdcomfy_worker::run(config, s).await.unwrap();
         });
-        Served { addr: self.broker.addr, stop, task: Some(task) }
+        Served { addr: self.broker.addr, dir: None, stop, task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -217,8 +231,19 @@ impl Pipeline {
 
     /// Submits a small frame; returns the job id.
     pub async fn submit(&self, prompt: &str, workflow: Option<&str>, params: Option<Value>) -> String {
+        self.submit_frame(frame_png(), prompt, workflow, params).await
+    }
+
+    /// Submits `frame` (PNG bytes); returns the job id.
+    pub async fn submit_frame(
+        &self,
+        frame: Vec<u8>,
+        prompt: &str,
+        workflow: Option<&str>,
+        params: Option<Value>,
+    ) -> String {
         let mut form = reqwest::multipart::Form::new()
-            .part("image", reqwest::multipart::Part::bytes(frame_png()).file_name("frame.png"))
+            .part("image", reqwest::multipart::Part::bytes(frame).file_name("frame.png"))
             .text("prompt", prompt.to_owned());
         if let Some(w) = workflow {
             form = form.text("workflow", w.to_owned());
@@ -276,7 +301,12 @@ impl Pipeline {
 
 /// A small real PNG (even dimensions, so H.264 can encode it).
 pub fn frame_png() -> Vec<u8> {
-    let img = image::RgbImage::from_fn(64, 40, |x, y| image::Rgb([(x * 4) as u8, (y * 6) as u8, 120]));
+    frame_png_seeded(120)
+}
+
+/// [`frame_png`] with its blue channel set to `seed`: a different frame per seed.
+pub fn frame_png_seeded(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 40, |x, y| image::Rgb([(x * 4) as u8, (y * 6) as u8, seed]));
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
@@ -287,4 +317,73 @@ pub fn video_info(dir: &Path, bytes: &[u8]) -> tdcomfy_sim::VideoInfo {
     let path = dir.join(format!("{}.mp4", uuid::Uuid::new_v4()));
     std::fs::write(&path, bytes).unwrap();
     tdcomfy_sim::video_info(&path).expect("a parsable MP4")
+}
+
+/// A TCP pass-through to another address that can be cut (every connection closed, new ones
+/// refused) and restored: one piece losing the network while the others keep it.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<std::sync::Mutex<(bool, CancellationToken)>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = bind(None).await;
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(std::sync::Mutex::new((true, CancellationToken::new())));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (open, cut) = { shared.lock().unwrap().clone() };
+                if !open {
+                    continue; // dropped: the connection is closed at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, state, task }
+    }
+
+    pub fn cut(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = false;
+        s.1.cancel();
+    }
+
+    pub fn restore(&self) {
+        *self.state.lock().unwrap() = (true, CancellationToken::new());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.lock().unwrap().1.cancel();
+    }
+}
+
+/// Regular files under `dir` (recursively), as paths relative to it.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(t) if t.is_file() => out.push(path.strip_prefix(dir).unwrap().to_path_buf()),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests of the worker with the real broker and the ComfyUI simulator on 127.0.0.1.
 
+mod comfy_files;
 mod harness;
 mod lease;
 mod pipeline;
