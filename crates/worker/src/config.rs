@@ -67,6 +67,11 @@ pub struct WorkerArgs {
     /// ComfyUI's input folder (overrides COMFYUI_DIR's `input/`).
     #[arg(long, env = "COMFYUI_INPUT_DIR")]
     pub comfyui_input_dir: Option<PathBuf>,
+
+    /// Keep delivered jobs' files in ComfyUI's output folder (e.g. to browse them in ComfyUI)
+    /// instead of deleting them once the broker has the result.
+    #[arg(long, env = "COMFYUI_KEEP_OUTPUTS", default_value_t = false)]
+    pub comfyui_keep_outputs: bool,
 }
 
 /// Why the worker settings are unusable.
@@ -113,6 +118,8 @@ pub struct WorkerConfig {
     pub spool_dir: PathBuf,
     /// Where ComfyUI's folders are, where set (the rest is detected).
     pub comfy_folders: FolderSettings,
+    /// Leave delivered outputs in ComfyUI's output folder.
+    pub keep_comfy_outputs: bool,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -181,6 +188,7 @@ impl WorkerArgs {
                 input: self.comfyui_input_dir.filter(|p| !p.as_os_str().is_empty()),
                 output: self.comfyui_output_dir.filter(|p| !p.as_os_str().is_empty()),
             },
+            keep_comfy_outputs: self.comfyui_keep_outputs,
         })
     }
 }

@@ -323,6 +323,7 @@ impl JobRun<'_> {
             Err(Abandon::Failed(f)) => Err(f),
         };
         if matches!(end, Ok(JobEnd::Delivered))
+            && !self.config.keep_comfy_outputs
             && let Some(served) = ServedCopy::keep(&result_path).await
         {
             // The result is safe at the broker: ComfyUI's copies can go once compared with what

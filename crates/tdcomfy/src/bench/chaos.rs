@@ -177,9 +177,18 @@ impl Cluster {
             .open(self.root.join(format!("logs/{}.log", role.name())))?;
         let mut cmd = tokio::process::Command::new(&self.exe);
         // Settings a user's shell may carry would change the run (tokens, other servers).
-        for var in
-            ["API_TOKEN", "WORKER_TOKEN", "TDCOMFY_CONFIG", "COMFYUI_URLS", "BROKER_URL", "WORKER_ID", "SIM_FAULTS"]
-        {
+        for var in [
+            "API_TOKEN",
+            "WORKER_TOKEN",
+            "TDCOMFY_CONFIG",
+            "COMFYUI_URLS",
+            "BROKER_URL",
+            "WORKER_ID",
+            "SIM_FAULTS",
+            "COMFYUI_DIR",
+            "COMFYUI_OUTPUT_DIR",
+            "COMFYUI_INPUT_DIR",
+        ] {
             cmd.env_remove(var);
         }
         cmd.env("RUST_LOG", "warn")
@@ -212,7 +221,10 @@ impl Cluster {
                     .env("WORKER_POLL_INTERVAL", "0.2")
                     .env("COMFYUI_POLL_INTERVAL", "0.25")
                     .env("COMFYUI_RETRY_BUDGET", "15")
-                    .env("STALL_TIMEOUT", "30");
+                    .env("STALL_TIMEOUT", "30")
+                    // The outputs stay in the simulator's folder as the oracle every download is
+                    // compared with (their deletion is tested in the worker's own suite).
+                    .env("COMFYUI_KEEP_OUTPUTS", "true");
             }
             Role::Sim => {
                 // The same data dir across restarts, like a restarted ComfyUI: files stay, queue

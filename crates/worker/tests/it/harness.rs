@@ -211,6 +211,7 @@ impl Pipeline {
             comfyui_dir: self.setup.comfyui_dir.clone(),
             comfyui_output_dir: None,
             comfyui_input_dir: None,
+            comfyui_keep_outputs: false,
         };
         let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();
         let stop = CancellationToken::new();
