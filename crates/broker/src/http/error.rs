@@ -24,7 +24,7 @@ pub enum ApiError {
         limit: Option<u64>,
     },
     /// The body is over a size limit (413).
-    #[error("request body is larger than the {what} limit of {} MB", limit / (1024 * 1024))]
+    #[error("request body is larger than the {what} limit of {}", human_size(*limit))]
     PayloadTooLarge {
         /// Limit in bytes.
         limit: u64,
@@ -177,4 +177,9 @@ impl From<BrokerError> for ApiError {
             other @ BrokerError::DataDirInUse { .. } => ApiError::Internal(other.to_string()),
         }
     }
+}
+
+/// `50 MB`, `64 KiB`: limits as the settings name them (MB settings are MiB).
+fn human_size(bytes: u64) -> String {
+    if bytes >= 1024 * 1024 { format!("{} MB", bytes / (1024 * 1024)) } else { format!("{} KiB", bytes / 1024) }
 }

@@ -9,21 +9,38 @@ use tdcomfy_api::{JobId, LeaseToken};
 use super::error::ApiError;
 use crate::service::Broker;
 
-/// JSON body; a malformed one is a 400 `invalid_json` naming serde's complaint, an oversized one a 413.
+/// Largest JSON body a route accepts. Every JSON body of the API (lease, heartbeat, fail) is a
+/// few hundred bytes; without this cap each would be buffered up to MAX_UPLOAD_MB.
+pub const JSON_BODY_LIMIT: u64 = 64 * 1024;
+
+/// JSON body of at most [`JSON_BODY_LIMIT`]; a malformed one is a 400 `invalid_json` naming serde's
+/// complaint, an oversized one a 413 naming the limit.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<Broker> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &Broker) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            // Over the body limit is a size problem, not a syntax one: the caller should learn the limit.
-            Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::PayloadTooLarge { limit: super::body_limit(state.config()), what: "JSON body" })
-            }
-            Err(rejection) => Err(ApiError::bad_request("invalid_json", rejection.body_text())),
+    async fn from_request(req: Request, _state: &Broker) -> Result<Self, Self::Rejection> {
+        let too_large = || ApiError::PayloadTooLarge { limit: JSON_BODY_LIMIT, what: "JSON body" };
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > JSON_BODY_LIMIT) {
+            return Err(too_large());
         }
+        let json_type =
+            req.headers().get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|t| {
+                t.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !json_type {
+            return Err(ApiError::bad_request("invalid_json", "expected a body with Content-Type: application/json"));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), JSON_BODY_LIMIT as usize).await.map_err(|_| too_large())?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("the JSON body is invalid: {e}")))
     }
 }
 

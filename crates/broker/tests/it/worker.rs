@@ -232,3 +232,25 @@ async fn bad_worker_requests_get_json_errors() {
     let (status, err) = error_of(app.put(&format!("/worker/jobs/{id}/result")).body("x").send().await.unwrap()).await;
     assert_eq!((status, err["field"].as_str()), (400, Some("Lease-Token")));
 }
+
+#[tokio::test]
+async fn json_bodies_over_64_kib_are_refused_with_the_limit_named() {
+    let app = spawn_app().await;
+    let id = app.submit_png("padded").await;
+    let job = app.lease("w", 2.0).await.expect("leased");
+    let token = job["lease_token"].as_str().unwrap();
+    // A valid heartbeat, padded with whitespace past 64 KiB: buffered up to MAX_UPLOAD_MB before.
+    let body = format!("{{\"lease_token\": \"{token}\"{}}}", " ".repeat(100 * 1024));
+    let resp = app
+        .post(&format!("/worker/jobs/{id}/heartbeat"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err["code"].as_str(), err["limit"].as_u64()), (413, Some("payload_too_large"), Some(65536)));
+    assert!(err["message"].as_str().unwrap().contains("64 KiB"), "{err}");
+    // A normal one still passes.
+    assert_eq!(app.heartbeat(&id, token, None).await.status(), 200);
+}
