@@ -32,8 +32,6 @@ Live use (from an Execute DAT; see examples/execute_dat_pipeline.py)::
             op('moviefilein1').par.file = event.path
 """
 
-from __future__ import annotations
-
 import collections
 import contextlib
 import dataclasses
@@ -693,7 +691,7 @@ class TDComfyClient:
         if thread is not None and thread.ident is not None and thread is not threading.current_thread():
             thread.join(2.0)
 
-    def __enter__(self) -> TDComfyClient:
+    def __enter__(self) -> "TDComfyClient":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1242,7 +1240,7 @@ class FramePipeline:
         if self._owns_client:
             self.client.close()
 
-    def __enter__(self) -> FramePipeline:
+    def __enter__(self) -> "FramePipeline":
         return self
 
     def __exit__(self, *exc: object) -> None:
