@@ -35,7 +35,9 @@ Live use (from an Execute DAT; see examples/execute_dat_pipeline.py)::
 import collections
 import contextlib
 import dataclasses
+import functools
 import http.client
+import io
 import json
 import logging
 import os
@@ -358,30 +360,88 @@ def _await_continue(sock: socket.socket, wait: float) -> str:
         time.sleep(0.002)
 
 
-def _send_body(sock: socket.socket, parts: list[Any], expect_continue: bool) -> OSError | None:
+def _send_body(sock: socket.socket, parts: list[Any], expect_continue: bool) -> tuple[OSError | None, bytes]:
     """Sends the body in chunks, stopping early when the server already answered.
 
-    Returns the send error, if any, instead of raising it: a server that rejects an upload
-    (413) may close the connection while we are still sending, and its response is then still
-    waiting in our receive buffer.
+    Returns ``(send error, early bytes)``. The send error is returned, not raised: a server that
+    rejects an upload (413) may close the connection while we are still sending, and its response
+    is then still waiting in our receive buffer. Early bytes are response bytes a TLS socket had
+    to consume to see them; the response is read with them in front (``_PrefixedResponse``).
     """
-    can_peek = not isinstance(sock, ssl.SSLSocket)
+    tls = isinstance(sock, ssl.SSLSocket)
     if expect_continue and _await_continue(sock, _EXPECT_CONTINUE_WAIT) == "final":
-        return None
+        return None, b""
     try:
         for part in parts:
             view = memoryview(part).cast("B")
             for offset in range(0, len(view), _CHUNK):
+                if tls:
+                    # A readable TLS socket may only hold TLS records (the session tickets a
+                    # TLS 1.3 server sends after the handshake): only application data is an answer.
+                    early = _early_tls_data(sock)
+                    if early is not None:
+                        return None, early
                 # A late "100 Continue" is consumed; anything else readable is an early final
                 # answer (an error): stop sending and let http.client read it.
-                if _readable(sock) and (
-                    not can_peek or _await_continue(sock, _EXPECT_CONTINUE_WAIT) != "continue"
-                ):
-                    return None
+                elif _readable(sock) and _await_continue(sock, _EXPECT_CONTINUE_WAIT) != "continue":
+                    return None, b""
                 sock.sendall(view[offset : offset + _CHUNK])
     except OSError as exc:
-        return exc
-    return None
+        return exc, b""
+    return None, b""
+
+
+def _early_tls_data(sock: ssl.SSLSocket) -> bytes | None:
+    """Response bytes that arrived on a TLS socket while sending, or None when there are none.
+
+    Reads without blocking: ``SSLWantReadError`` means the readable bytes were TLS records without
+    application data (session tickets, key updates), which OpenSSL has now processed. ``b""``
+    means the server closed the connection.
+    """
+    if not sock.pending() and not _readable(sock):
+        return None
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return sock.recv(_CHUNK)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+        return None
+    finally:
+        sock.settimeout(timeout)
+
+
+class _PrefixedRaw(io.RawIOBase):
+    """A socket reader that first returns bytes already taken from the socket."""
+
+    def __init__(self, prefix: bytes, raw: Any) -> None:
+        super().__init__()
+        self._prefix = memoryview(prefix)
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _PrefixedResponse(http.client.HTTPResponse):
+    """An HTTP response whose first bytes were read from the socket before ``getresponse()``."""
+
+    def __init__(self, sock: socket.socket, *args: Any, prefix: bytes = b"", **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the reader makefile() made; replaced by one that starts with the prefix
+        self.fp = io.BufferedReader(_PrefixedRaw(prefix, sock.makefile("rb", buffering=0)))
 
 
 class TDComfyClient:
@@ -399,11 +459,21 @@ class TDComfyClient:
         timeout: seconds allowed for connecting and for each read/write on the socket.
         verify_tls: check the server certificate for https (default True; uses ``certifi`` when
             it is installed, as in TouchDesigner, otherwise the system store).
+        ca_file: a PEM file of certificates to trust for https instead, e.g. the certificate of a
+            broker with a self-signed one (``verify_tls`` stays on).
 
     Errors: every failure raises ``TDComfyError``.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, verify_tls: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 10.0,
+        verify_tls: bool = True,
+        *,
+        ca_file: str | None = None,
+    ) -> None:
         if "://" not in url:
             url = "http://" + url
         parsed = urllib.parse.urlsplit(url)
@@ -416,7 +486,9 @@ class TDComfyClient:
         self._host = parsed.hostname
         self._port = parsed.port or (443 if self._https else 80)
         self._base_path = parsed.path.rstrip("/")
-        self._ssl_context = _make_ssl_context(verify_tls) if self._https else None
+        self.verify_tls = bool(verify_tls)
+        self.ca_file = ca_file
+        self._ssl_context = _make_ssl_context(verify_tls, ca_file) if self._https else None
         #: The job of the last successful ``submit_frame``; ``check_job()`` & co. default to it.
         self.current_job_id: str | None = None
         #: The broker's answer to the last successful ``submit_frame`` (queue_position, workflow…).
@@ -804,7 +876,9 @@ class TDComfyClient:
                     conn.putheader(name, value)
                 conn.endheaders()
                 if body is not None:
-                    send_error = _send_body(conn.sock, body, expect)
+                    send_error, early = _send_body(conn.sock, body, expect)
+                    if early:
+                        conn.response_class = functools.partial(_PrefixedResponse, prefix=early)
                 resp = conn.getresponse()
             except Exception as exc:  # noqa: BLE001 - every failure becomes a TDComfyError
                 # A failed send is the better explanation than the failed read that followed it.
@@ -848,7 +922,9 @@ class TDComfyClient:
         return TDComfyError("connection_error", f"{what}: {exc!r}")
 
 
-def _make_ssl_context(verify: bool) -> ssl.SSLContext:
+def _make_ssl_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
+    if verify and ca_file:
+        return ssl.create_default_context(cafile=ca_file)
     if not verify:
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -1024,6 +1100,7 @@ class FramePipeline:
         download_retry_for: the same for downloads.
         poll_wait: long-poll duration in seconds.
         file_prefix: result files are named ``<file_prefix><job_id>.mp4``.
+        verify_tls, ca_file: https certificate checking, as for ``TDComfyClient``.
     """
 
     def __init__(
@@ -1048,6 +1125,8 @@ class FramePipeline:
         download_retry_for: float = 120.0,
         poll_wait: float = 25.0,
         file_prefix: str = "tdcomfy_",
+        verify_tls: bool = True,
+        ca_file: str | None = None,
     ) -> None:
         if when_busy not in ("skip", "replace"):
             raise ValueError('when_busy must be "skip" or "replace"')
@@ -1058,7 +1137,11 @@ class FramePipeline:
         if keep_results is not None and int(keep_results) < 1:
             raise ValueError("keep_results must be at least 1 (or None to keep everything)")
         self._owns_client = not (isinstance(url, TDComfyClient) or hasattr(url, "submit_frame"))
-        self.client = TDComfyClient(url, token=token, timeout=timeout) if self._owns_client else url
+        self.client = (
+            TDComfyClient(url, token=token, timeout=timeout, verify_tls=verify_tls, ca_file=ca_file)
+            if self._owns_client
+            else url
+        )
         self.output_dir = os.path.abspath(output_dir or os.path.join(_tempdir(), "tdcomfy"))
         os.makedirs(self.output_dir, exist_ok=True)
         self.max_in_flight = int(max_in_flight)
@@ -1529,7 +1612,10 @@ class FramePipeline:
         url = getattr(self.client, "url", None)
         if not url:
             return
-        quick = TDComfyClient(url, getattr(self.client, "token", None), timeout=1.0)
+        quick = TDComfyClient(
+            url, getattr(self.client, "token", None), timeout=1.0,
+            verify_tls=getattr(self.client, "verify_tls", True), ca_file=getattr(self.client, "ca_file", None),
+        )
         for job_id in unfinished:
             try:
                 quick.delete_job(job_id)
