@@ -755,13 +755,22 @@ class TDComfyClient:
             self._finish(conn, abort)
 
     def close(self) -> None:
-        """Stops the ``is_ready_for_next`` refresh thread. Safe to call twice."""
+        """Stops the ``is_ready_for_next`` refresh thread, without waiting for it. Safe to call twice.
+
+        Calls in progress are interrupted (``TDComfyError('closed')``). ``wait_closed()`` waits
+        until the thread is gone.
+        """
         self._closed = True
         self._abort.trigger()
         self._refresh_wake.set()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """After ``close()``: waits up to ``timeout`` seconds for the refresh thread; True when it is gone."""
         thread = self._refresher
         if thread is not None and thread.ident is not None and thread is not threading.current_thread():
-            thread.join(2.0)
+            thread.join(timeout)
+            return not thread.is_alive()
+        return self._closed
 
     def __enter__(self) -> "TDComfyClient":
         return self
@@ -1101,6 +1110,9 @@ class FramePipeline:
         poll_wait: long-poll duration in seconds.
         file_prefix: result files are named ``<file_prefix><job_id>.mp4``.
         verify_tls, ca_file: https certificate checking, as for ``TDComfyClient``.
+        max_events: how many events wait for ``pump()`` at most. When more arrive, the oldest
+            ``progress`` (then ``started``) events are dropped; ``submitted``, ``done``, ``error``,
+            ``cancelled`` and ``dropped`` never are. None: no bound.
     """
 
     def __init__(
@@ -1127,6 +1139,7 @@ class FramePipeline:
         file_prefix: str = "tdcomfy_",
         verify_tls: bool = True,
         ca_file: str | None = None,
+        max_events: int | None = 1000,
     ) -> None:
         if when_busy not in ("skip", "replace"):
             raise ValueError('when_busy must be "skip" or "replace"')
@@ -1134,6 +1147,8 @@ class FramePipeline:
             raise ValueError('status_transport must be "sse" or "poll"')
         if int(max_in_flight) < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if max_events is not None and int(max_events) < 1:
+            raise ValueError("max_events must be at least 1 (or None for no bound)")
         if keep_results is not None and int(keep_results) < 1:
             raise ValueError("keep_results must be at least 1 (or None to keep everything)")
         self._owns_client = not (isinstance(url, TDComfyClient) or hasattr(url, "submit_frame"))
@@ -1163,7 +1178,9 @@ class FramePipeline:
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._events: queue.SimpleQueue[PipelineEvent] = queue.SimpleQueue()
+        self.max_events = None if max_events is None else int(max_events)
+        self._events: collections.deque[PipelineEvent] = collections.deque()
+        self._events_lock = threading.Lock()
         self._waiting: collections.deque[_Frame] = collections.deque()
         self._active: dict[int, _Frame] = {}
         self._next_ticket = 1
@@ -1171,10 +1188,12 @@ class FramePipeline:
         self._abort = AbortSignal()
         self._closed = False
         self._threads: set[threading.Thread] = set()
+        self._teardown: threading.Thread | None = None
+        self._teardown_threads: list[threading.Thread] = []
         self._housekeeping: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._stats = {
             "submitted": 0, "done": 0, "errors": 0, "cancelled": 0, "dropped": 0, "skipped": 0,
-            "last_error": None, "last_progress": None, "last_result": None,
+            "last_error": None, "last_progress": None, "last_result": None, "events_dropped": 0,
         }
         self._results: collections.deque[str] = collections.deque()  # owned by the housekeeping thread
         self._spawn(self._upload_loop, "tdcomfy-upload")
@@ -1217,7 +1236,7 @@ class FramePipeline:
                     # "replace": the newest waiting frame is the one parked beyond capacity.
                     dropped = self._waiting.pop()
                     self._stats["dropped"] += 1
-                    self._events.put(PipelineEvent("dropped", dropped.ticket))
+                    self._put_event(PipelineEvent("dropped", dropped.ticket))
             ticket = self._next_ticket
             self._next_ticket += 1
             self._waiting.append(_Frame(ticket, image_bytes, fields))
@@ -1229,12 +1248,13 @@ class FramePipeline:
 
         Call it once per frame from the main thread (an Execute DAT's ``onFrameStart``).
         """
-        events: list[PipelineEvent] = []
-        while max_events is None or len(events) < max_events:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                break
+        with self._events_lock:
+            count = len(self._events) if max_events is None else min(int(max_events), len(self._events))
+            events = [self._events.popleft() for _ in range(count)]
+        for event in events:
+            if event.kind == "done" and event.path:
+                # Only a result the caller has seen may be trimmed (keep_results).
+                self._housekeeping.put(("result", event.path))
         return events
 
     def is_ready_for_next(self) -> bool:
@@ -1278,7 +1298,7 @@ class FramePipeline:
                 if ticket_or_job_id in (frame.ticket, frame.job_id):
                     self._waiting.remove(frame)
                     self._stats["cancelled"] += 1
-                    self._events.put(PipelineEvent("cancelled", frame.ticket))
+                    self._put_event(PipelineEvent("cancelled", frame.ticket))
                     self._work.notify_all()
                     return True
             for frame in self._active.values():
@@ -1296,38 +1316,69 @@ class FramePipeline:
         for ticket in tickets:
             self.cancel(ticket)
 
-    def close(self, timeout: float = 3.0) -> None:
-        """Stops every background thread (joining each for at most ``timeout`` seconds in total).
+    def close(self, timeout: float = 3.0, *, wait: bool = False) -> None:
+        """Stops every background thread without waiting for them; safe on TouchDesigner's main thread.
 
-        Open connections are shut down at once, so this normally takes milliseconds. Safe to call
-        twice. Jobs still running on the broker keep running unless ``cancel_on_close`` is set.
-        Events already produced can still be read with ``pump()``.
+        Returns at once: open connections are shut down now, and a daemon thread
+        (``tdcomfy-close``) joins the others for at most ``timeout`` seconds in total. Use
+        ``wait_closed()`` (or ``wait=True``) where you need them gone, e.g. in scripts and tests.
+        Safe to call twice. Jobs still running on the broker keep running unless
+        ``cancel_on_close`` is set. Events already produced can still be read with ``pump()``.
         """
         with self._work:
             if self._closed:
-                return
-            self._closed = True
-            self._stop.set()
-            waiting = list(self._waiting)
-            self._waiting.clear()
-            threads = list(self._threads)
-            self._work.notify_all()
-        for frame in waiting:
-            self._events.put(PipelineEvent("dropped", frame.ticket))
-        self._abort.trigger()
-        self._housekeeping.put(("stop",))
+                already = True
+            else:
+                already = False
+                self._closed = True
+                self._stop.set()
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                threads = list(self._threads)
+                self._work.notify_all()
+        if not already:
+            for frame in waiting:
+                self._put_event(PipelineEvent("dropped", frame.ticket))
+            self._abort.trigger()
+            self._housekeeping.put(("stop",))
+            self._teardown_threads = threads
+            self._teardown = threading.Thread(
+                target=self._run_teardown, args=(threads, float(timeout)), name="tdcomfy-close", daemon=True
+            )
+            self._teardown.start()
+        if wait:
+            self.wait_closed(timeout)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Waits up to ``timeout`` seconds (None: as long as it takes) for ``close()`` to finish.
+
+        True when every background thread has stopped; False before ``close()`` or while a
+        thread is still running. Not for TouchDesigner's main thread: it blocks.
+        """
+        teardown = self._teardown
+        if teardown is None:
+            return False
+        if teardown is not threading.current_thread():
+            teardown.join(timeout)
+        if teardown.is_alive():
+            return False
+        return not any(t.is_alive() for t in self._teardown_threads if t is not threading.current_thread())
+
+    def _run_teardown(self, threads: list[threading.Thread], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._owns_client:
             self.client.close()
+            waiter = getattr(self.client, "wait_closed", None)
+            if waiter is not None:
+                waiter(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> "FramePipeline":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(wait=True)
 
     def __repr__(self) -> str:
         return f"FramePipeline({getattr(self.client, 'url', self.client)!r}, in_flight={self.in_flight})"
@@ -1352,9 +1403,31 @@ class FramePipeline:
             self._threads.add(thread)
             thread.start()
 
+    def _put_event(self, event: PipelineEvent) -> None:
+        """Queues an event for pump(), dropping the oldest progress/started events beyond max_events."""
+        with self._events_lock:
+            if self.max_events is not None and len(self._events) >= self.max_events:
+                for droppable in _DROPPABLE_EVENTS:
+                    index = next((i for i, e in enumerate(self._events) if e.kind == droppable), None)
+                    if index is not None:
+                        del self._events[index]
+                        with self._lock:
+                            self._stats["events_dropped"] += 1
+                        break
+            self._events.append(event)
+
+    def _report_bug(self, where: str, exc: BaseException) -> None:
+        """A bug in a background thread becomes an ``error`` event (ticket 0), not a dead thread."""
+        _log.error("%s failed", where, exc_info=exc)
+        error = TDComfyError("internal_error", f"{where} failed: {exc!r}")
+        with self._lock:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = str(error)
+        self._put_event(PipelineEvent("error", 0, error=error))
+
     def _emit(self, kind: str, frame: _Frame, **fields: Any) -> None:
         fields.setdefault("job", frame.job)
-        self._events.put(PipelineEvent(kind, frame.ticket, frame.job_id, **fields))
+        self._put_event(PipelineEvent(kind, frame.ticket, frame.job_id, **fields))
 
     def _upload_loop(self) -> None:
         while True:
@@ -1424,7 +1497,6 @@ class FramePipeline:
                     self._stats["done"] += 1
                     self._stats["last_result"] = path
                 self._emit("done", frame, path=path)
-                self._housekeeping.put(("result", path))
             elif status == "cancelled":
                 with self._lock:
                     self._stats["cancelled"] += 1
@@ -1553,36 +1625,57 @@ class FramePipeline:
             raise _Stopped()
 
     def _housekeeping_loop(self) -> None:
-        """Remote deletes (with retries) and local result cleanup, off the main thread."""
+        """Remote deletes (with retries) and local result cleanup, off the main thread.
+
+        Survives any exception: each one is reported as an ``error`` event and the loop goes on.
+        """
         deletes: list[tuple[float, str, int]] = []  # (due time, job id, attempts so far)
         trash: list[str] = []
-        self._results.extend(self._existing_results())
-        self._sweep_partials()
-        self._trim_results(trash)
+        try:
+            self._results.extend(self._existing_results())
+            self._sweep_partials()
+            self._trim_results(trash)
+        except Exception as exc:  # noqa: BLE001 - reported, and housekeeping goes on
+            self._report_bug("housekeeping", exc)
         while True:
-            now = time.monotonic()
-            due = [d for d in deletes if d[0] <= now]
-            deletes = [d for d in deletes if d[0] > now]
-            for _, job_id, attempts in due:
-                retry = self._delete_remote(job_id, attempts)
-                if retry is not None:
-                    deletes.append(retry)
-            trash = [path for path in trash if not _try_remove(path)]
-            wake = _TRASH_RETRY_SECONDS if trash else 5.0
-            if deletes:
-                wake = min(wake, max(0.0, min(d[0] for d in deletes) - time.monotonic()))
             try:
-                task = self._housekeeping.get(timeout=wake)
-            except queue.Empty:
-                continue
-            if task[0] == "stop":
-                self._shutdown_housekeeping(trash)
-                return
-            if task[0] == "delete":
-                deletes.append((time.monotonic(), task[1], task[2]))
-            elif task[0] == "result":
-                self._results.append(task[1])
-                self._trim_results(trash)
+                if self._housekeeping_step(deletes, trash):
+                    return
+            except Exception as exc:  # noqa: BLE001 - reported, and housekeeping goes on
+                self._report_bug("housekeeping", exc)
+                if self._stop.wait(0.05):  # a failure that repeats must not spin a CPU
+                    try:
+                        self._shutdown_housekeeping(trash)
+                    except Exception as final:  # noqa: BLE001
+                        _log.error("housekeeping shutdown failed", exc_info=final)
+                    return
+
+    def _housekeeping_step(self, deletes: list[tuple[float, str, int]], trash: list[str]) -> bool:
+        """One round of housekeeping; True when told to stop."""
+        now = time.monotonic()
+        due = [d for d in deletes if d[0] <= now]
+        deletes[:] = [d for d in deletes if d[0] > now]
+        for _, job_id, attempts in due:
+            retry = self._delete_remote(job_id, attempts)
+            if retry is not None:
+                deletes.append(retry)
+        trash[:] = [path for path in trash if not _try_remove(path)]
+        wake = _TRASH_RETRY_SECONDS if trash else 5.0
+        if deletes:
+            wake = min(wake, max(0.0, min(d[0] for d in deletes) - time.monotonic()))
+        try:
+            task = self._housekeeping.get(timeout=wake)
+        except queue.Empty:
+            return False
+        if task[0] == "stop":
+            self._shutdown_housekeeping(trash)
+            return True
+        if task[0] == "delete":
+            deletes.append((time.monotonic(), task[1], task[2]))
+        elif task[0] == "result":
+            self._results.append(task[1])
+            self._trim_results(trash)
+        return False
 
     def _delete_remote(self, job_id: str, attempts: int) -> tuple[float, str, int] | None:
         try:
@@ -1616,11 +1709,14 @@ class FramePipeline:
             url, getattr(self.client, "token", None), timeout=1.0,
             verify_tls=getattr(self.client, "verify_tls", True), ca_file=getattr(self.client, "ca_file", None),
         )
-        for job_id in unfinished:
-            try:
-                quick.delete_job(job_id)
-            except TDComfyError as exc:
-                _log.info("cancel on close failed for %s: %s", job_id, exc)
+        try:
+            for job_id in unfinished:
+                try:
+                    quick.delete_job(job_id)
+                except TDComfyError as exc:
+                    _log.info("cancel on close failed for %s: %s", job_id, exc)
+        finally:
+            quick.close()
 
     def _existing_results(self) -> list[str]:
         """Result files left in the output folder by earlier sessions, oldest first."""
@@ -1645,6 +1741,10 @@ class FramePipeline:
                         _try_remove(entry.path)
         except OSError:
             pass
+
+
+# Event kinds that may be dropped when the queue is full, in this order; the others never are.
+_DROPPABLE_EVENTS = ("progress", "started")
 
 
 def _events_missing(exc: TDComfyError) -> bool:
