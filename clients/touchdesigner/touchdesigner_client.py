@@ -90,6 +90,10 @@ _CHUNK = 256 * 1024
 _EXPECT_CONTINUE_MIN = 512 * 1024
 _EXPECT_CONTINUE_WAIT = 1.0
 _MAX_ERROR_BODY = 64 * 1024
+# Kept-alive connections: at most this many idle ones per client, each for at most this long
+# (below common server/proxy idle timeouts: nginx 75 s, many load balancers 60 s).
+_MAX_IDLE = 4
+_IDLE_SECONDS = 20.0
 # How often the housekeeper retries deleting old result files that are still open in a player.
 _TRASH_RETRY_SECONDS = 1.0
 _RESULT_EXTENSIONS = {
@@ -360,17 +364,19 @@ def _await_continue(sock: socket.socket, wait: float) -> str:
         time.sleep(0.002)
 
 
-def _send_body(sock: socket.socket, parts: list[Any], expect_continue: bool) -> tuple[OSError | None, bytes]:
+def _send_body(
+    sock: socket.socket, parts: list[Any], expect_continue: bool
+) -> tuple[OSError | None, bytes, bool]:
     """Sends the body in chunks, stopping early when the server already answered.
 
-    Returns ``(send error, early bytes)``. The send error is returned, not raised: a server that
+    Returns ``(send error, early bytes, whole body sent)``. The send error is returned, not raised: a server that
     rejects an upload (413) may close the connection while we are still sending, and its response
     is then still waiting in our receive buffer. Early bytes are response bytes a TLS socket had
     to consume to see them; the response is read with them in front (``_PrefixedResponse``).
     """
     tls = isinstance(sock, ssl.SSLSocket)
     if expect_continue and _await_continue(sock, _EXPECT_CONTINUE_WAIT) == "final":
-        return None, b""
+        return None, b"", False
     try:
         for part in parts:
             view = memoryview(part).cast("B")
@@ -380,15 +386,15 @@ def _send_body(sock: socket.socket, parts: list[Any], expect_continue: bool) -> 
                     # TLS 1.3 server sends after the handshake): only application data is an answer.
                     early = _early_tls_data(sock)
                     if early is not None:
-                        return None, early
+                        return None, early, False
                 # A late "100 Continue" is consumed; anything else readable is an early final
                 # answer (an error): stop sending and let http.client read it.
                 elif _readable(sock) and _await_continue(sock, _EXPECT_CONTINUE_WAIT) != "continue":
-                    return None, b""
+                    return None, b"", False
                 sock.sendall(view[offset : offset + _CHUNK])
     except OSError as exc:
-        return exc, b""
-    return None, b""
+        return exc, b"", False
+    return None, b"", True
 
 
 def _early_tls_data(sock: ssl.SSLSocket) -> bytes | None:
@@ -496,6 +502,11 @@ class TDComfyClient:
         self._status_cache: collections.OrderedDict[str, tuple[str, int | None]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self._abort = AbortSignal()
+        # Idle keep-alive connections (connection, idle since), shared by every thread using
+        # this client: one at a time each. Reuse spares a TCP (and TLS) handshake per request
+        # and the TIME_WAIT socket each closed connection leaves behind (minutes on Windows).
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._idle_lock = threading.Lock()
         self._refresher: threading.Thread | None = None
         self._refresh_wake = threading.Event()
         self._closed = False
@@ -674,6 +685,7 @@ class TDComfyClient:
             "GET", f"/jobs/{_quote(job_id)}/result", headers=headers, stream=True, abort=abort,
             job_id=job_id, ok_statuses=(416,),
         )
+        reuse = False
         try:
             if resp.status == 416:
                 # The .part file is no prefix of the result (a stale leftover): start over.
@@ -699,13 +711,14 @@ class TDComfyClient:
                 raise TDComfyError(
                     "connection_error", f"result download ended after {written} of {expected} bytes", job_id=job_id
                 )
+            reuse = _reusable(resp)
             try:
                 os.replace(part, path)
             except OSError as exc:
                 raise TDComfyError("io_error", f"cannot move {part} to {path}: {exc}", job_id=job_id) from exc
             return path
         finally:
-            self._finish(conn, abort)
+            self._finish(conn, abort, reuse=reuse)
 
     def iter_events(
         self,
@@ -763,6 +776,10 @@ class TDComfyClient:
         self._closed = True
         self._abort.trigger()
         self._refresh_wake.set()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            _close_quietly(conn)
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """After ``close()``: waits up to ``timeout`` seconds for the refresh thread; True when it is gone."""
@@ -834,6 +851,26 @@ class TDComfyClient:
             return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
+    def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection that is still open, else a new (unconnected) one; and whether reused."""
+        while True:
+            with self._idle_lock:
+                if not self._idle:
+                    break
+                conn, since = self._idle.pop()
+            if time.monotonic() - since <= _IDLE_SECONDS and _still_open(conn.sock):
+                return conn, True
+            _close_quietly(conn)
+        return self._connection(self.timeout), False
+
+    def _checkin(self, conn: http.client.HTTPConnection) -> None:
+        if not self._closed and conn.sock is not None:
+            with self._idle_lock:
+                if len(self._idle) < _MAX_IDLE:
+                    self._idle.append((conn, time.monotonic()))
+                    return
+        _close_quietly(conn)
+
     def _request(
         self,
         method: str,
@@ -851,71 +888,81 @@ class TDComfyClient:
         """One HTTP exchange. Returns (status, headers, body), or (conn, response) with ``stream``.
 
         Raises TDComfyError for every failure, including non-2xx statuses (except ``ok_statuses``).
+        Uses a kept-alive connection when one is idle; when that one turns out to be closed by
+        the server (before any answer), the request is sent once more on a new connection.
         """
         abort = abort or self._abort
         target = self._base_path + path
         if query:
             target += "?" + urllib.parse.urlencode(query)
         what = f"{method} {path}"
-        conn = self._connection(self.timeout)
-        abort._register(conn)
-        keep_open = False
-        try:
-            send_error: OSError | None = None
+        while True:
+            conn, reused = self._checkout()
+            abort._register(conn)
+            keep_open = False
+            reusable = False
             try:
-                if abort.is_set():
-                    raise TDComfyError("closed", f"{what} not sent: closed")
-                conn.connect()
-                abort._registered_socket(conn)
-                if read_timeout is not None:
-                    conn.sock.settimeout(read_timeout)
-                conn.putrequest(method, target, skip_accept_encoding=True)
-                all_headers = {"User-Agent": f"tdcomfy-touchdesigner/{__version__}", "Accept": "application/json"}
-                if self.token:
-                    all_headers["Authorization"] = f"Bearer {self.token}"
-                all_headers.update(headers or {})
-                expect = False
-                if body is not None:
-                    size = sum(memoryview(p).nbytes for p in body)
-                    all_headers["Content-Length"] = str(size)
-                    expect = size >= _EXPECT_CONTINUE_MIN and not self._https
-                    if expect:
-                        all_headers["Expect"] = "100-continue"
-                for name, value in all_headers.items():
-                    conn.putheader(name, value)
-                conn.endheaders()
-                if body is not None:
-                    send_error, early = _send_body(conn.sock, body, expect)
-                    if early:
-                        conn.response_class = functools.partial(_PrefixedResponse, prefix=early)
-                resp = conn.getresponse()
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a TDComfyError
-                # A failed send is the better explanation than the failed read that followed it.
-                raise self._wrap_error(send_error or exc, abort, what) from exc
-            if resp.status >= 400 and resp.status not in ok_statuses:
+                send_error: OSError | None = None
+                complete = True
                 try:
-                    data = resp.read(_MAX_ERROR_BODY)
-                except Exception:  # noqa: BLE001 - the status alone is still worth reporting
-                    data = b""
-                raise _error_from_body(resp.status, data, job_id)
-            if stream:
-                keep_open = True
-                return conn, resp
-            try:
-                data = resp.read()
-            except Exception as exc:  # noqa: BLE001
-                raise self._wrap_error(exc, abort, what) from exc
-            return resp.status, resp.headers, data
-        finally:
-            if not keep_open:
-                self._finish(conn, abort)
+                    if abort.is_set():
+                        raise TDComfyError("closed", f"{what} not sent: closed")
+                    if not reused:
+                        conn.connect()
+                        abort._registered_socket(conn)
+                    conn.sock.settimeout(read_timeout if read_timeout is not None else self.timeout)
+                    conn.putrequest(method, target, skip_accept_encoding=True)
+                    all_headers = {"User-Agent": f"tdcomfy-touchdesigner/{__version__}", "Accept": "application/json"}
+                    if self.token:
+                        all_headers["Authorization"] = f"Bearer {self.token}"
+                    all_headers.update(headers or {})
+                    expect = False
+                    if body is not None:
+                        size = sum(memoryview(p).nbytes for p in body)
+                        all_headers["Content-Length"] = str(size)
+                        expect = size >= _EXPECT_CONTINUE_MIN and not self._https
+                        if expect:
+                            all_headers["Expect"] = "100-continue"
+                    for name, value in all_headers.items():
+                        conn.putheader(name, value)
+                    conn.endheaders()
+                    if body is not None:
+                        send_error, early, complete = _send_body(conn.sock, body, expect)
+                        if early:
+                            conn.response_class = functools.partial(_PrefixedResponse, prefix=early)
+                    resp = conn.getresponse()
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a TDComfyError
+                    if reused and not abort.is_set() and _closed_by_server(send_error or exc):
+                        _log.debug("%s: kept-alive connection was closed by the server; reconnecting", what)
+                        continue  # the finally closes the stale connection
+                    # A failed send is the better explanation than the failed read that followed it.
+                    raise self._wrap_error(send_error or exc, abort, what) from exc
+                if resp.status >= 400 and resp.status not in ok_statuses:
+                    try:
+                        data = resp.read(_MAX_ERROR_BODY)
+                    except Exception:  # noqa: BLE001 - the status alone is still worth reporting
+                        data = b""
+                    reusable = complete and _reusable(resp)
+                    raise _error_from_body(resp.status, data, job_id)
+                if stream:
+                    keep_open = True
+                    return conn, resp
+                try:
+                    data = resp.read()
+                except Exception as exc:  # noqa: BLE001
+                    raise self._wrap_error(exc, abort, what) from exc
+                reusable = complete and _reusable(resp)
+                return resp.status, resp.headers, data
+            finally:
+                if not keep_open:
+                    self._finish(conn, abort, reuse=reusable)
 
-    def _finish(self, conn: http.client.HTTPConnection, abort: AbortSignal | None) -> None:
+    def _finish(self, conn: http.client.HTTPConnection, abort: AbortSignal | None, reuse: bool = False) -> None:
         (abort or self._abort)._unregister(conn)
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-            pass
+        if reuse and not (abort or self._abort).is_set():
+            self._checkin(conn)
+        else:
+            _close_quietly(conn)
 
     def _wrap_error(self, exc: BaseException, abort: AbortSignal | None, what: str) -> TDComfyError:
         if isinstance(exc, TDComfyError):
@@ -929,6 +976,39 @@ class TDComfyClient:
         if isinstance(exc, (OSError, http.client.HTTPException, ValueError)):
             return TDComfyError("connection_error", f"{what}: cannot reach the broker at {self.url} ({exc})")
         return TDComfyError("connection_error", f"{what}: {exc!r}")
+
+
+def _close_quietly(conn: http.client.HTTPConnection) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+        pass
+
+
+def _reusable(resp: http.client.HTTPResponse) -> bool:
+    """True when the response was read to its end and the server keeps the connection open."""
+    return resp.isclosed() and not resp.will_close
+
+
+def _still_open(sock: socket.socket | None) -> bool:
+    """True when an idle kept-alive connection is still usable (nothing unexpected to read)."""
+    if sock is None:
+        return False
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            # TLS records without application data (session tickets) leave it usable.
+            return _early_tls_data(sock) is None
+        return not _readable(sock)  # readable while idle: closed by the server (or garbage)
+    except (OSError, ValueError):
+        return False
+
+
+def _closed_by_server(exc: BaseException) -> bool:
+    """True for the failures a kept-alive connection the server already closed produces."""
+    return isinstance(
+        exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+              ssl.SSLEOFError, ssl.SSLZeroReturnError)
+    )
 
 
 def _make_ssl_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:

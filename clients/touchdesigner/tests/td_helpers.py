@@ -475,6 +475,16 @@ class Proxy:
         with self._lock:
             return len(self.peers)
 
+    def drop_connections(self) -> None:
+        """Closes every open connection (both sides), as an idle timeout would; keeps listening."""
+        with self._lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
         self._closed = True
         self.listener.close()
