@@ -1328,6 +1328,8 @@ class FramePipeline:
 
         Call it once per frame from the main thread (an Execute DAT's ``onFrameStart``).
         """
+        if not self._events:  # the usual frame: nothing happened (len of a deque is atomic)
+            return []
         with self._events_lock:
             count = len(self._events) if max_events is None else min(int(max_events), len(self._events))
             events = [self._events.popleft() for _ in range(count)]
