@@ -369,10 +369,11 @@ def _send_body(
 ) -> tuple[OSError | None, bytes, bool]:
     """Sends the body in chunks, stopping early when the server already answered.
 
-    Returns ``(send error, early bytes, whole body sent)``. The send error is returned, not raised: a server that
-    rejects an upload (413) may close the connection while we are still sending, and its response
-    is then still waiting in our receive buffer. Early bytes are response bytes a TLS socket had
-    to consume to see them; the response is read with them in front (``_PrefixedResponse``).
+    Returns ``(send error, early bytes, whole body sent)``. The send error is returned, not
+    raised: a server that rejects an upload (413) may close the connection while we are still
+    sending, and its response is then still waiting in our receive buffer. Early bytes are
+    response bytes a TLS socket had to consume to see them; the response is read with them in
+    front (``_PrefixedResponse``).
     """
     tls = isinstance(sock, ssl.SSLSocket)
     if expect_continue and _await_continue(sock, _EXPECT_CONTINUE_WAIT) == "final":
@@ -864,9 +865,10 @@ class TDComfyClient:
         return self._connection(self.timeout), False
 
     def _checkin(self, conn: http.client.HTTPConnection) -> None:
-        if not self._closed and conn.sock is not None:
+        if conn.sock is not None:
             with self._idle_lock:
-                if len(self._idle) < _MAX_IDLE:
+                # Checked under the lock: close() sets _closed before it empties the pool.
+                if not self._closed and len(self._idle) < _MAX_IDLE:
                     self._idle.append((conn, time.monotonic()))
                     return
         _close_quietly(conn)
