@@ -66,17 +66,17 @@ def test_uploads_of_every_size_arrive_whole_over_https(https_broker):
     frames = [png_bytes(64, 64, noise=1.0, level=0), png_bytes(400, 300, noise=1.0, level=0),
               png_bytes(520, 600, noise=1.0, level=0)]
     assert len(frames[-1]) < limit - 4096
-    client = client_for(https_broker)
     made = []
-    try:
-        for round_ in range(8):
-            for frame in frames:
+    for round_ in range(8):
+        for frame in frames:
+            client = client_for(https_broker)  # a new client: a new connection (no keep-alive reuse)
+            try:
                 job_id = client.submit_frame(frame, prompt=f"round {round_}", params=VIDEO)
                 made.append(job_id)
                 client.delete_job(job_id)  # keep the worker's queue short for the other tests
-        assert len(set(made)) == len(made) == 8 * len(frames)
-    finally:
-        client.close()
+            finally:
+                client.close()
+    assert len(set(made)) == len(made) == 8 * len(frames)
 
 
 def test_an_upload_over_the_limit_is_413_over_https(https_broker, tmp_path):
