@@ -1115,7 +1115,8 @@ class PipelineEvent:
             ``progress`` (``progress`` is 0..1), ``done`` (``path`` is the downloaded result),
             ``error`` (``error`` is a TDComfyError), ``cancelled`` (the job was cancelled), or
             ``dropped`` (a waiting frame was replaced by a newer one and will not be sent).
-        ticket: the number ``submit()`` returned for the frame.
+        ticket: the number ``submit()`` returned for the frame; 0 for an ``error`` of the
+            pipeline itself (a fault in its housekeeping, which goes on).
         job_id: the broker's job id (None before the upload succeeded).
         path: the local result file (``done`` only).
         progress: 0..1 (``progress`` only).
@@ -1134,6 +1135,8 @@ class PipelineEvent:
     @property
     def message(self) -> str:
         """A one-line description for a status display."""
+        if self.ticket == 0:  # about the pipeline itself, not one frame
+            return f"pipeline: {self.error}" if self.error is not None else f"pipeline: {self.kind}"
         if self.kind == "progress" and self.progress is not None:
             return f"frame {self.ticket}: {self.progress:.0%}"
         if self.kind == "error" and self.error is not None:

@@ -8,8 +8,9 @@ its request: the client must not take that for the server's answer.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def test_every_blocking_call_works_over_https(https_broker, tmp_path):
         assert not client.is_ready_for_next()
         assert client.check_job(job_id)["prompt"] == "über den Wolken"
         events = []
-        with __import__("contextlib").closing(client.iter_events(job_id)) as stream:
+        with contextlib.closing(client.iter_events(job_id)) as stream:
             for event in stream:
                 events.append(event)
                 if event.data["job"]["status"] in tdc.TERMINAL_STATUSES:
@@ -51,6 +52,31 @@ def test_every_blocking_call_works_over_https(https_broker, tmp_path):
         assert_video(target.read_bytes())
         assert job_id in [j["id"] for j in client.list_jobs(limit=500)]
         assert client.delete_job(job_id)["job_id"] == job_id
+
+        # The all-jobs stream (/events) over TLS, read on a thread of its own as documented.
+        seen = []
+        watcher = client_for(https_broker)
+
+        def watch():
+            with contextlib.closing(watcher.iter_events(read_timeout=20)) as stream:
+                for event in stream:
+                    seen.append(event)
+                    if isinstance(event.data, dict) and event.data.get("job_id") == seen_job[0]:
+                        return
+
+        seen_job = [None]
+        third = None
+        reader = threading.Thread(target=watch, daemon=True)
+        reader.start()
+        for _ in range(50):  # the stream only shows jobs submitted after it opened: retry until seen
+            third = client.submit_frame(FRAME, params=VIDEO)
+            seen_job[0] = third
+            reader.join(0.5)
+            if not reader.is_alive():
+                break
+        watcher.close()
+        assert any(isinstance(e.data, dict) and e.data.get("job_id") == third for e in seen), seen
+        client.delete_job(third)
 
         second = client.submit_frame(FRAME, params=VIDEO)
         assert client.cancel_job(second)["job_id"] == second

@@ -602,6 +602,7 @@ def test_the_housekeeping_thread_survives_an_exception_and_reports_it(make_pipel
     events = []
     error = pump_until(pipeline, lambda e: e.kind == "error", 10, events)
     assert error.error.code == "internal_error" and "bug in delete_job" in error.error.message
+    assert error.ticket == 0 and error.message.startswith("pipeline: "), error.message
     assert "done" in kinds(events)
     wait_until(pipeline.is_ready_for_next, 5, "free slot")
     pipeline.submit(PNG)
