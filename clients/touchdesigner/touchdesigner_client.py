@@ -94,6 +94,8 @@ _MAX_ERROR_BODY = 64 * 1024
 # (below common server/proxy idle timeouts: nginx 75 s, many load balancers 60 s).
 _MAX_IDLE = 4
 _IDLE_SECONDS = 20.0
+# How long a finished one-job event stream may take to end, so its connection can be reused.
+_STREAM_END_WAIT = 0.25
 # How often the housekeeper retries deleting old result files that are still open in a player.
 _TRASH_RETRY_SECONDS = 1.0
 _RESULT_EXTENSIONS = {
@@ -742,6 +744,7 @@ class TDComfyClient:
         conn, resp = self._request(
             "GET", path, headers=headers, stream=True, read_timeout=read_timeout, abort=abort, job_id=job_id
         )
+        terminal_seen = False
         try:
             content_type = resp.getheader("Content-Type") or ""
             if "text/event-stream" not in content_type:
@@ -764,9 +767,27 @@ class TDComfyClient:
                 line, pending = (pending + raw).decode("utf-8", "replace"), b""
                 event = parser.feed(line)
                 if event is not None:
+                    if job_id is not None and _is_terminal_event(event):
+                        terminal_seen = True
                     yield event
         finally:
-            self._finish(conn, abort)
+            # The one-job stream ends right after the final status: when the caller stops there,
+            # read that end (briefly) so the connection can be kept alive instead of closed.
+            reuse = False
+            try:
+                if terminal_seen and not resp.isclosed() and conn.sock is not None:
+                    deadline = time.monotonic() + _STREAM_END_WAIT
+                    drained = 0
+                    while drained <= _MAX_ERROR_BODY and time.monotonic() < deadline:
+                        conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                        chunk = resp.read(_CHUNK)
+                        if not chunk:
+                            break
+                        drained += len(chunk)
+                reuse = _reusable(resp)
+            except Exception:  # noqa: BLE001 - no end in time (or a broken stream): just close it
+                reuse = False
+            self._finish(conn, abort, reuse=reuse)
 
     def close(self) -> None:
         """Stops the ``is_ready_for_next`` refresh thread, without waiting for it. Safe to call twice.
@@ -978,6 +999,11 @@ class TDComfyClient:
         if isinstance(exc, (OSError, http.client.HTTPException, ValueError)):
             return TDComfyError("connection_error", f"{what}: cannot reach the broker at {self.url} ({exc})")
         return TDComfyError("connection_error", f"{what}: {exc!r}")
+
+
+def _is_terminal_event(event: ServerEvent) -> bool:
+    job = event.data.get("job") if isinstance(event.data, dict) else None
+    return isinstance(job, dict) and job.get("status") in TERMINAL_STATUSES
 
 
 def _close_quietly(conn: http.client.HTTPConnection) -> None:

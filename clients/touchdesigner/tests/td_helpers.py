@@ -522,7 +522,7 @@ class Proxy:
             with self._lock:
                 self._open.update((client, upstream))
             self._pipe(client, upstream)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: close() closed a socket under select()
             pass
         finally:
             for sock in (client, upstream):
