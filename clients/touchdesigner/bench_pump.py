@@ -48,6 +48,28 @@ def summary(name: str, samples_s: list[float], target_ms: float) -> str:
     return f"{name:<22} n={len(ms):<6} p50={p50:7.3f} ms  p99={p99:7.3f} ms  max={worst:7.3f} ms  [{verdict}]"
 
 
+def time_wait_sockets(port: int) -> int | None:
+    """TCP sockets in TIME_WAIT to or from ``port`` (Linux /proc/net/tcp*; None elsewhere).
+
+    Each connection closed in the last minute leaves one; Windows keeps them for up to 4 minutes.
+    """
+    count = 0
+    found = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state == "06" and port in (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)):
+                count += 1
+    return count if found else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running broker; default: start `tdcomfy up --simulate` here")
@@ -77,6 +99,8 @@ def main() -> int:
         broker.start()
         url = broker.url
         print(f"started {' '.join(broker.args)} at {url}")
+    port = int(url.rsplit(":", 1)[1].split("/")[0]) if url.rsplit(":", 1)[1].split("/")[0].isdigit() else 80
+    time_wait_before = time_wait_sockets(port)
     params = json.loads(args.params) if args.params else None
 
     pump_times: list[float] = []
@@ -128,6 +152,8 @@ def main() -> int:
             t0 = time.perf_counter()
             pipeline.close()
             close_s = time.perf_counter() - t0
+            pipeline.wait_closed(5)
+            time_wait_after = time_wait_sockets(port)
             if broker is not None:
                 broker.stop()
 
@@ -141,6 +167,9 @@ def main() -> int:
     print("(wall times above include waiting for the GIL and for a CPU; 'cpu pump+submit' is the client's own work,"
           " 'tick lateness' how late the 60 Hz loop woke up)")
     print(f"close(): {close_s * 1000:.1f} ms")
+    if time_wait_before is not None and time_wait_after is not None:
+        print(f"sockets in TIME_WAIT for the broker's port: {time_wait_after - time_wait_before} "
+              f"(connections closed during the run)")
     for message in errors[:5]:
         print("error:", message)
     worst = max(pump_times + submit_times, default=0.0) * 1000

@@ -32,12 +32,12 @@ Live use (from an Execute DAT; see examples/execute_dat_pipeline.py)::
             op('moviefilein1').par.file = event.path
 """
 
-from __future__ import annotations
-
 import collections
 import contextlib
 import dataclasses
+import functools
 import http.client
+import io
 import json
 import logging
 import os
@@ -90,6 +90,12 @@ _CHUNK = 256 * 1024
 _EXPECT_CONTINUE_MIN = 512 * 1024
 _EXPECT_CONTINUE_WAIT = 1.0
 _MAX_ERROR_BODY = 64 * 1024
+# Kept-alive connections: at most this many idle ones per client, each for at most this long
+# (below common server/proxy idle timeouts: nginx 75 s, many load balancers 60 s).
+_MAX_IDLE = 4
+_IDLE_SECONDS = 20.0
+# How long a finished one-job event stream may take to end, so its connection can be reused.
+_STREAM_END_WAIT = 0.25
 # How often the housekeeper retries deleting old result files that are still open in a player.
 _TRASH_RETRY_SECONDS = 1.0
 _RESULT_EXTENSIONS = {
@@ -360,30 +366,91 @@ def _await_continue(sock: socket.socket, wait: float) -> str:
         time.sleep(0.002)
 
 
-def _send_body(sock: socket.socket, parts: list[Any], expect_continue: bool) -> OSError | None:
+def _send_body(
+    sock: socket.socket, parts: list[Any], expect_continue: bool
+) -> tuple[OSError | None, bytes, bool]:
     """Sends the body in chunks, stopping early when the server already answered.
 
-    Returns the send error, if any, instead of raising it: a server that rejects an upload
-    (413) may close the connection while we are still sending, and its response is then still
-    waiting in our receive buffer.
+    Returns ``(send error, early bytes, whole body sent)``. The send error is returned, not
+    raised: a server that rejects an upload (413) may close the connection while we are still
+    sending, and its response is then still waiting in our receive buffer. Early bytes are
+    response bytes a TLS socket had to consume to see them; the response is read with them in
+    front (``_PrefixedResponse``).
     """
-    can_peek = not isinstance(sock, ssl.SSLSocket)
+    tls = isinstance(sock, ssl.SSLSocket)
     if expect_continue and _await_continue(sock, _EXPECT_CONTINUE_WAIT) == "final":
-        return None
+        return None, b"", False
     try:
         for part in parts:
             view = memoryview(part).cast("B")
             for offset in range(0, len(view), _CHUNK):
+                if tls:
+                    # A readable TLS socket may only hold TLS records (the session tickets a
+                    # TLS 1.3 server sends after the handshake): only application data is an answer.
+                    early = _early_tls_data(sock)
+                    if early is not None:
+                        return None, early, False
                 # A late "100 Continue" is consumed; anything else readable is an early final
                 # answer (an error): stop sending and let http.client read it.
-                if _readable(sock) and (
-                    not can_peek or _await_continue(sock, _EXPECT_CONTINUE_WAIT) != "continue"
-                ):
-                    return None
+                elif _readable(sock) and _await_continue(sock, _EXPECT_CONTINUE_WAIT) != "continue":
+                    return None, b"", False
                 sock.sendall(view[offset : offset + _CHUNK])
     except OSError as exc:
-        return exc
-    return None
+        return exc, b"", False
+    return None, b"", True
+
+
+def _early_tls_data(sock: ssl.SSLSocket) -> bytes | None:
+    """Response bytes that arrived on a TLS socket while sending, or None when there are none.
+
+    Reads without blocking: ``SSLWantReadError`` means the readable bytes were TLS records without
+    application data (session tickets, key updates), which OpenSSL has now processed. ``b""``
+    means the server closed the connection.
+    """
+    if not sock.pending() and not _readable(sock):
+        return None
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return sock.recv(_CHUNK)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+        return None
+    finally:
+        sock.settimeout(timeout)
+
+
+class _PrefixedRaw(io.RawIOBase):
+    """A socket reader that first returns bytes already taken from the socket."""
+
+    def __init__(self, prefix: bytes, raw: Any) -> None:
+        super().__init__()
+        self._prefix = memoryview(prefix)
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _PrefixedResponse(http.client.HTTPResponse):
+    """An HTTP response whose first bytes were read from the socket before ``getresponse()``."""
+
+    def __init__(self, sock: socket.socket, *args: Any, prefix: bytes = b"", **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the reader makefile() made; replaced by one that starts with the prefix
+        self.fp = io.BufferedReader(_PrefixedRaw(prefix, sock.makefile("rb", buffering=0)))
 
 
 class TDComfyClient:
@@ -401,11 +468,21 @@ class TDComfyClient:
         timeout: seconds allowed for connecting and for each read/write on the socket.
         verify_tls: check the server certificate for https (default True; uses ``certifi`` when
             it is installed, as in TouchDesigner, otherwise the system store).
+        ca_file: a PEM file of certificates to trust for https instead, e.g. the certificate of a
+            broker with a self-signed one (``verify_tls`` stays on).
 
     Errors: every failure raises ``TDComfyError``.
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, verify_tls: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 10.0,
+        verify_tls: bool = True,
+        *,
+        ca_file: str | None = None,
+    ) -> None:
         if "://" not in url:
             url = "http://" + url
         parsed = urllib.parse.urlsplit(url)
@@ -418,7 +495,9 @@ class TDComfyClient:
         self._host = parsed.hostname
         self._port = parsed.port or (443 if self._https else 80)
         self._base_path = parsed.path.rstrip("/")
-        self._ssl_context = _make_ssl_context(verify_tls) if self._https else None
+        self.verify_tls = bool(verify_tls)
+        self.ca_file = ca_file
+        self._ssl_context = _make_ssl_context(verify_tls, ca_file) if self._https else None
         #: The job of the last successful ``submit_frame``; ``check_job()`` & co. default to it.
         self.current_job_id: str | None = None
         #: The broker's answer to the last successful ``submit_frame`` (queue_position, workflow…).
@@ -426,6 +505,11 @@ class TDComfyClient:
         self._status_cache: collections.OrderedDict[str, tuple[str, int | None]] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self._abort = AbortSignal()
+        # Idle keep-alive connections (connection, idle since), shared by every thread using
+        # this client: one at a time each. Reuse spares a TCP (and TLS) handshake per request
+        # and the TIME_WAIT socket each closed connection leaves behind (minutes on Windows).
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._idle_lock = threading.Lock()
         self._refresher: threading.Thread | None = None
         self._refresh_wake = threading.Event()
         self._closed = False
@@ -604,6 +688,7 @@ class TDComfyClient:
             "GET", f"/jobs/{_quote(job_id)}/result", headers=headers, stream=True, abort=abort,
             job_id=job_id, ok_statuses=(416,),
         )
+        reuse = False
         try:
             if resp.status == 416:
                 # The .part file is no prefix of the result (a stale leftover): start over.
@@ -629,13 +714,14 @@ class TDComfyClient:
                 raise TDComfyError(
                     "connection_error", f"result download ended after {written} of {expected} bytes", job_id=job_id
                 )
+            reuse = _reusable(resp)
             try:
                 os.replace(part, path)
             except OSError as exc:
                 raise TDComfyError("io_error", f"cannot move {part} to {path}: {exc}", job_id=job_id) from exc
             return path
         finally:
-            self._finish(conn, abort)
+            self._finish(conn, abort, reuse=reuse)
 
     def iter_events(
         self,
@@ -658,6 +744,7 @@ class TDComfyClient:
         conn, resp = self._request(
             "GET", path, headers=headers, stream=True, read_timeout=read_timeout, abort=abort, job_id=job_id
         )
+        terminal_seen = False
         try:
             content_type = resp.getheader("Content-Type") or ""
             if "text/event-stream" not in content_type:
@@ -680,20 +767,51 @@ class TDComfyClient:
                 line, pending = (pending + raw).decode("utf-8", "replace"), b""
                 event = parser.feed(line)
                 if event is not None:
+                    if job_id is not None and _is_terminal_event(event):
+                        terminal_seen = True
                     yield event
         finally:
-            self._finish(conn, abort)
+            # The one-job stream ends right after the final status: when the caller stops there,
+            # read that end (briefly) so the connection can be kept alive instead of closed.
+            reuse = False
+            try:
+                if terminal_seen and not resp.isclosed() and conn.sock is not None:
+                    deadline = time.monotonic() + _STREAM_END_WAIT
+                    drained = 0
+                    while drained <= _MAX_ERROR_BODY and time.monotonic() < deadline:
+                        conn.sock.settimeout(max(0.001, deadline - time.monotonic()))
+                        chunk = resp.read(_CHUNK)
+                        if not chunk:
+                            break
+                        drained += len(chunk)
+                reuse = _reusable(resp)
+            except Exception:  # noqa: BLE001 - no end in time (or a broken stream): just close it
+                reuse = False
+            self._finish(conn, abort, reuse=reuse)
 
     def close(self) -> None:
-        """Stops the ``is_ready_for_next`` refresh thread. Safe to call twice."""
+        """Stops the ``is_ready_for_next`` refresh thread, without waiting for it. Safe to call twice.
+
+        Calls in progress are interrupted (``TDComfyError('closed')``). ``wait_closed()`` waits
+        until the thread is gone.
+        """
         self._closed = True
         self._abort.trigger()
         self._refresh_wake.set()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            _close_quietly(conn)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """After ``close()``: waits up to ``timeout`` seconds for the refresh thread; True when it is gone."""
         thread = self._refresher
         if thread is not None and thread.ident is not None and thread is not threading.current_thread():
-            thread.join(2.0)
+            thread.join(timeout)
+            return not thread.is_alive()
+        return self._closed
 
-    def __enter__(self) -> TDComfyClient:
+    def __enter__(self) -> "TDComfyClient":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -755,6 +873,27 @@ class TDComfyClient:
             return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
+    def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection that is still open, else a new (unconnected) one; and whether reused."""
+        while True:
+            with self._idle_lock:
+                if not self._idle:
+                    break
+                conn, since = self._idle.pop()
+            if time.monotonic() - since <= _IDLE_SECONDS and _still_open(conn.sock):
+                return conn, True
+            _close_quietly(conn)
+        return self._connection(self.timeout), False
+
+    def _checkin(self, conn: http.client.HTTPConnection) -> None:
+        if conn.sock is not None:
+            with self._idle_lock:
+                # Checked under the lock: close() sets _closed before it empties the pool.
+                if not self._closed and len(self._idle) < _MAX_IDLE:
+                    self._idle.append((conn, time.monotonic()))
+                    return
+        _close_quietly(conn)
+
     def _request(
         self,
         method: str,
@@ -772,69 +911,81 @@ class TDComfyClient:
         """One HTTP exchange. Returns (status, headers, body), or (conn, response) with ``stream``.
 
         Raises TDComfyError for every failure, including non-2xx statuses (except ``ok_statuses``).
+        Uses a kept-alive connection when one is idle; when that one turns out to be closed by
+        the server (before any answer), the request is sent once more on a new connection.
         """
         abort = abort or self._abort
         target = self._base_path + path
         if query:
             target += "?" + urllib.parse.urlencode(query)
         what = f"{method} {path}"
-        conn = self._connection(self.timeout)
-        abort._register(conn)
-        keep_open = False
-        try:
-            send_error: OSError | None = None
+        while True:
+            conn, reused = self._checkout()
+            abort._register(conn)
+            keep_open = False
+            reusable = False
             try:
-                if abort.is_set():
-                    raise TDComfyError("closed", f"{what} not sent: closed")
-                conn.connect()
-                abort._registered_socket(conn)
-                if read_timeout is not None:
-                    conn.sock.settimeout(read_timeout)
-                conn.putrequest(method, target, skip_accept_encoding=True)
-                all_headers = {"User-Agent": f"tdcomfy-touchdesigner/{__version__}", "Accept": "application/json"}
-                if self.token:
-                    all_headers["Authorization"] = f"Bearer {self.token}"
-                all_headers.update(headers or {})
-                expect = False
-                if body is not None:
-                    size = sum(memoryview(p).nbytes for p in body)
-                    all_headers["Content-Length"] = str(size)
-                    expect = size >= _EXPECT_CONTINUE_MIN and not self._https
-                    if expect:
-                        all_headers["Expect"] = "100-continue"
-                for name, value in all_headers.items():
-                    conn.putheader(name, value)
-                conn.endheaders()
-                if body is not None:
-                    send_error = _send_body(conn.sock, body, expect)
-                resp = conn.getresponse()
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a TDComfyError
-                # A failed send is the better explanation than the failed read that followed it.
-                raise self._wrap_error(send_error or exc, abort, what) from exc
-            if resp.status >= 400 and resp.status not in ok_statuses:
+                send_error: OSError | None = None
+                complete = True
                 try:
-                    data = resp.read(_MAX_ERROR_BODY)
-                except Exception:  # noqa: BLE001 - the status alone is still worth reporting
-                    data = b""
-                raise _error_from_body(resp.status, data, job_id)
-            if stream:
-                keep_open = True
-                return conn, resp
-            try:
-                data = resp.read()
-            except Exception as exc:  # noqa: BLE001
-                raise self._wrap_error(exc, abort, what) from exc
-            return resp.status, resp.headers, data
-        finally:
-            if not keep_open:
-                self._finish(conn, abort)
+                    if abort.is_set():
+                        raise TDComfyError("closed", f"{what} not sent: closed")
+                    if not reused:
+                        conn.connect()
+                        abort._registered_socket(conn)
+                    conn.sock.settimeout(read_timeout if read_timeout is not None else self.timeout)
+                    conn.putrequest(method, target, skip_accept_encoding=True)
+                    all_headers = {"User-Agent": f"tdcomfy-touchdesigner/{__version__}", "Accept": "application/json"}
+                    if self.token:
+                        all_headers["Authorization"] = f"Bearer {self.token}"
+                    all_headers.update(headers or {})
+                    expect = False
+                    if body is not None:
+                        size = sum(memoryview(p).nbytes for p in body)
+                        all_headers["Content-Length"] = str(size)
+                        expect = size >= _EXPECT_CONTINUE_MIN and not self._https
+                        if expect:
+                            all_headers["Expect"] = "100-continue"
+                    for name, value in all_headers.items():
+                        conn.putheader(name, value)
+                    conn.endheaders()
+                    if body is not None:
+                        send_error, early, complete = _send_body(conn.sock, body, expect)
+                        if early:
+                            conn.response_class = functools.partial(_PrefixedResponse, prefix=early)
+                    resp = conn.getresponse()
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a TDComfyError
+                    if reused and not abort.is_set() and _closed_by_server(send_error or exc):
+                        _log.debug("%s: kept-alive connection was closed by the server; reconnecting", what)
+                        continue  # the finally closes the stale connection
+                    # A failed send is the better explanation than the failed read that followed it.
+                    raise self._wrap_error(send_error or exc, abort, what) from exc
+                if resp.status >= 400 and resp.status not in ok_statuses:
+                    try:
+                        data = resp.read(_MAX_ERROR_BODY)
+                    except Exception:  # noqa: BLE001 - the status alone is still worth reporting
+                        data = b""
+                    reusable = complete and _reusable(resp)
+                    raise _error_from_body(resp.status, data, job_id)
+                if stream:
+                    keep_open = True
+                    return conn, resp
+                try:
+                    data = resp.read()
+                except Exception as exc:  # noqa: BLE001
+                    raise self._wrap_error(exc, abort, what) from exc
+                reusable = complete and _reusable(resp)
+                return resp.status, resp.headers, data
+            finally:
+                if not keep_open:
+                    self._finish(conn, abort, reuse=reusable)
 
-    def _finish(self, conn: http.client.HTTPConnection, abort: AbortSignal | None) -> None:
+    def _finish(self, conn: http.client.HTTPConnection, abort: AbortSignal | None, reuse: bool = False) -> None:
         (abort or self._abort)._unregister(conn)
-        try:
-            conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-            pass
+        if reuse and not (abort or self._abort).is_set():
+            self._checkin(conn)
+        else:
+            _close_quietly(conn)
 
     def _wrap_error(self, exc: BaseException, abort: AbortSignal | None, what: str) -> TDComfyError:
         if isinstance(exc, TDComfyError):
@@ -850,7 +1001,47 @@ class TDComfyClient:
         return TDComfyError("connection_error", f"{what}: {exc!r}")
 
 
-def _make_ssl_context(verify: bool) -> ssl.SSLContext:
+def _is_terminal_event(event: ServerEvent) -> bool:
+    job = event.data.get("job") if isinstance(event.data, dict) else None
+    return isinstance(job, dict) and job.get("status") in TERMINAL_STATUSES
+
+
+def _close_quietly(conn: http.client.HTTPConnection) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+        pass
+
+
+def _reusable(resp: http.client.HTTPResponse) -> bool:
+    """True when the response was read to its end and the server keeps the connection open."""
+    return resp.isclosed() and not resp.will_close
+
+
+def _still_open(sock: socket.socket | None) -> bool:
+    """True when an idle kept-alive connection is still usable (nothing unexpected to read)."""
+    if sock is None:
+        return False
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            # TLS records without application data (session tickets) leave it usable.
+            return _early_tls_data(sock) is None
+        return not _readable(sock)  # readable while idle: closed by the server (or garbage)
+    except (OSError, ValueError):
+        return False
+
+
+def _closed_by_server(exc: BaseException) -> bool:
+    """True for the failures a kept-alive connection the server already closed produces."""
+    return isinstance(
+        exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+              ssl.SSLEOFError, ssl.SSLZeroReturnError)
+    )
+
+
+def _make_ssl_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
+    if verify and ca_file:
+        return ssl.create_default_context(cafile=ca_file)
     if not verify:
         context = ssl.create_default_context()
         context.check_hostname = False
@@ -950,7 +1141,8 @@ class PipelineEvent:
             ``progress`` (``progress`` is 0..1), ``done`` (``path`` is the downloaded result),
             ``error`` (``error`` is a TDComfyError), ``cancelled`` (the job was cancelled), or
             ``dropped`` (a waiting frame was replaced by a newer one and will not be sent).
-        ticket: the number ``submit()`` returned for the frame.
+        ticket: the number ``submit()`` returned for the frame; 0 for an ``error`` of the
+            pipeline itself (a fault in its housekeeping, which goes on).
         job_id: the broker's job id (None before the upload succeeded).
         path: the local result file (``done`` only).
         progress: 0..1 (``progress`` only).
@@ -969,6 +1161,8 @@ class PipelineEvent:
     @property
     def message(self) -> str:
         """A one-line description for a status display."""
+        if self.ticket == 0:  # about the pipeline itself, not one frame
+            return f"pipeline: {self.error}" if self.error is not None else f"pipeline: {self.kind}"
         if self.kind == "progress" and self.progress is not None:
             return f"frame {self.ticket}: {self.progress:.0%}"
         if self.kind == "error" and self.error is not None:
@@ -1026,6 +1220,10 @@ class FramePipeline:
         download_retry_for: the same for downloads.
         poll_wait: long-poll duration in seconds.
         file_prefix: result files are named ``<file_prefix><job_id>.mp4``.
+        verify_tls, ca_file: https certificate checking, as for ``TDComfyClient``.
+        max_events: how many events wait for ``pump()`` at most. When more arrive, the oldest
+            ``progress`` (then ``started``) events are dropped; ``submitted``, ``done``, ``error``,
+            ``cancelled`` and ``dropped`` never are. None: no bound.
     """
 
     def __init__(
@@ -1050,6 +1248,9 @@ class FramePipeline:
         download_retry_for: float = 120.0,
         poll_wait: float = 25.0,
         file_prefix: str = "tdcomfy_",
+        verify_tls: bool = True,
+        ca_file: str | None = None,
+        max_events: int | None = 1000,
     ) -> None:
         if when_busy not in ("skip", "replace"):
             raise ValueError('when_busy must be "skip" or "replace"')
@@ -1057,10 +1258,16 @@ class FramePipeline:
             raise ValueError('status_transport must be "sse" or "poll"')
         if int(max_in_flight) < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if max_events is not None and int(max_events) < 1:
+            raise ValueError("max_events must be at least 1 (or None for no bound)")
         if keep_results is not None and int(keep_results) < 1:
             raise ValueError("keep_results must be at least 1 (or None to keep everything)")
         self._owns_client = not (isinstance(url, TDComfyClient) or hasattr(url, "submit_frame"))
-        self.client = TDComfyClient(url, token=token, timeout=timeout) if self._owns_client else url
+        self.client = (
+            TDComfyClient(url, token=token, timeout=timeout, verify_tls=verify_tls, ca_file=ca_file)
+            if self._owns_client
+            else url
+        )
         self.output_dir = os.path.abspath(output_dir or os.path.join(_tempdir(), "tdcomfy"))
         os.makedirs(self.output_dir, exist_ok=True)
         self.max_in_flight = int(max_in_flight)
@@ -1082,7 +1289,9 @@ class FramePipeline:
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._events: queue.SimpleQueue[PipelineEvent] = queue.SimpleQueue()
+        self.max_events = None if max_events is None else int(max_events)
+        self._events: collections.deque[PipelineEvent] = collections.deque()
+        self._events_lock = threading.Lock()
         self._waiting: collections.deque[_Frame] = collections.deque()
         self._active: dict[int, _Frame] = {}
         self._next_ticket = 1
@@ -1090,10 +1299,12 @@ class FramePipeline:
         self._abort = AbortSignal()
         self._closed = False
         self._threads: set[threading.Thread] = set()
+        self._teardown: threading.Thread | None = None
+        self._teardown_threads: list[threading.Thread] = []
         self._housekeeping: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._stats = {
             "submitted": 0, "done": 0, "errors": 0, "cancelled": 0, "dropped": 0, "skipped": 0,
-            "last_error": None, "last_progress": None, "last_result": None,
+            "last_error": None, "last_progress": None, "last_result": None, "events_dropped": 0,
         }
         self._results: collections.deque[str] = collections.deque()  # owned by the housekeeping thread
         self._spawn(self._upload_loop, "tdcomfy-upload")
@@ -1136,7 +1347,7 @@ class FramePipeline:
                     # "replace": the newest waiting frame is the one parked beyond capacity.
                     dropped = self._waiting.pop()
                     self._stats["dropped"] += 1
-                    self._events.put(PipelineEvent("dropped", dropped.ticket))
+                    self._put_event(PipelineEvent("dropped", dropped.ticket))
             ticket = self._next_ticket
             self._next_ticket += 1
             self._waiting.append(_Frame(ticket, image_bytes, fields))
@@ -1148,12 +1359,15 @@ class FramePipeline:
 
         Call it once per frame from the main thread (an Execute DAT's ``onFrameStart``).
         """
-        events: list[PipelineEvent] = []
-        while max_events is None or len(events) < max_events:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                break
+        if not self._events:  # the usual frame: nothing happened (len of a deque is atomic)
+            return []
+        with self._events_lock:
+            count = len(self._events) if max_events is None else min(int(max_events), len(self._events))
+            events = [self._events.popleft() for _ in range(count)]
+        for event in events:
+            if event.kind == "done" and event.path:
+                # Only a result the caller has seen may be trimmed (keep_results).
+                self._housekeeping.put(("result", event.path))
         return events
 
     def is_ready_for_next(self) -> bool:
@@ -1197,7 +1411,7 @@ class FramePipeline:
                 if ticket_or_job_id in (frame.ticket, frame.job_id):
                     self._waiting.remove(frame)
                     self._stats["cancelled"] += 1
-                    self._events.put(PipelineEvent("cancelled", frame.ticket))
+                    self._put_event(PipelineEvent("cancelled", frame.ticket))
                     self._work.notify_all()
                     return True
             for frame in self._active.values():
@@ -1215,38 +1429,69 @@ class FramePipeline:
         for ticket in tickets:
             self.cancel(ticket)
 
-    def close(self, timeout: float = 3.0) -> None:
-        """Stops every background thread (joining each for at most ``timeout`` seconds in total).
+    def close(self, timeout: float = 3.0, *, wait: bool = False) -> None:
+        """Stops every background thread without waiting for them; safe on TouchDesigner's main thread.
 
-        Open connections are shut down at once, so this normally takes milliseconds. Safe to call
-        twice. Jobs still running on the broker keep running unless ``cancel_on_close`` is set.
-        Events already produced can still be read with ``pump()``.
+        Returns at once: open connections are shut down now, and a daemon thread
+        (``tdcomfy-close``) joins the others for at most ``timeout`` seconds in total. Use
+        ``wait_closed()`` (or ``wait=True``) where you need them gone, e.g. in scripts and tests.
+        Safe to call twice. Jobs still running on the broker keep running unless
+        ``cancel_on_close`` is set. Events already produced can still be read with ``pump()``.
         """
         with self._work:
             if self._closed:
-                return
-            self._closed = True
-            self._stop.set()
-            waiting = list(self._waiting)
-            self._waiting.clear()
-            threads = list(self._threads)
-            self._work.notify_all()
-        for frame in waiting:
-            self._events.put(PipelineEvent("dropped", frame.ticket))
-        self._abort.trigger()
-        self._housekeeping.put(("stop",))
+                already = True
+            else:
+                already = False
+                self._closed = True
+                self._stop.set()
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                threads = list(self._threads)
+                self._work.notify_all()
+        if not already:
+            for frame in waiting:
+                self._put_event(PipelineEvent("dropped", frame.ticket))
+            self._abort.trigger()
+            self._housekeeping.put(("stop",))
+            self._teardown_threads = threads
+            self._teardown = threading.Thread(
+                target=self._run_teardown, args=(threads, float(timeout)), name="tdcomfy-close", daemon=True
+            )
+            self._teardown.start()
+        if wait:
+            self.wait_closed(timeout)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Waits up to ``timeout`` seconds (None: as long as it takes) for ``close()`` to finish.
+
+        True when every background thread has stopped; False before ``close()`` or while a
+        thread is still running. Not for TouchDesigner's main thread: it blocks.
+        """
+        teardown = self._teardown
+        if teardown is None:
+            return False
+        if teardown is not threading.current_thread():
+            teardown.join(timeout)
+        if teardown.is_alive():
+            return False
+        return not any(t.is_alive() for t in self._teardown_threads if t is not threading.current_thread())
+
+    def _run_teardown(self, threads: list[threading.Thread], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._owns_client:
             self.client.close()
+            waiter = getattr(self.client, "wait_closed", None)
+            if waiter is not None:
+                waiter(max(0.0, deadline - time.monotonic()))
 
-    def __enter__(self) -> FramePipeline:
+    def __enter__(self) -> "FramePipeline":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(wait=True)
 
     def __repr__(self) -> str:
         return f"FramePipeline({getattr(self.client, 'url', self.client)!r}, in_flight={self.in_flight})"
@@ -1271,9 +1516,31 @@ class FramePipeline:
             self._threads.add(thread)
             thread.start()
 
+    def _put_event(self, event: PipelineEvent) -> None:
+        """Queues an event for pump(), dropping the oldest progress/started events beyond max_events."""
+        with self._events_lock:
+            if self.max_events is not None and len(self._events) >= self.max_events:
+                for droppable in _DROPPABLE_EVENTS:
+                    index = next((i for i, e in enumerate(self._events) if e.kind == droppable), None)
+                    if index is not None:
+                        del self._events[index]
+                        with self._lock:
+                            self._stats["events_dropped"] += 1
+                        break
+            self._events.append(event)
+
+    def _report_bug(self, where: str, exc: BaseException) -> None:
+        """A bug in a background thread becomes an ``error`` event (ticket 0), not a dead thread."""
+        _log.error("%s failed", where, exc_info=exc)
+        error = TDComfyError("internal_error", f"{where} failed: {exc!r}")
+        with self._lock:
+            self._stats["errors"] += 1
+            self._stats["last_error"] = str(error)
+        self._put_event(PipelineEvent("error", 0, error=error))
+
     def _emit(self, kind: str, frame: _Frame, **fields: Any) -> None:
         fields.setdefault("job", frame.job)
-        self._events.put(PipelineEvent(kind, frame.ticket, frame.job_id, **fields))
+        self._put_event(PipelineEvent(kind, frame.ticket, frame.job_id, **fields))
 
     def _upload_loop(self) -> None:
         while True:
@@ -1343,7 +1610,6 @@ class FramePipeline:
                     self._stats["done"] += 1
                     self._stats["last_result"] = path
                 self._emit("done", frame, path=path)
-                self._housekeeping.put(("result", path))
             elif status == "cancelled":
                 with self._lock:
                     self._stats["cancelled"] += 1
@@ -1472,36 +1738,57 @@ class FramePipeline:
             raise _Stopped()
 
     def _housekeeping_loop(self) -> None:
-        """Remote deletes (with retries) and local result cleanup, off the main thread."""
+        """Remote deletes (with retries) and local result cleanup, off the main thread.
+
+        Survives any exception: each one is reported as an ``error`` event and the loop goes on.
+        """
         deletes: list[tuple[float, str, int]] = []  # (due time, job id, attempts so far)
         trash: list[str] = []
-        self._results.extend(self._existing_results())
-        self._sweep_partials()
-        self._trim_results(trash)
+        try:
+            self._results.extend(self._existing_results())
+            self._sweep_partials()
+            self._trim_results(trash)
+        except Exception as exc:  # noqa: BLE001 - reported, and housekeeping goes on
+            self._report_bug("housekeeping", exc)
         while True:
-            now = time.monotonic()
-            due = [d for d in deletes if d[0] <= now]
-            deletes = [d for d in deletes if d[0] > now]
-            for _, job_id, attempts in due:
-                retry = self._delete_remote(job_id, attempts)
-                if retry is not None:
-                    deletes.append(retry)
-            trash = [path for path in trash if not _try_remove(path)]
-            wake = _TRASH_RETRY_SECONDS if trash else 5.0
-            if deletes:
-                wake = min(wake, max(0.0, min(d[0] for d in deletes) - time.monotonic()))
             try:
-                task = self._housekeeping.get(timeout=wake)
-            except queue.Empty:
-                continue
-            if task[0] == "stop":
-                self._shutdown_housekeeping(trash)
-                return
-            if task[0] == "delete":
-                deletes.append((time.monotonic(), task[1], task[2]))
-            elif task[0] == "result":
-                self._results.append(task[1])
-                self._trim_results(trash)
+                if self._housekeeping_step(deletes, trash):
+                    return
+            except Exception as exc:  # noqa: BLE001 - reported, and housekeeping goes on
+                self._report_bug("housekeeping", exc)
+                if self._stop.wait(0.05):  # a failure that repeats must not spin a CPU
+                    try:
+                        self._shutdown_housekeeping(trash)
+                    except Exception as final:  # noqa: BLE001
+                        _log.error("housekeeping shutdown failed", exc_info=final)
+                    return
+
+    def _housekeeping_step(self, deletes: list[tuple[float, str, int]], trash: list[str]) -> bool:
+        """One round of housekeeping; True when told to stop."""
+        now = time.monotonic()
+        due = [d for d in deletes if d[0] <= now]
+        deletes[:] = [d for d in deletes if d[0] > now]
+        for _, job_id, attempts in due:
+            retry = self._delete_remote(job_id, attempts)
+            if retry is not None:
+                deletes.append(retry)
+        trash[:] = [path for path in trash if not _try_remove(path)]
+        wake = _TRASH_RETRY_SECONDS if trash else 5.0
+        if deletes:
+            wake = min(wake, max(0.0, min(d[0] for d in deletes) - time.monotonic()))
+        try:
+            task = self._housekeeping.get(timeout=wake)
+        except queue.Empty:
+            return False
+        if task[0] == "stop":
+            self._shutdown_housekeeping(trash)
+            return True
+        if task[0] == "delete":
+            deletes.append((time.monotonic(), task[1], task[2]))
+        elif task[0] == "result":
+            self._results.append(task[1])
+            self._trim_results(trash)
+        return False
 
     def _delete_remote(self, job_id: str, attempts: int) -> tuple[float, str, int] | None:
         try:
@@ -1531,12 +1818,18 @@ class FramePipeline:
         url = getattr(self.client, "url", None)
         if not url:
             return
-        quick = TDComfyClient(url, getattr(self.client, "token", None), timeout=1.0)
-        for job_id in unfinished:
-            try:
-                quick.delete_job(job_id)
-            except TDComfyError as exc:
-                _log.info("cancel on close failed for %s: %s", job_id, exc)
+        quick = TDComfyClient(
+            url, getattr(self.client, "token", None), timeout=1.0,
+            verify_tls=getattr(self.client, "verify_tls", True), ca_file=getattr(self.client, "ca_file", None),
+        )
+        try:
+            for job_id in unfinished:
+                try:
+                    quick.delete_job(job_id)
+                except TDComfyError as exc:
+                    _log.info("cancel on close failed for %s: %s", job_id, exc)
+        finally:
+            quick.close()
 
     def _existing_results(self) -> list[str]:
         """Result files left in the output folder by earlier sessions, oldest first."""
@@ -1561,6 +1854,10 @@ class FramePipeline:
                         _try_remove(entry.path)
         except OSError:
             pass
+
+
+# Event kinds that may be dropped when the queue is full, in this order; the others never are.
+_DROPPABLE_EVENTS = ("progress", "started")
 
 
 def _events_missing(exc: TDComfyError) -> bool:

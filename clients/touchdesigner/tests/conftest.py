@@ -1,5 +1,6 @@
 """Shared fixtures: import paths for the client and helpers, and the real broker processes."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,3 +48,41 @@ def project(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "touchdesigner_client", raising=False)
     monkeypatch.syspath_prepend(str(folder))
     return folder
+
+
+class HttpsBroker:
+    """An HTTPS broker URL for the tests, with the CA file that verifies it."""
+
+    def __init__(self, url: str, ca_file: str | None, token: str | None, max_upload_mb: float) -> None:
+        self.url = url
+        self.ca_file = ca_file
+        self.token = token
+        self.max_upload_mb = max_upload_mb
+
+
+@pytest.fixture(scope="module")
+def https_broker(tmp_path_factory):
+    """The broker over HTTPS (TLS 1.3).
+
+    Default: the real `tdcomfy up --simulate` (MAX_UPLOAD_MB=1) behind the test suite's own TLS 1.3
+    terminator (td_helpers.Proxy, a self-signed certificate made by the openssl CLI). To run the
+    same tests against any HTTPS broker (e.g. the broker's own TLS), set TDCOMFY_TEST_HTTPS_URL, and
+    TDCOMFY_TEST_HTTPS_CA (a PEM file trusted for it), TDCOMFY_TEST_HTTPS_TOKEN,
+    TDCOMFY_TEST_HTTPS_MAX_UPLOAD_MB (its MAX_UPLOAD_MB, default 1) as needed; it must have a worker.
+    """
+    url = os.environ.get("TDCOMFY_TEST_HTTPS_URL")
+    if url:
+        yield HttpsBroker(url, os.environ.get("TDCOMFY_TEST_HTTPS_CA"), os.environ.get("TDCOMFY_TEST_HTTPS_TOKEN"),
+                          float(os.environ.get("TDCOMFY_TEST_HTTPS_MAX_UPLOAD_MB", "1")))
+        return
+    from td_helpers import Proxy, make_self_signed_cert
+
+    instance = Broker(tmp_path_factory.mktemp("data"), max_upload_mb=1)
+    instance.start()
+    cert, key = make_self_signed_cert(tmp_path_factory.mktemp("tls"))
+    proxy = Proxy(("127.0.0.1", instance.api_port), cert, key)
+    try:
+        yield HttpsBroker(proxy.url, str(cert), None, 1)
+    finally:
+        proxy.close()
+        instance.stop()

@@ -7,8 +7,10 @@ import dataclasses
 import json
 import os
 import random
+import select
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -423,3 +425,137 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
             return value
         time.sleep(0.02)
     raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# A TLS 1.3 terminator (or plain TCP proxy) in front of the real broker
+# ---------------------------------------------------------------------------------------------
+
+
+def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1 and localhost, made by the ``openssl`` CLI."""
+    cert, key = folder / "broker-cert.pem", folder / "broker-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+class Proxy:
+    """Forwards TCP connections to ``upstream`` (host, port); with ``certfile`` it terminates TLS 1.3.
+
+    Python's ``ssl`` server (OpenSSL) sends TLS 1.3 session tickets right after the handshake, as
+    production TLS servers do. Each accepted connection's client port is recorded in ``peers``.
+    """
+
+    def __init__(self, upstream: tuple[str, int], certfile: Path | None = None, keyfile: Path | None = None) -> None:
+        self.upstream = upstream
+        self.context = None
+        if certfile is not None:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.minimum_version = ssl.TLSVersion.TLSv1_3
+            self.context.load_cert_chain(str(certfile), str(keyfile))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.peers: list[int] = []
+        self.handshake_errors: list[str] = []
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._closed = False
+        threading.Thread(target=self._accept_loop, name="test-proxy-accept", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.context else 'http'}://127.0.0.1:{self.port}"
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self.peers)
+
+    def drop_connections(self) -> None:
+        """Closes every open connection (both sides), as an idle timeout would; keeps listening."""
+        with self._lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        with self._lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, address = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.peers.append(address[1])
+                self._open.add(client)
+            threading.Thread(target=self._serve, args=(client,), name="test-proxy-conn", daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = None
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.context is not None:
+                try:
+                    client = self.context.wrap_socket(client, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    self.handshake_errors.append(repr(exc))
+                    return
+            upstream = socket.create_connection(self.upstream)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._open.update((client, upstream))
+            self._pipe(client, upstream)
+        except (OSError, ValueError):  # ValueError: close() closed a socket under select()
+            pass
+        finally:
+            for sock in (client, upstream):
+                if sock is not None:
+                    with self._lock:
+                        self._open.discard(sock)
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+
+    @staticmethod
+    def _pipe(client: socket.socket, upstream: socket.socket) -> None:
+        # One thread per connection: an SSL object must not be read and written from two threads.
+        is_tls = isinstance(client, ssl.SSLSocket)
+        while True:
+            pending = is_tls and client.pending() > 0
+            readable = [client] if pending else select.select([client, upstream], [], [], 5.0)[0]
+            if client in readable:
+                client.setblocking(False)
+                try:
+                    data = client.recv(65536)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    data = None  # only TLS records without application data arrived
+                finally:
+                    client.setblocking(True)
+                if data == b"":
+                    upstream.shutdown(socket.SHUT_WR)
+                    return
+                if data:
+                    upstream.sendall(data)
+            if upstream in readable:
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                client.sendall(data)

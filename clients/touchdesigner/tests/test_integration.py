@@ -111,6 +111,7 @@ def test_is_ready_for_next_answers_from_cache_and_turns_true_when_done(broker):
         assert any(t.name == "tdcomfy-ready-refresh" for t in threading.enumerate())
     finally:
         client.close()
+    assert client.wait_closed(5)
     assert not any(t.name == "tdcomfy-ready-refresh" and t.is_alive() for t in threading.enumerate())
 
 
@@ -285,7 +286,8 @@ def test_close_leaves_no_thread_alive(broker, tmp_path):
     pipeline.submit(FRAME)
     pipeline.submit(FRAME)
     pump_until(pipeline, lambda e: e.kind == "submitted", 30)  # an event stream is open now
-    pipeline.close()
+    pipeline.close()  # returns at once; the teardown runs on a thread of its own
+    assert pipeline.wait_closed(5)
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == []
     pipeline.close()  # a second close is harmless

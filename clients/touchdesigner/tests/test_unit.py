@@ -144,6 +144,7 @@ def test_is_ready_for_next_reads_a_cache_kept_current_by_a_background_thread():
     refresher = client._refresher
     client.close()
     client.close()
+    assert client.wait_closed(5)
     assert not refresher.is_alive()
 
 
@@ -176,6 +177,9 @@ class FakeClient:
         self.deleted: list[str] = []
         self.result = b"\x00\x00\x00\x18ftypisomfake-video"
         self.last_submit = None
+        self.progress_steps = 1  # progress updates while running (1: a single 0.5)
+        self.ignore_abort = False  # uploads held by the gate cannot be interrupted by close()
+        self.delete_errors: list[Exception] = []
 
     def _hold(self, gate, abort):
         while not gate.wait(0.01):
@@ -189,7 +193,7 @@ class FakeClient:
             self.uploading += 1
             self.max_concurrent_uploads = max(self.max_concurrent_uploads, self.uploading)
         try:
-            self._hold(self.upload_gate, abort)
+            self._hold(self.upload_gate, None if self.ignore_abort else abort)
             with self.lock:
                 if self.submit_errors:
                     raise self.submit_errors.pop(0)
@@ -202,8 +206,11 @@ class FakeClient:
 
     def _states(self, job_id):
         yield {"id": job_id, "status": "queued", "version": 1}
-        yield {"id": job_id, "status": "running", "version": 2, "progress": {"value": 0.5}}
-        final = {"id": job_id, "status": self.outcome, "version": 3}
+        steps = self.progress_steps
+        for step in range(steps):
+            value = 0.5 if steps == 1 else (step + 1) / steps
+            yield {"id": job_id, "status": "running", "version": 2 + step, "progress": {"value": value}}
+        final = {"id": job_id, "status": self.outcome, "version": 2 + steps}
         if self.outcome == "done":
             final["result"] = {"content_type": "video/mp4", "size": len(self.result)}
         if self.outcome == "error":
@@ -233,8 +240,8 @@ class FakeClient:
         with self.lock:
             self.check_calls += 1
         states = list(self._states(job_id))
-        index = {None: 0, 1: 1}.get(since, 2)
-        if index == 2:
+        index = 0 if since is None else min(since, len(states) - 1)
+        if index == len(states) - 1:
             self._hold(self.job_gate, abort)
         return states[index]
 
@@ -246,6 +253,8 @@ class FakeClient:
 
     def delete_job(self, job_id, *, abort=None):
         with self.lock:
+            if self.delete_errors:
+                raise self.delete_errors.pop(0)
             self.deleted.append(job_id)
         return {"job_id": job_id, "status": "cancelled"}
 
@@ -505,6 +514,7 @@ def test_close_stops_every_thread_even_mid_upload(tmp_path):
     wait_until(lambda: client.uploading == 1, 5, "upload started")
     started = time.monotonic()
     pipeline.close()
+    assert pipeline.wait_closed(5)
     took = time.monotonic() - started
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == [], f"threads alive after close() ({took:.2f}s): {leftover}"
@@ -531,5 +541,110 @@ def test_close_racing_with_a_finishing_upload_joins_every_thread(tmp_path):
         while not client.submits:
             time.sleep(0)
         pipeline.close()
+        assert pipeline.wait_closed(5)
     leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert leftover == []
+
+
+# ---------------------------------------------------------------------------------------------
+# close(), housekeeping, the event queue
+# ---------------------------------------------------------------------------------------------
+
+
+def test_close_returns_at_once_and_wait_closed_waits_for_the_teardown(tmp_path):
+    # close() runs on TouchDesigner's main thread: it must not wait for threads to stop, not even
+    # for one stuck in a call that the abort cannot interrupt.
+    before = set(threading.enumerate())
+    client = FakeClient()
+    client.upload_gate.clear()
+    client.ignore_abort = True
+    pipeline = tdc.FramePipeline(client, output_dir=str(tmp_path))
+    pipeline.submit(PNG)
+    wait_until(lambda: client.uploading == 1, 5, "upload started")
+    returned = threading.Event()
+
+    def release_the_upload():  # once close() returned (after 10 s anyway, so a blocking close ends)
+        returned.wait(10)
+        client.upload_gate.set()
+
+    threading.Thread(target=release_the_upload, daemon=True).start()
+    pipeline.close(timeout=30)
+    uploading_when_close_returned = client.uploading
+    returned.set()
+    assert uploading_when_close_returned == 1, "close() waited for the upload thread"
+    assert pipeline.stats()["closed"]
+    with pytest.raises(tdc.TDComfyError):
+        pipeline.submit(PNG)
+    assert pipeline.wait_closed(10) is True
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert leftover == []
+    pipeline.close()  # twice is fine
+    assert pipeline.wait_closed(0) is True
+
+
+def test_wait_closed_reports_threads_that_did_not_stop(tmp_path):
+    client = FakeClient()
+    client.upload_gate.clear()
+    client.ignore_abort = True
+    pipeline = tdc.FramePipeline(client, output_dir=str(tmp_path))
+    pipeline.submit(PNG)
+    wait_until(lambda: client.uploading == 1, 5, "upload started")
+    pipeline.close(timeout=0.2)
+    assert pipeline.wait_closed(5) is False  # the teardown gave up on the stuck thread after 0.2 s
+    client.upload_gate.set()
+
+
+def test_the_housekeeping_thread_survives_an_exception_and_reports_it(make_pipeline):
+    client = FakeClient()
+    client.delete_errors = [RuntimeError("bug in delete_job")]
+    pipeline = make_pipeline(client)
+    pipeline.submit(PNG)
+    events = []
+    error = pump_until(pipeline, lambda e: e.kind == "error", 10, events)
+    assert error.error.code == "internal_error" and "bug in delete_job" in error.error.message
+    assert error.ticket == 0 and error.message.startswith("pipeline: "), error.message
+    assert "done" in kinds(events)
+    wait_until(pipeline.is_ready_for_next, 5, "free slot")
+    pipeline.submit(PNG)
+    pump_until(pipeline, lambda e: e.kind == "done", 10)
+    wait_until(lambda: "job-2" in client.deleted, 5, "the housekeeper still deletes jobs")
+
+
+def test_the_event_queue_is_bounded_dropping_old_progress_never_done_or_error(make_pipeline):
+    client = FakeClient()
+    client.progress_steps = 400
+    client.submit_errors = [tdc.TDComfyError("unsupported_image", "not an image", 400)]
+    pipeline = make_pipeline(client, max_in_flight=4, max_events=50)
+    for _ in range(4):
+        assert pipeline.submit(PNG) is not None
+    # Nobody pumps (TouchDesigner paused, a slow frame…) while 3 jobs send 400 updates each.
+    wait_until(lambda: pipeline.stats()["done"] == 3 and pipeline.stats()["errors"] == 1, 20, "all jobs over")
+    events = pipeline.pump()
+    assert len(events) <= 50
+    assert kinds(events).count("done") == 3 and kinds(events).count("error") == 1
+    assert pipeline.stats()["events_dropped"] >= 3 * 400 - 50
+    # What is kept of the progress is the newest: each job's last update survives.
+    last = {}
+    for event in events:
+        if event.kind == "progress":
+            last[event.ticket] = event.progress
+    assert sorted(last.values()) == [1.0] * len(last)
+
+
+def test_a_result_file_is_not_trimmed_before_its_done_event_was_pumped(make_pipeline):
+    client = FakeClient()
+    pipeline = make_pipeline(client, keep_results=1, max_in_flight=2)
+    pipeline.submit(PNG)
+    pipeline.submit(PNG)
+    # Both jobs finished and were deleted on the broker: the housekeeper has seen both results.
+    wait_until(lambda: sorted(client.deleted) == ["job-1", "job-2"], 10, "both jobs deleted remotely")
+    done = []
+    while len(done) < 2:  # one event per pump
+        (event,) = pipeline.pump(max_events=1)
+        if event.kind == "done":
+            done.append(event)
+            assert os.path.exists(event.path)  # not trimmed while its done event was unread
+    first, second = done
+    # Once both are handed out, the older one goes (keep_results=1).
+    wait_until(lambda: not os.path.exists(first.path), 10, "older result trimmed after pump")
+    assert os.path.exists(second.path)
