@@ -284,7 +284,7 @@ fn classify(filename: &str, vhs_format: Option<&str>, key: &str, animated: bool)
             return (MediaKind::Video, container.to_owned());
         }
         if let Some(sub) = format.strip_prefix("image/") {
-            return (MediaKind::AnimatedImage, sub.to_owned());
+            return (MediaKind::AnimatedImage, safe_format(sub));
         }
     }
     let media = match key {
@@ -294,8 +294,16 @@ fn classify(filename: &str, vhs_format: Option<&str>, key: &str, animated: bool)
         "images" => MediaKind::Image,
         _ => MediaKind::Other,
     };
-    let format = if ext.is_empty() { "unknown".to_owned() } else { ext };
+    let format = if ext.is_empty() { "unknown".to_owned() } else { safe_format(&ext) };
     (media, format)
+}
+
+/// A format named by ComfyUI (or a custom node) becomes a file extension on the worker's disk and
+/// a media type at the broker: only `[a-z0-9]{1,8}` passes; anything else (`../x`, `mp4;rm`, a
+/// 200-character name) is `bin`.
+fn safe_format(raw: &str) -> String {
+    let ok = (1..=8).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok { raw.to_owned() } else { "bin".to_owned() }
 }
 
 /// Orders node ids as numbers when both are numeric ("9" < "10"), else as text.

@@ -112,3 +112,16 @@ fn per_image_animated_flags_and_duplicates() {
     assert_eq!(files[0].media, MediaKind::Image);
     assert_eq!(files[1].media, MediaKind::AnimatedImage);
 }
+
+#[test]
+fn formats_a_custom_node_names_are_sanitized_before_they_become_extensions() {
+    // A format becomes the worker's spool file extension and a media type at the broker.
+    let map = outputs(json!({
+        "1": {"files": [{"filename": "x.b/../../../etc/passwd", "subfolder": "", "type": "output"}]},
+        "2": {"gifs": [{"filename": "clip", "subfolder": "", "type": "output", "format": "image/../../evil"}]},
+        "3": {"files": [{"filename": "clip.averyverylongextension", "subfolder": "", "type": "output"}]},
+        "4": {"files": [{"filename": "clip.R3D", "subfolder": "", "type": "output"}]},
+    }));
+    let formats: Vec<String> = collect(&map).into_iter().map(|f| f.format).collect();
+    assert_eq!(formats, ["bin", "bin", "bin", "r3d"]);
+}
