@@ -140,11 +140,11 @@ pub async fn put_result(
             other.map_err(not_found_as(id))?;
         }
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/octet-stream")
-        .to_owned();
+    // Only types of the media table are stored (and so served): whatever a worker claims.
+    let content_type = tdcomfy_api::media::known_mime(
+        headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default(),
+    )
+    .to_owned();
     let limit = broker.config().max_result_bytes;
     // A body that announces it is over the limit is refused before a byte is staged; a body without
     // a length (chunked) is still cut off at the limit while it streams.

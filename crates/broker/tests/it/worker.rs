@@ -254,3 +254,23 @@ async fn json_bodies_over_64_kib_are_refused_with_the_limit_named() {
     // A normal one still passes.
     assert_eq!(app.heartbeat(&id, token, None).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_result_type_outside_the_media_table_is_stored_and_served_as_octet_stream() {
+    let app = spawn_app().await;
+    let id = app.submit_png("html?").await;
+    let job = app.lease("w", 2.0).await.expect("leased");
+    let token = job["lease_token"].as_str().unwrap();
+    let resp = app
+        .put(&format!("/worker/jobs/{id}/result"))
+        .header("lease-token", token)
+        .header("content-type", "text/html")
+        .body("<script>alert(1)</script>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(app.job(&id).await["result"]["content_type"], "application/octet-stream");
+    let got = app.get(&format!("/jobs/{id}/result")).send().await.unwrap();
+    assert_eq!(got.headers()["content-type"], "application/octet-stream");
+}
