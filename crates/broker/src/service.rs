@@ -72,7 +72,7 @@ struct Inner {
     /// Leases handed out but not yet acknowledged by their worker (no input download, no
     /// heartbeat). An answer written into a closed socket looks delivered to the server; only the
     /// worker's first call proves it arrived.
-    unacknowledged: std::sync::Mutex<std::collections::HashMap<JobId, (LeaseToken, Instant)>>,
+    unacknowledged: std::sync::Mutex<std::collections::HashMap<JobId, Unacknowledged>>,
 }
 
 /// Broker faults that are not a client's doing.
@@ -275,6 +275,11 @@ impl Broker {
         })
     }
 
+    /// True when a job was stored under this `Idempotency-Key`.
+    pub async fn knows_idempotency_key(&self, key: &str) -> Result<bool, BrokerError> {
+        Ok(self.inner.store.knows_idempotency_key(key.to_owned()).await?)
+    }
+
     /// Number of queued jobs.
     pub fn queued_count(&self) -> u64 {
         self.inner.store.queued_count()
@@ -443,25 +448,27 @@ impl Broker {
         self.inner.workers.touch(&worker, Some(r.id));
         self.publish(JobEventKind::Started, &r).await?;
         let lease = self.lease_of(&r);
+        let expiry = r.lease.as_ref().and_then(|l| l.expires_at);
         let abandoned = {
             let mut state = handover.lock().unwrap_or_else(|p| p.into_inner());
             match *state {
                 Handover::Abandoned => true,
                 _ => {
-                    *state = Handover::Claimed(r.id, lease.lease_token.clone());
+                    *state = Handover::Claimed(r.id, lease.lease_token.clone(), expiry);
                     false
                 }
             }
         };
         if abandoned {
-            self.release_unreceived(r.id, lease.lease_token.clone()).await?;
+            self.release_unreceived(r.id, lease.lease_token.clone(), expiry).await?;
             return Ok(None);
         }
-        self.unacknowledged().insert(r.id, (lease.lease_token.clone(), Instant::now()));
+        self.unacknowledged()
+            .insert(r.id, Unacknowledged { token: lease.lease_token.clone(), at: Instant::now(), expiry });
         Ok(Some(lease))
     }
 
-    fn unacknowledged(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, (LeaseToken, Instant)>> {
+    fn unacknowledged(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, Unacknowledged>> {
         self.inner.unacknowledged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -480,25 +487,26 @@ impl Broker {
     /// Hands back leases whose worker never called (their answer was lost with the connection).
     async fn release_unacknowledged(&self) -> Result<(), BrokerError> {
         let window = self.acknowledge_window();
-        let stale: Vec<(JobId, LeaseToken)> = {
+        let stale: Vec<(JobId, Unacknowledged)> = {
             let mut map = self.unacknowledged();
-            let stale: Vec<_> =
-                map.iter().filter(|(_, (_, at))| at.elapsed() >= window).map(|(id, (t, _))| (*id, t.clone())).collect();
-            for (id, _) in &stale {
-                map.remove(id);
-            }
-            stale
+            let ids: Vec<JobId> = map.iter().filter(|(_, u)| u.at.elapsed() >= window).map(|(id, _)| *id).collect();
+            ids.into_iter().filter_map(|id| map.remove(&id).map(|u| (id, u))).collect()
         };
-        for (id, token) in stale {
-            self.release_unreceived(id, token).await?;
+        for (id, u) in stale {
+            self.release_unreceived(id, u.token, u.expiry).await?;
         }
         Ok(())
     }
 
     /// Puts a job whose lease never reached its worker back in the queue, attempt uncounted.
-    async fn release_unreceived(&self, id: JobId, token: LeaseToken) -> Result<(), BrokerError> {
+    async fn release_unreceived(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        claimed_expiry: Option<Timestamp>,
+    ) -> Result<(), BrokerError> {
         self.acknowledge(id);
-        if let Some(r) = self.inner.store.release_unreceived(id, token).await? {
+        if let Some(r) = self.inner.store.release_unreceived(id, token, claimed_expiry).await? {
             tracing::info!(job_id = %id, "the worker hung up before receiving its lease: job queued again");
             self.inner.workers.release(id);
             self.publish(JobEventKind::Queued, &r).await?;
@@ -578,7 +586,8 @@ impl Broker {
                 continue; // a stalled upload does not hold the lease: the sweep may take it back
             }
             seen = now;
-            match self.heartbeat(id, token.clone(), None).await {
+            let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
+            match self.inner.store.renew_for_upload(id, token.clone(), lease_ms).await.map_err(BrokerError::from) {
                 Ok(false) => {}
                 Ok(true) => return BrokerError::Store(StoreError::Cancelled),
                 Err(e @ BrokerError::Store(StoreError::LeaseLost { .. } | StoreError::NotFound)) => return e,
@@ -613,7 +622,7 @@ impl Broker {
         // Re-check right before committing: the job may have been cancelled during the upload.
         if let Err(e) = self.inner.store.check_lease(id, &token).await {
             self.inner.blobs.discard(staged).await;
-            if let StoreError::LeaseLost { status: JobStatus::Done } = e {
+            if let StoreError::AlreadyDone = e {
                 return Ok(JobStatus::Done);
             }
             return Err(e.into());
@@ -803,12 +812,20 @@ async fn reconcile_files(store: &Store, blobs: &Blobs) -> Result<(), BrokerError
     Ok(())
 }
 
+/// A lease handed out whose worker has not called back yet.
+struct Unacknowledged {
+    token: LeaseToken,
+    at: Instant,
+    /// The lease's expiry as claimed; a renewal moves it, which proves the lease arrived.
+    expiry: Option<Timestamp>,
+}
+
 /// Where a claim stands relative to the lease request that asked for it.
 enum Handover {
     /// The request is still waiting; nothing claimed.
     Waiting,
-    /// A job was claimed for this request.
-    Claimed(JobId, LeaseToken),
+    /// A job was claimed for this request (with the lease's expiry as claimed).
+    Claimed(JobId, LeaseToken, Option<Timestamp>),
     /// The request went away (its future was dropped).
     Abandoned,
     /// The lease was returned to the handler, which answers the worker with it.
@@ -832,11 +849,11 @@ impl Drop for LeaseHandover {
     fn drop(&mut self) {
         let previous =
             std::mem::replace(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()), Handover::Abandoned);
-        if let Handover::Claimed(id, token) = previous {
+        if let Handover::Claimed(id, token, expiry) = previous {
             let broker = self.broker.clone();
             // Drop cannot await; the release is a state change like any other, on its own task.
             tokio::spawn(async move {
-                if let Err(e) = broker.release_unreceived(id, token).await {
+                if let Err(e) = broker.release_unreceived(id, token, expiry).await {
                     tracing::error!(job_id = %id, error = %e, "could not hand back an unreceived lease");
                 }
             });

@@ -35,6 +35,10 @@ pub enum StoreError {
     /// The job was cancelled by a client while the worker held it.
     #[error("the job was cancelled")]
     Cancelled,
+    /// The caller's own lease already finished the job (a repeated result upload): unlike
+    /// `LeaseLost`, the token matched.
+    #[error("this lease already finished the job")]
+    AlreadyDone,
     /// SQLite failed.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
@@ -451,6 +455,17 @@ impl Store {
         self.read(|c| get_in(c, id))
     }
 
+    /// True when a job was stored under this idempotency key.
+    pub async fn knows_idempotency_key(&self, key: String) -> Result<bool, StoreError> {
+        self.read(|c| {
+            let found: Option<i64> = c
+                .prepare_cached("SELECT 1 FROM jobs WHERE idempotency_key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()?;
+            Ok(found.is_some())
+        })
+    }
+
     /// Number of queued jobs (from the in-memory index).
     pub fn queued_count(&self) -> u64 {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).seqs.len() as u64
@@ -559,6 +574,28 @@ impl Store {
         .await
     }
 
+    /// Renews a lease whose result is arriving, and holds `JOB_TIMEOUT` off for as long: a result
+    /// that is being delivered is not timed out mid-stream. Same refusals as [`Store::heartbeat`].
+    pub async fn renew_for_upload(&self, id: JobId, token: LeaseToken, lease_ms: i64) -> Result<bool, StoreError> {
+        self.write(move |tx, _, now| {
+            let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
+            check_lease(&job, &token)?;
+            match job.status {
+                JobStatus::Cancelled => Ok(true),
+                JobStatus::Running => {
+                    tx.prepare_cached(
+                        "UPDATE jobs SET lease_expires_at = ?1, \
+                         timeout_grace_until = MAX(COALESCE(timeout_grace_until, 0), ?1) WHERE seq = ?2",
+                    )?
+                    .execute(params![now + lease_ms, job.seq])?;
+                    Ok(false)
+                }
+                status => Err(StoreError::LeaseLost { status }),
+            }
+        })
+        .await
+    }
+
     /// Checks that `token` is the current lease of a running job (before accepting bytes from it).
     pub async fn check_lease(&self, id: JobId, token: &LeaseToken) -> Result<JobRecord, StoreError> {
         let job = self.get(id).await?.ok_or(StoreError::NotFound)?;
@@ -566,6 +603,7 @@ impl Store {
         match job.status {
             JobStatus::Running => Ok(job),
             JobStatus::Cancelled => Err(StoreError::Cancelled),
+            JobStatus::Done => Err(StoreError::AlreadyDone),
             status => Err(StoreError::LeaseLost { status }),
         }
     }
@@ -641,10 +679,20 @@ impl Store {
     /// Hands back a lease that never reached its worker (the lease request's client hung up after
     /// the claim committed): the job is queued again and the attempt is not counted. `None` when
     /// the lease is no longer current (nothing to undo).
-    pub async fn release_unreceived(&self, id: JobId, token: LeaseToken) -> Result<Option<JobRecord>, StoreError> {
+    /// `claimed_expiry` is the lease's expiry as claimed: a lease renewed since (its worker's first
+    /// heartbeat committed meanwhile) has been received and is left alone.
+    pub async fn release_unreceived(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        claimed_expiry: Option<Timestamp>,
+    ) -> Result<Option<JobRecord>, StoreError> {
         self.write(move |tx, queue, _now| {
             let Some(job) = get_in(tx, id)? else { return Ok(None) };
             if job.status != JobStatus::Running || check_lease(&job, &token).is_err() {
+                return Ok(None);
+            }
+            if job.lease.as_ref().and_then(|l| l.expires_at) != claimed_expiry {
                 return Ok(None);
             }
             requeue(tx, queue, job.seq)?;

@@ -201,6 +201,8 @@ impl JobRun<'_> {
         step: impl std::future::Future<Output = Result<T, Failure>>,
     ) -> Result<T, Abandon> {
         tokio::select! {
+            // The step first: when both are ready, what the step achieved is not thrown away.
+            biased;
             out = step => out.map_err(Abandon::Failed),
             end = keeper.ended() => {
                 tracing::info!(job_id = %self.lease.job_id, ?end, "the broker ended the lease: stopping");
@@ -316,12 +318,10 @@ impl JobRun<'_> {
                 Err(Abandon::Failed(f)) => return Err(f),
             };
         let fetched = t.elapsed();
-        let end = match self.unless_lease_ends(keeper, self.deliver(&result_path, &content_type, comfy_execution)).await
-        {
-            Ok(end) => Ok(end),
-            Err(Abandon::LeaseEnded) => Ok(JobEnd::Abandoned),
-            Err(Abandon::Failed(f)) => Err(f),
-        };
+        // Not raced against the keeper: a heartbeat answered "lease lost" just after the broker
+        // accepted this very upload must not turn a delivered result into an abandoned one. The
+        // upload's own answer decides (the broker stops it with 409 when the lease really ended).
+        let end = self.deliver(&result_path, &content_type, comfy_execution, keeper).await;
         if matches!(end, Ok(JobEnd::Delivered))
             && !self.config.keep_comfy_outputs
             && let Some(served) = ServedCopy::keep(&result_path).await
@@ -474,10 +474,10 @@ impl JobRun<'_> {
         path: &Path,
         content_type: &str,
         comfy_execution: Option<Duration>,
+        keeper: &LeaseKeeper,
     ) -> Result<JobEnd, Failure> {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
         let mut delay = self.config.retry_delay;
-        let give_up = Instant::now() + Duration::from_secs_f64(self.lease.job_timeout.max(60.0));
         let shut_down = || Failure::new("the worker was shut down before the broker accepted the result", true);
         loop {
             let upload = self.broker.upload_result(id, token, path, content_type, comfy_execution);
@@ -497,11 +497,21 @@ impl JobRun<'_> {
                 Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => {
                     return Ok(JobEnd::Abandoned);
                 }
-                Err(e) if (e.is_transient() || matches!(e, BrokerCallError::Io(_))) && Instant::now() < give_up => {
+                // The broker being away is waited out for as long as it takes: a finished result
+                // is worth more than any limit, and reporting a failure would need the broker too.
+                // Only the broker ending the lease (seen by the keeper) or a shutdown stops this.
+                Err(BrokerCallError::Io(e)) => {
+                    return Err(Failure::new(format!("could not read the spooled result: {e}"), true));
+                }
+                Err(e) if e.is_transient() => {
                     tracing::warn!(job_id = %id, error = %error_chain(&e), retry_in = ?delay, "result upload failed; the result waits in the spool");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shutdown.cancelled() => return Err(shut_down()),
+                        end = keeper.ended() => {
+                            tracing::info!(job_id = %id, ?end, "the broker ended the lease while the result waited");
+                            return Ok(JobEnd::Abandoned);
+                        }
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }

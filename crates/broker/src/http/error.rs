@@ -161,6 +161,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::JobNotFound(String::from("(requested)")),
             StoreError::LeaseLost { status } => ApiError::lease_lost(status),
+            StoreError::AlreadyDone => ApiError::lease_lost(JobStatus::Done),
             StoreError::Cancelled => {
                 ApiError::Conflict { code: "job_cancelled", message: "the job was cancelled by a client".into() }
             }

@@ -37,7 +37,17 @@ impl<T: DeserializeOwned> FromRequest<Broker> for ApiJson<T> {
         if !json_type {
             return Err(ApiError::bad_request("invalid_json", "expected a body with Content-Type: application/json"));
         }
-        let bytes = axum::body::to_bytes(req.into_body(), JSON_BODY_LIMIT as usize).await.map_err(|_| too_large())?;
+        // Read by hand, so "over the limit" (413) and "the body broke off" (400) stay apart.
+        let mut body = req.into_body().into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut body).await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request("upload_interrupted", format!("the body broke off: {e}")))?;
+            if (bytes.len() + chunk.len()) as u64 > JSON_BODY_LIMIT {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| ApiError::bad_request("invalid_json", format!("the JSON body is invalid: {e}")))

@@ -79,7 +79,13 @@ pub async fn submit_job(State(broker): State<Broker>, req: Request) -> Result<Re
     // Checked before the body is read; concurrent submissions may pass it together, so the queue
     // can exceed MAX_QUEUE by the number of uploads in flight, never more.
     let max_queue = broker.config().max_queue;
-    if broker.queued_count() >= max_queue {
+    // A retry of a submission that was accepted (its answer lost) is a replay, not a new job:
+    // it gets its job even while the queue is full.
+    let replay = match idempotency_key(req.headers())? {
+        Some(key) => broker.knows_idempotency_key(&key).await?,
+        None => false,
+    };
+    if !replay && broker.queued_count() >= max_queue {
         drain(req.into_body(), limit).await;
         return Err(ApiError::QueueFull { limit: max_queue, retry_after: QUEUE_FULL_RETRY_AFTER });
     }

@@ -133,7 +133,7 @@ pub async fn put_result(
     let token = lease_token(&headers)?;
     // Refuse before reading a byte when the lease is already gone.
     match broker.check_lease(id, &token).await {
-        Err(BrokerError::Store(StoreError::LeaseLost { status: tdcomfy_api::JobStatus::Done })) => {
+        Err(BrokerError::Store(StoreError::AlreadyDone)) => {
             return Ok(axum::Json(WorkerAck { status: tdcomfy_api::JobStatus::Done }));
         }
         other => {

@@ -73,3 +73,60 @@ async fn a_stalled_result_upload_does_not_hold_the_lease() {
     assert_eq!(requeued["status"], "queued", "the stalled upload's lease expired: {requeued}");
     upload.abort();
 }
+
+#[tokio::test]
+async fn a_stale_attempt_uploading_after_another_finished_the_job_is_refused() {
+    let app = spawn_with(|a| {
+        a.lease_ttl = 1.5;
+        a.max_attempts = 3;
+    })
+    .await;
+    let id = app.submit_png("two attempts").await;
+    let first = app.lease("slow", 5.0).await.expect("leased");
+    let stale = first["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.heartbeat(&id, &stale, None).await.status(), 200);
+    let requeued = app.wait_until(&id, 15.0, |j| j["status"] == "queued").await;
+    assert_eq!(requeued["status"], "queued");
+    let second = app.lease("fast", 5.0).await.expect("re-leased");
+    let token = second["lease_token"].as_str().unwrap();
+    assert_eq!(app.put_result(&id, token, vec![2u8; 100]).await.status(), 200);
+    // The first attempt wakes up and delivers: it must learn its lease is gone, not hear "done"
+    // (it would then believe its own bytes were taken and clean up as if delivered).
+    let (status, err) = crate::helpers::error_of(app.put_result(&id, &stale, vec![1u8; 100]).await).await;
+    assert_eq!((status, err["code"].as_str()), (409, Some("lease_lost")), "{err}");
+    // The finishing attempt itself may repeat its upload harmlessly.
+    assert_eq!(app.put_result(&id, token, vec![2u8; 100]).await.status(), 200);
+    assert_eq!(app.job(&id).await["result"]["size"], 100);
+}
+
+#[tokio::test]
+async fn job_timeout_does_not_fail_a_job_whose_result_is_arriving() {
+    let app = spawn_with(|a| {
+        a.lease_ttl = 1.5;
+        a.job_timeout = 2.0;
+    })
+    .await;
+    let id = app.submit_png("late but flowing").await;
+    let job = app.lease("w", 5.0).await.expect("leased");
+    let token = job["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.heartbeat(&id, &token, None).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The upload starts before JOB_TIMEOUT and trickles on for 4 s past it.
+    let body = futures_util::stream::unfold(0, |i| async move {
+        if i == 20 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((Ok::<_, std::io::Error>(Bytes::from(vec![3u8; 1000])), i + 1))
+    });
+    let resp = app
+        .put(&format!("/worker/jobs/{id}/result"))
+        .header("lease-token", &token)
+        .header("content-type", "video/mp4")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(app.job(&id).await["status"], "done");
+}

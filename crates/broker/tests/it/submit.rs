@@ -291,6 +291,15 @@ async fn past_max_queue_a_submission_gets_429_with_retry_after_and_nothing_is_ke
     assert!(err["message"].as_str().unwrap().contains("MAX_QUEUE"), "{err}");
     assert!(retry_after.and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s > 0), "Retry-After in seconds");
     assert_eq!(app.files("inputs").len(), 3, "the refused frame was not kept");
+    // A retry of an accepted submission (same Idempotency-Key) gets its job, full queue or not.
+    let first = app.submit(png_form("keyed")).await;
+    assert_eq!(first.status(), 429, "no room for a new job");
+    app.lease("w", 2.0).await.expect("leased");
+    let keyed = app.post("/jobs").header("idempotency-key", "k-1").multipart(png_form("keyed")).send().await.unwrap();
+    assert_eq!(keyed.status(), 200);
+    let replay = app.post("/jobs").header("idempotency-key", "k-1").multipart(png_form("keyed")).send().await.unwrap();
+    assert_eq!(replay.status(), 200, "the replay is answered while the queue is full again");
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
     // Once a worker takes a job, there is room again.
     app.lease("w", 2.0).await.expect("leased");
     app.submit_png("fits again").await;

@@ -35,11 +35,14 @@ async fn a_prompt_that_vanishes_every_time_ends_in_a_clear_error_not_a_hang() {
 
 #[tokio::test]
 async fn a_killed_worker_s_job_is_re_leased_and_finished_by_another() {
-    let mut p = Pipeline::start(Setup { sim_job_time: 5.0, lease_ttl: 1.0, ..Setup::default() }).await;
+    let mut p = Pipeline::start(Setup { sim_job_time: 2.0, lease_ttl: 1.0, ..Setup::default() }).await;
     let id = p.submit("survives its worker", None, Some(json!({"frames": 9}))).await;
-    p.wait_for(&id, 30.0, |j| j["status"] == "running").await;
+    // Killed mid-prompt (progress reported), not between the lease and its first call: a lease
+    // that never reached its worker goes back to the queue without counting an attempt.
+    p.wait_for(&id, 30.0, |j| j["status"] == "running" && j["progress"]["node"].is_string()).await;
     let mut dead = p.workers.remove(0);
     dead.kill().await;
+
     let second = p.start_worker("worker-2").await;
     p.workers.push(second);
     let job = p.wait_terminal(&id).await;
