@@ -648,11 +648,14 @@ impl Broker {
         message: String,
         retryable: bool,
     ) -> Result<JobStatus, BrokerError> {
-        let r = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
+        let (r, changed) = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
         self.inner.workers.release(id);
-        self.publish(Self::kind_for_status(r.status), &r).await?;
-        if r.status == JobStatus::Queued {
-            self.inner.hub.job_queued();
+        // A repeated report changes nothing, so it is no event (subscribers would see the job fail twice).
+        if changed {
+            self.publish(Self::kind_for_status(r.status), &r).await?;
+            if r.status == JobStatus::Queued {
+                self.inner.hub.job_queued();
+            }
         }
         Ok(r.status)
     }
