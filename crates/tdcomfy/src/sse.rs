@@ -22,7 +22,8 @@ impl JobEvents {
             if let Some(end) = self.buf.find("\n\n") {
                 let block: String = self.buf.drain(..end + 2).collect();
                 let data: String = block.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
-                if data.is_empty() {
+                // A `resync` is no job event; on a job's stream the snapshot it comes with is.
+                if data.is_empty() || block.lines().any(|l| l.trim_end() == "event: resync") {
                     continue;
                 }
                 return Ok(Some(serde_json::from_str(&data)?));
