@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use tdcomfy_api::{JobEvent, JobId};
+use tdcomfy_api::{JobEvent, JobEventKind, JobId};
 use tokio::sync::{Notify, broadcast};
 
 /// How many events the replay buffer keeps.
@@ -24,6 +24,20 @@ pub const REPLAY_EVENTS: usize = 1024;
 /// The most JSON the replay buffer keeps; a prompt may be 10,000 characters, so 1024 events can
 /// be 20 MB. Past this the oldest events go first.
 pub const REPLAY_BYTES: usize = 8 << 20;
+
+/// The name of an event kind on the wire (its SSE `event:` line and JSON `event`).
+pub fn event_name(kind: JobEventKind) -> &'static str {
+    match kind {
+        JobEventKind::Snapshot => "snapshot",
+        JobEventKind::Queued => "queued",
+        JobEventKind::Started => "started",
+        JobEventKind::Progress => "progress",
+        JobEventKind::Done => "done",
+        JobEventKind::Error => "error",
+        JobEventKind::Cancelled => "cancelled",
+        JobEventKind::Deleted => "deleted",
+    }
+}
 
 /// One published event with its sequence number, id and JSON text.
 #[derive(Debug)]

@@ -187,6 +187,15 @@ impl Broker {
 
     async fn publish(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
         let view = self.view(r).await?;
+        // The broker's record of a job's life, one line per change, with the fields a log search
+        // joins the worker's lines on (the worker is absent once a requeue cleared the lease).
+        let worker = r.lease.as_ref().map(|l| l.owner.as_str());
+        if kind == JobEventKind::Progress {
+            tracing::debug!(job_id = %r.id, attempt = r.attempts, worker, "job progress");
+        } else {
+            let event = crate::events::event_name(kind);
+            tracing::info!(job_id = %r.id, attempt = r.attempts, worker, status = %r.status, event, "job {event}");
+        }
         self.inner.hub.publish(JobEvent::new(kind, view));
         Ok(())
     }

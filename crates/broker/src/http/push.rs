@@ -19,7 +19,7 @@ use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{ApiQuery, job_id};
-use crate::events::{PublishedEvent, Resume, Resync, ResyncReason, Subscription};
+use crate::events::{PublishedEvent, Resume, Resync, ResyncReason, Subscription, event_name};
 use crate::service::Broker;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -28,19 +28,6 @@ const LAST_EVENT_ID_DOC: &str = "The `id:` of the last event the client received
 
 fn sse_event(ev: &PublishedEvent) -> Event {
     Event::default().id(ev.id.as_str()).event(event_name(ev.event.event)).data(ev.json.as_str())
-}
-
-fn event_name(kind: JobEventKind) -> &'static str {
-    match kind {
-        JobEventKind::Snapshot => "snapshot",
-        JobEventKind::Queued => "queued",
-        JobEventKind::Started => "started",
-        JobEventKind::Progress => "progress",
-        JobEventKind::Done => "done",
-        JobEventKind::Error => "error",
-        JobEventKind::Cancelled => "cancelled",
-        JobEventKind::Deleted => "deleted",
-    }
 }
 
 /// What a push stream sends.
