@@ -76,6 +76,12 @@ async fn a_job_stream_resumes_from_its_last_event_id_and_ends_with_the_job() {
     let names: Vec<&str> = replayed.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(names, ["started", "progress", "done"], "only this job's events, no second snapshot");
     assert!(again.next(10.0).await.is_none(), "the stream ends after the terminal state");
+
+    // An EventSource reconnects by itself when a stream ends: it gets the final state and the end.
+    let mut after_end = resume(&app, &path, &replayed[2].1).await;
+    let (name, data) = after_end.next(10.0).await.expect("the final state");
+    assert_eq!((name.as_str(), data["job"]["status"].as_str()), ("snapshot", Some("done")));
+    assert!(after_end.next(10.0).await.is_none());
 }
 
 #[tokio::test]
