@@ -37,22 +37,17 @@ async fn a_log_file_gets_no_terminal_escape_codes() {
     assert!(!text.contains("\x1b["), "escape codes in a log file: {text:?}");
 }
 
-#[tokio::test]
-async fn log_format_json_gives_one_object_per_line_and_job_lines_name_job_attempt_and_worker() {
+/// Runs `tdcomfy up --simulate` (logging to a file) with `env`, and one job through it that the
+/// simulator fails; returns the log and `tdcomfy submit`'s stderr.
+async fn one_failing_job(env: &[(&str, String)]) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("up.log");
-    let port = free_port();
-    let env = [
-        ("LOG_FORMAT", "json".to_owned()),
-        ("WORKER_ID", "log-test-worker".to_owned()),
-        ("COMFYUI_PORT", free_port().to_string()),
-        ("SIM_JOB_TIME", "0.2".to_owned()),
-    ];
-    let mut up = start_logging_to(&["up", "--simulate"], dir.path(), port, &log, &env);
+    let mut env = env.to_vec();
+    env.extend([("COMFYUI_PORT", free_port().to_string()), ("SIM_JOB_TIME", "0.2".to_owned())]);
+    let mut up = start_logging_to(&["up", "--simulate"], dir.path(), free_port(), &log, &env);
     up.ready().await;
     let frame = dir.path().join("frame.png");
     std::fs::write(&frame, png(64, 40, 3)).unwrap();
-    // A job the simulator fails: the worker logs the failure, the broker the job's events.
     let failed = Command::new(env!("CARGO_BIN_EXE_tdcomfy"))
         .args(["submit", frame.to_str().unwrap(), "--prompt", "[sim:error]", "--params", r#"{"frames": 9}"#])
         .arg("--out")
@@ -61,11 +56,16 @@ async fn log_format_json_gives_one_object_per_line_and_job_lines_name_job_attemp
         .env_remove("API_TOKEN")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&failed.stderr);
+    let stderr = String::from_utf8_lossy(&failed.stderr).into_owned();
     assert!(!failed.status.success() && stderr.contains("SamplerCustom"), "the job failed in ComfyUI: {stderr}");
     up.kill();
+    (std::fs::read_to_string(&log).unwrap(), stderr)
+}
 
-    let text = std::fs::read_to_string(&log).unwrap();
+#[tokio::test]
+async fn log_format_json_gives_one_object_per_line_and_job_lines_name_job_attempt_and_worker() {
+    let env = [("LOG_FORMAT", "json".to_owned()), ("WORKER_ID", "log-test-worker".to_owned())];
+    let (text, _) = one_failing_job(&env).await;
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
@@ -77,6 +77,7 @@ async fn log_format_json_gives_one_object_per_line_and_job_lines_name_job_attemp
             .find(|l| l["message"].as_str().is_some_and(|m| m.contains(message)))
             .unwrap_or_else(|| panic!("no {message:?} line in {text}"))
     };
+    // The worker's report of the failure, and the broker's record of it.
     let worker_line = named("job failed");
     let broker_line = named("job error");
     for line in [worker_line, broker_line] {
@@ -84,4 +85,11 @@ async fn log_format_json_gives_one_object_per_line_and_job_lines_name_job_attemp
         assert_eq!((line["attempt"].as_u64(), line["worker"].as_str()), (Some(1), Some("log-test-worker")), "{line}");
     }
     assert_eq!(worker_line["job_id"], broker_line["job_id"]);
+}
+
+#[tokio::test]
+async fn submit_shows_progress_as_plain_lines_when_stderr_is_not_a_terminal() {
+    let (_, stderr) = one_failing_job(&[]).await;
+    assert!(!stderr.contains('\x1b') && !stderr.contains('\r'), "terminal codes in piped output: {stderr:?}");
+    assert!(stderr.lines().any(|l| l.contains("running")), "progress is still shown: {stderr}");
 }
