@@ -75,16 +75,16 @@ fn open(broker: &Broker, last_event_id: Option<&str>) -> (Subscription, Option<R
     }
 }
 
-/// The next event for `filter` on `rx`; a subscriber that fell behind the channel is subscribed
-/// again from now and gets a resync, never a silent gap. `None` when the hub closed.
-async fn next_push(
+/// The next event for `filter` on `rx`, or a resync for a subscriber that fell behind the channel
+/// (subscribed again from now), never a silent gap. `None` when the hub closed.
+async fn next_event(
     broker: &Broker,
     rx: &mut broadcast::Receiver<Arc<PublishedEvent>>,
     filter: Option<JobId>,
-) -> Option<Push> {
+) -> Option<Result<Arc<PublishedEvent>, Resync>> {
     loop {
         match rx.recv().await {
-            Ok(ev) if filter.is_none_or(|id| ev.job_id() == id) => return Some(Push::Job(ev)),
+            Ok(ev) if filter.is_none_or(|id| ev.job_id() == id) => return Some(Ok(ev)),
             Ok(_) => continue,
             Err(RecvError::Lagged(missed)) => {
                 // What is still in the channel is stale too: the client re-reads the state, so
@@ -92,7 +92,7 @@ async fn next_push(
                 let sub = broker.hub().subscribe_now();
                 *rx = sub.rx;
                 tracing::debug!(missed, "an event subscriber fell behind; sent resync");
-                return Some(Push::Resync(Resync { reason: ResyncReason::Lagged, id: sub.id }));
+                return Some(Err(Resync { reason: ResyncReason::Lagged, id: sub.id }));
             }
             Err(RecvError::Closed) => return None,
         }
@@ -117,7 +117,7 @@ fn all_events(
         if let Some(push) = pending.pop_front() {
             return Some((push, (broker, rx, pending)));
         }
-        let push = next_push(&broker, &mut rx, filter).await?;
+        let push = next_event(&broker, &mut rx, filter).await?.map_or_else(Push::Resync, Push::Job);
         Some((push, (broker, rx, pending)))
     })
 }
@@ -227,14 +227,14 @@ pub async fn job_events(
             return None;
         }
         loop {
-            match next_push(&st.broker, &mut st.rx, Some(id)).await? {
-                Push::Job(ev) if ev.event.job.version > st.version => {
+            match next_event(&st.broker, &mut st.rx, Some(id)).await? {
+                Ok(ev) if ev.event.job.version > st.version => {
                     st.version = ev.event.job.version;
                     st.done = ends_job_stream(&ev);
                     return Some((Push::Job(ev), st));
                 }
-                Push::Job(_) => continue,
-                Push::Resync(r) => {
+                Ok(_) => continue,
+                Err(r) => {
                     // Missed events: send the job's current state after the resync instead of guessing.
                     let (snap, view) = snapshot(&st.broker, id, r.id.clone()).await.ok()?;
                     st.version = view.version;
@@ -242,7 +242,6 @@ pub async fn job_events(
                     st.pending.push_back(snap);
                     return Some((Push::Resync(r), st));
                 }
-                Push::Snapshot(..) => unreachable!("next_push yields no snapshots"),
             }
         }
     });
