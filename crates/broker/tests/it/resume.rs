@@ -231,8 +231,13 @@ async fn subscribers_that_fall_behind_get_resync_instead_of_a_silent_gap() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut next_ws = async || -> Value {
-        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("a WebSocket message");
-        serde_json::from_str(msg.unwrap().unwrap().to_text().unwrap()).unwrap()
+        loop {
+            let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("a WebSocket message");
+            // The broker pings every 15 s; only text messages are events.
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = msg.unwrap().unwrap() {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
     };
     loop {
         let msg = next_ws().await;
