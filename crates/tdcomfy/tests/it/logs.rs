@@ -77,14 +77,17 @@ async fn log_format_json_gives_one_object_per_line_and_job_lines_name_job_attemp
             .find(|l| l["message"].as_str().is_some_and(|m| m.contains(message)))
             .unwrap_or_else(|| panic!("no {message:?} line in {text}"))
     };
-    // The worker's report of the failure, and the broker's record of it.
+    // ComfyUI's verdict (logged by the prompt's supervisor task), the worker's report of the
+    // failure, and the broker's record of it.
+    let comfy_line = named("prompt failed");
     let worker_line = named("job failed");
     let broker_line = named("job error");
-    for line in [worker_line, broker_line] {
+    for line in [comfy_line, worker_line, broker_line] {
         assert!(line["job_id"].is_string(), "{line}");
         assert_eq!((line["attempt"].as_u64(), line["worker"].as_str()), (Some(1), Some("log-test-worker")), "{line}");
     }
     assert_eq!(worker_line["job_id"], broker_line["job_id"]);
+    assert_eq!(comfy_line["job_id"], broker_line["job_id"]);
 }
 
 #[tokio::test]
