@@ -169,8 +169,9 @@ impl EventHub {
         let ev = Arc::new(PublishedEvent { seq: ring.seq, id: self.id_of(ring.seq), event, json });
         ring.bytes += ev.json.len();
         ring.events.push_back(ev.clone());
+        // The newest event always stays, however large, so a resume from the one before it works.
         while ring.events.len() > REPLAY_EVENTS || (ring.bytes > REPLAY_BYTES && ring.events.len() > 1) {
-            let old = ring.events.pop_front().expect("not empty");
+            let Some(old) = ring.events.pop_front() else { break };
             ring.bytes -= old.json.len();
         }
         // Sent under the ring's lock, which subscribers take too: an event is either in the ring
