@@ -1,21 +1,51 @@
-//! In-process fan-out of job events, and the wake-up signal for workers waiting on a lease.
+//! In-process fan-out of job events, the replay buffer that lets a client resume a stream, and the
+//! wake-up signal for workers waiting on a lease.
 //!
 //! Every change the service makes is published here once, already serialized, so a hundred SSE or
-//! WebSocket subscribers cost one `serde_json` call, not a hundred. A subscriber that falls behind
-//! the channel's capacity skips ahead (and per-job streams re-read the job), so a slow client can
-//! never hold memory or block the broker.
+//! WebSocket subscribers cost one `serde_json` call, not a hundred. Each event gets an id,
+//! `<boot>-<seq>`: `boot` is new at every broker start (the sequence restarts with it), so an id
+//! from before a restart is recognised as one and never silently skips the events after it.
+//!
+//! The last [`REPLAY_EVENTS`] events (at most [`REPLAY_BYTES`] of JSON) stay in a ring, so a client
+//! that reconnects with `Last-Event-ID` first gets what it missed ([`EventHub::resume`]). Whatever
+//! cannot be replayed exactly (an id of another start, one older than the ring, a subscriber that
+//! fell behind the channel) is answered with a [`Resync`] instead: the client re-reads the state.
+//! A slow client can never hold memory or block the broker.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
-use tdcomfy_api::{JobEvent, JobId};
+use tdcomfy_api::{JobEvent, JobEventKind, JobId};
 use tokio::sync::{Notify, broadcast};
 
-/// One published event with its sequence number and JSON text.
+/// How many events the replay buffer keeps.
+pub const REPLAY_EVENTS: usize = 1024;
+
+/// The most JSON the replay buffer keeps; a prompt may be 10,000 characters, so 1024 events can
+/// be 20 MB. Past this the oldest events go first.
+pub const REPLAY_BYTES: usize = 8 << 20;
+
+/// The name of an event kind on the wire (its SSE `event:` line and JSON `event`).
+pub fn event_name(kind: JobEventKind) -> &'static str {
+    match kind {
+        JobEventKind::Snapshot => "snapshot",
+        JobEventKind::Queued => "queued",
+        JobEventKind::Started => "started",
+        JobEventKind::Progress => "progress",
+        JobEventKind::Done => "done",
+        JobEventKind::Error => "error",
+        JobEventKind::Cancelled => "cancelled",
+        JobEventKind::Deleted => "deleted",
+    }
+}
+
+/// One published event with its sequence number, id and JSON text.
 #[derive(Debug)]
 pub struct PublishedEvent {
-    /// Increases by one per event since the broker started (the SSE `id:`).
+    /// Increases by one per event since the broker started.
     pub seq: u64,
+    /// The SSE `id:`, `<boot>-<seq>`.
+    pub id: String,
     /// The event.
     pub event: JobEvent,
     /// `event` serialized once.
@@ -29,31 +59,159 @@ impl PublishedEvent {
     }
 }
 
-/// The broker's event bus.
+/// Why a stream cannot go on from where the client was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncReason {
+    /// The subscriber fell more than the channel's capacity behind.
+    Lagged,
+    /// `Last-Event-ID` is not an id of this broker start (malformed, another start, or newer
+    /// than anything published).
+    UnknownId,
+    /// `Last-Event-ID` is older than the replay buffer holds.
+    Expired,
+}
+
+impl ResyncReason {
+    /// The `reason` on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::Lagged => "lagged",
+            ResyncReason::UnknownId => "unknown_id",
+            ResyncReason::Expired => "expired",
+        }
+    }
+}
+
+/// "Events were missed; re-read the state": sent instead of a gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resync {
+    /// Why.
+    pub reason: ResyncReason,
+    /// The id of the last event published when the stream went on: every later event follows
+    /// the resync, so it is also the `Last-Event-ID` to resume from.
+    pub id: String,
+}
+
+impl Resync {
+    /// The JSON of the `resync` event, the same on SSE and WebSocket.
+    pub fn json(&self) -> String {
+        serde_json::json!({"type": "resync", "reason": self.reason.as_str(), "id": self.id}).to_string()
+    }
+}
+
+/// A receiver of every event published after `id`.
 #[derive(Debug)]
+pub struct Subscription {
+    /// The events.
+    pub rx: broadcast::Receiver<Arc<PublishedEvent>>,
+    /// The id of the last event published before `rx` subscribed.
+    pub id: String,
+}
+
+/// Where a resumed stream starts.
+#[derive(Debug)]
+pub enum Resume {
+    /// Everything published after the client's id, oldest first (then `rx` goes on).
+    Replay(Vec<Arc<PublishedEvent>>),
+    /// The missed events cannot be given exactly.
+    Resync(Resync),
+}
+
+struct Ring {
+    /// The last sequence number handed out.
+    seq: u64,
+    events: VecDeque<Arc<PublishedEvent>>,
+    bytes: usize,
+}
+
+/// The broker's event bus.
 pub struct EventHub {
     tx: broadcast::Sender<Arc<PublishedEvent>>,
-    seq: AtomicU64,
+    boot: String,
+    ring: Mutex<Ring>,
     queued: Notify,
 }
 
+impl std::fmt::Debug for EventHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventHub").field("boot", &self.boot).finish_non_exhaustive()
+    }
+}
+
 impl EventHub {
-    /// A hub whose subscribers may fall `capacity` events behind before skipping.
+    /// A hub with a new boot id whose subscribers may fall `capacity` events behind before they
+    /// get a resync.
     pub fn new(capacity: usize) -> EventHub {
-        EventHub { tx: broadcast::channel(capacity).0, seq: AtomicU64::new(0), queued: Notify::new() }
+        // Random rather than clock-based: a wall clock that stepped back across a restart must not
+        // make an old id look like one of this start.
+        let boot = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        EventHub {
+            tx: broadcast::channel(capacity).0,
+            boot,
+            ring: Mutex::new(Ring { seq: 0, events: VecDeque::new(), bytes: 0 }),
+            queued: Notify::new(),
+        }
     }
 
-    /// Sends `event` to every subscriber.
+    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn id_of(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.boot)
+    }
+
+    /// Sends `event` to every subscriber and keeps it for replay.
     pub fn publish(&self, event: JobEvent) {
         let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        // No subscribers is not an error: nobody is listening right now.
-        let _ = self.tx.send(Arc::new(PublishedEvent { seq, event, json }));
+        let mut ring = self.ring();
+        ring.seq += 1;
+        let ev = Arc::new(PublishedEvent { seq: ring.seq, id: self.id_of(ring.seq), event, json });
+        ring.bytes += ev.json.len();
+        ring.events.push_back(ev.clone());
+        // The newest event always stays, however large, so a resume from the one before it works.
+        while ring.events.len() > REPLAY_EVENTS || (ring.bytes > REPLAY_BYTES && ring.events.len() > 1) {
+            let Some(old) = ring.events.pop_front() else { break };
+            ring.bytes -= old.json.len();
+        }
+        // Sent under the ring's lock, which subscribers take too: an event is either in the ring
+        // a subscriber copies or in its receiver, never in both and never in neither, and the
+        // channel's order is the sequence order. No subscribers is not an error.
+        let _ = self.tx.send(ev);
     }
 
-    /// A receiver of every event published from now on.
+    /// A receiver of every event published from now on (for code that needs no ids).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<PublishedEvent>> {
         self.tx.subscribe()
+    }
+
+    /// A receiver of every event published from now on, with the id of the last one before.
+    pub fn subscribe_now(&self) -> Subscription {
+        let ring = self.ring();
+        Subscription { rx: self.tx.subscribe(), id: self.id_of(ring.seq) }
+    }
+
+    /// Subscribes, and says what comes first for a client whose last event was `last_event_id`:
+    /// the events after it, or a resync when they cannot be given exactly.
+    pub fn resume(&self, last_event_id: &str) -> (Subscription, Resume) {
+        let ring = self.ring();
+        let sub = Subscription { rx: self.tx.subscribe(), id: self.id_of(ring.seq) };
+        let resync = |reason| Resume::Resync(Resync { reason, id: sub.id.clone() });
+        let seq = last_event_id
+            .trim()
+            .rsplit_once('-')
+            .filter(|(boot, _)| *boot == self.boot)
+            .and_then(|(_, seq)| seq.parse::<u64>().ok())
+            .filter(|&seq| seq <= ring.seq);
+        let resume = match seq {
+            None => resync(ResyncReason::UnknownId),
+            Some(seq) if seq == ring.seq => Resume::Replay(Vec::new()),
+            // The ring must still hold the event right after the client's, or some are lost.
+            Some(seq) if ring.events.front().is_none_or(|first| first.seq > seq + 1) => resync(ResyncReason::Expired),
+            Some(seq) => Resume::Replay(ring.events.iter().filter(|e| e.seq > seq).cloned().collect()),
+        };
+        drop(ring);
+        (sub, resume)
     }
 
     /// Wakes every worker waiting for a queued job.

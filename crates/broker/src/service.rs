@@ -187,6 +187,15 @@ impl Broker {
 
     async fn publish(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
         let view = self.view(r).await?;
+        // The broker's record of a job's life, one line per change, with the fields a log search
+        // joins the worker's lines on (the worker is absent once a requeue cleared the lease).
+        let worker = r.lease.as_ref().map(|l| l.owner.as_str());
+        if kind == JobEventKind::Progress {
+            tracing::debug!(job_id = %r.id, attempt = r.attempts, worker, "job progress");
+        } else {
+            let event = crate::events::event_name(kind);
+            tracing::info!(job_id = %r.id, attempt = r.attempts, worker, status = %r.status, event, "job {event}");
+        }
         self.inner.hub.publish(JobEvent::new(kind, view));
         Ok(())
     }
@@ -662,11 +671,14 @@ impl Broker {
         message: String,
         retryable: bool,
     ) -> Result<JobStatus, BrokerError> {
-        let r = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
+        let (r, changed) = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
         self.inner.workers.release(id);
-        self.publish(Self::kind_for_status(r.status), &r).await?;
-        if r.status == JobStatus::Queued {
-            self.inner.hub.job_queued();
+        // A repeated report changes nothing, so it is no event (subscribers would see the job fail twice).
+        if changed {
+            self.publish(Self::kind_for_status(r.status), &r).await?;
+            if r.status == JobStatus::Queued {
+                self.inner.hub.job_queued();
+            }
         }
         Ok(r.status)
     }

@@ -654,13 +654,14 @@ impl Store {
         message: String,
         retryable: bool,
         max_attempts: u32,
-    ) -> Result<JobRecord, StoreError> {
+    ) -> Result<(JobRecord, bool), StoreError> {
         self.write(move |tx, queue, now| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
                 JobStatus::Running => {}
-                JobStatus::Error => return Ok(job),
+                // A repeated report (its first answer was lost): the same answer, and no change.
+                JobStatus::Error => return Ok((job, false)),
                 JobStatus::Cancelled => return Err(StoreError::Cancelled),
                 status => return Err(StoreError::LeaseLost { status }),
             }
@@ -671,7 +672,7 @@ impl Store {
                     if retryable { format!("{message} (gave up after {} attempts)", job.attempts) } else { message };
                 finish_with_error(tx, job.seq, &message, now)?;
             }
-            get_by_seq(tx, job.seq)?.ok_or(StoreError::NotFound)
+            Ok((get_by_seq(tx, job.seq)?.ok_or(StoreError::NotFound)?, true))
         })
         .await
     }

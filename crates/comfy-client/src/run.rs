@@ -285,7 +285,8 @@ impl PromptRunner {
             queued_since: Instant::now(),
             execution_time: None,
         };
-        let task = tokio::spawn(supervisor.run(notices, submit));
+        // In the caller's span, so the supervisor's lines carry the caller's context (a worker's job).
+        let task = tokio::spawn(tracing::Instrument::in_current_span(supervisor.run(notices, submit)));
         PromptRun { prompt_id, rx, task }
     }
 }

@@ -20,6 +20,10 @@ pub struct Cli {
     #[arg(long, env = "TDCOMFY_CONFIG", global = true)]
     config: Option<PathBuf>,
 
+    /// Log lines as text (coloured only when stderr is a terminal) or json (one object per line).
+    #[arg(long, env = "LOG_FORMAT", global = true, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }

@@ -42,6 +42,8 @@ struct SseDecoder {
     buf: Vec<u8>,
     /// The `data` lines of the event being read, if it has any.
     data: Option<String>,
+    /// The `event` field of the event being read.
+    event: Option<String>,
 }
 
 impl SseDecoder {
@@ -75,7 +77,9 @@ impl SseDecoder {
     /// Processes one line; returns the event's data when the line ends an event.
     fn line(&mut self, line: &str) -> Option<String> {
         if line.is_empty() {
-            return self.data.take();
+            let (event, data) = (self.event.take(), self.data.take());
+            // A `resync` is no job event; on a job's stream the snapshot that follows it is.
+            return if event.as_deref() == Some("resync") { None } else { data };
         }
         if line.starts_with(':') {
             return None; // a comment (keep-alive)
@@ -84,6 +88,9 @@ impl SseDecoder {
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
             None => (line, ""),
         };
+        if field == "event" {
+            self.event = Some(value.to_owned());
+        }
         if field == "data" {
             match &mut self.data {
                 Some(data) => {
@@ -111,6 +118,12 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn sse_resync_events_are_not_job_events() {
+        let stream = b"event: resync\nid: b-3\ndata: {\"type\":\"resync\"}\n\nevent: snapshot\ndata: {\"x\":1}\n\n";
+        assert_eq!(decode(&[stream]), ["{\"x\":1}"]);
     }
 
     #[test]

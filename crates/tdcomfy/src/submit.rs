@@ -1,6 +1,6 @@
 //! `tdcomfy submit`: send a frame, follow the job live, download the result.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -238,14 +238,19 @@ impl ProgressBar {
             }
         };
         if line != self.last {
-            eprint!("\r\x1b[2K{line}");
+            if std::io::stderr().is_terminal() {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                // A pipe or a file keeps every byte: one line per change, no redraw codes.
+                eprintln!("{line}");
+            }
             let _ = std::io::stderr().flush();
             self.last = line;
         }
     }
 
     fn finish(&mut self) {
-        if !self.quiet && !self.last.is_empty() {
+        if !self.quiet && !self.last.is_empty() && std::io::stderr().is_terminal() {
             eprintln!();
         }
     }

@@ -64,8 +64,9 @@ impl LeaseKeeper {
         let shared =
             Arc::new(Shared { pending: Mutex::new(None), ended: Mutex::new(None), over: CancellationToken::new() });
         let stop = CancellationToken::new();
-        let task =
-            tokio::spawn(beat(broker, lease.job_id, lease.lease_token.clone(), cadence, shared.clone(), stop.clone()));
+        let beat = beat(broker, lease.job_id, lease.lease_token.clone(), cadence, shared.clone(), stop.clone());
+        // In the job's span, so its log lines carry the job's attempt and worker too.
+        let task = tokio::spawn(tracing::Instrument::in_current_span(beat));
         LeaseKeeper { shared, stop, task: Some(task) }
     }
 

@@ -109,8 +109,11 @@ async fn serve_backend(
                 broker_failures = 0;
                 let job =
                     JobRun { config: &config, broker: &broker, backend: &backend, lease: &lease, shutdown: &shutdown };
-                let end = job.run().await;
-                tracing::info!(job_id = %lease.job_id, comfyui = %backend.label, ?end, "job finished on this worker");
+                // Every line logged for the job (the lease keeper's task included) carries these.
+                let span =
+                    tracing::info_span!("job", job_id = %lease.job_id, attempt = lease.attempt, worker = %lease_name);
+                let end = tracing::Instrument::instrument(job.run(), span.clone()).await;
+                span.in_scope(|| tracing::info!(comfyui = %backend.label, ?end, "job finished on this worker"));
                 backend_failures = if end == JobEnd::BackendDown { backend_failures.saturating_add(1) } else { 0 };
             }
             Err(e) => {
@@ -213,7 +216,7 @@ impl JobRun<'_> {
 
     async fn report_failure(&self, f: Failure) -> JobEnd {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
-        tracing::warn!(job_id = %id, retryable = f.retryable, message = %f.message, "job failed");
+        tracing::warn!(job_id = %id, retryable = f.retryable, reason = %f.message, "job failed");
         let mut delay = self.config.retry_delay;
         loop {
             match self.broker.fail(id, token, &f.message, f.retryable).await {

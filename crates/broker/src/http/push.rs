@@ -1,127 +1,252 @@
 //! Push routes: Server-Sent Events (`/events`, `/jobs/{id}/events`) and the WebSocket (`/ws`),
 //! all fed by the same [`EventHub`](crate::events::EventHub) and carrying the same JSON.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt, stream};
 use serde::Deserialize;
-use tdcomfy_api::{JobEvent, JobEventKind, JobId};
+use tdcomfy_api::{JobEvent, JobEventKind, JobId, JobView};
 use tokio::sync::broadcast::{self, error::RecvError};
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{ApiQuery, job_id};
-use crate::events::PublishedEvent;
+use crate::events::{PublishedEvent, Resume, Resync, ResyncReason, Subscription, event_name};
 use crate::service::Broker;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+const LAST_EVENT_ID_DOC: &str = "The `id:` of the last event the client received: the stream first replays what it missed, or sends `resync` when it cannot";
+
 fn sse_event(ev: &PublishedEvent) -> Event {
-    Event::default().id(ev.seq.to_string()).event(event_name(ev.event.event)).data(ev.json.as_str())
+    Event::default().id(ev.id.as_str()).event(event_name(ev.event.event)).data(ev.json.as_str())
 }
 
-fn event_name(kind: JobEventKind) -> &'static str {
-    match kind {
-        JobEventKind::Snapshot => "snapshot",
-        JobEventKind::Queued => "queued",
-        JobEventKind::Started => "started",
-        JobEventKind::Progress => "progress",
-        JobEventKind::Done => "done",
-        JobEventKind::Error => "error",
-        JobEventKind::Cancelled => "cancelled",
-        JobEventKind::Deleted => "deleted",
+/// What a push stream sends.
+enum Push {
+    Job(Arc<PublishedEvent>),
+    Resync(Resync),
+    /// A job's current state (`/jobs/{id}/events` only), with the id it is current at.
+    Snapshot(String, String),
+}
+
+impl Push {
+    fn sse(&self) -> Event {
+        match self {
+            Push::Job(ev) => sse_event(ev),
+            // The id moves the client's `Last-Event-ID` past what it missed, so a reconnect after
+            // the re-read does not ask for the same events again.
+            Push::Resync(r) => Event::default().id(r.id.as_str()).event("resync").data(r.json()),
+            Push::Snapshot(id, json) => Event::default().id(id.as_str()).event("snapshot").data(json.as_str()),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Push::Job(ev) => ev.json.clone(),
+            Push::Resync(r) => r.json(),
+            Push::Snapshot(_, json) => json.clone(),
+        }
     }
 }
 
-/// Events of every job, from now on; a subscriber that falls behind skips what it missed.
-fn all_events(
-    rx: broadcast::Receiver<Arc<PublishedEvent>>,
-    filter: Option<JobId>,
-) -> impl Stream<Item = Arc<PublishedEvent>> {
-    stream::unfold(rx, move |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) if filter.is_none_or(|id| ev.job_id() == id) => return Some((ev, rx)),
-                Ok(_) | Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => return None,
-            }
+/// The client's `Last-Event-ID`, if it sent one it can mean (EventSource sends it on reconnect).
+fn last_event_id(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("last-event-id")?.to_str().ok()?.trim();
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+/// Subscribes for a stream: live from now, or resumed after `last_event_id`.
+fn open(broker: &Broker, last_event_id: Option<&str>) -> (Subscription, Option<Resume>) {
+    match last_event_id {
+        Some(last) => {
+            let (sub, resume) = broker.hub().resume(last);
+            (sub, Some(resume))
         }
+        None => (broker.hub().subscribe_now(), None),
+    }
+}
+
+/// The next event for `filter` on `rx`, or a resync for a subscriber that fell behind the channel
+/// (subscribed again from now), never a silent gap. `None` when the hub closed.
+async fn next_event(
+    broker: &Broker,
+    rx: &mut broadcast::Receiver<Arc<PublishedEvent>>,
+    filter: Option<JobId>,
+) -> Option<Result<Arc<PublishedEvent>, Resync>> {
+    loop {
+        match rx.recv().await {
+            Ok(ev) if filter.is_none_or(|id| ev.job_id() == id) => return Some(Ok(ev)),
+            Ok(_) => continue,
+            Err(RecvError::Lagged(missed)) => {
+                // What is still in the channel is stale too: the client re-reads the state, so
+                // going on from now catches it up at once instead of after a backlog.
+                let sub = broker.hub().subscribe_now();
+                *rx = sub.rx;
+                tracing::debug!(missed, "an event subscriber fell behind; sent resync");
+                return Some(Err(Resync { reason: ResyncReason::Lagged, id: sub.id }));
+            }
+            Err(RecvError::Closed) => return None,
+        }
+    }
+}
+
+/// Events of every job (or of `filter`): first what `start` gives, then live.
+fn all_events(
+    broker: Broker,
+    sub: Subscription,
+    start: Option<Resume>,
+    filter: Option<JobId>,
+) -> impl Stream<Item = Push> {
+    let pending: VecDeque<Push> = match start {
+        None => VecDeque::new(),
+        Some(Resume::Replay(events)) => {
+            events.into_iter().filter(|ev| filter.is_none_or(|id| ev.job_id() == id)).map(Push::Job).collect()
+        }
+        Some(Resume::Resync(r)) => VecDeque::from([Push::Resync(r)]),
+    };
+    stream::unfold((broker, sub.rx, pending), move |(broker, mut rx, mut pending)| async move {
+        if let Some(push) = pending.pop_front() {
+            return Some((push, (broker, rx, pending)));
+        }
+        let push = next_event(&broker, &mut rx, filter).await?.map_or_else(Push::Resync, Push::Job);
+        Some((push, (broker, rx, pending)))
     })
 }
 
 /// Server-Sent Events for all jobs.
 #[utoipa::path(
     get, path = "/events", tag = "events",
-    params(("token" = Option<String>, Query, description = "API token, for clients that cannot set headers")),
-    responses((status = 200, description = "An endless text/event-stream of job events", content_type = "text/event-stream", body = String))
+    params(
+        ("token" = Option<String>, Query, description = "API token, for clients that cannot set headers"),
+        ("Last-Event-ID" = Option<String>, Header, description = LAST_EVENT_ID_DOC),
+    ),
+    responses((status = 200, description = "An endless text/event-stream of job events (and `resync` events)", content_type = "text/event-stream", body = String))
 )]
-pub async fn events(State(broker): State<Broker>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = all_events(broker.hub().subscribe(), None)
-        .map(|ev| Ok(sse_event(&ev)))
-        .take_until(broker.shutdown_token().clone().cancelled_owned());
+pub async fn events(
+    State(broker): State<Broker>,
+    headers: HeaderMap,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let (sub, start) = open(&broker, last_event_id(&headers).as_deref());
+    let stop = broker.shutdown_token().clone();
+    let stream = all_events(broker, sub, start, None).map(|push| Ok(push.sse())).take_until(stop.cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// The `snapshot` of a job as it is now.
+async fn snapshot(broker: &Broker, id: JobId, at: String) -> Result<(Push, JobView), ApiError> {
+    let record = broker.job(id).await?.ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
+    let view = broker.view(&record).await?;
+    let json = serde_json::to_string(&JobEvent::new(JobEventKind::Snapshot, view.clone())).unwrap_or_default();
+    Ok((Push::Snapshot(at, json), view))
+}
+
+/// Whether the stream of one job ends after `ev`: a terminal state (progress of a finished job,
+/// which the store refuses anyway, does not count).
+fn ends_job_stream(ev: &PublishedEvent) -> bool {
+    ev.event.job.status.is_terminal() && ev.event.event != JobEventKind::Progress
 }
 
 /// Server-Sent Events for one job: a snapshot first, then every change, ending after a terminal
 /// state.
 #[utoipa::path(
     get, path = "/jobs/{id}/events", tag = "events",
-    params(("id" = String, Path, description = "Job id"), ("token" = Option<String>, Query, description = "API token")),
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("token" = Option<String>, Query, description = "API token"),
+        ("Last-Event-ID" = Option<String>, Header, description = LAST_EVENT_ID_DOC),
+    ),
     responses(
         (status = 200, description = "text/event-stream of this job's events", content_type = "text/event-stream", body = String),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
     )
 )]
-pub async fn job_events(State(broker): State<Broker>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn job_events(
+    State(broker): State<Broker>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
-    let rx = broker.hub().subscribe();
-    let record = broker.job(id).await?.ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
-    let snapshot = JobEvent::new(JobEventKind::Snapshot, broker.view(&record).await?);
-    let first = Event::default().event("snapshot").data(serde_json::to_string(&snapshot).unwrap_or_default());
-    let terminal_now = record.status.is_terminal();
+    // Subscribe before reading the job, so a change in between is not missed.
+    let (sub, start) = open(&broker, last_event_id(&headers).as_deref());
+    let (snap, view) = snapshot(&broker, id, sub.id.clone()).await?;
+    let mut pending = VecDeque::new();
+    // The version the client has; live events at or below it are already in what it was sent.
+    let (version, done) = match start {
+        None => {
+            pending.push_back(snap);
+            (view.version, view.status.is_terminal())
+        }
+        Some(Resume::Resync(r)) => {
+            // The snapshot is the re-read the resync asks for, sent along to save the client a call.
+            pending.extend([Push::Resync(r), snap]);
+            (view.version, view.status.is_terminal())
+        }
+        Some(Resume::Replay(events)) => {
+            let mut version = 0;
+            let mut done = false;
+            for ev in events.into_iter().filter(|ev| ev.job_id() == id) {
+                version = ev.event.job.version;
+                done = ends_job_stream(&ev);
+                pending.push_back(Push::Job(ev));
+                if done {
+                    break;
+                }
+            }
+            if !done && view.status.is_terminal() {
+                // The job ended, but its last event is not among those replayed: the client saw it
+                // before, or it was published while this stream opened. Either way the final
+                // state closes the stream rather than a wait for an event that may never come.
+                pending.push_back(snap);
+                done = true;
+            }
+            (version, done)
+        }
+    };
     struct St {
         rx: broadcast::Receiver<Arc<PublishedEvent>>,
         broker: Broker,
+        pending: VecDeque<Push>,
         done: bool,
         version: u64,
     }
-    let st_broker_token = broker.shutdown_token().clone();
-    let st = St { rx, broker, done: terminal_now, version: record.version };
+    let st = St { rx: sub.rx, broker: broker.clone(), pending, done, version };
     let rest = stream::unfold(st, move |mut st| async move {
+        if let Some(push) = st.pending.pop_front() {
+            return Some((push, st));
+        }
         if st.done {
             return None;
         }
         loop {
-            match st.rx.recv().await {
-                Ok(ev) if ev.job_id() == id && ev.event.job.version > st.version => {
+            match next_event(&st.broker, &mut st.rx, Some(id)).await? {
+                Ok(ev) if ev.event.job.version > st.version => {
                     st.version = ev.event.job.version;
-                    st.done = ev.event.job.status.is_terminal() && ev.event.event != JobEventKind::Progress;
-                    return Some((sse_event(&ev), st));
+                    st.done = ends_job_stream(&ev);
+                    return Some((Push::Job(ev), st));
                 }
                 Ok(_) => continue,
-                Err(RecvError::Lagged(_)) => {
-                    // Missed events: send the job's current state instead of guessing.
-                    let record = st.broker.job(id).await.ok().flatten()?;
-                    let view = st.broker.view(&record).await.ok()?;
+                Err(r) => {
+                    // Missed events: send the job's current state after the resync instead of guessing.
+                    let (snap, view) = snapshot(&st.broker, id, r.id.clone()).await.ok()?;
                     st.version = view.version;
                     st.done = view.status.is_terminal();
-                    let ev = JobEvent::new(JobEventKind::Snapshot, view);
-                    let sse = Event::default().event("snapshot").data(serde_json::to_string(&ev).unwrap_or_default());
-                    return Some((sse, st));
+                    st.pending.push_back(snap);
+                    return Some((Push::Resync(r), st));
                 }
-                Err(RecvError::Closed) => return None,
             }
         }
     });
-    let stop = st_broker_token;
-    let stream =
-        stream::once(async move { first }).chain(rest).map(Ok::<_, Infallible>).take_until(stop.cancelled_owned());
+    let stop = broker.shutdown_token().clone();
+    let stream = rest.map(|push| Ok::<_, Infallible>(push.sse())).take_until(stop.cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }
 
@@ -154,22 +279,17 @@ pub async fn websocket(
         Some(raw) => Some(job_id(raw)?),
     };
     let upgrade = upgrade.map_err(|e| ApiError::bad_request("websocket_required", e.body_text()))?;
-    let rx = broker.hub().subscribe();
-    let stop = broker.shutdown_token().clone();
-    Ok(upgrade.on_upgrade(move |socket| forward(socket, rx, filter, stop)))
+    let sub = broker.hub().subscribe_now();
+    Ok(upgrade.on_upgrade(move |socket| forward(socket, broker, sub, filter)))
 }
 
-async fn forward(
-    mut socket: WebSocket,
-    rx: broadcast::Receiver<Arc<PublishedEvent>>,
-    filter: Option<JobId>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+async fn forward(mut socket: WebSocket, broker: Broker, sub: Subscription, filter: Option<JobId>) {
+    let stop = broker.shutdown_token().clone();
     let hello = serde_json::json!({"type": "hello", "job_id": filter}).to_string();
     if socket.send(Message::Text(hello.into())).await.is_err() {
         return;
     }
-    let events = all_events(rx, filter);
+    let events = all_events(broker, sub, None, filter);
     tokio::pin!(events);
     let mut ping = tokio::time::interval(KEEP_ALIVE);
     ping.tick().await;
@@ -177,7 +297,7 @@ async fn forward(
         tokio::select! {
             ev = events.next() => {
                 let Some(ev) = ev else { break };
-                if socket.send(Message::Text(ev.json.clone().into())).await.is_err() {
+                if socket.send(Message::Text(ev.text().into())).await.is_err() {
                     break;
                 }
             }

@@ -108,3 +108,35 @@ async fn shutdown_ends_open_streams_and_long_polls_instead_of_hanging() {
     let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async { (poll.await, lease.await) }).await;
     assert!(ended.is_ok(), "a long-poll or lease wait kept hanging after shutdown");
 }
+
+/// The events of `id` on `reader` up to (not including) the `queued` event of `marker`, a job
+/// submitted after the calls under test: the stream is ordered, so whatever those calls published
+/// has arrived by then, and nothing more can come.
+async fn events_until_marker(reader: &mut SseReader, id: &str, marker: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        let (name, data) = reader.next(15.0).await.expect("an event before the deadline");
+        if data["job_id"] == marker {
+            return names;
+        }
+        if data["job_id"] == id {
+            names.push(name);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_repeated_worker_fail_publishes_one_error_event() {
+    let app = spawn_app().await;
+    let mut all = SseReader::new(app.get("/events").send().await.unwrap());
+    let id = app.submit_png("fails twice").await;
+    let lease = app.lease("w", 1.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    assert_eq!(app.fail(&id, token, "boom", false).await.status(), 200);
+    // The worker never saw the first answer and reports again: harmless, and not news.
+    assert_eq!(app.fail(&id, token, "boom", false).await.status(), 200);
+    assert_eq!(app.job(&id).await["status"], "error");
+
+    let marker = app.submit_png("marker").await;
+    assert_eq!(events_until_marker(&mut all, &id, &marker).await, ["queued", "started", "error"]);
+}

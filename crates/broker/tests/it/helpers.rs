@@ -269,12 +269,14 @@ pub async fn error_of(resp: reqwest::Response) -> (u16, Value) {
 pub struct SseReader {
     stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buf: String,
+    /// The `id:` of the last event read that had one (what a client sends back as `Last-Event-ID`).
+    pub last_id: Option<String>,
 }
 
 impl SseReader {
     pub fn new(resp: reqwest::Response) -> SseReader {
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        SseReader { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+        SseReader { stream: Box::pin(resp.bytes_stream()), buf: String::new(), last_id: None }
     }
 
     /// The next event, or `None` when the stream ends or `secs` pass.
@@ -290,6 +292,8 @@ impl SseReader {
                         name = v.trim().to_owned();
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push_str(v.trim_start());
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        self.last_id = Some(v.trim().to_owned());
                     }
                 }
                 if data.is_empty() {

@@ -12,6 +12,7 @@ mod jobs;
 mod lease;
 mod persistence;
 mod results;
+mod resume;
 mod security;
 mod submit;
 mod worker;

@@ -3,4 +3,5 @@
 mod chaos;
 mod cli;
 mod crash;
+mod logs;
 mod process;
