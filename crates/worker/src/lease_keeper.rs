@@ -53,18 +53,23 @@ impl Cadence {
     /// `heartbeat_interval`, but never more than a third of the lease's lifetime, so two lost
     /// heartbeats in a row still leave the lease standing.
     pub fn for_lease(lease: &Lease, heartbeat_interval: Duration, progress_interval: Duration) -> Cadence {
-        let third = Duration::from_secs_f64((lease.lease_expires_in / 3.0).clamp(0.1, 3600.0));
+        Cadence::for_ttl(lease.lease_expires_in, heartbeat_interval, progress_interval)
+    }
+
+    /// The same for a lease of `lease_ttl` seconds.
+    pub fn for_ttl(lease_ttl: f64, heartbeat_interval: Duration, progress_interval: Duration) -> Cadence {
+        let third = Duration::from_secs_f64((lease_ttl / 3.0).clamp(0.1, 3600.0));
         Cadence { beat: heartbeat_interval.min(third), progress: progress_interval.min(third) }
     }
 }
 
 impl LeaseKeeper {
     /// Starts heartbeating `lease` at once: the first beat also tells the broker the lease arrived.
-    pub fn start(broker: BrokerClient, lease: &Lease, cadence: Cadence) -> LeaseKeeper {
+    pub fn start(broker: BrokerClient, id: JobId, token: LeaseToken, cadence: Cadence) -> LeaseKeeper {
         let shared =
             Arc::new(Shared { pending: Mutex::new(None), ended: Mutex::new(None), over: CancellationToken::new() });
         let stop = CancellationToken::new();
-        let beat = beat(broker, lease.job_id, lease.lease_token.clone(), cadence, shared.clone(), stop.clone());
+        let beat = beat(broker, id, token, cadence, shared.clone(), stop.clone());
         // In the job's span, so its log lines carry the job's attempt and worker too.
         let task = tokio::spawn(tracing::Instrument::in_current_span(beat));
         LeaseKeeper { shared, stop, task: Some(task) }

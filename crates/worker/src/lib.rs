@@ -7,6 +7,7 @@ pub mod comfy_files;
 pub mod config;
 mod lease_keeper;
 pub mod run;
+mod spooled;
 
 pub use config::{WorkerArgs, WorkerConfig, WorkerConfigError};
 pub use run::{WorkerError, run};

@@ -23,6 +23,7 @@ use crate::broker_client::{BrokerCallError, BrokerClient};
 use crate::comfy_files::{self, INPUT_SUBFOLDER, PromptFate, ServedCopy, ServerFiles, SlotGuard};
 use crate::config::WorkerConfig;
 use crate::lease_keeper::{Cadence, LeaseKeeper};
+use crate::spooled;
 
 /// Why the worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,14 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
     tracing::info!(worker = %config.worker_id, broker = %config.broker_url, servers, "worker started");
+    // Results a killed or crashed worker left in the spool go out beside the lease loops.
+    loops.spawn(spooled::deliver_orphans(
+        config.spool_dir.clone(),
+        broker.clone(),
+        config.heartbeat_interval,
+        config.progress_interval,
+        shutdown.clone(),
+    ));
     while loops.join_next().await.is_some() {}
     tracing::info!("worker stopped");
     Ok(())
@@ -186,7 +195,8 @@ impl JobRun<'_> {
         // on a slow link or while the broker is away — until the result is accepted or the
         // failure reported.
         let cadence = Cadence::for_lease(self.lease, self.config.heartbeat_interval, self.config.progress_interval);
-        let keeper = LeaseKeeper::start(self.broker.clone(), self.lease, cadence);
+        let keeper =
+            LeaseKeeper::start(self.broker.clone(), self.lease.job_id, self.lease.lease_token.clone(), cadence);
         let end = match self.execute(&dir, &keeper).await {
             Ok(end) => end,
             Err(f) => self.report_failure(f).await,
@@ -234,6 +244,8 @@ impl JobRun<'_> {
     async fn execute(&self, dir: &Path, keeper: &LeaseKeeper) -> Result<JobEnd, Failure> {
         let lease = self.lease;
         tokio::fs::create_dir_all(dir).await.map_err(|e| Failure::new(format!("worker spool: {e}"), true))?;
+        // Held until this attempt ends: a worker starting meanwhile leaves the folder alone.
+        let _owner = spooled::hold(dir).map_err(|e| Failure::new(format!("worker spool: {e}"), true))?;
         let workflow = self.config.workflows.get(&lease.workflow).ok_or_else(|| {
             Failure::new(format!("this worker does not have the workflow {:?}", lease.workflow), true)
         })?;
@@ -321,6 +333,19 @@ impl JobRun<'_> {
                 Err(Abandon::Failed(f)) => return Err(f),
             };
         let fetched = t.elapsed();
+        // Should this process die before the broker has the result, the next worker to start
+        // delivers it from here while the lease still stands (instead of the prompt running again).
+        let pending = spooled::Pending {
+            job_id: lease.job_id,
+            lease_token: lease.lease_token.clone(),
+            result_file: result_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            content_type: content_type.clone(),
+            comfy_execution_ms: comfy_execution.map(|d| d.as_millis() as u64),
+            lease_expires_in: lease.lease_expires_in,
+        };
+        if let Err(e) = spooled::record(dir, &pending).await {
+            tracing::warn!(job_id = %lease.job_id, error = %e, "could not record the spooled result (it is still delivered)");
+        }
         // Not raced against the keeper: a heartbeat answered "lease lost" just after the broker
         // accepted this very upload must not turn a delivered result into an abandoned one. The
         // upload's own answer decides (the broker stops it with 409 when the lease really ended).

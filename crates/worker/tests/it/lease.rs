@@ -116,3 +116,34 @@ async fn a_worker_shut_down_mid_delivery_hands_the_job_back_at_once() {
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "done", "{job}");
 }
+
+#[tokio::test]
+async fn a_worker_killed_mid_delivery_delivers_the_spooled_result_after_its_restart() {
+    // LEASE_TTL 30 s: the killed attempt's lease still stands when the worker is back.
+    let mut p = Pipeline::start(Setup::default()).await;
+    for w in &mut p.workers {
+        w.stop().await;
+    }
+    let uplink = SlowUplink::start(p.broker.addr, 0).await;
+    let mut w = p.start_worker_with("restarting", None, format!("http://{}", uplink.addr)).await;
+    let id = p.submit("killed while delivering", None, Some(json!({"frames": 9}))).await;
+    p.wait_for(&id, 30.0, |j| j["status"] == "running").await;
+    uplink.set_rate(500); // the delivery crawls, so the kill lands in the middle of it
+    until_comfyui_is_idle(&p).await;
+    let before = uplink.forwarded.load(Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while uplink.forwarded.load(Ordering::Relaxed) < before + 2_000 {
+        assert!(tokio::time::Instant::now() < deadline, "the delivery never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.kill().await;
+    drop(uplink); // the killed process's connections die with it
+    assert_eq!(p.job(&id).await["status"], "running", "the kill landed before the broker had the result");
+    // The same worker starts again (same WORKER_ID and spool, as a service restart gives).
+    let w = p.start_worker_with("restarting", None, format!("http://{}", p.broker.addr)).await;
+    p.workers.push(w);
+    let job = p.wait_for(&id, 20.0, |j| j["status"] == "done").await;
+    assert_eq!(job["attempts"], 1, "delivered from the spool, the prompt not run again: {job}");
+    let (_, bytes) = p.result(&id).await;
+    assert!(!bytes.is_empty());
+}

@@ -17,6 +17,8 @@ pub struct SlowUplink {
     /// Bytes forwarded towards the server so far, on all connections.
     pub forwarded: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+    /// Closes every connection when the proxy is dropped (a pulled cable, not a draining one).
+    cut: tokio_util::sync::CancellationToken,
 }
 
 impl SlowUplink {
@@ -26,9 +28,11 @@ impl SlowUplink {
         let rate = Arc::new(AtomicU64::new(bytes_per_sec));
         let forwarded = Arc::new(AtomicU64::new(0));
         let (r, f) = (rate.clone(), forwarded.clone());
+        let cut = tokio_util::sync::CancellationToken::new();
+        let cut_all = cut.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (r, f) = (r.clone(), f.clone());
+                let (r, f, cut) = (r.clone(), f.clone(), cut_all.clone());
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else { return };
                     let _ = client.set_nodelay(true);
@@ -57,11 +61,14 @@ impl SlowUplink {
                         let _ = tokio::io::copy(&mut sr, &mut cw).await;
                         let _ = cw.shutdown().await;
                     };
-                    tokio::join!(up, down);
+                    tokio::select! {
+                        _ = async { tokio::join!(up, down) } => {}
+                        _ = cut.cancelled() => {}
+                    }
                 });
             }
         });
-        SlowUplink { addr, rate, forwarded, task }
+        SlowUplink { addr, rate, forwarded, task, cut }
     }
 
     pub fn set_rate(&self, bytes_per_sec: u64) {
@@ -72,5 +79,6 @@ impl SlowUplink {
 impl Drop for SlowUplink {
     fn drop(&mut self) {
         self.task.abort();
+        self.cut.cancel();
     }
 }
