@@ -320,7 +320,9 @@ impl ComfyClient {
         if self.inner.jobs_api.load(Ordering::Relaxed) != JOBS_API_NO {
             let mut url = self.inner.endpoint.http_url(ROUTE);
             // No `sort_by`: its accepted names differ between versions (C2).
-            url.query_pairs_mut().append_pair("status", "in_progress,pending");
+            // An explicit page size: the list is paginated (C1), and a prompt beyond the first page
+            // must not look gone.
+            url.query_pairs_mut().append_pair("status", "in_progress,pending").append_pair("limit", "1000");
             let request = self.inner.http.get(url).timeout(self.inner.timeouts.request);
             let response = self.send(ROUTE, request).await?;
             let status = response.status();
@@ -329,7 +331,12 @@ impl ComfyClient {
             } else {
                 let response = self.check_status(ROUTE, response).await?;
                 let body = self.read_text(ROUTE, response).await?;
-                match serde_json::from_str::<Value>(&body).ok().and_then(|body| QueueState::from_jobs(&body)) {
+                let parsed = serde_json::from_str::<Value>(&body).ok();
+                let more = parsed.as_ref().and_then(|b| b.pointer("/pagination/has_more")).and_then(Value::as_bool);
+                match parsed.as_ref().and_then(QueueState::from_jobs) {
+                    // More than a page of active prompts: this answer is not the whole truth, so
+                    // this one call asks the queue instead.
+                    Some(_) if more == Some(true) => self.inner.jobs_api.store(JOBS_API_YES, Ordering::Relaxed),
                     Some(state) => {
                         self.inner.jobs_api.store(JOBS_API_YES, Ordering::Relaxed);
                         return Ok(state);

@@ -182,9 +182,24 @@ async fn active_prompts_use_the_jobs_api_where_it_exists_and_find_out_once() {
         if jobs_api {
             assert_eq!((jobs_requests, queue_requests), (3, 0), "the full queue is never asked for");
             let query = &fake.requests("GET", "/api/jobs")[0].body;
-            assert_eq!(query, &json!({"status": "in_progress,pending"}), "no sort_by (C2)");
+            assert_eq!(query, &json!({"status": "in_progress,pending", "limit": "1000"}), "no sort_by (C2)");
         } else {
             assert_eq!((jobs_requests, queue_requests), (1, 3), "a 404 is remembered");
         }
     }
+}
+
+#[tokio::test]
+async fn a_prompt_beyond_the_jobs_api_s_first_page_is_not_taken_for_gone() {
+    let fake = Fake::start().await;
+    let client = fake.client();
+    let id = PromptId::new();
+    fake.with(|s| {
+        s.jobs_api = true;
+        s.pending.extend((0..1200).map(|n| format!("queued-{n}")));
+        s.pending.push(id.to_string());
+    });
+    let active = client.active_prompts().await.expect("active prompts");
+    assert_eq!(active.position(&id), Some(QueuePosition::Pending { position: 1200 }), "found past the first page");
+    assert_eq!(client.has_jobs_api(), Some(true));
 }

@@ -418,7 +418,13 @@ async fn get_jobs(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap
             jobs.extend(s.pending.iter().enumerate().map(|(n, id)| job(id, "pending", n + 100)));
         }
         let total = jobs.len();
-        let body = json!({"jobs": jobs, "pagination": {"offset": 0, "limit": null, "total": total, "has_more": false}});
+        // Paginated like ComfyUI's (C1): `limit` cuts the list and `has_more` says so.
+        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok());
+        if let Some(limit) = limit {
+            jobs.truncate(limit);
+        }
+        let has_more = jobs.len() < total;
+        let body = json!({"jobs": jobs, "pagination": {"offset": 0, "limit": limit, "total": total, "has_more": has_more}});
         counted(s, "/api/jobs", &body)
     })
 }
