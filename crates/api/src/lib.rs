@@ -372,6 +372,10 @@ pub struct FailRequest {
     /// attempts remain.
     #[serde(default)]
     pub retryable: bool,
+    /// True when the worker hands the job back unfinished for a reason of its own (it is shutting
+    /// down): the job is queued again and the attempt does not count towards `MAX_ATTEMPTS`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_back: bool,
 }
 
 /// Response of the worker's result upload and fail calls.

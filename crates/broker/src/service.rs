@@ -659,9 +659,10 @@ impl Broker {
         token: LeaseToken,
         message: String,
         retryable: bool,
+        handed_back: bool,
     ) -> Result<JobStatus, BrokerError> {
         let this = self.clone();
-        self.detached(async move { this.fail_now(id, token, message, retryable).await }).await
+        self.detached(async move { this.fail_now(id, token, message, retryable, handed_back).await }).await
     }
 
     async fn fail_now(
@@ -670,8 +671,10 @@ impl Broker {
         token: LeaseToken,
         message: String,
         retryable: bool,
+        handed_back: bool,
     ) -> Result<JobStatus, BrokerError> {
-        let (r, changed) = self.inner.store.fail(id, token, message, retryable, self.inner.config.max_attempts).await?;
+        let (r, changed) =
+            self.inner.store.fail(id, token, message, retryable, handed_back, self.inner.config.max_attempts).await?;
         self.inner.workers.release(id);
         // A repeated report changes nothing, so it is no event (subscribers would see the job fail twice).
         if changed {

@@ -653,6 +653,7 @@ impl Store {
         token: LeaseToken,
         message: String,
         retryable: bool,
+        handed_back: bool,
         max_attempts: u32,
     ) -> Result<(JobRecord, bool), StoreError> {
         self.write(move |tx, queue, now| {
@@ -665,7 +666,12 @@ impl Store {
                 JobStatus::Cancelled => return Err(StoreError::Cancelled),
                 status => return Err(StoreError::LeaseLost { status }),
             }
-            if retryable && job.attempts < max_attempts {
+            if handed_back {
+                // A worker's own stop is no fault of the job: its attempt is not counted.
+                requeue(tx, queue, job.seq)?;
+                tx.prepare_cached("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE seq = ?1")?
+                    .execute([job.seq])?;
+            } else if retryable && job.attempts < max_attempts {
                 requeue(tx, queue, job.seq)?;
             } else {
                 let message =

@@ -201,15 +201,17 @@ impl BrokerClient {
         }
     }
 
-    /// Reports a failure; `retryable` lets the broker requeue the job while attempts remain.
+    /// Reports a failure; `retryable` lets the broker requeue the job while attempts remain;
+    /// `handed_back` (this worker is stopping) requeues it without counting the attempt.
     pub async fn fail(
         &self,
         job: JobId,
         token: &LeaseToken,
         message: &str,
         retryable: bool,
+        handed_back: bool,
     ) -> Result<(), BrokerCallError> {
-        let body = FailRequest { lease_token: token.clone(), message: message.to_owned(), retryable };
+        let body = FailRequest { lease_token: token.clone(), message: message.to_owned(), retryable, handed_back };
         let rb = self
             .request(reqwest::Method::POST, &format!("/worker/jobs/{job}/fail"))
             .json(&body)

@@ -175,15 +175,22 @@ struct Failure {
     retryable: bool,
     /// The ComfyUI server could not be reached (its loop cools down).
     backend_down: bool,
+    /// The worker itself is stopping: the job goes back without its attempt counting.
+    handed_back: bool,
 }
 
 impl Failure {
     fn new(message: impl Into<String>, retryable: bool) -> Failure {
-        Failure { message: message.into(), retryable, backend_down: false }
+        Failure { message: message.into(), retryable, backend_down: false, handed_back: false }
     }
 
     fn backend_down(message: impl Into<String>) -> Failure {
-        Failure { message: message.into(), retryable: true, backend_down: true }
+        Failure { message: message.into(), retryable: true, backend_down: true, handed_back: false }
+    }
+
+    /// This worker stops (SIGTERM): no fault of the job, so it costs no attempt.
+    fn handed_back(message: impl Into<String>) -> Failure {
+        Failure { message: message.into(), retryable: true, backend_down: false, handed_back: true }
     }
 }
 
@@ -229,7 +236,7 @@ impl JobRun<'_> {
         tracing::warn!(job_id = %id, retryable = f.retryable, reason = %f.message, "job failed");
         let mut delay = self.config.retry_delay;
         loop {
-            match self.broker.fail(id, token, &f.message, f.retryable).await {
+            match self.broker.fail(id, token, &f.message, f.retryable, f.handed_back).await {
                 Ok(()) if f.backend_down => return JobEnd::BackendDown,
                 Ok(()) => return JobEnd::Failed,
                 Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
@@ -313,7 +320,7 @@ impl JobRun<'_> {
             Supervised::Finished(outputs, t) => (outputs, t),
             Supervised::Abandoned => return Ok(JobEnd::Abandoned),
             Supervised::Shutdown => {
-                return Err(Failure::new("the worker was shut down while running the job", true));
+                return Err(Failure::handed_back("the worker was shut down while running the job"));
             }
             Supervised::TimedOut => {
                 let secs = lease.job_timeout;
@@ -506,7 +513,7 @@ impl JobRun<'_> {
     ) -> Result<JobEnd, Failure> {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
         let mut delay = self.config.retry_delay;
-        let shut_down = || Failure::new("the worker was shut down before the broker accepted the result", true);
+        let shut_down = || Failure::handed_back("the worker was shut down before the broker accepted the result");
         loop {
             let upload = self.broker.upload_result(id, token, path, content_type, comfy_execution);
             tokio::pin!(upload);

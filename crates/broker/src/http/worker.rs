@@ -206,6 +206,7 @@ pub async fn fail(
     let message: String = req.message.chars().take(4000).collect();
     let message =
         if message.trim().is_empty() { "the worker reported a failure without a message".into() } else { message };
-    let status = broker.fail(id, req.lease_token, message, req.retryable).await.map_err(not_found_as(id))?;
+    let status =
+        broker.fail(id, req.lease_token, message, req.retryable, req.handed_back).await.map_err(not_found_as(id))?;
     Ok(axum::Json(WorkerAck { status }))
 }

@@ -130,3 +130,26 @@ async fn job_timeout_does_not_fail_a_job_whose_result_is_arriving() {
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     assert_eq!(app.job(&id).await["status"], "done");
 }
+
+#[tokio::test]
+async fn a_job_handed_back_by_stopping_workers_does_not_use_up_its_attempts() {
+    // Rolling restarts of the workers during one long job must not end it in "gave up".
+    let app = spawn_with(|a| a.max_attempts = 1).await;
+    let id = app.submit_png("outlives three worker restarts").await;
+    for round in 0..3 {
+        let job = app.lease("w", 5.0).await.unwrap_or_else(|| panic!("round {round}: not leasable"));
+        let token = job["lease_token"].as_str().unwrap();
+        assert_eq!(job["attempt"], 1, "round {round}");
+        let resp = app
+            .post(&format!("/worker/jobs/{id}/fail"))
+            .json(&serde_json::json!({"lease_token": token, "message": "worker stopping", "retryable": true, "handed_back": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let after = app.job(&id).await;
+        assert_eq!((after["status"].as_str(), after["attempts"].as_u64()), (Some("queued"), Some(0)), "{after}");
+    }
+    let job = app.lease("w", 5.0).await.expect("still leasable");
+    assert_eq!(app.put_result(&id, job["lease_token"].as_str().unwrap(), vec![1u8; 10]).await.status(), 200);
+}
