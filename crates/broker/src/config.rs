@@ -77,6 +77,11 @@ pub struct BrokerArgs {
     /// that submits faster than the GPUs run learns it at once instead of queueing hours of work.
     #[arg(long, env = "MAX_QUEUE", default_value_t = 1000)]
     pub max_queue: u64,
+
+    /// Most open event streams (SSE and WebSocket together); past it a new one gets 429
+    /// too_many_subscribers, so a client that reconnects in a loop cannot pile them up.
+    #[arg(long, env = "MAX_SUBSCRIBERS", default_value_t = 256)]
+    pub max_subscribers: usize,
 }
 
 /// Why the settings are unusable.
@@ -121,6 +126,8 @@ pub struct BrokerConfig {
     pub max_attempts: u32,
     /// Most queued jobs.
     pub max_queue: u64,
+    /// Most open event streams.
+    pub max_subscribers: usize,
     /// Loaded workflows.
     pub workflows: Arc<WorkflowRegistry>,
     /// How often expired leases, timeouts and old files are swept.
@@ -179,6 +186,7 @@ impl BrokerArgs {
             lease_ttl,
             max_attempts: self.max_attempts,
             max_queue: self.max_queue.max(1),
+            max_subscribers: self.max_subscribers.max(1),
             workflows,
             clock: Clock::system(),
         })

@@ -73,6 +73,8 @@ struct Inner {
     /// heartbeat). An answer written into a closed socket looks delivered to the server; only the
     /// worker's first call proves it arrived.
     unacknowledged: std::sync::Mutex<std::collections::HashMap<JobId, Unacknowledged>>,
+    /// Open event streams (SSE and WebSocket).
+    subscribers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Broker faults that are not a client's doing.
@@ -120,6 +122,7 @@ impl Broker {
                 shutdown: tokio_util::sync::CancellationToken::new(),
                 workers: WorkerRegistry::default(),
                 unacknowledged: Default::default(),
+                subscribers: Default::default(),
             }),
         })
     }
@@ -287,6 +290,19 @@ impl Broker {
     /// True when a job was stored under this `Idempotency-Key`.
     pub async fn knows_idempotency_key(&self, key: &str) -> Result<bool, BrokerError> {
         Ok(self.inner.store.knows_idempotency_key(key.to_owned()).await?)
+    }
+
+    /// A place for one more event stream, or `None` when `MAX_SUBSCRIBERS` are open. The stream
+    /// holds the slot for its life.
+    pub fn subscriber_slot(&self) -> Option<SubscriberSlot> {
+        let count = self.inner.subscribers.clone();
+        let limit = self.inner.config.max_subscribers;
+        count
+            .fetch_update(std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SubscriberSlot { count })
     }
 
     /// Number of queued jobs.
@@ -873,5 +889,17 @@ impl Drop for LeaseHandover {
                 }
             });
         }
+    }
+}
+
+/// One open event stream's place under `MAX_SUBSCRIBERS`; freed when the stream ends.
+#[derive(Debug)]
+pub struct SubscriberSlot {
+    count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for SubscriberSlot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

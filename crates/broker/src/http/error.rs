@@ -39,6 +39,12 @@ pub enum ApiError {
         /// Seconds to wait before trying again.
         retry_after: u64,
     },
+    /// `MAX_SUBSCRIBERS` event streams are open already (429).
+    #[error("{limit} event streams are open already (MAX_SUBSCRIBERS); close one or retry later")]
+    TooManySubscribers {
+        /// MAX_SUBSCRIBERS.
+        limit: u64,
+    },
     /// No such job (404).
     #[error("no job with id {0}")]
     JobNotFound(String),
@@ -109,6 +115,9 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None, Some(*limit))
             }
             ApiError::QueueFull { limit, .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full", None, Some(*limit)),
+            ApiError::TooManySubscribers { limit } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_subscribers", None, Some(*limit))
+            }
             ApiError::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None, None),
             ApiError::RouteNotFound { .. } => (StatusCode::NOT_FOUND, "route_not_found", None, None),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None, None),
@@ -141,6 +150,9 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Unauthorized(_) => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::TooManySubscribers { .. } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(5u32));
             }
             ApiError::QueueFull { retry_after, .. } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));

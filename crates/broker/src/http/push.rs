@@ -131,14 +131,22 @@ fn all_events(
     ),
     responses((status = 200, description = "An endless text/event-stream of job events (and `resync` events)", content_type = "text/event-stream", body = String))
 )]
-pub async fn events(
-    State(broker): State<Broker>,
-    headers: HeaderMap,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub async fn events(State(broker): State<Broker>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let slot = subscriber_slot(&broker)?;
     let (sub, start) = open(&broker, last_event_id(&headers).as_deref());
     let stop = broker.shutdown_token().clone();
-    let stream = all_events(broker, sub, start, None).map(|push| Ok(push.sse())).take_until(stop.cancelled_owned());
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+    let stream = all_events(broker, sub, start, None)
+        .map(move |push| {
+            let _held = &slot; // the slot lives as long as the stream
+            Ok::<_, Infallible>(push.sse())
+        })
+        .take_until(stop.cancelled_owned());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+}
+
+/// A place under `MAX_SUBSCRIBERS`, or the 429 that says there is none.
+fn subscriber_slot(broker: &Broker) -> Result<crate::service::SubscriberSlot, ApiError> {
+    broker.subscriber_slot().ok_or(ApiError::TooManySubscribers { limit: broker.config().max_subscribers as u64 })
 }
 
 /// The `snapshot` of a job as it is now.
@@ -175,6 +183,7 @@ pub async fn job_events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
+    let slot = subscriber_slot(&broker)?;
     // Subscribe before reading the job, so a change in between is not missed.
     let (sub, start) = open(&broker, last_event_id(&headers).as_deref());
     let (snap, view) = snapshot(&broker, id, sub.id.clone()).await?;
@@ -217,8 +226,10 @@ pub async fn job_events(
         pending: VecDeque<Push>,
         done: bool,
         version: u64,
+        /// Held for the stream's life (MAX_SUBSCRIBERS).
+        _slot: crate::service::SubscriberSlot,
     }
-    let st = St { rx: sub.rx, broker: broker.clone(), pending, done, version };
+    let st = St { rx: sub.rx, broker: broker.clone(), pending, done, version, _slot: slot };
     let rest = stream::unfold(st, move |mut st| async move {
         if let Some(push) = st.pending.pop_front() {
             return Some((push, st));
@@ -279,9 +290,19 @@ pub async fn websocket(
         Some(raw) => Some(job_id(raw)?),
     };
     let upgrade = upgrade.map_err(|e| ApiError::bad_request("websocket_required", e.body_text()))?;
+    let slot = subscriber_slot(&broker)?;
     let sub = broker.hub().subscribe_now();
-    Ok(upgrade.on_upgrade(move |socket| forward(socket, broker, sub, filter)))
+    // Clients only listen: a message from them is never more than a close or a pong, so nothing
+    // large is buffered for anyone (tungstenite would take up to 64 MiB by default).
+    let upgrade = upgrade.max_message_size(WS_MAX_MESSAGE).max_frame_size(WS_MAX_MESSAGE);
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        let _slot = slot;
+        forward(socket, broker, sub, filter).await
+    }))
 }
+
+/// Largest WebSocket message or frame a client may send.
+const WS_MAX_MESSAGE: usize = 4096;
 
 async fn forward(mut socket: WebSocket, broker: Broker, sub: Subscription, filter: Option<JobId>) {
     let stop = broker.shutdown_token().clone();

@@ -1,5 +1,7 @@
 //! Push: SSE for all jobs, SSE for one job, and the WebSocket with `?token=`.
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -139,4 +141,32 @@ async fn a_repeated_worker_fail_publishes_one_error_event() {
 
     let marker = app.submit_png("marker").await;
     assert_eq!(events_until_marker(&mut all, &id, &marker).await, ["queued", "started", "error"]);
+}
+
+#[tokio::test]
+async fn past_max_subscribers_a_new_stream_gets_429_and_a_closed_one_frees_its_place() {
+    let app = crate::helpers::spawn_with(|a| a.max_subscribers = 2).await;
+    let id = app.submit_png("watched").await;
+    let first = app.get("/events").send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = app.get(&format!("/jobs/{id}/events")).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    for path in ["/events".to_owned(), format!("/jobs/{id}/events")] {
+        let (status, err) = crate::helpers::error_of(app.get(&path).send().await.unwrap()).await;
+        assert_eq!((status, err["code"].as_str(), err["limit"].as_u64()), (429, Some("too_many_subscribers"), Some(2)));
+        assert!(err["message"].as_str().unwrap().contains("MAX_SUBSCRIBERS"), "{err}");
+    }
+    let ws = tokio_tungstenite::connect_async(app.url("/ws").replace("http://", "ws://")).await;
+    assert!(ws.is_err(), "the WebSocket is refused too");
+    drop(first);
+    // The closed stream's place is free again (its end is noticed at the next write: a keep-alive).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = app.get("/events").send().await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the place was never freed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

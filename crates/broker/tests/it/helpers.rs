@@ -30,6 +30,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         lease_ttl: 30.0,
         max_attempts: 3,
         max_queue: 1000,
+        max_subscribers: 256,
     }
 }
 

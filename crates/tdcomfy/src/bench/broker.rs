@@ -288,6 +288,7 @@ pub async fn run_sweep(args: SweepBenchArgs) -> anyhow::Result<()> {
         lease_ttl: 30.0,
         max_attempts: 3,
         max_queue: 1000,
+        max_subscribers: 256,
     };
     {
         let broker = tdcomfy_broker::Broker::open(args_for(604_800).into_config(workflows.clone())?).await?;

@@ -159,6 +159,7 @@ impl Pipeline {
             lease_ttl: self.setup.lease_ttl,
             max_attempts: self.setup.max_attempts,
             max_queue: 1000,
+            max_subscribers: 256,
         };
         let config = args.into_config(self.workflows.clone()).unwrap();
         let stop = CancellationToken::new();
