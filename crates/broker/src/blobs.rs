@@ -49,6 +49,18 @@ pub struct StagedBlob {
     pub head: Vec<u8>,
 }
 
+/// A staged file nobody committed is removed with its value, however its owner ended: an error
+/// path, a handler future dropped because its client hung up or its body stalled (BODY_TIMEOUT).
+impl Drop for StagedBlob {
+    fn drop(&mut self) {
+        // Empty once committed (renamed away). A blocking unlink is one short syscall, far cheaper
+        // than a trip to the blocking pool, and a drop cannot await.
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 impl StagedBlob {
     /// The temporary file, for readers that need more than `head`.
     pub fn path(&self) -> &Path {
@@ -125,27 +137,26 @@ impl Blobs {
             Ok(())
         }
         .await;
-        match result {
-            Ok(()) => Ok(staged),
-            Err(e) => {
-                drop(out);
-                let _ = tokio::fs::remove_file(&staged.path).await;
-                Err(e)
-            }
-        }
+        // Closed first: Windows cannot remove an open file. On an error `staged` is dropped here,
+        // which removes its file (so does a drop of this future mid-stream).
+        drop(out);
+        result.map(|()| staged)
     }
 
     /// Moves a staged file to its final place and makes the rename durable.
-    pub async fn commit(&self, staged: StagedBlob, kind: BlobKind, id: JobId) -> io::Result<()> {
+    pub async fn commit(&self, mut staged: StagedBlob, kind: BlobKind, id: JobId) -> io::Result<()> {
         let target = self.path(kind, id);
         tokio::fs::rename(&staged.path, &target).await?;
+        // Renamed: nothing left for the drop to remove.
+        staged.path = PathBuf::new();
         let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.root.clone());
         tokio::task::spawn_blocking(move || sync_dir(&dir)).await.map_err(io::Error::other)?
     }
 
     /// Drops a staged file that will not be committed.
-    pub async fn discard(&self, staged: StagedBlob) {
+    pub async fn discard(&self, mut staged: StagedBlob) {
         let _ = tokio::fs::remove_file(&staged.path).await;
+        staged.path = PathBuf::new();
     }
 
     /// Deletes a job's file of `kind`; a missing file is not an error (deletes are repeatable).

@@ -287,6 +287,7 @@ pub async fn run_sweep(args: SweepBenchArgs) -> anyhow::Result<()> {
         job_timeout: 600.0,
         lease_ttl: 30.0,
         max_attempts: 3,
+        net: Default::default(),
     };
     {
         let broker = tdcomfy_broker::Broker::open(args_for(604_800).into_config(workflows.clone())?).await?;

@@ -148,6 +148,7 @@ impl Pipeline {
             job_timeout: self.setup.job_timeout,
             lease_ttl: self.setup.lease_ttl,
             max_attempts: self.setup.max_attempts,
+            net: Default::default(),
         };
         let config = args.into_config(self.workflows.clone()).unwrap();
         let stop = CancellationToken::new();
