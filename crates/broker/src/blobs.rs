@@ -113,7 +113,7 @@ impl Blobs {
     pub async fn stage<S, E>(&self, mut stream: S, limit: u64, head_len: usize) -> Result<StagedBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: std::error::Error,
     {
         let path = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
         let file = tokio::fs::File::create(&path).await?;
@@ -121,7 +121,7 @@ impl Blobs {
         let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
         let result: Result<(), BlobError> = async {
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| BlobError::Source(e.to_string()))?;
+                let chunk = chunk.map_err(|e| BlobError::Source(error_chain(&e)))?;
                 staged.size += chunk.len() as u64;
                 if staged.size > limit {
                     return Err(BlobError::TooLarge { limit });
@@ -166,6 +166,22 @@ impl Blobs {
             _ => Ok(()),
         }
     }
+}
+
+/// An error with its causes, `outer: inner: …`: the multipart parser's own message says only that
+/// parsing failed, the cause says why (the client hung up, BODY_TIMEOUT).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Makes a rename in `dir` durable. On Unix that takes an fsync of the directory; Windows cannot

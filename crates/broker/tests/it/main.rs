@@ -10,6 +10,7 @@ mod helpers;
 mod housekeeping;
 mod jobs;
 mod lease;
+mod limits;
 mod persistence;
 mod results;
 mod security;
