@@ -1,6 +1,6 @@
-//! Built-in TLS (rustls with the *ring* provider): `TLS_CERT` and `TLS_KEY` make the broker serve
-//! HTTPS and WSS itself, so a TouchDesigner machine can reach a broker on a cloud GPU without a
-//! reverse proxy.
+//! Built-in TLS: `TLS_CERT` and `TLS_KEY` make the broker serve HTTPS and WSS itself, so a
+//! TouchDesigner machine can reach a broker on a cloud GPU without a reverse proxy. rustls with the
+//! aws-lc-rs provider, the one the worker's reqwest uses too, so the binary carries one.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Confi
     }
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| invalid("TLS_KEY", key, format!("cannot read a PEM private key: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid("TLS_CERT", cert, e.to_string()))?

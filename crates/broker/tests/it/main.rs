@@ -15,4 +15,5 @@ mod persistence;
 mod results;
 mod security;
 mod submit;
+mod tls;
 mod worker;
