@@ -5,3 +5,4 @@ mod lease;
 mod pipeline;
 mod proxy;
 mod recovery;
+mod tls;
