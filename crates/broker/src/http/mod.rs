@@ -159,6 +159,9 @@ pub fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
+/// Headers a reverse proxy adds to what it forwards.
+const FORWARDING_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
+
 /// The routes that take `?token=`: the push routes, for clients that cannot set headers
 /// (browsers' `EventSource` and `WebSocket`, TouchDesigner's WebSocket DAT). Elsewhere a token in
 /// the URL would end up in proxy logs and browser history for no gain.
@@ -187,7 +190,10 @@ async fn authenticate(State(broker): State<Broker>, req: Request, next: Next) ->
                 // upload the bytes TouchDesigner then plays: only this machine may, unless a
                 // WORKER_TOKEN says who else can.
                 let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-                let local = peer.is_some_and(is_loopback) && !cfg.net.loopback_is_remote;
+                // A reverse proxy on this machine connects from loopback for everyone; a request
+                // it forwarded is not this machine's own.
+                let forwarded = FORWARDING_HEADERS.iter().any(|h| req.headers().contains_key(*h));
+                let local = peer.is_some_and(is_loopback) && !forwarded && !cfg.net.loopback_is_remote;
                 if local {
                     return next.run(req).await;
                 }

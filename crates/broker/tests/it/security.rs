@@ -82,6 +82,18 @@ async fn openapi_document_is_3_1_and_covers_every_route() {
             );
         }
     }
+    // The 403s a browser origin or a remote worker meets are documented where they happen.
+    for (path, method) in
+        [("/jobs", "post"), ("/jobs/{id}", "delete"), ("/ws", "get"), ("/events", "get"), ("/worker/lease", "post")]
+    {
+        assert!(doc["paths"][path][method]["responses"]["403"].is_object(), "{method} {path} lacks its 403");
+    }
+    assert!(
+        doc["paths"]["/worker/jobs/{id}/input"]["get"]["responses"]["403"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("WORKER_TOKEN"))
+    );
+    assert!(doc["paths"]["/jobs"]["get"]["responses"]["403"].is_null(), "reads are not origin-checked");
     let submit = &doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"];
     assert!(submit.is_object(), "submit body is documented as multipart");
     // Everything the spec lists is actually routed (no 404 route_not_found for a documented path).
@@ -229,6 +241,26 @@ async fn without_a_token_worker_routes_refuse_a_lan_peer_with_a_403_naming_worke
     // The client API stays open to the LAN without a token, as the original TD scripts expect.
     let resp = app.delete(&format!("/jobs/{id}")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn without_a_token_a_worker_request_forwarded_by_a_local_reverse_proxy_is_refused() {
+    let app = spawn_with(|_| {}).await;
+    app.submit_png("behind caddy").await;
+    for (header, value) in
+        [("x-forwarded-for", "203.0.113.9"), ("forwarded", "for=203.0.113.9"), ("x-real-ip", "203.0.113.9")]
+    {
+        let resp = app
+            .http
+            .post(app.url("/worker/lease"))
+            .header(header, value)
+            .json(&json!({"worker_id": "w", "wait": 0}))
+            .send()
+            .await
+            .unwrap();
+        let (status, err) = error_of(resp).await;
+        assert_eq!((status, err["field"].as_str()), (403, Some("WORKER_TOKEN")), "{header}: {err}");
+    }
 }
 
 #[tokio::test]
