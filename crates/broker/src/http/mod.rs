@@ -246,7 +246,7 @@ fn check_origin(cfg: &crate::config::BrokerConfig, req: &Request) -> Result<(), 
         let scheme = if cfg.net.tls.is_some() { "https" } else { "http" };
         origin == format!("{scheme}://{}", host.trim().to_ascii_lowercase())
     });
-    if own || cfg.net.allowed_origins.iter().any(|o| *o == origin) {
+    if own || cfg.net.allowed_origins.contains(&origin) {
         return Ok(());
     }
     Err(ApiError::Forbidden {
