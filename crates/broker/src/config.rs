@@ -86,6 +86,7 @@ pub struct NetArgs {
     /// browser, comma-separated; * allows any. A browser request from another origin that changes
     /// something, or opens /ws or an event stream, gets a 403. The broker's own origin is always
     /// allowed; clients that send no Origin (TouchDesigner, Python, the CLI, workers) are unaffected.
+    /// `null` allows pages opened from a file.
     #[arg(long, env = "ALLOWED_ORIGINS", default_value = "")]
     pub allowed_origins: String,
 
@@ -245,6 +246,11 @@ fn allowed_origins(raw: &str) -> Result<(Vec<String>, bool), ConfigError> {
             any = true;
             continue;
         }
+        // What browsers send for a page opened from a file or a sandboxed frame.
+        if item.eq_ignore_ascii_case("null") {
+            origins.push("null".to_owned());
+            continue;
+        }
         let origin = item.trim_end_matches('/').to_ascii_lowercase();
         let valid = origin
             .split_once("://")
@@ -342,6 +348,7 @@ mod tests {
         let (o, any) = allowed_origins(" https://A.example:3000/ , http://b ").unwrap();
         assert_eq!((o, any), (vec!["https://a.example:3000".to_owned(), "http://b".to_owned()], false));
         assert!(allowed_origins("*").unwrap().1);
+        assert_eq!(allowed_origins("null").unwrap().0, vec!["null".to_owned()]);
         let e = allowed_origins("a.example").unwrap_err();
         assert!(e.to_string().starts_with("ALLOWED_ORIGINS:"), "{e}");
     }

@@ -86,6 +86,9 @@ fn warn_if_exposed(addr: SocketAddr, config: &BrokerConfig) {
              submit, read and cancel jobs; set API_TOKEN (and WORKER_TOKEN) or API_HOST=127.0.0.1"
         );
     }
+    if !addr.ip().is_loopback() && config.api_token.is_none() && config.worker_token.is_none() {
+        tracing::info!("WORKER_TOKEN is not set: worker routes answer only workers on this machine");
+    }
     if !addr.ip().is_loopback() && config.api_token.is_some() && config.worker_token.is_none() {
         tracing::warn!("WORKER_TOKEN is not set: workers authenticate with the client token API_TOKEN");
     }

@@ -242,9 +242,11 @@ fn check_origin(cfg: &crate::config::BrokerConfig, req: &Request) -> Result<(), 
         return Ok(());
     }
     let origin = origin.to_str().unwrap_or("").trim().trim_end_matches('/').to_ascii_lowercase();
+    // Own origin: a page served from the host the request was sent to. Either scheme counts: behind
+    // a TLS-terminating proxy the page is https while the broker itself speaks http.
     let own = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|host| {
-        let scheme = if cfg.net.tls.is_some() { "https" } else { "http" };
-        origin == format!("{scheme}://{}", host.trim().to_ascii_lowercase())
+        let authority = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        authority == Some(host.trim().to_ascii_lowercase().as_str())
     });
     if own || cfg.net.allowed_origins.contains(&origin) {
         return Ok(());

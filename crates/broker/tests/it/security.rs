@@ -335,6 +335,15 @@ async fn a_foreign_browser_origin_is_refused_on_every_mutating_and_push_route() 
         }
         tokio_tungstenite::connect_async(req).await.unwrap_or_else(|e| panic!("{origin:?} refused on /ws: {e}"));
     }
+    // Behind a TLS-terminating proxy the broker's own pages are https while it speaks http; another
+    // port of the same host is another origin.
+    let https_self = app.base.replace("http://", "https://");
+    let resp =
+        app.post("/jobs").header("origin", https_self.as_str()).multipart(png_form("proxied")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let other_port = format!("{}1", app.base);
+    let resp = app.post("/jobs").header("origin", other_port.as_str()).multipart(png_form("x")).send().await.unwrap();
+    assert_eq!(resp.status(), 403, "{other_port}");
     let resp = app.delete(&format!("/jobs/{id}")).header("origin", "https://dashboard.example").send().await.unwrap();
     assert_eq!(resp.status(), 200);
 }
