@@ -127,3 +127,26 @@ async fn connections_beyond_max_connections_wait_until_one_closes() {
     let status = tokio::time::timeout(Duration::from_secs(10), third).await.expect("served once a slot freed");
     assert_eq!(status.unwrap().unwrap(), 200);
 }
+
+#[tokio::test]
+async fn a_stalled_result_upload_is_cut_off_and_the_worker_can_deliver_again() {
+    let app = spawn_with(|a| a.net.body_timeout = 1.0).await;
+    let id = app.submit_png("result over a dying link").await;
+    let lease = app.lease("w", 1.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    let mut upload = connect(&app).await;
+    let head = format!(
+        "PUT /worker/jobs/{id}/result HTTP/1.1\r\nHost: broker\r\nLease-Token: {token}\r\n\
+         Content-Type: video/mp4\r\nContent-Length: 1000000\r\n\r\n"
+    );
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(&[7u8; 300_000]).await.unwrap();
+    wait_for("the result's temp file appears", 10, || !app.files("tmp").is_empty()).await;
+    let answer =
+        read_until_closed(&mut upload, Duration::from_secs(5)).await.expect("cut off within a few BODY_TIMEOUTs");
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("BODY_TIMEOUT"), "{answer:?}");
+    assert!(app.files("tmp").is_empty(), "temp files left: {:?}", app.files("tmp"));
+    assert_eq!(app.job(&id).await["status"], "running", "a cut-off upload does not finish the job");
+    assert_eq!(app.put_result(&id, token, b"the whole mp4".to_vec()).await.status(), 200);
+    assert_eq!(app.job(&id).await["status"], "done");
+}
