@@ -11,9 +11,9 @@ mod worker;
 
 pub use error::ApiError;
 
-use axum::Router;
 use std::net::{IpAddr, SocketAddr};
 
+use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{Method, Uri, header};
 use axum::middleware::Next;
@@ -241,7 +241,9 @@ fn check_origin(cfg: &crate::config::BrokerConfig, req: &Request) -> Result<(), 
     if !guarded || cfg.net.any_origin {
         return Ok(());
     }
-    let origin = origin.to_str().unwrap_or("").trim().trim_end_matches('/').to_ascii_lowercase();
+    // Bounded: it is echoed in the refusal.
+    let origin: String =
+        origin.to_str().unwrap_or("").trim().trim_end_matches('/').to_ascii_lowercase().chars().take(200).collect();
     // Own origin: a page served from the host the request was sent to. Either scheme counts: behind
     // a TLS-terminating proxy the page is https while the broker itself speaks http.
     let own = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|host| {
