@@ -194,13 +194,14 @@ impl AsyncWrite for Conn {
 struct IdleBody {
     inner: Incoming,
     timeout: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Made at the first wait (most requests have no body to wait for), then reset.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
 }
 
 impl IdleBody {
     fn new(inner: Incoming, timeout: Duration) -> IdleBody {
-        IdleBody { inner, timeout, timer: Box::pin(tokio::time::sleep(timeout)), armed: false }
+        IdleBody { inner, timeout, timer: None, armed: false }
     }
 }
 
@@ -222,10 +223,15 @@ impl HttpBody for IdleBody {
             }
             Poll::Pending => {
                 if !this.armed {
-                    this.timer.as_mut().reset(tokio::time::Instant::now() + this.timeout);
+                    let deadline = tokio::time::Instant::now() + this.timeout;
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                     this.armed = true;
                 }
-                match this.timer.as_mut().poll(cx) {
+                let Some(timer) = this.timer.as_mut() else { return Poll::Pending };
+                match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout(this.timeout).into()))),
                     Poll::Pending => Poll::Pending,
                 }
