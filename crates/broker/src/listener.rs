@@ -230,6 +230,7 @@ impl HttpBody for IdleBody {
                     }
                     this.armed = true;
                 }
+                // Always set just above; no waker is lost here.
                 let Some(timer) = this.timer.as_mut() else { return Poll::Pending };
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout(this.timeout).into()))),
