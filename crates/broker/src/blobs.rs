@@ -49,6 +49,18 @@ pub struct StagedBlob {
     pub head: Vec<u8>,
 }
 
+/// A staged file nobody committed is removed with its value, however its owner ended: an error
+/// path, a handler future dropped because its client hung up or its body stalled (BODY_TIMEOUT).
+impl Drop for StagedBlob {
+    fn drop(&mut self) {
+        // Empty once committed (renamed away). A blocking unlink is one short syscall, far cheaper
+        // than a trip to the blocking pool, and a drop cannot await.
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 impl StagedBlob {
     /// The temporary file, for readers that need more than `head`.
     pub fn path(&self) -> &Path {
@@ -101,7 +113,7 @@ impl Blobs {
     pub async fn stage<S, E>(&self, mut stream: S, limit: u64, head_len: usize) -> Result<StagedBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: std::error::Error,
     {
         let path = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
         let file = tokio::fs::File::create(&path).await?;
@@ -109,7 +121,7 @@ impl Blobs {
         let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
         let result: Result<(), BlobError> = async {
             while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| BlobError::Source(e.to_string()))?;
+                let chunk = chunk.map_err(|e| BlobError::Source(error_chain(&e)))?;
                 staged.size += chunk.len() as u64;
                 if staged.size > limit {
                     return Err(BlobError::TooLarge { limit });
@@ -125,27 +137,26 @@ impl Blobs {
             Ok(())
         }
         .await;
-        match result {
-            Ok(()) => Ok(staged),
-            Err(e) => {
-                drop(out);
-                let _ = tokio::fs::remove_file(&staged.path).await;
-                Err(e)
-            }
-        }
+        // Closed first: Windows cannot remove an open file. On an error `staged` is dropped here,
+        // which removes its file (so does a drop of this future mid-stream).
+        drop(out);
+        result.map(|()| staged)
     }
 
     /// Moves a staged file to its final place and makes the rename durable.
-    pub async fn commit(&self, staged: StagedBlob, kind: BlobKind, id: JobId) -> io::Result<()> {
+    pub async fn commit(&self, mut staged: StagedBlob, kind: BlobKind, id: JobId) -> io::Result<()> {
         let target = self.path(kind, id);
         tokio::fs::rename(&staged.path, &target).await?;
+        // Renamed: nothing left for the drop to remove.
+        staged.path = PathBuf::new();
         let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.root.clone());
         tokio::task::spawn_blocking(move || sync_dir(&dir)).await.map_err(io::Error::other)?
     }
 
     /// Drops a staged file that will not be committed.
-    pub async fn discard(&self, staged: StagedBlob) {
+    pub async fn discard(&self, mut staged: StagedBlob) {
         let _ = tokio::fs::remove_file(&staged.path).await;
+        staged.path = PathBuf::new();
     }
 
     /// Deletes a job's file of `kind`; a missing file is not an error (deletes are repeatable).
@@ -155,6 +166,22 @@ impl Blobs {
             _ => Ok(()),
         }
     }
+}
+
+/// An error with its causes, `outer: inner: …`: the multipart parser's own message says only that
+/// parsing failed, the cause says why (the client hung up, BODY_TIMEOUT).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Makes a rename in `dir` durable. On Unix that takes an fsync of the directory; Windows cannot

@@ -82,6 +82,58 @@ pub struct BrokerArgs {
     /// too_many_subscribers, so a client that reconnects in a loop cannot pile them up.
     #[arg(long, env = "MAX_SUBSCRIBERS", default_value_t = 256)]
     pub max_subscribers: usize,
+    /// How the broker meets the network: browsers, connection limits, TLS.
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// The broker's connection settings: which browser pages may call it, how long a client may take,
+/// how many connections it serves, and TLS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetArgs {
+    /// Web page origins (e.g. https://dashboard.example:3000) allowed to use the broker from a
+    /// browser, comma-separated; * allows any. A browser request from another origin that changes
+    /// something, or opens /ws or an event stream, gets a 403. The broker's own origin is always
+    /// allowed; clients that send no Origin (TouchDesigner, Python, the CLI, workers) are unaffected.
+    /// `null` allows pages opened from a file.
+    #[arg(long, env = "ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
+
+    /// Seconds a client may take to send a request's headers (and the TLS handshake); a slow or
+    /// half-sent header is closed then. A keep-alive connection idle this long is closed too.
+    #[arg(long, env = "HEADER_TIMEOUT", default_value_t = 10.0)]
+    pub header_timeout: f64,
+
+    /// Seconds a request body may go without a byte; then the request fails, its connection is
+    /// closed and the partial upload is deleted.
+    #[arg(long, env = "BODY_TIMEOUT", default_value_t = 30.0)]
+    pub body_timeout: f64,
+
+    /// Most connections served at once. Further connections wait, unanswered, in the OS backlog
+    /// until one closes (an open WebSocket or event stream counts).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// PEM file with the certificate chain; with TLS_KEY the broker serves HTTPS and WSS itself.
+    #[arg(long, env = "TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the private key of TLS_CERT (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for NetArgs {
+    fn default() -> NetArgs {
+        NetArgs {
+            allowed_origins: String::new(),
+            header_timeout: 10.0,
+            body_timeout: 30.0,
+            max_connections: 1024,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
 }
 
 /// Why the settings are unusable.
@@ -134,6 +186,29 @@ pub struct BrokerConfig {
     pub sweep_interval: Duration,
     /// The source of every time the broker records or compares (a test may inject its own).
     pub clock: Clock,
+    /// Connection settings.
+    pub net: NetConfig,
+}
+
+/// Validated [`NetArgs`].
+#[derive(Clone)]
+pub struct NetConfig {
+    /// Browser origins allowed besides the broker's own (lowercase, no trailing slash).
+    pub allowed_origins: Vec<String>,
+    /// `ALLOWED_ORIGINS=*`.
+    pub any_origin: bool,
+    /// Longest time to send a request's headers (and the TLS handshake).
+    pub header_timeout: Duration,
+    /// Longest pause within a request body.
+    pub body_timeout: Duration,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// TLS, when TLS_CERT and TLS_KEY are set.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Test hook: treat loopback peers as remote, so a test on 127.0.0.1 can see what a LAN peer
+    /// sees. Not a setting.
+    #[doc(hidden)]
+    pub loopback_is_remote: bool,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -145,6 +220,8 @@ impl std::fmt::Debug for BrokerConfig {
             .field("worker_token", &self.worker_token.as_ref().map(|_| "<set>"))
             .field("job_timeout", &self.job_timeout)
             .field("lease_ttl", &self.lease_ttl)
+            .field("allowed_origins", &self.net.allowed_origins)
+            .field("tls", &self.net.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -157,8 +234,83 @@ fn positive_secs(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
     }
 }
 
-fn non_empty(token: &Option<String>) -> Option<String> {
-    token.as_ref().filter(|t| !t.is_empty()).cloned()
+/// A token that is set and not empty; the template's placeholders (`change-me-…` in
+/// `deploy/tdcomfy.env`) are refused, since a copied template would otherwise guard the broker with
+/// a value anyone can read on GitHub.
+fn token(name: &'static str, token: &Option<String>) -> Result<Option<String>, ConfigError> {
+    match token.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(t) if t.to_ascii_lowercase().starts_with("change-me") => Err(ConfigError::Invalid {
+            name,
+            message: format!(
+                "still the template's placeholder {t:?}; set a secret of your own (e.g. `openssl rand -hex 32`)"
+            ),
+        }),
+        Some(_) => Ok(token.clone()),
+    }
+}
+
+/// Parses `ALLOWED_ORIGINS`: `*`, or comma-separated `scheme://host[:port]` origins.
+fn allowed_origins(raw: &str) -> Result<(Vec<String>, bool), ConfigError> {
+    let mut origins = Vec::new();
+    let mut any = false;
+    for item in raw.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if item == "*" {
+            any = true;
+            continue;
+        }
+        // What browsers send for a page opened from a file or a sandboxed frame.
+        if item.eq_ignore_ascii_case("null") {
+            origins.push("null".to_owned());
+            continue;
+        }
+        let origin = item.trim_end_matches('/').to_ascii_lowercase();
+        let valid = origin
+            .split_once("://")
+            .is_some_and(|(scheme, host)| !scheme.is_empty() && !host.is_empty() && !host.contains('/'));
+        if !valid {
+            return Err(ConfigError::Invalid {
+                name: "ALLOWED_ORIGINS",
+                message: format!("{item:?} is not an origin such as https://dashboard.example:3000"),
+            });
+        }
+        origins.push(origin);
+    }
+    Ok((origins, any))
+}
+
+impl NetArgs {
+    fn into_config(self) -> Result<NetConfig, ConfigError> {
+        let (allowed_origins, any_origin) = allowed_origins(&self.allowed_origins)?;
+        if self.max_connections == 0 || self.max_connections > 1 << 20 {
+            return Err(ConfigError::Invalid { name: "MAX_CONNECTIONS", message: "must be 1 ..= 1048576".into() });
+        }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(crate::tls::server_config(&cert, &key)?),
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    name: "TLS_KEY",
+                    message: "TLS_CERT is set; TLS_KEY is needed too".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    name: "TLS_CERT",
+                    message: "TLS_KEY is set; TLS_CERT is needed too".into(),
+                });
+            }
+        };
+        Ok(NetConfig {
+            allowed_origins,
+            any_origin,
+            header_timeout: positive_secs("HEADER_TIMEOUT", self.header_timeout)?,
+            body_timeout: positive_secs("BODY_TIMEOUT", self.body_timeout)?,
+            max_connections: self.max_connections,
+            tls,
+            loopback_is_remote: false,
+        })
+    }
 }
 
 impl BrokerArgs {
@@ -177,8 +329,8 @@ impl BrokerArgs {
             max_result_bytes: self.max_result_mb.saturating_mul(1024 * 1024),
             max_image_dim: self.max_image_dim,
             max_prompt_chars: self.max_prompt_chars,
-            api_token: non_empty(&self.api_token),
-            worker_token: non_empty(&self.worker_token),
+            api_token: token("API_TOKEN", &self.api_token)?,
+            worker_token: token("WORKER_TOKEN", &self.worker_token)?,
             result_ttl: (self.result_ttl > 0).then(|| Duration::from_secs(self.result_ttl)),
             job_retention: (self.job_retention > 0).then(|| Duration::from_secs(self.job_retention)),
             job_timeout: positive_secs("JOB_TIMEOUT", self.job_timeout)?,
@@ -189,6 +341,30 @@ impl BrokerArgs {
             max_subscribers: self.max_subscribers.max(1),
             workflows,
             clock: Clock::system(),
+            net: self.net.into_config()?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_tokens_are_refused_by_name() {
+        let e = token("WORKER_TOKEN", &Some("change-me-worker-token".into())).unwrap_err();
+        assert!(e.to_string().starts_with("WORKER_TOKEN: still the template's placeholder"), "{e}");
+        assert_eq!(token("API_TOKEN", &Some("  ".into())).unwrap(), None);
+        assert_eq!(token("API_TOKEN", &Some("s3cret".into())).unwrap().as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn allowed_origins_parse() {
+        let (o, any) = allowed_origins(" https://A.example:3000/ , http://b ").unwrap();
+        assert_eq!((o, any), (vec!["https://a.example:3000".to_owned(), "http://b".to_owned()], false));
+        assert!(allowed_origins("*").unwrap().1);
+        assert_eq!(allowed_origins("null").unwrap().0, vec!["null".to_owned()]);
+        let e = allowed_origins("a.example").unwrap_err();
+        assert!(e.to_string().starts_with("ALLOWED_ORIGINS:"), "{e}");
     }
 }

@@ -13,16 +13,16 @@ pub mod events;
 pub mod http;
 pub mod image_check;
 pub mod image_sniff;
+pub mod listener;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
 
-use axum::serve::ListenerExt;
-
-pub use config::{BrokerArgs, BrokerConfig, ConfigError};
+pub use config::{BrokerArgs, BrokerConfig, ConfigError, NetArgs, NetConfig};
 pub use service::{Broker, BrokerError};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then finishes in-flight requests.
@@ -51,27 +51,20 @@ pub async fn run(
             stop.cancel();
         }
     });
+    let net = broker.config().net.clone();
     let app = http::router(broker);
-    tracing::info!(%addr, "broker listening");
-    // Responses go out as header and body writes; without TCP_NODELAY, Nagle's algorithm and the
-    // peer's delayed ACK hold the second write back ~40 ms.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let serve = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let scheme = if net.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, "broker listening");
+    let mut connections = listener::serve(listener, app, &net, stop.clone()).await;
     // Streams and long-polls end on the token; a client still uploading gets a few seconds.
-    let served = tokio::select! {
-        served = serve => served,
-        _ = async {
-            stop.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
-            Ok(())
-        }
-    };
+    let drained =
+        tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!("requests still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
+        connections.shutdown().await;
+    }
     drop(sweeper);
-    served.map_err(BrokerError::Io)
+    Ok(())
 }
 
 /// A task aborted when its handle is dropped.
@@ -93,6 +86,9 @@ fn warn_if_exposed(addr: SocketAddr, config: &BrokerConfig) {
             "listening on a non-loopback address without API_TOKEN: anyone who can reach this port can \
              submit, read and cancel jobs; set API_TOKEN (and WORKER_TOKEN) or API_HOST=127.0.0.1"
         );
+    }
+    if !addr.ip().is_loopback() && config.api_token.is_none() && config.worker_token.is_none() {
+        tracing::info!("WORKER_TOKEN is not set: worker routes answer only workers on this machine");
     }
     if !addr.ip().is_loopback() && config.api_token.is_some() && config.worker_token.is_none() {
         tracing::warn!("WORKER_TOKEN is not set: workers authenticate with the client token API_TOKEN");

@@ -29,6 +29,8 @@ pub struct Cli {
 }
 
 /// What to run.
+// Parsed once per process: the size of the largest variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the job broker (the HTTP API TouchDesigner and workers talk to).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tdcomfy_worker::broker_client::BrokerTrust;
 use tokio_util::sync::CancellationToken;
 
 /// Simulator settings (`tdcomfy sim`, `tdcomfy up --simulate`).
@@ -77,6 +78,10 @@ pub struct WorkerCmd {
     /// The broker's client token, used when WORKER_TOKEN is not set.
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// PEM file with the certificate (or CA) of an HTTPS broker whose certificate the system does
+    /// not trust, e.g. a self-signed TLS_CERT; added to the system's roots.
+    #[arg(long, env = "BROKER_CA")]
+    broker_ca: Option<PathBuf>,
     #[command(flatten)]
     worker: tdcomfy_worker::WorkerArgs,
     #[command(flatten)]
@@ -120,7 +125,11 @@ pub async fn worker(cmd: WorkerCmd, shutdown: CancellationToken) -> anyhow::Resu
     let broker_url = cmd.broker_url.unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
     let token = cmd.worker_token.or(cmd.api_token);
     let spool = std::env::temp_dir().join("tdcomfy-worker-spool");
-    let config = cmd.worker.into_config(broker_url, token, workflows, spool)?;
+    let mut config = cmd.worker.into_config(broker_url, token, workflows, spool)?;
+    if let Some(ca) = &cmd.broker_ca {
+        let certs = BrokerTrust::read_pem(ca).map_err(|e| anyhow::anyhow!("BROKER_CA: {e}"))?;
+        config.broker_trust = BrokerTrust::WithCa(certs);
+    }
     tdcomfy_worker::run(config, shutdown).await?;
     Ok(())
 }
@@ -144,7 +153,11 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker_local = broker_listener.local_addr()?;
     let data_dir = cmd.broker.data_dir.clone();
     let token = cmd.broker.worker_token.clone().or_else(|| cmd.broker.api_token.clone());
+    // With built-in TLS the in-process worker speaks HTTPS over loopback too, trusting exactly the
+    // certificate the broker serves (127.0.0.1 is rarely a name in it).
+    let tls_cert = cmd.broker.net.tls_cert.clone();
     let broker_config = cmd.broker.into_config(workflows.clone())?;
+    let scheme = if broker_config.net.tls.is_some() { "https" } else { "http" };
 
     // The servers stop only after the worker has stopped, so the worker can still stop its prompt
     // in ComfyUI and hand its job back to the broker on the way out.
@@ -169,12 +182,16 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
         });
         comfy_note = format!(" with the ComfyUI simulator at http://{sim_local}");
     }
-    let worker_config = worker_args.into_config(
-        format!("http://{}", loopback_for(broker_local)),
+    let mut worker_config = worker_args.into_config(
+        format!("{scheme}://{}", loopback_for(broker_local)),
         token,
         workflows,
         data_dir.join("worker-spool"),
     )?;
+    if let (Some(cert), true) = (&tls_cert, broker_config.net.tls.is_some()) {
+        let certs = BrokerTrust::read_pem(cert).map_err(|e| anyhow::anyhow!("TLS_CERT: {e}"))?;
+        worker_config.broker_trust = BrokerTrust::Pinned(certs);
+    }
     let comfy_list: Vec<String> = worker_config.comfy.iter().map(|e| e.to_string()).collect();
     let stop = servers_stop.clone();
     servers.spawn(async move {
@@ -186,7 +203,7 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut worker = tokio::spawn(tdcomfy_worker::run(worker_config, worker_stop.clone()));
 
     println!(
-        "tdcomfy is up{comfy_note}: send frames to http://{}/jobs (worker → {})",
+        "tdcomfy is up{comfy_note}: send frames to {scheme}://{}/jobs (worker → {})",
         loopback_for(broker_local),
         comfy_list.join(", ")
     );

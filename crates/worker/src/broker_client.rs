@@ -57,6 +57,31 @@ impl BrokerCallError {
     }
 }
 
+/// Which certificates the worker accepts from an HTTPS broker (`BROKER_URL=https://…`).
+#[derive(Debug, Clone, Default)]
+pub enum BrokerTrust {
+    /// The operating system's roots: a broker behind Caddy or nginx with a public certificate.
+    #[default]
+    System,
+    /// The system's roots and these certificates (`BROKER_CA`: a self-signed broker, a private CA).
+    WithCa(Vec<reqwest::Certificate>),
+    /// Only these certificates, whatever name the broker is reached by: `tdcomfy up`'s own worker,
+    /// which reaches its TLS broker over loopback, a name its certificate need not carry.
+    Pinned(Vec<reqwest::Certificate>),
+}
+
+impl BrokerTrust {
+    /// The certificates of a PEM file (one or more `CERTIFICATE` blocks).
+    pub fn read_pem(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no PEM CERTIFICATE block", path.display()));
+        }
+        Ok(certs)
+    }
+}
+
 /// An HTTP client for one broker.
 #[derive(Debug, Clone)]
 pub struct BrokerClient {
@@ -68,11 +93,21 @@ pub struct BrokerClient {
 impl BrokerClient {
     /// A client for the broker at `base` (e.g. `http://127.0.0.1:8080`), sending `token` if set.
     pub fn new(base: &str, token: Option<String>) -> Result<BrokerClient, BrokerCallError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+        BrokerClient::with_trust(base, token, &BrokerTrust::System)
+    }
+
+    /// A client for the broker at `base` that accepts the certificates `trust` names over HTTPS.
+    pub fn with_trust(base: &str, token: Option<String>, trust: &BrokerTrust) -> Result<BrokerClient, BrokerCallError> {
+        let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
+        let builder = match trust {
+            BrokerTrust::System => builder,
+            BrokerTrust::WithCa(certs) => builder.tls_certs_merge(certs.iter().cloned()),
+            // Trusting exactly the broker's own chain is what makes ignoring the name safe.
+            BrokerTrust::Pinned(certs) => {
+                builder.tls_certs_only(certs.iter().cloned()).tls_danger_accept_invalid_hostnames(true)
+            }
+        };
+        let http = builder.build().map_err(|e| BrokerCallError::Unreachable(error_chain(&e)))?;
         Ok(BrokerClient { http, base: base.trim_end_matches('/').to_owned(), token })
     }
 

@@ -94,6 +94,8 @@ pub struct WorkerConfig {
     pub broker_url: String,
     /// Token for the broker's worker routes.
     pub token: Option<String>,
+    /// Certificates accepted from an HTTPS broker (set by the caller: `BROKER_CA`, or `up`).
+    pub broker_trust: crate::broker_client::BrokerTrust,
     /// Lease name.
     pub worker_id: String,
     /// ComfyUI servers.
@@ -172,6 +174,7 @@ impl WorkerArgs {
         Ok(WorkerConfig {
             broker_url,
             token: token.filter(|t| !t.is_empty()),
+            broker_trust: Default::default(),
             worker_id,
             comfy,
             workflows,

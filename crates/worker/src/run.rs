@@ -62,7 +62,7 @@ enum JobEnd {
 /// ComfyUI and handed back to the broker as retryable, so another worker can take it.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     tokio::fs::create_dir_all(&config.spool_dir).await?;
-    let broker = BrokerClient::new(&config.broker_url, config.token.clone())?;
+    let broker = BrokerClient::with_trust(&config.broker_url, config.token.clone(), &config.broker_trust)?;
     let servers = config.comfy.len();
     let mut loops = tokio::task::JoinSet::new();
     for (index, endpoint) in config.comfy.iter().enumerate() {

@@ -8,6 +8,9 @@ use tdcomfy_api::{ErrorBody, ErrorDetail, JobStatus};
 use crate::service::BrokerError;
 use crate::store::StoreError;
 
+/// What a client is told about a broker fault.
+const INTERNAL_MESSAGE: &str = "the broker failed to handle this request; its log has the details";
+
 /// An error answer of the HTTP API.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -62,6 +65,17 @@ pub enum ApiError {
     /// Missing or wrong token (401).
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// Refused by a setting: a foreign browser origin, a worker route from another machine without
+    /// WORKER_TOKEN (403).
+    #[error("{message}")]
+    Forbidden {
+        /// Stable code.
+        code: &'static str,
+        /// Sentence naming the setting.
+        message: String,
+        /// The setting that decides (`ALLOWED_ORIGINS`, `WORKER_TOKEN`).
+        setting: &'static str,
+    },
     /// The job is not in a state that allows this (409).
     #[error("{message}")]
     Conflict {
@@ -79,8 +93,9 @@ pub enum ApiError {
         /// File size.
         size: u64,
     },
-    /// A broker fault (500). Never used for anything a client sent.
-    #[error("internal error: {0}")]
+    /// A broker fault (500). Never used for anything a client sent. The detail goes to the log
+    /// only: it may name files and internals, and it helps no client.
+    #[error("{INTERNAL_MESSAGE}")]
     Internal(String),
 }
 
@@ -122,6 +137,7 @@ impl ApiError {
             ApiError::RouteNotFound { .. } => (StatusCode::NOT_FOUND, "route_not_found", None, None),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None, None),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None, None),
+            ApiError::Forbidden { code, setting, .. } => (StatusCode::FORBIDDEN, code, Some(*setting), None),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, None, None),
             ApiError::ResultGone => (StatusCode::GONE, "result_gone", None, None),
             ApiError::RangeNotSatisfiable { size } => {
@@ -135,8 +151,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, field, limit) = self.parts();
-        if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+        match &self {
+            ApiError::Internal(detail) => tracing::error!(error = %detail, "request failed"),
+            _ if status.is_server_error() => tracing::error!(error = %self, "request failed"),
+            _ => {}
         }
         let body = ErrorBody {
             error: ErrorDetail {

@@ -11,9 +11,11 @@ mod worker;
 
 pub use error::ApiError;
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{Method, Uri};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
@@ -148,36 +150,144 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether `ip` is this machine talking to itself: 127.0.0.0/8, `::1`, or either mapped into IPv6
+/// (`::ffff:127.0.0.1`, what a dual-stack socket reports for an IPv4 loopback client).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+/// Headers a reverse proxy adds to what it forwards.
+const FORWARDING_HEADERS: [&str; 3] = ["forwarded", "x-forwarded-for", "x-real-ip"];
+
+/// The routes that take `?token=`: the push routes, for clients that cannot set headers
+/// (browsers' `EventSource` and `WebSocket`, TouchDesigner's WebSocket DAT). Elsewhere a token in
+/// the URL would end up in proxy logs and browser history for no gain.
+fn takes_query_token(path: &str) -> bool {
+    path == "/events" || path == "/ws" || (path.starts_with("/jobs/") && path.ends_with("/events"))
+}
+
 /// Token checks: `/health` is open; `/worker/*` wants the worker token (or the client token when no
-/// worker token is set); everything else wants the client token, in a header or, for browsers and
-/// TouchDesigner's WebSocket DAT, as `?token=`.
+/// worker token is set, or, when neither is set, a peer on this machine); everything else wants the
+/// client token, in a header or, on the push routes, as `?token=`.
 async fn authenticate(State(broker): State<Broker>, req: Request, next: Next) -> Response {
     let cfg = broker.config();
     let path = req.uri().path();
     if path == "/health" {
         return next.run(req).await;
     }
+    if let Err(e) = check_origin(cfg, &req) {
+        return e.into_response();
+    }
     let (expected, why) = if path.starts_with("/worker/") {
         match (&cfg.worker_token, &cfg.api_token) {
             (Some(t), _) => (Some(t), "worker routes need Authorization: Bearer <WORKER_TOKEN>"),
             (None, Some(t)) => (Some(t), "worker routes need Authorization: Bearer <API_TOKEN>"),
-            (None, None) => (None, ""),
+            (None, None) => {
+                // Without any token a worker route would let anyone on the LAN lease jobs and
+                // upload the bytes TouchDesigner then plays: only this machine may, unless a
+                // WORKER_TOKEN says who else can.
+                let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+                // A reverse proxy on this machine connects from loopback for everyone; a request
+                // it forwarded is not this machine's own.
+                let forwarded = FORWARDING_HEADERS.iter().any(|h| req.headers().contains_key(*h));
+                let local = peer.is_some_and(is_loopback) && !forwarded && !cfg.net.loopback_is_remote;
+                if local {
+                    return next.run(req).await;
+                }
+                return ApiError::Forbidden {
+                    code: "worker_token_required",
+                    message: "worker routes accept only this machine while WORKER_TOKEN is not set; set \
+                              WORKER_TOKEN on the broker and on remote workers"
+                        .into(),
+                    setting: "WORKER_TOKEN",
+                }
+                .into_response();
+            }
         }
     } else {
-        (cfg.api_token.as_ref(), "this broker needs Authorization: Bearer <API_TOKEN> (or ?token= on /events and /ws)")
+        (
+            cfg.api_token.as_ref(),
+            "this broker needs Authorization: Bearer <API_TOKEN> (or ?token= on /events, /jobs/{id}/events and /ws)",
+        )
     };
     let Some(expected) = expected else {
         return next.run(req).await;
     };
-    let presented = bearer(&req).map(str::to_owned).or_else(|| query_token(&req));
+    let presented = match bearer(&req) {
+        Some(t) => Some(t.to_owned()),
+        None if takes_query_token(path) => query_token(&req),
+        None => None,
+    };
     match presented {
         Some(t) if constant_time_eq(&t, expected) => next.run(req).await,
         _ => ApiError::Unauthorized(why).into_response(),
     }
 }
 
+/// Refuses a browser request from a foreign page on every route that changes something and on
+/// the push routes. A page on any site can send a "simple" cross-origin POST or DELETE (no
+/// preflight) and open a WebSocket (no CORS at all), so without this any web page open on the TD
+/// machine could submit and cancel jobs and read every event. Clients that send no `Origin`
+/// (TouchDesigner, Python, the CLI, workers) pass; a page served by the broker's own origin passes.
+fn check_origin(cfg: &crate::config::BrokerConfig, req: &Request) -> Result<(), ApiError> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let path = req.uri().path();
+    let guarded = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) || takes_query_token(path);
+    if !guarded || cfg.net.any_origin {
+        return Ok(());
+    }
+    // Bounded: it is echoed in the refusal.
+    let origin: String =
+        origin.to_str().unwrap_or("").trim().trim_end_matches('/').to_ascii_lowercase().chars().take(200).collect();
+    // Own origin: a page served from the host the request was sent to. Either scheme counts: behind
+    // a TLS-terminating proxy the page is https while the broker itself speaks http.
+    let own = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).is_some_and(|host| {
+        let authority = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        authority == Some(host.trim().to_ascii_lowercase().as_str())
+    });
+    if own || cfg.net.allowed_origins.contains(&origin) {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden {
+        code: "origin_not_allowed",
+        message: format!(
+            "browser requests from {} are refused; add that origin to ALLOWED_ORIGINS to allow them",
+            if origin.is_empty() { "this page" } else { origin.as_str() }
+        ),
+        setting: "ALLOWED_ORIGINS",
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
+    #[test]
+    fn loopback_peers() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for local in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            assert!(super::is_loopback(ip(local)), "{local}");
+        }
+        for remote in ["192.168.1.50", "10.0.0.2", "0.0.0.0", "::", "fe80::1", "::ffff:192.168.1.50", "::127.0.0.1"] {
+            assert!(!super::is_loopback(ip(remote)), "{remote}");
+        }
+    }
+
+    #[test]
+    fn query_tokens_only_on_push_routes() {
+        for p in ["/events", "/ws", "/jobs/abc/events"] {
+            assert!(super::takes_query_token(p), "{p}");
+        }
+        for p in ["/jobs", "/jobs/abc", "/jobs/abc/result", "/worker/lease", "/openapi.json"] {
+            assert!(!super::takes_query_token(p), "{p}");
+        }
+    }
+
     #[test]
     fn percent_decoding() {
         assert_eq!(super::percent_decode("a%20b%2Bc+d"), "a b+c d");

@@ -1,6 +1,7 @@
 //! Finishing the OpenAPI document with what the per-route annotations cannot know: which
-//! operations need a bearer token under this broker's configuration, the loaded workflow names and
-//! the configured prompt limit.
+//! operations need a bearer token under this broker's configuration, which answer 403 (browser
+//! origins, worker routes without a token), the loaded workflow names and the configured prompt
+//! limit.
 
 use serde_json::{Value, json};
 
@@ -25,7 +26,23 @@ pub fn finish(spec: &mut Value, config: &BrokerConfig) {
     let Some(Value::Object(paths)) = spec.get_mut("paths") else {
         return;
     };
+    let local_workers_only = !worker_needs_token;
     for (path, item) in paths.iter_mut() {
+        let worker_route = path.starts_with("/worker/");
+        let push_route = path == "/events" || path == "/ws" || path == "/jobs/{id}/events";
+        if let Some(item) = item.as_object_mut() {
+            for (method, operation) in item.iter_mut() {
+                let mutating = matches!(method.as_str(), "post" | "put" | "delete" | "patch");
+                let origin_checked = mutating || push_route;
+                let loopback_checked = worker_route && local_workers_only;
+                if !(origin_checked || loopback_checked) {
+                    continue;
+                }
+                if let Some(Value::Object(responses)) = operation.get_mut("responses") {
+                    responses.insert("403".into(), forbidden_response(origin_checked, loopback_checked));
+                }
+            }
+        }
         let needs_token = match path.as_str() {
             "/health" => false,
             p if p.starts_with("/worker/") => worker_needs_token,
@@ -42,6 +59,23 @@ pub fn finish(spec: &mut Value, config: &BrokerConfig) {
             }
         }
     }
+}
+
+fn forbidden_response(origin: bool, loopback: bool) -> Value {
+    let description = match (origin, loopback) {
+        (true, true) => {
+            "A browser page whose Origin is not the broker's own nor in ALLOWED_ORIGINS (origin_not_allowed), \
+             or a worker on another machine while WORKER_TOKEN is not set (worker_token_required)"
+        }
+        (true, false) => {
+            "A browser page whose Origin is not the broker's own nor in ALLOWED_ORIGINS (origin_not_allowed)"
+        }
+        _ => "A worker on another machine while WORKER_TOKEN is not set (worker_token_required)",
+    };
+    json!({
+        "description": description,
+        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } }
+    })
 }
 
 fn unauthorized_response() -> Value {

@@ -31,6 +31,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         max_attempts: 3,
         max_queue: 1000,
         max_subscribers: 256,
+        net: Default::default(),
     }
 }
 
@@ -67,6 +68,17 @@ pub async fn spawn_with(tweak: impl FnOnce(&mut BrokerArgs)) -> TestApp {
     start(dir, args, None).await
 }
 
+/// A broker with settings no flag reaches (test hooks such as `net.loopback_is_remote`).
+pub async fn spawn_configured(
+    tweak: impl FnOnce(&mut BrokerArgs),
+    configure: impl FnOnce(&mut tdcomfy_broker::BrokerConfig) + Send + 'static,
+) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut args = test_args(dir.path().join("data"));
+    tweak(&mut args);
+    start_inner(dir, args, None, Box::new(configure)).await
+}
+
 /// A broker whose clock reads its wall time from `wall` (once per start, as the real one reads
 /// the system clock), so a test can step the wall clock under it.
 pub async fn spawn_with_wall(wall: WallSource, tweak: impl FnOnce(&mut BrokerArgs)) -> TestApp {
@@ -77,12 +89,24 @@ pub async fn spawn_with_wall(wall: WallSource, tweak: impl FnOnce(&mut BrokerArg
 }
 
 async fn start(dir: tempfile::TempDir, args: BrokerArgs, wall: Option<WallSource>) -> TestApp {
+    start_inner(dir, args, wall, Box::new(|_| {})).await
+}
+
+type Configure = Box<dyn FnOnce(&mut tdcomfy_broker::BrokerConfig) + Send>;
+
+async fn start_inner(
+    dir: tempfile::TempDir,
+    args: BrokerArgs,
+    wall: Option<WallSource>,
+    configure: Configure,
+) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().unwrap());
     let mut config = args.clone().into_config(test_workflows()).expect("valid test config");
     if let Some(wall) = &wall {
         config.clock = Clock::from_wall(wall.clone());
     }
+    configure(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         tdcomfy_broker::run(listener, config, async move {

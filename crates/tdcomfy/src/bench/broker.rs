@@ -289,6 +289,7 @@ pub async fn run_sweep(args: SweepBenchArgs) -> anyhow::Result<()> {
         max_attempts: 3,
         max_queue: 1000,
         max_subscribers: 256,
+        net: Default::default(),
     };
     {
         let broker = tdcomfy_broker::Broker::open(args_for(604_800).into_config(workflows.clone())?).await?;

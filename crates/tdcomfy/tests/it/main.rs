@@ -5,3 +5,4 @@ mod cli;
 mod crash;
 mod logs;
 mod process;
+mod tls;

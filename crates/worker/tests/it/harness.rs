@@ -160,6 +160,7 @@ impl Pipeline {
             max_attempts: self.setup.max_attempts,
             max_queue: 1000,
             max_subscribers: 256,
+            net: Default::default(),
         };
         let config = args.into_config(self.workflows.clone()).unwrap();
         let stop = CancellationToken::new();

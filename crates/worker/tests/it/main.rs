@@ -6,3 +6,4 @@ mod lease;
 mod pipeline;
 mod proxy;
 mod recovery;
+mod tls;
