@@ -77,12 +77,12 @@ def https_broker(tmp_path_factory):
         return
     from td_helpers import Proxy, make_self_signed_cert
 
+    cert, key, ca = make_self_signed_cert(tmp_path_factory.mktemp("tls"))
     instance = Broker(tmp_path_factory.mktemp("data"), max_upload_mb=1)
     instance.start()
-    cert, key = make_self_signed_cert(tmp_path_factory.mktemp("tls"))
     proxy = Proxy(("127.0.0.1", instance.api_port), cert, key)
     try:
-        yield HttpsBroker(proxy.url, str(cert), None, 1)
+        yield HttpsBroker(proxy.url, str(ca), None, 1)
     finally:
         proxy.close()
         instance.stop()

@@ -238,7 +238,14 @@ class Broker:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        scheme = "https" if self.env.get("TLS_CERT") else "http"
+        return f"{scheme}://127.0.0.1:{self.api_port}"
+
+    def _urlopen(self, url: str, timeout: float):
+        # With the broker's own TLS (TLS_CERT), trust the CA that signed its certificate.
+        ca = self.env.get("TDCOMFY_TEST_CA")
+        context = ssl.create_default_context(cafile=ca) if ca else None
+        return urllib.request.urlopen(url, timeout=timeout, context=context)
 
     def start(self, timeout: float = 60.0) -> Broker:
         if not self.binary.exists():
@@ -269,7 +276,7 @@ class Broker:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
+            with self._urlopen(self.url + "/health", timeout=1.0) as resp:
                 return resp.status == 200 and json.loads(resp.read()).get("status") == "healthy"
         except (OSError, ValueError, urllib.error.URLError):
             return False
@@ -278,7 +285,7 @@ class Broker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
+                with self._urlopen(self.url + "/health", timeout=1.0) as resp:
                     if json.loads(resp.read()).get("workers_connected", 0) >= 1:
                         return
             except (OSError, ValueError):
@@ -432,16 +439,27 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition"):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
-    """(certificate, key) for 127.0.0.1 and localhost, made by the ``openssl`` CLI."""
-    cert, key = folder / "broker-cert.pem", folder / "broker-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
-    return cert, key
+def make_self_signed_cert(folder: Path) -> tuple[Path, Path, Path]:
+    """(certificate, key, CA certificate) for 127.0.0.1 and localhost, made by the ``openssl`` CLI.
+
+    A test CA signs the server certificate, which says CA:FALSE: rustls (the broker's own TLS)
+    refuses a CA certificate as a server's (``CaUsedAsEndEntity``), and OpenSSL's verifier wants a
+    CA as the trust anchor. Both TLS servers of the tests serve the same pair.
+    """
+    ca, ca_key = folder / "test-ca.pem", folder / "test-ca-key.pem"
+    cert, key, csr = folder / "broker-cert.pem", folder / "broker-key.pem", folder / "broker.csr"
+    ext = folder / "broker.ext"
+    ext.write_text("basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+        ["openssl", "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+         "-subj", "/CN=tdcomfy test CA"],
+        ["openssl", "req", "-new", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+         "-out", str(cert), "-days", "2", "-extfile", str(ext)],
+    ):
+        subprocess.run(cmd, check=True, capture_output=True)
+    return cert, key, ca
 
 
 class Proxy:

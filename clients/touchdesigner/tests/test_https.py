@@ -160,7 +160,7 @@ def test_an_early_answer_from_a_tls_proxy_that_stops_reading_is_reported(tmp_pat
 
     from td_helpers import make_self_signed_cert
 
-    cert, key = make_self_signed_cert(tmp_path)
+    cert, key, ca = make_self_signed_cert(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(str(cert), str(key))
@@ -180,7 +180,7 @@ def test_an_early_answer_from_a_tls_proxy_that_stops_reading_is_reported(tmp_pat
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    client = tdc.TDComfyClient(f"https://127.0.0.1:{listener.getsockname()[1]}", ca_file=str(cert), timeout=5)
+    client = tdc.TDComfyClient(f"https://127.0.0.1:{listener.getsockname()[1]}", ca_file=str(ca), timeout=5)
     body = png_bytes(2000, 1500, noise=1.0, level=0)  # 9 MB: far more than the socket buffers hold
     try:
         with pytest.raises(tdc.TDComfyError) as rejected:

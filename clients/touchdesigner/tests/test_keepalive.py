@@ -89,9 +89,9 @@ def test_a_connection_closed_just_after_the_idle_check_is_retried_on_a_new_one(c
 def test_https_calls_reuse_one_connection(broker, tmp_path):
     from td_helpers import make_self_signed_cert
 
-    cert, key = make_self_signed_cert(tmp_path)
+    cert, key, ca = make_self_signed_cert(tmp_path)
     proxy = Proxy(("127.0.0.1", broker.api_port), cert, key)  # TLS 1.3: tickets arrive after the handshake
-    client = tdc.TDComfyClient(proxy.url, ca_file=str(cert))
+    client = tdc.TDComfyClient(proxy.url, ca_file=str(ca))
     try:
         for _ in range(10):
             assert client.health()["status"] == "healthy"
