@@ -60,8 +60,8 @@ class HttpsBroker:
         self.max_upload_mb = max_upload_mb
 
 
-@pytest.fixture(scope="module")
-def https_broker(tmp_path_factory):
+@pytest.fixture(scope="module", params=["terminator", "own-tls"])
+def https_broker(request, tmp_path_factory):
     """The broker over HTTPS (TLS 1.3).
 
     Default: the real `tdcomfy up --simulate` (MAX_UPLOAD_MB=1) behind the test suite's own TLS 1.3
@@ -78,6 +78,16 @@ def https_broker(tmp_path_factory):
     from td_helpers import Proxy, make_self_signed_cert
 
     cert, key, ca = make_self_signed_cert(tmp_path_factory.mktemp("tls"))
+    if request.param == "own-tls":
+        # The broker's own TLS (rustls, TLS_CERT/TLS_KEY): it sends TLS 1.3 session tickets too.
+        env = {"TLS_CERT": str(cert), "TLS_KEY": str(key), "TDCOMFY_TEST_CA": str(ca)}
+        instance = Broker(tmp_path_factory.mktemp("data"), max_upload_mb=1, extra_env=env)
+        instance.start()
+        try:
+            yield HttpsBroker(instance.url, str(ca), None, 1)
+        finally:
+            instance.stop()
+        return
     instance = Broker(tmp_path_factory.mktemp("data"), max_upload_mb=1)
     instance.start()
     proxy = Proxy(("127.0.0.1", instance.api_port), cert, key)

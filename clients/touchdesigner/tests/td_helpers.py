@@ -459,6 +459,9 @@ def make_self_signed_cert(folder: Path) -> tuple[Path, Path, Path]:
          "-out", str(cert), "-days", "2", "-extfile", str(ext)],
     ):
         subprocess.run(cmd, check=True, capture_output=True)
+    # A full chain, as certificate files usually are (Let's Encrypt's fullchain.pem): `tdcomfy up`
+    # pins what TLS_CERT holds for its own worker, and the chain's CA is what anchors it.
+    cert.write_text(cert.read_text() + ca.read_text())
     return cert, key, ca
 
 
