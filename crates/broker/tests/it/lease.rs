@@ -4,7 +4,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::helpers::spawn_with;
+use crate::helpers::{TestApp, spawn_with};
+
+/// Submits a job and leases it to worker `w`, which acknowledges the lease with a heartbeat (as
+/// real workers do at once); returns the job id and lease token.
+async fn acknowledged_lease(app: &TestApp, prompt: &str) -> (String, String) {
+    let id = app.submit_png(prompt).await;
+    let job = app.lease("w", 5.0).await.expect("leased");
+    let token = job["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.heartbeat(&id, &token, None).await.status(), 200);
+    (id, token)
+}
 
 #[tokio::test]
 async fn a_result_upload_slower_than_the_lease_keeps_the_lease_and_finishes_the_job() {
@@ -13,10 +23,7 @@ async fn a_result_upload_slower_than_the_lease_keeps_the_lease_and_finishes_the_
         a.max_attempts = 3;
     })
     .await;
-    let id = app.submit_png("slow link").await;
-    let job = app.lease("w", 5.0).await.expect("leased");
-    let token = job["lease_token"].as_str().unwrap().to_owned();
-    assert_eq!(app.heartbeat(&id, &token, None).await.status(), 200);
+    let (id, token) = acknowledged_lease(&app, "slow link").await;
     // 3× LEASE_TTL of trickling bytes and no heartbeat: only the upload itself speaks for the lease.
     let chunks = 18;
     let body = futures_util::stream::unfold(0, move |i| async move {
@@ -48,10 +55,7 @@ async fn a_stalled_result_upload_does_not_hold_the_lease() {
         a.max_attempts = 3;
     })
     .await;
-    let id = app.submit_png("dead link").await;
-    let job = app.lease("w", 5.0).await.expect("leased");
-    let token = job["lease_token"].as_str().unwrap().to_owned();
-    assert_eq!(app.heartbeat(&id, &token, None).await.status(), 200);
+    let (id, token) = acknowledged_lease(&app, "dead link").await;
     // One chunk, then silence: a worker that vanished mid-upload must not keep the job forever.
     let body = futures_util::stream::unfold(0, |i| async move {
         match i {
@@ -106,10 +110,7 @@ async fn job_timeout_does_not_fail_a_job_whose_result_is_arriving() {
         a.job_timeout = 2.0;
     })
     .await;
-    let id = app.submit_png("late but flowing").await;
-    let job = app.lease("w", 5.0).await.expect("leased");
-    let token = job["lease_token"].as_str().unwrap().to_owned();
-    assert_eq!(app.heartbeat(&id, &token, None).await.status(), 200);
+    let (id, token) = acknowledged_lease(&app, "late but flowing").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // The upload starts before JOB_TIMEOUT and trickles on for 4 s past it.
     let body = futures_util::stream::unfold(0, |i| async move {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{Pipeline, Setup};
+use crate::harness::{Pipeline, Served, Setup};
 use crate::proxy::SlowUplink;
 
 const LEASE_TTL: f64 = 2.0;
@@ -18,6 +18,29 @@ async fn until_comfyui_is_idle(p: &Pipeline) {
         assert!(tokio::time::Instant::now() < deadline, "the prompt never finished");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A pipeline whose only worker, `worker`, reaches the broker through an uplink that crawls at
+/// 500 B/s (longer than any grace), with one job whose prompt has finished and whose result upload
+/// has started: the moment "mid-delivery". LEASE_TTL is 30 s.
+async fn mid_delivery(worker: &str, prompt: &str) -> (Pipeline, SlowUplink, Served, String) {
+    let mut p = Pipeline::start(Setup::default()).await;
+    for w in &mut p.workers {
+        w.stop().await;
+    }
+    let uplink = SlowUplink::start(p.broker.addr, 0).await;
+    let w = p.start_worker_with(worker, None, format!("http://{}", uplink.addr)).await;
+    let id = p.submit(prompt, None, Some(json!({"frames": 9}))).await;
+    p.wait_for(&id, 30.0, |j| j["status"] == "running").await;
+    uplink.set_rate(500);
+    until_comfyui_is_idle(&p).await;
+    let before = uplink.forwarded.load(Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while uplink.forwarded.load(Ordering::Relaxed) < before + 2_000 {
+        assert!(tokio::time::Instant::now() < deadline, "the delivery never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (p, uplink, w, id)
 }
 
 #[tokio::test]
@@ -89,22 +112,7 @@ async fn a_comfyui_retried_longer_than_the_lease_sends_the_job_back_instead_of_l
 #[tokio::test]
 async fn a_worker_shut_down_mid_delivery_hands_the_job_back_at_once() {
     // LEASE_TTL 30 s: a job handed back must not wait for the lease to lapse.
-    let mut p = Pipeline::start(Setup::default()).await;
-    for w in &mut p.workers {
-        w.stop().await;
-    }
-    let uplink = SlowUplink::start(p.broker.addr, 0).await;
-    let mut w = p.start_worker_with("stopping", None, format!("http://{}", uplink.addr)).await;
-    let id = p.submit("interrupted delivery", None, Some(json!({"frames": 9}))).await;
-    p.wait_for(&id, 30.0, |j| j["status"] == "running").await;
-    uplink.set_rate(500); // the delivery now takes longer than the shutdown grace
-    until_comfyui_is_idle(&p).await;
-    let before = uplink.forwarded.load(Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while uplink.forwarded.load(Ordering::Relaxed) < before + 2_000 {
-        assert!(tokio::time::Instant::now() < deadline, "the delivery never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut p, _uplink, mut w, id) = mid_delivery("stopping", "interrupted delivery").await;
     let stopped = tokio::time::Instant::now();
     w.stop().await;
     assert!(stopped.elapsed() < Duration::from_secs(20), "the worker stopped within a service stop timeout");
@@ -121,22 +129,7 @@ async fn a_worker_shut_down_mid_delivery_hands_the_job_back_at_once() {
 #[tokio::test]
 async fn a_worker_killed_mid_delivery_delivers_the_spooled_result_after_its_restart() {
     // LEASE_TTL 30 s: the killed attempt's lease still stands when the worker is back.
-    let mut p = Pipeline::start(Setup::default()).await;
-    for w in &mut p.workers {
-        w.stop().await;
-    }
-    let uplink = SlowUplink::start(p.broker.addr, 0).await;
-    let mut w = p.start_worker_with("restarting", None, format!("http://{}", uplink.addr)).await;
-    let id = p.submit("killed while delivering", None, Some(json!({"frames": 9}))).await;
-    p.wait_for(&id, 30.0, |j| j["status"] == "running").await;
-    uplink.set_rate(500); // the delivery crawls, so the kill lands in the middle of it
-    until_comfyui_is_idle(&p).await;
-    let before = uplink.forwarded.load(Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while uplink.forwarded.load(Ordering::Relaxed) < before + 2_000 {
-        assert!(tokio::time::Instant::now() < deadline, "the delivery never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut p, uplink, mut w, id) = mid_delivery("restarting", "killed while delivering").await;
     w.kill().await;
     drop(uplink); // the killed process's connections die with it
     assert_eq!(p.job(&id).await["status"], "running", "the kill landed before the broker had the result");
