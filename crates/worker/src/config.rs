@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdcomfy_comfy::{ComfyEndpoint, ComfyEndpoints};
+use tdcomfy_comfy::{ComfyEndpoint, ComfyEndpoints, PreviewMethod};
 use tdcomfy_workflows::WorkflowRegistry;
 
 use crate::comfy_files::FolderSettings;
@@ -72,6 +72,17 @@ pub struct WorkerArgs {
     /// instead of deleting them once the broker has the result.
     #[arg(long, env = "COMFYUI_KEEP_OUTPUTS", default_value_t = false)]
     pub comfyui_keep_outputs: bool,
+
+    /// Token for a ComfyUI behind a token-checking wrapper or proxy: sent as
+    /// `Authorization: Bearer <token>` on every HTTP request and `?token=` on its WebSocket.
+    #[arg(long, env = "COMFYUI_TOKEN", hide_env_values = true)]
+    pub comfyui_token: Option<String>,
+
+    /// Sampler previews ComfyUI renders for each prompt (`extra_data.preview_method`): none,
+    /// auto, latent2rgb or taesd. `none` saves GPU time; newer ComfyUI resets the method with
+    /// every prompt, so it is always sent.
+    #[arg(long, env = "PREVIEW_METHOD", default_value = "none")]
+    pub preview_method: String,
 }
 
 /// Why the worker settings are unusable.
@@ -122,6 +133,10 @@ pub struct WorkerConfig {
     pub comfy_folders: FolderSettings,
     /// Leave delivered outputs in ComfyUI's output folder.
     pub keep_comfy_outputs: bool,
+    /// `COMFYUI_TOKEN`, sent to every ComfyUI server.
+    pub comfy_token: Option<String>,
+    /// Default preview method of prompts (a job may ask for another).
+    pub preview_method: PreviewMethod,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -130,6 +145,8 @@ impl std::fmt::Debug for WorkerConfig {
             .field("broker_url", &self.broker_url)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("worker_id", &self.worker_id)
+            .field("comfy_token", &self.comfy_token.as_ref().map(|_| "<set>"))
+            .field("preview_method", &self.preview_method)
             .finish_non_exhaustive()
     }
 }
@@ -171,6 +188,21 @@ impl WorkerArgs {
                 message: format!("must be 1 to 128 visible ASCII characters (no spaces), got {worker_id:?}"),
             });
         }
+        let preview_method = self
+            .preview_method
+            .parse::<PreviewMethod>()
+            .map_err(|message| WorkerConfigError::Invalid { name: "PREVIEW_METHOD", message })?;
+        let comfy_token = self.comfyui_token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        // Checked here so a token with a line break or non-ASCII is a start-up error naming the
+        // variable, not a failure at the first request.
+        if let Some(token) = &comfy_token
+            && !token.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(WorkerConfigError::Invalid {
+                name: "COMFYUI_TOKEN",
+                message: "must be visible ASCII characters without spaces".to_owned(),
+            });
+        }
         Ok(WorkerConfig {
             broker_url,
             token: token.filter(|t| !t.is_empty()),
@@ -192,6 +224,8 @@ impl WorkerArgs {
                 output: self.comfyui_output_dir.filter(|p| !p.as_os_str().is_empty()),
             },
             keep_comfy_outputs: self.comfyui_keep_outputs,
+            comfy_token,
+            preview_method,
         })
     }
 }
