@@ -192,6 +192,9 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Response {
     };
     let prompt_id = match request.get("prompt_id") {
         None | Some(OValue::Null) => uuid::Uuid::new_v4().to_string(),
+        // 0.3.64 takes any value as `str(prompt_id)` (captured: "my-own-id-123"); 0.38 wants a
+        // canonical UUID (C4).
+        Some(other) if !shared.config.comfy_version.is_newer() => other.py_str(),
         Some(OValue::String(id)) if is_canonical_uuid(id) => id.clone(),
         Some(_) => {
             return prompt_error(
@@ -588,7 +591,7 @@ async fn system_stats(State(state): State<AppState>) -> Response {
             "os": "posix",
             "ram_total": 64 * GIB,
             "ram_free": 48 * GIB,
-            "comfyui_version": "0.3.64",
+            "comfyui_version": state.shared.config.comfy_version.full(),
             "required_frontend_version": "1.27.10",
             "installed_templates_version": "0.1.95",
             "required_templates_version": "0.1.95",

@@ -417,3 +417,21 @@ pub fn numeric_order_json(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// Starts a simulator with the 0.38 profile (plus `tweak`).
+pub async fn sim_038(tweak: impl FnOnce(&mut SimConfig)) -> Sim {
+    Sim::start(|c| {
+        c.comfy_version = tdcomfy_sim::ComfyVersion::V0_38;
+        tweak(c);
+    })
+    .await
+}
+
+/// A graph that loads `frame.png`, inverts it and saves it.
+pub fn invert_graph(prefix: &str) -> Value {
+    json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}
+    })
+}
