@@ -55,6 +55,7 @@ mod files;
 mod frames;
 mod h264;
 mod hub;
+mod jobs;
 mod json;
 mod mp4;
 mod nodes;

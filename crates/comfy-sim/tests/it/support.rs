@@ -435,3 +435,22 @@ pub fn invert_graph(prefix: &str) -> Value {
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}
     })
 }
+
+/// A graph whose middle node runs `steps` × 0.1 s (`SlowPassthrough`), so it can be seen running.
+pub fn slow_graph(steps: u64, prefix: &str) -> Value {
+    json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "SlowPassthrough", "inputs": {"images": ["1", 0], "steps": steps, "step_seconds": 0.1, "send_preview": false}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}
+    })
+}
+
+impl Sim {
+    /// GET; returns status and body (JSON or null when empty or not JSON).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
