@@ -29,17 +29,33 @@ use crate::{FaultConfig, SimConfig};
 pub struct Interrupt {
     flag: AtomicBool,
     wake: Notify,
+    /// the prompt a targeted interrupt (0.38's jobs cancel) was meant for
+    target: std::sync::Mutex<Option<String>>,
 }
 
 impl Interrupt {
     /// Requests an interrupt of whatever runs now.
     pub fn trigger(&self) {
+        *self.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.flag.store(true, Ordering::SeqCst);
         self.wake.notify_waiters();
     }
 
-    fn reset(&self) {
-        self.flag.store(false, Ordering::SeqCst);
+    /// Requests an interrupt of `prompt_id`, which the queue has just marked running. Called under
+    /// the queue's lock, so the prompt may not have reset the flag yet: [`Interrupt::reset_for`]
+    /// keeps an interrupt aimed at the prompt it starts (the atomicity of 0.38's cancel, C3).
+    pub fn trigger_for(&self, prompt_id: &str) {
+        *self.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(prompt_id.to_string());
+        self.flag.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    /// The reset at the start of a prompt: clears the flag unless it was aimed at this prompt.
+    fn reset_for(&self, prompt_id: &str) {
+        let mut target = self.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keep = target.as_deref() == Some(prompt_id) && self.flag.load(Ordering::SeqCst);
+        *target = None;
+        self.flag.store(keep, Ordering::SeqCst);
     }
 
     fn is_set(&self) -> bool {
@@ -369,7 +385,7 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
     let graph = item.graph.clone();
     let client = item.client_id();
     let faults = Faults::for_prompt(&shared.config.faults, &graph);
-    shared.interrupt.reset();
+    shared.interrupt.reset_for(&item.prompt_id);
     shared.hub.set_exec_client(client.clone());
     let mut ev = Events { hub: &shared.hub, client: client.clone(), prompt_id: item.prompt_id.clone(), silent: false };
     let prompt_id = item.prompt_id.clone();

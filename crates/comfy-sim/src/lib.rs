@@ -1,4 +1,10 @@
-//! `tdcomfy-sim`: a ComfyUI 0.3.64 simulator that needs no GPU.
+//! `tdcomfy-sim`: a ComfyUI 0.3.64 and 0.38 simulator that needs no GPU.
+//!
+//! [`SimConfig::comfy_version`] picks the profile: 0.3.64 behaves as the captures in
+//! `shared/reference/comfyui-captures` show; 0.38 adds the changes C1–C19 of
+//! `shared/reference/comfyui-newer-versions.md` (jobs API, atomic cancel, UUID-only prompt ids,
+//! per-prompt preview method, per-client events, node replacements, newer validation errors,
+//! subgraph ids, assets, more `/system_stats`) and keeps the legacy routes.
 //!
 //! It serves ComfyUI's HTTP + WebSocket protocol the way the captured transcripts show it
 //! (`/prompt`, `/queue`, `/interrupt`, `/history`, `/upload/image`, `/view`, `/object_info`,
@@ -16,8 +22,6 @@
 //! * `/system_stats` `argv` is `["main.py", "--listen", "--tdcomfy-sim", "--base-directory", <data dir>]`
 //!   with the data directory absolute, so a worker on the same machine finds `input/` and
 //!   `output/` as it would for a ComfyUI started with `--base-directory`;
-//! * a client `prompt_id` must be a canonical lowercase UUID (newer ComfyUI's rule), else
-//!   400 `invalid_prompt_id`;
 //! * sampler nodes (`SamplerCustom`, `KSampler`) take [`SimConfig::job_time`] and report
 //!   [`SimConfig::progress_steps`] `progress` events; other nodes run at real speed;
 //! * `SaveWEBM` validates like the real node but fails at run time (no VP9/AV1 encoder here);
@@ -51,6 +55,7 @@ mod files;
 mod frames;
 mod h264;
 mod hub;
+mod jobs;
 mod json;
 mod mp4;
 mod nodes;
@@ -79,6 +84,108 @@ pub struct FaultConfig {
     pub upload_delay: Duration,
 }
 
+/// The ComfyUI version the simulator behaves as (`--comfy-version`, `SIM_COMFY_VERSION`).
+///
+/// `V0_3_64` is the version of the captures (the ground truth); `V0_38` adds what
+/// `shared/reference/comfyui-newer-versions.md` lists as C1–C19 and drops what 0.38 no longer does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ComfyVersion {
+    /// ComfyUI 0.3.64, as captured
+    #[default]
+    V0_3_64,
+    /// ComfyUI 0.38.1
+    V0_38,
+}
+
+impl ComfyVersion {
+    /// The version as `--comfy-version` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComfyVersion::V0_3_64 => "0.3.64",
+            ComfyVersion::V0_38 => "0.38",
+        }
+    }
+
+    /// `comfyui_version` in `/system_stats`.
+    pub fn full(self) -> &'static str {
+        match self {
+            ComfyVersion::V0_3_64 => "0.3.64",
+            ComfyVersion::V0_38 => "0.38.1",
+        }
+    }
+
+    /// Whether this profile has the behaviours added after 0.3.64 (C1–C19).
+    pub fn is_newer(self) -> bool {
+        self == ComfyVersion::V0_38
+    }
+}
+
+impl std::fmt::Display for ComfyVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A value that is not one of the accepted spellings of a setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not one of {accepted}")]
+pub struct UnknownSetting {
+    /// what was given
+    pub value: String,
+    /// the accepted values, comma-separated
+    pub accepted: &'static str,
+}
+
+impl std::str::FromStr for ComfyVersion {
+    type Err = UnknownSetting;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "0.3.64" => Ok(ComfyVersion::V0_3_64),
+            "0.38" | "0.38.1" => Ok(ComfyVersion::V0_38),
+            other => Err(UnknownSetting { value: other.to_string(), accepted: "0.3.64, 0.38" }),
+        }
+    }
+}
+
+/// ComfyUI's `--preview-method` (`latent_preview.LatentPreviewMethod`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum PreviewMethod {
+    /// no sampler previews (ComfyUI's default)
+    #[default]
+    NoPreviews,
+    /// the best available method
+    Auto,
+    /// a cheap linear projection of the latent
+    Latent2Rgb,
+    /// the TAESD decoder
+    Taesd,
+}
+
+impl PreviewMethod {
+    /// The method as ComfyUI spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreviewMethod::NoPreviews => "none",
+            PreviewMethod::Auto => "auto",
+            PreviewMethod::Latent2Rgb => "latent2rgb",
+            PreviewMethod::Taesd => "taesd",
+        }
+    }
+}
+
+impl std::str::FromStr for PreviewMethod {
+    type Err = UnknownSetting;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "none" => Ok(PreviewMethod::NoPreviews),
+            "auto" => Ok(PreviewMethod::Auto),
+            "latent2rgb" => Ok(PreviewMethod::Latent2Rgb),
+            "taesd" => Ok(PreviewMethod::Taesd),
+            other => Err(UnknownSetting { value: other.to_string(), accepted: "none, auto, latent2rgb, taesd" }),
+        }
+    }
+}
+
 /// Simulator settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
@@ -94,6 +201,18 @@ pub struct SimConfig {
     pub faults: FaultConfig,
     /// request body limit in bytes (`--max-upload-size`), advertised in `/features`
     pub max_upload_bytes: u64,
+    /// the ComfyUI version to behave as
+    pub comfy_version: ComfyVersion,
+    /// `--preview-method`: the sampler preview method of every prompt (on 0.38 a prompt's
+    /// `extra_data.preview_method` overrides it for that prompt)
+    pub preview_method: PreviewMethod,
+    /// `--assets` (0.38 only): output entries get `id`/`preview_id`, uploads an `asset` block
+    pub assets: bool,
+    /// simulated GPUs, listed in `/system_stats` `devices` (at least one)
+    pub gpus: u32,
+    /// `--auth-token`: when set, every route wants `Authorization: Bearer <token>` (or
+    /// `?token=<token>` on `/ws`) and answers 401 without it; both profiles (a wrapper's rule, C19)
+    pub auth_token: Option<String>,
 }
 
 impl SimConfig {
@@ -107,6 +226,11 @@ impl SimConfig {
             models: vec!["ltx-video-2b-v0.9.5.safetensors".to_string(), "t5xxl_fp16.safetensors".to_string()],
             faults: FaultConfig::default(),
             max_upload_bytes: 100 * 1024 * 1024,
+            comfy_version: ComfyVersion::default(),
+            preview_method: PreviewMethod::default(),
+            assets: false,
+            gpus: 1,
+            auth_token: None,
         }
     }
 }
@@ -120,6 +244,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let dirs = files::DataDirs::create(&config.data_dir)?;
+    let version = config.comfy_version;
     let hub = Arc::new(hub::Hub::new());
     let queue = Arc::new(queue::PromptQueue::new(hub.clone()));
     let shared = Arc::new(executor::Shared {
@@ -134,7 +259,7 @@ pub async fn run(
     let worker = tokio::spawn(executor::worker(shared.clone()));
     let app = server::router(server::AppState { shared, shutdown: stop_rx });
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "tdcomfy sim (ComfyUI 0.3.64 simulator) listening");
+        tracing::info!(%addr, comfy_version = %version, "tdcomfy sim (ComfyUI simulator) listening");
     }
     // aiohttp (ComfyUI's server) sets TCP_NODELAY; so does the simulator, or Nagle plus delayed ACKs
     // would add ~40 ms to responses written in two parts.

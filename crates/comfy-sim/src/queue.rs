@@ -303,6 +303,33 @@ impl PromptQueue {
         true
     }
 
+    /// Cancels a prompt atomically (0.38's `POST /api/jobs/{id}/cancel`): a pending one leaves the
+    /// queue; for the running one `interrupt` is called while the lock is held, so the prompt can
+    /// neither finish nor be replaced between the check and the interrupt.
+    pub fn cancel(&self, prompt_id: &str, interrupt: impl FnOnce()) -> bool {
+        let mut st = self.lock();
+        if st.running.as_ref().is_some_and(|r| r.prompt_id == prompt_id) {
+            interrupt();
+            return true;
+        }
+        let Some(pos) = st.heap.iter().position(|i| i.prompt_id == prompt_id) else {
+            return false;
+        };
+        st.heap.remove(pos);
+        st.heapify();
+        self.announce(&st);
+        true
+    }
+
+    /// Everything the jobs API lists: `(running, pending, history in completion order)`, taken
+    /// under one lock so a prompt is never in two lists or none.
+    pub fn jobs_view(&self) -> (Vec<QueueItem>, Vec<QueueItem>, Vec<(String, Arc<HistoryEntry>)>) {
+        let st = self.lock();
+        let history =
+            st.history_order.iter().filter_map(|id| st.history.get(id).map(|e| (id.clone(), e.clone()))).collect();
+        (st.running.iter().cloned().collect(), st.heap.clone(), history)
+    }
+
     /// The history entry of one prompt.
     pub fn history_get(&self, prompt_id: &str) -> Option<Arc<HistoryEntry>> {
         self.lock().history.get(prompt_id).cloned()

@@ -82,15 +82,23 @@ fn routes() -> Router<AppState> {
         .route("/free", post(post_free))
 }
 
+/// Routes 0.38 declares with their `/api` prefix (so they exist only there).
+fn newer_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/jobs", get(crate::jobs::list))
+        .route("/api/jobs/cancel", post(crate::jobs::cancel_many))
+        .route("/api/jobs/{job_id}", get(crate::jobs::get))
+        .route("/api/jobs/{job_id}/cancel", post(crate::jobs::cancel))
+}
+
 /// The complete application.
 pub fn router(state: AppState) -> Router {
     let limit = usize::try_from(state.shared.config.max_upload_bytes).unwrap_or(usize::MAX);
-    Router::new()
-        .merge(routes())
-        .nest("/api", routes())
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn(origin_only))
-        .with_state(state)
+    let mut app = Router::new().merge(routes()).nest("/api", routes());
+    if state.shared.config.comfy_version.is_newer() {
+        app = app.merge(newer_routes());
+    }
+    app.layer(DefaultBodyLimit::max(limit)).layer(middleware::from_fn(origin_only)).with_state(state)
 }
 
 /// A JSON response as aiohttp's `json_response` sends it.
@@ -159,6 +167,10 @@ async fn get_prompt(State(state): State<AppState>) -> Response {
     json(StatusCode::OK, &queue_info(&state))
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 fn is_canonical_uuid(id: &str) -> bool {
     uuid::Uuid::parse_str(id).is_ok_and(|u| u.hyphenated().to_string() == id)
 }
@@ -192,6 +204,9 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Response {
     };
     let prompt_id = match request.get("prompt_id") {
         None | Some(OValue::Null) => uuid::Uuid::new_v4().to_string(),
+        // 0.3.64 takes any value as `str(prompt_id)` (captured: "my-own-id-123"); 0.38 wants a
+        // canonical UUID (C4).
+        Some(other) if !shared.config.comfy_version.is_newer() => other.py_str(),
         Some(OValue::String(id)) if is_canonical_uuid(id) => id.clone(),
         Some(_) => {
             return prompt_error(
@@ -215,6 +230,10 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Response {
     let mut extra_data = request.get("extra_data").and_then(OValue::as_object).cloned().unwrap_or_default();
     if let Some(client_id) = request.get("client_id") {
         extra_data.insert("client_id", client_id.clone());
+    }
+    if shared.config.comfy_version.is_newer() {
+        // 0.38 stamps every prompt (C14); the jobs API sorts by it.
+        extra_data.insert("create_time", OValue::Number(now_ms().into()));
     }
     for key in SENSITIVE_EXTRA_DATA_KEYS {
         extra_data.remove(key);
@@ -588,7 +607,7 @@ async fn system_stats(State(state): State<AppState>) -> Response {
             "os": "posix",
             "ram_total": 64 * GIB,
             "ram_free": 48 * GIB,
-            "comfyui_version": "0.3.64",
+            "comfyui_version": state.shared.config.comfy_version.full(),
             "required_frontend_version": "1.27.10",
             "installed_templates_version": "0.1.95",
             "required_templates_version": "0.1.95",

@@ -30,6 +30,24 @@ pub struct SimArgs {
     /// Seconds the simulator waits before answering each upload.
     #[arg(long, env = "SIM_UPLOAD_DELAY", default_value_t = 0.0)]
     pub sim_upload_delay: f64,
+
+    /// ComfyUI version the simulator behaves as: 0.3.64 (the captured one) or 0.38 (jobs API,
+    /// per-prompt preview method, node replacements, newer validation errors…).
+    #[arg(long, env = "SIM_COMFY_VERSION", default_value = "0.3.64")]
+    pub comfy_version: tdcomfy_sim::ComfyVersion,
+
+    /// Sampler previews of the simulator: none, auto, latent2rgb or taesd. Default: none for
+    /// `tdcomfy sim` (ComfyUI's default), auto for `tdcomfy up --simulate`.
+    #[arg(long, env = "SIM_PREVIEW_METHOD")]
+    pub preview_method: Option<tdcomfy_sim::PreviewMethod>,
+
+    /// 0.38 profile: the asset system on (output entries get id/preview_id, uploads an asset block).
+    #[arg(long, env = "SIM_ASSETS")]
+    pub assets: bool,
+
+    /// Simulated GPUs listed in /system_stats.
+    #[arg(long, env = "SIM_GPUS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub gpus: u32,
 }
 
 impl SimArgs {
@@ -47,6 +65,10 @@ impl SimArgs {
         config.job_time = Duration::from_secs_f64(self.sim_job_time);
         config.progress_steps = self.sim_progress_steps;
         config.faults.upload_delay = Duration::from_secs_f64(self.sim_upload_delay);
+        config.comfy_version = self.comfy_version;
+        config.preview_method = self.preview_method.unwrap_or_default();
+        config.assets = self.assets;
+        config.gpus = self.gpus;
         for fault in self.sim_faults.split(',').map(str::trim).filter(|f| !f.is_empty()) {
             match fault {
                 "execution_error" => config.faults.execution_error = true,
@@ -100,6 +122,10 @@ pub struct SimCmd {
     /// Directory for the simulator's input/, output/ and temp/.
     #[arg(long, env = "SIM_DATA_DIR", default_value = "tdcomfy-data/comfyui-sim")]
     sim_data_dir: PathBuf,
+    /// Bearer token the simulator requires on every route (Authorization: Bearer, or ?token= on
+    /// /ws), like an authenticating wrapper in front of ComfyUI. Default: none.
+    #[arg(long, env = "SIM_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
     #[command(flatten)]
     sim: SimArgs,
 }
@@ -135,11 +161,12 @@ pub async fn worker(cmd: WorkerCmd, shutdown: CancellationToken) -> anyhow::Resu
 }
 
 pub async fn sim(cmd: SimCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let config = cmd.sim.config(cmd.sim_data_dir)?;
+    let mut config = cmd.sim.config(cmd.sim_data_dir)?;
+    config.auth_token = cmd.auth_token.filter(|t| !t.is_empty());
     let addr = format!("{}:{}", cmd.comfyui_host, cmd.comfyui_port);
     let listener =
         tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding the simulator to {addr}"))?;
-    println!("tdcomfy sim: a ComfyUI 0.3.64 simulator at http://{}", listener.local_addr()?);
+    println!("tdcomfy sim: a ComfyUI {} simulator at http://{}", config.comfy_version, listener.local_addr()?);
     tdcomfy_sim::run(listener, config, async move { shutdown.cancelled().await }).await?;
     Ok(())
 }
@@ -175,7 +202,9 @@ pub async fn up(cmd: UpCmd, shutdown: CancellationToken) -> anyhow::Result<()> {
         worker_args.comfyui_urls = None;
         worker_args.comfyui_host = loopback_for(sim_local).ip().to_string();
         worker_args.comfyui_port = sim_local.port();
-        let sim_config = cmd.sim.config(data_dir.join("comfyui-sim"))?;
+        let mut sim_config = cmd.sim.config(data_dir.join("comfyui-sim"))?;
+        // Previews out of the box: TD shows the sampler's progress unless told otherwise.
+        sim_config.preview_method = cmd.sim.preview_method.unwrap_or(tdcomfy_sim::PreviewMethod::Auto);
         let stop = servers_stop.clone();
         servers.spawn(async move {
             tdcomfy_sim::run(sim_listener, sim_config, async move { stop.cancelled().await }).await.context("simulator")

@@ -4,4 +4,5 @@ mod cache;
 mod contract;
 mod faults;
 mod support;
+mod versions;
 mod video;

@@ -417,3 +417,40 @@ pub fn numeric_order_json(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// Starts a simulator with the 0.38 profile (plus `tweak`).
+pub async fn sim_038(tweak: impl FnOnce(&mut SimConfig)) -> Sim {
+    Sim::start(|c| {
+        c.comfy_version = tdcomfy_sim::ComfyVersion::V0_38;
+        tweak(c);
+    })
+    .await
+}
+
+/// A graph that loads `frame.png`, inverts it and saves it.
+pub fn invert_graph(prefix: &str) -> Value {
+    json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}
+    })
+}
+
+/// A graph whose middle node runs `steps` × 0.1 s (`SlowPassthrough`), so it can be seen running.
+pub fn slow_graph(steps: u64, prefix: &str) -> Value {
+    json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "SlowPassthrough", "inputs": {"images": ["1", 0], "steps": steps, "step_seconds": 0.1, "send_preview": false}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}
+    })
+}
+
+impl Sim {
+    /// GET; returns status and body (JSON or null when empty or not JSON).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.expect("body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}

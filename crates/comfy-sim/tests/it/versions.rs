@@ -1,0 +1,194 @@
+//! One contract test per change C1–C19 of `comfyui-newer-versions.md`: each runs the 0.38 profile
+//! over real HTTP / WebSocket and checks the 0.3.64 profile's absence or difference.
+
+use serde_json::{Value, json};
+
+use crate::support::{Sim, invert_graph, keys, png, sim_038, slow_graph};
+
+#[tokio::test]
+async fn profiles_report_their_version_in_system_stats() {
+    for (sim, version) in [(Sim::start(|_| {}).await, "0.3.64"), (sim_038(|_| {}).await, "0.38.1")] {
+        let stats = sim.get_json("/system_stats").await;
+        assert_eq!(stats["system"]["comfyui_version"], version);
+        sim.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn c4_prompt_id_must_be_a_canonical_uuid_on_0_38_and_any_string_on_0_3_64() {
+    let bad_ids = [json!("my-own-id-123"), json!("ED1B3726-29DB-4308-A3E7-1B26E127D1F4"), json!(42)];
+    let newer = sim_038(|_| {}).await;
+    assert_eq!(newer.upload("frame.png", png(8, 8, 1), &[]).await.0, 200);
+    for bad in &bad_ids {
+        let (status, body) = newer.post("/prompt", &json!({"prompt": invert_graph("x"), "prompt_id": bad})).await;
+        assert_eq!(status, 400, "{bad}");
+        assert_eq!(body["error"]["type"], "invalid_prompt_id");
+        assert_eq!(body["node_errors"], json!({}));
+        assert_eq!(keys(&body["error"]), keys(&json!({"type":1,"message":1,"details":1,"extra_info":1})));
+    }
+    let id = "0b8f3c1e-6d2a-4f5b-9c7e-1a2b3c4d5e6f";
+    let (status, body) = newer.post("/prompt", &json!({"prompt": invert_graph("x"), "prompt_id": id})).await;
+    assert_eq!((status, body["prompt_id"].clone()), (200, json!(id)));
+    newer.wait_history(id).await;
+    newer.stop().await;
+
+    let old = Sim::start(|_| {}).await;
+    assert_eq!(old.upload("frame.png", png(8, 8, 1), &[]).await.0, 200);
+    for (bad, echoed) in bad_ids.iter().zip(["my-own-id-123", "ED1B3726-29DB-4308-A3E7-1B26E127D1F4", "42"]) {
+        let (status, body) = old.post("/prompt", &json!({"prompt": invert_graph("x"), "prompt_id": bad})).await;
+        assert_eq!((status, body["prompt_id"].clone()), (200, Value::from(echoed)), "{bad}");
+        old.wait_history(echoed).await;
+    }
+    old.stop().await;
+}
+
+/// A 0.38 simulator with `frame.png` uploaded and a socket for `client`.
+async fn ready_038(client: &str) -> (Sim, crate::support::Ws) {
+    let sim = sim_038(|_| {}).await;
+    assert_eq!(sim.upload("frame.png", png(16, 16, 3), &[]).await.0, 200);
+    let ws = sim.ws(client).await;
+    (sim, ws)
+}
+
+fn job_ids(body: &Value) -> Vec<String> {
+    body["jobs"].as_array().expect("jobs").iter().map(|j| j["id"].as_str().expect("id").to_string()).collect()
+}
+
+#[tokio::test]
+async fn c1_jobs_list_and_detail_on_0_38_and_absent_on_0_3_64() {
+    let (sim, mut ws) = ready_038("c1").await;
+    let done = sim.queue_prompt(&invert_graph("c1/done"), "c1").await;
+    ws.until_done(&done).await;
+    let running = sim.queue_prompt(&slow_graph(40, "c1/slow"), "c1").await;
+    ws.until(|v| v["type"] == "executing" && v["data"]["node"] == "2").await;
+    let pending = sim.queue_prompt(&invert_graph("c1/pending"), "c1").await;
+
+    let (status, all) = sim.get("/api/jobs").await;
+    assert_eq!(status, 200, "{all}");
+    // Newest first by default (sort_by created_at, desc).
+    assert_eq!(job_ids(&all), [pending.clone(), running.clone(), done.clone()]);
+    assert_eq!(all["pagination"], json!({"offset": 0, "limit": null, "total": 3, "has_more": false}));
+    let statuses: Vec<&str> =
+        all["jobs"].as_array().expect("jobs").iter().map(|j| j["status"].as_str().expect("status")).collect();
+    assert_eq!(statuses, ["pending", "in_progress", "completed"]);
+    let finished = &all["jobs"][2];
+    assert_eq!(finished["outputs_count"], 1);
+    assert_eq!(finished["preview_output"]["nodeId"], "3");
+    assert!(finished["execution_end_time"].as_i64() >= finished["execution_start_time"].as_i64());
+    assert!(finished.get("outputs").is_none(), "the list has no outputs: {finished}");
+
+    let (_, active) = sim.get("/api/jobs?status=in_progress,pending").await;
+    assert_eq!(job_ids(&active), [pending.clone(), running.clone()]);
+    let (_, page) = sim.get("/api/jobs?limit=1&offset=1&sort_order=asc").await;
+    assert_eq!(job_ids(&page), [running.clone()]);
+    assert_eq!(page["pagination"], json!({"offset": 1, "limit": 1, "total": 3, "has_more": true}));
+    let (status, body) = sim.get("/api/jobs?status=bogus").await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().expect("error").contains("bogus"), "{body}");
+    let (status, _) = sim.get("/api/jobs?limit=0").await;
+    assert_eq!(status, 400);
+
+    let (status, detail) = sim.get(&format!("/api/jobs/{done}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["status"], "completed");
+    assert!(detail["outputs"]["3"]["images"][0]["filename"].is_string(), "{detail}");
+    assert_eq!(detail["execution_status"]["status_str"], "success");
+    assert_eq!(detail["workflow"]["prompt"]["2"]["class_type"], "ImageInvert");
+    let (status, detail) = sim.get(&format!("/api/jobs/{running}")).await;
+    assert_eq!((status, detail["status"].clone()), (200, json!("in_progress")));
+    let (status, body) = sim.get("/api/jobs/0b8f3c1e-6d2a-4f5b-9c7e-1a2b3c4d5e6f").await;
+    assert_eq!((status, body), (404, json!({"error": "Job not found"})));
+    // Named workflows can be filtered.
+    let tagged = json!({"prompt": invert_graph("c1/tagged"), "client_id": "c1",
+        "extra_data": {"extra_pnginfo": {"workflow": {"id": "wf-1"}}}});
+    let (_, queued) = sim.post("/prompt", &tagged).await;
+    let (_, by_workflow) = sim.get("/api/jobs?workflow_id=wf-1").await;
+    assert_eq!(job_ids(&by_workflow), [queued["prompt_id"].as_str().expect("id")]);
+    assert_eq!(by_workflow["jobs"][0]["workflow_id"], "wf-1");
+    sim.post("/interrupt", &json!({})).await;
+    sim.stop().await;
+
+    let old = Sim::start(|_| {}).await;
+    for path in ["/api/jobs", "/api/jobs?limit=1", "/api/jobs/0b8f3c1e-6d2a-4f5b-9c7e-1a2b3c4d5e6f"] {
+        assert_eq!(old.get(path).await.0, 404, "{path} on 0.3.64");
+    }
+    old.stop().await;
+}
+
+#[tokio::test]
+async fn c2_jobs_sort_by_accepts_created_at_and_execution_duration_only() {
+    let (sim, mut ws) = ready_038("c2").await;
+    let short = sim.queue_prompt(&slow_graph(1, "c2/short"), "c2").await;
+    ws.until_done(&short).await;
+    let long = sim.queue_prompt(&slow_graph(6, "c2/long"), "c2").await;
+    ws.until_done(&long).await;
+    let (status, body) = sim.get("/api/jobs?sort_by=execution_duration&sort_order=desc").await;
+    assert_eq!(status, 200);
+    assert_eq!(job_ids(&body), [long.clone(), short.clone()]);
+    let (status, body) = sim.get("/api/jobs?sort_by=created_at&sort_order=asc").await;
+    assert_eq!(status, 200);
+    assert_eq!(job_ids(&body), [short, long]);
+    for bad in ["create_time", "execution_time"] {
+        let (status, body) = sim.get(&format!("/api/jobs?sort_by={bad}")).await;
+        assert_eq!(status, 400, "{bad}");
+        assert_eq!(body["error"], "sort_by must be 'created_at' or 'execution_duration'");
+    }
+    sim.stop().await;
+    let old = Sim::start(|_| {}).await;
+    assert_eq!(old.get("/api/jobs?sort_by=created_at").await.0, 404);
+    old.stop().await;
+}
+
+#[tokio::test]
+async fn c3_jobs_cancel_is_atomic_on_0_38_and_absent_on_0_3_64() {
+    let (sim, mut ws) = ready_038("c3").await;
+    // Cancelling right after queueing (the prompt may just be starting) always stops it: the
+    // interrupt is aimed at the prompt and survives its start-of-prompt reset.
+    for round in 0..5 {
+        let id = sim.queue_prompt(&slow_graph(30, &format!("c3/race{round}")), "c3").await;
+        let (status, body) = sim.post(&format!("/api/jobs/{id}/cancel"), &json!({})).await;
+        assert_eq!((status, body), (200, json!({"cancelled": true})));
+        let (_, detail) = loop {
+            let (status, detail) = sim.get(&format!("/api/jobs/{id}")).await;
+            if status == 404 || !matches!(detail["status"].as_str(), Some("pending" | "in_progress")) {
+                break (status, detail);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        // Either taken out of the queue before it started (gone) or interrupted (cancelled).
+        assert!(detail.is_null() || detail["status"] == "cancelled", "round {round}: {detail}");
+    }
+    let running = sim.queue_prompt(&slow_graph(40, "c3/run"), "c3").await;
+    ws.until(|v| v["type"] == "executing" && v["data"]["node"] == "2" && v["data"]["prompt_id"] == running).await;
+    let pending = sim.queue_prompt(&invert_graph("c3/pending"), "c3").await;
+    let (status, body) =
+        sim.post("/api/jobs/cancel", &json!({"job_ids": [pending, "0b8f3c1e-6d2a-4f5b-9c7e-1a2b3c4d5e6f"]})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["cancelled"], json!([pending]));
+    assert_eq!(sim.get(&format!("/api/jobs/{pending}")).await.0, 404);
+    let (status, body) = sim.post(&format!("/api/jobs/{running}/cancel"), &json!({})).await;
+    assert_eq!((status, body), (200, json!({"cancelled": true})));
+    ws.until_done(&running).await;
+    assert_eq!(sim.get(&format!("/api/jobs/{running}")).await.1["status"], "cancelled");
+    // Finished and unknown jobs: 200, nothing cancelled.
+    for id in [running.as_str(), "0b8f3c1e-6d2a-4f5b-9c7e-1a2b3c4d5e6f"] {
+        let (status, body) = sim.post(&format!("/api/jobs/{id}/cancel"), &json!({})).await;
+        assert_eq!((status, body), (200, json!({"cancelled": false})), "{id}");
+    }
+    let (status, body) = sim.post("/api/jobs/cancel", &json!({"job_ids": ["not-a-uuid", running]})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["invalid_ids"], json!(["not-a-uuid"]));
+    // The legacy interrupt is kept.
+    let legacy = sim.queue_prompt(&slow_graph(40, "c3/legacy"), "c3").await;
+    ws.until(|v| v["type"] == "executing" && v["data"]["node"] == "2" && v["data"]["prompt_id"] == legacy).await;
+    assert_eq!(sim.post("/interrupt", &json!({"prompt_id": legacy})).await.0, 200);
+    let frames = ws.until_done(&legacy).await;
+    assert!(frames.iter().filter_map(|f| f.json()).any(|v| v["type"] == "execution_interrupted"));
+    sim.stop().await;
+
+    let old = Sim::start(|_| {}).await;
+    assert_eq!(old.post("/api/jobs/0b8f3c1e-6d2a-4f5b-9c7e-1a2b3c4d5e6f/cancel", &json!({})).await.0, 404);
+    assert_eq!(old.post("/api/jobs/cancel", &json!({"job_ids": []})).await.0, 404);
+    assert_eq!(old.post("/interrupt", &json!({"prompt_id": "x"})).await.0, 200);
+    old.stop().await;
+}
