@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::captures;
 use crate::fake::{Fake, OnPrompt, client_for, interrupted_entry, success_entry};
 
-fn config() -> RunConfig {
+pub(crate) fn config() -> RunConfig {
     RunConfig {
         poll_interval: Duration::from_millis(40),
         presence_interval: Duration::from_millis(400),
@@ -39,7 +39,7 @@ fn config() -> RunConfig {
     }
 }
 
-fn graph() -> Value {
+pub(crate) fn graph() -> Value {
     json!({
         "1": {"class_type": "LoadImage", "inputs": {"image": "td/frame.png"}},
         "2": {"class_type": "KSampler", "inputs": {"model": ["1", 0]}},
@@ -47,7 +47,7 @@ fn graph() -> Value {
     })
 }
 
-fn video_outputs() -> Value {
+pub(crate) fn video_outputs() -> Value {
     json!({"3": {"images": [{"filename": "ltxv_00001_.mp4", "subfolder": "td", "type": "output"}], "animated": [true]}})
 }
 
@@ -77,7 +77,7 @@ pub(crate) async fn drain_within(
 }
 
 /// Reads updates until one matches.
-async fn until(run: &mut PromptRun, seen: &mut Vec<RunUpdate>, what: impl Fn(&RunUpdate) -> bool) {
+pub(crate) async fn until(run: &mut PromptRun, seen: &mut Vec<RunUpdate>, what: impl Fn(&RunUpdate) -> bool) {
     let reading = async {
         while let Some(update) = run.next().await {
             let found = what(&update);

@@ -10,7 +10,7 @@ use tdcomfy_comfy::{
     ClientId, ComfyClient, ComfyEndpoint, ComfyTimeouts, HubOptions, ImageUpload, MediaKind, PromptId, PromptRunner,
     RunConfig, RunFailureKind, RunUpdate, pick_primary,
 };
-use tdcomfy_sim::SimConfig;
+use tdcomfy_sim::{ComfyVersion, SimConfig};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::captures;
@@ -22,10 +22,29 @@ struct Sim {
 }
 
 async fn start_sim(job_time: Duration) -> Sim {
+    start_sim_with(job_time, None, |_| {}).await
+}
+
+/// A simulator of `version` whose runner's client sends `token`.
+async fn start_profile(
+    version: ComfyVersion,
+    job_time: Duration,
+    token: Option<&str>,
+    tweak: impl FnOnce(&mut SimConfig),
+) -> Sim {
+    start_sim_with(job_time, token, |config| {
+        config.comfy_version = version;
+        tweak(config);
+    })
+    .await
+}
+
+async fn start_sim_with(job_time: Duration, token: Option<&str>, tweak: impl FnOnce(&mut SimConfig)) -> Sim {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = SimConfig::new(dir.path());
     config.job_time = job_time;
     config.progress_steps = 5;
+    tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stop = CancellationToken::new();
@@ -34,7 +53,8 @@ async fn start_sim(job_time: Duration) -> Sim {
         let _ = tdcomfy_sim::run(listener, config, async move { shutdown.cancelled().await }).await;
     });
     let endpoint = ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
-    let client = ComfyClient::new(endpoint, ClientId::new(), ComfyTimeouts::default()).expect("client");
+    let client = ComfyClient::with_token(endpoint, ClientId::new(), ComfyTimeouts::default(), token.map(str::to_owned))
+        .expect("client");
     let config = RunConfig {
         poll_interval: Duration::from_millis(100),
         start_budget: Duration::from_secs(10),
@@ -197,4 +217,103 @@ async fn cancelling_mid_run_interrupts_the_prompt_on_the_simulator() {
     assert_eq!(failure.kind, RunFailureKind::Interrupted);
     let client = sim.runner.client();
     assert_eq!(client.queue().await.expect("queue").position(&id), None, "no longer running");
+}
+
+const PROFILES: [ComfyVersion; 2] = [ComfyVersion::V0_3_64, ComfyVersion::V0_38];
+
+/// Waits (bounded) until the runner's client has finished detecting the server's features.
+async fn detected(sim: &Sim) -> tdcomfy_comfy::ServerFeatures {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let features = sim.runner.client().features();
+        if features.jobs_api.is_some() && features.max_upload_size.is_some() {
+            return features;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "features not detected: {features:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_profile_is_run_by_what_it_has_and_the_template_finishes_on_both() {
+    for version in PROFILES {
+        let sim = start_profile(version, Duration::from_millis(300), None, |_| {}).await;
+        let features = detected(&sim).await;
+        assert_eq!(features.jobs_api, Some(version.is_newer()), "{version}: {features:?}");
+        assert_eq!(features.max_upload_size, Some(100 * 1024 * 1024), "{version}: /features or the socket");
+        assert_eq!(features.supports_preview_metadata, Some(true), "{version}");
+        let image = upload_frame(&sim).await;
+        let run = sim.runner.run_prompt(ltxv_graph(&image, ""), PromptId::new(), CancellationToken::new());
+        let outputs = tokio::time::timeout(Duration::from_secs(120), run.finish())
+            .await
+            .expect("in time")
+            .unwrap_or_else(|f| panic!("{version}: {f}"));
+        assert!(outputs.iter().any(|f| f.format == "mp4"), "{version}: {outputs:?}");
+    }
+}
+
+#[tokio::test]
+async fn cancel_mid_run_uses_the_jobs_cancel_on_0_38_and_delete_plus_interrupt_on_0_3_64() {
+    for version in PROFILES {
+        let sim = start_profile(version, Duration::from_secs(30), None, |_| {}).await;
+        detected(&sim).await;
+        let image = upload_frame(&sim).await;
+        let id = PromptId::new();
+        let cancel = CancellationToken::new();
+        let mut run = sim.runner.run_prompt(ltxv_graph(&image, ""), id.clone(), cancel.clone());
+        let waiting = async {
+            while let Some(update) = run.next().await {
+                if update == RunUpdate::Started {
+                    return;
+                }
+                assert!(!update.is_terminal(), "{version}: ended before it started: {update:?}");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), waiting).await.expect("started");
+        cancel.cancel();
+        let failure =
+            tokio::time::timeout(Duration::from_secs(30), run.finish()).await.expect("in time").expect_err("cancelled");
+        assert_eq!(failure.kind, RunFailureKind::Interrupted, "{version}");
+        // Set only by a 200 from POST /api/jobs/{id}/cancel; 0.3.64 has no jobs API to try.
+        assert_eq!(sim.runner.client().features().jobs_cancel, Some(version.is_newer()), "{version}");
+        assert_eq!(sim.runner.client().queue().await.expect("queue").position(&id), None, "{version}: stopped");
+    }
+}
+
+#[tokio::test]
+async fn a_simulated_restart_loses_the_prompt_on_both_profiles() {
+    for version in PROFILES {
+        let sim = start_profile(version, Duration::from_millis(600), None, |_| {}).await;
+        detected(&sim).await;
+        let image = upload_frame(&sim).await;
+        let run = sim.runner.run_prompt(ltxv_graph(&image, "[sim:restart]"), PromptId::new(), CancellationToken::new());
+        let failure =
+            tokio::time::timeout(Duration::from_secs(60), run.finish()).await.expect("in time").expect_err("lost");
+        assert_eq!(failure.kind, RunFailureKind::Lost, "{version}: {failure}");
+    }
+}
+
+#[tokio::test]
+async fn a_frame_over_the_simulators_upload_limit_is_refused_before_the_upload() {
+    for version in PROFILES {
+        let sim = start_profile(version, Duration::from_millis(100), None, |c| c.max_upload_bytes = 4096).await;
+        detected(&sim).await;
+        let frame = vec![0u8; 10_000];
+        let error =
+            sim.runner.client().upload_image(ImageUpload::from_bytes("big.png", frame)).await.expect_err("too large");
+        assert!(
+            matches!(error, tdcomfy_comfy::ComfyError::UploadTooLarge { size: 10_000, limit: Some(4096), .. }),
+            "{version}: {error:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn outputs_with_asset_ids_are_collected_on_0_38() {
+    let sim = start_profile(ComfyVersion::V0_38, Duration::from_millis(300), None, |c| c.assets = true).await;
+    let image = upload_frame(&sim).await;
+    let run = sim.runner.run_prompt(ltxv_graph(&image, ""), PromptId::new(), CancellationToken::new());
+    let outputs = tokio::time::timeout(Duration::from_secs(120), run.finish()).await.expect("in time").expect("ok");
+    let primary = pick_primary(&outputs, Some("81")).expect("primary");
+    assert_eq!(primary.format, "mp4");
 }
