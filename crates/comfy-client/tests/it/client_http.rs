@@ -203,3 +203,20 @@ async fn a_prompt_beyond_the_jobs_api_s_first_page_is_not_taken_for_gone() {
     assert_eq!(active.position(&id), Some(QueuePosition::Pending { position: 1200 }), "found past the first page");
     assert_eq!(client.has_jobs_api(), Some(true));
 }
+
+/// Newer ComfyUI lists every GPU in `devices` (C15), the primary first.
+#[test]
+fn every_gpu_in_system_stats_is_read() {
+    let body = json!({
+        "system": {"os": "linux", "comfyui_version": "0.38.1", "argv": ["main.py"], "comfy_package_versions": {}, "deploy_environment": "local"},
+        "devices": [
+            {"name": "cuda:0 NVIDIA RTX 4090 : cudaMallocAsync", "type": "cuda", "index": 0, "vram_total": 25_757_220_864u64, "vram_free": 20_000_000_000u64},
+            {"name": "cuda:1 NVIDIA RTX 3090 : cudaMallocAsync", "type": "cuda", "index": 1, "vram_total": 25_438_126_080u64, "vram_free": 1_000_000}
+        ]
+    });
+    let stats = tdcomfy_comfy::SystemStats::from_value(&body);
+    assert_eq!(stats.devices.len(), 2);
+    assert_eq!(stats.devices.iter().map(|d| d.index).collect::<Vec<_>>(), vec![Some(0), Some(1)]);
+    assert_eq!(stats.devices[1].vram_free, Some(1_000_000));
+    assert_eq!(stats.comfyui_version.as_deref(), Some("0.38.1"));
+}

@@ -125,3 +125,24 @@ fn formats_a_custom_node_names_are_sanitized_before_they_become_extensions() {
     let formats: Vec<String> = collect(&map).into_iter().map(|f| f.format).collect();
     assert_eq!(formats, ["bin", "bin", "bin", "r3d"]);
 }
+
+/// Newer ComfyUI with assets (C13) adds `id`/`preview_id` to entries, and a file can live in a
+/// folder other than `output`: every entry with a file name is collected, its folder kept.
+#[test]
+fn entries_with_asset_ids_and_other_folders_are_collected() {
+    let map = outputs(json!({
+        "9": {"images": [
+            {"filename": "ltxv_00001_.mp4", "subfolder": "td", "type": "output", "id": "8c1f", "preview_id": "8c20",
+             "asset_hash": "blake3:ab12"},
+            {"filename": "ltxv_00001_.png", "subfolder": "", "type": "temp", "id": "8c21"}
+        ], "animated": [true, false]},
+        "10": {"3d": [{"filename": "mesh.glb", "subfolder": "", "type": "cloud"}]},
+        "11": {"text": ["not a file"], "meta": {"node": 11}}
+    }));
+    let files = collect(&map);
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!((files[0].kind.clone(), files[0].format.as_str()), (FolderType::Output, "mp4"));
+    assert_eq!(files[1].kind, FolderType::Temp);
+    assert_eq!((files[2].key.as_str(), files[2].kind.clone()), ("3d", FolderType::Other("cloud".into())));
+    assert_eq!(pick_primary(&files, None).map(|f| f.filename.as_str()), Some("ltxv_00001_.mp4"));
+}

@@ -87,3 +87,60 @@ fn a_late_cache_announcement_never_moves_the_bar_back() {
     tracker.complete();
     assert_eq!(tracker.snapshot().fraction, 1.0);
 }
+
+/// Newer ComfyUI's `progress_state` (C7, C12): an `activity` is a stage, node ids the submitted
+/// graph does not have (subgraph and loop expansions) count for the node they stand for.
+#[test]
+fn activity_is_a_stage_and_foreign_node_ids_do_not_break_progress() {
+    let graph = json!({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
+        "2": {"class_type": "KSampler", "inputs": {}},
+        "3": {"class_type": "SaveVideo", "inputs": {}}
+    });
+    let mut tracker = ProgressTracker::new(&graph);
+    let event = |v: Value| ComfyEvent::from_text(&v.to_string()).expect("parse");
+    let p = "a1b2";
+    let mut snapshots = Vec::new();
+    let feed = |tracker: &mut ProgressTracker, snapshots: &mut Vec<RunProgress>, v: Value| {
+        tracker.observe(&event(v));
+        snapshots.push(tracker.take_snapshot());
+    };
+    feed(&mut tracker, &mut snapshots, json!({"type": "executing", "data": {"node": "1", "prompt_id": p}}));
+    feed(
+        &mut tracker,
+        &mut snapshots,
+        json!({"type": "progress_state", "data": {"prompt_id": p, "nodes": {
+        "1": {"value": 0, "max": 1, "state": "running", "node_id": "1", "prompt_id": p, "display_node_id": "1",
+              "parent_node_id": null, "real_node_id": "1", "activity": "loading"}}}}),
+    );
+    assert_eq!(snapshots.last().unwrap().stage.as_deref(), Some("loading"));
+    assert_eq!(snapshots.last().unwrap().node_type.as_deref(), Some("CheckpointLoaderSimple"));
+    // Inside a subgraph of node 2: an id the graph does not have, with its real node named.
+    feed(
+        &mut tracker,
+        &mut snapshots,
+        json!({"type": "executing", "data": {"node": "2:17", "display_node": "2", "prompt_id": p}}),
+    );
+    feed(
+        &mut tracker,
+        &mut snapshots,
+        json!({"type": "progress", "data": {"value": 5, "max": 10, "node": "2:17", "prompt_id": p}}),
+    );
+    feed(
+        &mut tracker,
+        &mut snapshots,
+        json!({"type": "progress_state", "data": {"prompt_id": p, "nodes": {
+        "1": {"value": 1, "max": 1, "state": "finished", "real_node_id": "1"},
+        "2:17": {"value": 5, "max": 10, "state": "running", "display_node_id": "2", "parent_node_id": "2", "real_node_id": "17",
+                 "unknown_future_key": {"x": 1}}}}}),
+    );
+    let last = snapshots.last().unwrap().clone();
+    assert_eq!(last.stage, None, "no activity any more");
+    assert_eq!((last.node.as_deref(), last.node_type.as_deref()), (Some("2"), Some("KSampler")));
+    assert_eq!((last.step, last.max), (Some(5), Some(10)));
+    // A node added at run time (a loop body) is reported but has no share of the bar.
+    feed(&mut tracker, &mut snapshots, json!({"type": "executing", "data": {"node": "loop-99", "prompt_id": p}}));
+    assert_eq!(snapshots.last().unwrap().node.as_deref(), Some("loop-99"));
+    assert!(snapshots.windows(2).all(|w| w[1].fraction >= w[0].fraction), "monotonic: {snapshots:?}");
+    assert!(snapshots.last().unwrap().fraction > 0.3, "the loader and half the sampler count: {snapshots:?}");
+}

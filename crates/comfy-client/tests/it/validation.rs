@@ -98,3 +98,55 @@ fn newer_missing_node_type_and_odd_bodies_still_read_well() {
     assert_eq!(ValidationReport::from_body(400, &json!({"error": null, "node_errors": {}})), None);
     assert_eq!(ValidationReport::from_body(400, &json!([1, 2])), None);
 }
+
+/// The validation errors newer ComfyUI adds (C11), as `POST /prompt` sends them.
+#[test]
+fn newer_validation_errors_name_node_class_title_and_input() {
+    let graph = json!({
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {}, "_meta": {"title": "Load Checkpoint"}},
+        "9": {"class_type": "KSampler", "inputs": {}},
+        "12": {"class_type": "MyCustomNode", "inputs": {}, "_meta": {"title": "Colour grade"}}
+    });
+    let body = json!({
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": ""},
+        "node_errors": {
+            "4": {"class_type": "CheckpointLoaderSimple", "dependent_outputs": ["9"], "errors": [{
+                "type": "value_not_in_list", "message": "Value not in list",
+                "details": "ckpt_name: 'x.safetensors' not in (list of length 2)",
+                "extra_info": {"input_name": "ckpt_name", "received_value": {"__value__": ["x.safetensors"]}}}]},
+            "9": {"class_type": "KSampler", "dependent_outputs": [], "errors": [
+                {"type": "dependency_cycle", "message": "Dependency cycle detected", "details": "", "extra_info": {}},
+                {"type": "invalid_dynamic_input", "message": "Invalid dynamic input", "details": "",
+                 "extra_info": {"input_name": "model.lora_2", "received_value": 3}}]},
+            "12": {"class_type": "MyCustomNode", "dependent_outputs": [], "errors": [
+                {"type": "custom_validation_failed", "message": "Custom validation failed for node", "details": "strength: must be below 2",
+                 "extra_info": {"input_name": "strength", "received_value": {"__value__": 5}}},
+                {"type": "some_future_type", "message": "Something new", "details": "", "extra_info": {}}]}
+        }
+    });
+    let mut report = ValidationReport::from_body(400, &body).expect("report");
+    report.name_nodes_from(&graph);
+    let lines = report.lines();
+    assert_eq!(
+        lines,
+        vec![
+            "node 4 (CheckpointLoaderSimple, title \"Load Checkpoint\"): ckpt_name: 'x.safetensors' not in (list of length 2)",
+            "node 9 (KSampler): Dependency cycle detected",
+            "node 9 (KSampler): model.lora_2: Invalid dynamic input",
+            "node 12 (MyCustomNode, title \"Colour grade\"): strength: must be below 2",
+            "node 12 (MyCustomNode, title \"Colour grade\"): Something new",
+        ],
+    );
+    // The wrapped list value is what the user set.
+    assert_eq!(report.nodes[0].errors[0].received_value, Some(json!(["x.safetensors"])));
+    assert_eq!(report.nodes[2].errors[0].received_value, Some(json!(5)));
+
+    let no_outputs = json!({"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}}, "node_errors": []});
+    assert_eq!(ValidationReport::from_body(400, &no_outputs).expect("report").to_string(), "Prompt has no outputs");
+    let no_class = json!({"error": {"type": "missing_node_type", "message": "Node '#7' has no class_type. The workflow may be corrupted.",
+        "details": "Node ID '#7'", "extra_info": {"node_id": "7", "class_type": null, "node_title": null}}, "node_errors": {}});
+    assert_eq!(
+        ValidationReport::from_body(400, &no_class).expect("report").to_string(),
+        "node 7 (unknown class): Node '#7' has no class_type. The workflow may be corrupted. (Node ID '#7')"
+    );
+}
