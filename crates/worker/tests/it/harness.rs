@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+pub use tdcomfy_sim::ComfyVersion;
 use tdcomfy_workflows::WorkflowRegistry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +70,10 @@ pub struct Setup {
     pub comfyui_retry_budget: f64,
     /// `COMFYUI_DIR` of the workers.
     pub comfyui_dir: Option<PathBuf>,
+    /// The ComfyUI version the simulator behaves as.
+    pub comfy_version: ComfyVersion,
+    /// The simulator's `--max-upload-size` in bytes (default: ComfyUI's 100 MiB).
+    pub sim_max_upload: Option<u64>,
 }
 
 impl Default for Setup {
@@ -82,9 +87,37 @@ impl Default for Setup {
             job_timeout: 120.0,
             comfyui_retry_budget: 2.0,
             comfyui_dir: None,
+            comfy_version: ComfyVersion::default(),
+            sim_max_upload: None,
         }
     }
 }
+
+impl Setup {
+    /// The defaults, on a simulator of `version`.
+    pub fn on(version: ComfyVersion) -> Setup {
+        Setup { comfy_version: version, ..Setup::default() }
+    }
+}
+
+/// For each named `async fn name(version: ComfyVersion)`, two tests: `name::comfy_0_3_64` and
+/// `name::comfy_0_38`, the same pipeline on a simulator of each profile (the client picks its
+/// mechanisms by what the server has, so both paths run).
+macro_rules! on_both_profiles {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn comfy_0_3_64() {
+                super::$name(tdcomfy_sim::ComfyVersion::V0_3_64).await
+            }
+            #[tokio::test]
+            async fn comfy_0_38() {
+                super::$name(tdcomfy_sim::ComfyVersion::V0_38).await
+            }
+        }
+    )*};
+}
+pub(crate) use on_both_profiles;
 
 pub struct Pipeline {
     pub dir: tempfile::TempDir,
@@ -178,6 +211,10 @@ impl Pipeline {
         let mut config = tdcomfy_sim::SimConfig::new(&sim_dir);
         config.job_time = Duration::from_secs_f64(self.setup.sim_job_time);
         config.progress_steps = 3;
+        config.comfy_version = self.setup.comfy_version;
+        if let Some(limit) = self.setup.sim_max_upload {
+            config.max_upload_bytes = limit;
+        }
         if let Some(models) = &self.setup.models {
             config.models = models.clone();
         }

@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{Pipeline, Setup, video_info};
+use crate::harness::{ComfyVersion, Pipeline, Setup, on_both_profiles, video_info};
 
-#[tokio::test]
-async fn the_default_ltxv_workflow_returns_a_real_mp4() {
-    let p = Pipeline::start(Setup::default()).await;
+async fn the_default_ltxv_workflow_returns_a_real_mp4(version: ComfyVersion) {
+    let p = Pipeline::start(Setup::on(version)).await;
     let id = p.submit("a lighthouse in a storm", None, Some(json!({"frames": 17}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "done", "{job}");
@@ -28,9 +27,8 @@ async fn the_default_ltxv_workflow_returns_a_real_mp4() {
     assert!((info.fps - 24.0).abs() < 0.01, "{}", info.fps);
 }
 
-#[tokio::test]
-async fn progress_reaches_the_client_while_the_sampler_runs() {
-    let p = Pipeline::start(Setup { sim_job_time: 2.0, ..Setup::default() }).await;
+async fn progress_reaches_the_client_while_the_sampler_runs(version: ComfyVersion) {
+    let p = Pipeline::start(Setup { sim_job_time: 2.0, ..Setup::on(version) }).await;
     let id = p.submit("slow", None, Some(json!({"frames": 9}))).await;
     let running = p
         .wait_for(&id, 60.0, |j| j["status"] == "running" && j["progress"]["step"].as_u64().is_some_and(|s| s >= 1))
@@ -77,9 +75,8 @@ async fn video_outputs_are_found_under_every_key_comfyui_uses() {
     }
 }
 
-#[tokio::test]
-async fn a_workflow_comfyui_rejects_fails_with_the_node_and_reason() {
-    let p = Pipeline::start(Setup { models: Some(vec![]), ..Setup::default() }).await;
+async fn a_workflow_comfyui_rejects_fails_with_the_node_and_reason(version: ComfyVersion) {
+    let p = Pipeline::start(Setup { models: Some(vec![]), ..Setup::on(version) }).await;
     let id = p.submit("x", None, None).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error");
@@ -88,9 +85,8 @@ async fn a_workflow_comfyui_rejects_fails_with_the_node_and_reason() {
     assert_eq!(job["attempts"], 1, "a validation error is not retried");
 }
 
-#[tokio::test]
-async fn node_errors_in_a_200_fail_the_job_instead_of_half_running_it() {
-    let p = Pipeline::start(Setup::default()).await;
+async fn node_errors_in_a_200_fail_the_job_instead_of_half_running_it(version: ComfyVersion) {
+    let p = Pipeline::start(Setup::on(version)).await;
     let id = p.submit("", Some("partial_invalid"), None).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error", "{job}");
@@ -104,9 +100,8 @@ async fn node_errors_in_a_200_fail_the_job_instead_of_half_running_it() {
     assert_eq!(p.sim_queue().await, (0, 0));
 }
 
-#[tokio::test]
-async fn an_execution_error_names_the_node_type_and_exception() {
-    let p = Pipeline::start(Setup::default()).await;
+async fn an_execution_error_names_the_node_type_and_exception(version: ComfyVersion) {
+    let p = Pipeline::start(Setup::on(version)).await;
     let id = p.submit("boom [sim:error]", None, Some(json!({"frames": 9}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error", "{job}");
@@ -115,25 +110,22 @@ async fn an_execution_error_names_the_node_type_and_exception() {
     assert_eq!(job["attempts"], 1);
 }
 
-#[tokio::test]
-async fn a_silent_websocket_still_completes_through_history_polling() {
-    let p = Pipeline::start(Setup::default()).await;
+async fn a_silent_websocket_still_completes_through_history_polling(version: ComfyVersion) {
+    let p = Pipeline::start(Setup::on(version)).await;
     let id = p.submit("hush [sim:silent]", None, Some(json!({"frames": 9}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "done", "{job}");
     assert_eq!(p.result(&id).await.0, "video/mp4");
 }
 
-#[tokio::test]
-async fn a_dropped_websocket_is_survived() {
-    let p = Pipeline::start(Setup::default()).await;
+async fn a_dropped_websocket_is_survived(version: ComfyVersion) {
+    let p = Pipeline::start(Setup::on(version)).await;
     let id = p.submit("cut [sim:drop]", None, Some(json!({"frames": 9}))).await;
     assert_eq!(p.wait_terminal(&id).await["status"], "done");
 }
 
-#[tokio::test]
-async fn cancelling_a_queued_job_means_it_never_runs() {
-    let p = Pipeline::start(Setup { sim_job_time: 3.0, ..Setup::default() }).await;
+async fn cancelling_a_queued_job_means_it_never_runs(version: ComfyVersion) {
+    let p = Pipeline::start(Setup { sim_job_time: 3.0, ..Setup::on(version) }).await;
     let first = p.submit("occupies the worker", None, Some(json!({"frames": 9}))).await;
     let second = p.submit("never runs", None, Some(json!({"frames": 9}))).await;
     p.wait_for(&first, 30.0, |j| j["status"] == "running").await;
@@ -144,9 +136,8 @@ async fn cancelling_a_queued_job_means_it_never_runs() {
     assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("cancelled"), Some(0)));
 }
 
-#[tokio::test]
-async fn cancelling_a_running_job_interrupts_only_that_prompt() {
-    let p = Pipeline::start(Setup { sim_job_time: 30.0, ..Setup::default() }).await;
+async fn cancelling_a_running_job_interrupts_only_that_prompt(version: ComfyVersion) {
+    let p = Pipeline::start(Setup { sim_job_time: 30.0, ..Setup::on(version) }).await;
     let id = p.submit("long", None, Some(json!({"frames": 9}))).await;
     p.wait_for(&id, 30.0, |j| j["progress"]["node_type"] == "SamplerCustom").await;
     p.http.delete(p.url(&format!("/jobs/{id}"))).send().await.unwrap();
@@ -163,9 +154,8 @@ async fn cancelling_a_running_job_interrupts_only_that_prompt() {
     assert_eq!(p.wait_terminal(&next).await["status"], "done");
 }
 
-#[tokio::test]
-async fn a_job_over_job_timeout_fails_and_its_prompt_is_stopped() {
-    let p = Pipeline::start(Setup { sim_job_time: 60.0, job_timeout: 2.0, ..Setup::default() }).await;
+async fn a_job_over_job_timeout_fails_and_its_prompt_is_stopped(version: ComfyVersion) {
+    let p = Pipeline::start(Setup { sim_job_time: 60.0, job_timeout: 2.0, ..Setup::on(version) }).await;
     let id = p.submit("too long", None, Some(json!({"frames": 9}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error", "{job}");
@@ -176,3 +166,30 @@ async fn a_job_over_job_timeout_fails_and_its_prompt_is_stopped() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+async fn a_frame_over_comfyuis_upload_limit_fails_the_job_naming_size_and_limit(version: ComfyVersion) {
+    let p = Pipeline::start(Setup { sim_max_upload: Some(256), ..Setup::on(version) }).await;
+    let frame = crate::harness::frame_png();
+    let size = frame.len();
+    assert!(size > 256, "the test frame must be over the limit");
+    let id = p.submit_frame(frame, "too big for this ComfyUI", None, None).await;
+    let job = p.wait_terminal(&id).await;
+    assert_eq!(job["status"], "error", "{job}");
+    let msg = job["error_message"].as_str().unwrap();
+    assert!(msg.contains(&format!("{size} bytes")) && msg.contains("max_upload_size 256 bytes"), "{msg}");
+    assert_eq!(job["attempts"], 1, "no retry can make the frame smaller");
+}
+
+on_both_profiles!(
+    a_frame_over_comfyuis_upload_limit_fails_the_job_naming_size_and_limit,
+    the_default_ltxv_workflow_returns_a_real_mp4,
+    progress_reaches_the_client_while_the_sampler_runs,
+    a_workflow_comfyui_rejects_fails_with_the_node_and_reason,
+    node_errors_in_a_200_fail_the_job_instead_of_half_running_it,
+    an_execution_error_names_the_node_type_and_exception,
+    a_silent_websocket_still_completes_through_history_polling,
+    a_dropped_websocket_is_survived,
+    cancelling_a_queued_job_means_it_never_runs,
+    cancelling_a_running_job_interrupts_only_that_prompt,
+    a_job_over_job_timeout_fails_and_its_prompt_is_stopped,
+);

@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{Pipeline, Setup};
+use crate::harness::{ComfyVersion, Pipeline, Setup, on_both_profiles};
 
-#[tokio::test]
-async fn a_comfyui_restart_mid_job_is_detected_and_the_job_runs_again() {
-    let mut p = Pipeline::start(Setup { sim_job_time: 20.0, ..Setup::default() }).await;
+async fn a_comfyui_restart_mid_job_is_detected_and_the_job_runs_again(version: ComfyVersion) {
+    let mut p = Pipeline::start(Setup { sim_job_time: 20.0, ..Setup::on(version) }).await;
     let id = p.submit("interrupted by a restart", None, Some(json!({"frames": 9}))).await;
     p.wait_for(&id, 30.0, |j| j["progress"]["node_type"] == "SamplerCustom").await;
     // ComfyUI dies; a fresh one (empty queue and history) comes up on the same port, faster now.
@@ -22,9 +21,8 @@ async fn a_comfyui_restart_mid_job_is_detected_and_the_job_runs_again() {
     assert_eq!(job["attempts"], 2, "the lost prompt was detected and the job leased again");
 }
 
-#[tokio::test]
-async fn a_prompt_that_vanishes_every_time_ends_in_a_clear_error_not_a_hang() {
-    let p = Pipeline::start(Setup { max_attempts: 2, ..Setup::default() }).await;
+async fn a_prompt_that_vanishes_every_time_ends_in_a_clear_error_not_a_hang(version: ComfyVersion) {
+    let p = Pipeline::start(Setup { max_attempts: 2, ..Setup::on(version) }).await;
     let id = p.submit("gone [sim:restart]", None, Some(json!({"frames": 9}))).await;
     let job = p.wait_terminal(&id).await;
     assert_eq!(job["status"], "error", "{job}");
@@ -123,3 +121,8 @@ async fn a_dead_server_among_several_does_not_fail_the_jobs() {
         assert_eq!(job["status"], "done", "{job}");
     }
 }
+
+on_both_profiles!(
+    a_comfyui_restart_mid_job_is_detected_and_the_job_runs_again,
+    a_prompt_that_vanishes_every_time_ends_in_a_clear_error_not_a_hang,
+);
