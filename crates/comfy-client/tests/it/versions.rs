@@ -280,3 +280,24 @@ async fn a_refused_token_is_one_clear_failure_not_a_retry_loop() {
     let headers = fake.with(|s| s.headers.iter().rev().find(|(path, _)| path == "/prompt").cloned()).expect("recorded");
     assert!(headers.1.iter().any(|h| h == "authorization: Bearer s3cret"), "{headers:?}");
 }
+
+#[tokio::test]
+async fn a_loading_activity_reaches_the_caller_as_the_run_stage() {
+    let fake = Fake::start().await;
+    let runner = PromptRunner::new(fake.client(), config());
+    let id = PromptId::new();
+    let key = id.to_string();
+    let mut run = runner.run_prompt(graph(), id.clone(), CancellationToken::new());
+    let mut seen = Vec::new();
+    until(&mut run, &mut seen, |u| *u == RunUpdate::Started).await;
+    fake.push(json!({"type": "executing", "data": {"node": "1", "prompt_id": key}}));
+    fake.push(json!({"type": "progress_state", "data": {"prompt_id": key, "nodes": {
+        "1": {"value": 0, "max": 1, "state": "running", "node_id": "1", "display_node_id": "1", "real_node_id": "1",
+              "parent_node_id": null, "prompt_id": key, "activity": "loading"}}}}));
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.stage.as_deref() == Some("loading"))).await;
+    fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
+    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2") && p.stage.is_none()))
+        .await;
+    fake.complete(&key, success_entry(&key, video_outputs()));
+    drain_within(&mut run, &mut seen, Duration::from_secs(20)).await.expect("finished");
+}
