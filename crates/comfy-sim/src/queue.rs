@@ -118,6 +118,16 @@ impl Serialize for HistoryEntry {
     }
 }
 
+/// One consistent look at the queue and the history (see [`PromptQueue::jobs_view`]).
+pub struct JobsView {
+    /// the running prompt, if any
+    pub running: Vec<QueueItem>,
+    /// pending prompts in heap order
+    pub pending: Vec<QueueItem>,
+    /// finished prompts in completion order
+    pub history: Vec<(String, Arc<HistoryEntry>)>,
+}
+
 #[derive(Default)]
 struct State {
     heap: Vec<QueueItem>,
