@@ -209,7 +209,7 @@ pub async fn list(State(state): State<AppState>, Query(params): Query<HashMap<St
     };
     let workflow_id = params.get("workflow_id");
 
-    let (running, pending, history) = state.shared.queue.jobs_view();
+    let crate::queue::JobsView { running, pending, history } = state.shared.queue.jobs_view();
     let wants = |s: &str| statuses.iter().any(|w| w == s);
     let mut jobs: Vec<Job> = Vec::new();
     if wants("in_progress") {
@@ -246,7 +246,7 @@ pub async fn list(State(state): State<AppState>, Query(params): Query<HashMap<St
 
 /// `GET /api/jobs/{id}`.
 pub async fn get(State(state): State<AppState>, UrlPath(job_id): UrlPath<String>) -> Response {
-    let (running, pending, history) = state.shared.queue.jobs_view();
+    let crate::queue::JobsView { running, pending, history } = state.shared.queue.jobs_view();
     let found = running
         .iter()
         .find(|i| i.prompt_id == job_id)

@@ -118,6 +118,16 @@ impl Serialize for HistoryEntry {
     }
 }
 
+/// One consistent look at the queue and the history (see [`PromptQueue::jobs_view`]).
+pub struct JobsView {
+    /// the running prompt, if any
+    pub running: Vec<QueueItem>,
+    /// pending prompts in heap order
+    pub pending: Vec<QueueItem>,
+    /// finished prompts in completion order
+    pub history: Vec<(String, Arc<HistoryEntry>)>,
+}
+
 #[derive(Default)]
 struct State {
     heap: Vec<QueueItem>,
@@ -323,11 +333,11 @@ impl PromptQueue {
 
     /// Everything the jobs API lists: `(running, pending, history in completion order)`, taken
     /// under one lock so a prompt is never in two lists or none.
-    pub fn jobs_view(&self) -> (Vec<QueueItem>, Vec<QueueItem>, Vec<(String, Arc<HistoryEntry>)>) {
+    pub fn jobs_view(&self) -> JobsView {
         let st = self.lock();
         let history =
             st.history_order.iter().filter_map(|id| st.history.get(id).map(|e| (id.clone(), e.clone()))).collect();
-        (st.running.iter().cloned().collect(), st.heap.clone(), history)
+        JobsView { running: st.running.iter().cloned().collect(), pending: st.heap.clone(), history }
     }
 
     /// The history entry of one prompt.

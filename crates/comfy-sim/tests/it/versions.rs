@@ -80,7 +80,7 @@ async fn c1_jobs_list_and_detail_on_0_38_and_absent_on_0_3_64() {
     let (_, active) = sim.get("/api/jobs?status=in_progress,pending").await;
     assert_eq!(job_ids(&active), [pending.clone(), running.clone()]);
     let (_, page) = sim.get("/api/jobs?limit=1&offset=1&sort_order=asc").await;
-    assert_eq!(job_ids(&page), [running.clone()]);
+    assert_eq!(job_ids(&page), [running.as_str()]);
     assert_eq!(page["pagination"], json!({"offset": 1, "limit": 1, "total": 3, "has_more": true}));
     let (status, body) = sim.get("/api/jobs?status=bogus").await;
     assert_eq!(status, 400);
