@@ -180,6 +180,44 @@ async fn a_frame_over_comfyuis_upload_limit_fails_the_job_naming_size_and_limit(
     assert_eq!(job["attempts"], 1, "no retry can make the frame smaller");
 }
 
+/// A ComfyUI behind a token-checking wrapper, reached without the token: every answer is 401.
+async fn refusing_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = stream.read(&mut buf).await;
+                let body = r#"{"error":{"type":"unauthorized","message":"Unauthorized"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_comfyui_that_wants_a_token_fails_the_job_once_with_a_clear_message() {
+    let mut p = Pipeline::start(Setup::default()).await;
+    p.workers.remove(0).stop().await;
+    let guarded = refusing_server().await;
+    let w = p.start_worker_on("tokenless", Some(format!("http://{guarded}"))).await;
+    p.workers.push(w);
+    let id = p.submit("needs a token", None, None).await;
+    let job = p.wait_terminal(&id).await;
+    assert_eq!(job["status"], "error", "{job}");
+    let msg = job["error_message"].as_str().unwrap();
+    assert!(msg.contains(&format!("ComfyUI at http://{guarded}/")) && msg.contains("COMFYUI_TOKEN"), "{msg}");
+    assert_eq!(job["attempts"], 1, "a token does not fix itself: no retry");
+}
+
 on_both_profiles!(
     a_frame_over_comfyuis_upload_limit_fails_the_job_naming_size_and_limit,
     the_default_ltxv_workflow_returns_a_real_mp4,
