@@ -317,3 +317,62 @@ async fn outputs_with_asset_ids_are_collected_on_0_38() {
     let primary = pick_primary(&outputs, Some("81")).expect("primary");
     assert_eq!(primary.format, "mp4");
 }
+
+/// Serves a simulator of `version` on `listener` until the returned token is cancelled.
+fn serve_profile(
+    listener: tokio::net::TcpListener,
+    dir: &std::path::Path,
+    version: ComfyVersion,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let mut config = SimConfig::new(dir);
+    config.job_time = Duration::from_millis(200);
+    config.progress_steps = 3;
+    config.comfy_version = version;
+    let stop = CancellationToken::new();
+    let shutdown = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = tdcomfy_sim::run(listener, config, async move { shutdown.cancelled().await }).await;
+    });
+    (stop, task)
+}
+
+#[tokio::test]
+async fn a_comfyui_upgraded_behind_the_same_address_is_used_by_what_it_has_now() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, task) = serve_profile(listener, dir.path(), ComfyVersion::V0_3_64);
+    let endpoint = ComfyEndpoint::parse(&format!("http://{addr}")).expect("endpoint");
+    let client = ComfyClient::new(endpoint, ClientId::new(), ComfyTimeouts::default()).expect("client");
+    let config = RunConfig {
+        poll_interval: Duration::from_millis(100),
+        hub: HubOptions {
+            reconnect_initial: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(200),
+            ..HubOptions::default()
+        },
+        ..RunConfig::default()
+    };
+    let sim = Sim { runner: PromptRunner::new(client, config), _stop: CancellationToken::new().drop_guard(), _dir: dir };
+    assert_eq!(detected(&sim).await.jobs_api, Some(false));
+
+    // Upgraded: stopped, and 0.38 comes up on the same port.
+    stop.cancel();
+    let _ = task.await;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let (stop, _task) = serve_profile(listener, sim._dir.path(), ComfyVersion::V0_38);
+    let _stop = stop.drop_guard();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim.runner.client().features().jobs_api != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "not re-detected: {:?}", sim.runner.client().features());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let image = upload_frame(&sim).await;
+    let run = sim.runner.run_prompt(ltxv_graph(&image, ""), PromptId::new(), CancellationToken::new());
+    tokio::time::timeout(Duration::from_secs(120), run.finish()).await.expect("in time").expect("runs on 0.38");
+}
