@@ -440,6 +440,8 @@ impl ComfyClient {
     /// is found out by the first cancel. An error leaves what is unknown unknown.
     pub async fn detect_features(&self) -> Result<ServerFeatures, ComfyError> {
         const JOBS: &str = "api/jobs";
+        // An answer for an earlier connection must not overwrite what the current one found.
+        let connection = self.features().connection;
         let mut url = self.inner.endpoint.http_url(JOBS);
         // No `sort_by` (C2) and one item: only whether the route answers with a job list matters.
         url.query_pairs_mut().append_pair("limit", "1");
@@ -452,19 +454,29 @@ impl ComfyClient {
             let body = self.read_text(JOBS, response).await?;
             serde_json::from_str::<Value>(&body).ok().and_then(|b| QueueState::from_jobs(&b)).is_some()
         };
-        self.note_jobs_api(jobs_api, "detection");
         const FEATURES: &str = "features";
         let request = self.inner.http.get(self.inner.endpoint.http_url(FEATURES)).timeout(self.inner.timeouts.request);
         let response = self.send(FEATURES, request).await?;
         // 0.3.x servers before the feature flags have no such route: nothing to learn there.
-        if response.status() != StatusCode::NOT_FOUND {
+        let flags = if response.status() == StatusCode::NOT_FOUND {
+            None
+        } else {
             let response = self.check_status(FEATURES, response).await?;
-            if let Ok(Value::Object(flags)) = self.read_json(FEATURES, response).await {
-                self.lock_features().features.apply_flags(&flags);
+            match self.read_json(FEATURES, response).await {
+                Ok(Value::Object(flags)) => Some(flags),
+                _ => None,
             }
+        };
+        if self.features().connection == connection {
+            self.note_jobs_api(jobs_api, "detection");
         }
         let mut state = self.lock_features();
-        state.detected = true;
+        if state.features.connection == connection {
+            if let Some(flags) = &flags {
+                state.features.apply_flags(flags);
+            }
+            state.detected = true;
+        }
         Ok(state.features.clone())
     }
 

@@ -2,14 +2,16 @@
 //!
 //! The WebSocket is used for speed and progress only; `/history/{id}` is the source of truth,
 //! polled at a low rate and immediately when the socket hints at an end. Where the prompt is
-//! (running, pending, gone) is asked only when in doubt, from the jobs API where the server has
-//! it and from `/queue` (which carries every queued graph) otherwise. Success needs
+//! (running, pending, gone) is asked only when in doubt, from `GET /api/jobs/{id}` where the
+//! server has the jobs API (its 404 is "unknown", which history's `{}` cannot tell from
+//! "running") and from `/queue` (which carries every queued graph) otherwise. Success needs
 //! a history entry with status success and the expected outputs, never just "not in the queue".
 //! A prompt that is in neither queue nor history for several polls was lost (ComfyUI restarted).
 //! A running prompt stalls only when nothing shows ComfyUI still working on it: no event naming
 //! it and no answer listing it as running.
-//! Stalls and the total time limit end in a targeted interrupt; cancellation deletes a pending
-//! prompt or interrupts a running one, always by prompt id.
+//! Stalls, the total time limit and cancellation stop the prompt by its id: with the jobs cancel
+//! (one atomic step on the server) where it exists, else by deleting it if pending and
+//! interrupting it if running.
 
 use std::pin::Pin;
 use std::sync::Arc;

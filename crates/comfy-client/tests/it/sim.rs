@@ -353,7 +353,8 @@ async fn a_comfyui_upgraded_behind_the_same_address_is_used_by_what_it_has_now()
         },
         ..RunConfig::default()
     };
-    let sim = Sim { runner: PromptRunner::new(client, config), _stop: CancellationToken::new().drop_guard(), _dir: dir };
+    let sim =
+        Sim { runner: PromptRunner::new(client, config), _stop: CancellationToken::new().drop_guard(), _dir: dir };
     assert_eq!(detected(&sim).await.jobs_api, Some(false));
 
     // Upgraded: stopped, and 0.38 comes up on the same port.

@@ -296,8 +296,12 @@ async fn a_loading_activity_reaches_the_caller_as_the_run_stage() {
               "parent_node_id": null, "prompt_id": key, "activity": "loading"}}}}));
     until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.stage.as_deref() == Some("loading"))).await;
     fake.push(json!({"type": "executing", "data": {"node": "2", "prompt_id": key}}));
-    until(&mut run, &mut seen, |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2") && p.stage.is_none()))
-        .await;
+    until(
+        &mut run,
+        &mut seen,
+        |u| matches!(u, RunUpdate::Progress(p) if p.node.as_deref() == Some("2") && p.stage.is_none()),
+    )
+    .await;
     fake.complete(&key, success_entry(&key, video_outputs()));
     drain_within(&mut run, &mut seen, Duration::from_secs(20)).await.expect("finished");
 }
