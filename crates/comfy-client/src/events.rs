@@ -70,6 +70,8 @@ pub enum ComfyEvent {
         node: String,
         /// Its UI output (`null` on the wire becomes `None`).
         output: Option<NodeOutput>,
+        /// The node shown in the UI, when it differs (a node inside a subgraph or loop, C12).
+        display_node: Option<String>,
     },
     /// The prompt finished without error.
     ExecutionSuccess {
@@ -160,7 +162,12 @@ impl ComfyEvent {
             }
             "executed" => {
                 let d: ExecutedData = serde_json::from_value(data).map_err(bad)?;
-                Self::Executed { prompt_id: d.prompt_id, node: id_string(d.node), output: d.output }
+                Self::Executed {
+                    prompt_id: d.prompt_id,
+                    node: id_string(d.node),
+                    output: d.output,
+                    display_node: d.display_node.and_then(opt_id_string),
+                }
             }
             "execution_success" => {
                 let d: PromptOnly = serde_json::from_value(data).map_err(bad)?;
@@ -497,6 +504,8 @@ struct ExecutedData {
     node: Value,
     #[serde(default)]
     output: Option<NodeOutput>,
+    #[serde(default)]
+    display_node: Option<Value>,
 }
 
 #[derive(Deserialize)]

@@ -128,8 +128,8 @@ impl ProgressTracker {
                 // The snapshot lists every running node: no activity in it means none any more.
                 self.stage = stage;
             }
-            ComfyEvent::Executed { node, .. } => {
-                let node = self.resolve(node, []);
+            ComfyEvent::Executed { node, display_node, .. } => {
+                let node = self.resolve(node, [display_node.as_deref()]);
                 self.done.insert(node);
             }
             _ => {}

@@ -111,7 +111,7 @@ fn captured_event_payloads_are_read_correctly() {
     let executed = events
         .iter()
         .find_map(|e| match e {
-            ComfyEvent::Executed { node, output, prompt_id } => Some((node, output, prompt_id)),
+            ComfyEvent::Executed { node, output, prompt_id, .. } => Some((node, output, prompt_id)),
             _ => None,
         })
         .expect("executed");

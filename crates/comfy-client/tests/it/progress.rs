@@ -138,6 +138,12 @@ fn activity_is_a_stage_and_foreign_node_ids_do_not_break_progress() {
     assert_eq!(last.stage, None, "no activity any more");
     assert_eq!((last.node.as_deref(), last.node_type.as_deref()), (Some("2"), Some("KSampler")));
     assert_eq!((last.step, last.max), (Some(5), Some(10)));
+    // A loop body's node finishes under its own id; `display_node` names the graph node.
+    feed(
+        &mut tracker,
+        &mut snapshots,
+        json!({"type": "executed", "data": {"node": "2.loop.1", "display_node": "2", "output": null, "prompt_id": p}}),
+    );
     // A node added at run time (a loop body) is reported but has no share of the bar.
     feed(&mut tracker, &mut snapshots, json!({"type": "executing", "data": {"node": "loop-99", "prompt_id": p}}));
     assert_eq!(snapshots.last().unwrap().node.as_deref(), Some("loop-99"));
