@@ -115,16 +115,13 @@ impl Hub {
     }
 
     /// Handles the optional first-message handshake and returns whether a reply was queued.
-    pub fn negotiate(&self, sid: &str, conn_id: u64, client_flags: &OValue, max_upload: u64) -> bool {
+    pub fn negotiate(&self, sid: &str, conn_id: u64, client_flags: &OValue, server_flags: OMap) -> bool {
         let mut inner = self.lock();
         let Some(client) = inner.clients.get_mut(sid).filter(|c| c.conn_id == conn_id) else {
             return false;
         };
         client.preview_metadata = client_flags.get("supports_preview_metadata").is_some_and(OValue::truthy);
-        let mut flags = OMap::new();
-        flags.insert("supports_preview_metadata", OValue::Bool(true));
-        flags.insert("max_upload_size", OValue::Number(max_upload.into()));
-        let _ = client.tx.send(Outgoing::Text(message("feature_flags", OValue::Object(flags))));
+        let _ = client.tx.send(Outgoing::Text(message("feature_flags", OValue::Object(server_flags))));
         true
     }
 

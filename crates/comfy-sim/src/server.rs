@@ -98,7 +98,10 @@ pub fn router(state: AppState) -> Router {
     if state.shared.config.comfy_version.is_newer() {
         app = app.merge(newer_routes());
     }
-    app.layer(DefaultBodyLimit::max(limit)).layer(middleware::from_fn(origin_only)).with_state(state)
+    app.layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(origin_only))
+        .layer(middleware::from_fn_with_state(state.clone(), bearer_auth))
+        .with_state(state)
 }
 
 /// A JSON response as aiohttp's `json_response` sends it.
@@ -130,6 +133,76 @@ fn split_host_port(authority: &str) -> (String, Option<&str>) {
         Some((h, p)) if !h.contains(':') => (h.to_lowercase(), Some(p)),
         _ => (authority.to_lowercase(), None),
     }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess matched.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The optional bearer check of an authenticating wrapper (C19, `--auth-token`): every route wants
+/// `Authorization: Bearer <token>`; `/ws` may carry `?token=<token>` instead (browsers cannot set
+/// headers on a WebSocket). Both profiles: it is not ComfyUI's own rule.
+async fn bearer_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.shared.config.auth_token.as_deref() else {
+        return next.run(request).await;
+    };
+    let header_ok = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| same_secret(t.trim().as_bytes(), expected.as_bytes()));
+    let path = request.uri().path();
+    let query_ok = (path == "/ws" || path == "/api/ws")
+        && request.uri().query().is_some_and(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .any(|(k, v)| k == "token" && same_secret(&percent_decode(v), expected.as_bytes()))
+        });
+    if header_ok || query_ok {
+        return next.run(request).await;
+    }
+    let mut error = OMap::new();
+    error.insert("type", OValue::str("unauthorized"));
+    error.insert(
+        "message",
+        OValue::str("Missing or invalid token: send Authorization: Bearer <token> (or ?token= on /ws)"),
+    );
+    let mut body = OMap::new();
+    body.insert("error", OValue::Object(error));
+    let mut response = json(StatusCode::UNAUTHORIZED, &body);
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// `%XX` decoding of a query value (`+` is a space); a malformed escape stays as it is.
+fn percent_decode(v: &str) -> Vec<u8> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// ComfyUI's origin-only middleware: on a loopback Host, a mismatching Origin gets 403.
@@ -602,9 +675,27 @@ async fn serve_file(path: &std::path::Path, name: &str, request_headers: &Header
 
 async fn system_stats(State(state): State<AppState>) -> Response {
     const GIB: u64 = 1 << 30;
-    let body = serde_json::json!({
+    let config = &state.shared.config;
+    let newer = config.comfy_version.is_newer();
+    // 0.3.64 lists the device it runs on; 0.38 every GPU, the primary first (C15).
+    let gpus = if newer { config.gpus.max(1) } else { 1 };
+    let devices: Vec<serde_json::Value> = (0..gpus)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("cuda:{i} tdcomfy simulated GPU : cudaMallocAsync"),
+                "type": "cuda",
+                "index": i,
+                "vram_total": 24 * GIB,
+                "vram_free": 22 * GIB,
+                "torch_vram_total": 0,
+                "torch_vram_free": 0,
+            })
+        })
+        .collect();
+    let mut body = serde_json::json!({
         "system": {
-            "os": "posix",
+            // `os.name` on 0.3.64, `sys.platform` on 0.38
+            "os": if newer { "linux" } else { "posix" },
             "ram_total": 64 * GIB,
             "ram_free": 48 * GIB,
             "comfyui_version": state.shared.config.comfy_version.full(),
@@ -618,24 +709,40 @@ async fn system_stats(State(state): State<AppState>) -> Response {
             // machine finds input/ and output/ from it.
             "argv": ["main.py", "--listen", "--tdcomfy-sim", "--base-directory", state.shared.dirs.root.to_string_lossy()],
         },
-        "devices": [{
-            "name": "cuda:0 tdcomfy simulated GPU : cudaMallocAsync",
-            "type": "cuda",
-            "index": 0,
-            "vram_total": 24 * GIB,
-            "vram_free": 22 * GIB,
-            "torch_vram_total": 0,
-            "torch_vram_free": 0,
-        }],
+        "devices": devices,
     });
+    if newer {
+        body["system"]["comfy_package_versions"] = serde_json::json!({
+            "comfyui_frontend_package": "1.30.6",
+            "comfyui_workflow_templates": "0.7.25",
+            "comfyui_embedded_docs": "0.3.1",
+        });
+        body["system"]["deploy_environment"] = serde_json::json!("local");
+    }
     json(StatusCode::OK, &body)
 }
 
-async fn features(State(state): State<AppState>) -> Response {
+/// The server's feature flags (`comfy_api/feature_flags.py`), the `feature_flags` reply and
+/// `GET /features` alike: 0.3.64 has two, 0.38 more (C8).
+pub fn server_feature_flags(config: &crate::SimConfig) -> OMap {
     let mut body = OMap::new();
     body.insert("supports_preview_metadata", OValue::Bool(true));
-    body.insert("max_upload_size", OValue::Number(state.shared.config.max_upload_bytes.into()));
-    json(StatusCode::OK, &body)
+    body.insert("max_upload_size", OValue::Number(config.max_upload_bytes.into()));
+    if config.comfy_version.is_newer() {
+        body.insert("supports_model_type_tags", OValue::Bool(true));
+        let mut manager = OMap::new();
+        manager.insert("supports_v4", OValue::Bool(true));
+        let mut extension = OMap::new();
+        extension.insert("manager", OValue::Object(manager));
+        body.insert("extension", OValue::Object(extension));
+        body.insert("node_replacements", OValue::Bool(true));
+        body.insert("assets", OValue::Bool(config.assets));
+    }
+    body
+}
+
+async fn features(State(state): State<AppState>) -> Response {
+    json(StatusCode::OK, &server_feature_flags(&state.shared.config))
 }
 
 async fn object_info(State(state): State<AppState>) -> Response {

@@ -52,7 +52,7 @@ async fn serve(state: AppState, mut socket: WebSocket, client_id: Option<String>
                     if let Ok(OValue::Object(msg)) = OValue::parse(text.as_str().as_bytes()) {
                         if first_message && msg.get("type").and_then(OValue::as_str) == Some("feature_flags") {
                             let flags = msg.get("data").cloned().unwrap_or(OValue::Null);
-                            shared.hub.negotiate(&sid, conn_id, &flags, shared.config.max_upload_bytes);
+                            shared.hub.negotiate(&sid, conn_id, &flags, crate::server::server_feature_flags(&shared.config));
                         }
                         first_message = false;
                     }

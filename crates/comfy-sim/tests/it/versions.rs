@@ -192,3 +192,107 @@ async fn c3_jobs_cancel_is_atomic_on_0_38_and_absent_on_0_3_64() {
     assert_eq!(old.post("/interrupt", &json!({"prompt_id": "x"})).await.0, 200);
     old.stop().await;
 }
+
+#[tokio::test]
+async fn c8_feature_flags_reply_and_features_route_per_version() {
+    let expected_038 = json!({
+        "supports_preview_metadata": true, "max_upload_size": 104857600,
+        "supports_model_type_tags": true, "extension": {"manager": {"supports_v4": true}},
+        "node_replacements": true, "assets": false,
+    });
+    let expected_0364 = json!({"supports_preview_metadata": true, "max_upload_size": 104857600});
+    for (sim, expected) in [(sim_038(|_| {}).await, expected_038), (Sim::start(|_| {}).await, expected_0364)] {
+        assert_eq!(sim.get_json("/features").await, expected);
+        let mut ws = sim.ws("c8").await;
+        ws.send_text(r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#).await;
+        let reply = ws.next_json().await;
+        assert_eq!(reply["type"], "feature_flags");
+        assert_eq!(reply["data"], expected);
+        sim.stop().await;
+    }
+    let with_assets = sim_038(|c| c.assets = true).await;
+    assert_eq!(with_assets.get_json("/features").await["assets"], true);
+    with_assets.stop().await;
+}
+
+#[tokio::test]
+async fn c15_system_stats_lists_every_gpu_and_the_newer_fields_on_0_38() {
+    let newer = sim_038(|c| c.gpus = 3).await;
+    let stats = newer.get_json("/system_stats").await;
+    let devices = stats["devices"].as_array().expect("devices");
+    assert_eq!(devices.iter().map(|d| d["index"].as_u64().expect("index")).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(devices[0]["name"].as_str().expect("name").starts_with("cuda:0"), "primary first");
+    assert_eq!(stats["system"]["os"], "linux");
+    assert!(stats["system"]["comfy_package_versions"].is_object(), "{stats}");
+    assert!(stats["system"]["deploy_environment"].is_string(), "{stats}");
+    assert!(stats["system"]["argv"].is_array());
+    newer.stop().await;
+    let old = Sim::start(|c| c.gpus = 3).await;
+    let stats = old.get_json("/system_stats").await;
+    assert_eq!(stats["devices"].as_array().map(Vec::len), Some(1));
+    assert_eq!(stats["system"]["os"], "posix");
+    assert!(stats["system"].get("comfy_package_versions").is_none());
+    assert!(stats["system"].get("deploy_environment").is_none());
+    old.stop().await;
+}
+
+#[tokio::test]
+async fn c18_loopback_host_with_a_foreign_origin_is_403_on_both_profiles() {
+    for sim in [sim_038(|_| {}).await, Sim::start(|_| {}).await] {
+        let port = sim.base.rsplit(':').next().expect("port").to_string();
+        let foreign = sim.http.get(sim.url("/system_stats")).header("Origin", "http://evil.example").send().await;
+        assert_eq!(foreign.expect("GET").status(), 403);
+        let same = sim
+            .http
+            .get(sim.url("/system_stats"))
+            .header("Origin", format!("http://127.0.0.1:{port}"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(same.status(), 200);
+        let none = sim.http.get(sim.url("/system_stats")).send().await.expect("GET");
+        assert_eq!(none.status(), 200);
+        sim.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn c19_bearer_auth_guards_every_route_when_a_token_is_set() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    for sim in [
+        sim_038(|c| c.auth_token = Some("s3cret/+".into())).await,
+        Sim::start(|c| c.auth_token = Some("s3cret/+".into())).await,
+    ] {
+        for path in ["/system_stats", "/api/prompt", "/queue", "/object_info/LoadImage", "/view?filename=x.png"] {
+            let resp = sim.http.get(sim.url(path)).send().await.expect("GET");
+            assert_eq!(resp.status(), 401, "{path}");
+            let body: Value = resp.json().await.expect("json");
+            assert_eq!(body["error"]["type"], "unauthorized", "{path}");
+            let wrong = sim.http.get(sim.url(path)).bearer_auth("nope").send().await.expect("GET");
+            assert_eq!(wrong.status(), 401, "{path}");
+        }
+        let ok = sim.http.get(sim.url("/system_stats")).bearer_auth("s3cret/+").send().await.expect("GET");
+        assert_eq!(ok.status(), 200);
+        let (status, _) = {
+            let resp = sim.http.post(sim.url("/prompt")).json(&json!({"prompt": {}})).send().await.expect("POST");
+            (resp.status().as_u16(), ())
+        };
+        assert_eq!(status, 401);
+        // The socket: refused without a token, accepted with ?token= or the header.
+        match tokio_tungstenite::connect_async(format!("{}/ws?clientId=c19", sim.ws_base)).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+            other => panic!("ws without a token: {:?}", other.map(|_| ())),
+        }
+        let mut ws = sim.ws_raw("/ws?clientId=c19&token=s3cret%2F%2B").await;
+        assert_eq!(ws.next_json().await["type"], "status");
+        let mut request = format!("{}/ws?clientId=c19b", sim.ws_base).into_client_request().expect("request");
+        request.headers_mut().insert("Authorization", "Bearer s3cret/+".parse().expect("header"));
+        assert!(tokio_tungstenite::connect_async(request).await.is_ok());
+        sim.stop().await;
+    }
+    // No token configured: no auth, on either profile.
+    for sim in [sim_038(|_| {}).await, Sim::start(|_| {}).await] {
+        assert_eq!(sim.get("/system_stats").await.0, 200);
+        sim.stop().await;
+    }
+}
