@@ -309,6 +309,30 @@ async fn a_frame_over_the_simulators_upload_limit_is_refused_before_the_upload()
 }
 
 #[tokio::test]
+async fn a_token_guarded_simulator_runs_with_the_token_and_refuses_clearly_without() {
+    for version in PROFILES {
+        let guarded = |c: &mut SimConfig| c.auth_token = Some("td-secret".into());
+        let sim = start_profile(version, Duration::from_millis(200), Some("td-secret"), guarded).await;
+        assert!(sim.runner.hub().wait_connected(Duration::from_secs(5)).await, "{version}: ?token= lets the socket in");
+        let image = upload_frame(&sim).await;
+        let run = sim.runner.run_prompt(ltxv_graph(&image, ""), PromptId::new(), CancellationToken::new());
+        tokio::time::timeout(Duration::from_secs(120), run.finish()).await.expect("in time").expect("with the token");
+
+        let sim = start_profile(version, Duration::from_millis(200), Some("wrong"), guarded).await;
+        let error = sim.runner.client().system_stats().await.expect_err("refused");
+        assert!(error.to_string().contains("refused the token"), "{version}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn every_gpu_of_a_multi_gpu_comfyui_is_listed() {
+    let sim = start_profile(ComfyVersion::V0_38, Duration::from_millis(100), None, |c| c.gpus = 3).await;
+    let stats = sim.runner.client().system_stats().await.expect("stats");
+    assert_eq!(stats.devices.len(), 3, "{stats:?}");
+    assert!(stats.devices.iter().all(|d| d.vram_total.is_some()), "{stats:?}");
+}
+
+#[tokio::test]
 async fn outputs_with_asset_ids_are_collected_on_0_38() {
     let sim = start_profile(ComfyVersion::V0_38, Duration::from_millis(300), None, |c| c.assets = true).await;
     let image = upload_frame(&sim).await;

@@ -74,6 +74,10 @@ pub struct Setup {
     pub comfy_version: ComfyVersion,
     /// The simulator's `--max-upload-size` in bytes (default: ComfyUI's 100 MiB).
     pub sim_max_upload: Option<u64>,
+    /// The token the simulator demands (`--auth-token`), and the one the workers send
+    /// (`COMFYUI_TOKEN`).
+    pub sim_token: Option<String>,
+    pub comfyui_token: Option<String>,
 }
 
 impl Default for Setup {
@@ -89,6 +93,8 @@ impl Default for Setup {
             comfyui_dir: None,
             comfy_version: ComfyVersion::default(),
             sim_max_upload: None,
+            sim_token: None,
+            comfyui_token: None,
         }
     }
 }
@@ -215,6 +221,7 @@ impl Pipeline {
         if let Some(limit) = self.setup.sim_max_upload {
             config.max_upload_bytes = limit;
         }
+        config.auth_token = self.setup.sim_token.clone();
         if let Some(models) = &self.setup.models {
             config.models = models.clone();
         }
@@ -251,7 +258,7 @@ impl Pipeline {
             comfyui_output_dir: None,
             comfyui_input_dir: None,
             comfyui_keep_outputs: false,
-            comfyui_token: None,
+            comfyui_token: self.setup.comfyui_token.clone(),
             preview_method: "none".into(),
         };
         let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();

@@ -218,7 +218,19 @@ async fn a_comfyui_that_wants_a_token_fails_the_job_once_with_a_clear_message() 
     assert_eq!(job["attempts"], 1, "a token does not fix itself: no retry");
 }
 
+async fn a_token_guarded_comfyui_runs_jobs_with_comfyui_token(version: ComfyVersion) {
+    let token = Some("td-token-1".to_owned());
+    let p = Pipeline::start(Setup { sim_token: token.clone(), comfyui_token: token, ..Setup::on(version) }).await;
+    let id = p.submit("behind a token", Some("image_invert"), None).await;
+    let job = p.wait_terminal(&id).await;
+    assert_eq!(job["status"], "done", "{job}");
+    // Without the token the same simulator refuses everything.
+    let status = p.http.get(p.sim_url("/system_stats")).send().await.unwrap().status();
+    assert_eq!(status, 401);
+}
+
 on_both_profiles!(
+    a_token_guarded_comfyui_runs_jobs_with_comfyui_token,
     a_frame_over_comfyuis_upload_limit_fails_the_job_naming_size_and_limit,
     the_default_ltxv_workflow_returns_a_real_mp4,
     progress_reaches_the_client_while_the_sampler_runs,
