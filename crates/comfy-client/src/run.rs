@@ -268,8 +268,9 @@ impl PromptRunner {
     }
 
     /// Submits `graph` as `prompt_id` and supervises it until a terminal update. Cancelling
-    /// `cancel` removes the prompt from ComfyUI (delete if pending, targeted interrupt if
-    /// running) and ends the run with `Failed(Interrupted)`.
+    /// `cancel` removes the prompt from ComfyUI (the jobs cancel where the server has it, else
+    /// delete if pending and targeted interrupt if running) and ends the run with
+    /// `Failed(Interrupted)`. The prompt goes out with [`RunConfig::preview_method`].
     pub fn run_prompt(&self, graph: Value, prompt_id: PromptId, cancel: CancellationToken) -> PromptRun {
         self.run_prompt_with(graph, prompt_id, cancel, PromptOptions::default())
     }
