@@ -22,7 +22,7 @@ use crate::json::{OMap, OValue};
 use crate::nodes::{self, EvalJob, Input, NodeFailure, NodeOutput, Value};
 use crate::order::{ExecutionList, as_link};
 use crate::queue::{ExecutionStatus, HistoryEntry, PromptQueue, QueueItem};
-use crate::{FaultConfig, SimConfig};
+use crate::{FaultConfig, PreviewMethod, SimConfig};
 
 /// The interrupt flag (`nodes.interrupt_processing`) with a wake-up for sleeping ticks.
 #[derive(Default)]
@@ -236,43 +236,126 @@ impl Events<'_> {
     }
 }
 
+/// One node's entry in `progress_state`.
+struct NodeProgress {
+    id: String,
+    value: OValue,
+    max: OValue,
+    state: &'static str,
+    /// the node of the submitted graph it shows as (itself, or the node it was expanded from)
+    display: String,
+    /// the node it was expanded from (C12)
+    parent: Option<String>,
+    /// what the node is busy with, e.g. `loading` (0.38, C7)
+    activity: Option<&'static str>,
+}
+
 /// Per-node entries of `progress_state`, in start order.
 struct ProgressState {
     prompt_id: String,
-    nodes: Vec<(String, OValue, OValue, &'static str)>,
+    nodes: Vec<NodeProgress>,
 }
 
 impl ProgressState {
     fn set(&mut self, node: &str, value: OValue, max: OValue, state: &'static str) {
-        match self.nodes.iter_mut().find(|(id, ..)| id == node) {
-            Some(entry) => *entry = (node.to_string(), value, max, state),
-            None => self.nodes.push((node.to_string(), value, max, state)),
+        match self.nodes.iter_mut().find(|n| n.id == node) {
+            Some(entry) => {
+                entry.value = value;
+                entry.max = max;
+                entry.state = state;
+                if state != "running" {
+                    entry.activity = None;
+                }
+            }
+            None => self.nodes.push(NodeProgress {
+                id: node.to_string(),
+                value,
+                max,
+                state,
+                display: node.to_string(),
+                parent: None,
+                activity: None,
+            }),
+        }
+    }
+
+    /// Marks `node` as expanded from `parent` (an ephemeral node of a subgraph, C12).
+    fn set_parent(&mut self, node: &str, parent: &str) {
+        if let Some(entry) = self.nodes.iter_mut().find(|n| n.id == node) {
+            entry.display = parent.to_string();
+            entry.parent = Some(parent.to_string());
+        }
+    }
+
+    fn set_activity(&mut self, node: &str, activity: Option<&'static str>) {
+        if let Some(entry) = self.nodes.iter_mut().find(|n| n.id == node) {
+            entry.activity = activity;
         }
     }
 
     fn current(&self, node: &str) -> Option<(OValue, OValue)> {
-        self.nodes.iter().find(|(id, ..)| id == node).map(|(_, v, m, _)| (v.clone(), m.clone()))
+        self.nodes.iter().find(|n| n.id == node).map(|n| (n.value.clone(), n.max.clone()))
     }
 
     fn data(&self) -> OValue {
         let mut nodes = OMap::new();
-        for (id, value, max, state) in &self.nodes {
-            nodes.insert(
-                id.clone(),
-                obj(vec![
-                    ("value", value.clone()),
-                    ("max", max.clone()),
-                    ("state", s(state)),
-                    ("node_id", s(id)),
-                    ("prompt_id", s(&self.prompt_id)),
-                    ("display_node_id", s(id)),
-                    ("parent_node_id", OValue::Null),
-                    ("real_node_id", s(id)),
-                ]),
-            );
+        for n in &self.nodes {
+            let mut fields = vec![
+                ("value", n.value.clone()),
+                ("max", n.max.clone()),
+                ("state", s(n.state)),
+                ("node_id", s(&n.id)),
+                ("prompt_id", s(&self.prompt_id)),
+                ("display_node_id", s(&n.display)),
+                ("parent_node_id", n.parent.as_deref().map_or(OValue::Null, s)),
+                ("real_node_id", s(&n.id)),
+            ];
+            if let Some(activity) = n.activity {
+                fields.push(("activity", s(activity)));
+            }
+            nodes.insert(n.id.clone(), obj(fields));
         }
         obj(vec![("prompt_id", s(&self.prompt_id)), ("nodes", OValue::Object(nodes))])
     }
+}
+
+/// The preview method a prompt samples with: on 0.38 `extra_data.preview_method` when it names
+/// one, else (absent, `default`, unknown) the CLI default, so one prompt's choice never leaks into
+/// the next (C5). 0.3.64 has only the CLI setting.
+fn preview_method_for(config: &SimConfig, extra_data: &OMap) -> PreviewMethod {
+    if !config.comfy_version.is_newer() {
+        return config.preview_method;
+    }
+    extra_data
+        .get("preview_method")
+        .and_then(OValue::as_str)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(config.preview_method)
+}
+
+/// A sampler's step preview: a small JPEG whose colour moves with the step, the size of a
+/// latent preview (ComfyUI sends them as type-1 JPEGs, or type 4 to clients that asked).
+fn sampler_preview(step: u32, steps: u32) -> Option<Vec<u8>> {
+    let t = step as f32 / steps.max(1) as f32;
+    let img = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(t * 255.0) as u8, (x * 4) as u8, ((y * 4) as f32 * (1.0 - t)) as u8])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80).encode_image(&img).ok()?;
+    Some(out)
+}
+
+/// Model loaders: on 0.38 their `progress_state` entry says `activity: "loading"` while they run.
+fn is_loader(class_type: &str) -> bool {
+    class_type.contains("Loader")
+}
+
+/// A node that runs as a subgraph on 0.38: its work is done by an ephemeral node `<id>.0` whose
+/// events carry the submitted node as `display_node` (C12). Reached with `[sim:subgraph]` in the
+/// node's `_meta.title`, since the simulator has no real subgraph nodes.
+fn expanded_child(newer: bool, node_id: &str, node: &OValue) -> Option<String> {
+    let title = node.get("_meta").and_then(|m| m.get("title")).and_then(OValue::as_str)?;
+    (newer && title.contains("[sim:subgraph]")).then(|| format!("{node_id}.0"))
 }
 
 fn float(f: f64) -> OValue {
@@ -388,6 +471,8 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
     shared.interrupt.reset_for(&item.prompt_id);
     shared.hub.set_exec_client(client.clone());
     let mut ev = Events { hub: &shared.hub, client: client.clone(), prompt_id: item.prompt_id.clone(), silent: false };
+    let newer = shared.config.comfy_version.is_newer();
+    let previews_on = preview_method_for(&shared.config, &item.extra_data) != PreviewMethod::NoPreviews;
     let prompt_id = item.prompt_id.clone();
     let mut messages: Vec<(String, OValue)> = Vec::new();
 
@@ -432,6 +517,8 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
     let mut results: HashMap<String, Arc<Vec<Value>>> = cached_values.clone();
     let mut executed: Vec<String> = Vec::new();
     let mut ui_outputs: HashMap<String, OValue> = HashMap::new();
+    // submitted node → the ephemeral node that ran it (C12)
+    let mut displayed_as: HashMap<String, String> = HashMap::new();
     let mut progress = ProgressState { prompt_id: prompt_id.clone(), nodes: Vec::new() };
     let mut faults_pending = faults.mid_run();
 
@@ -445,6 +532,9 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
         };
 
         progress.set(&node_id, float(0.0), float(1.0), "running");
+        if newer && is_loader(&class_type) {
+            progress.set_activity(&node_id, Some("loading"));
+        }
         ev.any("progress_state", progress.data());
         if client.is_some() && !ev.silent {
             shared.hub.set_last_node(Some(node_id.clone()));
@@ -455,6 +545,16 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
         );
         if shared.interrupt.is_set() {
             break Outcome::Interrupted { node: node_id, class_type };
+        }
+        let child = expanded_child(newer, &node_id, node);
+        if let Some(child) = &child {
+            progress.set(child, float(0.0), float(1.0), "running");
+            progress.set_parent(child, &node_id);
+            ev.any("progress_state", progress.data());
+            ev.exec(
+                "executing",
+                obj(vec![("node", s(child)), ("display_node", s(&node_id)), ("prompt_id", s(&prompt_id))]),
+            );
         }
         let inputs = resolve_inputs(node, &results);
 
@@ -504,7 +604,8 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
                     ("prompt_id", s(&prompt_id)),
                     ("node", s(&node_id)),
                 ]);
-                match &preview {
+                let step_preview = if is_sampler && previews_on { sampler_preview(step, steps) } else { None };
+                match step_preview.as_ref().or(preview.as_ref()) {
                     Some(jpeg) if ev.wants_metadata() => {
                         ev.preview(&node_id, jpeg, false);
                         ev.any("progress", tick_data);
@@ -580,17 +681,23 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
         }
         results.insert(node_id.clone(), values);
         executed.push(node_id.clone());
+        // An expanded node's UI output is the ephemeral node's, shown on the submitted one.
+        let real_id = child.clone().unwrap_or_else(|| node_id.clone());
         if let Some(ui) = output.ui {
             ev.exec(
                 "executed",
                 obj(vec![
-                    ("node", s(&node_id)),
+                    ("node", s(&real_id)),
                     ("display_node", s(&node_id)),
                     ("output", ui.clone()),
                     ("prompt_id", s(&prompt_id)),
                 ]),
             );
             ui_outputs.insert(node_id.clone(), ui);
+        }
+        if let Some(child) = &child {
+            displayed_as.insert(node_id.clone(), child.clone());
+            progress.set(child, float(1.0), float(1.0), "finished");
         }
         let (value, max) = match progress.current(&node_id) {
             Some((OValue::Number(ref n), m)) if !n.is_f64() => (m.clone(), m),
@@ -656,14 +763,19 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
     let mut meta = Vec::new();
     for id in item.outputs.iter() {
         if let Some(ui) = ui_outputs.remove(id) {
-            outputs.push((id.clone(), ui));
+            // Like ComfyUI, outputs of an expanded node are keyed by the node that ran.
+            let (key, parent) = match displayed_as.get(id) {
+                Some(child) => (child.clone(), s(id)),
+                None => (id.clone(), OValue::Null),
+            };
+            outputs.push((key.clone(), ui));
             meta.push((
-                id.clone(),
+                key.clone(),
                 obj(vec![
-                    ("node_id", s(id)),
+                    ("node_id", s(&key)),
                     ("display_node", s(id)),
-                    ("parent_node", OValue::Null),
-                    ("real_node_id", s(id)),
+                    ("parent_node", parent),
+                    ("real_node_id", s(&key)),
                 ]),
             ));
         }

@@ -454,3 +454,28 @@ impl Sim {
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 }
+
+/// A small text-to-video graph with a model loader and a `KSampler`.
+pub fn ksampler_graph(prefix: &str) -> Value {
+    json!({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "ltx-video-2b-v0.9.5.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "waves"}},
+        "3": {"class_type": "EmptyLTXVLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 7, "steps": 20, "cfg": 3.0,
+            "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0], "negative": ["2", 0],
+            "latent_image": ["3", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}}
+    })
+}
+
+/// The binary frames among `frames`, as their event type (`1` legacy preview, `4` with metadata).
+pub fn binary_types(frames: &[Frame]) -> Vec<u32> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Binary(b) if b.len() >= 4 => Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+            _ => None,
+        })
+        .collect()
+}

@@ -3,7 +3,9 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Sim, invert_graph, keys, png, sim_038, slow_graph};
+use tdcomfy_sim::PreviewMethod;
+
+use crate::support::{Sim, binary_types, invert_graph, keys, ksampler_graph, png, sim_038, slow_graph};
 
 #[tokio::test]
 async fn profiles_report_their_version_in_system_stats() {
@@ -295,4 +297,155 @@ async fn c19_bearer_auth_guards_every_route_when_a_token_is_set() {
         assert_eq!(sim.get("/system_stats").await.0, 200);
         sim.stop().await;
     }
+}
+
+/// Runs the `KSampler` graph for `client` with `extra_data`; returns the frames of the run.
+async fn sample(sim: &Sim, ws: &mut crate::support::Ws, client: &str, extra_data: Value) -> Vec<crate::support::Frame> {
+    let body = json!({"prompt": ksampler_graph("c5/s"), "client_id": client, "extra_data": extra_data});
+    let (status, queued) = sim.post("/prompt", &body).await;
+    assert_eq!(status, 200, "{queued}");
+    ws.until_done(queued["prompt_id"].as_str().expect("id")).await
+}
+
+#[tokio::test]
+async fn c5_preview_method_is_per_prompt_on_0_38_and_cli_only_on_0_3_64() {
+    let steps = 4; // progress_steps of the test harness
+    let newer = sim_038(|_| {}).await;
+    let mut ws = newer.ws("c5").await;
+    // CLI default none: previews only for a prompt that asks, and the next prompt is back to none.
+    assert_eq!(binary_types(&sample(&newer, &mut ws, "c5", json!({})).await), Vec::<u32>::new());
+    assert_eq!(binary_types(&sample(&newer, &mut ws, "c5", json!({"preview_method": "auto"})).await), vec![1; steps]);
+    assert_eq!(binary_types(&sample(&newer, &mut ws, "c5", json!({})).await), Vec::<u32>::new());
+    newer.stop().await;
+    let newer = sim_038(|c| c.preview_method = PreviewMethod::Taesd).await;
+    let mut ws = newer.ws("c5").await;
+    assert_eq!(
+        binary_types(&sample(&newer, &mut ws, "c5", json!({"preview_method": "none"})).await),
+        Vec::<u32>::new()
+    );
+    assert_eq!(binary_types(&sample(&newer, &mut ws, "c5", json!({})).await), vec![1; steps]);
+    newer.stop().await;
+
+    // 0.3.64: extra_data.preview_method is ignored; only the CLI setting counts.
+    let old = Sim::start(|_| {}).await;
+    let mut ws = old.ws("c5").await;
+    assert_eq!(binary_types(&sample(&old, &mut ws, "c5", json!({"preview_method": "auto"})).await), Vec::<u32>::new());
+    old.stop().await;
+    let old = Sim::start(|c| c.preview_method = PreviewMethod::Auto).await;
+    let mut ws = old.ws("c5").await;
+    let frames = sample(&old, &mut ws, "c5", json!({"preview_method": "none"})).await;
+    assert_eq!(binary_types(&frames), vec![1; steps]);
+    // A real JPEG after the 8-byte header.
+    let jpeg = frames.iter().find_map(|f| match f {
+        crate::support::Frame::Binary(b) => Some(b[8..].to_vec()),
+        _ => None,
+    });
+    let jpeg = jpeg.expect("a preview");
+    assert_eq!(image::guess_format(&jpeg).expect("format"), image::ImageFormat::Jpeg);
+    old.stop().await;
+}
+
+#[tokio::test]
+async fn c9_type_4_previews_only_for_clients_that_negotiated_them_on_both_profiles() {
+    for sim in [
+        sim_038(|c| c.preview_method = PreviewMethod::Auto).await,
+        Sim::start(|c| c.preview_method = PreviewMethod::Auto).await,
+    ] {
+        let mut plain = sim.ws("c9-plain").await;
+        assert_eq!(binary_types(&sample(&sim, &mut plain, "c9-plain", json!({})).await), vec![1; 4]);
+        let mut meta = sim.ws("c9-meta").await;
+        meta.send_text(r#"{"type":"feature_flags","data":{"supports_preview_metadata":true}}"#).await;
+        assert_eq!(meta.next_json().await["type"], "feature_flags");
+        let frames = sample(&sim, &mut meta, "c9-meta", json!({})).await;
+        assert_eq!(binary_types(&frames), vec![4; 4]);
+        let crate::support::Frame::Binary(first) =
+            frames.iter().find(|f| matches!(f, crate::support::Frame::Binary(_))).expect("preview")
+        else {
+            unreachable!()
+        };
+        let len = u32::from_be_bytes([first[4], first[5], first[6], first[7]]) as usize;
+        let info: Value = serde_json::from_slice(&first[8..8 + len]).expect("metadata");
+        assert_eq!(info["node_id"], "5");
+        assert_eq!(info["image_type"], "image/jpeg");
+        assert!(info["prompt_id"].is_string());
+        sim.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn c7_loader_nodes_report_a_loading_activity_on_0_38_only() {
+    for (sim, newer) in [(sim_038(|_| {}).await, true), (Sim::start(|_| {}).await, false)] {
+        let mut ws = sim.ws("c7").await;
+        let frames = sample(&sim, &mut ws, "c7", json!({})).await;
+        let states: Vec<&Value> = frames
+            .iter()
+            .filter_map(|f| f.json())
+            .filter(|v| v["type"] == "progress_state")
+            .map(|v| &v["data"]["nodes"])
+            .collect();
+        let loading = states.iter().filter(|n| n["1"]["activity"] == "loading" && n["1"]["state"] == "running").count();
+        let any_activity =
+            states.iter().any(|n| n.as_object().expect("nodes").values().any(|e| e.get("activity").is_some()));
+        if newer {
+            assert!(loading > 0, "the loader shows loading while it runs: {states:?}");
+            let last = states.last().expect("states");
+            assert_eq!(last["1"]["state"], "finished");
+            assert!(last["1"].get("activity").is_none(), "no activity once finished");
+            assert!(states.iter().all(|n| n["5"].get("activity").is_none()), "the sampler is not loading");
+        } else {
+            assert!(!any_activity, "0.3.64 has no activity: {states:?}");
+        }
+        sim.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn c12_expanded_nodes_carry_display_parent_and_real_ids_on_0_38() {
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}, "_meta": {"title": "Invert [sim:subgraph]"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "c12"}, "_meta": {"title": "Save [sim:subgraph]"}}
+    });
+    let (sim, mut ws) = ready_038("c12").await;
+    let id = sim.queue_prompt(&graph, "c12").await;
+    let frames = ws.until_done(&id).await;
+    let json_frames: Vec<&Value> = frames.iter().filter_map(|f| f.json()).collect();
+    let executing: Vec<(String, String)> = json_frames
+        .iter()
+        .filter(|v| v["type"] == "executing" && v["data"]["node"].is_string())
+        .map(|v| {
+            (v["data"]["node"].as_str().unwrap_or("").into(), v["data"]["display_node"].as_str().unwrap_or("").into())
+        })
+        .collect();
+    assert!(executing.contains(&("2.0".into(), "2".into())), "{executing:?}");
+    let state = json_frames.iter().rev().find(|v| v["type"] == "progress_state").expect("progress_state");
+    let child = &state["data"]["nodes"]["2.0"];
+    assert_eq!(
+        (child["display_node_id"].clone(), child["parent_node_id"].clone(), child["real_node_id"].clone()),
+        (json!("2"), json!("2"), json!("2.0"))
+    );
+    assert_eq!(state["data"]["nodes"]["2"]["parent_node_id"], Value::Null);
+    let executed = json_frames.iter().find(|v| v["type"] == "executed").expect("executed");
+    assert_eq!(
+        (executed["data"]["node"].clone(), executed["data"]["display_node"].clone()),
+        (json!("3.0"), json!("3"))
+    );
+    let entry = sim.wait_history(&id).await;
+    assert!(entry["outputs"]["3.0"]["images"][0]["filename"].is_string(), "{entry}");
+    assert_eq!(entry["meta"]["3.0"]["display_node"], "3");
+    sim.stop().await;
+
+    // 0.3.64: no expansion; every id is one of the submitted graph.
+    let old = Sim::start(|_| {}).await;
+    assert_eq!(old.upload("frame.png", png(16, 16, 3), &[]).await.0, 200);
+    let mut ws = old.ws("c12").await;
+    let id = old.queue_prompt(&graph, "c12").await;
+    let frames = ws.until_done(&id).await;
+    for v in frames.iter().filter_map(|f| f.json()) {
+        if let Some(node) = v["data"]["node"].as_str() {
+            assert!(["1", "2", "3"].contains(&node), "{v}");
+        }
+    }
+    assert!(old.wait_history(&id).await["outputs"]["3"].is_object());
+    old.stop().await;
 }
