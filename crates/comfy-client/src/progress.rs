@@ -99,7 +99,7 @@ impl ProgressTracker {
                 }
             }
             ComfyEvent::ProgressState { nodes, .. } => {
-                let mut stage = None;
+                let mut stage: Option<(String, String)> = None;
                 for (id, state) in nodes {
                     // Nodes inside subgraphs and loops carry ids the submitted graph does not
                     // have (C12); they count for the graph node they stand for.
@@ -114,8 +114,10 @@ impl ProgressTracker {
                             self.done.insert(id);
                         }
                         "running" => {
-                            if stage.is_none() {
-                                stage = state.activity.clone().filter(|a| !a.is_empty());
+                            if stage.is_none()
+                                && let Some(activity) = state.activity.clone().filter(|a| !a.is_empty())
+                            {
+                                stage = Some((id.clone(), activity));
                             }
                             if self.current.as_deref() == Some(id.as_str()) && state.max > 0.0 {
                                 self.current_fraction =
@@ -125,8 +127,16 @@ impl ProgressTracker {
                         _ => {}
                     }
                 }
+                // The snapshot can come before the node's `executing`: a busy node is the current
+                // one when nothing else runs, so its stage is reported with its name.
+                if let Some((node, _)) = &stage
+                    && self.current.as_ref().is_none_or(|c| self.done.contains(c))
+                {
+                    let node = node.clone();
+                    self.start_node(&node);
+                }
                 // The snapshot lists every running node: no activity in it means none any more.
-                self.stage = stage;
+                self.stage = stage.map(|(_, activity)| activity);
             }
             ComfyEvent::Executed { node, display_node, .. } => {
                 let node = self.resolve(node, [display_node.as_deref()]);

@@ -401,3 +401,85 @@ async fn a_comfyui_upgraded_behind_the_same_address_is_used_by_what_it_has_now()
     let run = sim.runner.run_prompt(ltxv_graph(&image, ""), PromptId::new(), CancellationToken::new());
     tokio::time::timeout(Duration::from_secs(120), run.finish()).await.expect("in time").expect("runs on 0.38");
 }
+
+/// Every update of one run of the template (with `tweak` applied to the graph) and its preview
+/// method.
+async fn updates_of(
+    sim: &Sim,
+    tweak: impl FnOnce(&mut Value),
+    preview: Option<tdcomfy_comfy::PreviewMethod>,
+) -> Vec<RunUpdate> {
+    let image = upload_frame(sim).await;
+    let mut graph = ltxv_graph(&image, "");
+    tweak(&mut graph);
+    let options = tdcomfy_comfy::PromptOptions { preview_method: preview };
+    let mut run = sim.runner.run_prompt_with(graph, PromptId::new(), CancellationToken::new(), options);
+    let mut updates = Vec::new();
+    crate::run::drain_within(&mut run, &mut updates, Duration::from_secs(120)).await.expect("finished");
+    updates
+}
+
+#[tokio::test]
+async fn previews_come_only_for_prompts_that_ask_for_them_on_0_38() {
+    let sim = start_profile(ComfyVersion::V0_38, Duration::from_millis(400), None, |_| {}).await;
+    let previews = |updates: &[RunUpdate]| updates.iter().filter(|u| matches!(u, RunUpdate::Preview(_))).count();
+    let quiet = updates_of(&sim, |_| {}, None).await;
+    assert_eq!(previews(&quiet), 0, "preview_method none (the default) costs no previews");
+    let watched = updates_of(&sim, |_| {}, Some(tdcomfy_comfy::PreviewMethod::Auto)).await;
+    assert!(previews(&watched) > 0, "auto for this prompt: sampler previews arrive");
+    // Type 4: each preview names its prompt and node (the handshake asked for metadata).
+    let meta = watched.iter().find_map(|u| match u {
+        RunUpdate::Preview(p) => p.meta.clone(),
+        _ => None,
+    });
+    assert!(meta.is_some_and(|m| m.prompt_id.is_some()), "previews carry their prompt id");
+    // The next prompt without a method is quiet again: 0.38 resets it per prompt (C5).
+    assert_eq!(previews(&updates_of(&sim, |_| {}, None).await), 0);
+}
+
+#[tokio::test]
+async fn a_loading_model_is_a_stage_on_0_38_and_none_on_0_3_64() {
+    for version in PROFILES {
+        let sim = start_profile(version, Duration::from_millis(300), None, |_| {}).await;
+        let updates = updates_of(&sim, |_| {}, None).await;
+        let loading: Vec<Option<String>> = updates
+            .iter()
+            .filter_map(|u| match u {
+                RunUpdate::Progress(p) if p.stage.as_deref() == Some("loading") => Some(p.node_type.clone()),
+                _ => None,
+            })
+            .collect();
+        if version.is_newer() {
+            assert!(!loading.is_empty(), "{version}: a loader's activity is the stage");
+            assert!(loading.iter().all(|t| t.as_deref().is_some_and(|t| t.contains("Loader"))), "{loading:?}");
+        } else {
+            assert!(loading.is_empty(), "{version}: 0.3.64 has no activity: {loading:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_run_as_a_subgraph_reports_progress_for_the_submitted_node() {
+    let sim = start_profile(ComfyVersion::V0_38, Duration::from_millis(400), None, |_| {}).await;
+    let updates =
+        updates_of(&sim, |graph| graph["72"]["_meta"] = serde_json::json!({"title": "Sampler [sim:subgraph]"}), None)
+            .await;
+    let sampler: Vec<(Option<String>, Option<u32>)> = updates
+        .iter()
+        .filter_map(|u| match u {
+            RunUpdate::Progress(p) if p.step.is_some() => Some((p.node.clone(), p.step)),
+            _ => None,
+        })
+        .collect();
+    assert!(!sampler.is_empty(), "sampler steps seen");
+    assert!(sampler.iter().all(|(node, _)| node.as_deref() == Some("72")), "steps of 72.0 count for 72: {sampler:?}");
+    let fractions: Vec<f32> = updates
+        .iter()
+        .filter_map(|u| match u {
+            RunUpdate::Progress(p) => Some(p.fraction),
+            _ => None,
+        })
+        .collect();
+    assert!(fractions.windows(2).all(|w| w[1] >= w[0]), "monotonic: {fractions:?}");
+    assert!(fractions.iter().any(|f| *f > 0.5 && *f < 1.0), "the sampler's share fills: {fractions:?}");
+}
