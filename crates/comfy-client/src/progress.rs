@@ -195,6 +195,11 @@ impl ProgressTracker {
     }
 
     fn start_node(&mut self, node: &str) {
+        // The same node announced again (its `executing` after a `progress_state` that already
+        // named it, or a replay): what is known about it stays.
+        if self.current.as_deref() == Some(node) {
+            return;
+        }
         if let Some(previous) = self.current.take()
             && previous != node
         {
