@@ -2,9 +2,10 @@
 //!
 //! Routing follows ComfyUI: a message with a target `sid` goes to that socket only (silently
 //! dropped if it is not connected); a message without one goes to every socket. Reconnecting with
-//! the same `clientId` replaces the registration but, like ComfyUI, leaves the old socket open and
-//! deaf; when that old socket later closes, ComfyUI's cleanup unregisters the id — whichever socket
-//! holds it by then. The simulator keeps that behaviour on purpose.
+//! the same `clientId` replaces the registration but, like ComfyUI 0.3.64, leaves the old socket
+//! open and deaf; when that old socket later closes, ComfyUI's cleanup unregisters the id —
+//! whichever socket holds it by then. The simulator keeps that behaviour on purpose on 0.3.64; on
+//! 0.38 the replaced socket is closed (C6). Both re-send the running `executing` node.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -45,6 +46,9 @@ struct Inner {
 #[derive(Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// 0.38: a reconnection with the same `clientId` closes the socket it replaces (C6), instead
+    /// of leaving it open and deaf as 0.3.64 does
+    close_replaced: bool,
 }
 
 /// A registered connection.
@@ -84,6 +88,11 @@ impl Hub {
         Self::default()
     }
 
+    /// An empty registry that closes a socket when its `clientId` connects again (0.38).
+    pub fn closing_replaced() -> Self {
+        Self { close_replaced: true, ..Self::default() }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -99,9 +108,13 @@ impl Hub {
         inner.next_conn += 1;
         let conn_id = inner.next_conn;
         let (tx, rx) = mpsc::unbounded_channel();
-        if let Some(old) = inner.clients.remove(&sid) {
+        if let Some(old) = inner.clients.remove(&sid)
+            && !self.close_replaced
+        {
             inner.orphans.insert(old.conn_id, old.tx);
         }
+        // Otherwise the old sender is dropped here: its socket ends as a server-dropped one, whose
+        // cleanup leaves the new registration alone.
         let _ = tx.send(Outgoing::Text(message("status", status_data(queue_remaining, Some(&sid)))));
         if inner.exec_client.as_deref() == Some(sid.as_str())
             && let Some(node) = inner.last_node.clone()

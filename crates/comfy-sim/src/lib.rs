@@ -245,7 +245,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let dirs = files::DataDirs::create(&config.data_dir)?;
     let version = config.comfy_version;
-    let hub = Arc::new(hub::Hub::new());
+    let hub = Arc::new(if version.is_newer() { hub::Hub::closing_replaced() } else { hub::Hub::new() });
     let queue = Arc::new(queue::PromptQueue::new(hub.clone()));
     let shared = Arc::new(executor::Shared {
         config,

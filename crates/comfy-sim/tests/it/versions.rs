@@ -449,3 +449,41 @@ async fn c12_expanded_nodes_carry_display_parent_and_real_ids_on_0_38() {
     assert!(old.wait_history(&id).await["outputs"]["3"].is_object());
     old.stop().await;
 }
+
+#[tokio::test]
+async fn c6_execution_events_only_to_the_client_and_reconnect_replaces_the_socket_on_0_38() {
+    for (sim, newer) in [(sim_038(|_| {}).await, true), (Sim::start(|_| {}).await, false)] {
+        assert_eq!(sim.upload("frame.png", png(16, 16, 3), &[]).await.0, 200);
+        // Without a client_id, no socket gets the execution events (progress still broadcasts).
+        let mut watcher = sim.ws("c6-watch").await;
+        let (status, _) = sim.post("/prompt", &json!({"prompt": invert_graph("c6/anon")})).await;
+        assert_eq!(status, 200);
+        watcher.until(|v| v["type"] == "status" && v["data"]["status"]["exec_info"]["queue_remaining"] == 0).await;
+        let kinds: Vec<&str> =
+            watcher.frames.iter().filter_map(|f| f.json()).filter_map(|v| v["type"].as_str()).collect();
+        assert!(kinds.contains(&"progress_state"), "{kinds:?}");
+        for gated in ["execution_start", "execution_cached", "executed", "execution_success"] {
+            assert!(!kinds.contains(&gated), "{gated} without a client_id: {kinds:?}");
+        }
+
+        let mut first = sim.ws("c6").await;
+        let id = sim.queue_prompt(&slow_graph(40, "c6/slow"), "c6").await;
+        first.until(|v| v["type"] == "executing" && v["data"]["node"] == "2").await;
+        let mut second = sim.ws_raw("/ws?clientId=c6").await;
+        assert_eq!(second.next_json().await["type"], "status");
+        assert_eq!(second.next_json().await, json!({"type": "executing", "data": {"node": "2"}}));
+        if newer {
+            // The replaced socket is closed by the server.
+            while first.next().await.is_some() {}
+        }
+        assert_eq!(sim.post("/interrupt", &json!({"prompt_id": id})).await.0, 200);
+        let frames = second.until_done(&id).await;
+        assert!(frames.iter().filter_map(|f| f.json()).any(|v| v["type"] == "execution_interrupted"));
+        if !newer {
+            // 0.3.64 leaves the replaced socket open and deaf: nothing arrives, it does not close.
+            let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), first.next()).await;
+            assert!(quiet.is_err(), "0.3.64's replaced socket neither closes nor hears: {quiet:?}");
+        }
+        sim.stop().await;
+    }
+}
