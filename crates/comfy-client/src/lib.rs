@@ -16,6 +16,7 @@ mod error;
 mod events;
 mod hub;
 mod ids;
+mod object_info;
 mod outputs;
 mod progress;
 mod responses;
@@ -31,6 +32,7 @@ pub use events::{
 };
 pub use hub::{EventHub, HubNotice, HubOptions, HubState};
 pub use ids::{ClientId, InvalidId, PromptId};
+pub use object_info::{InputSpec, NodeCatalog, NodeInfo};
 pub use outputs::{FolderType, MediaKind, NodeOutput, OutputFile, collect_outputs, pick_primary};
 pub use progress::{ProgressTracker, RunProgress};
 pub use responses::{

@@ -122,6 +122,8 @@ pub struct WorkerConfig {
     pub comfy_folders: FolderSettings,
     /// Leave delivered outputs in ComfyUI's output folder.
     pub keep_comfy_outputs: bool,
+    /// How often each server's preflight looks again.
+    pub preflight: crate::preflight::PreflightTiming,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -192,6 +194,7 @@ impl WorkerArgs {
                 output: self.comfyui_output_dir.filter(|p| !p.as_os_str().is_empty()),
             },
             keep_comfy_outputs: self.comfyui_keep_outputs,
+            preflight: Default::default(),
         })
     }
 }

@@ -23,7 +23,10 @@ use crate::broker_client::{BrokerCallError, BrokerClient};
 use crate::comfy_files::{self, INPUT_SUBFOLDER, PromptFate, ServedCopy, ServerFiles, SlotGuard};
 use crate::config::WorkerConfig;
 use crate::lease_keeper::{Cadence, LeaseKeeper};
+use crate::preflight::{self, ServerState};
 use crate::spooled;
+use tdcomfy_api::PreflightReport;
+use tokio::sync::watch;
 
 /// Why the worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +48,13 @@ struct Backend {
     runner: PromptRunner,
     /// Upload names and folders of this server.
     files: std::sync::Arc<ServerFiles>,
+    /// What the server can run, kept current by [`preflight::watch_server`].
+    preflight: watch::Receiver<ServerState>,
 }
+
+/// How often a lease loop repeats its preflight report while nothing changed, so a broker that
+/// restarted without the loop noticing (between two of its calls) hears it again soon.
+const PREFLIGHT_RESEND: Duration = Duration::from_secs(10);
 
 /// How one job ended, from the worker's side.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,7 +86,17 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         // Each ComfyUI server gets its own lease loop, so N servers run N jobs at once.
         let lease_name = if servers == 1 { config.worker_id.clone() } else { format!("{}/{index}", config.worker_id) };
         let files = ServerFiles::new(&lease_name, config.comfy_folders.clone(), &endpoint.to_string());
-        let backend = Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files };
+        let (state, preflight) = watch::channel(ServerState::default());
+        loops.spawn(preflight::watch_server(
+            client.clone(),
+            config.workflows.clone(),
+            preflight::server_name(endpoint),
+            config.preflight,
+            state,
+            shutdown.clone(),
+        ));
+        let backend =
+            Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files, preflight };
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
     tracing::info!(worker = %config.worker_id, broker = %config.broker_url, servers, "worker started");
@@ -104,13 +123,29 @@ async fn serve_backend(
 ) {
     let mut broker_failures = 0u32;
     let mut backend_failures = 0u32;
+    let mut preflight = backend.preflight.clone();
+    // No lease before the first look at the server: it decides which workflows to ask for.
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = preflight.wait_for(|s| s.looked) => {}
+    }
+    let mut reported: Option<(PreflightReport, Instant)> = None;
     loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
         if backend_failures > 0 && !cool_down(&backend, backend_failures, &shutdown).await {
             break;
         }
+        let state = preflight.borrow_and_update().clone();
+        let server = preflight::server_name(backend.runner.client().endpoint());
+        report_preflight(&broker, &lease_name, &server, &state, broker_failures > 0, &mut reported).await;
         let lease = tokio::select! {
             _ = shutdown.cancelled() => break,
-            lease = broker.lease(&lease_name, config.lease_wait) => lease,
+            lease = broker.lease_for(&lease_name, config.lease_wait, state.runnable()) => lease,
+            // What the server can run changed: ask again with the new list (the broker hands a
+            // claim whose request went away back to the queue).
+            Ok(()) = preflight.changed() => continue,
         };
         match lease {
             Ok(None) => broker_failures = 0,
@@ -139,6 +174,44 @@ async fn serve_backend(
     }
     // Stopping: this loop's upload names that no prompt reads any more go (when reachable).
     backend.files.folders.remove_free_slots(&backend.files.slots).await;
+}
+
+/// Sends this loop's preflight report when it changed, when the broker may have restarted (its
+/// last call failed) or every [`PREFLIGHT_RESEND`]; nothing before the server was checked once.
+async fn report_preflight(
+    broker: &BrokerClient,
+    lease_name: &str,
+    server: &str,
+    state: &ServerState,
+    broker_was_away: bool,
+    reported: &mut Option<(PreflightReport, Instant)>,
+) {
+    if state.catalog.is_none() {
+        return;
+    }
+    let report = PreflightReport {
+        worker_id: lease_name.to_owned(),
+        server: server.to_owned(),
+        reachable: state.reachable,
+        workflows: state.workflows.clone(),
+    };
+    let due = match reported {
+        Some((last, at)) => *last != report || broker_was_away || at.elapsed() >= PREFLIGHT_RESEND,
+        None => true,
+    };
+    if !due {
+        return;
+    }
+    match broker.preflight(&report).await {
+        Ok(()) => *reported = Some((report, Instant::now())),
+        // A broker without the route (older than the worker) still honours the lease's workflow
+        // list or ignores it; the report is only for display, so the loop goes on either way.
+        // A transient failure is retried before the next lease; a refusal waits for the resend.
+        Err(e) => {
+            tracing::debug!(error = %e, "could not send the preflight report");
+            *reported = if e.is_transient() { None } else { Some((report, Instant::now())) };
+        }
+    }
 }
 
 /// After a job failed because this ComfyUI server was unreachable, takes no job until the server
@@ -305,6 +378,7 @@ impl JobRun<'_> {
                 job_id: lease.job_id.to_string(),
             })
             .map_err(|e| Failure::new(format!("workflow {}: {e}", lease.workflow), false))?;
+        self.check_bound_graph(workflow, &graph).await?;
 
         // 3. Run it, relaying progress and watching for cancellation.
         let prompt_id = PromptId::new();
@@ -373,6 +447,29 @@ impl JobRun<'_> {
         }
         tracing::debug!(job_id = %lease.job_id, ?fetched, delivered = ?t.elapsed() - fetched, "result handed over");
         end
+    }
+
+    /// The job's own values against the server's options (a parameter bound to a sampler or a
+    /// model file input): one the server lacks fails the job before a GPU attempt, with the same
+    /// sentence preflight uses. The catalog may be older than a file copied in since, so a
+    /// mismatch is confirmed with a fresh one first.
+    async fn check_bound_graph(
+        &self,
+        workflow: &tdcomfy_workflows::Workflow,
+        graph: &serde_json::Value,
+    ) -> Result<(), Failure> {
+        let Some(catalog) = self.backend.preflight.borrow().catalog.clone() else { return Ok(()) };
+        let label = &preflight::server_name(self.backend.runner.client().endpoint());
+        let skip = preflight::frame_inputs(workflow);
+        if preflight::check_graph(graph, &catalog, label, &skip).is_empty() {
+            return Ok(());
+        }
+        let Ok(fresh) = self.backend.runner.client().object_info().await else { return Ok(()) };
+        let problems = preflight::check_graph(graph, &fresh, label, &skip);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Failure::new(format!("workflow {} cannot run on {label}: {}", workflow.name(), problems.join("; ")), false))
     }
 
     async fn upload_with_retry(
