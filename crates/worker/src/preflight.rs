@@ -328,3 +328,94 @@ pub async fn check_report(config: &crate::WorkerConfig) -> (String, bool) {
     }
     (out, runs_on.iter().all(|n| *n > 0))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tdcomfy_workflows::NodeBindings;
+
+    use super::*;
+
+    fn catalog() -> NodeCatalog {
+        NodeCatalog::from_value(&json!({
+            "LoadImage": {"input": {"required": {"image": [["example.png"], {"image_upload": true}]}}},
+            "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["a.safetensors"]]}}},
+            "KSamplerSelect": {"input": {"required": {"sampler_name": [["euler", "heun"]]}}},
+            "ImageInvert": {"input": {"required": {"image": ["IMAGE"]}}},
+            "SaveVideo": {"input": {"required": {
+                "video": ["VIDEO"],
+                "format": ["COMBO", {"options": ["auto", "mp4"], "multiselect": false}],
+                "tags": ["COMBO", {"options": ["x", "y"], "multiselect": true}],
+                "remote": ["COMBO", {"remote": {"route": "/models"}}],
+            }}},
+            "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING"]}}},
+        }))
+        .unwrap()
+    }
+
+    fn problems(graph: Value) -> Vec<String> {
+        check_graph(&graph, &catalog(), "http://gpu1:8188", &BTreeSet::new())
+    }
+
+    #[test]
+    fn literals_are_checked_against_classic_and_v3_options() {
+        let p = problems(json!({
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}},
+            "2": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_9m"}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["9", 0], "format": "webm", "tags": ["x", "z"], "remote": "anything"}},
+        }));
+        assert_eq!(
+            p,
+            [
+                "node 1 (CheckpointLoaderSimple): ckpt_name 'b.safetensors' is not installed on http://gpu1:8188; installed: [a.safetensors]",
+                "node 2 (KSamplerSelect): sampler_name 'dpmpp_9m' is not among the options of http://gpu1:8188: [euler, heun]",
+                "node 3 (SaveVideo): format 'webm' is not among the options of http://gpu1:8188: [auto, mp4]",
+                "node 3 (SaveVideo): tags 'z' is not among the options of http://gpu1:8188: [x, y]",
+            ]
+        );
+        let ok = problems(json!({
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": {"__value__": "a.safetensors"}}},
+            "2": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "heun"}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["9", 0], "format": "mp4", "tags": ["y"]}},
+        }));
+        assert_eq!(ok, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_linked_input_is_not_a_literal_and_a_missing_class_is_named() {
+        // The sampler name comes from another node: nothing to check, whatever that node is.
+        let p = problems(json!({
+            "2": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": ["7", 0]}},
+            "7": {"class_type": "PrimitiveStringFromSomePack", "inputs": {"value": "dpmpp_9m"}},
+        }));
+        assert_eq!(
+            p,
+            [
+                "node 7 (PrimitiveStringFromSomePack): the node type PrimitiveStringFromSomePack is not installed on http://gpu1:8188"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_frame_input_is_skipped_and_long_option_lists_are_capped() {
+        let graph = json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "whatever-the-job-uploads.png"}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+        });
+        let w = Workflow::from_graph("w", graph, &NodeBindings::new()).unwrap();
+        assert_eq!(check_workflow(&w, &catalog(), "s"), Vec::<String>::new());
+
+        let many: Vec<String> = (0..25).map(|i| format!("m{i:02}.safetensors")).collect();
+        let c =
+            NodeCatalog::from_value(&json!({"CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [many]}}}}))
+                .unwrap();
+        let p = check_graph(
+            &json!({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "z.safetensors"}}}),
+            &c,
+            "s",
+            &BTreeSet::new(),
+        );
+        assert!(p[0].ends_with("m18.safetensors, m19.safetensors, …and 5 more]"), "{}", p[0]);
+    }
+}
