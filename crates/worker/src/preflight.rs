@@ -112,7 +112,7 @@ pub fn check_graph(
     server: &str,
     skip: &BTreeSet<(String, String)>,
 ) -> Vec<String> {
-    let Some(nodes) = graph.as_object() else { return vec![format!("the graph is not a JSON object")] };
+    let Some(nodes) = graph.as_object() else { return vec!["the graph is not a JSON object".to_owned()] };
     let mut ids: Vec<&String> = nodes.keys().collect();
     // Numeric ids in number order, so the report reads like the graph.
     ids.sort_by(|a, b| match (a.parse::<u64>(), b.parse::<u64>()) {
