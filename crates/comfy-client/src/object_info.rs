@@ -62,9 +62,16 @@ impl InputSpec {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeInfo {
     inputs: HashMap<String, InputSpec>,
+    output_node: bool,
 }
 
 impl NodeInfo {
+    /// An output node (`"output_node": true`: SaveImage, SaveVideo…): ComfyUI runs, and
+    /// validates the values of, only the nodes such a node depends on.
+    pub fn is_output(&self) -> bool {
+        self.output_node
+    }
+
     /// The spec of input `name`, when the class declares it.
     pub fn input(&self, name: &str) -> Option<&InputSpec> {
         self.inputs.get(name)
@@ -86,7 +93,8 @@ impl NodeCatalog {
         };
         let mut nodes = HashMap::with_capacity(classes.len());
         for (class, info) in classes {
-            let mut node = NodeInfo::default();
+            let output_node = info.get("output_node").and_then(Value::as_bool).unwrap_or(false);
+            let mut node = NodeInfo { output_node, ..NodeInfo::default() };
             let Some(groups) = info.get("input").and_then(Value::as_object) else {
                 if info.is_object() {
                     nodes.insert(class.clone(), node);
@@ -184,6 +192,7 @@ mod tests {
             Some(InputSpec::Choices { options, .. }) if options.contains(&json!("lanczos"))
         ));
         assert!(matches!(c.node("SaveVideo").unwrap().input("codec"), Some(InputSpec::Choices { .. })));
+        assert!(c.node("SaveVideo").unwrap().is_output() && !c.node("ImageScale").unwrap().is_output());
         assert!(NodeCatalog::from_value(&json!([])).is_err());
     }
 }

@@ -119,14 +119,20 @@ pub fn check_graph(
         (Ok(x), Ok(y)) => x.cmp(&y),
         _ => a.cmp(b),
     });
+    let used = used_nodes(nodes, catalog);
     let mut problems = Vec::new();
     for id in ids {
         let node = &nodes[id];
         let class = node.get("class_type").and_then(Value::as_str).unwrap_or_default();
+        // ComfyUI refuses a graph with an unknown class anywhere in it…
         let Some(info) = catalog.node(class) else {
             problems.push(format!("node {id} ({class}): the node type {class} is not installed on {server}"));
             continue;
         };
+        // …but checks (and runs) only the nodes an output node depends on.
+        if used.as_ref().is_some_and(|used| !used.contains(id.as_str())) {
+            continue;
+        }
         let Some(inputs) = node.get("inputs").and_then(Value::as_object) else { continue };
         for (name, value) in inputs {
             if skip.contains(&(id.clone(), name.clone())) || is_link(value) {
@@ -149,6 +155,30 @@ pub fn check_graph(
         }
     }
     problems
+}
+
+/// The nodes the graph's output nodes (by the server's `output_node` flags) depend on, themselves
+/// included; `None` when the server knows no output node in it (then every node is checked).
+fn used_nodes<'a>(nodes: &'a serde_json::Map<String, Value>, catalog: &NodeCatalog) -> Option<BTreeSet<&'a str>> {
+    let class_of = |node: &Value| node.get("class_type").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let mut stack: Vec<&str> = nodes
+        .iter()
+        .filter(|(_, n)| catalog.node(&class_of(n)).is_some_and(|info| info.is_output()))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if stack.is_empty() {
+        return None;
+    }
+    let mut used = BTreeSet::new();
+    while let Some(id) = stack.pop() {
+        let Some((key, node)) = nodes.get_key_value(id) else { continue };
+        if !used.insert(key.as_str()) {
+            continue;
+        }
+        let inputs = node.get("inputs").and_then(Value::as_object).into_iter().flat_map(|m| m.values());
+        stack.extend(inputs.filter(|v| is_link(v)).filter_map(|v| v[0].as_str()));
+    }
+    Some(used)
 }
 
 /// `["44", 0]`: the output of another node, not a literal.
@@ -342,13 +372,13 @@ mod tests {
             "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["a.safetensors"]]}}},
             "KSamplerSelect": {"input": {"required": {"sampler_name": [["euler", "heun"]]}}},
             "ImageInvert": {"input": {"required": {"image": ["IMAGE"]}}},
-            "SaveVideo": {"input": {"required": {
+            "SaveVideo": {"output_node": true, "input": {"required": {
                 "video": ["VIDEO"],
                 "format": ["COMBO", {"options": ["auto", "mp4"], "multiselect": false}],
                 "tags": ["COMBO", {"options": ["x", "y"], "multiselect": true}],
                 "remote": ["COMBO", {"remote": {"route": "/models"}}],
             }}},
-            "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING"]}}},
+            "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING"]}}, "output_node": true},
         }))
         .unwrap()
     }
@@ -362,7 +392,7 @@ mod tests {
         let p = problems(json!({
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b.safetensors"}},
             "2": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_9m"}},
-            "3": {"class_type": "SaveVideo", "inputs": {"video": ["9", 0], "format": "webm", "tags": ["x", "z"], "remote": "anything"}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "also": ["1", 0], "format": "webm", "tags": ["x", "z"], "remote": "anything"}},
         }));
         assert_eq!(
             p,
@@ -376,7 +406,7 @@ mod tests {
         let ok = problems(json!({
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": {"__value__": "a.safetensors"}}},
             "2": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "heun"}},
-            "3": {"class_type": "SaveVideo", "inputs": {"video": ["9", 0], "format": "mp4", "tags": ["y"]}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "also": ["1", 0], "format": "mp4", "tags": ["y"]}},
         }));
         assert_eq!(ok, Vec::<String>::new());
     }
@@ -394,6 +424,19 @@ mod tests {
                 "node 7 (PrimitiveStringFromSomePack): the node type PrimitiveStringFromSomePack is not installed on http://gpu1:8188"
             ]
         );
+    }
+
+    #[test]
+    fn only_nodes_an_output_depends_on_have_their_values_checked_as_comfyui_does() {
+        let p = problems(json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+            // Left over in the graph, feeding nothing: ComfyUI neither runs nor checks it.
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "gone.safetensors"}},
+            "5": {"class_type": "NotInstalled", "inputs": {}},
+        }));
+        assert_eq!(p, ["node 5 (NotInstalled): the node type NotInstalled is not installed on http://gpu1:8188"]);
     }
 
     #[test]

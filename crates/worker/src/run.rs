@@ -52,9 +52,8 @@ struct Backend {
     preflight: watch::Receiver<ServerState>,
 }
 
-/// How often a lease loop repeats its preflight report while nothing changed, so a broker that
-/// restarted without the loop noticing (between two of its calls) hears it again soon.
-const PREFLIGHT_RESEND: Duration = Duration::from_secs(10);
+/// How often a lease loop's preflight report is repeated while nothing changed.
+const PREFLIGHT_RESEND: Duration = Duration::from_secs(5);
 
 /// How one job ended, from the worker's side.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,6 +94,14 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             state,
             shutdown.clone(),
         ));
+        loops.spawn(report_preflight(
+            broker.clone(),
+            lease_name.clone(),
+            preflight::server_name(endpoint),
+            preflight.clone(),
+            config.retry_delay,
+            shutdown.clone(),
+        ));
         let backend =
             Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files, preflight };
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
@@ -129,7 +136,6 @@ async fn serve_backend(
         _ = shutdown.cancelled() => {}
         _ = preflight.wait_for(|s| s.looked) => {}
     }
-    let mut reported: Option<(PreflightReport, Instant)> = None;
     loop {
         if shutdown.is_cancelled() {
             break;
@@ -138,8 +144,6 @@ async fn serve_backend(
             break;
         }
         let state = preflight.borrow_and_update().clone();
-        let server = preflight::server_name(backend.runner.client().endpoint());
-        report_preflight(&broker, &lease_name, &server, &state, broker_failures > 0, &mut reported).await;
         let lease = tokio::select! {
             _ = shutdown.cancelled() => break,
             lease = broker.lease_for(&lease_name, config.lease_wait, state.runnable()) => lease,
@@ -176,40 +180,42 @@ async fn serve_backend(
     backend.files.folders.remove_free_slots(&backend.files.slots).await;
 }
 
-/// Sends this loop's preflight report when it changed, when the broker may have restarted (its
-/// last call failed) or every [`PREFLIGHT_RESEND`]; nothing before the server was checked once.
+/// Sends what this loop's server can run to the broker (`POST /worker/preflight`) whenever it
+/// changes and every [`PREFLIGHT_RESEND`] besides: the broker keeps reports in memory only, so one
+/// that restarted (or forgot a worker it had not heard from) has it again within that time. Beside
+/// the lease loop, not in it, since a lease long-poll can outlast a broker restart unnoticed.
 async fn report_preflight(
-    broker: &BrokerClient,
-    lease_name: &str,
-    server: &str,
-    state: &ServerState,
-    broker_was_away: bool,
-    reported: &mut Option<(PreflightReport, Instant)>,
+    broker: BrokerClient,
+    lease_name: String,
+    server: String,
+    mut preflight: watch::Receiver<ServerState>,
+    retry_delay: Duration,
+    shutdown: CancellationToken,
 ) {
-    if state.catalog.is_none() {
-        return;
-    }
-    let report = PreflightReport {
-        worker_id: lease_name.to_owned(),
-        server: server.to_owned(),
-        reachable: state.reachable,
-        workflows: state.workflows.clone(),
-    };
-    let due = match reported {
-        Some((last, at)) => *last != report || broker_was_away || at.elapsed() >= PREFLIGHT_RESEND,
-        None => true,
-    };
-    if !due {
-        return;
-    }
-    match broker.preflight(&report).await {
-        Ok(()) => *reported = Some((report, Instant::now())),
-        // A broker without the route (older than the worker) still honours the lease's workflow
-        // list or ignores it; the report is only for display, so the loop goes on either way.
-        // A transient failure is retried before the next lease; a refusal waits for the resend.
-        Err(e) => {
-            tracing::debug!(error = %e, "could not send the preflight report");
-            *reported = if e.is_transient() { None } else { Some((report, Instant::now())) };
+    loop {
+        let state = preflight.borrow_and_update().clone();
+        let mut next = PREFLIGHT_RESEND;
+        // Nothing to say before the server was checked once.
+        if state.catalog.is_some() {
+            let report = PreflightReport {
+                worker_id: lease_name.clone(),
+                server: server.clone(),
+                reachable: state.reachable,
+                workflows: state.workflows,
+            };
+            if let Err(e) = broker.preflight(&report).await {
+                // Display only: a broker without the route (older than this worker) still gets
+                // the lease's workflow list, so the loop goes on either way.
+                tracing::debug!(error = %e, "could not send the preflight report");
+                if e.is_transient() {
+                    next = retry_delay.max(Duration::from_millis(100)).min(PREFLIGHT_RESEND);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = preflight.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }

@@ -121,3 +121,41 @@ async fn a_server_restarted_with_the_model_runs_the_waiting_job() {
         (Some(true), Some(0))
     );
 }
+
+#[tokio::test]
+async fn a_jobs_own_value_the_server_lacks_fails_before_its_prompt_is_posted() {
+    // `format` is bound to SaveVideo's V3 combo, which ComfyUI 0.3.64 does not check at submit.
+    let p = Pipeline::start(Setup::default()).await;
+    let workflow = "ltxv_format_param";
+    workflow_until(&p, workflow, |w| w["ready"] == true).await;
+    let ok = p.submit("mp4", Some(workflow), Some(serde_json::json!({"frames": 9, "format": "mp4"}))).await;
+    assert_eq!(p.wait_terminal(&ok).await["status"], "done");
+
+    let bad = p.submit("webm", Some(workflow), Some(serde_json::json!({"frames": 9, "format": "webm"}))).await;
+    let job = p.wait_terminal(&bad).await;
+    let server = format!("http://{}", p.sim.addr);
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("error"), Some(1)), "{job}");
+    assert_eq!(
+        job["error_message"],
+        format!(
+            "workflow {workflow} cannot run on {server}: node 81 (SaveVideo): format 'webm' is not among the options of {server}: [auto, mp4]"
+        )
+    );
+    assert_eq!(p.sim_queue().await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_restarted_broker_hears_the_report_again() {
+    let mut p = Pipeline::start(Setup { models: Some(vec![]), ..Setup::default() }).await;
+    workflow_until(&p, LTXV, |w| w["ready"] == false).await;
+    let addr = p.broker.addr;
+    p.broker.stop().await;
+    p.broker = p.start_broker(Some(addr)).await;
+    // Reports live in the broker's memory: the worker sends its own again.
+    let started = tokio::time::Instant::now();
+    let ltxv = workflow_until(&p, LTXV, |w| w["ready"] == false).await;
+    assert!(ltxv["readiness"][0]["problems"].to_string().contains(CKPT), "{ltxv}");
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    let id = p.submit("after the restart", None, None).await;
+    assert!(waiting(&p, &id).await["waiting_reason"].as_str().unwrap().contains(CKPT));
+}
