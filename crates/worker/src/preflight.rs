@@ -90,10 +90,30 @@ pub fn check_all(registry: &WorkflowRegistry, catalog: &NodeCatalog, server: &st
         .into_iter()
         .filter_map(|name| registry.get(name))
         .map(|w| {
-            let problems = check_workflow(w, catalog, server);
+            let problems = cap_problems(check_workflow(w, catalog, server));
             WorkflowReadiness { name: w.name().to_owned(), ready: problems.is_empty(), problems }
         })
         .collect()
+}
+
+/// Most problems a report lists per workflow, and longest sentence, within the broker's limits
+/// for `POST /worker/preflight` (200 and 4000 characters): a graph on an empty server can have a
+/// problem per node, and a list of 20 long file names makes a long sentence.
+const MAX_PROBLEMS: usize = 100;
+const MAX_PROBLEM_CHARS: usize = 2000;
+
+fn cap_problems(mut problems: Vec<String>) -> Vec<String> {
+    for p in &mut problems {
+        if p.chars().count() > MAX_PROBLEM_CHARS {
+            *p = p.chars().take(MAX_PROBLEM_CHARS - 1).chain(['…']).collect();
+        }
+    }
+    if problems.len() > MAX_PROBLEMS {
+        let more = problems.len() - (MAX_PROBLEMS - 1);
+        problems.truncate(MAX_PROBLEMS - 1);
+        problems.push(format!("…and {more} more problems"));
+    }
+    problems
 }
 
 /// The (node, input) pairs the job's uploaded frame goes to: never checked, since the upload
@@ -424,6 +444,15 @@ mod tests {
                 "node 7 (PrimitiveStringFromSomePack): the node type PrimitiveStringFromSomePack is not installed on http://gpu1:8188"
             ]
         );
+    }
+
+    #[test]
+    fn a_report_stays_within_the_brokers_limits() {
+        let capped = cap_problems((0..150).map(|i| format!("p{i}")).collect());
+        assert_eq!(capped.len(), MAX_PROBLEMS);
+        assert_eq!(capped.last().unwrap(), "…and 51 more problems");
+        let long = cap_problems(vec!["x".repeat(5000)]);
+        assert_eq!(long[0].chars().count(), MAX_PROBLEM_CHARS);
     }
 
     #[test]
