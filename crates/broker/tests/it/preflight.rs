@@ -118,3 +118,36 @@ async fn malformed_reports_and_lists_get_a_400_naming_the_field_and_limit() {
     let resp = report(&app, json!({"worker_id": "w", "server": "s"})).await;
     assert_eq!(error_of(resp).await.0, 400, "missing fields are a client error");
 }
+
+#[tokio::test]
+async fn the_openapi_document_declares_the_report_route_and_the_lease_list() {
+    let app = spawn_app().await;
+    let doc: Value = app.get("/openapi.json").send().await.unwrap().json().await.unwrap();
+    let route = &doc["paths"]["/worker/preflight"]["post"];
+    assert!(route["requestBody"].is_object() && route["responses"]["204"].is_object(), "{route}");
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["LeaseRequest"]["properties"]["workflows"]["maxItems"], 1000, "{}", schemas["LeaseRequest"]);
+    assert!(schemas["PreflightReport"]["required"].as_array().unwrap().contains(&json!("workflows")));
+    assert!(schemas["JobView"]["properties"]["waiting_reason"].is_object());
+}
+
+#[tokio::test]
+async fn a_report_goes_with_its_worker_when_it_stops_calling() {
+    let app = spawn_app().await;
+    let id = submit_to(&app, LTXV).await;
+    let resp = report(
+        &app,
+        json!({"worker_id": "gone", "server": "http://gpu9:8188", "reachable": true, "workflows": [
+            {"name": LTXV, "ready": false, "problems": ["node 44 (CheckpointLoaderSimple): missing"]},
+        ]}),
+    )
+    .await;
+    assert_eq!(resp.status(), 204);
+    assert!(app.job(&id).await["waiting_reason"].is_string());
+    // The worker counts as connected for 30 s after its last call (as in /health); then its
+    // report no longer speaks for any server.
+    tokio::time::sleep(std::time::Duration::from_secs(31)).await;
+    assert_eq!(app.health().await["workers_connected"], 0);
+    assert_eq!(workflow(&app, LTXV).await["readiness"], json!([]));
+    assert_eq!(app.job(&id).await["waiting_reason"], Value::Null);
+}
