@@ -136,6 +136,11 @@ pub struct JobView {
     pub result: Option<ResultInfo>,
     /// Where the time went.
     pub timings: Timings,
+    /// While queued: why no worker takes the job when no connected ComfyUI server can run its
+    /// workflow (a missing node or model file, from the workers' preflight checks); null when
+    /// some server can run it, or no worker has reported on it.
+    #[serde(default)]
+    pub waiting_reason: Option<String>,
 }
 
 /// Where a job's time went, in seconds; null where not (yet) known.
@@ -293,6 +298,58 @@ pub struct LeaseRequest {
     #[serde(default)]
     #[schema(minimum = 0.0, maximum = 60.0)]
     pub wait: Option<f64>,
+    /// The workflows this worker's ComfyUI server can run (its preflight check): only jobs of
+    /// these are leased to it. Absent: any workflow (workers without preflight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 1000)]
+    pub workflows: Option<Vec<String>>,
+}
+
+/// Whether one ComfyUI server can run one workflow, as its worker checked it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkflowReadiness {
+    /// The workflow.
+    #[schema(max_length = 128)]
+    pub name: String,
+    /// True when every node class and every fixed option value (sampler, model file…) of the
+    /// workflow is on the server.
+    pub ready: bool,
+    /// What is missing, one sentence each (empty when ready).
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+/// Body of `POST /worker/preflight`: what the ComfyUI server behind one lease loop can run. Sent
+/// at start, whenever it changes, and again every few seconds of leasing (so a restarted broker
+/// hears it); the broker forgets it with the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PreflightReport {
+    /// The name the loop leases under.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
+    pub worker_id: String,
+    /// The ComfyUI server (base URL).
+    #[schema(max_length = 2048)]
+    pub server: String,
+    /// False while the server does not answer; the workflows are then as last checked.
+    pub reachable: bool,
+    /// One entry per workflow the worker serves.
+    #[schema(max_items = 1000)]
+    pub workflows: Vec<WorkflowReadiness>,
+}
+
+/// One server's readiness for a workflow, as `GET /workflows` lists it under `readiness`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServerReadiness {
+    /// The lease loop that reported it.
+    pub worker: String,
+    /// The ComfyUI server.
+    pub server: String,
+    /// Whether the server answered at the worker's last look.
+    pub reachable: bool,
+    /// Whether it can run the workflow.
+    pub ready: bool,
+    /// What is missing (empty when ready).
+    pub problems: Vec<String>,
 }
 
 /// The input image of a leased job.

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tdcomfy_api::{
-    DeleteResponse, Health, InputInfo, JobEvent, JobEventKind, JobId, JobStatus, JobView, Lease, LeaseToken, Progress,
-    ResultInfo, SubmitResponse, Timestamp, Timings,
+    DeleteResponse, Health, InputInfo, JobEvent, JobEventKind, JobId, JobStatus, JobView, Lease, LeaseToken,
+    PreflightReport, Progress, ResultInfo, ServerReadiness, SubmitResponse, Timestamp, Timings,
 };
 use tokio::time::Instant;
 
@@ -185,7 +185,56 @@ impl Broker {
             version: r.version,
             result,
             timings,
+            waiting_reason: if r.status == JobStatus::Queued { self.waiting_reason(&r.workflow) } else { None },
         })
+    }
+
+    /// Keeps a worker's preflight report (what its ComfyUI server can run) while it stays
+    /// connected.
+    pub fn report_preflight(&self, report: PreflightReport) {
+        self.inner.workers.set_report(report);
+    }
+
+    /// What the connected workers' servers said about `workflow`, one entry per server that
+    /// reported on it.
+    pub fn readiness(&self, workflow: &str) -> Vec<ServerReadiness> {
+        self.inner
+            .workers
+            .reports()
+            .into_iter()
+            .filter_map(|report| {
+                let w = report.workflows.into_iter().find(|w| w.name == workflow)?;
+                Some(ServerReadiness {
+                    worker: report.worker_id,
+                    server: report.server,
+                    reachable: report.reachable,
+                    ready: w.ready,
+                    problems: w.problems,
+                })
+            })
+            .collect()
+    }
+
+    /// Why a queued job of `workflow` waits: `Some` only when servers reported on the workflow
+    /// and none of them can run it (no report says nothing: an old worker may run anything).
+    fn waiting_reason(&self, workflow: &str) -> Option<String> {
+        /// Enough to see what is missing; a farm of servers missing the same file says it once each.
+        const MAX_PROBLEMS: usize = 10;
+        let servers = self.readiness(workflow);
+        if servers.is_empty() || servers.iter().any(|s| s.ready) {
+            return None;
+        }
+        let problems: Vec<String> = servers
+            .iter()
+            .flat_map(|s| {
+                if s.problems.is_empty() { vec![format!("not ready on {}", s.server)] } else { s.problems.clone() }
+            })
+            .collect();
+        let mut text = problems.iter().take(MAX_PROBLEMS).cloned().collect::<Vec<_>>().join("; ");
+        if problems.len() > MAX_PROBLEMS {
+            text.push_str(&format!("; …and {} more", problems.len() - MAX_PROBLEMS));
+        }
+        Some(format!("no server can run {workflow}: {text}"))
     }
 
     async fn publish(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
@@ -437,7 +486,14 @@ impl Broker {
     /// The wait ends with the request (a worker that hung up claims nothing), but a claim, once
     /// made, is finished on its own task; if the request is gone by then, [`LeaseHandover`] hands
     /// the job back to the queue without counting the attempt.
-    pub async fn lease(&self, worker: &str, wait: Duration) -> Result<Option<Lease>, BrokerError> {
+    ///
+    /// With `workflows` (the worker's preflight), only jobs of those workflows are leased.
+    pub async fn lease(
+        &self,
+        worker: &str,
+        wait: Duration,
+        workflows: Option<Vec<String>>,
+    ) -> Result<Option<Lease>, BrokerError> {
         let _waiting = self.inner.workers.waiting(worker);
         let deadline = Instant::now() + wait;
         let handover =
@@ -448,7 +504,8 @@ impl Broker {
             tokio::pin!(signal);
             signal.as_mut().enable();
             let (this, worker_name, state) = (self.clone(), worker.to_owned(), handover.state.clone());
-            let claimed = self.detached(async move { this.claim_now(worker_name, state).await }).await?;
+            let allowed = workflows.clone();
+            let claimed = self.detached(async move { this.claim_now(worker_name, state, allowed).await }).await?;
             if let Some(lease) = claimed {
                 handover.received();
                 return Ok(Some(lease));
@@ -465,9 +522,10 @@ impl Broker {
         &self,
         worker: String,
         handover: Arc<std::sync::Mutex<Handover>>,
+        allowed_workflows: Option<Vec<String>>,
     ) -> Result<Option<Lease>, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
-        let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms).await? else {
+        let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms, allowed_workflows).await? else {
             return Ok(None);
         };
         self.inner.workers.touch(&worker, Some(r.id));

@@ -520,11 +520,28 @@ impl Store {
     }
 
     /// Leases the oldest queued job to `worker`, or returns `None` when the queue is empty.
-    pub async fn claim_next(&self, worker: String, lease_ms: i64) -> Result<Option<JobRecord>, StoreError> {
+    ///
+    /// With `allowed_workflows`, only a job of one of those workflows is claimed (the workflows
+    /// the worker's ComfyUI server can run); `None` claims any.
+    pub async fn claim_next(
+        &self,
+        worker: String,
+        lease_ms: i64,
+        allowed_workflows: Option<Vec<String>>,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        // One JSON array parameter instead of a statement per list length, so the statement stays
+        // cached; NULL is "any workflow".
+        let allowed = match allowed_workflows {
+            Some(names) => Some(serde_json::to_string(&names).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+            None => None,
+        };
         self.write(move |tx, queue, now| {
             let seq: Option<i64> = tx
-                .prepare_cached("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1")?
-                .query_row([], |r| r.get(0))
+                .prepare_cached(
+                    "SELECT seq FROM jobs WHERE status = 'queued' \
+                     AND (?1 IS NULL OR workflow IN (SELECT value FROM json_each(?1))) ORDER BY seq LIMIT 1",
+                )?
+                .query_row(params![allowed], |r| r.get(0))
                 .optional()?;
             let Some(seq) = seq else { return Ok(None) };
             tx.prepare_cached(

@@ -1,11 +1,13 @@
-//! Which workers the broker has heard from, for `/health`. Kept in memory only: after a restart a
-//! worker reappears at its next call, and nothing about a job depends on this table.
+//! Which workers the broker has heard from, for `/health`, and what each one's ComfyUI server can
+//! run (its preflight report, for `GET /workflows` and a queued job's `waiting_reason`). Kept in
+//! memory only: after a restart a worker reappears at its next call and re-sends its report, and
+//! no claim depends on this table (a lease request carries its own workflow list).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tdcomfy_api::{JobId, WorkerInfo};
+use tdcomfy_api::{JobId, PreflightReport, WorkerInfo};
 
 /// How long a worker that stopped calling still counts as connected.
 pub const CONNECTED_WINDOW: Duration = Duration::from_secs(30);
@@ -15,6 +17,18 @@ struct Seen {
     last_seen: Instant,
     job: Option<JobId>,
     waiting: usize,
+    /// The worker's last preflight report, if it sent one.
+    report: Option<PreflightReport>,
+}
+
+impl Seen {
+    fn new() -> Seen {
+        Seen { last_seen: Instant::now(), job: None, waiting: 0, report: None }
+    }
+
+    fn live(&self) -> bool {
+        self.waiting > 0 || self.last_seen.elapsed() < CONNECTED_WINDOW
+    }
 }
 
 /// The table of recently seen workers.
@@ -43,9 +57,27 @@ impl WorkerRegistry {
     /// Records a call from `worker`, holding `job` (or none).
     pub fn touch(&self, worker: &str, job: Option<JobId>) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = seen.entry(worker.to_owned()).or_insert(Seen { last_seen: Instant::now(), job: None, waiting: 0 });
+        let entry = seen.entry(worker.to_owned()).or_insert_with(Seen::new);
         entry.last_seen = Instant::now();
         entry.job = job;
+    }
+
+    /// Keeps `report` as what `report.worker_id`'s server can run (replacing its previous one).
+    pub fn set_report(&self, report: PreflightReport) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = seen.entry(report.worker_id.clone()).or_insert_with(Seen::new);
+        entry.last_seen = Instant::now();
+        entry.report = Some(report);
+    }
+
+    /// The reports of the workers that count as connected (see [`WorkerRegistry::connected`]),
+    /// by worker id: a stopped worker's report goes with it.
+    pub fn reports(&self) -> Vec<PreflightReport> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<PreflightReport> =
+            seen.values().filter(|s| s.live()).filter_map(|s| s.report.clone()).collect();
+        out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        out
     }
 
     /// Records that `worker` waits on a lease while the guard lives.
@@ -72,7 +104,7 @@ impl WorkerRegistry {
         seen.retain(|_, s| s.waiting > 0 || s.last_seen.elapsed() < CONNECTED_WINDOW * 10);
         let mut out: Vec<WorkerInfo> = seen
             .iter()
-            .filter(|(_, s)| s.waiting > 0 || s.last_seen.elapsed() < CONNECTED_WINDOW)
+            .filter(|(_, s)| s.live())
             .map(|(id, s)| WorkerInfo {
                 id: id.clone(),
                 last_seen_ms_ago: if s.waiting > 0 { 0 } else { s.last_seen.elapsed().as_millis() as u64 },

@@ -674,6 +674,15 @@ impl ComfyClient {
             reason: format!("invalid JSON ({e}): {}", truncate(&text)),
         })
     }
+
+    /// `GET /object_info`: the server's node classes and the options of their list inputs (model
+    /// files included), for checking a workflow before a job runs it.
+    pub async fn object_info(&self) -> Result<crate::object_info::NodeCatalog, ComfyError> {
+        const ROUTE: &str = "object_info";
+        let body = self.get_json(ROUTE).await?;
+        crate::object_info::NodeCatalog::from_value(&body)
+            .map_err(|reason| ComfyError::Protocol { route: ROUTE.to_owned(), reason })
+    }
 }
 
 async fn file_part(path: &Path) -> Result<(reqwest::multipart::Part, u64), ComfyError> {

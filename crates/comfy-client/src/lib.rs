@@ -19,6 +19,7 @@ mod events;
 mod features;
 mod hub;
 mod ids;
+mod object_info;
 mod outputs;
 mod progress;
 mod responses;
@@ -35,6 +36,7 @@ pub use events::{
 pub use features::{PreviewMethod, ServerFeatures};
 pub use hub::{EventHub, HubNotice, HubOptions, HubState};
 pub use ids::{ClientId, InvalidId, PromptId};
+pub use object_info::{InputSpec, NodeCatalog, NodeInfo};
 pub use outputs::{FolderType, MediaKind, NodeOutput, OutputFile, collect_outputs, pick_primary};
 pub use progress::{ProgressTracker, RunProgress};
 pub use responses::{

@@ -127,6 +127,7 @@ fn apply_config_file(mut command: clap::Command, path: &std::path::Path) -> anyh
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Worker(cmd) if cmd.check => crate::up::worker_check(cmd).await,
         Command::Worker(cmd) => {
             crate::up::worker(cmd, shutdown_token()).await?;
             Ok(ExitCode::SUCCESS)

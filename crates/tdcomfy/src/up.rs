@@ -104,6 +104,11 @@ pub struct WorkerCmd {
     /// not trust, e.g. a self-signed TLS_CERT; added to the system's roots.
     #[arg(long, env = "BROKER_CA")]
     broker_ca: Option<PathBuf>,
+    /// Check every workflow against every ComfyUI server's /object_info (node types, model files,
+    /// options), print the result and exit: 0 when each workflow runs on some server, 1 when
+    /// one runs on none. Leases nothing and needs no broker.
+    #[arg(long)]
+    pub(crate) check: bool,
     #[command(flatten)]
     worker: tdcomfy_worker::WorkerArgs,
     #[command(flatten)]
@@ -144,6 +149,16 @@ pub struct UpCmd {
     workflows: tdcomfy_workflows::WorkflowArgs,
     #[command(flatten)]
     sim: SimArgs,
+}
+
+/// `tdcomfy worker --check`: the preflight report of every server, and its verdict as exit code.
+pub async fn worker_check(cmd: WorkerCmd) -> anyhow::Result<std::process::ExitCode> {
+    let workflows = Arc::new(cmd.workflows.load()?);
+    let spool = std::env::temp_dir().join("tdcomfy-worker-spool");
+    let config = cmd.worker.into_config(String::new(), None, workflows, spool)?;
+    let (report, all_run) = tdcomfy_worker::preflight::check_report(&config).await;
+    print!("{report}");
+    Ok(if all_run { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
 
 pub async fn worker(cmd: WorkerCmd, shutdown: CancellationToken) -> anyhow::Result<()> {

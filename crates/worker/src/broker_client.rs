@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use reqwest::StatusCode;
 use tdcomfy_api::{
     ErrorBody, FailRequest, HeartbeatRequest, HeartbeatResponse, JobId, Lease, LeaseRequest, LeaseResponse, LeaseToken,
-    Progress,
+    PreflightReport, Progress,
 };
 use tdcomfy_comfy::error_chain;
 use tokio::io::AsyncWriteExt;
@@ -136,9 +136,20 @@ impl BrokerClient {
         })
     }
 
-    /// Waits up to `wait` for a job; `None` when none came.
+    /// Waits up to `wait` for a job of any workflow; `None` when none came.
     pub async fn lease(&self, worker_id: &str, wait: Duration) -> Result<Option<Lease>, BrokerCallError> {
-        let body = LeaseRequest { worker_id: worker_id.to_owned(), wait: Some(wait.as_secs_f64()) };
+        self.lease_for(worker_id, wait, None).await
+    }
+
+    /// [`BrokerClient::lease`] restricted, with `workflows`, to jobs of those workflows (the ones
+    /// this loop's ComfyUI server can run).
+    pub async fn lease_for(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+        workflows: Option<Vec<String>>,
+    ) -> Result<Option<Lease>, BrokerCallError> {
+        let body = LeaseRequest { worker_id: worker_id.to_owned(), wait: Some(wait.as_secs_f64()), workflows };
         let resp = self
             .send(
                 self.request(reqwest::Method::POST, "/worker/lease")
@@ -151,6 +162,13 @@ impl BrokerClient {
         }
         let lease: LeaseResponse = resp.json().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
         Ok(Some(lease.job))
+    }
+
+    /// Tells the broker what this loop's ComfyUI server can run (`POST /worker/preflight`).
+    pub async fn preflight(&self, report: &PreflightReport) -> Result<(), BrokerCallError> {
+        let rb = self.request(reqwest::Method::POST, "/worker/preflight").json(report).timeout(Duration::from_secs(10));
+        self.send(rb).await?;
+        Ok(())
     }
 
     /// Streams the job's input image into `dest`.

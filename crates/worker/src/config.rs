@@ -137,6 +137,8 @@ pub struct WorkerConfig {
     pub comfy_token: Option<String>,
     /// Default preview method of prompts (a job may ask for another).
     pub preview_method: PreviewMethod,
+    /// How often each server's preflight looks again.
+    pub preflight: crate::preflight::PreflightTiming,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -226,6 +228,7 @@ impl WorkerArgs {
             keep_comfy_outputs: self.comfyui_keep_outputs,
             comfy_token,
             preview_method,
+            preflight: Default::default(),
         })
     }
 }

@@ -23,7 +23,10 @@ use crate::broker_client::{BrokerCallError, BrokerClient};
 use crate::comfy_files::{self, INPUT_SUBFOLDER, PromptFate, ServedCopy, ServerFiles, SlotGuard};
 use crate::config::WorkerConfig;
 use crate::lease_keeper::{Cadence, LeaseKeeper};
+use crate::preflight::{self, ServerState};
 use crate::spooled;
+use tdcomfy_api::PreflightReport;
+use tokio::sync::watch;
 
 /// Why the worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +48,12 @@ struct Backend {
     runner: PromptRunner,
     /// Upload names and folders of this server.
     files: std::sync::Arc<ServerFiles>,
+    /// What the server can run, kept current by [`preflight::watch_server`].
+    preflight: watch::Receiver<ServerState>,
 }
+
+/// How often a lease loop's preflight report is repeated while nothing changed.
+const PREFLIGHT_RESEND: Duration = Duration::from_secs(5);
 
 /// How one job ended, from the worker's side.
 #[derive(Debug, PartialEq, Eq)]
@@ -96,7 +104,25 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         // Each ComfyUI server gets its own lease loop, so N servers run N jobs at once.
         let lease_name = if servers == 1 { config.worker_id.clone() } else { format!("{}/{index}", config.worker_id) };
         let files = ServerFiles::new(&lease_name, config.comfy_folders.clone(), &endpoint.to_string());
-        let backend = Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files };
+        let (state, preflight) = watch::channel(ServerState::default());
+        loops.spawn(preflight::watch_server(
+            client.clone(),
+            config.workflows.clone(),
+            preflight::server_name(endpoint),
+            config.preflight,
+            state,
+            shutdown.clone(),
+        ));
+        loops.spawn(report_preflight(
+            broker.clone(),
+            lease_name.clone(),
+            preflight::server_name(endpoint),
+            preflight.clone(),
+            config.retry_delay,
+            shutdown.clone(),
+        ));
+        let backend =
+            Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files, preflight };
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
     tracing::info!(worker = %config.worker_id, broker = %config.broker_url, servers, "worker started");
@@ -123,13 +149,26 @@ async fn serve_backend(
 ) {
     let mut broker_failures = 0u32;
     let mut backend_failures = 0u32;
+    let mut preflight = backend.preflight.clone();
+    // No lease before the first look at the server: it decides which workflows to ask for.
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = preflight.wait_for(|s| s.looked) => {}
+    }
     loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
         if backend_failures > 0 && !cool_down(&backend, backend_failures, &shutdown).await {
             break;
         }
+        let state = preflight.borrow_and_update().clone();
         let lease = tokio::select! {
             _ = shutdown.cancelled() => break,
-            lease = broker.lease(&lease_name, config.lease_wait) => lease,
+            lease = broker.lease_for(&lease_name, config.lease_wait, state.runnable()) => lease,
+            // What the server can run changed: ask again with the new list (the broker hands a
+            // claim whose request went away back to the queue).
+            Ok(()) = preflight.changed() => continue,
         };
         match lease {
             Ok(None) => broker_failures = 0,
@@ -158,6 +197,46 @@ async fn serve_backend(
     }
     // Stopping: this loop's upload names that no prompt reads any more go (when reachable).
     backend.files.folders.remove_free_slots(&backend.files.slots).await;
+}
+
+/// Sends what this loop's server can run to the broker (`POST /worker/preflight`) whenever it
+/// changes and every [`PREFLIGHT_RESEND`] besides: the broker keeps reports in memory only, so one
+/// that restarted (or forgot a worker it had not heard from) has it again within that time. Beside
+/// the lease loop, not in it, since a lease long-poll can outlast a broker restart unnoticed.
+async fn report_preflight(
+    broker: BrokerClient,
+    lease_name: String,
+    server: String,
+    mut preflight: watch::Receiver<ServerState>,
+    retry_delay: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let state = preflight.borrow_and_update().clone();
+        let mut next = PREFLIGHT_RESEND;
+        // Nothing to say before the server was checked once.
+        if state.catalog.is_some() {
+            let report = PreflightReport {
+                worker_id: lease_name.clone(),
+                server: server.clone(),
+                reachable: state.reachable,
+                workflows: state.workflows,
+            };
+            if let Err(e) = broker.preflight(&report).await {
+                // Display only: a broker without the route (older than this worker) still gets
+                // the lease's workflow list, so the loop goes on either way.
+                tracing::debug!(error = %e, "could not send the preflight report");
+                if e.is_transient() {
+                    next = retry_delay.max(Duration::from_millis(100)).min(PREFLIGHT_RESEND);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = preflight.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(next) => {}
+        }
+    }
 }
 
 /// After a job failed because this ComfyUI server was unreachable, takes no job until the server
@@ -324,6 +403,7 @@ impl JobRun<'_> {
                 job_id: lease.job_id.to_string(),
             })
             .map_err(|e| Failure::new(format!("workflow {}: {e}", lease.workflow), false))?;
+        self.check_bound_graph(workflow, &graph).await?;
 
         // 3. Run it, relaying progress and watching for cancellation.
         let prompt_id = PromptId::new();
@@ -392,6 +472,29 @@ impl JobRun<'_> {
         }
         tracing::debug!(job_id = %lease.job_id, ?fetched, delivered = ?t.elapsed() - fetched, "result handed over");
         end
+    }
+
+    /// The job's own values against the server's options (a parameter bound to a sampler or a
+    /// model file input): one the server lacks fails the job before a GPU attempt, with the same
+    /// sentence preflight uses. The catalog may be older than a file copied in since, so a
+    /// mismatch is confirmed with a fresh one first.
+    async fn check_bound_graph(
+        &self,
+        workflow: &tdcomfy_workflows::Workflow,
+        graph: &serde_json::Value,
+    ) -> Result<(), Failure> {
+        let Some(catalog) = self.backend.preflight.borrow().catalog.clone() else { return Ok(()) };
+        let label = &preflight::server_name(self.backend.runner.client().endpoint());
+        let skip = preflight::frame_inputs(workflow);
+        if preflight::check_graph(graph, &catalog, label, &skip).is_empty() {
+            return Ok(());
+        }
+        let Ok(fresh) = self.backend.runner.client().object_info().await else { return Ok(()) };
+        let problems = preflight::check_graph(graph, &fresh, label, &skip);
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Failure::new(format!("workflow {} cannot run on {label}: {}", workflow.name(), problems.join("; ")), false))
     }
 
     async fn upload_with_retry(

@@ -588,16 +588,32 @@ pub async fn health(State(broker): State<Broker>) -> Result<axum::Json<Health>, 
     Ok(axum::Json(broker.health().await?))
 }
 
-/// The workflows a job may name, with their parameters.
+/// The workflows a job may name, with their parameters and, per connected ComfyUI server, whether
+/// it can run them (`readiness`, from the workers' preflight reports; `ready` is true when one
+/// can, false when servers reported and none can, null without a report).
 #[utoipa::path(
     get, path = "/workflows", tag = "service",
-    responses((status = 200, description = "Workflows and their parameters", body = Object))
+    responses((status = 200, description = "Workflows, their parameters and readiness per server", body = Object))
 )]
 pub async fn list_workflows(State(broker): State<Broker>) -> axum::Json<serde_json::Value> {
     let registry = &broker.config().workflows;
+    let workflows: Vec<serde_json::Value> = registry
+        .describe()
+        .into_iter()
+        .map(|info| {
+            let readiness = broker.readiness(&info.name);
+            let ready = (!readiness.is_empty()).then(|| readiness.iter().any(|r| r.ready));
+            let mut value = serde_json::to_value(&info).unwrap_or_default();
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert("ready".into(), serde_json::json!(ready));
+                obj.insert("readiness".into(), serde_json::json!(readiness));
+            }
+            value
+        })
+        .collect();
     axum::Json(serde_json::json!({
         "default": registry.default_name(),
-        "workflows": registry.describe(),
+        "workflows": workflows,
     }))
 }
 

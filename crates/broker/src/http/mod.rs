@@ -90,6 +90,7 @@ fn api_router() -> (Router<Broker>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::health))
         .routes(routes!(jobs::list_workflows))
         .routes(routes!(worker::lease))
+        .routes(routes!(worker::preflight))
         .routes(routes!(worker::input))
         .routes(routes!(worker::heartbeat))
         .routes(routes!(worker::put_result))

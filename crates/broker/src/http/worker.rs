@@ -1,11 +1,14 @@
-//! Worker routes: lease (long-poll), input download, heartbeat, streamed result upload, fail.
+//! Worker routes: lease (long-poll), preflight report, input download, heartbeat, streamed result
+//! upload, fail.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use tdcomfy_api::{FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, WorkerAck};
+use tdcomfy_api::{
+    FailRequest, HeartbeatRequest, HeartbeatResponse, LeaseRequest, LeaseResponse, PreflightReport, WorkerAck,
+};
 
 use super::error::ApiError;
 use super::extract::{ApiJson, job_id, lease_token, wait_secs};
@@ -42,10 +45,84 @@ fn worker_id(raw: &str) -> Result<&str, ApiError> {
 pub async fn lease(State(broker): State<Broker>, ApiJson(req): ApiJson<LeaseRequest>) -> Result<Response, ApiError> {
     let worker = worker_id(&req.worker_id)?;
     let wait = wait_secs("wait", req.wait)?;
-    match broker.lease(worker, wait).await? {
+    if let Some(names) = &req.workflows {
+        workflow_names("workflows", names.iter().map(String::as_str))?;
+    }
+    match broker.lease(worker, wait, req.workflows).await? {
         Some(job) => Ok(axum::Json(LeaseResponse { job }).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
+}
+
+/// Most workflow names one report or lease request may carry.
+const MAX_WORKFLOW_NAMES: usize = 1000;
+/// Longest problem list per workflow, and longest problem sentence, a report may carry: enough for
+/// every node of a large graph; the worker caps the installed-files list it quotes.
+const MAX_PROBLEMS: usize = 200;
+const MAX_PROBLEM_CHARS: usize = 4000;
+
+fn workflow_names<'a>(field: &'static str, names: impl ExactSizeIterator<Item = &'a str>) -> Result<(), ApiError> {
+    if names.len() > MAX_WORKFLOW_NAMES {
+        return Err(ApiError::limit(
+            "too_many_workflows",
+            field,
+            MAX_WORKFLOW_NAMES as u64,
+            format!("{field} may name at most {MAX_WORKFLOW_NAMES} workflows"),
+        ));
+    }
+    for name in names {
+        if name.is_empty() || name.len() > 128 {
+            return Err(ApiError::limit(
+                "invalid_workflow_name",
+                field,
+                128,
+                format!("{field}: workflow names are 1 to 128 characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Tell the broker which workflows this worker's ComfyUI server can run, and what is missing for
+/// the others (shown by `GET /workflows` and as a queued job's `waiting_reason`).
+#[utoipa::path(
+    post, path = "/worker/preflight", tag = "worker",
+    request_body = PreflightReport,
+    responses(
+        (status = 204, description = "Kept while the worker stays connected"),
+        (status = 400, description = "Malformed body or a list over its limit", body = tdcomfy_api::ErrorBody),
+        (status = 413, description = "Body over the JSON body limit", body = tdcomfy_api::ErrorBody),
+    )
+)]
+pub async fn preflight(
+    State(broker): State<Broker>,
+    ApiJson(report): ApiJson<PreflightReport>,
+) -> Result<StatusCode, ApiError> {
+    worker_id(&report.worker_id)?;
+    if report.server.len() > 2048 {
+        return Err(ApiError::limit("invalid_server", "server", 2048, "server is at most 2048 characters"));
+    }
+    workflow_names("workflows", report.workflows.iter().map(|w| w.name.as_str()))?;
+    for w in &report.workflows {
+        if w.problems.len() > MAX_PROBLEMS {
+            return Err(ApiError::limit(
+                "too_many_problems",
+                "workflows.problems",
+                MAX_PROBLEMS as u64,
+                format!("workflows.problems holds at most {MAX_PROBLEMS} entries per workflow"),
+            ));
+        }
+        if w.problems.iter().any(|p| p.chars().count() > MAX_PROBLEM_CHARS) {
+            return Err(ApiError::limit(
+                "problem_too_long",
+                "workflows.problems",
+                MAX_PROBLEM_CHARS as u64,
+                format!("each of workflows.problems is at most {MAX_PROBLEM_CHARS} characters"),
+            ));
+        }
+    }
+    broker.report_preflight(report);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Download a leased job's input image.

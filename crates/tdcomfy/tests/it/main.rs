@@ -1,6 +1,7 @@
 //! Tests of the `tdcomfy` binary itself: real processes, real signals.
 
 mod chaos;
+mod check;
 mod cli;
 mod crash;
 mod logs;

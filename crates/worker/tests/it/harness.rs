@@ -436,3 +436,29 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+impl Pipeline {
+    /// A simulator that lists exactly `models` as installed model files (on `addr`, when given:
+    /// a restart of a server with other files).
+    pub async fn start_sim_with_models(&self, addr: Option<SocketAddr>, models: Vec<String>) -> Served {
+        let listener = bind(addr).await;
+        let addr = listener.local_addr().unwrap();
+        let sim_dir = self.dir.path().join(format!("sim-{}", uuid::Uuid::new_v4()));
+        let mut config = tdcomfy_sim::SimConfig::new(&sim_dir);
+        config.job_time = Duration::from_secs_f64(self.setup.sim_job_time);
+        config.progress_steps = 3;
+        config.models = models;
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            tdcomfy_sim::run(listener, config, async move { s.cancelled().await }).await.unwrap();
+        });
+        Served { addr, dir: Some(sim_dir), stop, task: Some(task) }
+    }
+
+    /// `GET /workflows`' entry for `name`.
+    pub async fn workflow(&self, name: &str) -> Value {
+        let all: Value = self.http.get(self.url("/workflows")).send().await.unwrap().json().await.unwrap();
+        all["workflows"].as_array().unwrap().iter().find(|w| w["name"] == name).cloned().unwrap_or(Value::Null)
+    }
+}
