@@ -37,8 +37,9 @@ pub struct SimArgs {
     pub comfy_version: tdcomfy_sim::ComfyVersion,
 
     /// Sampler previews of the simulator: none, auto, latent2rgb or taesd. Default: none for
-    /// `tdcomfy sim` (ComfyUI's default), auto for `tdcomfy up --simulate`.
-    #[arg(long, env = "SIM_PREVIEW_METHOD")]
+    /// `tdcomfy sim` (ComfyUI's default), auto for `tdcomfy up --simulate`. (`--sim-preview-method`:
+    /// the worker's own `--preview-method` is the per-prompt method it asks for.)
+    #[arg(id = "sim_preview_method", long = "sim-preview-method", env = "SIM_PREVIEW_METHOD")]
     pub preview_method: Option<tdcomfy_sim::PreviewMethod>,
 
     /// 0.38 profile: the asset system on (output entries get id/preview_id, uploads an asset block).
