@@ -61,6 +61,7 @@ mod mp4;
 mod nodes;
 mod order;
 mod queue;
+mod replace;
 mod server;
 mod validate;
 mod ws;

@@ -82,6 +82,11 @@ fn routes() -> Router<AppState> {
         .route("/free", post(post_free))
 }
 
+/// Routes 0.38 has, with and without `/api` like the others.
+fn newer_plain_routes() -> Router<AppState> {
+    Router::new().route("/node_replacements", get(|| async { json(StatusCode::OK, &crate::replace::listing()) }))
+}
+
 /// Routes 0.38 declares with their `/api` prefix (so they exist only there).
 fn newer_routes() -> Router<AppState> {
     Router::new()
@@ -96,7 +101,7 @@ pub fn router(state: AppState) -> Router {
     let limit = usize::try_from(state.shared.config.max_upload_bytes).unwrap_or(usize::MAX);
     let mut app = Router::new().merge(routes()).nest("/api", routes());
     if state.shared.config.comfy_version.is_newer() {
-        app = app.merge(newer_routes());
+        app = app.merge(newer_routes()).merge(newer_plain_routes()).nest("/api", newer_plain_routes());
     }
     app.layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(origin_only))
@@ -293,9 +298,13 @@ async fn post_prompt(State(state): State<AppState>, body: Bytes) -> Response {
         .get("partial_execution_targets")
         .and_then(OValue::as_array)
         .map(|a| a.iter().map(OValue::py_str).collect());
-    let OValue::Object(graph) = prompt.clone() else {
+    let OValue::Object(mut graph) = prompt.clone() else {
         return bare(StatusCode::INTERNAL_SERVER_ERROR);
     };
+    if shared.config.comfy_version.is_newer() {
+        let lists = shared.lists();
+        crate::replace::apply(&mut graph, |class| catalog::node_spec(class, &lists).is_some());
+    }
     let Some((verdict, graph)) = validate_on_big_stack(graph, partial, shared).await else {
         return bare(StatusCode::INTERNAL_SERVER_ERROR);
     };
@@ -346,12 +355,13 @@ async fn validate_on_big_stack(
 ) -> Option<(Verdict, OMap)> {
     let lists = shared.lists();
     let dirs = shared.dirs.clone();
+    let newer = shared.config.comfy_version.is_newer();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("validate-prompt".into())
         .stack_size(256 * 1024 * 1024)
         .spawn(move || {
-            let verdict = validate::validate_prompt(&mut graph, partial.as_deref(), &lists, &dirs);
+            let verdict = validate::validate_prompt(&mut graph, partial.as_deref(), &lists, &dirs, newer);
             let _ = tx.send((verdict, graph));
         })
         .ok()?;

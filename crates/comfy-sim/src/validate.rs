@@ -86,6 +86,8 @@ struct NodeVerdict {
 
 struct Ctx<'a> {
     graph: &'a mut OMap,
+    /// 0.38's rules (C11)
+    newer: bool,
     lists: &'a DynamicLists,
     dirs: &'a DataDirs,
     specs: HashMap<String, Option<NodeSpec>>,
@@ -120,10 +122,16 @@ pub fn validate_prompt(
     partial_targets: Option<&[String]>,
     lists: &DynamicLists,
     dirs: &DataDirs,
+    newer: bool,
 ) -> Verdict {
     let mut outputs = Vec::new();
     let ids: Vec<String> = graph.keys().cloned().collect();
     for id in &ids {
+        let title = graph.get(id).and_then(|n| n.get("_meta")).and_then(|m| m.get("title")).and_then(OValue::as_str);
+        let title = title.map(str::to_string);
+        if newer && let Some(rejected) = missing_node_type(graph, id, title, lists) {
+            return rejected;
+        }
         let missing = || Verdict::Rejected {
             error: top_error(
                 "invalid_prompt",
@@ -166,7 +174,22 @@ pub fn validate_prompt(
         };
     }
 
-    let mut ctx = Ctx { graph, lists, dirs, specs: HashMap::new(), validated: Vec::new() };
+    if newer && let Some(cycle) = find_cycle(graph, &outputs) {
+        return Verdict::Rejected {
+            error: match error_entry(
+                "dependency_cycle",
+                "Dependency cycle detected",
+                format!("Nodes {} depend on each other", cycle.join(", ")),
+                extra(vec![("node_ids", OValue::Array(cycle.into_iter().map(OValue::String).collect()))]),
+            ) {
+                OValue::Object(m) => m,
+                _ => OMap::new(),
+            },
+            node_errors: OMap::new(),
+        };
+    }
+
+    let mut ctx = Ctx { graph, lists, dirs, newer, specs: HashMap::new(), validated: Vec::new() };
     let mut good = Vec::new();
     let mut failed: Vec<(String, Vec<OValue>)> = Vec::new();
     let mut node_errors = OMap::new();
@@ -233,6 +256,107 @@ pub fn validate_prompt(
         };
     }
     Verdict::Accepted { outputs: good, node_errors }
+}
+
+/// 0.38's `missing_node_type` (C11): a node without `class_type`, or of a class that is not
+/// installed, named by id, class and title. `None` when the node's class is there.
+fn missing_node_type(graph: &OMap, id: &str, title: Option<String>, lists: &DynamicLists) -> Option<Verdict> {
+    let node = graph.get(id)?;
+    let class = match node {
+        OValue::Object(m) => m.get("class_type"),
+        _ => return None,
+    };
+    let (message, class_value, title_value) = match class {
+        None => (
+            format!(
+                "Node '{}' has no class_type. The workflow may be corrupted or a custom node is missing.",
+                title.clone().unwrap_or_else(|| format!("ID #{id}"))
+            ),
+            OValue::Null,
+            title.map_or(OValue::Null, OValue::String),
+        ),
+        Some(OValue::String(class)) if catalog::node_spec(class, lists).is_none() => {
+            let shown = title.unwrap_or_else(|| class.clone());
+            (
+                format!("Node '{shown}' not found. The custom node may not be installed."),
+                OValue::str(class.clone()),
+                OValue::String(shown),
+            )
+        }
+        _ => return None,
+    };
+    let error = error_entry(
+        "missing_node_type",
+        message,
+        format!("Node ID '#{id}'"),
+        extra(vec![("node_id", OValue::str(id)), ("class_type", class_value), ("node_title", title_value)]),
+    );
+    Some(Verdict::Rejected {
+        error: match error {
+            OValue::Object(m) => m,
+            _ => OMap::new(),
+        },
+        node_errors: OMap::new(),
+    })
+}
+
+/// The first dependency cycle among the nodes the outputs need (0.38 names it, C11; 0.3.64
+/// recurses until Python's recursion limit). Iterative, so a deep graph cannot overflow.
+fn find_cycle(graph: &OMap, outputs: &[String]) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Open,
+        Done,
+    }
+    let links = |id: &str| -> Vec<String> {
+        graph
+            .get(id)
+            .and_then(|n| n.get("inputs"))
+            .and_then(OValue::as_object)
+            .map(|inputs| {
+                inputs
+                    .iter()
+                    .filter_map(|(_, v)| match v.as_array().map(Vec::as_slice) {
+                        Some([OValue::String(from), OValue::Number(_)]) if graph.contains_key(from) => {
+                            Some(from.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut marks: HashMap<String, Mark> = HashMap::new();
+    for start in outputs {
+        if marks.contains_key(start) {
+            continue;
+        }
+        // (node, its links, next link to follow); the stack is the current path.
+        let mut stack: Vec<(String, Vec<String>, usize)> = vec![(start.clone(), links(start), 0)];
+        marks.insert(start.clone(), Mark::Open);
+        while let Some((node, next, i)) = stack.last_mut() {
+            if *i >= next.len() {
+                marks.insert(node.clone(), Mark::Done);
+                stack.pop();
+                continue;
+            }
+            let dep = next[*i].clone();
+            *i += 1;
+            match marks.get(&dep) {
+                Some(Mark::Done) => {}
+                Some(Mark::Open) => {
+                    let from = stack.iter().position(|(n, ..)| *n == dep).unwrap_or(0);
+                    return Some(stack[from..].iter().map(|(n, ..)| n.clone()).collect());
+                }
+                None => {
+                    marks.insert(dep.clone(), Mark::Open);
+                    let deps = links(&dep);
+                    stack.push((dep, deps, 0));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Resolves `prompt[o_id]['class_type']`, raising what Python would raise.
@@ -324,6 +448,19 @@ fn validate_inputs(ctx: &mut Ctx<'_>, id: &str, depth: usize) -> Result<NodeVerd
     let mut errors = Vec::new();
     let mut valid = true;
     let mut converted: Vec<(String, OValue)> = Vec::new();
+    if ctx.newer {
+        // 0.38 checks the inputs of dynamic (V3 autogrow-style `group.name`) slots against the
+        // node's declaration; the simulator's nodes declare none, so any such input is invalid.
+        for name in inputs.keys().filter(|n| n.contains('.') && !spec.inputs.iter().any(|i| i.name == **n)) {
+            errors.push(error_entry(
+                "invalid_dynamic_input",
+                "Invalid dynamic input",
+                format!("{name}: no dynamic input group of this node accepts it"),
+                extra(vec![("input_name", OValue::str(name.clone()))]),
+            ));
+            valid = false;
+        }
+    }
     for input in &spec.inputs {
         let x = input.name.as_str();
         let Some(raw) = inputs.get(x) else {

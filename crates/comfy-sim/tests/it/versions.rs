@@ -487,3 +487,133 @@ async fn c6_execution_events_only_to_the_client_and_reconnect_replaces_the_socke
         sim.stop().await;
     }
 }
+
+#[tokio::test]
+async fn c10_deprecated_nodes_are_replaced_on_0_38_and_unknown_on_0_3_64() {
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "InvertImage", "inputs": {"images": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "c10"}}
+    });
+    let (sim, mut ws) = ready_038("c10").await;
+    let listing = sim.get_json("/node_replacements").await;
+    assert_eq!(listing["InvertImage"][0]["new_node_id"], "ImageInvert");
+    assert_eq!(listing["InvertImage"][0]["input_mapping"], json!([{"new_id": "image", "old_id": "images"}]));
+    assert_eq!(sim.get_json("/api/node_replacements").await, listing);
+    let id = sim.queue_prompt(&graph, "c10").await;
+    ws.until_done(&id).await;
+    let entry = sim.wait_history(&id).await;
+    assert_eq!(entry["status"]["status_str"], "success");
+    // The stored prompt shows the new graph: same id, new class, renamed input.
+    assert_eq!(entry["prompt"][2]["2"], json!({"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}));
+    assert!(entry["outputs"]["3"]["images"][0]["filename"].is_string());
+    sim.stop().await;
+
+    let old = Sim::start(|_| {}).await;
+    assert_eq!(old.upload("frame.png", png(16, 16, 3), &[]).await.0, 200);
+    assert_eq!(old.get("/node_replacements").await.0, 404);
+    let (status, body) = old.post("/prompt", &json!({"prompt": graph})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "invalid_prompt");
+    assert_eq!(body["error"]["message"], "Cannot execute because node InvertImage does not exist.");
+    old.stop().await;
+}
+
+#[tokio::test]
+async fn c11_newer_validation_error_types_on_0_38_and_captured_shapes_on_0_3_64() {
+    let newer = sim_038(|_| {}).await;
+    let old = Sim::start(|_| {}).await;
+    for sim in [&newer, &old] {
+        assert_eq!(sim.upload("frame.png", png(16, 16, 3), &[]).await.0, 200);
+    }
+
+    // Unknown class.
+    let unknown = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "NoSuchNode", "inputs": {"image": ["1", 0]}, "_meta": {"title": "My node"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "c11"}}
+    });
+    let (status, body) = submit(&newer, &unknown).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"],
+        json!({"type": "missing_node_type", "message": "Node 'My node' not found. The custom node may not be installed.",
+            "details": "Node ID '#2'", "extra_info": {"node_id": "2", "class_type": "NoSuchNode", "node_title": "My node"}})
+    );
+    let (status, body) = submit(&old, &unknown).await;
+    assert_eq!((status, body["error"]["type"].clone()), (400, json!("invalid_prompt")));
+
+    // No class_type at all.
+    let classless = json!({"1": {"inputs": {}}, "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "c11"}}});
+    let (status, body) = submit(&newer, &classless).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "missing_node_type");
+    assert_eq!(body["error"]["extra_info"], json!({"node_id": "1", "class_type": null, "node_title": null}));
+    assert!(body["error"]["message"].as_str().expect("message").contains("ID #1"), "{body}");
+    let (_, body) = submit(&old, &classless).await;
+    assert_eq!(body["error"]["message"], "Cannot execute because a node is missing the class_type property.");
+
+    // No outputs: the same shape on both.
+    let no_outputs = json!({"1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}}});
+    for sim in [&newer, &old] {
+        let (status, body) = submit(sim, &no_outputs).await;
+        assert_eq!(status, 400);
+        assert_eq!(
+            body["error"],
+            json!({"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "", "extra_info": {}})
+        );
+    }
+
+    // A cycle: named on 0.38; 0.3.64 only says the outputs failed.
+    let cycle = json!({
+        "1": {"class_type": "ImageInvert", "inputs": {"image": ["2", 0]}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "c11"}}
+    });
+    let (status, body) = submit(&newer, &cycle).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "dependency_cycle");
+    let mut ids: Vec<&str> =
+        body["error"]["extra_info"]["node_ids"].as_array().expect("ids").iter().filter_map(Value::as_str).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["1", "2"]);
+    let (status, body) = submit(&old, &cycle).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "prompt_outputs_failed_validation", "{body}");
+
+    // A dynamic input no group declares.
+    let dynamic = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0], "extra.value": 3}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "c11"}}
+    });
+    let (status, body) = submit(&newer, &dynamic).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["node_errors"]["2"]["errors"][0]["type"], "invalid_dynamic_input", "{body}");
+    assert_eq!(body["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"], "extra.value");
+    let (status, _) = submit(&old, &dynamic).await;
+    assert_eq!(status, 200, "0.3.64 ignores undeclared inputs");
+
+    // custom_validation_failed (captured on 0.3.64) and wrapped `{"__value__": …}` widget values.
+    for sim in [&newer, &old] {
+        let missing_file = json!({"1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "c11"}}});
+        let (status, body) = submit(sim, &missing_file).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["node_errors"]["1"]["errors"][0]["type"], "custom_validation_failed");
+        let wrapped = json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+            "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": {"__value__": "bilinear"},
+                "width": {"__value__": 32}, "height": 16, "crop": "disabled"}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "c11"}}
+        });
+        let (status, body) = submit(sim, &wrapped).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    newer.stop().await;
+    old.stop().await;
+}
+
+async fn submit(sim: &Sim, graph: &Value) -> (u16, Value) {
+    sim.post("/prompt", &json!({"prompt": graph})).await
+}
