@@ -15,6 +15,7 @@ mod persistence;
 mod results;
 mod resume;
 mod security;
+mod streams;
 mod submit;
 mod tls;
 mod worker;
