@@ -5,7 +5,7 @@
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
-use crate::helpers::{TestApp, error_of, png_bytes, spawn_app, spawn_with, test_args};
+use crate::helpers::{SseReader, TestApp, error_of, png_bytes, spawn_app, spawn_with, test_args};
 
 /// A frame form with extra text fields.
 fn form(prompt: &str, fields: &[(&str, &str)]) -> Form {
@@ -198,4 +198,206 @@ async fn bad_stream_fields_are_refused_naming_the_field_and_the_limit() {
     let id = submit_id(&app, "ok", &[("stream", &"s".repeat(128)), ("mode", "latest")]).await;
     let job = app.job(&id).await;
     assert_eq!((job["stream"].as_str().map(str::len), job["mode"].as_str()), (Some(128), Some("latest")));
+}
+
+/// Every event on `/events` up to the `queued` event of a sentinel job submitted now: the bus is
+/// ordered, so what was published before the sentinel has arrived by then.
+async fn events_so_far(app: &TestApp, reader: &mut SseReader) -> Vec<(String, String, Value)> {
+    let sentinel = app.submit_png("sentinel").await;
+    let mut seen = Vec::new();
+    loop {
+        let (name, ev) = reader.next(10.0).await.expect("events arrive");
+        let id = ev["job_id"].as_str().unwrap_or_default().to_owned();
+        if id == sentinel {
+            return seen;
+        }
+        seen.push((name, id, ev));
+    }
+}
+
+fn count(events: &[(String, String, Value)], name: &str, id: &str) -> usize {
+    events.iter().filter(|(n, j, _)| n == name && j == id).count()
+}
+
+#[tokio::test]
+async fn latest_supersedes_the_waiting_jobs_and_keeps_the_running_one() {
+    let app = spawn_app().await;
+    let mut all = SseReader::new(app.get("/events").send().await.unwrap());
+    let latest = [("stream", "td-left"), ("mode", "latest")];
+    let running = submit_id(&app, "scene 1", &latest).await;
+    let lease = app.lease("gpu", 1.0).await.unwrap();
+    assert_eq!(lease["job_id"], running.as_str());
+    // An older job of the stream in queue mode waits too; latest replaces it as well.
+    let waiting_a = submit_id(&app, "scene 2", &[("stream", "td-left")]).await;
+    let waiting_b = submit_id(&app, "scene 3", &latest).await;
+    assert_eq!(app.job(&waiting_a).await["cancel_reason"], "superseded");
+    let other = submit_id(&app, "another stream", &[("stream", "td-right"), ("mode", "latest")]).await;
+    let body = submit_ok(&app, form("scene 4", &latest)).await;
+    let newest = body["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["superseded"], serde_json::json!([waiting_b]));
+    assert_eq!((body["status"].as_str(), body["queue_position"].as_u64()), (Some("queued"), Some(2)));
+
+    for (old, by) in [(&waiting_a, &waiting_b), (&waiting_b, &newest)] {
+        let job = app.job(old).await;
+        assert_eq!(
+            (job["status"].as_str(), job["cancel_reason"].as_str(), job["superseded_by"].as_str()),
+            (Some("cancelled"), Some("superseded"), Some(by.as_str()))
+        );
+        assert!(!app.files("inputs").contains(old), "a superseded job's frame is deleted");
+    }
+    assert_eq!(app.job(&running).await["status"], "running");
+    assert_eq!(app.job(&other).await["status"], "queued");
+    assert_eq!(app.job(&newest).await["status"], "queued");
+    let hb = app.heartbeat(&running, lease["lease_token"].as_str().unwrap(), None).await;
+    assert_eq!(hb.json::<Value>().await.unwrap()["cancelled"], false);
+
+    let events = events_so_far(&app, &mut all).await;
+    for old in [&waiting_a, &waiting_b] {
+        assert_eq!(count(&events, "cancelled", old), 1, "one cancelled event for {old}");
+        let ev = events.iter().find(|(n, j, _)| n == "cancelled" && j == old).unwrap();
+        assert_eq!(ev.2["job"]["cancel_reason"], "superseded");
+    }
+    assert_eq!(count(&events, "cancelled", &running), 0);
+    // A client's DELETE says so in its reason.
+    app.delete(&format!("/jobs/{other}")).send().await.unwrap();
+    assert_eq!(app.job(&other).await["cancel_reason"], "cancelled");
+}
+
+#[tokio::test]
+async fn preempt_cancels_the_running_job_of_its_stream_only() {
+    let app = spawn_app().await;
+    let mut all = SseReader::new(app.get("/events").send().await.unwrap());
+    let mine = submit_id(&app, "mine", &[("stream", "a"), ("mode", "latest")]).await;
+    let theirs = submit_id(&app, "theirs", &[("stream", "b"), ("mode", "latest")]).await;
+    let l1 = app.lease("gpu-1", 1.0).await.unwrap();
+    let l2 = app.lease("gpu-2", 1.0).await.unwrap();
+    assert_eq!((l1["job_id"].as_str(), l2["job_id"].as_str()), (Some(mine.as_str()), Some(theirs.as_str())));
+    let body = submit_ok(&app, form("now", &[("stream", "a"), ("mode", "latest"), ("preempt", "true")])).await;
+    let new = body["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["superseded"], serde_json::json!([mine]));
+    let job = app.job(&mine).await;
+    assert_eq!(
+        (job["status"].as_str(), job["cancel_reason"].as_str(), job["superseded_by"].as_str()),
+        (Some("cancelled"), Some("superseded"), Some(new.as_str()))
+    );
+    // The worker hears it at its next heartbeat, as for a DELETE; the other stream runs on.
+    let hb = app.heartbeat(&mine, l1["lease_token"].as_str().unwrap(), None).await;
+    assert_eq!(hb.json::<Value>().await.unwrap()["cancelled"], true);
+    let hb = app.heartbeat(&theirs, l2["lease_token"].as_str().unwrap(), None).await;
+    assert_eq!(hb.json::<Value>().await.unwrap()["cancelled"], false);
+    let resp = app.put_result(&mine, l1["lease_token"].as_str().unwrap(), b"too late".to_vec()).await;
+    assert_eq!(resp.status(), 409);
+    assert_eq!(app.lease("gpu-1", 1.0).await.unwrap()["job_id"], new.as_str());
+    let events = events_so_far(&app, &mut all).await;
+    assert_eq!(count(&events, "cancelled", &mine), 1);
+    assert_eq!(count(&events, "cancelled", &theirs), 0);
+}
+
+#[tokio::test]
+async fn a_burst_of_latest_submits_never_leaves_two_jobs_waiting_in_the_stream() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Watches the waiting count for the whole burst (the stream is the only one with jobs).
+    let watcher = {
+        let (app, watching) = (app.clone(), watching.clone());
+        tokio::spawn(async move {
+            let mut most = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                most = most.max(app.health().await["queued"].as_u64().unwrap());
+            }
+            most
+        })
+    };
+    let submits: Vec<_> = (0..50)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                submit_ok(&app, form(&format!("frame {i}"), &[("stream", "burst"), ("mode", "latest")])).await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for s in submits {
+        ids.push(s.await.unwrap()["job_id"].as_str().unwrap().to_owned());
+    }
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(watcher.await.unwrap(), 1, "never more than one job waiting");
+    let mut queued = Vec::new();
+    for id in &ids {
+        let job = app.job(id).await;
+        match job["status"].as_str() {
+            Some("queued") => queued.push(id.clone()),
+            Some("cancelled") => {
+                assert_eq!(job["cancel_reason"], "superseded");
+                assert!(ids.contains(&job["superseded_by"].as_str().unwrap().to_owned()));
+            }
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(queued.len(), 1);
+    let health = app.health().await;
+    assert_eq!((health["queued"].as_u64(), health["cancelled"].as_u64()), (Some(1), Some(49)));
+    assert_eq!(app.files("inputs"), queued, "only the waiting job keeps its frame");
+}
+
+#[tokio::test]
+async fn jobs_of_one_stream_start_in_submission_order() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit_id(&app, &format!("{i}"), &[("stream", "ordered")]).await);
+    }
+    for id in &ids {
+        assert_eq!(app.lease("w", 1.0).await.unwrap()["job_id"], id.as_str());
+    }
+}
+
+#[tokio::test]
+async fn streams_take_turns_so_a_busy_stream_cannot_starve_another() {
+    let app = spawn_app().await;
+    let a: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..10 {
+            v.push(submit_id(&app, &format!("a{i}"), &[("stream", "machine-a")]).await);
+        }
+        v
+    };
+    let b1 = submit_id(&app, "b0", &[("stream", "machine-b")]).await;
+    let b2 = submit_id(&app, "b1", &[("stream", "machine-b")]).await;
+    let mut order = Vec::new();
+    while let Some(lease) = app.lease("gpu", 0.0).await {
+        order.push(lease["job_id"].as_str().unwrap().to_owned());
+    }
+    let mut expected = vec![a[0].clone(), b1, a[1].clone(), b2];
+    expected.extend(a[2..].iter().cloned());
+    assert_eq!(order, expected, "B's jobs start second and fourth");
+}
+
+#[tokio::test]
+async fn queue_positions_are_the_claim_order() {
+    let app = spawn_app().await;
+    let mut queued = Vec::new();
+    for (i, stream) in ["a", "a", "", "b", "a", "", "b", "c", "a", "b"].iter().enumerate() {
+        let fields: Vec<(&str, &str)> = if stream.is_empty() { vec![] } else { vec![("stream", stream)] };
+        queued.push(submit_id(&app, &format!("{i}"), &fields).await);
+        if i == 3 {
+            // One claim in the middle gives stream a a turn, so the order is not the submission's.
+            let first = app.lease("gpu", 0.0).await.unwrap();
+            queued.retain(|id| id != first["job_id"].as_str().unwrap());
+        }
+    }
+    let mut by_position = Vec::new();
+    for id in &queued {
+        let p = app.job(id).await["queue_position"].as_u64().unwrap();
+        by_position.push((p, id.clone()));
+    }
+    by_position.sort();
+    let positions: Vec<u64> = by_position.iter().map(|(p, _)| *p).collect();
+    assert_eq!(positions, (1..=queued.len() as u64).collect::<Vec<_>>(), "positions are 1..n, each once");
+    let mut claimed = Vec::new();
+    while let Some(lease) = app.lease("gpu", 0.0).await {
+        claimed.push(lease["job_id"].as_str().unwrap().to_owned());
+    }
+    let predicted: Vec<String> = by_position.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(claimed, predicted);
 }
