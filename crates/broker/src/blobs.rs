@@ -143,8 +143,12 @@ impl Blobs {
         E: std::error::Error,
     {
         let path = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
-        let file = tokio::fs::File::create(&path).await?;
+        // Created inline, with its guard in the same step: a create awaited on the blocking pool
+        // finishes even when this future is dropped meanwhile (a client that hangs up), leaving
+        // a file no guard removes. One open(2), like the unlink in the drop.
+        let file = std::fs::File::create(&path)?;
         let mut staged = StagedBlob { path, size: 0, head: Vec::new(), sha256: None };
+        let file = tokio::fs::File::from_std(file);
         let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
         let result: Result<(), BlobError> = async {
             while let Some(chunk) = stream.next().await {

@@ -401,3 +401,166 @@ async fn queue_positions_are_the_claim_order() {
     let predicted: Vec<String> = by_position.into_iter().map(|(_, id)| id).collect();
     assert_eq!(claimed, predicted);
 }
+
+/// Runs the stream's next job to `done` with `clip` as its result.
+async fn finish_next(app: &TestApp, id: &str, clip: &[u8]) {
+    let lease = app.lease("gpu", 1.0).await.unwrap();
+    assert_eq!(lease["job_id"], id);
+    let resp = app.put_result(id, lease["lease_token"].as_str().unwrap(), clip.to_vec()).await;
+    assert_eq!(resp.status(), 200);
+}
+
+const DEDUPE: [(&str, &str); 4] =
+    [("stream", "cam"), ("dedupe", "true"), ("seed", "7"), ("params", "{\"frames\": 25}")];
+
+#[tokio::test]
+async fn an_unchanged_frame_with_dedupe_is_done_at_once_with_its_own_copy_of_the_result() {
+    let app = spawn_app().await;
+    let mut all = SseReader::new(app.get("/events").send().await.unwrap());
+    let clip: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 256) as u8).collect();
+    let first = submit_id(&app, "a scene", &DEDUPE).await;
+    finish_next(&app, &first, &clip).await;
+
+    let body = submit_ok(&app, form("a scene", &DEDUPE)).await;
+    let again = body["job_id"].as_str().unwrap().to_owned();
+    assert_eq!((body["status"].as_str(), body["reused_from"].as_str()), (Some("done"), Some(first.as_str())));
+    let job = app.job(&again).await;
+    assert_eq!(
+        (job["status"].as_str(), job["has_result"].as_bool(), job["reused_from"].as_str()),
+        (Some("done"), Some(true), Some(first.as_str()))
+    );
+    assert_eq!(job["result"]["size"], clip.len());
+    assert!(app.lease("gpu", 0.0).await.is_none(), "no GPU work for a reused result");
+    let events = events_so_far(&app, &mut all).await;
+    assert_eq!(count(&events, "done", &again), 1);
+    assert_eq!(events.iter().filter(|(_, j, _)| j == &again).count(), 1, "one event, done");
+    assert!(!app.files("inputs").contains(&again), "the reused job keeps no frame");
+
+    // A third identical frame reuses the second (the stream's last finished job).
+    let third = submit_ok(&app, form("a scene", &DEDUPE)).await;
+    assert_eq!(third["reused_from"], again.as_str());
+    // Deleting the original leaves the copies whole.
+    app.delete(&format!("/jobs/{first}")).send().await.unwrap();
+    for id in [&again, third["job_id"].as_str().unwrap()] {
+        let got = app.get(&format!("/jobs/{id}/result")).send().await.unwrap();
+        assert_eq!(got.status(), 200);
+        assert_eq!(got.bytes().await.unwrap().to_vec(), clip);
+    }
+}
+
+#[tokio::test]
+async fn a_changed_byte_a_changed_parameter_or_a_random_seed_is_not_a_dedupe_hit() {
+    let app = spawn_app().await;
+    let clip = b"the clip".to_vec();
+    let first = submit_id(&app, "a scene", &DEDUPE).await;
+    finish_next(&app, &first, &clip).await;
+    // One pixel changed (a PNG is checked to its end, so a byte flipped in place would break its
+    // CRC and be refused; re-encoded, the frame is valid and a few bytes differ).
+    let mut img = image::load_from_memory(&png_bytes(64, 40)).unwrap().to_rgb8();
+    img.put_pixel(3, 3, image::Rgb([1, 2, 3]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    let one_pixel = out.into_inner();
+    let mut other_seed = DEDUPE;
+    other_seed[2] = ("seed", "8");
+    let mut other_params = DEDUPE;
+    other_params[3] = ("params", "{\"frames\": 33}");
+    let mut random = DEDUPE;
+    random[2] = ("seed", "-1");
+    let cases: Vec<(&str, Form)> = vec![
+        ("changed frame", form_with(one_pixel, "a scene", &DEDUPE)),
+        ("changed prompt", form("another scene", &DEDUPE)),
+        ("changed negative prompt", form("a scene", &[DEDUPE.as_slice(), &[("negative_prompt", "x")]].concat())),
+        ("changed seed", form("a scene", &other_seed)),
+        ("changed params", form("a scene", &other_params)),
+    ];
+    for (what, f) in cases {
+        let body = submit_ok(&app, f).await;
+        assert_eq!((body["status"].as_str(), body["reused_from"].clone()), (Some("queued"), Value::Null), "{what}");
+        // Cancelled, so the stream's last finished job stays the first one.
+        app.delete(&format!("/jobs/{}", body["job_id"].as_str().unwrap())).send().await.unwrap();
+    }
+    // A random seed is never a hit, not even after a random-seed job of the same frame finished.
+    let r1 = submit_id(&app, "a scene", &random).await;
+    finish_next(&app, &r1, &clip).await;
+    let body = submit_ok(&app, form("a scene", &random)).await;
+    assert_eq!((body["status"].as_str(), body["reused_from"].clone()), (Some("queued"), Value::Null));
+    // Without dedupe=true an unchanged frame runs as usual.
+    let body =
+        submit_ok(&app, form("a scene", &DEDUPE[..1].iter().chain(&DEDUPE[2..]).copied().collect::<Vec<_>>())).await;
+    assert_eq!(body["status"], "queued");
+}
+
+fn latest_request(boundary: &str, addr: &str, png: &[u8]) -> (String, Vec<u8>) {
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"stream\"\r\n\r\ns\r\n--{boundary}\r\n\
+         Content-Disposition: form-data; name=\"mode\"\r\n\r\nlatest\r\n--{boundary}\r\n\
+         Content-Disposition: form-data; name=\"image\"; filename=\"f.png\"\r\nContent-Type: image/png\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(png);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let head = format!(
+        "POST /jobs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    (head, body)
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    // Generous: every accepted upload syncs its file and its commit, on a disk other work shares.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_latest_submit_whose_client_hangs_up_supersedes_all_or_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let png = png_bytes(64, 40);
+    let waiting = submit_id(&app, "keep me", &[("stream", "s"), ("mode", "latest")]).await;
+
+    // Cut off mid-frame: the request never reaches the store, so nothing is superseded.
+    let (head, body) = latest_request("cut", &addr, &png);
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body[..body.len() - png.len() / 2]).await.unwrap();
+    wait_for("the frame to be staged", || !app.files("tmp").is_empty()).await;
+    drop(tcp);
+    wait_for("the staged frame to be removed", || app.files("tmp").is_empty()).await;
+    let job = app.job(&waiting).await;
+    assert_eq!((job["status"].as_str(), job["queue_position"].as_u64()), (Some("queued"), Some(1)));
+    let list: Value = app.get("/jobs").send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["count"], 1, "no job from the broken upload");
+
+    // Whole requests whose client leaves at once, at moments swept across the handler's work:
+    // each either replaced the waiting job with its own or did nothing.
+    for round in 0..20u64 {
+        let (head, body) = latest_request("whole", &addr, &png);
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(&body).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_micros(round * 250)).await;
+        drop(tcp);
+    }
+    // Also shows that a request dropped while its frame's file was being created leaves no file.
+    wait_for("uploads to settle", || app.files("tmp").is_empty()).await;
+    // A normal submit afterwards is stored after every hung-up one that got as far as the store.
+    let last = submit_ok(&app, form("last", &[("stream", "s"), ("mode", "latest")])).await;
+    let list: Value = app.get("/jobs?limit=500").send().await.unwrap().json().await.unwrap();
+    let jobs = list["jobs"].as_array().unwrap();
+    let queued: Vec<&Value> = jobs.iter().filter(|j| j["status"] == "queued").collect();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0]["id"], last["job_id"]);
+    for job in jobs.iter().filter(|j| j["status"] == "cancelled") {
+        assert_eq!(job["cancel_reason"], "superseded");
+        let by = job["superseded_by"].as_str().unwrap();
+        assert!(jobs.iter().any(|j| j["id"] == by), "the job that superseded {} exists", job["id"]);
+    }
+    assert_eq!(app.files("inputs"), vec![last["job_id"].as_str().unwrap().to_owned()]);
+}
