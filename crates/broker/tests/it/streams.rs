@@ -564,3 +564,24 @@ async fn a_latest_submit_whose_client_hangs_up_supersedes_all_or_nothing() {
     }
     assert_eq!(app.files("inputs"), vec![last["job_id"].as_str().unwrap().to_owned()]);
 }
+
+#[tokio::test]
+async fn the_document_declares_the_stream_fields_as_the_handlers_take_them() {
+    let app = spawn_app().await;
+    let doc: Value = app.get("/openapi.json").send().await.unwrap().json().await.unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let form = &schemas["SubmitForm"]["properties"];
+    assert_eq!(form["stream"]["maxLength"], 128, "{}", form["stream"]);
+    for flag in ["preempt", "dedupe", "previews"] {
+        assert!(form[flag].to_string().contains("boolean"), "{flag}: {}", form[flag]);
+    }
+    assert!(form["mode"].to_string().contains("StreamMode"), "{}", form["mode"]);
+    assert_eq!(schemas["StreamMode"]["enum"], serde_json::json!(["queue", "latest"]));
+    for field in ["stream", "mode", "previews", "cancel_reason", "superseded_by", "reused_from"] {
+        assert!(schemas["JobView"]["properties"][field].is_object(), "JobView.{field}");
+    }
+    for field in ["reused_from", "superseded"] {
+        assert!(schemas["SubmitResponse"]["properties"][field].is_object(), "SubmitResponse.{field}");
+    }
+    assert!(schemas["Lease"]["properties"]["previews"].is_object());
+}
