@@ -585,3 +585,36 @@ async fn the_document_declares_the_stream_fields_as_the_handlers_take_them() {
     }
     assert!(schemas["Lease"]["properties"]["previews"].is_object());
 }
+
+#[tokio::test]
+async fn a_dedupe_hit_in_latest_mode_supersedes_the_waiting_job_and_survives_a_restart() {
+    let app = spawn_app().await;
+    let clip: Vec<u8> = (0..70_000u32).map(|i| (i * 31 % 256) as u8).collect();
+    let latest: Vec<(&str, &str)> = [DEDUPE.as_slice(), &[("mode", "latest")]].concat();
+    let first = submit_id(&app, "still", &latest).await;
+    finish_next(&app, &first, &clip).await;
+    let running = submit_id(&app, "moving", &latest).await;
+    assert_eq!(app.lease("gpu", 1.0).await.unwrap()["job_id"], running.as_str());
+    let waiting = submit_id(&app, "moving on", &latest).await;
+    // The scene is back to the first one: answered at once, and the stale waiting job goes.
+    let body = submit_ok(&app, form("still", &latest)).await;
+    let hit = body["job_id"].as_str().unwrap().to_owned();
+    assert_eq!((body["status"].as_str(), body["reused_from"].as_str()), (Some("done"), Some(first.as_str())));
+    assert_eq!(body["superseded"], serde_json::json!([waiting]));
+    assert_eq!(app.job(&waiting).await["superseded_by"], hit.as_str());
+    assert_eq!(app.job(&running).await["status"], "running");
+
+    // The files the reused job owns are its own at the next start too (nothing reconciled away).
+    let app = app.restart().await;
+    app.delete(&format!("/jobs/{first}")).send().await.unwrap();
+    let got = app.get(&format!("/jobs/{hit}/result")).send().await.unwrap();
+    assert_eq!(got.bytes().await.unwrap().to_vec(), clip);
+    // With the original's result gone, an identical frame reuses the hit (the stream's last done).
+    let again = submit_ok(&app, form("still", &latest)).await;
+    assert_eq!(again["reused_from"], hit.as_str());
+    // Once no finished job of the stream has its result, an identical frame runs.
+    app.delete(&format!("/jobs/{hit}")).send().await.unwrap();
+    app.delete(&format!("/jobs/{}", again["job_id"].as_str().unwrap())).send().await.unwrap();
+    let miss = submit_ok(&app, form("still", &latest)).await;
+    assert_eq!((miss["status"].as_str(), miss["reused_from"].clone()), (Some("queued"), Value::Null));
+}
