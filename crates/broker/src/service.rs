@@ -885,6 +885,9 @@ impl Broker {
                 Err(e) => note(e.into()),
             }
         }
+        if let Err(e) = self.inner.store.forget_old_turns(TURN_MEMORY).await {
+            note(e.into());
+        }
         if let Some(retention) = cfg.job_retention
             && let Err(e) = self.expire_records(retention.as_millis() as i64).await
         {
@@ -944,6 +947,11 @@ impl Broker {
         Ok(())
     }
 }
+
+/// Claims after which a stream not served since is forgotten by the round-robin (it then counts
+/// as never served, which is where its old turn placed it anyway): bounds the turns kept to the
+/// streams active recently, however many stream ids clients have used.
+const TURN_MEMORY: i64 = 10_000;
 
 /// Deletes the files in `inputs/` and `results/` that no job owns: left by a crash between a
 /// file's rename and its row's commit, or between a commit that gave a file up (cancel, expiry)

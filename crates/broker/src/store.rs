@@ -714,6 +714,30 @@ impl Store {
         .await
     }
 
+    /// Forgets the turns of streams not served in the last `keep` claims, at most [`SWEEP_BATCH`]
+    /// per call, so neither `stream_turns` nor its mirror grows with every stream id ever seen.
+    /// A forgotten stream counts as never served, which orders it before every stream served in
+    /// those `keep` claims, exactly where its old turn put it; only its order among other
+    /// forgotten streams becomes their age.
+    pub async fn forget_old_turns(&self, keep: i64) -> Result<u64, StoreError> {
+        self.write(move |tx, queue, _| {
+            let newest: i64 = tx.query_row("SELECT COALESCE(MAX(served), 0) FROM stream_turns", [], |r| r.get(0))?;
+            let old: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT stream FROM stream_turns INDEXED BY stream_turns_by_served WHERE served < ?1 LIMIT ?2",
+                )?
+                .query_map(params![newest - keep, SWEEP_BATCH], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut forget = tx.prepare_cached("DELETE FROM stream_turns WHERE stream = ?1")?;
+            for stream in &old {
+                forget.execute([stream])?;
+                queue.forgot(stream.clone());
+            }
+            Ok(old.len() as u64)
+        })
+        .await
+    }
+
     /// Renews a lease and records progress. Fails with `LeaseLost` unless `token` is the job's
     /// current lease and the job is running (or was cancelled under this lease).
     pub async fn heartbeat(
@@ -1170,6 +1194,9 @@ impl QueueIndex {
                 Change::Served(stream, turn) => {
                     self.turns.insert(stream, turn);
                 }
+                Change::Forgot(stream) => {
+                    self.turns.remove(&stream);
+                }
             }
         }
     }
@@ -1181,6 +1208,8 @@ enum Change {
     Queued(i64, String, bool),
     /// The stream's new turn.
     Served(String, i64),
+    /// The stream's turn was forgotten (it counts as never served).
+    Forgot(String),
 }
 
 /// What one write transaction did to the queue, in order.
@@ -1200,6 +1229,10 @@ impl QueueDelta {
 
     fn served(&mut self, stream: String, turn: i64) {
         self.changes.push(Change::Served(stream, turn));
+    }
+
+    fn forgot(&mut self, stream: String) {
+        self.changes.push(Change::Forgot(stream));
     }
 }
 
@@ -1383,4 +1416,72 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
         })
     };
     Ok(build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(stream: &str) -> NewJob {
+        NewJob {
+            id: JobId::new(),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: None,
+            workflow: "w".into(),
+            params: serde_json::Map::new(),
+            input: InputInfo { content_type: "image/png".into(), size: 1, width: 1, height: 1 },
+            idempotency: None,
+            stream: stream.into(),
+            mode: StreamMode::Queue,
+            preempt: false,
+            previews: false,
+            dedupe_key: None,
+            reuse: None,
+        }
+    }
+
+    async fn insert(store: &Store, stream: &str) -> JobRecord {
+        match store.insert(job(stream)).await.unwrap() {
+            InsertOutcome::Created(ins) => ins.record,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn forgetting_old_turns_keeps_positions_equal_to_the_claim_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), Clock::system()).unwrap();
+        // Streams a, b, c served in that order; then only c again, so a and b are the old ones.
+        for s in ["a", "b", "c"] {
+            insert(&store, s).await;
+            store.claim_next("w".into(), 60_000).await.unwrap().unwrap();
+        }
+        insert(&store, "c").await;
+        store.claim_next("w".into(), 60_000).await.unwrap().unwrap();
+        let queued = [insert(&store, "c").await, insert(&store, "b").await, insert(&store, "a").await];
+        let before: Vec<u64> = {
+            let mut v = Vec::new();
+            for r in &queued {
+                v.push(store.queue_position(&r.stream, r.seq).await.unwrap());
+            }
+            v
+        };
+        assert_eq!(before, [3, 2, 1], "least recently served first: a, then b, then c");
+        assert_eq!(store.forget_old_turns(1).await.unwrap(), 2, "a and b are forgotten, c is kept");
+        let turns: i64 =
+            store.read(|c| Ok(c.query_row("SELECT COUNT(*) FROM stream_turns", [], |r| r.get(0))?)).unwrap();
+        assert_eq!(turns, 1);
+        // Forgotten streams count as never served: still before c, now among themselves by age.
+        let mut after = Vec::new();
+        for r in &queued {
+            after.push(store.queue_position(&r.stream, r.seq).await.unwrap());
+        }
+        assert_eq!(after, [3, 1, 2]);
+        let mut claimed = Vec::new();
+        while let Some(r) = store.claim_next("w".into(), 60_000).await.unwrap() {
+            claimed.push(r.id);
+        }
+        assert_eq!(claimed, [queued[1].id, queued[2].id, queued[0].id], "claims follow the positions");
+    }
 }
