@@ -525,6 +525,11 @@ class TDComfyClient:
         workflow: str | None = None,
         params: dict | str | None = None,
         *,
+        stream: str | None = None,
+        mode: str | None = None,
+        preempt: bool = False,
+        dedupe: bool = False,
+        previews: bool = False,
         idempotency_key: str | None = None,
         abort: AbortSignal | None = None,
     ) -> str:
@@ -533,6 +538,15 @@ class TDComfyClient:
         ``image_bytes`` is a PNG, JPEG or WebP file in memory (see ``top_to_jpeg_bytes``).
         ``negative_prompt``, ``seed``, ``workflow`` and ``params`` are only sent when given;
         ``params`` is a dict of named workflow inputs (see ``workflows()``).
+
+        Live use: ``stream`` names this source (1 to 128 visible ASCII characters, e.g. one per
+        TD component); jobs of one stream start in order, and streams share the GPUs in turns.
+        ``mode="latest"`` (needs ``stream``) cancels the stream's jobs that have not started
+        (``cancel_reason: "superseded"``); ``preempt=True`` also cancels its running one.
+        ``dedupe=True`` (needs ``stream``) answers an unchanged frame with unchanged settings at
+        once with the stream's last result (the answer's ``status`` is ``done`` and
+        ``reused_from`` names that job; see ``last_submit``). ``previews=True`` asks for previews.
+        These are only sent when given, so older brokers see the request they know.
 
         The request carries an ``Idempotency-Key`` (``idempotency_key`` or a fresh random one);
         on a connection error or timeout it is retried once with the same key, so the broker
@@ -548,6 +562,13 @@ class TDComfyClient:
             fields.append(("workflow", workflow))
         if params is not None:
             fields.append(("params", params if isinstance(params, str) else json.dumps(params)))
+        if stream:
+            fields.append(("stream", str(stream)))
+        if mode:
+            fields.append(("mode", str(mode)))
+        for name, flag in (("preempt", preempt), ("dedupe", dedupe), ("previews", previews)):
+            if flag:
+                fields.append((name, "true"))
         content_type, parts = _multipart(fields, image_bytes)
         headers = {"Content-Type": content_type, "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         for attempt in (1, 2):
@@ -1148,6 +1169,11 @@ class PipelineEvent:
         progress: 0..1 (``progress`` only).
         job: the broker's latest job JSON, when one was seen.
         error: the failure (``error`` only).
+        cancel_reason: why the broker cancelled the job (``cancelled`` only): ``"superseded"``
+            when a newer frame of the stream replaced it (``mode="latest"``), ``"cancelled"`` for
+            a cancel; None when the broker did not say.
+        reused_from: on ``done``, the earlier job whose result was reused (``dedupe=True`` and
+            nothing changed); None when the job ran.
     """
 
     kind: str
@@ -1157,6 +1183,8 @@ class PipelineEvent:
     progress: float | None = None
     job: dict | None = None
     error: TDComfyError | None = None
+    cancel_reason: str | None = None
+    reused_from: str | None = None
 
     @property
     def message(self) -> str:
@@ -1182,6 +1210,10 @@ class _Frame:
     progress: float | None = None
     job: dict | None = None
     cancel_requested: bool = False
+
+
+# The live-stream arguments of ``submit_frame``, in the order the broker documents them.
+_STREAM_FIELDS = ("stream", "mode", "preempt", "dedupe", "previews")
 
 
 class _Stopped(Exception):
@@ -1215,6 +1247,13 @@ class FramePipeline:
         cancel_on_close: ``close()`` also cancels jobs still running on the broker.
         prompt, negative_prompt, seed, workflow, params: defaults for ``submit()``; they are plain
             attributes you may change at any time (e.g. from a Parameter Execute DAT).
+        stream, mode, preempt, dedupe, previews: live-stream defaults for ``submit()`` (plain
+            attributes too), sent as ``TDComfyClient.submit_frame`` describes. With
+            ``mode="latest"`` the broker keeps at most one frame of the stream waiting and
+            reports replaced ones as ``cancelled`` events with ``cancel_reason="superseded"``;
+            raise ``max_in_flight`` to 2 or more so a new frame is sent while one runs. When
+            ``mode="latest"`` or ``dedupe`` is set without a ``stream``, the pipeline makes one
+            for itself (``self.stream``).
         timeout: seconds per socket operation.
         submit_retry_for: how long an upload keeps being retried while the broker is unreachable.
         download_retry_for: the same for downloads.
@@ -1243,6 +1282,11 @@ class FramePipeline:
         seed: int | None = None,
         workflow: str | None = None,
         params: dict | None = None,
+        stream: str | None = None,
+        mode: str | None = None,
+        preempt: bool = False,
+        dedupe: bool = False,
+        previews: bool = False,
         timeout: float = 10.0,
         submit_retry_for: float = 30.0,
         download_retry_for: float = 120.0,
@@ -1281,6 +1325,13 @@ class FramePipeline:
         self.seed = seed
         self.workflow = workflow
         self.params = params
+        if stream is None and (mode == "latest" or dedupe):
+            stream = f"td-{uuid.uuid4().hex[:16]}"
+        self.stream = stream
+        self.mode = mode
+        self.preempt = preempt
+        self.dedupe = dedupe
+        self.previews = previews
         self.submit_retry_for = float(submit_retry_for)
         self.download_retry_for = float(download_retry_for)
         self.poll_wait = float(poll_wait)
@@ -1295,6 +1346,7 @@ class FramePipeline:
         self._waiting: collections.deque[_Frame] = collections.deque()
         self._active: dict[int, _Frame] = {}
         self._next_ticket = 1
+        self._dedupe_kept: str | None = None  # the last done job kept on the broker for dedupe
         self._stop = threading.Event()
         self._abort = AbortSignal()
         self._closed = False
@@ -1320,6 +1372,12 @@ class FramePipeline:
         seed: int | None = None,
         workflow: str | None = None,
         params: dict | None = None,
+        *,
+        stream: str | None = None,
+        mode: str | None = None,
+        preempt: bool | None = None,
+        dedupe: bool | None = None,
+        previews: bool | None = None,
     ) -> int | None:
         """Queues a frame for upload and returns its ticket number at once, or None if skipped.
 
@@ -1334,6 +1392,11 @@ class FramePipeline:
             "seed": self.seed if seed is None else seed,
             "workflow": self.workflow if workflow is None else workflow,
             "params": self.params if params is None else params,
+            "stream": self.stream if stream is None else stream,
+            "mode": self.mode if mode is None else mode,
+            "preempt": self.preempt if preempt is None else preempt,
+            "dedupe": self.dedupe if dedupe is None else dedupe,
+            "previews": self.previews if previews is None else previews,
         }
         with self._work:
             if self._closed:
@@ -1572,12 +1635,15 @@ class FramePipeline:
         deadline = time.monotonic() + self.submit_retry_for
         failures = 0
         fields = frame.fields
+        # Passed only when set, so a client object written before streams (or a test double)
+        # that does not take them keeps working.
+        stream_args = {name: fields[name] for name in _STREAM_FIELDS if fields.get(name)}
         while True:
             try:
                 job_id = self.client.submit_frame(
                     frame.image, prompt=fields["prompt"] or "", negative_prompt=fields["negative_prompt"] or "",
                     seed=fields["seed"], workflow=fields["workflow"], params=fields["params"],
-                    idempotency_key=key, abort=self._abort,
+                    idempotency_key=key, abort=self._abort, **stream_args,
                 )
                 break
             except TDComfyError as exc:
@@ -1600,6 +1666,7 @@ class FramePipeline:
 
     def _job_thread(self, frame: _Frame) -> None:
         remote_finished = False
+        status = None
         try:
             job = self._watch(frame)
             remote_finished = True
@@ -1609,11 +1676,11 @@ class FramePipeline:
                 with self._lock:
                     self._stats["done"] += 1
                     self._stats["last_result"] = path
-                self._emit("done", frame, path=path)
+                self._emit("done", frame, path=path, reused_from=job.get("reused_from"))
             elif status == "cancelled":
                 with self._lock:
                     self._stats["cancelled"] += 1
-                self._emit("cancelled", frame)
+                self._emit("cancelled", frame, cancel_reason=job.get("cancel_reason"))
             else:
                 message = job.get("error_message") or "the job failed"
                 self._fail(frame, TDComfyError("job_failed", str(message), job_id=frame.job_id))
@@ -1630,7 +1697,14 @@ class FramePipeline:
         finally:
             self._release(frame)
             if frame.job_id and self.delete_remote and remote_finished and not self._stop.is_set():
-                self._housekeeping.put(("delete", frame.job_id, 0))
+                delete = frame.job_id
+                if status == "done" and frame.fields.get("dedupe"):
+                    # The stream's last result is what an unchanged frame reuses: it stays on the
+                    # broker until a newer one replaces it (each reuse owns its own copy).
+                    with self._lock:
+                        delete, self._dedupe_kept = self._dedupe_kept, delete
+                if delete:
+                    self._housekeeping.put(("delete", delete, 0))
 
     def _watch(self, frame: _Frame) -> dict:
         """Follows the job until a terminal status; returns the final job JSON."""

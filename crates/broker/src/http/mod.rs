@@ -7,6 +7,7 @@ mod files;
 mod jobs;
 mod push;
 mod spec;
+mod submit_form;
 mod worker;
 
 pub use error::ApiError;
