@@ -12,6 +12,7 @@ mod jobs;
 mod lease;
 mod limits;
 mod persistence;
+mod previews;
 mod results;
 mod resume;
 mod security;
