@@ -72,6 +72,11 @@ pub struct WorkerArgs {
     /// instead of deleting them once the broker has the result.
     #[arg(long, env = "COMFYUI_KEEP_OUTPUTS", default_value_t = false)]
     pub comfyui_keep_outputs: bool,
+
+    /// Most preview images per second sent to the broker for a job submitted with previews on
+    /// (the newest wins; the rest are dropped). 0 sends none.
+    #[arg(long, env = "PREVIEW_FPS", default_value_t = 10.0)]
+    pub preview_fps: f64,
 }
 
 /// Why the worker settings are unusable.
@@ -122,6 +127,8 @@ pub struct WorkerConfig {
     pub comfy_folders: FolderSettings,
     /// Leave delivered outputs in ComfyUI's output folder.
     pub keep_comfy_outputs: bool,
+    /// Shortest time between two previews of a job (`PREVIEW_FPS`); `None` sends none.
+    pub preview_interval: Option<Duration>,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -171,6 +178,13 @@ impl WorkerArgs {
                 message: format!("must be 1 to 128 visible ASCII characters (no spaces), got {worker_id:?}"),
             });
         }
+        let fps = self.preview_fps;
+        if !(fps.is_finite() && (0.0..=1000.0).contains(&fps)) {
+            return Err(WorkerConfigError::Invalid {
+                name: "PREVIEW_FPS",
+                message: format!("must be 0 (off) to 1000 previews per second, got {fps}"),
+            });
+        }
         Ok(WorkerConfig {
             broker_url,
             token: token.filter(|t| !t.is_empty()),
@@ -192,6 +206,7 @@ impl WorkerArgs {
                 output: self.comfyui_output_dir.filter(|p| !p.as_os_str().is_empty()),
             },
             keep_comfy_outputs: self.comfyui_keep_outputs,
+            preview_interval: (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps)),
         })
     }
 }

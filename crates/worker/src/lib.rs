@@ -6,6 +6,7 @@ pub mod broker_client;
 pub mod comfy_files;
 pub mod config;
 mod lease_keeper;
+pub mod previews;
 pub mod run;
 mod spooled;
 

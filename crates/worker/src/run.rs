@@ -410,6 +410,8 @@ impl JobRun<'_> {
         let id = self.lease.job_id;
         let cancel = CancellationToken::new();
         let mut run = self.backend.runner.run_prompt(graph, prompt_id, cancel.clone());
+        let previews =
+            crate::previews::PreviewUploader::for_lease(self.broker, self.lease, self.config.preview_interval);
         let mut stop_reason: Option<Supervised> = None;
         // JOB_TIMEOUT holds here too, so a job ends on time even while the broker is unreachable.
         let deadline = tokio::time::sleep(Duration::from_secs_f64(self.lease.job_timeout.clamp(1.0, 1e7)));
@@ -428,6 +430,8 @@ impl JobRun<'_> {
                         return stop_reason.unwrap_or(Supervised::Finished(outputs, execution_time));
                     }
                     Some(RunUpdate::Failed(f)) => return stop_reason.unwrap_or(Supervised::Failed(f)),
+                    // Handed to the uploader's own task: never awaited here (a preview never delays a job).
+                    Some(RunUpdate::Preview(p)) => previews.offer(p),
                     Some(_) => {}
                     None => {
                         return stop_reason.unwrap_or_else(|| Supervised::Failed(RunFailure::new(

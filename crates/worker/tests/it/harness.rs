@@ -69,6 +69,10 @@ pub struct Setup {
     pub comfyui_retry_budget: f64,
     /// `COMFYUI_DIR` of the workers.
     pub comfyui_dir: Option<PathBuf>,
+    /// How long the broker's preview route stalls before answering (a slow broker).
+    pub preview_stall: Option<Duration>,
+    /// `PREVIEW_FPS` of the workers.
+    pub preview_fps: f64,
 }
 
 impl Default for Setup {
@@ -82,6 +86,8 @@ impl Default for Setup {
             job_timeout: 120.0,
             comfyui_retry_budget: 2.0,
             comfyui_dir: None,
+            preview_stall: None,
+            preview_fps: 10.0,
         }
     }
 }
@@ -160,9 +166,11 @@ impl Pipeline {
             max_attempts: self.setup.max_attempts,
             max_queue: 1000,
             max_subscribers: 256,
+            max_preview_mb: 64,
             net: Default::default(),
         };
-        let config = args.into_config(self.workflows.clone()).unwrap();
+        let mut config = args.into_config(self.workflows.clone()).unwrap();
+        config.preview_limits.stall_for_tests = self.setup.preview_stall;
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -214,6 +222,7 @@ impl Pipeline {
             comfyui_output_dir: None,
             comfyui_input_dir: None,
             comfyui_keep_outputs: false,
+            preview_fps: self.setup.preview_fps,
         };
         let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();
         let stop = CancellationToken::new();

@@ -4,6 +4,7 @@ mod comfy_files;
 mod harness;
 mod lease;
 mod pipeline;
+mod previews;
 mod proxy;
 mod recovery;
 mod tls;
