@@ -64,6 +64,41 @@ impl std::fmt::Display for JobStatus {
     }
 }
 
+/// How a job treats the older jobs of its stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// Every job runs, in submission order (the original behaviour).
+    #[default]
+    Queue,
+    /// Latest wins: a new job cancels the stream's jobs that have not started
+    /// (`cancel_reason: "superseded"`), so a stream has at most one job waiting.
+    Latest,
+}
+
+impl StreamMode {
+    /// The wire spelling (`"queue"`, `"latest"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamMode::Queue => "queue",
+            StreamMode::Latest => "latest",
+        }
+    }
+
+    /// Parses the wire spelling; `None` for anything else.
+    pub fn parse(s: &str) -> Option<StreamMode> {
+        [StreamMode::Queue, StreamMode::Latest].into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// Why a job was cancelled (`cancel_reason`).
+pub mod cancel_reason {
+    /// A client's `DELETE /jobs/{id}` (or `POST /jobs/{id}/cancel`).
+    pub const CANCELLED: &str = "cancelled";
+    /// A newer job of the same stream in `latest` mode replaced it (`superseded_by` names it).
+    pub const SUPERSEDED: &str = "superseded";
+}
+
 /// How far a running job has come.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Progress {
@@ -132,6 +167,27 @@ pub struct JobView {
     pub result: Option<ResultInfo>,
     /// Where the time went.
     pub timings: Timings,
+    /// The stream the job belongs to, as submitted; null for jobs without one (they share one
+    /// anonymous stream).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// `queue` or `latest`, as submitted.
+    #[serde(default)]
+    pub mode: StreamMode,
+    /// True when the client asked for previews while the job runs.
+    #[serde(default)]
+    pub previews: bool,
+    /// Why a cancelled job was cancelled: `"cancelled"` (a client's DELETE) or `"superseded"` (a
+    /// newer job of its stream in `latest` mode); null otherwise.
+    #[serde(default)]
+    pub cancel_reason: Option<String>,
+    /// The job that superseded this one, when `cancel_reason` is `"superseded"`.
+    #[serde(default)]
+    pub superseded_by: Option<JobId>,
+    /// The finished job whose result this one reuses (`dedupe=true` and nothing changed): the job
+    /// was answered `done` at once without GPU work.
+    #[serde(default)]
+    pub reused_from: Option<JobId>,
 }
 
 /// Where a job's time went, in seconds; null where not (yet) known.
@@ -158,6 +214,12 @@ pub struct SubmitResponse {
     pub queue_position: Option<u64>,
     /// Workflow that will run the job.
     pub workflow: String,
+    /// The finished job whose result was reused (`dedupe=true` hit; `status` is then `done`).
+    #[serde(default)]
+    pub reused_from: Option<JobId>,
+    /// Jobs of the same stream this submission cancelled (`mode=latest`), oldest first.
+    #[serde(default)]
+    pub superseded: Vec<JobId>,
 }
 
 /// Response of `DELETE /jobs/{id}` and `POST /jobs/{id}/cancel`.
@@ -372,6 +434,9 @@ pub struct Lease {
     /// over-large output before sending it. Absent from older brokers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_result_bytes: Option<u64>,
+    /// True when the client asked for previews of this job while it runs. False from older brokers.
+    #[serde(default)]
+    pub previews: bool,
 }
 
 /// Response of `POST /worker/lease` when a job was leased.

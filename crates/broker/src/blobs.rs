@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
 use tdcomfy_api::JobId;
 use tokio::io::AsyncWriteExt;
 
@@ -47,6 +48,8 @@ pub struct StagedBlob {
     pub size: u64,
     /// The first bytes of the stream (up to `head_len`), for sniffing the format.
     pub head: Vec<u8>,
+    /// SHA-256 of all the bytes, when staged with [`Blobs::stage_hashed`].
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// A staged file nobody committed is removed with its value, however its owner ended: an error
@@ -110,14 +113,38 @@ impl Blobs {
 
     /// Writes `stream` to a temporary file, refusing more than `limit` bytes, and keeps its first
     /// `head_len` bytes in memory. Nothing is visible until [`Blobs::commit`].
-    pub async fn stage<S, E>(&self, mut stream: S, limit: u64, head_len: usize) -> Result<StagedBlob, BlobError>
+    pub async fn stage<S, E>(&self, stream: S, limit: u64, head_len: usize) -> Result<StagedBlob, BlobError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::error::Error,
+    {
+        self.stage_with(stream, limit, head_len, None).await
+    }
+
+    /// [`Blobs::stage`], hashing the bytes (SHA-256) chunk by chunk as they go to disk, so a frame
+    /// can be recognised (`dedupe`) without reading it again.
+    pub async fn stage_hashed<S, E>(&self, stream: S, limit: u64, head_len: usize) -> Result<StagedBlob, BlobError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::error::Error,
+    {
+        self.stage_with(stream, limit, head_len, Some(Sha256::new())).await
+    }
+
+    async fn stage_with<S, E>(
+        &self,
+        mut stream: S,
+        limit: u64,
+        head_len: usize,
+        mut hasher: Option<Sha256>,
+    ) -> Result<StagedBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::error::Error,
     {
         let path = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
         let file = tokio::fs::File::create(&path).await?;
-        let mut staged = StagedBlob { path, size: 0, head: Vec::new() };
+        let mut staged = StagedBlob { path, size: 0, head: Vec::new(), sha256: None };
         let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
         let result: Result<(), BlobError> = async {
             while let Some(chunk) = stream.next().await {
@@ -130,6 +157,9 @@ impl Blobs {
                     let take = (head_len - staged.head.len()).min(chunk.len());
                     staged.head.extend_from_slice(&chunk[..take]);
                 }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&chunk);
+                }
                 out.write_all(&chunk).await?;
             }
             out.flush().await?;
@@ -140,6 +170,7 @@ impl Blobs {
         // Closed first: Windows cannot remove an open file. On an error `staged` is dropped here,
         // which removes its file (so does a drop of this future mid-stream).
         drop(out);
+        staged.sha256 = hasher.map(|h| h.finalize().into());
         result.map(|()| staged)
     }
 
@@ -151,6 +182,35 @@ impl Blobs {
         staged.path = PathBuf::new();
         let dir = target.parent().map(Path::to_owned).unwrap_or_else(|| self.root.clone());
         tokio::task::spawn_blocking(move || sync_dir(&dir)).await.map_err(io::Error::other)?
+    }
+
+    /// Gives job `to` its own file of `kind` with the bytes of `from`'s: a hard link (the same
+    /// bytes, no copy; either name can be deleted without touching the other), or a copy where
+    /// linking fails (a file system without links). The new name appears complete and durable.
+    pub async fn link(&self, kind: BlobKind, from: JobId, to: JobId) -> io::Result<()> {
+        let (source, target) = (self.path(kind, from), self.path(kind, to));
+        let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
+        tokio::task::spawn_blocking(move || {
+            let linked = std::fs::hard_link(&source, &target);
+            if let Err(e) = linked {
+                if e.kind() == io::ErrorKind::NotFound {
+                    return Err(e);
+                }
+                // Copied under a temporary name, synced, then renamed: a reader never sees half.
+                let copied = (|| {
+                    std::fs::copy(&source, &tmp)?;
+                    std::fs::File::open(&tmp)?.sync_all()?;
+                    std::fs::rename(&tmp, &target)
+                })();
+                if copied.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                copied?;
+            }
+            sync_dir(target.parent().unwrap_or(Path::new(".")))
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// Drops a staged file that will not be committed.

@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use tdcomfy_api::{
     DeleteResponse, Health, InputInfo, JobEvent, JobEventKind, JobId, JobStatus, JobView, Lease, LeaseToken, Progress,
-    ResultInfo, SubmitResponse, Timestamp, Timings,
+    ResultInfo, StreamMode, SubmitResponse, Timestamp, Timings,
 };
 use tokio::time::Instant;
 
 use crate::blobs::{BlobKind, Blobs, StagedBlob};
 use crate::config::BrokerConfig;
 use crate::events::EventHub;
-use crate::store::{InsertOutcome, JobRecord, NewJob, ResultState, Store, StoreError};
+use crate::store::{InsertOutcome, JobRecord, NewJob, ResultState, Reuse, Store, StoreError};
 use crate::workers::WorkerRegistry;
 
 /// A validated submission whose image is staged on disk.
@@ -40,6 +40,49 @@ pub struct Submission {
     pub params: serde_json::Map<String, serde_json::Value>,
     /// Idempotency key and request fingerprint.
     pub idempotency: Option<(String, String)>,
+    /// The stream (validated; `""` for none).
+    pub stream: String,
+    /// `queue` or `latest`.
+    pub mode: StreamMode,
+    /// In `latest` mode, cancel the stream's running job too.
+    pub preempt: bool,
+    /// Previews asked for.
+    pub previews: bool,
+    /// Answer at once with the stream's last result when nothing changed.
+    pub dedupe: bool,
+    /// True when the seed was drawn at random (`-1`): such a result is never reused.
+    pub random_seed: bool,
+}
+
+impl Submission {
+    /// What the result depends on, hashed: the frame's bytes and every field that reaches the
+    /// workflow. `None` when the bytes were not hashed or the seed is random.
+    fn dedupe_key(&self) -> Option<String> {
+        use sha2::{Digest, Sha256};
+        let frame = self.image.sha256?;
+        if self.random_seed {
+            return None;
+        }
+        let mut h = Sha256::new();
+        // Each part is length-prefixed, so no two different requests hash the same parts.
+        let seed = self.seed.map(|s| s.to_string()).unwrap_or_default();
+        // The params map is ordered by key (serde_json without preserve_order): one spelling each.
+        let params = serde_json::Value::Object(self.params.clone()).to_string();
+        for part in [
+            &frame[..],
+            self.input.content_type.as_bytes(),
+            self.workflow.as_bytes(),
+            self.prompt.as_bytes(),
+            self.negative_prompt.as_bytes(),
+            seed.as_bytes(),
+            params.as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
 
 /// Outcome of a submission.
@@ -151,8 +194,11 @@ impl Broker {
 
     /// Turns a stored job into its wire form.
     pub async fn view(&self, r: &JobRecord) -> Result<JobView, BrokerError> {
-        let queue_position =
-            if r.status == JobStatus::Queued { Some(self.inner.store.queue_position(r.seq).await?) } else { None };
+        let queue_position = if r.status == JobStatus::Queued {
+            Some(self.inner.store.queue_position(&r.stream, r.seq).await?)
+        } else {
+            None
+        };
         let processing_time = r.started_at.map(|start| {
             let end = r.finished_at.unwrap_or_else(|| self.inner.config.clock.now());
             (end.millis() - start.millis()).max(0) as f64 / 1000.0
@@ -186,6 +232,12 @@ impl Broker {
             version: r.version,
             result,
             timings,
+            stream: (!r.stream.is_empty()).then(|| r.stream.clone()),
+            mode: r.mode,
+            previews: r.previews,
+            cancel_reason: r.cancel_reason.clone(),
+            superseded_by: r.superseded_by,
+            reused_from: r.reused_from,
         })
     }
 
@@ -237,7 +289,20 @@ impl Broker {
 
     async fn submit_now(&self, sub: Submission) -> Result<SubmitOutcome, BrokerError> {
         let id = JobId::new();
-        self.inner.blobs.commit(sub.image, BlobKind::Input, id).await?;
+        let dedupe_key = sub.dedupe_key();
+        // A hit is decided by the store, in the insert's transaction; the file it will own must be
+        // there first (files before the record that names them).
+        let reuse = match (&dedupe_key, sub.dedupe) {
+            (Some(key), true) => self.prepare_reuse(&sub.stream, key, id).await?,
+            _ => None,
+        };
+        let linked = reuse.is_some();
+        if let Err(e) = self.inner.blobs.commit(sub.image, BlobKind::Input, id).await {
+            if linked {
+                let _ = self.inner.blobs.remove(BlobKind::Result, id).await;
+            }
+            return Err(e.into());
+        }
         let outcome = self
             .inner
             .store
@@ -250,39 +315,104 @@ impl Broker {
                 params: sub.params,
                 input: sub.input,
                 idempotency: sub.idempotency,
+                stream: sub.stream,
+                mode: sub.mode,
+                preempt: sub.preempt,
+                previews: sub.previews,
+                dedupe_key,
+                reuse,
             })
             .await;
-        let (record, replayed) = match outcome {
-            Ok(InsertOutcome::Created(r)) => (r, false),
-            Ok(InsertOutcome::Replayed(r)) => {
+        let remove_own = |input: bool, result: bool| async move {
+            if input {
                 self.inner.blobs.remove(BlobKind::Input, id).await?;
-                (r, true)
+            }
+            if result {
+                self.inner.blobs.remove(BlobKind::Result, id).await?;
+            }
+            Ok::<(), BrokerError>(())
+        };
+        let inserted = match outcome {
+            Ok(InsertOutcome::Created(ins)) => ins,
+            Ok(InsertOutcome::Replayed(r)) => {
+                remove_own(true, linked).await?;
+                return self.accepted(&r, true, Vec::new()).await;
             }
             Ok(InsertOutcome::KeyConflict) => {
-                self.inner.blobs.remove(BlobKind::Input, id).await?;
+                remove_own(true, linked).await?;
                 return Ok(SubmitOutcome::KeyConflict);
             }
             Err(e) => {
-                let _ = self.inner.blobs.remove(BlobKind::Input, id).await;
+                let _ = remove_own(true, linked).await;
                 return Err(e.into());
             }
         };
-        let view = self.view(&record).await?;
-        if !replayed {
-            self.inner.hub.publish(JobEvent::new(JobEventKind::Queued, view.clone()));
+        // The store gave these files up in the commit; a crash before they go leaves them to
+        // `reconcile_files`.
+        remove_own(inserted.reused, linked && !inserted.reused).await?;
+        let mut superseded = Vec::with_capacity(inserted.superseded.len());
+        for (old, previous) in &inserted.superseded {
+            self.inner.blobs.remove(BlobKind::Input, old.id).await?;
+            self.inner.blobs.remove(BlobKind::Result, old.id).await?;
+            if *previous == JobStatus::Running {
+                tracing::info!(job_id = %old.id, by = %id, "running job preempted by a newer job of its stream");
+            }
+            self.publish(JobEventKind::Cancelled, old).await?;
+            superseded.push(old.id);
+        }
+        let record = inserted.record;
+        if inserted.reused {
+            self.publish(JobEventKind::Done, &record).await?;
+        } else {
+            self.publish(JobEventKind::Queued, &record).await?;
             self.inner.hub.job_queued();
         }
+        self.accepted(&record, false, superseded).await
+    }
+
+    /// Links the result of the stream's last finished job to `id` when that job has the same
+    /// dedupe key and still has its result; `None` otherwise (the job runs as usual).
+    async fn prepare_reuse(&self, stream: &str, key: &str, id: JobId) -> Result<Option<Reuse>, BrokerError> {
+        let Some((from, Some(last_key), true)) = self.inner.store.last_done_in_stream(stream.to_owned()).await? else {
+            return Ok(None);
+        };
+        if last_key != key {
+            return Ok(None);
+        }
+        let Some(ResultState::Present(result)) = self.inner.store.get(from).await?.map(|r| r.result) else {
+            return Ok(None);
+        };
+        match self.inner.blobs.link(BlobKind::Result, from, id).await {
+            Ok(()) => Ok(Some(Reuse { from, result })),
+            // Deleted meanwhile (DELETE, RESULT_TTL): nothing to reuse, the job runs.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn accepted(
+        &self,
+        record: &JobRecord,
+        replayed: bool,
+        superseded: Vec<JobId>,
+    ) -> Result<SubmitOutcome, BrokerError> {
+        let view = self.view(record).await?;
+        let message = if replayed {
+            "Job already submitted with this Idempotency-Key".to_owned()
+        } else if let Some(from) = record.reused_from {
+            format!("Nothing changed since job {from}: its result is reused")
+        } else {
+            "Job queued".to_owned()
+        };
         Ok(SubmitOutcome::Accepted {
             response: SubmitResponse {
                 job_id: record.id,
                 status: view.status,
-                message: if replayed {
-                    "Job already submitted with this Idempotency-Key".into()
-                } else {
-                    "Job queued".into()
-                },
+                message,
                 queue_position: view.queue_position,
-                workflow: record.workflow,
+                workflow: record.workflow.clone(),
+                reused_from: record.reused_from,
+                superseded,
             },
             replayed,
         })
@@ -555,6 +685,7 @@ impl Broker {
             input: r.input.clone(),
             job_timeout: self.inner.config.job_timeout.as_secs_f64(),
             max_result_bytes: Some(self.inner.config.max_result_bytes),
+            previews: r.previews,
         }
     }
 

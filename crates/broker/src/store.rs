@@ -15,7 +15,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
-use tdcomfy_api::{InputInfo, JobId, JobStatus, LeaseToken, Progress, ResultInfo, Timestamp};
+use tdcomfy_api::{
+    InputInfo, JobId, JobStatus, LeaseToken, Progress, ResultInfo, StreamMode, Timestamp, cancel_reason,
+};
 
 use crate::clock::Clock;
 
@@ -115,6 +117,30 @@ pub struct JobRecord {
     pub comfy_execution_ms: Option<u64>,
     /// Bumped on every change.
     pub version: u64,
+    /// The stream; `""` for the anonymous stream of jobs submitted without one.
+    pub stream: String,
+    /// How the job treated its stream's older jobs.
+    pub mode: StreamMode,
+    /// Whether the client asked for previews.
+    pub previews: bool,
+    /// Why it was cancelled ([`cancel_reason`]).
+    pub cancel_reason: Option<String>,
+    /// The job that superseded it.
+    pub superseded_by: Option<JobId>,
+    /// The job whose result it reuses.
+    pub reused_from: Option<JobId>,
+    /// What the result depends on (frame bytes and every parameter), hashed; `None` for jobs whose
+    /// result cannot be reproduced (a random seed) and for jobs stored before dedupe existed.
+    pub dedupe_key: Option<String>,
+}
+
+/// A finished job whose result a new job may reuse, as the service found it before linking the file.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    /// The finished job.
+    pub from: JobId,
+    /// Its result, which the new job's own result file (already linked) copies.
+    pub result: ResultInfo,
 }
 
 /// What `POST /jobs` stores.
@@ -136,13 +162,37 @@ pub struct NewJob {
     pub input: InputInfo,
     /// `Idempotency-Key` header and a fingerprint of the request's fields.
     pub idempotency: Option<(String, String)>,
+    /// The stream (`""`: the anonymous one).
+    pub stream: String,
+    /// `latest`: the stream's queued jobs are cancelled as superseded in the same transaction.
+    pub mode: StreamMode,
+    /// In `latest` mode, also cancel the stream's running job.
+    pub preempt: bool,
+    /// Previews asked for.
+    pub previews: bool,
+    /// See [`JobRecord::dedupe_key`].
+    pub dedupe_key: Option<String>,
+    /// Store the job as `done` with this result, if that job is still the stream's last finished
+    /// one with the same key and its result (otherwise the job is queued as usual).
+    pub reuse: Option<Reuse>,
+}
+
+/// A job [`Store::insert`] stored.
+#[derive(Debug)]
+pub struct Inserted {
+    /// The new job.
+    pub record: JobRecord,
+    /// Jobs of its stream it cancelled (`latest` mode), each with its status before.
+    pub superseded: Vec<(JobRecord, JobStatus)>,
+    /// True when the job was stored `done` with [`NewJob::reuse`]'s result.
+    pub reused: bool,
 }
 
 /// Result of [`Store::insert`].
 #[derive(Debug)]
 pub enum InsertOutcome {
     /// A new job was stored.
-    Created(JobRecord),
+    Created(Inserted),
     /// The idempotency key was seen before with the same request: the original job.
     Replayed(JobRecord),
     /// The idempotency key was seen before with a different request.
@@ -212,7 +262,7 @@ pub struct StatusCounts {
     pub cancelled: u64,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -275,10 +325,30 @@ CREATE TRIGGER jobs_counted_update AFTER UPDATE OF status ON jobs WHEN OLD.statu
 END;
 ";
 
+/// Version 2 to 3: streams. Every job belongs to a stream (`''` is the anonymous one of jobs
+/// submitted without); the claim serves streams round-robin by `stream_turns.served` (the claim
+/// count at the stream's last claim), and a `latest` submission finds its stream's waiting jobs
+/// through a partial index. Old cancelled jobs were all cancelled by a client.
+const MIGRATE_TO_3: &str = "
+ALTER TABLE jobs ADD COLUMN stream TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'queue';
+ALTER TABLE jobs ADD COLUMN previews INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
+ALTER TABLE jobs ADD COLUMN superseded_by TEXT;
+ALTER TABLE jobs ADD COLUMN reused_from TEXT;
+ALTER TABLE jobs ADD COLUMN dedupe_key TEXT;
+UPDATE jobs SET cancel_reason = 'cancelled' WHERE status = 'cancelled';
+CREATE INDEX jobs_waiting_by_stream ON jobs (stream, seq) WHERE status IN ('queued', 'running');
+CREATE INDEX jobs_done_by_stream ON jobs (stream, finished_at) WHERE status = 'done';
+CREATE TABLE stream_turns (stream TEXT PRIMARY KEY, served INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX stream_turns_by_served ON stream_turns (served);
+";
+
 const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow, params, \
     input_content_type, input_size, input_width, input_height, input_present, created_at, started_at, \
     finished_at, attempts, lease_token, lease_owner, lease_expires_at, progress, error_message, \
-    result_state, result_content_type, result_size, comfy_execution_ms, version";
+    result_state, result_content_type, result_size, comfy_execution_ms, version, stream, mode, previews, \
+    cancel_reason, superseded_by, reused_from, dedupe_key";
 
 /// The job store. Cheap to clone; all clones share the connections.
 #[derive(Clone)]
@@ -315,15 +385,31 @@ impl Store {
             if version < 2 {
                 tx.execute_batch(MIGRATE_TO_2)?;
             }
+            if version < 3 {
+                tx.execute_batch(MIGRATE_TO_3)?;
+            }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
         }
-        let queued: VecDeque<i64> = writer
-            .prepare("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq")?
-            .query_map([], |r| r.get(0))?
+        let mut index = QueueIndex::default();
+        let turns: Vec<(String, i64)> = writer
+            .prepare("SELECT stream, served FROM stream_turns")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
+        let queued: Vec<(i64, String)> = writer
+            .prepare("SELECT seq, stream FROM jobs WHERE status = 'queued' ORDER BY seq")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut delta = QueueDelta::default();
+        for (stream, served) in turns {
+            delta.served(stream, served);
+        }
+        for (seq, stream) in queued {
+            delta.added(seq, &stream);
+        }
+        index.apply(delta);
         Ok(Store {
-            queue: Arc::new(Mutex::new(QueueIndex { seqs: queued })),
+            queue: Arc::new(Mutex::new(index)),
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
             path: Arc::new(path.to_owned()),
@@ -380,7 +466,10 @@ impl Store {
         out
     }
 
-    /// Stores a new job, or finds the one its idempotency key already names.
+    /// Stores a new job, or finds the one its idempotency key already names. In `latest` mode the
+    /// stream's queued jobs (and with `preempt` its running one) are cancelled as superseded in the
+    /// same transaction, so there is never a moment with two waiting jobs in the stream, nor a
+    /// cancellation without the job that replaced it.
     pub async fn insert(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
         self.write(move |tx, queue, now| {
             if let Some((key, fingerprint)) = &job.idempotency {
@@ -397,33 +486,101 @@ impl Store {
                     return Ok(InsertOutcome::Replayed(get_in(tx, id)?.ok_or(StoreError::NotFound)?));
                 }
             }
+            let mut superseded = Vec::new();
+            if job.mode == StreamMode::Latest {
+                let older: Vec<(i64, String)> = tx
+                    .prepare_cached(
+                        "SELECT seq, status FROM jobs INDEXED BY jobs_waiting_by_stream \
+                         WHERE stream = ?1 AND status IN ('queued', 'running') ORDER BY seq",
+                    )?
+                    .query_map([&job.stream], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let message = format!("superseded by job {}", job.id);
+                for (seq, status) in older {
+                    let previous = if status == "queued" { JobStatus::Queued } else { JobStatus::Running };
+                    // The running job finishes unless the new one asks to preempt it.
+                    if previous == JobStatus::Running && !job.preempt {
+                        continue;
+                    }
+                    let (stream, reason) = (job.stream.as_str(), cancel_reason::SUPERSEDED);
+                    cancel_in(tx, queue, Cancel { seq, stream, reason, message: &message, by: Some(job.id) }, now)?;
+                    superseded.push((get_by_seq(tx, seq)?.ok_or(StoreError::NotFound)?, previous));
+                }
+            }
+            // Checked again here, under the writer lock: the result found before its file was
+            // linked may have been deleted, or a newer job of the stream finished, meanwhile.
+            let reuse = match &job.reuse {
+                Some(reuse) => {
+                    let last = last_done_in(tx, &job.stream)?;
+                    let still = last.is_some_and(|(id, key, present)| {
+                        id == reuse.from && present && key.is_some() && key == job.dedupe_key
+                    });
+                    still.then_some(reuse)
+                }
+                None => None,
+            };
             let (key, fingerprint) = job.idempotency.clone().unzip();
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO jobs (id, status, prompt, negative_prompt, seed, workflow, params, \
                  input_content_type, input_size, input_width, input_height, created_at, \
-                 idempotency_key, request_fingerprint) \
-                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    job.id.to_string(),
-                    job.prompt,
-                    job.negative_prompt,
-                    job.seed.map(seed_to_sql),
-                    job.workflow,
-                    serde_json::Value::Object(job.params.clone()).to_string(),
-                    job.input.content_type,
-                    job.input.size as i64,
-                    job.input.width,
-                    job.input.height,
+                 idempotency_key, request_fingerprint, stream, mode, previews, dedupe_key) \
+                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            )?
+            .execute(params![
+                job.id.to_string(),
+                job.prompt,
+                job.negative_prompt,
+                job.seed.map(seed_to_sql),
+                job.workflow,
+                serde_json::Value::Object(job.params.clone()).to_string(),
+                job.input.content_type,
+                job.input.size as i64,
+                job.input.width,
+                job.input.height,
+                now,
+                key,
+                fingerprint,
+                job.stream,
+                job.mode.as_str(),
+                job.previews,
+                job.dedupe_key,
+            ])?;
+            if let Some(reuse) = reuse {
+                // Inserted and finished in the same transaction: the counts and the queue index
+                // never see it queued. Its input is given up at once (the caller deletes the file
+                // after the commit): nothing will read it.
+                let progress = Progress { value: 1.0, ..Progress::default() };
+                tx.prepare_cached(
+                    "UPDATE jobs SET status = 'done', started_at = ?1, finished_at = ?1, input_present = 0, \
+                     result_state = 'present', result_content_type = ?2, result_size = ?3, progress = ?4, \
+                     reused_from = ?5, version = version + 1 WHERE id = ?6",
+                )?
+                .execute(params![
                     now,
-                    key,
-                    fingerprint,
-                ],
-            )?;
+                    reuse.result.content_type,
+                    reuse.result.size as i64,
+                    serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    reuse.from.to_string(),
+                    job.id.to_string(),
+                ])?;
+            }
             let record = get_in(tx, job.id)?.ok_or(StoreError::NotFound)?;
-            queue.added(record.seq);
-            Ok(InsertOutcome::Created(record))
+            let reused = record.status == JobStatus::Done;
+            if !reused {
+                queue.added(record.seq, &record.stream);
+            }
+            Ok(InsertOutcome::Created(Inserted { record, superseded, reused }))
         })
         .await
+    }
+
+    /// The stream's last finished (`done`) job: its id, dedupe key and whether its result is on
+    /// disk. From the partial index on the stream's done jobs, so one row is read.
+    pub async fn last_done_in_stream(
+        &self,
+        stream: String,
+    ) -> Result<Option<(JobId, Option<String>, bool)>, StoreError> {
+        self.read(|c| last_done_in(c, &stream))
     }
 
     /// Gives every running job's lease one full `lease_ms` from now, in one transaction. Called
@@ -468,12 +625,13 @@ impl Store {
 
     /// Number of queued jobs (from the in-memory index).
     pub fn queued_count(&self) -> u64 {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).seqs.len() as u64
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len as u64
     }
 
-    /// 1-based position of a queued job in the queue (from the in-memory index, in O(log n)).
-    pub async fn queue_position(&self, seq: i64) -> Result<u64, StoreError> {
-        Ok(self.queue.lock().unwrap_or_else(|p| p.into_inner()).position(seq))
+    /// 1-based position of a queued job in the claim order (from the in-memory index: one pass over
+    /// the streams that have queued jobs, a binary search within its own).
+    pub async fn queue_position(&self, stream: &str, seq: i64) -> Result<u64, StoreError> {
+        Ok(self.queue.lock().unwrap_or_else(|p| p.into_inner()).position(stream, seq))
     }
 
     /// Jobs newest first, optionally of one status.
@@ -519,21 +677,38 @@ impl Store {
         })
     }
 
-    /// Leases the oldest queued job to `worker`, or returns `None` when the queue is empty.
+    /// Leases the next job to `worker`, or returns `None` when the queue is empty: the oldest queued
+    /// job of the stream served least recently (streams never served first, oldest job first), so
+    /// streams take turns and jobs of one stream start in submission order. [`QueueIndex`] orders
+    /// positions by the same rule.
     pub async fn claim_next(&self, worker: String, lease_ms: i64) -> Result<Option<JobRecord>, StoreError> {
         self.write(move |tx, queue, now| {
-            let seq: Option<i64> = tx
-                .prepare_cached("SELECT seq FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1")?
-                .query_row([], |r| r.get(0))
+            // Queued jobs number at most MAX_QUEUE (plus uploads in flight), each joined to its
+            // stream's one turn row, so this sort stays small.
+            let next: Option<(i64, String)> = tx
+                .prepare_cached(
+                    "SELECT j.seq, j.stream FROM jobs j INDEXED BY jobs_by_status \
+                     LEFT JOIN stream_turns t ON t.stream = j.stream \
+                     WHERE j.status = 'queued' ORDER BY COALESCE(t.served, 0), j.seq LIMIT 1",
+                )?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let Some(seq) = seq else { return Ok(None) };
+            let Some((seq, stream)) = next else { return Ok(None) };
+            let served: i64 = tx
+                .prepare_cached(
+                    "INSERT INTO stream_turns (stream, served) \
+                     VALUES (?1, (SELECT COALESCE(MAX(served), 0) + 1 FROM stream_turns)) \
+                     ON CONFLICT (stream) DO UPDATE SET served = excluded.served RETURNING served",
+                )?
+                .query_row([&stream], |r| r.get(0))?;
+            queue.served(stream.clone(), served);
             tx.prepare_cached(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = ?1, \
                  lease_owner = ?2, lease_expires_at = ?3, started_at = ?4, finished_at = NULL, \
                  timeout_grace_until = NULL, progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
             )?
             .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq])?;
-            queue.removed(seq);
+            queue.removed(seq, &stream);
             get_by_seq(tx, seq)
         })
         .await
@@ -718,15 +893,14 @@ impl Store {
             let files_present = job.input_present || matches!(job.result, ResultState::Present(_));
             let changed = match job.status {
                 JobStatus::Queued | JobStatus::Running => {
-                    // The lease token stays, so the worker's next heartbeat learns of the cancel.
-                    tx.execute(
-                        "UPDATE jobs SET status = 'cancelled', finished_at = ?1, lease_expires_at = NULL, \
-                         error_message = 'cancelled by client', input_present = 0, \
-                         result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
-                         version = version + 1 WHERE seq = ?2",
-                        params![now, job.seq],
+                    let (seq, stream) = (job.seq, job.stream.as_str());
+                    let reason = cancel_reason::CANCELLED;
+                    cancel_in(
+                        tx,
+                        queue,
+                        Cancel { seq, stream, reason, message: "cancelled by client", by: None },
+                        now,
                     )?;
-                    queue.removed(job.seq);
                     true
                 }
                 _ if files_present => {
@@ -931,46 +1105,101 @@ impl Store {
     }
 }
 
-/// Seqs of queued jobs in queue order, mirrored in memory so a queue position is a binary search
-/// instead of a count over the whole queue. Changed only under the writer lock, after a commit.
+/// The queue as the claim sees it, mirrored in memory (changed only under the writer lock, after a
+/// commit), so a job's position is found without a count over the queue: each stream's queued seqs
+/// in order, and each stream's turn (`stream_turns.served`, 0 for never served).
+///
+/// [`Store::claim_next`] takes the head of the stream with the smallest (turn, head seq) and gives
+/// that stream the newest turn, so while nothing is submitted the claims go round: in round `k`,
+/// every stream with more than `k` queued jobs gives its `k`-th job, streams in (turn, head) order.
+/// A job's position follows from that in one pass over the streams that have queued jobs.
 #[derive(Debug, Default)]
 struct QueueIndex {
-    seqs: VecDeque<i64>,
+    waiting: HashMap<String, VecDeque<i64>>,
+    turns: HashMap<String, i64>,
+    len: usize,
 }
 
 impl QueueIndex {
-    fn position(&self, seq: i64) -> u64 {
-        self.seqs.partition_point(|&s| s <= seq) as u64
+    fn turn(&self, stream: &str) -> i64 {
+        self.turns.get(stream).copied().unwrap_or(0)
+    }
+
+    /// 1-based place of queued job `seq` of `stream` in the claim order (0 if it is not queued).
+    fn position(&self, stream: &str, seq: i64) -> u64 {
+        let Some(own) = self.waiting.get(stream) else { return 0 };
+        let round = own.partition_point(|&s| s < seq);
+        if own.get(round) != Some(&seq) {
+            return 0;
+        }
+        let own_order = (self.turn(stream), own[0]);
+        let mut ahead = 0;
+        for (other, seqs) in &self.waiting {
+            // Every stream gives one job per earlier round while it has one...
+            ahead += seqs.len().min(round);
+            // ...and in this round, the streams ordered before this one give theirs first.
+            if other != stream && seqs.len() > round && (self.turn(other), seqs[0]) < own_order {
+                ahead += 1;
+            }
+        }
+        ahead as u64 + 1
     }
 
     fn apply(&mut self, delta: QueueDelta) {
-        for (seq, queued) in delta.changes {
-            let at = self.seqs.partition_point(|&s| s < seq);
-            let present = self.seqs.get(at) == Some(&seq);
-            match (queued, present) {
-                (true, false) => self.seqs.insert(at, seq),
-                (false, true) => {
-                    self.seqs.remove(at);
+        for change in delta.changes {
+            match change {
+                Change::Queued(seq, stream, queued) => {
+                    let seqs = self.waiting.entry(stream.clone()).or_default();
+                    let at = seqs.partition_point(|&s| s < seq);
+                    let present = seqs.get(at) == Some(&seq);
+                    match (queued, present) {
+                        (true, false) => {
+                            seqs.insert(at, seq);
+                            self.len += 1;
+                        }
+                        (false, true) => {
+                            seqs.remove(at);
+                            self.len -= 1;
+                        }
+                        _ => {}
+                    }
+                    if seqs.is_empty() {
+                        self.waiting.remove(&stream);
+                    }
                 }
-                _ => {}
+                Change::Served(stream, turn) => {
+                    self.turns.insert(stream, turn);
+                }
             }
         }
     }
 }
 
-/// What one write transaction did to the queue: `(seq, now queued?)` in order.
+#[derive(Debug)]
+enum Change {
+    /// `(seq, stream, now queued?)`.
+    Queued(i64, String, bool),
+    /// The stream's new turn.
+    Served(String, i64),
+}
+
+/// What one write transaction did to the queue, in order.
 #[derive(Debug, Default)]
 pub(crate) struct QueueDelta {
-    changes: Vec<(i64, bool)>,
+    changes: Vec<Change>,
 }
 
 impl QueueDelta {
-    fn added(&mut self, seq: i64) {
-        self.changes.push((seq, true));
+    fn added(&mut self, seq: i64, stream: &str) {
+        self.changes.push(Change::Queued(seq, stream.to_owned(), true));
     }
 
-    fn removed(&mut self, seq: i64) {
-        self.changes.push((seq, false));
+    fn removed(&mut self, seq: i64, stream: &str) {
+        self.changes.push(Change::Queued(seq, stream.to_owned(), false));
+    }
+
+    fn served(&mut self, stream: String, turn: i64) {
+        self.changes.push(Change::Served(stream, turn));
     }
 }
 
@@ -991,7 +1220,8 @@ pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
 }
 
 fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64) -> Result<(), StoreError> {
-    queue.added(seq);
+    let stream: String = tx.prepare_cached("SELECT stream FROM jobs WHERE seq = ?1")?.query_row([seq], |r| r.get(0))?;
+    queue.added(seq, &stream);
     tx.prepare_cached(
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_owner = NULL, \
          lease_expires_at = NULL, started_at = NULL, timeout_grace_until = NULL, progress = NULL, \
@@ -999,6 +1229,46 @@ fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64) -> 
     )?
     .execute([seq])?;
     Ok(())
+}
+
+/// One job to cancel, and why.
+struct Cancel<'a> {
+    seq: i64,
+    stream: &'a str,
+    reason: &'a str,
+    message: &'a str,
+    /// The job that superseded it.
+    by: Option<JobId>,
+}
+
+/// Cancels a queued or running job. The lease token stays, so the worker's next heartbeat learns of
+/// the cancel; the files are marked gone (the caller deletes them after the commit).
+fn cancel_in(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &mut QueueDelta,
+    c: Cancel<'_>,
+    now: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "UPDATE jobs SET status = 'cancelled', finished_at = ?1, lease_expires_at = NULL, \
+         error_message = ?2, cancel_reason = ?3, superseded_by = ?4, input_present = 0, \
+         result_state = CASE result_state WHEN 'present' THEN 'deleted' ELSE result_state END, \
+         version = version + 1 WHERE seq = ?5",
+    )?
+    .execute(params![now, c.message, c.reason, c.by.map(|id| id.to_string()), c.seq])?;
+    queue.removed(c.seq, c.stream);
+    Ok(())
+}
+
+fn last_done_in(c: &Connection, stream: &str) -> Result<Option<(JobId, Option<String>, bool)>, StoreError> {
+    let row: Option<(String, Option<String>, bool)> = c
+        .prepare_cached(
+            "SELECT id, dedupe_key, result_state = 'present' FROM jobs INDEXED BY jobs_done_by_stream \
+             WHERE stream = ?1 AND status = 'done' ORDER BY finished_at DESC, seq DESC LIMIT 1",
+        )?
+        .query_row([stream], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    row.map(|(id, key, present)| Ok((parse_id(&id)?, key, present))).transpose()
 }
 
 fn finish_with_error(tx: &rusqlite::Transaction<'_>, seq: i64, message: &str, now: i64) -> Result<(), StoreError> {
@@ -1024,6 +1294,10 @@ fn get_by_seq(c: &Connection, seq: i64) -> Result<Option<JobRecord>, StoreError>
         .transpose()
 }
 
+fn opt_id(s: Option<String>) -> Result<Option<JobId>, StoreError> {
+    s.as_deref().map(parse_id).transpose()
+}
+
 fn parse_id(s: &str) -> Result<JobId, StoreError> {
     JobId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad job id {s:?}")))
 }
@@ -1046,6 +1320,7 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
     let result_state: String = r.get("result_state")?;
     let result_ct: Option<String> = r.get("result_content_type")?;
     let result_size: Option<i64> = r.get("result_size")?;
+    let mode: String = r.get("mode")?;
     let ts = |v: Option<i64>| v.map(Timestamp);
     let build = || -> Result<JobRecord, StoreError> {
         let params = match serde_json::from_str(&params_text) {
@@ -1098,6 +1373,13 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
             result,
             comfy_execution_ms: r.get::<_, Option<i64>>("comfy_execution_ms")?.map(|v| v.max(0) as u64),
             version: r.get::<_, i64>("version")? as u64,
+            stream: r.get("stream")?,
+            mode: StreamMode::parse(&mode).ok_or_else(|| StoreError::Corrupt(format!("mode {mode}")))?,
+            previews: r.get::<_, i64>("previews")? != 0,
+            cancel_reason: r.get("cancel_reason")?,
+            superseded_by: opt_id(r.get("superseded_by")?)?,
+            reused_from: opt_id(r.get("reused_from")?)?,
+            dedupe_key: r.get("dedupe_key")?,
         })
     };
     Ok(build())

@@ -5,7 +5,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tdcomfy_api::{DeleteResponse, Health, InputInfo, JobList, JobStatus, JobView, SubmitResponse};
+use tdcomfy_api::{DeleteResponse, Health, InputInfo, JobList, JobStatus, JobView, StreamMode, SubmitResponse};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
@@ -40,6 +40,25 @@ pub struct SubmitForm {
     /// JSON object of named workflow inputs.
     #[schema(nullable = false)]
     params: Option<String>,
+    /// The client's stream, e.g. one per TD component: 1 to 128 visible ASCII characters (empty:
+    /// none). Jobs of one stream start in submission order; streams share the workers round-robin.
+    #[schema(nullable = false, max_length = 128, pattern = "^[!-~]{0,128}$")]
+    stream: Option<String>,
+    /// `queue` (default: every job runs) or `latest` (needs `stream`): the stream's jobs that have
+    /// not started are cancelled as superseded by this one.
+    #[schema(nullable = false, value_type = Option<tdcomfy_api::StreamMode>)]
+    mode: Option<String>,
+    /// With `mode=latest`: also cancel the stream's running job (`true`/`false`, default false).
+    #[schema(nullable = false, value_type = Option<bool>)]
+    preempt: Option<String>,
+    /// Needs `stream`: when the frame's bytes and every parameter equal the stream's last finished
+    /// job (and the seed is not -1), the job is answered `done` at once with that job's result
+    /// (`reused_from`). `true`/`false`, default false.
+    #[schema(nullable = false, value_type = Option<bool>)]
+    dedupe: Option<String>,
+    /// Ask for previews while the job runs (`true`/`false`, default false).
+    #[schema(nullable = false, value_type = Option<bool>)]
+    previews: Option<String>,
 }
 
 // Enough of the file to read any PNG/WebP header and nearly every JPEG's (EXIF blocks come first).
@@ -172,14 +191,30 @@ struct RawForm {
     seed: Option<String>,
     workflow: Option<String>,
     params: Option<String>,
+    stream: Option<String>,
+    mode: Option<String>,
+    preempt: Option<String>,
+    dedupe: Option<String>,
+    previews: Option<String>,
 }
 
 type FormError = (ApiError, Option<StagedBlob>);
 
 async fn read_form(broker: &Broker, mut multipart: axum::extract::Multipart) -> Result<RawForm, FormError> {
     let cfg = broker.config();
-    let mut form =
-        RawForm { image: None, prompt: None, negative_prompt: None, seed: None, workflow: None, params: None };
+    let mut form = RawForm {
+        image: None,
+        prompt: None,
+        negative_prompt: None,
+        seed: None,
+        workflow: None,
+        params: None,
+        stream: None,
+        mode: None,
+        preempt: None,
+        dedupe: None,
+        previews: None,
+    };
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
@@ -192,7 +227,7 @@ async fn read_form(broker: &Broker, mut multipart: axum::extract::Multipart) -> 
                 if form.image.is_some() {
                     return Err((ApiError::field("duplicate_field", "image", "send one image per job"), form.image));
                 }
-                match broker.blobs().stage(field, cfg.max_upload_bytes, SNIFF_HEAD).await {
+                match broker.blobs().stage_hashed(field, cfg.max_upload_bytes, SNIFF_HEAD).await {
                     Ok(staged) => form.image = Some(staged),
                     Err(BlobError::TooLarge { limit }) => {
                         drain_rest(multipart).await;
@@ -209,7 +244,8 @@ async fn read_form(broker: &Broker, mut multipart: axum::extract::Multipart) -> 
                     }
                 }
             }
-            "prompt" | "negative_prompt" | "seed" | "workflow" | "params" => {
+            "prompt" | "negative_prompt" | "seed" | "workflow" | "params" | "stream" | "mode" | "preempt"
+            | "dedupe" | "previews" => {
                 // Bytes bound: a character is at most 4 bytes of UTF-8; the exact character count
                 // is checked once the text is whole.
                 let max_bytes = (cfg.max_prompt_chars * 4).max(64 * 1024);
@@ -222,6 +258,11 @@ async fn read_form(broker: &Broker, mut multipart: axum::extract::Multipart) -> 
                     "negative_prompt" => &mut form.negative_prompt,
                     "seed" => &mut form.seed,
                     "workflow" => &mut form.workflow,
+                    "stream" => &mut form.stream,
+                    "mode" => &mut form.mode,
+                    "preempt" => &mut form.preempt,
+                    "dedupe" => &mut form.dedupe,
+                    "previews" => &mut form.previews,
                     _ => &mut form.params,
                 };
                 *slot = Some(text);
@@ -271,6 +312,11 @@ fn static_field(name: &str) -> &'static str {
         "seed" => "seed",
         "workflow" => "workflow",
         "params" => "params",
+        "stream" => "stream",
+        "mode" => "mode",
+        "preempt" => "preempt",
+        "dedupe" => "dedupe",
+        "previews" => "previews",
         _ => "field",
     }
 }
@@ -312,6 +358,21 @@ impl RawForm {
         for part in [&self.prompt, &self.negative_prompt, &self.seed, &self.workflow, &self.params] {
             h = fnv1a(h, part.as_deref().unwrap_or("\u{0}").as_bytes());
             h = fnv1a(h, &[0xFF]);
+        }
+        // The stream fields join the hash only when sent, so a request without them keeps the
+        // fingerprint stored before they existed (a retry across an upgrade is still a replay).
+        for (name, part) in [
+            ("stream", &self.stream),
+            ("mode", &self.mode),
+            ("preempt", &self.preempt),
+            ("dedupe", &self.dedupe),
+            ("previews", &self.previews),
+        ] {
+            if let Some(text) = part {
+                h = fnv1a(h, name.as_bytes());
+                h = fnv1a(h, text.as_bytes());
+                h = fnv1a(h, &[0xFF]);
+            }
         }
         if let Some(img) = &self.image {
             h = fnv1a(h, &img.size.to_le_bytes());
@@ -376,6 +437,59 @@ impl RawForm {
                 bail!(TextError::TooLong.named(field, cfg.max_prompt_chars));
             }
         }
+        let stream = match self.stream.as_deref() {
+            None | Some("") => String::new(),
+            Some(s) if s.len() <= MAX_STREAM_CHARS && s.bytes().all(|b| b.is_ascii_graphic()) => s.to_owned(),
+            Some(_) => bail!(ApiError::limit(
+                "invalid_stream",
+                "stream",
+                MAX_STREAM_CHARS as u64,
+                format!("stream must be 1 to {MAX_STREAM_CHARS} visible ASCII characters (no spaces)")
+            )),
+        };
+        let mode = match self.mode.as_deref().map(str::trim) {
+            None | Some("") => StreamMode::Queue,
+            Some(m) => match StreamMode::parse(&m.to_ascii_lowercase()) {
+                Some(mode) => mode,
+                None => {
+                    bail!(ApiError::field("invalid_mode", "mode", format!("mode must be queue or latest, got {m:?}")))
+                }
+            },
+        };
+        let mut flags = [false; 3];
+        for (slot, (field, text)) in
+            flags.iter_mut().zip([("preempt", &self.preempt), ("dedupe", &self.dedupe), ("previews", &self.previews)])
+        {
+            match parse_flag(text.as_deref()) {
+                Some(v) => *slot = v,
+                None => bail!(ApiError::field(
+                    "invalid_flag",
+                    static_field(field),
+                    format!("{field} must be true or false (or 1/0, yes/no, on/off)")
+                )),
+            }
+        }
+        let [preempt, dedupe, previews] = flags;
+        if stream.is_empty() {
+            let needs = if mode == StreamMode::Latest {
+                Some("mode=latest")
+            } else if dedupe {
+                Some("dedupe=true")
+            } else {
+                None
+            };
+            if let Some(what) = needs {
+                bail!(ApiError::field(
+                    "missing_field",
+                    "stream",
+                    format!("{what} needs a stream (1 to {MAX_STREAM_CHARS} visible ASCII characters)")
+                ));
+            }
+        }
+        if preempt && mode != StreamMode::Latest {
+            bail!(ApiError::field("invalid_flag", "preempt", "preempt=true needs mode=latest"));
+        }
+        let seed_is_random = self.seed.as_deref().map(str::trim) == Some("-1");
         let seed = match self.seed.as_deref().map(str::trim) {
             None | Some("") => None,
             // Most diffusion UIs' "pick one for me"; the seed picked is stored and reported, so the
@@ -428,6 +542,12 @@ impl RawForm {
             workflow: workflow_name,
             params,
             idempotency: None,
+            stream,
+            mode,
+            preempt,
+            previews,
+            dedupe,
+            random_seed: seed_is_random,
         })
     }
 }
@@ -599,6 +719,18 @@ pub async fn list_workflows(State(broker): State<Broker>) -> axum::Json<serde_js
         "default": registry.default_name(),
         "workflows": registry.describe(),
     }))
+}
+
+/// Longest `stream` id, in characters (visible ASCII, so bytes).
+const MAX_STREAM_CHARS: usize = 128;
+
+/// A form flag: absent or empty is false.
+fn parse_flag(text: Option<&str>) -> Option<bool> {
+    match text.map(|t| t.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("false") | Some("0") | Some("no") | Some("off") => Some(false),
+        Some("true") | Some("1") | Some("yes") | Some("on") => Some(true),
+        Some(_) => None,
+    }
 }
 
 /// A random seed below 2^53, so it survives every JSON reader (JavaScript numbers are doubles).

@@ -89,6 +89,11 @@ pub async fn spawn_with_wall(wall: WallSource, tweak: impl FnOnce(&mut BrokerArg
     start(dir, args, Some(wall)).await
 }
 
+/// A broker on a data directory the test prepared (`args.data_dir` inside `dir`).
+pub async fn spawn_in(dir: tempfile::TempDir, args: BrokerArgs) -> TestApp {
+    start(dir, args, None).await
+}
+
 async fn start(dir: tempfile::TempDir, args: BrokerArgs, wall: Option<WallSource>) -> TestApp {
     start_inner(dir, args, wall, Box::new(|_| {})).await
 }

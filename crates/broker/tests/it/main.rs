@@ -16,6 +16,7 @@ mod previews;
 mod results;
 mod resume;
 mod security;
+mod streams;
 mod submit;
 mod tls;
 mod worker;
