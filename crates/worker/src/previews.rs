@@ -62,11 +62,9 @@ impl Drop for PreviewUploader {
     }
 }
 
-/// Whether the job was submitted with previews on.
+/// Whether the job was submitted with previews on (false from brokers older than the field).
 fn wants_previews(lease: &Lease) -> bool {
-    // PLACEHOLDER until `Lease.previews` lands (branch wave2-streams): every job gets previews.
-    let _ = lease;
-    true
+    lease.previews
 }
 
 /// The MIME type the broker accepts for `format`, or `None` for a format it does not.

@@ -254,6 +254,18 @@ impl Pipeline {
         workflow: Option<&str>,
         params: Option<Value>,
     ) -> String {
+        self.submit_with(frame, prompt, workflow, params, &[]).await
+    }
+
+    /// [`Pipeline::submit_frame`] with more form fields (`previews`, …).
+    pub async fn submit_with(
+        &self,
+        frame: Vec<u8>,
+        prompt: &str,
+        workflow: Option<&str>,
+        params: Option<Value>,
+        fields: &[(&str, &str)],
+    ) -> String {
         let mut form = reqwest::multipart::Form::new()
             .part("image", reqwest::multipart::Part::bytes(frame).file_name("frame.png"))
             .text("prompt", prompt.to_owned());
@@ -262,6 +274,9 @@ impl Pipeline {
         }
         if let Some(p) = params {
             form = form.text("params", p.to_string());
+        }
+        for (name, value) in fields {
+            form = form.text(name.to_string(), value.to_string());
         }
         let resp = self.http.post(self.url("/jobs")).multipart(form).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());

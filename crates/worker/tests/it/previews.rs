@@ -6,7 +6,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use crate::harness::{Pipeline, Setup};
+use crate::harness::{Pipeline, Setup, frame_png};
+
+/// Submits the preview test workflow, with previews on or off.
+async fn submit(p: &Pipeline, prompt: &str, previews: bool) -> String {
+    let fields = [("previews", if previews { "true" } else { "false" })];
+    p.submit_with(frame_png(), prompt, Some("slow_preview"), None, &fields).await
+}
 
 /// The events of one job's SSE stream, `(name, data)`, until it ends (after a terminal state).
 struct Events {
@@ -86,7 +92,7 @@ async fn follow(p: &Pipeline, id: &str) -> Seen {
 #[tokio::test]
 async fn a_job_with_previews_streams_preview_events_and_a_fetchable_image_before_done() {
     let p = Pipeline::start(Setup::default()).await;
-    let id = p.submit("watch it render", Some("slow_preview"), None).await;
+    let id = submit(&p, "watch it render", true).await;
     let seen = follow(&p, &id).await;
     let done = seen.done.expect("the job ended");
     assert_eq!(done["job"]["status"], "done", "{done}");
@@ -103,9 +109,23 @@ async fn a_job_with_previews_streams_preview_events_and_a_fetchable_image_before
 }
 
 #[tokio::test]
+async fn a_job_submitted_without_previews_gets_none() {
+    let p = Pipeline::start(Setup::default()).await;
+    // The same workflow, whose sampler sends a preview every step, without `previews=true`.
+    let id = p.submit("no previews", Some("slow_preview"), None).await;
+    let seen = follow(&p, &id).await;
+    assert_eq!(seen.done.expect("ended")["job"]["status"], "done");
+    assert!(seen.progress >= 1);
+    assert_eq!(seen.previews, 0, "a job without previews=true gets no preview events");
+    let id = submit(&p, "explicitly off", false).await;
+    let seen = follow(&p, &id).await;
+    assert_eq!((seen.previews, seen.done.is_some()), (0, true));
+}
+
+#[tokio::test]
 async fn preview_fps_limits_how_many_previews_reach_the_broker() {
     let p = Pipeline::start(Setup { preview_fps: 2.0, ..Setup::default() }).await;
-    let id = p.submit("few previews", Some("slow_preview"), None).await;
+    let id = submit(&p, "few previews", true).await;
     let seen = follow(&p, &id).await;
     assert_eq!(seen.done.expect("ended")["job"]["status"], "done");
     // 10 frames over about a second at 2 per second: the first at once, then one per 0.5 s.
@@ -116,14 +136,14 @@ async fn preview_fps_limits_how_many_previews_reach_the_broker() {
 async fn a_broker_whose_preview_route_hangs_does_not_delay_the_job() {
     // The same job twice: once with previews off, once with every preview upload hanging.
     let off = Pipeline::start(Setup { preview_fps: 0.0, ..Setup::default() }).await;
-    let id = off.submit("previews off", Some("slow_preview"), None).await;
+    let id = submit(&off, "previews off", true).await;
     let plain = follow(&off, &id).await;
     let plain_done = plain.done.expect("ended");
     assert_eq!(plain_done["job"]["status"], "done");
     assert_eq!(plain.previews, 0, "PREVIEW_FPS=0 sends none");
 
     let hung = Pipeline::start(Setup { preview_stall: Some(Duration::from_secs(3600)), ..Setup::default() }).await;
-    let id = hung.submit("previews hang", Some("slow_preview"), None).await;
+    let id = submit(&hung, "previews hang", true).await;
     let slow = follow(&hung, &id).await;
     let slow_done = slow.done.expect("ended");
     assert_eq!(slow_done["job"]["status"], "done", "{slow_done}");
