@@ -117,6 +117,10 @@ pub struct Progress {
     /// ComfyUI class type of that node, when known.
     #[serde(default)]
     pub node_type: Option<String>,
+    /// What that node is busy with besides steps, when ComfyUI says (e.g. `loading` a model;
+    /// newer ComfyUI only). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
 }
 
 /// What a finished job produced.

@@ -4,8 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,9 +15,10 @@ use serde_json::{Value, json};
 
 use crate::endpoint::ComfyEndpoint;
 use crate::error::{ComfyError, ValidationReport};
+use crate::features::{PreviewMethod, ServerFeatures};
 use crate::ids::{ClientId, PromptId};
 use crate::outputs::OutputFile;
-use crate::responses::{HistoryEntry, QueueState, QueuedPrompt, SystemStats, UploadedImage};
+use crate::responses::{HistoryEntry, JobLookup, QueueState, QueuedPrompt, SystemStats, UploadedImage};
 
 /// Time limits for HTTP calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,13 +137,22 @@ struct Inner {
     client_id: ClientId,
     timeouts: ComfyTimeouts,
     http: reqwest::Client,
-    /// Whether the server has the jobs API (`JOBS_API_*`), found out on first use.
-    jobs_api: AtomicU8,
+    /// `COMFYUI_TOKEN`, for `?token=` on the WebSocket (HTTP sends it as a default header).
+    token: Option<String>,
+    /// What the server showed it supports on the current connection. A std mutex: it is only
+    /// held to copy or change a few fields, never across an await.
+    features: Mutex<FeatureState>,
 }
 
-const JOBS_API_UNKNOWN: u8 = 0;
-const JOBS_API_YES: u8 = 1;
-const JOBS_API_NO: u8 = 2;
+#[derive(Default)]
+struct FeatureState {
+    features: ServerFeatures,
+    /// A full detection ([`ComfyClient::detect_features`]) ran for the current connection.
+    detected: bool,
+}
+
+/// The `Comfy-Usage-Source` header (C14): newer ComfyUI records it in `extra_data`.
+const USAGE_SOURCE: &str = "tdcomfy";
 
 impl std::fmt::Debug for ComfyClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,19 +166,40 @@ impl std::fmt::Debug for ComfyClient {
 impl ComfyClient {
     /// Creates a client. Fails only if the HTTP stack cannot be initialised.
     pub fn new(endpoint: ComfyEndpoint, client_id: ClientId, timeouts: ComfyTimeouts) -> Result<Self, ComfyError> {
+        Self::with_token(endpoint, client_id, timeouts, None)
+    }
+
+    /// Creates a client that authenticates with `token` (C19: `Authorization: Bearer` on every
+    /// HTTP request, `?token=` on `/ws`), for a ComfyUI behind a token-checking wrapper or proxy.
+    pub fn with_token(
+        endpoint: ComfyEndpoint,
+        client_id: ClientId,
+        timeouts: ComfyTimeouts,
+        token: Option<String>,
+    ) -> Result<Self, ComfyError> {
         let label = endpoint.to_string();
+        let token = token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        let invalid = |reason: String| ComfyError::Transport { endpoint: label.clone(), route: String::new(), reason };
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("comfy-usage-source", reqwest::header::HeaderValue::from_static(USAGE_SOURCE));
+        if let Some(token) = &token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| ComfyError::InvalidInput("COMFYUI_TOKEN must be visible ASCII".to_owned()))?;
+            // Kept out of reqwest's debug output.
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        // No `Origin` header, ever: ComfyUI answers 403 to a loopback Host with a foreign Origin
+        // (C18), and reqwest sends none unless told to.
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(timeouts.connect)
             .read_timeout(timeouts.read_idle)
             // ComfyUI is on the LAN; an HTTP(S)_PROXY meant for internet traffic must not
             // capture it.
             .no_proxy()
             .build()
-            .map_err(|e| ComfyError::Transport {
-                endpoint: label.clone(),
-                route: String::new(),
-                reason: crate::error::error_chain(&e),
-            })?;
+            .map_err(|e| invalid(crate::error::error_chain(&e)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
@@ -177,9 +207,15 @@ impl ComfyClient {
                 client_id,
                 timeouts,
                 http,
-                jobs_api: AtomicU8::new(JOBS_API_UNKNOWN),
+                token,
+                features: Mutex::new(FeatureState::default()),
             }),
         })
+    }
+
+    /// The token sent to ComfyUI, if any (the event socket puts it in its URL).
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.inner.token.as_deref()
     }
 
     /// The server.
@@ -204,12 +240,21 @@ impl ComfyClient {
         validate_file_name(&upload.name)?;
         let subfolder = normalise_subfolder(&upload.subfolder)?;
         let mime = tdcomfy_api::media::mime_for_extension(upload.name.rsplit_once('.').map_or("", |(_, e)| e));
-        let part = match upload.source {
+        let (part, size) = match upload.source {
             UploadSource::Bytes(bytes) => {
-                reqwest::multipart::Part::stream_with_length(bytes.clone(), bytes.len() as u64)
+                let size = bytes.len() as u64;
+                (reqwest::multipart::Part::stream_with_length(bytes, size), size)
             }
             UploadSource::File(path) => file_part(&path).await?,
         };
+        // Refused here, before a byte travels: ComfyUI would cut the upload off with a 413 after
+        // reading up to its limit (C8), and no retry can make the frame smaller.
+        let limit = self.ensure_features().await.max_upload_size;
+        if let Some(limit) = limit
+            && size > limit
+        {
+            return Err(ComfyError::UploadTooLarge { endpoint: self.inner.label.clone(), size, limit: Some(limit) });
+        }
         let part = part
             .file_name(upload.name.clone())
             .mime_str(mime)
@@ -231,6 +276,9 @@ impl ComfyClient {
                     .timeout(self.inner.timeouts.upload),
             )
             .await?;
+        if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Err(ComfyError::UploadTooLarge { endpoint: self.inner.label.clone(), size, limit });
+        }
         let response = self.check_status(ROUTE, response).await?;
         let body = self.read_json(ROUTE, response).await?;
         serde_json::from_value::<UploadedImage>(body).map_err(|e| ComfyError::Protocol {
@@ -239,12 +287,26 @@ impl ComfyClient {
         })
     }
 
-    /// `POST /prompt` with our client id and `prompt_id`.
+    /// `POST /prompt` with our client id and `prompt_id`, without previews
+    /// ([`ComfyClient::queue_prompt_with`] with [`PreviewMethod::None`]).
+    pub async fn queue_prompt(&self, graph: &Value, prompt_id: &PromptId) -> Result<QueuedPrompt, ComfyError> {
+        self.queue_prompt_with(graph, prompt_id, PreviewMethod::None).await
+    }
+
+    /// `POST /prompt` with our client id, `prompt_id` and `extra_data.preview_method`.
+    ///
+    /// The client id is always sent: without it ComfyUI sends none of the prompt's execution
+    /// events (C6). The preview method is always sent: newer ComfyUI resets it per prompt (C5).
     ///
     /// A 400, or a 200 whose `node_errors` is non-empty, becomes [`ComfyError::Validation`]. In the
     /// 200 case ComfyUI has already queued the valid outputs; this method removes that prompt
     /// (queue delete + targeted interrupt) before returning, so nothing half-valid runs.
-    pub async fn queue_prompt(&self, graph: &Value, prompt_id: &PromptId) -> Result<QueuedPrompt, ComfyError> {
+    pub async fn queue_prompt_with(
+        &self,
+        graph: &Value,
+        prompt_id: &PromptId,
+        preview_method: PreviewMethod,
+    ) -> Result<QueuedPrompt, ComfyError> {
         const ROUTE: &str = "prompt";
         if graph.as_object().is_none_or(|g| g.is_empty()) {
             return Err(ComfyError::InvalidInput("the graph must be a non-empty JSON object".to_owned()));
@@ -253,6 +315,7 @@ impl ComfyClient {
             "prompt": graph,
             "client_id": self.inner.client_id.as_str(),
             "prompt_id": prompt_id.as_str(),
+            "extra_data": {"preview_method": preview_method.as_str()},
         });
         let response = self.post_json(ROUTE, &body).await?;
         let status = response.status();
@@ -260,7 +323,10 @@ impl ComfyClient {
             let text = self.read_text(ROUTE, response).await?;
             let parsed = serde_json::from_str::<Value>(&text).ok();
             return Err(match parsed.and_then(|v| ValidationReport::from_body(400, &v)) {
-                Some(report) => ComfyError::Validation(report),
+                Some(mut report) => {
+                    report.name_nodes_from(graph);
+                    ComfyError::Validation(report)
+                }
                 None => ComfyError::Status { route: ROUTE.to_owned(), status: 400, body: truncate(&text) },
             });
         }
@@ -268,6 +334,7 @@ impl ComfyClient {
         let body = self.read_json(ROUTE, response).await?;
         if let Some(mut report) = ValidationReport::from_body(status.as_u16(), &body) {
             report.partially_queued = true;
+            report.name_nodes_from(graph);
             // Best effort: the prompt must not run half-valid; a failure here is logged, the
             // validation error is what the caller needs to see.
             if let Err(error) = self.delete_pending(prompt_id).await {
@@ -313,11 +380,12 @@ impl ComfyClient {
     /// The running and pending prompts, without their graphs where the server allows it: ComfyUI
     /// with the jobs API (C1, after 0.3.64) answers `GET /api/jobs?status=in_progress,pending`
     /// with a few hundred bytes per prompt, while `GET /queue` carries every queued graph (MBs
-    /// on a ComfyUI shared with UI users). The first call finds out which one the server has
-    /// (a 404 means no jobs API) and later calls remember it.
+    /// on a ComfyUI shared with UI users). Which one the server has comes from
+    /// [`ComfyClient::detect_features`], or from this call's own 404 when that has not run.
     pub async fn active_prompts(&self) -> Result<QueueState, ComfyError> {
         const ROUTE: &str = "api/jobs";
-        if self.inner.jobs_api.load(Ordering::Relaxed) != JOBS_API_NO {
+        let known = self.features().jobs_api;
+        if known != Some(false) {
             let mut url = self.inner.endpoint.http_url(ROUTE);
             // No `sort_by`: its accepted names differ between versions (C2).
             // An explicit page size: the list is paginated (C1), and a prompt beyond the first page
@@ -327,7 +395,7 @@ impl ComfyClient {
             let response = self.send(ROUTE, request).await?;
             let status = response.status();
             if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
-                self.note_no_jobs_api(&format!("HTTP {status}"));
+                self.note_jobs_api(false, &format!("HTTP {status}"));
             } else {
                 let response = self.check_status(ROUTE, response).await?;
                 let body = self.read_text(ROUTE, response).await?;
@@ -336,15 +404,13 @@ impl ComfyClient {
                 match parsed.as_ref().and_then(QueueState::from_jobs) {
                     // More than a page of active prompts: this answer is not the whole truth, so
                     // this one call asks the queue instead.
-                    Some(_) if more == Some(true) => self.inner.jobs_api.store(JOBS_API_YES, Ordering::Relaxed),
+                    Some(_) if more == Some(true) => self.note_jobs_api(true, "job list"),
                     Some(state) => {
-                        self.inner.jobs_api.store(JOBS_API_YES, Ordering::Relaxed);
+                        self.note_jobs_api(true, "job list");
                         return Ok(state);
                     }
                     // E.g. a proxy's HTML page for unknown routes: not the jobs API.
-                    None if self.inner.jobs_api.load(Ordering::Relaxed) == JOBS_API_UNKNOWN => {
-                        self.note_no_jobs_api("not a job list");
-                    }
+                    None if known.is_none() => self.note_jobs_api(false, "not a job list"),
                     None => {
                         return Err(ComfyError::Protocol {
                             route: ROUTE.to_owned(),
@@ -357,19 +423,134 @@ impl ComfyClient {
         self.queue().await
     }
 
-    /// Whether the server has shown that it has the jobs API (`None` until the first
+    /// Whether the server has shown that it has the jobs API (`None` until detection or the first
     /// [`ComfyClient::active_prompts`] call found out).
     pub fn has_jobs_api(&self) -> Option<bool> {
-        match self.inner.jobs_api.load(Ordering::Relaxed) {
-            JOBS_API_YES => Some(true),
-            JOBS_API_NO => Some(false),
-            _ => None,
+        self.features().jobs_api
+    }
+
+    /// What the server showed it supports on the current connection (a copy).
+    pub fn features(&self) -> ServerFeatures {
+        self.lock_features().features.clone()
+    }
+
+    /// Asks the server what it supports, once for the current connection: `GET /api/jobs?limit=1`
+    /// (a job list means the jobs API; 404/405 or anything else means none, C1) and
+    /// `GET /features` (preview metadata and upload limit, C8). Whether the atomic cancel exists
+    /// is found out by the first cancel. An error leaves what is unknown unknown.
+    pub async fn detect_features(&self) -> Result<ServerFeatures, ComfyError> {
+        const JOBS: &str = "api/jobs";
+        let mut url = self.inner.endpoint.http_url(JOBS);
+        // No `sort_by` (C2) and one item: only whether the route answers with a job list matters.
+        url.query_pairs_mut().append_pair("limit", "1");
+        let response = self.send(JOBS, self.inner.http.get(url).timeout(self.inner.timeouts.request)).await?;
+        let status = response.status();
+        let jobs_api = if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
+            false
+        } else {
+            let response = self.check_status(JOBS, response).await?;
+            let body = self.read_text(JOBS, response).await?;
+            serde_json::from_str::<Value>(&body).ok().and_then(|b| QueueState::from_jobs(&b)).is_some()
+        };
+        self.note_jobs_api(jobs_api, "detection");
+        const FEATURES: &str = "features";
+        let request = self.inner.http.get(self.inner.endpoint.http_url(FEATURES)).timeout(self.inner.timeouts.request);
+        let response = self.send(FEATURES, request).await?;
+        // 0.3.x servers before the feature flags have no such route: nothing to learn there.
+        if response.status() != StatusCode::NOT_FOUND {
+            let response = self.check_status(FEATURES, response).await?;
+            if let Ok(Value::Object(flags)) = self.read_json(FEATURES, response).await {
+                self.lock_features().features.apply_flags(&flags);
+            }
+        }
+        let mut state = self.lock_features();
+        state.detected = true;
+        Ok(state.features.clone())
+    }
+
+    /// The features, detected first if that has not happened on this connection (a failed
+    /// detection gives what is known).
+    pub async fn ensure_features(&self) -> ServerFeatures {
+        if self.lock_features().detected {
+            return self.features();
+        }
+        match self.detect_features().await {
+            Ok(features) => features,
+            Err(error) => {
+                tracing::debug!(endpoint = %self.inner.label, %error, "could not detect ComfyUI's features");
+                self.features()
+            }
         }
     }
 
-    fn note_no_jobs_api(&self, why: &str) {
-        tracing::debug!(endpoint = %self.inner.label, why, "no jobs API; using GET /queue");
-        self.inner.jobs_api.store(JOBS_API_NO, Ordering::Relaxed);
+    /// Forgets what the server supports: the event socket reconnected (as `connection`), and the
+    /// server behind it may have been restarted as another version.
+    pub(crate) fn forget_features(&self, connection: u64) {
+        let mut state = self.lock_features();
+        *state = FeatureState::default();
+        state.features.connection = connection;
+    }
+
+    /// The server's `feature_flags` reply on the event socket (C8).
+    pub(crate) fn note_feature_flags(&self, flags: &serde_json::Map<String, Value>) {
+        self.lock_features().features.apply_flags(flags);
+    }
+
+    fn note_jobs_api(&self, present: bool, why: &str) {
+        let mut state = self.lock_features();
+        if state.features.jobs_api != Some(present) {
+            tracing::debug!(endpoint = %self.inner.label, present, why, "jobs API");
+        }
+        state.features.jobs_api = Some(present);
+        if !present {
+            state.features.jobs_cancel = Some(false);
+        }
+    }
+
+    fn lock_features(&self) -> std::sync::MutexGuard<'_, FeatureState> {
+        // The state is a few plain fields; a panic elsewhere cannot leave it half-written.
+        self.inner.features.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `GET /api/jobs/{id}` (C1): where the server says the prompt is; 404 is
+    /// [`JobLookup::Unknown`]. Only meaningful where the server has the jobs API (elsewhere every
+    /// id is a 404).
+    pub async fn job(&self, prompt_id: &PromptId) -> Result<JobLookup, ComfyError> {
+        let route = format!("api/jobs/{prompt_id}");
+        let request = self.inner.http.get(self.inner.endpoint.http_url(&route)).timeout(self.inner.timeouts.request);
+        let response = self.send(&route, request).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(JobLookup::Unknown);
+        }
+        let response = self.check_status(&route, response).await?;
+        let body = self.read_json(&route, response).await?;
+        JobLookup::from_job(prompt_id.as_str(), &body).ok_or_else(|| ComfyError::Protocol {
+            route: route.clone(),
+            reason: format!("expected a job: {}", truncate(&body.to_string())),
+        })
+    }
+
+    /// `POST /api/jobs/{id}/cancel` (C3): removes the prompt whether it is pending or running, in
+    /// one step on the server (no window between "is it running?" and the interrupt). `Ok(None)`
+    /// when the server has no such route (404/405), which is remembered: callers then use
+    /// [`ComfyClient::delete_pending`] and [`ComfyClient::interrupt`]. `Ok(Some(cancelled))`
+    /// otherwise (`false` for a prompt that is unknown or already over).
+    pub async fn cancel_job(&self, prompt_id: &PromptId) -> Result<Option<bool>, ComfyError> {
+        if self.features().jobs_cancel == Some(false) {
+            return Ok(None);
+        }
+        let route = format!("api/jobs/{prompt_id}/cancel");
+        let response = self.post_json(&route, &json!({})).await?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
+            tracing::debug!(endpoint = %self.inner.label, %status, "no jobs cancel; using /queue delete and /interrupt");
+            self.lock_features().features.jobs_cancel = Some(false);
+            return Ok(None);
+        }
+        let response = self.check_status(&route, response).await?;
+        self.lock_features().features.jobs_cancel = Some(true);
+        let body = self.read_json(&route, response).await.unwrap_or(Value::Null);
+        Ok(Some(body.get("cancelled").and_then(Value::as_bool).unwrap_or(false)))
     }
 
     /// `POST /queue {"delete": [id]}`: removes a pending prompt (no effect once it runs; unknown
@@ -460,6 +641,12 @@ impl ComfyClient {
         if status.is_success() {
             return Ok(response);
         }
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(ComfyError::Unauthorized {
+                endpoint: self.inner.label.clone(),
+                token_sent: self.inner.token.is_some(),
+            });
+        }
         let body = response.text().await.unwrap_or_default();
         Err(ComfyError::Status { route: route.to_owned(), status: status.as_u16(), body: truncate(&body) })
     }
@@ -477,13 +664,13 @@ impl ComfyClient {
     }
 }
 
-async fn file_part(path: &Path) -> Result<reqwest::multipart::Part, ComfyError> {
+async fn file_part(path: &Path) -> Result<(reqwest::multipart::Part, u64), ComfyError> {
     let source = |e| ComfyError::UploadSource { path: path.display().to_string(), source: e };
     let file = tokio::fs::File::open(path).await.map_err(source)?;
     let length = file.metadata().await.map_err(source)?.len();
     // Large reads: every read of a tokio file is a hop to the blocking pool.
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-    Ok(reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), length))
+    Ok((reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), length), length))
 }
 
 fn validate_file_name(name: &str) -> Result<(), ComfyError> {

@@ -106,6 +106,16 @@ impl ComfyEndpoint {
         url.query_pairs_mut().append_pair("clientId", client_id.as_str());
         url
     }
+
+    /// [`ComfyEndpoint::ws_url`] with `&token=<token>` when there is one: browsers cannot set
+    /// headers on a WebSocket, so token-checking ComfyUI wrappers read it from the query (C19).
+    pub fn ws_url_with_token(&self, client_id: &ClientId, token: Option<&str>) -> Url {
+        let mut url = self.ws_url(client_id);
+        if let Some(token) = token {
+            url.query_pairs_mut().append_pair("token", token);
+        }
+        url
+    }
 }
 
 impl fmt::Display for ComfyEndpoint {

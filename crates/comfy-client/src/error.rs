@@ -85,6 +85,32 @@ pub enum ComfyError {
     /// The caller passed something ComfyUI cannot accept (e.g. a non-object graph).
     #[error("invalid request: {0}")]
     InvalidInput(String),
+    /// ComfyUI (or the proxy in front of it) answered 401: the token is missing or wrong.
+    /// Retrying cannot help until `COMFYUI_TOKEN` is fixed.
+    #[error("ComfyUI at {endpoint} {}", if *.token_sent { "refused the token (COMFYUI_TOKEN)" } else { "requires a token: set COMFYUI_TOKEN" })]
+    Unauthorized {
+        /// Server base URL.
+        endpoint: String,
+        /// Whether a token was sent.
+        token_sent: bool,
+    },
+    /// A file is larger than the server accepts (its `max_upload_size`, or a 413 answer).
+    #[error("{size} bytes is over the upload limit of ComfyUI at {endpoint}{}", upload_limit(.limit))]
+    UploadTooLarge {
+        /// Server base URL.
+        endpoint: String,
+        /// Size of the file in bytes.
+        size: u64,
+        /// The server's limit in bytes, when it said.
+        limit: Option<u64>,
+    },
+}
+
+fn upload_limit(limit: &Option<u64>) -> String {
+    match limit {
+        Some(limit) => format!(" (max_upload_size {limit} bytes)"),
+        None => " (HTTP 413)".to_owned(),
+    }
 }
 
 fn body_suffix(body: &str) -> String {
@@ -160,6 +186,41 @@ pub struct ValidationReport {
     /// True when ComfyUI had queued the valid part of the graph anyway (200 with `node_errors`);
     /// the client deletes/interrupts it before reporting.
     pub partially_queued: bool,
+    /// The node a top-level error names (`missing_node_type` carries
+    /// `extra_info{node_id, class_type, node_title}`, C11).
+    /// Boxed: it is rare, and `ComfyError` carries the report by value.
+    pub node: Option<Box<NodeRef>>,
+}
+
+/// A node named by a top-level validation error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeRef {
+    /// Node id in the graph.
+    pub node_id: String,
+    /// Its class type (may be empty: a node without `class_type` is a `missing_node_type` too).
+    pub class_type: String,
+    /// Its editor title, when known.
+    pub title: Option<String>,
+}
+
+/// `node <id> (<class>)`, with `, title "<title>"` when the node has a title other than its class.
+fn node_label(node_id: &str, class_type: &str, title: Option<&str>) -> String {
+    let class = if class_type.is_empty() { "unknown class" } else { class_type };
+    match title.map(str::trim).filter(|t| !t.is_empty() && *t != class_type) {
+        Some(title) => format!("node {node_id} ({class}, title {title:?})"),
+        None => format!("node {node_id} ({class})"),
+    }
+}
+
+/// Newer ComfyUI wraps list widget values as `{"__value__": [...]}` (C11); the wrapped value is
+/// what the user set.
+fn unwrap_value(value: Value) -> Value {
+    match value {
+        Value::Object(mut map) if map.len() == 1 && map.contains_key("__value__") => {
+            map.remove("__value__").unwrap_or(Value::Null)
+        }
+        other => other,
+    }
 }
 
 /// The validation errors of one node.
@@ -169,6 +230,9 @@ pub struct NodeValidationErrors {
     pub node_id: String,
     /// Its class type.
     pub class_type: String,
+    /// Its title in the ComfyUI editor (`_meta.title` of the submitted graph, or ComfyUI's
+    /// `node_title`), when it has one.
+    pub title: Option<String>,
     /// Output nodes that depend on it.
     pub dependent_outputs: Vec<String>,
     /// The errors.
@@ -217,7 +281,11 @@ impl InputValidationError {
                     format!("{name}: {message} ({details})")
                 }
             }
-            None if details.is_empty() || details == message => message.to_owned(),
+            None if details.is_empty() || details == message => match &self.received_value {
+                // A check without details (custom validation, dynamic inputs) still names the value.
+                Some(value) if !value.is_null() => format!("{message} (got {value})"),
+                _ => message.to_owned(),
+            },
             None => format!("{message}: {details}"),
         }
     }
@@ -252,6 +320,11 @@ impl ValidationReport {
                     .map(|(node_id, node)| NodeValidationErrors {
                         node_id: node_id.clone(),
                         class_type: text(Some(node), "class_type"),
+                        title: node
+                            .get("node_title")
+                            .or_else(|| node.pointer("/_meta/title"))
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
                         dependent_outputs: node
                             .get("dependent_outputs")
                             .and_then(Value::as_array)
@@ -275,7 +348,8 @@ impl ValidationReport {
                                         received_value: e
                                             .get("extra_info")
                                             .and_then(|x| x.get("received_value"))
-                                            .cloned(),
+                                            .cloned()
+                                            .map(unwrap_value),
                                     })
                                     .collect()
                             })
@@ -285,19 +359,51 @@ impl ValidationReport {
             })
             .unwrap_or_default();
         nodes.sort_by(|a, b| natural_cmp(&a.node_id, &b.node_id));
-        Some(Self { http_status, error_type, message, details, nodes, partially_queued: false })
+        let node = error.and_then(|e| e.get("extra_info")).and_then(|info| {
+            let node_id = match info.get("node_id")? {
+                Value::String(id) => id.clone(),
+                Value::Null => return None,
+                other => other.to_string(),
+            };
+            Some(Box::new(NodeRef {
+                node_id,
+                class_type: text(Some(info), "class_type"),
+                title: info.get("node_title").and_then(Value::as_str).map(str::to_owned),
+            }))
+        });
+        Some(Self { http_status, error_type, message, details, nodes, partially_queued: false, node })
+    }
+
+    /// Fills in node titles (and a class type ComfyUI left out) from the submitted graph, since
+    /// ComfyUI's `node_errors` name nodes only by id and class.
+    pub fn name_nodes_from(&mut self, graph: &Value) {
+        let title = |id: &str| graph.get(id)?.pointer("/_meta/title")?.as_str().map(str::to_owned);
+        let class = |id: &str| graph.get(id)?.get("class_type")?.as_str().map(str::to_owned);
+        for node in &mut self.nodes {
+            if node.title.is_none() {
+                node.title = title(&node.node_id);
+            }
+            if node.class_type.is_empty() {
+                node.class_type = class(&node.node_id).unwrap_or_default();
+            }
+        }
+        if let Some(node) = &mut self.node
+            && node.title.is_none()
+        {
+            node.title = title(&node.node_id);
+        }
     }
 
     /// One line per problem: `node <id> (<class>): <input>: <what>`.
     pub fn lines(&self) -> Vec<String> {
         let mut lines = Vec::new();
         for node in &self.nodes {
-            let class = if node.class_type.is_empty() { "unknown class" } else { &node.class_type };
+            let label = node_label(&node.node_id, &node.class_type, node.title.as_deref());
             if node.errors.is_empty() {
-                lines.push(format!("node {} ({class}): invalid", node.node_id));
+                lines.push(format!("{label}: invalid"));
             }
             for error in &node.errors {
-                lines.push(format!("node {} ({class}): {}", node.node_id, error.describe()));
+                lines.push(format!("{label}: {}", error.describe()));
             }
         }
         if lines.is_empty() {
@@ -308,6 +414,11 @@ impl ValidationReport {
                 (true, false) => details.to_owned(),
                 (false, true) => message.to_owned(),
                 (false, false) => format!("{message} ({details})"),
+            };
+            // `missing_node_type` and friends name their node outside `node_errors` (C11).
+            let line = match &self.node {
+                Some(node) => format!("{}: {line}", node_label(&node.node_id, &node.class_type, node.title.as_deref())),
+                None => line,
             };
             lines.push(line);
         }

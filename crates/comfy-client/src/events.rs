@@ -233,6 +233,18 @@ pub struct NodeProgress {
     /// `running`, `finished`, `error` (kept as text: newer versions may add states).
     #[serde(default)]
     pub state: String,
+    /// What the node is busy with besides steps, e.g. `loading` a model (C7).
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub activity: Option<String>,
+    /// The node shown in the UI (a subgraph's node for the nodes inside it, C12).
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub display_node_id: Option<String>,
+    /// The subgraph or loop node this one runs inside.
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub parent_node_id: Option<String>,
+    /// The node of the submitted graph this (possibly expanded) node comes from.
+    #[serde(default, deserialize_with = "de_opt_id")]
+    pub real_node_id: Option<String>,
 }
 
 /// The payload of `execution_error` (also stored as the last history status message).

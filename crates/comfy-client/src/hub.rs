@@ -13,6 +13,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::client::ComfyClient;
+use crate::error::ComfyError;
 use crate::events::ComfyEvent;
 use crate::socket::{ComfySocket, Received, SocketOptions};
 
@@ -143,7 +144,12 @@ impl HubTask {
         let endpoint = self.client.endpoint().clone();
         let mut delay = self.options.reconnect_initial;
         loop {
-            let connecting = ComfySocket::connect(&endpoint, self.client.client_id(), &self.options.socket);
+            let connecting = ComfySocket::connect_with_token(
+                &endpoint,
+                self.client.client_id(),
+                self.client.token(),
+                &self.options.socket,
+            );
             let connected = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 result = connecting => result,
@@ -159,6 +165,21 @@ impl HubTask {
                         generation = s.generation;
                     });
                     tracing::debug!(%endpoint, generation, "ComfyUI WebSocket connected");
+                    // The server may have been restarted as another version while the socket was
+                    // down: what it supports is found out again for this connection, off the
+                    // event path.
+                    self.client.forget_features(generation);
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        match client.detect_features().await {
+                            Ok(features) => {
+                                tracing::debug!(endpoint = %client.endpoint(), features = %features.summary(), "ComfyUI features")
+                            }
+                            Err(error) => {
+                                tracing::debug!(endpoint = %client.endpoint(), %error, "could not detect ComfyUI's features")
+                            }
+                        }
+                    });
                     let _ = self.sender.send(HubNotice::Connected { generation });
                     let reason = self.pump(socket).await;
                     // Only a connection that lasted counts as recovery: a server that accepts and
@@ -175,7 +196,15 @@ impl HubTask {
                     let _ = self.sender.send(HubNotice::Disconnected { reason });
                 }
                 Err(error) => {
-                    tracing::debug!(%endpoint, %error, "ComfyUI WebSocket connect failed");
+                    if matches!(error, ComfyError::Unauthorized { .. }) {
+                        // Retrying cannot fix a token: say so plainly, then retry only slowly.
+                        if self.state.borrow().last_error.as_deref() != Some(error.to_string().as_str()) {
+                            tracing::error!(%endpoint, %error, "ComfyUI refused the event socket");
+                        }
+                        delay = self.options.reconnect_max;
+                    } else {
+                        tracing::debug!(%endpoint, %error, "ComfyUI WebSocket connect failed");
+                    }
                     self.state.send_modify(|s| s.last_error = Some(error.to_string()));
                 }
             }
@@ -205,6 +234,9 @@ impl HubTask {
                     Some(Ok(Received::Alive)) => last_seen = Instant::now(),
                     Some(Ok(Received::Event(event))) => {
                         last_seen = Instant::now();
+                        if let ComfyEvent::FeatureFlags(flags) = &event {
+                            self.client.note_feature_flags(flags);
+                        }
                         // No subscribers is normal between prompts.
                         let _ = self.sender.send(HubNotice::Event(Arc::new(event)));
                     }

@@ -2,8 +2,10 @@
 //!
 //! - [`ComfyEndpoint`] / [`ComfyEndpoints`]: where servers are (`COMFYUI_URLS`, or
 //!   `COMFYUI_HOST`/`COMFYUI_PORT`).
-//! - [`ComfyClient`]: HTTP calls (upload, queue, history, queue control, targeted interrupt,
-//!   streamed download, health).
+//! - [`ComfyClient`]: HTTP calls (upload, queue, history, jobs API, queue control, targeted
+//!   interrupt and atomic cancel, streamed download, health), optionally with a token.
+//! - [`ServerFeatures`]: what a server supports, detected once per connection (not from its
+//!   version string); [`PreviewMethod`]: `extra_data.preview_method` of each prompt.
 //! - [`ComfySocket`] / [`ComfyEvent`]: the `/ws` event stream, typed; [`EventHub`] keeps one
 //!   reconnecting socket per server and fans events out.
 //! - [`collect_outputs`] / [`pick_primary`]: output files from every output key, video first.
@@ -14,6 +16,7 @@ mod client;
 mod endpoint;
 mod error;
 mod events;
+mod features;
 mod hub;
 mod ids;
 mod outputs;
@@ -24,18 +27,21 @@ mod socket;
 
 pub use client::{ComfyClient, ComfyTimeouts, Download, ImageUpload, UploadSource};
 pub use endpoint::{ComfyEndpoint, ComfyEndpoints, DEFAULT_HOST, DEFAULT_PORT, EndpointError};
-pub use error::{ComfyError, InputValidationError, NodeValidationErrors, ValidationReport, error_chain};
+pub use error::{ComfyError, InputValidationError, NodeRef, NodeValidationErrors, ValidationReport, error_chain};
 pub use events::{
     ComfyEvent, EventParseError, ExecutionErrorInfo, InterruptInfo, NodeProgress, PreviewFormat, PreviewImage,
     PreviewMeta,
 };
+pub use features::{PreviewMethod, ServerFeatures};
 pub use hub::{EventHub, HubNotice, HubOptions, HubState};
 pub use ids::{ClientId, InvalidId, PromptId};
 pub use outputs::{FolderType, MediaKind, NodeOutput, OutputFile, collect_outputs, pick_primary};
 pub use progress::{ProgressTracker, RunProgress};
 pub use responses::{
-    DeviceStats, HistoryEntry, HistoryOutcome, HistoryStatus, QueueItem, QueuePosition, QueueState, QueuedPrompt,
-    SystemStats, UploadedImage,
+    DeviceStats, HistoryEntry, HistoryOutcome, HistoryStatus, JobLookup, QueueItem, QueuePosition, QueueState,
+    QueuedPrompt, SystemStats, UploadedImage,
 };
-pub use run::{ExpectedOutputs, PromptRun, PromptRunner, RunConfig, RunFailure, RunFailureKind, RunUpdate};
+pub use run::{
+    ExpectedOutputs, PromptOptions, PromptRun, PromptRunner, RunConfig, RunFailure, RunFailureKind, RunUpdate,
+};
 pub use socket::{ComfySocket, SocketOptions};

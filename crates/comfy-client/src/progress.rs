@@ -22,6 +22,8 @@ pub struct RunProgress {
     pub node: Option<String>,
     /// Its class type, from the submitted graph.
     pub node_type: Option<String>,
+    /// What the running node is busy with besides steps, when ComfyUI says (`loading`, C7).
+    pub stage: Option<String>,
 }
 
 /// Folds one prompt's events (already filtered to that prompt) into a [`RunProgress`].
@@ -34,6 +36,7 @@ pub struct ProgressTracker {
     current: Option<String>,
     current_fraction: f64,
     step: Option<(f64, f64)>,
+    stage: Option<String>,
     reported: f64,
 }
 
@@ -58,6 +61,7 @@ impl ProgressTracker {
             current: None,
             current_fraction: 0.0,
             step: None,
+            stage: None,
             reported: 0.0,
         }
     }
@@ -72,7 +76,10 @@ impl ProgressTracker {
         let before = self.snapshot();
         match event {
             ComfyEvent::ExecutionCached { nodes, .. } => self.cached.extend(nodes.iter().cloned()),
-            ComfyEvent::Executing { node: Some(node), .. } => self.start_node(node),
+            ComfyEvent::Executing { node: Some(node), display_node, .. } => {
+                let node = self.resolve(node, [display_node.as_deref()]);
+                self.start_node(&node);
+            }
             ComfyEvent::Executing { node: None, .. } => {
                 if let Some(current) = self.current.take() {
                     self.done.insert(current);
@@ -80,10 +87,11 @@ impl ProgressTracker {
                 self.step = None;
             }
             ComfyEvent::Progress { node, value, max, .. } => {
+                let node = node.as_deref().map(|n| self.resolve(n, []));
                 if let Some(node) = node
-                    && self.current.as_deref() != Some(node)
+                    && self.current.as_deref() != Some(node.as_str())
                 {
-                    self.start_node(node);
+                    self.start_node(&node);
                 }
                 if *max > 0.0 {
                     self.current_fraction = self.current_fraction.max((value / max).clamp(0.0, 1.0));
@@ -91,21 +99,38 @@ impl ProgressTracker {
                 }
             }
             ComfyEvent::ProgressState { nodes, .. } => {
+                let mut stage = None;
                 for (id, state) in nodes {
+                    // Nodes inside subgraphs and loops carry ids the submitted graph does not
+                    // have (C12); they count for the graph node they stand for.
+                    let hints = [
+                        state.real_node_id.as_deref(),
+                        state.display_node_id.as_deref(),
+                        state.parent_node_id.as_deref(),
+                    ];
+                    let id = self.resolve(id, hints);
                     match state.state.as_str() {
                         "finished" => {
-                            self.done.insert(id.clone());
+                            self.done.insert(id);
                         }
-                        "running" if self.current.as_deref() == Some(id) && state.max > 0.0 => {
-                            self.current_fraction =
-                                self.current_fraction.max((state.value / state.max).clamp(0.0, 1.0));
+                        "running" => {
+                            if stage.is_none() {
+                                stage = state.activity.clone().filter(|a| !a.is_empty());
+                            }
+                            if self.current.as_deref() == Some(id.as_str()) && state.max > 0.0 {
+                                self.current_fraction =
+                                    self.current_fraction.max((state.value / state.max).clamp(0.0, 1.0));
+                            }
                         }
                         _ => {}
                     }
                 }
+                // The snapshot lists every running node: no activity in it means none any more.
+                self.stage = stage;
             }
             ComfyEvent::Executed { node, .. } => {
-                self.done.insert(node.clone());
+                let node = self.resolve(node, []);
+                self.done.insert(node);
             }
             _ => {}
         }
@@ -130,7 +155,25 @@ impl ProgressTracker {
             max,
             node: self.current.clone(),
             node_type: self.current.as_deref().and_then(|n| self.class_type(n)).map(str::to_owned),
+            stage: self.stage.clone(),
         }
+    }
+
+    /// The graph node an event's node id stands for: the id itself when the graph has it, else
+    /// the first hint the graph has (`real_node_id`, `display_node_id`, `parent_node_id`), else
+    /// the leading part of a nested id (`12:3` or `12.3` inside node 12), else the id as sent
+    /// (a node added at run time: it has no share of the bar but is still reported).
+    fn resolve<const N: usize>(&self, id: &str, hints: [Option<&str>; N]) -> String {
+        if self.weights.is_empty() || self.weights.contains_key(id) {
+            return id.to_owned();
+        }
+        if let Some(hint) = hints.into_iter().flatten().find(|h| self.weights.contains_key(*h)) {
+            return hint.to_owned();
+        }
+        if let Some(head) = id.split([':', '.']).next().filter(|h| self.weights.contains_key(*h)) {
+            return head.to_owned();
+        }
+        id.to_owned()
     }
 
     /// Like [`ProgressTracker::snapshot`], and remembers the fraction so later snapshots never
@@ -150,6 +193,7 @@ impl ProgressTracker {
         self.current = Some(node.to_owned());
         self.current_fraction = 0.0;
         self.step = None;
+        self.stage = None;
     }
 
     fn raw_fraction(&self) -> f64 {

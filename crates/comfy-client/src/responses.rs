@@ -37,6 +37,114 @@ pub struct HistoryStatus {
     pub messages: Vec<(String, Value)>,
 }
 
+impl HistoryStatus {
+    /// Parses a history `status` block (`{status_str, completed, messages: [[type, payload]…]}`).
+    pub fn from_value(status: &Value) -> Self {
+        let Some(status) = status.as_object() else { return Self::default() };
+        Self {
+            status_str: status.get("status_str").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            completed: status.get("completed").and_then(Value::as_bool).unwrap_or(false),
+            messages: status
+                .get("messages")
+                .and_then(Value::as_array)
+                .map(|messages| {
+                    messages
+                        .iter()
+                        .filter_map(|message| {
+                            let pair = message.as_array()?;
+                            let kind = pair.first()?.as_str()?.to_owned();
+                            Some((kind, pair.get(1).cloned().unwrap_or(Value::Null)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Where the jobs API (`GET /api/jobs/{id}`, C1) says a prompt is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobLookup {
+    /// 404: the server does not know the prompt (never queued, or lost in a restart). Unlike
+    /// `/history/{id}`'s `{}`, this is not also the answer for a running prompt.
+    Unknown,
+    /// `pending`: waiting in the queue.
+    Pending,
+    /// `in_progress`: executing.
+    Running,
+    /// `completed`, `failed` or `cancelled`, as a history entry (outputs and terminal message).
+    Finished(HistoryEntry),
+    /// A status this client does not know (kept verbatim; treated as "still there").
+    Other(String),
+}
+
+impl JobLookup {
+    /// Parses a job body (`{id, status, outputs?, execution_status?, execution_error?, …}`);
+    /// `None` when it is not a job.
+    pub fn from_job(prompt_id: &str, job: &Value) -> Option<Self> {
+        let status = job.get("status")?.as_str()?;
+        Some(match status {
+            "pending" => Self::Pending,
+            "in_progress" | "running" => Self::Running,
+            "completed" | "failed" | "cancelled" => Self::Finished(HistoryEntry::from_job(prompt_id, status, job)),
+            other => Self::Other(other.to_owned()),
+        })
+    }
+}
+
+impl HistoryEntry {
+    /// A history entry from a finished job of the jobs API: its `outputs`, and its
+    /// `execution_status` (the history status block) when present, else a status made from the
+    /// job's `status` and `execution_error`.
+    fn from_job(prompt_id: &str, status: &str, job: &Value) -> Self {
+        let outputs = match job.get("outputs") {
+            Some(Value::Object(map)) => map
+                .iter()
+                .filter_map(|(node, output)| match output {
+                    Value::Object(dict) => Some((node.clone(), NodeOutput(dict.clone()))),
+                    _ => None,
+                })
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        let given = job.get("execution_status").map(HistoryStatus::from_value).filter(|s| !s.messages.is_empty());
+        let status = given.unwrap_or_else(|| {
+            let stamp = |key: &str| job.get(key).and_then(Value::as_u64);
+            let mut messages = Vec::new();
+            if let Some(start) = stamp("execution_start_time") {
+                messages.push((
+                    "execution_start".to_owned(),
+                    serde_json::json!({"prompt_id": prompt_id, "timestamp": start}),
+                ));
+            }
+            let mut end = serde_json::Map::new();
+            end.insert("prompt_id".to_owned(), Value::from(prompt_id));
+            if let Some(at) = stamp("execution_end_time") {
+                end.insert("timestamp".to_owned(), Value::from(at));
+            }
+            let kind = match status {
+                "completed" => "execution_success",
+                "failed" => {
+                    if let Some(Value::Object(error)) = job.get("execution_error") {
+                        for (key, value) in error {
+                            end.entry(key.clone()).or_insert_with(|| value.clone());
+                        }
+                    }
+                    "execution_error"
+                }
+                _ => "execution_interrupted",
+            };
+            messages.push((kind.to_owned(), Value::Object(end)));
+            HistoryStatus {
+                status_str: if status == "completed" { "success" } else { "error" }.to_owned(),
+                completed: status == "completed",
+                messages,
+            }
+        });
+        Self { prompt_id: prompt_id.to_owned(), outputs, status, output_node_ids: Vec::new() }
+    }
+}
+
 /// How a finished prompt ended, read from the last terminal status message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HistoryOutcome {
@@ -67,27 +175,7 @@ impl HistoryEntry {
                 .collect(),
             _ => BTreeMap::new(),
         };
-        let status = match entry.get("status") {
-            Some(Value::Object(status)) => HistoryStatus {
-                status_str: status.get("status_str").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                completed: status.get("completed").and_then(Value::as_bool).unwrap_or(false),
-                messages: status
-                    .get("messages")
-                    .and_then(Value::as_array)
-                    .map(|messages| {
-                        messages
-                            .iter()
-                            .filter_map(|message| {
-                                let pair = message.as_array()?;
-                                let kind = pair.first()?.as_str()?.to_owned();
-                                Some((kind, pair.get(1).cloned().unwrap_or(Value::Null)))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            },
-            _ => HistoryStatus::default(),
-        };
+        let status = entry.get("status").map(HistoryStatus::from_value).unwrap_or_default();
         let output_node_ids = entry
             .get("prompt")
             .and_then(Value::as_array)
@@ -310,7 +398,7 @@ pub struct SystemStats {
     pub comfyui_version: Option<String>,
     /// `system.os`.
     pub os: Option<String>,
-    /// Compute devices.
+    /// Compute devices: every GPU on newer ComfyUI (C15), the primary first.
     pub devices: Vec<DeviceStats>,
     /// `system.argv`: ComfyUI's command line (`main.py` first), which tells where its `input/`
     /// and `output/` folders are (`--base-directory`, `--input-directory`, `--output-directory`).
@@ -328,6 +416,8 @@ pub struct DeviceStats {
     pub vram_total: Option<u64>,
     /// Free VRAM in bytes.
     pub vram_free: Option<u64>,
+    /// The device's index (`torch` numbering), when reported.
+    pub index: Option<u64>,
 }
 
 impl SystemStats {
@@ -346,6 +436,7 @@ impl SystemStats {
                         kind: d.get("type").and_then(Value::as_str).unwrap_or_default().to_owned(),
                         vram_total: d.get("vram_total").and_then(Value::as_u64),
                         vram_free: d.get("vram_free").and_then(Value::as_u64),
+                        index: d.get("index").and_then(Value::as_u64),
                     })
                     .collect()
             })

@@ -28,11 +28,12 @@ use tokio_util::sync::CancellationToken;
 use crate::client::ComfyClient;
 use crate::error::{ComfyError, ValidationReport};
 use crate::events::{ComfyEvent, PreviewImage};
+use crate::features::PreviewMethod;
 use crate::hub::{EventHub, HubNotice, HubOptions};
 use crate::ids::PromptId;
 use crate::outputs::OutputFile;
 use crate::progress::{ProgressTracker, RunProgress};
-use crate::responses::{HistoryEntry, HistoryOutcome, QueuePosition};
+use crate::responses::{HistoryEntry, HistoryOutcome, JobLookup, QueuePosition};
 
 /// What a successful run must have produced.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -83,6 +84,16 @@ pub struct RunConfig {
     pub expected_outputs: ExpectedOutputs,
     /// Options of the shared event socket.
     pub hub: HubOptions,
+    /// `extra_data.preview_method` of prompts whose [`PromptOptions`] do not set one (C5).
+    pub preview_method: PreviewMethod,
+}
+
+/// Settings of one prompt that may differ from the runner's [`RunConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PromptOptions {
+    /// Previews for this prompt (e.g. `auto` for a job that wants them); `None` uses
+    /// [`RunConfig::preview_method`].
+    pub preview_method: Option<PreviewMethod>,
 }
 
 impl Default for RunConfig {
@@ -102,6 +113,7 @@ impl Default for RunConfig {
             cancel_grace: Duration::from_secs(10),
             expected_outputs: ExpectedOutputs::AtLeastOne,
             hub: HubOptions::default(),
+            preview_method: PreviewMethod::None,
         }
     }
 }
@@ -161,6 +173,8 @@ pub enum RunFailureKind {
     NoOutputs,
     /// ComfyUI answered something this client cannot interpret.
     Protocol,
+    /// ComfyUI (or its proxy) refused the token, or wants one (HTTP 401): fix `COMFYUI_TOKEN`.
+    Unauthorized,
 }
 
 impl RunFailureKind {
@@ -181,6 +195,7 @@ impl RunFailureKind {
             Self::BackendUnreachable => "backend_unreachable",
             Self::NoOutputs => "no_outputs",
             Self::Protocol => "protocol",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }
@@ -254,16 +269,34 @@ impl PromptRunner {
     /// `cancel` removes the prompt from ComfyUI (delete if pending, targeted interrupt if
     /// running) and ends the run with `Failed(Interrupted)`.
     pub fn run_prompt(&self, graph: Value, prompt_id: PromptId, cancel: CancellationToken) -> PromptRun {
-        self.start(prompt_id, graph, true, cancel)
+        self.run_prompt_with(graph, prompt_id, cancel, PromptOptions::default())
+    }
+
+    /// [`PromptRunner::run_prompt`] with this prompt's own options (its preview method).
+    pub fn run_prompt_with(
+        &self,
+        graph: Value,
+        prompt_id: PromptId,
+        cancel: CancellationToken,
+        options: PromptOptions,
+    ) -> PromptRun {
+        self.start(prompt_id, graph, true, cancel, options)
     }
 
     /// Supervises a prompt that is already queued (e.g. found again after a worker restart),
     /// without submitting anything. `graph` only improves progress reporting.
     pub fn attach(&self, prompt_id: PromptId, graph: Option<Value>, cancel: CancellationToken) -> PromptRun {
-        self.start(prompt_id, graph.unwrap_or(Value::Null), false, cancel)
+        self.start(prompt_id, graph.unwrap_or(Value::Null), false, cancel, PromptOptions::default())
     }
 
-    fn start(&self, prompt_id: PromptId, graph: Value, submit: bool, cancel: CancellationToken) -> PromptRun {
+    fn start(
+        &self,
+        prompt_id: PromptId,
+        graph: Value,
+        submit: bool,
+        cancel: CancellationToken,
+        options: PromptOptions,
+    ) -> PromptRun {
         let (tx, rx) = mpsc::channel(64);
         // Subscribe before anything is posted so no event of this prompt can be missed.
         let notices = self.hub.subscribe();
@@ -272,6 +305,7 @@ impl PromptRunner {
             hub: self.hub.clone(),
             config: self.config.clone(),
             prompt_id: prompt_id.clone(),
+            preview_method: options.preview_method.unwrap_or(self.config.preview_method),
             tracker: ProgressTracker::new(&graph),
             graph,
             tx,
@@ -360,6 +394,17 @@ enum Submission {
     Cancelled,
 }
 
+/// Where ComfyUI says the prompt is.
+enum Presence {
+    Running,
+    /// Pending, at this position when known.
+    Pending(Option<usize>),
+    /// Over (the jobs API said so before history was asked again).
+    Finished(HistoryEntry),
+    /// Neither queued, running nor finished.
+    Absent,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Unknown,
@@ -374,6 +419,7 @@ struct Supervisor {
     hub: EventHub,
     config: Arc<RunConfig>,
     prompt_id: PromptId,
+    preview_method: PreviewMethod,
     graph: Value,
     tracker: ProgressTracker,
     tx: mpsc::Sender<RunUpdate>,
@@ -442,7 +488,7 @@ impl Supervisor {
                     self.stop_remote().await;
                     return Err(RunFailure::new(RunFailureKind::Interrupted, "cancelled before submission"));
                 }
-                result = self.client.queue_prompt(&self.graph, &self.prompt_id) => result,
+                result = self.client.queue_prompt_with(&self.graph, &self.prompt_id, self.preview_method) => result,
             };
             let error = match result {
                 Ok(queued) => {
@@ -455,9 +501,15 @@ impl Supervisor {
                     if let [node] = report.nodes.as_slice() {
                         failure.node_id = Some(node.node_id.clone());
                         failure.node_type = Some(node.class_type.clone()).filter(|c| !c.is_empty());
+                    } else if let (true, Some(node)) = (report.nodes.is_empty(), &report.node) {
+                        failure.node_id = Some(node.node_id.clone());
+                        failure.node_type = Some(node.class_type.clone()).filter(|c| !c.is_empty());
                     }
                     failure.validation = Some(Box::new(report));
                     return Err(failure);
+                }
+                Err(error @ ComfyError::Unauthorized { .. }) => {
+                    return Err(RunFailure::new(RunFailureKind::Unauthorized, error.to_string()));
                 }
                 Err(error @ ComfyError::Status { status: 400..=499, .. }) => {
                     return Err(RunFailure::new(RunFailureKind::Validation, error.to_string()));
@@ -538,6 +590,10 @@ impl Supervisor {
     /// Whether ComfyUI has the prompt (finished, running or pending); an error means it could
     /// not tell.
     async fn prompt_known(&self) -> Result<bool, ComfyError> {
+        if self.client.has_jobs_api() == Some(true) {
+            // One answer that tells "unknown" (404) from pending, running and finished alike.
+            return Ok(!matches!(self.client.job(&self.prompt_id).await?, JobLookup::Unknown));
+        }
         if self.client.history(&self.prompt_id).await?.is_some() {
             return Ok(true);
         }
@@ -721,30 +777,34 @@ impl Supervisor {
         if !self.presence_due() {
             return None;
         }
-        let queue = match self.client.active_prompts().await {
-            Ok(queue) => queue,
+        let presence = match self.presence().await {
+            Ok(presence) => presence,
             Err(error) => return self.poll_failed(error),
         };
         self.last_ok_poll = Instant::now();
         self.last_presence = Some(Instant::now());
         self.presence_wanted = false;
-        match queue.position(&self.prompt_id) {
-            Some(QueuePosition::Running) => {
+        match presence {
+            Presence::Finished(entry) => return Some(self.conclude(&entry)),
+            Presence::Running => {
                 self.absent_polls = 0;
                 self.mark_running().await;
                 // ComfyUI answers and still runs it: a long silent node (a first model load, a
                 // long VAE decode) is not a stall.
                 self.last_alive = Instant::now();
             }
-            Some(QueuePosition::Pending { position }) => {
+            Presence::Pending(position) => {
                 self.absent_polls = 0;
                 // A stale queue answer can arrive after the socket said it started.
-                if self.phase != Phase::Running && self.phase != Phase::Pending(position) {
+                if let Some(position) = position
+                    && self.phase != Phase::Running
+                    && self.phase != Phase::Pending(position)
+                {
                     self.phase = Phase::Pending(position);
                     self.emit(RunUpdate::Queued { position }).await;
                 }
             }
-            None => {
+            Presence::Absent => {
                 // It may have finished between the two requests.
                 match self.client.history(&self.prompt_id).await {
                     Ok(Some(entry)) => return Some(self.conclude(&entry)),
@@ -784,7 +844,41 @@ impl Supervisor {
         }
     }
 
+    /// Where the prompt is. With the jobs API one `GET /api/jobs/{id}` says it (a 404 is a prompt
+    /// the server does not know, which `/history/{id}` cannot tell from a running one); without
+    /// it, the queue does.
+    async fn presence(&self) -> Result<Presence, ComfyError> {
+        if self.client.has_jobs_api() == Some(true) {
+            return Ok(match self.client.job(&self.prompt_id).await? {
+                JobLookup::Unknown => Presence::Absent,
+                // A status newer than this client still means the server has the prompt.
+                JobLookup::Running | JobLookup::Other(_) => Presence::Running,
+                JobLookup::Pending => match self.client.active_prompts().await?.position(&self.prompt_id) {
+                    // The job says pending but not where; the graph-free list has the order.
+                    Some(QueuePosition::Pending { position }) => Presence::Pending(Some(position)),
+                    Some(QueuePosition::Running) => Presence::Running,
+                    None => Presence::Pending(None),
+                },
+                // History stays the source of outputs; the job's own copy serves when history
+                // no longer has the entry.
+                JobLookup::Finished(entry) => {
+                    Presence::Finished(self.client.history(&self.prompt_id).await?.unwrap_or(entry))
+                }
+            });
+        }
+        Ok(match self.client.active_prompts().await?.position(&self.prompt_id) {
+            Some(QueuePosition::Running) => Presence::Running,
+            Some(QueuePosition::Pending { position }) => Presence::Pending(Some(position)),
+            None => Presence::Absent,
+        })
+    }
+
     fn poll_failed(&mut self, error: ComfyError) -> Option<Outcome> {
+        if let ComfyError::Unauthorized { .. } = error {
+            // A token does not fix itself: waiting out `unreachable_timeout` would only end in a
+            // retryable failure that fails the same way.
+            return Some(Err(RunFailure::new(RunFailureKind::Unauthorized, error.to_string())));
+        }
         let silent_for = self.last_ok_poll.elapsed();
         if silent_for >= self.config.unreachable_timeout {
             return Some(Err(RunFailure::new(
@@ -894,6 +988,55 @@ impl Supervisor {
     async fn stop_remote_until_confirmed(&self) {
         let grace_end = Instant::now() + self.config.cancel_grace;
         let pause = self.config.poll_interval.min(Duration::from_millis(250));
+        // The jobs cancel (C3) removes a pending or running prompt in one step on the server,
+        // with no window between "is it running?" and the interrupt.
+        let atomic = self.client.has_jobs_api() == Some(true) && self.cancel_atomically().await;
+        if !atomic {
+            self.stop_legacy().await;
+        }
+        loop {
+            if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
+                return;
+            }
+            match self.presence().await {
+                Ok(Presence::Absent | Presence::Finished(_)) => return,
+                Ok(Presence::Running | Presence::Pending(_)) if atomic => {
+                    let _ = self.client.cancel_job(&self.prompt_id).await;
+                }
+                Ok(Presence::Running) => {
+                    let _ = self.client.interrupt(&self.prompt_id).await;
+                }
+                Ok(Presence::Pending(_)) => {
+                    let _ = self.client.delete_pending(&self.prompt_id).await;
+                }
+                Err(_) => {}
+            }
+            if Instant::now() + pause > grace_end {
+                tracing::warn!(prompt_id = %self.prompt_id, "ComfyUI did not confirm that the prompt stopped");
+                return;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// `POST /api/jobs/{id}/cancel`; false when the server has no such route or the call failed
+    /// (then the two-step stop is used).
+    async fn cancel_atomically(&self) -> bool {
+        match self.client.cancel_job(&self.prompt_id).await {
+            Ok(Some(cancelled)) => {
+                tracing::debug!(prompt_id = %self.prompt_id, cancelled, "jobs cancel");
+                true
+            }
+            Ok(None) => false,
+            Err(error) => {
+                tracing::warn!(prompt_id = %self.prompt_id, %error, "jobs cancel failed; using /queue and /interrupt");
+                false
+            }
+        }
+    }
+
+    /// Delete (if pending) and interrupt (if running), by prompt id only.
+    async fn stop_legacy(&self) {
         let delete = async {
             if let Err(error) = self.client.delete_pending(&self.prompt_id).await {
                 tracing::warn!(prompt_id = %self.prompt_id, %error, "queue delete failed");
@@ -910,29 +1053,9 @@ impl Supervisor {
             delete.await;
         } else {
             // Delete first so it cannot start, then interrupt in case it already had (the loop
-            // below catches one that started in between).
+            // in `stop_remote_until_confirmed` catches one that started in between).
             delete.await;
             interrupt.await;
-        }
-        loop {
-            if let Ok(Some(_)) = self.client.history(&self.prompt_id).await {
-                return;
-            }
-            match self.client.active_prompts().await.map(|q| q.position(&self.prompt_id)) {
-                Ok(None) => return,
-                Ok(Some(QueuePosition::Running)) => {
-                    let _ = self.client.interrupt(&self.prompt_id).await;
-                }
-                Ok(Some(QueuePosition::Pending { .. })) => {
-                    let _ = self.client.delete_pending(&self.prompt_id).await;
-                }
-                Err(_) => {}
-            }
-            if Instant::now() + pause > grace_end {
-                tracing::warn!(prompt_id = %self.prompt_id, "ComfyUI did not confirm that the prompt stopped");
-                return;
-            }
-            tokio::time::sleep(pause).await;
         }
     }
 

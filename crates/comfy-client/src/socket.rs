@@ -59,9 +59,31 @@ impl ComfySocket {
         client_id: &ClientId,
         options: &SocketOptions,
     ) -> Result<Self, ComfyError> {
+        Self::connect_with_token(endpoint, client_id, None, options).await
+    }
+
+    /// [`ComfySocket::connect`] with `?token=` for a ComfyUI that checks one (C19). The
+    /// handshake sends no `Origin` header (ComfyUI refuses a foreign one with 403, C18), and a
+    /// 401 is [`ComfyError::Unauthorized`].
+    pub async fn connect_with_token(
+        endpoint: &ComfyEndpoint,
+        client_id: &ClientId,
+        token: Option<&str>,
+        options: &SocketOptions,
+    ) -> Result<Self, ComfyError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let label = endpoint.to_string();
-        let url = endpoint.ws_url(client_id);
-        let connecting = tokio_tungstenite::connect_async(url.as_str());
+        let url = endpoint.ws_url_with_token(client_id, token);
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ComfyError::WebSocket { endpoint: label.clone(), reason: error_chain(&e) })?;
+        request.headers_mut().insert("comfy-usage-source", http_value("tdcomfy"));
+        if let Some(token) = token {
+            // Proxies in front of ComfyUI check the header; ComfyUI wrappers the query.
+            request.headers_mut().insert("authorization", http_value(&format!("Bearer {token}")));
+        }
+        let connecting = tokio_tungstenite::connect_async(request);
         let (stream, _response) = tokio::time::timeout(options.connect_timeout, connecting)
             .await
             .map_err(|_| ComfyError::Unreachable {
@@ -73,6 +95,9 @@ impl ComfySocket {
                 match e {
                     // Connection refused and friends: the server is not there.
                     Error::Io(io) => ComfyError::Unreachable { endpoint: label.clone(), reason: io.to_string() },
+                    Error::Http(response) if response.status().as_u16() == 401 => {
+                        ComfyError::Unauthorized { endpoint: label.clone(), token_sent: token.is_some() }
+                    }
                     other => ComfyError::WebSocket { endpoint: label.clone(), reason: error_chain(&other) },
                 }
             })?;
@@ -134,4 +159,11 @@ impl ComfySocket {
     fn ws_error(&self, error: &tokio_tungstenite::tungstenite::Error) -> ComfyError {
         ComfyError::WebSocket { endpoint: self.label.clone(), reason: error_chain(error) }
     }
+}
+
+/// A header value from text this module builds; a token with characters a header cannot carry
+/// is refused when the client is created, so this cannot fail for it.
+fn http_value(text: &str) -> tokio_tungstenite::tungstenite::http::HeaderValue {
+    tokio_tungstenite::tungstenite::http::HeaderValue::from_str(text)
+        .unwrap_or_else(|_| tokio_tungstenite::tungstenite::http::HeaderValue::from_static(""))
 }

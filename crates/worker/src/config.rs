@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tdcomfy_comfy::{ComfyEndpoint, ComfyEndpoints};
+use tdcomfy_comfy::{ComfyEndpoint, ComfyEndpoints, PreviewMethod};
 use tdcomfy_workflows::WorkflowRegistry;
 
 use crate::comfy_files::FolderSettings;
@@ -77,6 +77,17 @@ pub struct WorkerArgs {
     /// (the newest wins; the rest are dropped). 0 sends none.
     #[arg(long, env = "PREVIEW_FPS", default_value_t = 10.0)]
     pub preview_fps: f64,
+    /// Token for a ComfyUI behind a token-checking wrapper or proxy: sent as
+    /// `Authorization: Bearer <token>` on every HTTP request and `?token=` on its WebSocket.
+    #[arg(long, env = "COMFYUI_TOKEN", hide_env_values = true)]
+    pub comfyui_token: Option<String>,
+
+    /// Sampler previews ComfyUI renders for each prompt (`extra_data.preview_method`): none,
+    /// auto, latent2rgb or taesd. `none` saves GPU time; newer ComfyUI resets the method with
+    /// every prompt, so it is always sent. A job submitted with previews on gets `auto` where this
+    /// says `none`.
+    #[arg(long, env = "PREVIEW_METHOD", default_value = "none")]
+    pub preview_method: String,
 }
 
 /// Why the worker settings are unusable.
@@ -129,6 +140,10 @@ pub struct WorkerConfig {
     pub keep_comfy_outputs: bool,
     /// Shortest time between two previews of a job (`PREVIEW_FPS`); `None` sends none.
     pub preview_interval: Option<Duration>,
+    /// `COMFYUI_TOKEN`, sent to every ComfyUI server.
+    pub comfy_token: Option<String>,
+    /// Default preview method of prompts (a job may ask for another).
+    pub preview_method: PreviewMethod,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -137,6 +152,8 @@ impl std::fmt::Debug for WorkerConfig {
             .field("broker_url", &self.broker_url)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("worker_id", &self.worker_id)
+            .field("comfy_token", &self.comfy_token.as_ref().map(|_| "<set>"))
+            .field("preview_method", &self.preview_method)
             .finish_non_exhaustive()
     }
 }
@@ -185,6 +202,21 @@ impl WorkerArgs {
                 message: format!("must be 0 (off) to 1000 previews per second, got {fps}"),
             });
         }
+        let preview_method = self
+            .preview_method
+            .parse::<PreviewMethod>()
+            .map_err(|message| WorkerConfigError::Invalid { name: "PREVIEW_METHOD", message })?;
+        let comfy_token = self.comfyui_token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        // Checked here so a token with a line break or non-ASCII is a start-up error naming the
+        // variable, not a failure at the first request.
+        if let Some(token) = &comfy_token
+            && !token.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(WorkerConfigError::Invalid {
+                name: "COMFYUI_TOKEN",
+                message: "must be visible ASCII characters without spaces".to_owned(),
+            });
+        }
         Ok(WorkerConfig {
             broker_url,
             token: token.filter(|t| !t.is_empty()),
@@ -207,6 +239,8 @@ impl WorkerArgs {
             },
             keep_comfy_outputs: self.comfyui_keep_outputs,
             preview_interval: (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps)),
+            comfy_token,
+            preview_method,
         })
     }
 }

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use tdcomfy_api::{JobId, Lease, LeaseToken};
-use tdcomfy_comfy::{PreviewFormat, PreviewImage, error_chain};
+use tdcomfy_comfy::{PreviewFormat, PreviewImage, PreviewMethod, error_chain};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -65,6 +65,16 @@ impl Drop for PreviewUploader {
 /// Whether the job was submitted with previews on (false from brokers older than the field).
 fn wants_previews(lease: &Lease) -> bool {
     lease.previews
+}
+
+/// The preview method a job's prompt asks ComfyUI for: `PREVIEW_METHOD` (`configured`), except
+/// that a job submitted with previews on gets `auto` where that says `none` — newer ComfyUI renders
+/// no preview at all for a prompt without a method, and the client asked for them.
+pub fn preview_method(lease: &Lease, configured: PreviewMethod) -> PreviewMethod {
+    match configured {
+        PreviewMethod::None if wants_previews(lease) => PreviewMethod::Auto,
+        other => other,
+    }
 }
 
 /// The MIME type the broker accepts for `format`, or `None` for a format it does not.

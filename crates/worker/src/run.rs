@@ -11,8 +11,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tdcomfy_api::{Lease, Progress};
 use tdcomfy_comfy::{
-    ClientId, ComfyClient, ComfyError, ComfyTimeouts, ImageUpload, OutputFile, PromptId, PromptRunner, RunConfig,
-    RunFailure, RunFailureKind, RunUpdate, error_chain, pick_primary,
+    ClientId, ComfyClient, ComfyError, ComfyTimeouts, ImageUpload, OutputFile, PromptId, PromptOptions, PromptRunner,
+    RunConfig, RunFailure, RunFailureKind, RunUpdate, error_chain, pick_primary,
 };
 use tdcomfy_workflows::JobInputs;
 use tokio::io::AsyncWriteExt;
@@ -66,14 +66,33 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let servers = config.comfy.len();
     let mut loops = tokio::task::JoinSet::new();
     for (index, endpoint) in config.comfy.iter().enumerate() {
-        let client = ComfyClient::new(endpoint.clone(), ClientId::new(), ComfyTimeouts::default())?;
+        let client = ComfyClient::with_token(
+            endpoint.clone(),
+            ClientId::new(),
+            ComfyTimeouts::default(),
+            config.comfy_token.clone(),
+        )?;
         let run_config = RunConfig {
             poll_interval: config.comfy_poll_interval,
             stall_timeout: config.stall_timeout,
             start_budget: config.comfy_retry_budget,
             unreachable_timeout: config.comfy_retry_budget,
+            preview_method: config.preview_method,
             ..RunConfig::default()
         };
+        // What this server supports, found out now for the log (and again by the client at every
+        // reconnect); off the start path, so an unreachable server does not delay the others.
+        let probe = client.clone();
+        tokio::spawn(async move {
+            match probe.detect_features().await {
+                Ok(features) => {
+                    tracing::info!(comfyui = %probe.endpoint(), features = %features.summary(), "ComfyUI features")
+                }
+                Err(error) => {
+                    tracing::warn!(comfyui = %probe.endpoint(), %error, "could not ask ComfyUI what it supports")
+                }
+            }
+        });
         // Each ComfyUI server gets its own lease loop, so N servers run N jobs at once.
         let lease_name = if servers == 1 { config.worker_id.clone() } else { format!("{}/{index}", config.worker_id) };
         let files = ServerFiles::new(&lease_name, config.comfy_folders.clone(), &endpoint.to_string());
@@ -396,6 +415,12 @@ impl JobRun<'_> {
                         self.backend.label
                     )));
                 }
+                // Neither a frame over the server's limit nor a refused token gets better by
+                // retrying; the message names the size and limit, or the token.
+                Err(e @ ComfyError::UploadTooLarge { .. }) => {
+                    return Err(Failure::new(format!("the frame is too large: {e}"), false));
+                }
+                Err(e @ ComfyError::Unauthorized { .. }) => return Err(Failure::new(e.to_string(), false)),
                 Err(e) => {
                     return Err(Failure::new(
                         format!("ComfyUI at {} refused the frame: {e}", self.backend.label),
@@ -409,7 +434,10 @@ impl JobRun<'_> {
     async fn supervise(&self, graph: serde_json::Value, prompt_id: PromptId, keeper: &LeaseKeeper) -> Supervised {
         let id = self.lease.job_id;
         let cancel = CancellationToken::new();
-        let mut run = self.backend.runner.run_prompt(graph, prompt_id, cancel.clone());
+        // Per prompt: a job that wants previews asks ComfyUI to render them (C5).
+        let method = crate::previews::preview_method(self.lease, self.config.preview_method);
+        let options = PromptOptions { preview_method: Some(method) };
+        let mut run = self.backend.runner.run_prompt_with(graph, prompt_id, cancel.clone(), options);
         let previews =
             crate::previews::PreviewUploader::for_lease(self.broker, self.lease, self.config.preview_interval);
         let mut stop_reason: Option<Supervised> = None;
@@ -425,6 +453,7 @@ impl JobRun<'_> {
                         max_steps: p.max,
                         node: p.node,
                         node_type: p.node_type,
+                        stage: p.stage,
                     }),
                     Some(RunUpdate::Finished { outputs, execution_time }) => {
                         return stop_reason.unwrap_or(Supervised::Finished(outputs, execution_time));

@@ -6,7 +6,10 @@
 //!
 //! Fault knobs: responses cut off mid-answer (`OnPrompt::QueueThenDrop`, `cut_history`,
 //! `cut_active`), an HTTP side that accepts requests and never answers (`hang_http`), a socket
-//! that closes right after connecting (`flap_sockets`), and the newer jobs API (`jobs_api`).
+//! that closes right after connecting (`flap_sockets`), and newer ComfyUI: the jobs API
+//! (`jobs_api`: list and `GET /api/jobs/{id}`), its atomic cancel (`jobs_cancel`), `GET /features`
+//! and the socket's `feature_flags` reply (`features`), a request size limit (`max_upload`) and a
+//! bearer token on every route (`require_token`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -87,8 +90,20 @@ pub struct FakeState {
     pub flap_sockets: bool,
     /// On connect, send `executing` for this node without a prompt id, as ComfyUI does.
     pub replay_executing: Option<String>,
-    /// Serve `GET /api/jobs` (ComfyUI with the jobs API, C1); otherwise it is a 404 as in 0.3.64.
+    /// Serve `GET /api/jobs` and `GET /api/jobs/{id}` (ComfyUI with the jobs API, C1);
+    /// otherwise they are 404s as in 0.3.64.
     pub jobs_api: bool,
+    /// Serve `POST /api/jobs/{id}/cancel` (C3; needs `jobs_api`); otherwise it is a 404.
+    pub jobs_cancel: bool,
+    /// The body of `GET /features` and of the socket's `feature_flags` reply; `None`: no route
+    /// and no reply.
+    pub features: Option<Value>,
+    /// Uploads larger than this are answered 413, as aiohttp does past `--max-upload-size`.
+    pub max_upload: Option<usize>,
+    /// Every route answers 401 unless `Authorization: Bearer <token>` (HTTP) or `?token=` (`/ws`).
+    pub require_token: Option<String>,
+    /// Request headers per path (`name: value` lines), in order of arrival.
+    pub headers: Vec<(String, Vec<String>)>,
     /// The graph each `/queue` item carries (ComfyUI sends every queued prompt's whole graph).
     pub queue_graph: Value,
     /// Response body bytes served, per route (`/queue`, `/api/jobs`, `/history`).
@@ -152,6 +167,11 @@ impl Fake {
                 flap_sockets: false,
                 replay_executing: None,
                 jobs_api: false,
+                jobs_cancel: false,
+                features: None,
+                max_upload: None,
+                require_token: None,
+                headers: Vec::new(),
                 queue_graph: json!({}),
                 served_bytes: HashMap::new(),
                 sockets: Vec::new(),
@@ -168,8 +188,12 @@ impl Fake {
             .route("/upload/image", post(upload))
             .route("/view", get(view))
             .route("/api/jobs", get(get_jobs))
+            .route("/api/jobs/{id}", get(get_job))
+            .route("/api/jobs/{id}/cancel", post(cancel_job))
+            .route("/features", get(get_features))
             .route("/ws", get(ws))
             .layer(axum::middleware::from_fn_with_state(shared.clone(), hang))
+            .layer(axum::middleware::from_fn_with_state(shared.clone(), auth))
             // ComfyUI accepts 100 MB uploads; axum's default limit is 2 MB.
             .layer(DefaultBodyLimit::max(100 * 1024 * 1024))
             .with_state(shared.clone());
@@ -365,6 +389,36 @@ async fn hang(State(shared): State<Arc<Shared>>, request: Request, next: Next) -
     std::future::pending().await
 }
 
+/// Records the headers, and with `require_token` answers 401 to requests without it (ComfyUI's
+/// token wrappers do so on every route, C19).
+async fn auth(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let lines: Vec<String> = request
+        .headers()
+        .iter()
+        .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap_or("<binary>")))
+        .collect();
+    let wanted = shared.with(|s| {
+        s.headers.push((path.clone(), lines));
+        s.require_token.clone()
+    });
+    if let Some(token) = wanted {
+        let bearer = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let ok = if path == "/ws" {
+            query.split('&').any(|pair| pair == format!("token={token}"))
+        } else {
+            bearer == Some(format!("Bearer {token}").as_str())
+        };
+        if !ok {
+            let body = json!({"error": {"type": "unauthorized", "message": "Unauthorized"}});
+            return (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body.to_string())
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 impl IntoResponse for Json200 {
     fn into_response(self) -> Response {
         ([(header::CONTENT_TYPE, "application/json")], self.0.to_string()).into_response()
@@ -426,6 +480,93 @@ async fn get_jobs(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap
         let has_more = jobs.len() < total;
         let body = json!({"jobs": jobs, "pagination": {"offset": 0, "limit": limit, "total": total, "has_more": has_more}});
         counted(s, "/api/jobs", &body)
+    })
+}
+
+/// The jobs API's status of a finished prompt (`comfy_execution/jobs.py`): an interrupt is
+/// `cancelled`, another error `failed`.
+fn finished_status(entry: &Value) -> &'static str {
+    let messages = entry.pointer("/status/messages").and_then(Value::as_array).cloned().unwrap_or_default();
+    let last = messages.iter().rev().find_map(|m| {
+        m.get(0)
+            .and_then(Value::as_str)
+            .filter(|k| k.starts_with("execution_") && *k != "execution_start" && *k != "execution_cached")
+            .map(str::to_owned)
+    });
+    match last.as_deref() {
+        Some("execution_success") => "completed",
+        Some("execution_interrupted") => "cancelled",
+        _ if entry.pointer("/status/status_str").and_then(Value::as_str) == Some("success") => "completed",
+        _ => "failed",
+    }
+}
+
+/// `GET /api/jobs/{id}` as in ComfyUI 0.38: the job with its outputs and status, 404 if unknown.
+async fn get_job(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    shared.with(|s| {
+        record(s, "GET", "/api/jobs/{id}", json!(id));
+        if !s.jobs_api {
+            return StatusCode::NOT_FOUND.into_response();
+        }
+        if s.fail_polls {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
+        let body = if s.running.contains(&id) {
+            json!({"id": id, "status": "in_progress", "priority": 0, "outputs_count": 0})
+        } else if s.pending.contains(&id) {
+            json!({"id": id, "status": "pending", "priority": 100, "outputs_count": 0})
+        } else if let Some(entry) = s.history.get(&id) {
+            let status = finished_status(entry);
+            let error = entry
+                .pointer("/status/messages")
+                .and_then(Value::as_array)
+                .and_then(|m| m.iter().find(|m| m[0] == "execution_error"))
+                .map(|m| m[1].clone());
+            json!({"id": id, "status": status, "priority": 0, "outputs": entry["outputs"], "execution_status": entry["status"],
+                   "execution_error": error, "execution_start_time": 1, "execution_end_time": 3})
+        } else {
+            let body = json!({"error": "Job not found"});
+            return (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+        };
+        counted(s, "/api/jobs/{id}", &body)
+    })
+}
+
+/// `POST /api/jobs/{id}/cancel` as in ComfyUI 0.38 (C3): removes a pending prompt or interrupts the
+/// running one in one step; 200 `{"cancelled": bool}` even for unknown ids.
+async fn cancel_job(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    shared.with(|s| {
+        record(s, "POST", "/api/jobs/{id}/cancel", json!(id));
+        if !(s.jobs_api && s.jobs_cancel) {
+            return StatusCode::NOT_FOUND.into_response();
+        }
+        let cancelled = if s.pending.contains(&id) {
+            s.pending.retain(|p| *p != id);
+            true
+        } else if s.interrupt_works && s.running.first() == Some(&id) {
+            s.running.remove(0);
+            s.history.insert(id.clone(), interrupted_entry(&id, "2", "KSampler"));
+            if !s.pending.is_empty() {
+                let next = s.pending.remove(0);
+                s.running.push(next);
+            }
+            let event = json!({"type": "execution_interrupted", "data": {"prompt_id": id, "node_id": "2", "node_type": "KSampler", "executed": []}});
+            s.sockets.retain(|socket| socket.send(Message::Text(event.to_string().into())).is_ok());
+            true
+        } else {
+            false
+        };
+        Json200(json!({"cancelled": cancelled})).into_response()
+    })
+}
+
+async fn get_features(State(shared): State<Arc<Shared>>) -> Response {
+    shared.with(|s| {
+        record(s, "GET", "/features", Value::Null);
+        match &s.features {
+            Some(features) => Json200(features.clone()).into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        }
     })
 }
 
@@ -498,7 +639,17 @@ async fn system_stats(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
-async fn upload(State(shared): State<Arc<Shared>>, mut multipart: Multipart) -> Response {
+async fn upload(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let length = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if let (Some(limit), Some(length)) = (shared.with(|s| s.max_upload), length)
+        && length > limit
+    {
+        shared.with(|s| record(s, "POST", "/upload/image", json!("413")));
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    let Ok(mut multipart) = <Multipart as axum::extract::FromRequest<()>>::from_request(request, &()).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
     let mut upload = Upload { filename: String::new(), subfolder: String::new(), overwrite: false, bytes: Vec::new() };
     let mut kind = "input".to_owned();
     while let Ok(Some(field)) = multipart.next_field().await {
@@ -581,6 +732,19 @@ async fn serve_socket(shared: Arc<Shared>, client_id: String, mut socket: WebSoc
             },
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(Message::Text(text))) => {
+                    let hello = serde_json::from_str::<Value>(text.as_str()).unwrap_or(Value::Null);
+                    let reply = shared.with(|s| s.features.clone());
+                    if hello["type"] == "feature_flags"
+                        && let Some(features) = reply
+                    {
+                        shared.with(|s| record(s, "WS", "feature_flags", hello["data"].clone()));
+                        let answer = json!({"type": "feature_flags", "data": features});
+                        if socket.send(Message::Text(answer.to_string().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
                 Some(Ok(_)) => {}
             },
         }

@@ -88,7 +88,10 @@ fn newer_missing_node_type_and_odd_bodies_still_read_well() {
     });
     let report = ValidationReport::from_body(400, &newer).expect("report");
     assert_eq!(report.error_type, "missing_node_type");
-    assert_eq!(report.to_string(), "Node 'LTXVFancy' not found. The custom node may not be installed.");
+    assert_eq!(
+        report.to_string(),
+        "node 77 (LTXVFancy, title \"LTXV\"): Node 'LTXVFancy' not found. The custom node may not be installed."
+    );
 
     let string_error = json!({"error": "something broke"});
     assert_eq!(ValidationReport::from_body(400, &string_error).expect("report").to_string(), "something broke");

@@ -223,6 +223,8 @@ impl Pipeline {
             comfyui_input_dir: None,
             comfyui_keep_outputs: false,
             preview_fps: self.setup.preview_fps,
+            comfyui_token: None,
+            preview_method: "none".into(),
         };
         let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();
         let stop = CancellationToken::new();

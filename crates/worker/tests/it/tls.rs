@@ -130,6 +130,8 @@ async fn a_worker_runs_jobs_from_an_https_broker_it_trusts_through_broker_ca() {
         comfyui_input_dir: None,
         comfyui_keep_outputs: false,
         preview_fps: 10.0,
+        comfyui_token: None,
+        preview_method: "none".into(),
     };
     let mut config = args.into_config(https.clone(), None, workflows(), PathBuf::new()).unwrap();
     config.broker_trust = BrokerTrust::WithCa(trust(&broker.cert));
