@@ -39,6 +39,8 @@ use crate::store::constant_time_eq;
         (name = "worker", description = "The protocol GPU workers speak"),
         (name = "service", description = "Health and workflows"),
     ),
+    // The push routes' messages, which no route body names: job events and preview events.
+    components(schemas(tdcomfy_api::JobEvent, tdcomfy_api::PreviewEvent)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;

@@ -176,7 +176,7 @@ fn all_events(
         ("token" = Option<String>, Query, description = "API token, for clients that cannot set headers"),
         ("Last-Event-ID" = Option<String>, Header, description = LAST_EVENT_ID_DOC),
     ),
-    responses((status = 200, description = "An endless text/event-stream of job events (and `resync` events)", content_type = "text/event-stream", body = String))
+    responses((status = 200, description = "An endless text/event-stream of job events (JobEvent), `preview` events (PreviewEvent, no id) and `resync` events", content_type = "text/event-stream", body = String))
 )]
 pub async fn events(State(broker): State<Broker>, headers: HeaderMap) -> Result<Response, ApiError> {
     let slot = subscriber_slot(&broker)?;
@@ -220,7 +220,7 @@ fn ends_job_stream(ev: &PublishedEvent) -> bool {
         ("Last-Event-ID" = Option<String>, Header, description = LAST_EVENT_ID_DOC),
     ),
     responses(
-        (status = 200, description = "text/event-stream of this job's events", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream of this job's events (JobEvent) and `preview` events (PreviewEvent, no id)", content_type = "text/event-stream", body = String),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
     )
 )]

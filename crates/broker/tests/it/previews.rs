@@ -225,3 +225,21 @@ async fn a_preview_is_a_websocket_message_too() {
     let ev: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
     assert_eq!((ev["type"].as_str(), ev["job_id"].as_str()), (Some("preview"), Some(id.as_str())));
 }
+
+#[tokio::test]
+async fn the_openapi_document_declares_the_preview_routes_and_event() {
+    let app = spawn_app().await;
+    let doc: Value = app.get("/openapi.json").send().await.unwrap().json().await.unwrap();
+    let put = &doc["paths"]["/worker/jobs/{id}/preview"]["put"];
+    for status in ["204", "400", "409", "413"] {
+        assert!(put["responses"].get(status).is_some(), "PUT preview declares {status}");
+    }
+    let get = &doc["paths"]["/jobs/{id}/preview"]["get"];
+    for status in ["200", "304", "404"] {
+        assert!(get["responses"].get(status).is_some(), "GET preview declares {status}");
+    }
+    let event = &doc["components"]["schemas"]["PreviewEvent"]["properties"];
+    for field in ["type", "event", "job_id", "seq", "url", "content_type", "size"] {
+        assert!(event.get(field).is_some(), "PreviewEvent has {field}");
+    }
+}
