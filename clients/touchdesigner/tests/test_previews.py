@@ -94,3 +94,76 @@ def test_get_preview_of_a_job_without_one_is_none(preview_broker):
     job_id = client.submit_frame(FRAME, workflow="image_invert")
     assert client.get_preview(job_id) is None
     client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Latest wins: the pipeline's logic with a client whose preview downloads the test holds up (the
+# race it guards against cannot be produced on demand with the real broker, whose downloads are
+# too fast to overtake).
+# ---------------------------------------------------------------------------------------------
+
+JPEG = b"\xff\xd8\xff\xe0" + b"x" * 64 + b"\xff\xd9"
+
+
+def test_a_preview_announced_while_another_downloads_replaces_the_one_still_waiting(tmp_path):
+    import threading
+    import time
+
+    from test_unit import FakeClient
+
+    class PreviewClient(FakeClient):
+        def __init__(self):
+            super().__init__()
+            self.preview_gate = threading.Event()
+            self.latest = 0
+            self.fetches: list[int] = []
+            self.submitted_previews = None
+
+        def submit_frame(self, image, *args, previews=False, **kwargs):
+            self.submitted_previews = previews
+            return super().submit_frame(image, *args, **kwargs)
+
+        def iter_events(self, job_id, *, read_timeout=45.0, abort=None, last_event_id=None):
+            running = {"id": job_id, "status": "running", "version": 2, "progress": {"value": 0.5}}
+            yield tdc.ServerEvent("snapshot", None, {"type": "job", "job": running})
+            for seq in (1, 2, 3):
+                self.latest = seq
+                yield tdc.ServerEvent("preview", None, {"type": "preview", "job_id": job_id, "seq": seq,
+                                                        "url": f"/jobs/{job_id}/preview"})
+                if seq == 1:  # the first download is under way before 2 and 3 are announced
+                    deadline = time.monotonic() + 10
+                    while not self.fetches and time.monotonic() < deadline:
+                        time.sleep(0.005)
+            self._hold(self.job_gate, abort)
+            done = {"id": job_id, "status": "done", "version": 3, "result": {"content_type": "video/mp4", "size": 1}}
+            yield tdc.ServerEvent("done", None, {"type": "job", "job": done})
+
+        def get_preview(self, job_id=None, *, etag=None, abort=None):
+            seq = self.latest  # what the broker holds when the request arrives
+            self.fetches.append(seq)
+            self._hold(self.preview_gate, abort)
+            return JPEG + bytes([seq]), "image/jpeg", seq, f'"b-{seq}"'
+
+    client = PreviewClient()
+    client.job_gate.clear()
+    pipe = tdc.FramePipeline(client, output_dir=str(tmp_path), previews=True)
+    try:
+        pipe.submit(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32)
+        deadline = time.monotonic() + 10
+        while client.latest < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # the job thread has handed 2 and 3 over while 1 is still downloading
+        client.preview_gate.set()
+        events: list = []
+        pump_until(pipe, lambda e: e.kind == "preview" and e.preview_seq == 3, timeout=10, collected=events)
+        client.job_gate.set()
+        pump_until(pipe, lambda e: e.kind == "done", timeout=10, collected=events)
+    finally:
+        pipe.close(wait=True)
+    assert client.submitted_previews is True
+    assert client.fetches == [1, 3], "preview 2 was replaced by 3 before it was fetched"
+    previews = [e for e in events if e.kind == "preview"]
+    assert [e.preview_seq for e in previews] == [1, 3]
+    assert [os.path.basename(e.path) for e in previews] == ["tdcomfy_preview_0.jpg", "tdcomfy_preview_1.jpg"]
+    with open(previews[-1].path, "rb") as f:
+        assert f.read() == JPEG + bytes([3])
