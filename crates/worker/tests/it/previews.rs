@@ -61,6 +61,8 @@ struct Seen {
     progress: usize,
     /// The first preview's image, fetched as soon as its event came (status, type, bytes).
     first_image: Option<(u16, String, Vec<u8>)>,
+    /// `extra_data.preview_method` of the prompt in ComfyUI's queue while it ran.
+    preview_method: Option<String>,
     done: Option<Value>,
 }
 
@@ -68,6 +70,12 @@ async fn follow(p: &Pipeline, id: &str) -> Seen {
     let mut events = Events::open(p, id).await;
     let mut seen = Seen::default();
     while let Some((name, data)) = events.next().await {
+        if seen.preview_method.is_none() && matches!(name.as_str(), "progress" | "preview") {
+            let q: Value = p.http.get(p.sim_url("/queue")).send().await.unwrap().json().await.unwrap();
+            if let Some(method) = q["queue_running"][0][3]["preview_method"].as_str() {
+                seen.preview_method = Some(method.to_owned());
+            }
+        }
         match name.as_str() {
             "preview" => {
                 seen.previews += 1;
@@ -97,6 +105,7 @@ async fn a_job_with_previews_streams_preview_events_and_a_fetchable_image_before
     let done = seen.done.expect("the job ended");
     assert_eq!(done["job"]["status"], "done", "{done}");
     assert!(seen.previews >= 1, "no preview event before done");
+    assert_eq!(seen.preview_method.as_deref(), Some("auto"), "a job with previews asks ComfyUI for them");
     let (status, ct, bytes) = seen.first_image.expect("a preview was fetched");
     assert_eq!((status, ct.as_str()), (200, "image/jpeg"), "the announced preview is there while the job runs");
     let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).expect("a complete JPEG");
@@ -117,6 +126,7 @@ async fn a_job_submitted_without_previews_gets_none() {
     assert_eq!(seen.done.expect("ended")["job"]["status"], "done");
     assert!(seen.progress >= 1);
     assert_eq!(seen.previews, 0, "a job without previews=true gets no preview events");
+    assert_eq!(seen.preview_method.as_deref(), Some("none"), "nor does ComfyUI spend GPU time rendering them");
     let id = submit(&p, "explicitly off", false).await;
     let seen = follow(&p, &id).await;
     assert_eq!((seen.previews, seen.done.is_some()), (0, true));
