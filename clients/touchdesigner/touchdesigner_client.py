@@ -545,12 +545,13 @@ class TDComfyClient:
         (``cancel_reason: "superseded"``); ``preempt=True`` also cancels its running one.
         ``dedupe=True`` (needs ``stream``) answers an unchanged frame with unchanged settings at
         once with the stream's last result (the answer's ``status`` is ``done`` and
-        ``reused_from`` names that job; see ``last_submit``). ``previews=True`` asks for previews.
+        ``reused_from`` names that job; see ``last_submit``).
         These are only sent when given, so older brokers see the request they know.
 
         The request carries an ``Idempotency-Key`` (``idempotency_key`` or a fresh random one);
         on a connection error or timeout it is retried once with the same key, so the broker
-        never makes two jobs from one call.
+        never makes two jobs from one call. ``previews=True`` asks for preview images while the
+        job runs (``preview`` events on its stream, ``get_preview()``).
         """
         _check_image_arg(image_bytes)
         fields = [("prompt", prompt or "")]
@@ -691,6 +692,36 @@ class TDComfyClient:
         """``GET /workflows``: the workflow names and the parameters each one accepts."""
         _, _, body = self._request("GET", "/workflows", abort=abort)
         return _json_object(body, "GET /workflows")
+
+    def get_preview(
+        self, job_id: str | None = None, *, etag: str | None = None, abort: AbortSignal | None = None
+    ) -> tuple[bytes, str, int, str] | None:
+        """The running job's latest preview image: ``(bytes, content_type, seq, etag)``.
+
+        None when the job has no preview now (none yet, submitted without previews, or no longer
+        running) or, with ``etag``, when the copy the caller has is still the latest. A preview is
+        at most 2 MiB, so it is read whole. Blocking: use it on your own thread.
+        """
+        job_id = self._job(job_id)
+        headers = {"Accept": "image/*"}
+        if etag:
+            headers["If-None-Match"] = etag
+        try:
+            status, answer, body = self._request(
+                "GET", f"/jobs/{_quote(job_id)}/preview", headers=headers, abort=abort, job_id=job_id
+            )
+        except TDComfyError as exc:
+            if exc.code == "no_preview":
+                return None
+            raise
+        if status == 304:
+            return None
+        content_type = str(answer.get("Content-Type") or "application/octet-stream").split(";")[0].strip()
+        try:
+            seq = int(answer.get("Preview-Seq") or 0)
+        except ValueError:
+            seq = 0
+        return body, content_type, seq, str(answer.get("ETag") or "")
 
     def download_result(self, job_id: str, path: str, *, abort: AbortSignal | None = None) -> str:
         """Streams the result to ``path`` safely and returns ``path``.
@@ -1160,12 +1191,15 @@ class PipelineEvent:
     Attributes:
         kind: ``submitted`` (the broker made a job; ``job_id`` set), ``started`` (a worker began),
             ``progress`` (``progress`` is 0..1), ``done`` (``path`` is the downloaded result),
-            ``error`` (``error`` is a TDComfyError), ``cancelled`` (the job was cancelled), or
-            ``dropped`` (a waiting frame was replaced by a newer one and will not be sent).
+            ``error`` (``error`` is a TDComfyError), ``cancelled`` (the job was cancelled),
+            ``dropped`` (a waiting frame was replaced by a newer one and will not be sent), or
+            ``preview`` (``previews=True`` only: ``path`` is a complete preview image of the
+            running job, ``preview_seq`` its number).
         ticket: the number ``submit()`` returned for the frame; 0 for an ``error`` of the
             pipeline itself (a fault in its housekeeping, which goes on).
         job_id: the broker's job id (None before the upload succeeded).
-        path: the local result file (``done`` only).
+        path: the local result file (``done``), or the preview image file (``preview``; one of
+            two names used in turn, each replaced whole, so an image TOP never reads a torn file).
         progress: 0..1 (``progress`` only).
         job: the broker's latest job JSON, when one was seen.
         error: the failure (``error`` only).
@@ -1185,6 +1219,7 @@ class PipelineEvent:
     error: TDComfyError | None = None
     cancel_reason: str | None = None
     reused_from: str | None = None
+    preview_seq: int | None = None
 
     @property
     def message(self) -> str:
@@ -1197,6 +1232,8 @@ class PipelineEvent:
             return f"frame {self.ticket}: {self.error}"
         if self.kind == "done":
             return f"frame {self.ticket}: done -> {self.path}"
+        if self.kind == "preview":
+            return f"frame {self.ticket}: preview -> {self.path}"
         return f"frame {self.ticket}: {self.kind}"
 
 
@@ -1247,7 +1284,7 @@ class FramePipeline:
         cancel_on_close: ``close()`` also cancels jobs still running on the broker.
         prompt, negative_prompt, seed, workflow, params: defaults for ``submit()``; they are plain
             attributes you may change at any time (e.g. from a Parameter Execute DAT).
-        stream, mode, preempt, dedupe, previews: live-stream defaults for ``submit()`` (plain
+        stream, mode, preempt, dedupe: live-stream defaults for ``submit()`` (plain
             attributes too), sent as ``TDComfyClient.submit_frame`` describes. With
             ``mode="latest"`` the broker keeps at most one frame of the stream waiting and
             reports replaced ones as ``cancelled`` events with ``cancel_reason="superseded"``;
@@ -1260,8 +1297,13 @@ class FramePipeline:
         poll_wait: long-poll duration in seconds.
         file_prefix: result files are named ``<file_prefix><job_id>.mp4``.
         verify_tls, ca_file: https certificate checking, as for ``TDComfyClient``.
+        previews: ask the broker for preview images while each job runs and hand them out as
+            ``preview`` events (needs ``status_transport="sse"``). They are downloaded on a
+            thread of the pipeline, newest first (an older one not yet fetched is skipped), to
+            ``<output_dir>/<file_prefix>preview_0.jpg`` and ``…preview_1.jpg`` in turn, each
+            written to a temporary file and renamed over the older of the two.
         max_events: how many events wait for ``pump()`` at most. When more arrive, the oldest
-            ``progress`` (then ``started``) events are dropped; ``submitted``, ``done``, ``error``,
+            ``preview``, then ``progress`` (then ``started``) events are dropped; ``submitted``, ``done``, ``error``,
             ``cancelled`` and ``dropped`` never are. None: no bound.
     """
 
@@ -1331,7 +1373,6 @@ class FramePipeline:
         self.mode = mode
         self.preempt = preempt
         self.dedupe = dedupe
-        self.previews = previews
         self.submit_retry_for = float(submit_retry_for)
         self.download_retry_for = float(download_retry_for)
         self.poll_wait = float(poll_wait)
@@ -1359,7 +1400,15 @@ class FramePipeline:
             "last_error": None, "last_progress": None, "last_result": None, "events_dropped": 0,
         }
         self._results: collections.deque[str] = collections.deque()  # owned by the housekeeping thread
+        self.previews = bool(previews)
+        # job id -> (frame, seq, url) of the newest preview announced and not fetched yet.
+        self._preview_wanted: dict[str, tuple[_Frame, int, str]] = {}
+        self._preview_seen: dict[str, int] = {}  # job id -> newest seq announced
+        self._preview_ready = threading.Condition(threading.Lock())
+        self._preview_slot = 0
         self._spawn(self._upload_loop, "tdcomfy-upload")
+        if self.previews:
+            self._spawn(self._preview_loop, "tdcomfy-previews")
         self._spawn(self._housekeeping_loop, "tdcomfy-housekeeping")
 
     # -- main-thread API -----------------------------------------------------------------------
@@ -1516,6 +1565,8 @@ class FramePipeline:
             for frame in waiting:
                 self._put_event(PipelineEvent("dropped", frame.ticket))
             self._abort.trigger()
+            with self._preview_ready:
+                self._preview_ready.notify_all()
             self._housekeeping.put(("stop",))
             self._teardown_threads = threads
             self._teardown = threading.Thread(
@@ -1695,6 +1746,7 @@ class FramePipeline:
             _log.exception("job thread failed")
             self._fail(frame, TDComfyError("internal_error", f"job thread failed: {exc!r}", job_id=frame.job_id))
         finally:
+            self._forget_previews(frame)
             self._release(frame)
             if frame.job_id and self.delete_remote and remote_finished and not self._stop.is_set():
                 delete = frame.job_id
@@ -1722,6 +1774,9 @@ class FramePipeline:
                     with contextlib.closing(events):
                         for event in events:
                             failures = timeouts = 0
+                            if event.event == "preview":
+                                self._preview_announced(frame, event.data)
+                                continue
                             job = event.data.get("job") if isinstance(event.data, dict) else None
                             if isinstance(job, dict) and self._observe(frame, job):
                                 return job
@@ -1778,6 +1833,75 @@ class FramePipeline:
                     self._stats["last_progress"] = frame.progress
                 self._emit("progress", frame, progress=frame.progress)
         return status in TERMINAL_STATUSES
+
+    def _preview_announced(self, frame: _Frame, data: Any) -> None:
+        """Notes a ``preview`` event for the preview thread (job thread; never downloads here)."""
+        if not self.previews or not isinstance(data, dict) or not frame.job_id:
+            return
+        seq, url = data.get("seq"), data.get("url")
+        if not isinstance(seq, int) or not isinstance(url, str):
+            return
+        with self._preview_ready:
+            if seq <= self._preview_seen.get(frame.job_id, 0):
+                return  # one we already have (a stream reopened with the current preview)
+            self._preview_seen[frame.job_id] = seq
+            # Latest wins: an older preview not fetched yet is replaced, never fetched.
+            self._preview_wanted[frame.job_id] = (frame, seq, url)
+            self._preview_ready.notify()
+
+    def _forget_previews(self, frame: _Frame) -> None:
+        if frame.job_id:
+            with self._preview_ready:
+                self._preview_wanted.pop(frame.job_id, None)
+                self._preview_seen.pop(frame.job_id, None)
+
+    def _preview_loop(self) -> None:
+        """Fetches announced previews, newest per job, and writes them under two alternating names."""
+        while True:
+            with self._preview_ready:
+                while not self._preview_wanted and not self._stop.is_set():
+                    self._preview_ready.wait()
+                if self._stop.is_set():
+                    return
+                job_id = next(iter(self._preview_wanted))
+                frame, seq, _url = self._preview_wanted.pop(job_id)
+            try:
+                self._fetch_preview(frame, job_id, seq)
+            except TDComfyError as exc:
+                if self._stop.is_set() or exc.code == "closed":
+                    return
+                # A preview that does not arrive is skipped: the next one is on its way.
+                _log.debug("preview of %s not fetched: %s", job_id, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill previews silently
+                self._report_bug("preview download", exc)
+
+    def _fetch_preview(self, frame: _Frame, job_id: str, seq: int) -> None:
+        got = self.client.get_preview(job_id, abort=self._abort)
+        if got is None:
+            return  # the job finished meanwhile: its preview went with it
+        image, content_type, got_seq, _etag = got
+        with self._preview_ready:
+            if job_id not in self._preview_seen:
+                return  # the job ended while this was on its way
+            newer = self._preview_wanted.get(job_id)
+            if newer is not None and newer[1] <= got_seq:
+                # The broker had the next announced preview already: this download is it.
+                del self._preview_wanted[job_id]
+        extension = _PREVIEW_EXTENSIONS.get(content_type, ".img")
+        slot = self._preview_slot
+        path = os.path.join(self.output_dir, f"{self.file_prefix}preview_{slot}{extension}")
+        part = f"{path}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            with open(part, "wb") as f:
+                f.write(image)
+            os.replace(part, path)  # atomic: a reader sees the old file or the new one, whole
+        except OSError as exc:
+            # E.g. Windows refusing to replace a file an image TOP holds open: skip this preview.
+            _try_remove(part)
+            _log.debug("could not write preview %s: %s", path, exc)
+            return
+        self._preview_slot = 1 - slot
+        self._emit("preview", frame, path=path, preview_seq=got_seq or seq)
 
     def _download(self, frame: _Frame, job: dict) -> str:
         result = job.get("result") if isinstance(job.get("result"), dict) else {}
@@ -1911,7 +2035,9 @@ class FramePipeline:
         try:
             with os.scandir(self.output_dir) as entries:
                 for entry in entries:
-                    if entry.name.startswith(self.file_prefix) and not entry.name.endswith(".part") and entry.is_file():
+                    preview = entry.name.startswith(f"{self.file_prefix}preview_")
+                    ours = entry.name.startswith(self.file_prefix) and not entry.name.endswith(".part")
+                    if ours and not preview and entry.is_file():
                         found.append((entry.stat().st_mtime, entry.path))
         except OSError:
             return []
@@ -1931,7 +2057,10 @@ class FramePipeline:
 
 
 # Event kinds that may be dropped when the queue is full, in this order; the others never are.
-_DROPPABLE_EVENTS = ("progress", "started")
+_DROPPABLE_EVENTS = ("preview", "progress", "started")
+
+# File extensions of preview images by MIME type.
+_PREVIEW_EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp"}
 
 
 def _events_missing(exc: TDComfyError) -> bool:

@@ -350,6 +350,45 @@ impl JobEvent {
     }
 }
 
+/// A `preview` push event, the same on SSE and WebSocket: a newer preview image of a running job
+/// is at `url`. It carries no bytes and no job state: it is not a change of the job (its `version`
+/// does not move), only the note that `GET url` now answers with a newer image. Sent only for jobs
+/// submitted with previews on, at most as often as the worker's `PREVIEW_FPS`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PreviewEvent {
+    /// Always `"preview"`, so WebSocket clients that only follow `"job"` messages skip it.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Always `"preview"` (the SSE `event:` name).
+    pub event: String,
+    /// The job it belongs to.
+    pub job_id: JobId,
+    /// Increases with every preview the broker accepts (across jobs) since it started; a client
+    /// that sees a lower `seq` than one it already has for the job skips it.
+    pub seq: u64,
+    /// Where the image is, relative to the broker: `/jobs/{id}/preview`. Its `ETag` names `seq`.
+    pub url: String,
+    /// `image/jpeg`, `image/png` or `image/webp`, judged from the bytes.
+    pub content_type: String,
+    /// Size of the image in bytes.
+    pub size: u64,
+}
+
+impl PreviewEvent {
+    /// The event for preview `seq` of `job_id`.
+    pub fn new(job_id: JobId, seq: u64, content_type: &str, size: u64) -> PreviewEvent {
+        PreviewEvent {
+            kind: "preview".to_owned(),
+            event: "preview".to_owned(),
+            job_id,
+            seq,
+            url: format!("/jobs/{job_id}/preview"),
+            content_type: content_type.to_owned(),
+            size,
+        }
+    }
+}
+
 /// Body of `POST /worker/lease`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseRequest {

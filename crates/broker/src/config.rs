@@ -82,6 +82,12 @@ pub struct BrokerArgs {
     /// too_many_subscribers, so a client that reconnects in a loop cannot pile them up.
     #[arg(long, env = "MAX_SUBSCRIBERS", default_value_t = 256)]
     pub max_subscribers: usize,
+
+    /// Most memory, in MB (MiB), for the latest preview images of running jobs together (one per
+    /// job, each at most 2 MiB); past it the previews updated longest ago are dropped. 0 turns
+    /// previews off (workers' uploads get 413).
+    #[arg(long, env = "MAX_PREVIEW_MB", default_value_t = 64)]
+    pub max_preview_mb: u64,
     /// How the broker meets the network: browsers, connection limits, TLS.
     #[command(flatten)]
     pub net: NetArgs,
@@ -180,6 +186,8 @@ pub struct BrokerConfig {
     pub max_queue: u64,
     /// Most open event streams.
     pub max_subscribers: usize,
+    /// What the broker keeps of preview images (`MAX_PREVIEW_MB`).
+    pub preview_limits: crate::previews::PreviewLimits,
     /// Loaded workflows.
     pub workflows: Arc<WorkflowRegistry>,
     /// How often expired leases, timeouts and old files are swept.
@@ -339,6 +347,7 @@ impl BrokerArgs {
             max_attempts: self.max_attempts,
             max_queue: self.max_queue.max(1),
             max_subscribers: self.max_subscribers.max(1),
+            preview_limits: crate::previews::PreviewLimits::with_total(self.max_preview_mb.saturating_mul(1024 * 1024)),
             workflows,
             clock: Clock::system(),
             net: self.net.into_config()?,

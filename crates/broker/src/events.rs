@@ -11,12 +11,21 @@
 //! cannot be replayed exactly (an id of another start, one older than the ring, a subscriber that
 //! fell behind the channel) is answered with a [`Resync`] instead: the client re-reads the state.
 //! A slow client can never hold memory or block the broker.
+//!
+//! Preview events ([`PreviewEvent`]) travel on a channel of their own and never enter the ring
+//! nor take a sequence number: they are not changes of a job (its `version` does not move), a
+//! client that resumes needs only the newest preview, not the ones it missed, and a burst of them
+//! must not push state changes out of the replay window. The hub also holds the previews
+//! themselves ([`Previews`]) so that the one place every change passes through can drop a job's
+//! preview the moment the job leaves `running`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use tdcomfy_api::{JobEvent, JobEventKind, JobId};
+use tdcomfy_api::{JobEvent, JobEventKind, JobId, JobStatus, PreviewEvent};
 use tokio::sync::{Notify, broadcast};
+
+use crate::previews::{Preview, PreviewLimits, Previews};
 
 /// How many events the replay buffer keeps.
 pub const REPLAY_EVENTS: usize = 1024;
@@ -104,6 +113,8 @@ impl Resync {
 pub struct Subscription {
     /// The events.
     pub rx: broadcast::Receiver<Arc<PublishedEvent>>,
+    /// The preview events published from the same moment on.
+    pub previews: broadcast::Receiver<Arc<PublishedPreview>>,
     /// The id of the last event published before `rx` subscribed.
     pub id: String,
 }
@@ -115,6 +126,23 @@ pub enum Resume {
     Replay(Vec<Arc<PublishedEvent>>),
     /// The missed events cannot be given exactly.
     Resync(Resync),
+}
+
+/// A published preview event with its JSON.
+#[derive(Debug)]
+pub struct PublishedPreview {
+    /// The event.
+    pub event: PreviewEvent,
+    /// `event` serialized once.
+    pub json: String,
+}
+
+impl PublishedPreview {
+    fn of(job: JobId, preview: &Preview) -> PublishedPreview {
+        let event = PreviewEvent::new(job, preview.seq, preview.content_type, preview.bytes.len() as u64);
+        let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
+        PublishedPreview { event, json }
+    }
 }
 
 struct Ring {
@@ -130,6 +158,8 @@ pub struct EventHub {
     boot: String,
     ring: Mutex<Ring>,
     queued: Notify,
+    previews: Previews,
+    preview_tx: broadcast::Sender<Arc<PublishedPreview>>,
 }
 
 impl std::fmt::Debug for EventHub {
@@ -142,6 +172,11 @@ impl EventHub {
     /// A hub with a new boot id whose subscribers may fall `capacity` events behind before they
     /// get a resync.
     pub fn new(capacity: usize) -> EventHub {
+        EventHub::with_previews(capacity, PreviewLimits::default())
+    }
+
+    /// [`EventHub::new`] keeping previews under `limits`.
+    pub fn with_previews(capacity: usize, limits: PreviewLimits) -> EventHub {
         // Random rather than clock-based: a wall clock that stepped back across a restart must not
         // make an old id look like one of this start.
         let boot = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
@@ -150,6 +185,10 @@ impl EventHub {
             boot,
             ring: Mutex::new(Ring { seq: 0, events: VecDeque::new(), bytes: 0 }),
             queued: Notify::new(),
+            previews: Previews::new(limits),
+            // Previews come at most PREVIEW_FPS per running job; a subscriber this far behind
+            // skips to the newest ones (they replace each other anyway).
+            preview_tx: broadcast::channel(capacity).0,
         }
     }
 
@@ -165,6 +204,12 @@ impl EventHub {
     pub fn publish(&self, event: JobEvent) {
         let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
         let mut ring = self.ring();
+        if event.job.status != JobStatus::Running {
+            // A preview exists only while its job runs: done, failed, cancelled or requeued, the
+            // next attempt (if any) brings its own. Under the ring's lock, like
+            // `publish_preview`'s check, so no preview event is sent after this one.
+            self.previews.remove(event.job_id);
+        }
         ring.seq += 1;
         let ev = Arc::new(PublishedEvent { seq: ring.seq, id: self.id_of(ring.seq), event, json });
         ring.bytes += ev.json.len();
@@ -188,14 +233,15 @@ impl EventHub {
     /// A receiver of every event published from now on, with the id of the last one before.
     pub fn subscribe_now(&self) -> Subscription {
         let ring = self.ring();
-        Subscription { rx: self.tx.subscribe(), id: self.id_of(ring.seq) }
+        Subscription { rx: self.tx.subscribe(), previews: self.preview_tx.subscribe(), id: self.id_of(ring.seq) }
     }
 
     /// Subscribes, and says what comes first for a client whose last event was `last_event_id`:
     /// the events after it, or a resync when they cannot be given exactly.
     pub fn resume(&self, last_event_id: &str) -> (Subscription, Resume) {
         let ring = self.ring();
-        let sub = Subscription { rx: self.tx.subscribe(), id: self.id_of(ring.seq) };
+        let sub =
+            Subscription { rx: self.tx.subscribe(), previews: self.preview_tx.subscribe(), id: self.id_of(ring.seq) };
         let resync = |reason| Resume::Resync(Resync { reason, id: sub.id.clone() });
         let seq = last_event_id
             .trim()
@@ -212,6 +258,40 @@ impl EventHub {
         };
         drop(ring);
         (sub, resume)
+    }
+
+    /// This broker start's random id (the `<boot>` of event ids and preview ETags).
+    pub fn boot(&self) -> &str {
+        &self.boot
+    }
+
+    /// The previews of running jobs.
+    pub fn previews(&self) -> &Previews {
+        &self.previews
+    }
+
+    /// The event of `job`'s current preview, if it has one.
+    pub fn current_preview(&self, job: JobId) -> Option<Arc<PublishedPreview>> {
+        let preview = self.previews.get(job)?;
+        Some(Arc::new(PublishedPreview::of(job, &preview)))
+    }
+
+    /// Announces `preview` of `job` to every subscriber, unless a newer preview replaced it or the
+    /// job left `running` meanwhile (then its event would name an image that is not there).
+    pub fn publish_preview(&self, job: JobId, preview: &Preview) {
+        let published = Arc::new(PublishedPreview::of(job, preview));
+        // Checked and sent under the ring's lock, which `publish` holds while it drops previews
+        // and sends state changes: no preview event is sent after its job's final event (a
+        // subscriber reading both channels may still see one just after it; see `http::push`).
+        let _ring = self.ring();
+        if self.previews.is_latest(job, preview.seq) {
+            let _ = self.preview_tx.send(published);
+        }
+    }
+
+    /// A receiver of every preview event published from now on.
+    pub fn subscribe_previews(&self) -> broadcast::Receiver<Arc<PublishedPreview>> {
+        self.preview_tx.subscribe()
     }
 
     /// Wakes every worker waiting for a queued job.

@@ -14,6 +14,7 @@ pub mod http;
 pub mod image_check;
 pub mod image_sniff;
 pub mod listener;
+pub mod previews;
 pub mod service;
 pub mod store;
 pub mod tls;

@@ -156,12 +156,13 @@ impl Broker {
             tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
         }
         reconcile_files(&store, &blobs).await?;
+        let hub = EventHub::with_previews(1024, config.preview_limits);
         Ok(Broker {
             inner: Arc::new(Inner {
                 config,
                 store,
                 blobs,
-                hub: EventHub::new(1024),
+                hub,
                 shutdown: tokio_util::sync::CancellationToken::new(),
                 workers: WorkerRegistry::default(),
                 unacknowledged: Default::default(),

@@ -16,6 +16,20 @@ impl JobEvents {
         JobEvents { stream: response.bytes_stream().boxed(), decoder: SseDecoder::default() }
     }
 
+    /// The next event of any kind as `(event name, data)`, `resync` and `preview` included;
+    /// `None` when the stream ends.
+    pub async fn next_raw(&mut self) -> anyhow::Result<Option<(String, String)>> {
+        loop {
+            if let Some(event) = self.decoder.next_event() {
+                return Ok(Some(event));
+            }
+            match self.stream.next().await {
+                Some(chunk) => self.decoder.push(&chunk?),
+                None => return Ok(None),
+            }
+        }
+    }
+
     /// The next event; `None` when the stream ends. Keep-alive comments are skipped.
     pub async fn next(&mut self) -> anyhow::Result<Option<JobEvent>> {
         loop {
@@ -52,8 +66,19 @@ impl SseDecoder {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// The `data` of the next complete event, if one is buffered.
+    /// The `data` of the next complete job event, if one is buffered: a `resync` is no job event
+    /// (on a job's stream the snapshot that follows it is), nor is a `preview` (no job state).
     fn next_data(&mut self) -> Option<String> {
+        loop {
+            let (event, data) = self.next_event()?;
+            if event != "resync" && event != "preview" {
+                return Some(data);
+            }
+        }
+    }
+
+    /// The name and `data` of the next complete event, if one is buffered.
+    fn next_event(&mut self) -> Option<(String, String)> {
         let mut start = 0;
         let mut found = None;
         while let Some(offset) = self.buf[start..].iter().position(|&b| b == b'\n' || b == b'\r') {
@@ -74,12 +99,11 @@ impl SseDecoder {
         found
     }
 
-    /// Processes one line; returns the event's data when the line ends an event.
-    fn line(&mut self, line: &str) -> Option<String> {
+    /// Processes one line; returns the event's name and data when the line ends an event.
+    fn line(&mut self, line: &str) -> Option<(String, String)> {
         if line.is_empty() {
             let (event, data) = (self.event.take(), self.data.take());
-            // A `resync` is no job event; on a job's stream the snapshot that follows it is.
-            return if event.as_deref() == Some("resync") { None } else { data };
+            return data.map(|data| (event.unwrap_or_else(|| "message".to_owned()), data));
         }
         if line.starts_with(':') {
             return None; // a comment (keep-alive)
@@ -118,6 +142,12 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn sse_preview_events_are_not_job_events() {
+        let stream = b"event: preview\ndata: {\"type\":\"preview\"}\n\nevent: progress\ndata: {\"x\":2}\n\n";
+        assert_eq!(decode(&[stream]), ["{\"x\":2}"]);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The worker's side of the broker's worker protocol (`/worker/*`): lease, input download,
-//! heartbeat, streamed result upload, failure report.
+//! heartbeat, streamed result upload, preview upload, failure report.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -252,6 +252,24 @@ impl BrokerClient {
                 "the result upload made no progress for {} s", idle.as_secs()
             ))),
         }
+    }
+
+    /// Puts `image` as the job's latest preview. No retries and no stall handling here: the
+    /// caller bounds the time and drops a preview that does not make it.
+    pub async fn upload_preview(
+        &self,
+        job: JobId,
+        token: &LeaseToken,
+        content_type: &str,
+        image: impl Into<reqwest::Body>,
+    ) -> Result<(), BrokerCallError> {
+        let rb = self
+            .request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/preview"))
+            .header("lease-token", token.as_str())
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(image);
+        self.send(rb).await?;
+        Ok(())
     }
 
     /// Reports a failure; `retryable` lets the broker requeue the job while attempts remain;

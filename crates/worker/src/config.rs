@@ -73,6 +73,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "COMFYUI_KEEP_OUTPUTS", default_value_t = false)]
     pub comfyui_keep_outputs: bool,
 
+    /// Most preview images per second sent to the broker for a job submitted with previews on
+    /// (the newest wins; the rest are dropped). 0 sends none.
+    #[arg(long, env = "PREVIEW_FPS", default_value_t = 10.0)]
+    pub preview_fps: f64,
     /// Token for a ComfyUI behind a token-checking wrapper or proxy: sent as
     /// `Authorization: Bearer <token>` on every HTTP request and `?token=` on its WebSocket.
     #[arg(long, env = "COMFYUI_TOKEN", hide_env_values = true)]
@@ -80,7 +84,8 @@ pub struct WorkerArgs {
 
     /// Sampler previews ComfyUI renders for each prompt (`extra_data.preview_method`): none,
     /// auto, latent2rgb or taesd. `none` saves GPU time; newer ComfyUI resets the method with
-    /// every prompt, so it is always sent.
+    /// every prompt, so it is always sent. A job submitted with previews on gets `auto` where this
+    /// says `none`.
     #[arg(long, env = "PREVIEW_METHOD", default_value = "none")]
     pub preview_method: String,
 }
@@ -133,6 +138,8 @@ pub struct WorkerConfig {
     pub comfy_folders: FolderSettings,
     /// Leave delivered outputs in ComfyUI's output folder.
     pub keep_comfy_outputs: bool,
+    /// Shortest time between two previews of a job (`PREVIEW_FPS`); `None` sends none.
+    pub preview_interval: Option<Duration>,
     /// `COMFYUI_TOKEN`, sent to every ComfyUI server.
     pub comfy_token: Option<String>,
     /// Default preview method of prompts (a job may ask for another).
@@ -190,6 +197,13 @@ impl WorkerArgs {
                 message: format!("must be 1 to 128 visible ASCII characters (no spaces), got {worker_id:?}"),
             });
         }
+        let fps = self.preview_fps;
+        if !(fps.is_finite() && (0.0..=1000.0).contains(&fps)) {
+            return Err(WorkerConfigError::Invalid {
+                name: "PREVIEW_FPS",
+                message: format!("must be 0 (off) to 1000 previews per second, got {fps}"),
+            });
+        }
         let preview_method = self
             .preview_method
             .parse::<PreviewMethod>()
@@ -226,6 +240,7 @@ impl WorkerArgs {
                 output: self.comfyui_output_dir.filter(|p| !p.as_os_str().is_empty()),
             },
             keep_comfy_outputs: self.comfyui_keep_outputs,
+            preview_interval: (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps)),
             comfy_token,
             preview_method,
             preflight: Default::default(),

@@ -7,6 +7,7 @@ pub mod comfy_files;
 pub mod config;
 mod lease_keeper;
 pub mod preflight;
+pub mod previews;
 pub mod run;
 mod spooled;
 

@@ -537,9 +537,12 @@ impl JobRun<'_> {
     async fn supervise(&self, graph: serde_json::Value, prompt_id: PromptId, keeper: &LeaseKeeper) -> Supervised {
         let id = self.lease.job_id;
         let cancel = CancellationToken::new();
-        // Per prompt: a job that wants previews can ask for another method than the default.
-        let options = PromptOptions { preview_method: Some(self.config.preview_method) };
+        // Per prompt: a job that wants previews asks ComfyUI to render them (C5).
+        let method = crate::previews::preview_method(self.lease, self.config.preview_method);
+        let options = PromptOptions { preview_method: Some(method) };
         let mut run = self.backend.runner.run_prompt_with(graph, prompt_id, cancel.clone(), options);
+        let previews =
+            crate::previews::PreviewUploader::for_lease(self.broker, self.lease, self.config.preview_interval);
         let mut stop_reason: Option<Supervised> = None;
         // JOB_TIMEOUT holds here too, so a job ends on time even while the broker is unreachable.
         let deadline = tokio::time::sleep(Duration::from_secs_f64(self.lease.job_timeout.clamp(1.0, 1e7)));
@@ -559,6 +562,8 @@ impl JobRun<'_> {
                         return stop_reason.unwrap_or(Supervised::Finished(outputs, execution_time));
                     }
                     Some(RunUpdate::Failed(f)) => return stop_reason.unwrap_or(Supervised::Failed(f)),
+                    // Handed to the uploader's own task: never awaited here (a preview never delays a job).
+                    Some(RunUpdate::Preview(p)) => previews.offer(p),
                     Some(_) => {}
                     None => {
                         return stop_reason.unwrap_or_else(|| Supervised::Failed(RunFailure::new(

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// No such job (404).
     #[error("no job with id {0}")]
     JobNotFound(String),
+    /// The job has no preview now (404): none yet, previews off, or the job is not running.
+    #[error("this job has no preview now: none arrived yet, it was submitted without previews, or it is not running")]
+    NoPreview,
     /// No such route (404).
     #[error("no route for {method} {path}")]
     RouteNotFound {
@@ -134,6 +137,7 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_subscribers", None, Some(*limit))
             }
             ApiError::JobNotFound(_) => (StatusCode::NOT_FOUND, "job_not_found", None, None),
+            ApiError::NoPreview => (StatusCode::NOT_FOUND, "no_preview", None, None),
             ApiError::RouteNotFound { .. } => (StatusCode::NOT_FOUND, "route_not_found", None, None),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", None, None),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", None, None),

@@ -5,6 +5,7 @@ mod error;
 mod extract;
 mod files;
 mod jobs;
+mod previews;
 mod push;
 mod spec;
 mod submit_form;
@@ -39,6 +40,8 @@ use crate::store::constant_time_eq;
         (name = "worker", description = "The protocol GPU workers speak"),
         (name = "service", description = "Health and workflows"),
     ),
+    // The push routes' messages, which no route body names: job events and preview events.
+    components(schemas(tdcomfy_api::JobEvent, tdcomfy_api::PreviewEvent)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -85,6 +88,7 @@ fn api_router() -> (Router<Broker>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(files::get_result))
+        .routes(routes!(previews::get_preview))
         .routes(routes!(push::job_events))
         .routes(routes!(push::events))
         .routes(routes!(push::websocket))
@@ -96,6 +100,7 @@ fn api_router() -> (Router<Broker>, utoipa::openapi::OpenApi) {
         .routes(routes!(worker::heartbeat))
         .routes(routes!(worker::put_result))
         .routes(routes!(worker::fail))
+        .routes(routes!(previews::put_preview))
         .split_for_parts();
     openapi.openapi = utoipa::openapi::OpenApiVersion::Version31;
     (router, openapi)

@@ -19,7 +19,7 @@ use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{ApiQuery, job_id};
-use crate::events::{PublishedEvent, Resume, Resync, ResyncReason, Subscription, event_name};
+use crate::events::{PublishedEvent, PublishedPreview, Resume, Resync, ResyncReason, Subscription, event_name};
 use crate::service::Broker;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -36,6 +36,8 @@ enum Push {
     Resync(Resync),
     /// A job's current state (`/jobs/{id}/events` only), with the id it is current at.
     Snapshot(String, String),
+    /// A newer preview image is there.
+    Preview(Arc<PublishedPreview>),
 }
 
 impl Push {
@@ -46,6 +48,9 @@ impl Push {
             // the re-read does not ask for the same events again.
             Push::Resync(r) => Event::default().id(r.id.as_str()).event("resync").data(r.json()),
             Push::Snapshot(id, json) => Event::default().id(id.as_str()).event("snapshot").data(json.as_str()),
+            // No `id:`: a preview is not in the replay ring, and an event without an id leaves
+            // the client's Last-Event-ID where the last state change put it.
+            Push::Preview(p) => Event::default().event("preview").data(p.json.as_str()),
         }
     }
 
@@ -54,6 +59,7 @@ impl Push {
             Push::Job(ev) => ev.json.clone(),
             Push::Resync(r) => r.json(),
             Push::Snapshot(_, json) => json.clone(),
+            Push::Preview(p) => p.json.clone(),
         }
     }
 }
@@ -99,6 +105,43 @@ async fn next_event(
     }
 }
 
+/// The next preview event for `filter`. Previews replace each other, so a subscriber that fell
+/// behind just goes on with the newest; a closed channel waits forever (the job events end the
+/// stream).
+async fn next_preview(
+    rx: &mut broadcast::Receiver<Arc<PublishedPreview>>,
+    filter: Option<JobId>,
+) -> Arc<PublishedPreview> {
+    loop {
+        match rx.recv().await {
+            Ok(p) if filter.is_none_or(|id| p.event.job_id == id) => return p,
+            Ok(_) | Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// What comes next on a stream: a job event (or resync), or a preview.
+enum Next {
+    Job(Result<Arc<PublishedEvent>, Resync>),
+    Preview(Arc<PublishedPreview>),
+}
+
+/// The next job event or preview, whichever comes first; `None` when the hub closed.
+async fn next_push(
+    broker: &Broker,
+    rx: &mut broadcast::Receiver<Arc<PublishedEvent>>,
+    previews: &mut broadcast::Receiver<Arc<PublishedPreview>>,
+    filter: Option<JobId>,
+) -> Option<Next> {
+    tokio::select! {
+        // State changes first when both are ready: a preview never holds one up.
+        biased;
+        ev = next_event(broker, rx, filter) => ev.map(Next::Job),
+        p = next_preview(previews, filter) => Some(Next::Preview(p)),
+    }
+}
+
 /// Events of every job (or of `filter`): first what `start` gives, then live.
 fn all_events(
     broker: Broker,
@@ -113,12 +156,16 @@ fn all_events(
         }
         Some(Resume::Resync(r)) => VecDeque::from([Push::Resync(r)]),
     };
-    stream::unfold((broker, sub.rx, pending), move |(broker, mut rx, mut pending)| async move {
+    let previews = sub.previews;
+    stream::unfold((broker, sub.rx, previews, pending), move |(broker, mut rx, mut previews, mut pending)| async move {
         if let Some(push) = pending.pop_front() {
-            return Some((push, (broker, rx, pending)));
+            return Some((push, (broker, rx, previews, pending)));
         }
-        let push = next_event(&broker, &mut rx, filter).await?.map_or_else(Push::Resync, Push::Job);
-        Some((push, (broker, rx, pending)))
+        let push = match next_push(&broker, &mut rx, &mut previews, filter).await? {
+            Next::Job(ev) => ev.map_or_else(Push::Resync, Push::Job),
+            Next::Preview(p) => Push::Preview(p),
+        };
+        Some((push, (broker, rx, previews, pending)))
     })
 }
 
@@ -129,7 +176,7 @@ fn all_events(
         ("token" = Option<String>, Query, description = "API token, for clients that cannot set headers"),
         ("Last-Event-ID" = Option<String>, Header, description = LAST_EVENT_ID_DOC),
     ),
-    responses((status = 200, description = "An endless text/event-stream of job events (and `resync` events)", content_type = "text/event-stream", body = String))
+    responses((status = 200, description = "An endless text/event-stream of job events (JobEvent), `preview` events (PreviewEvent, no id) and `resync` events", content_type = "text/event-stream", body = String))
 )]
 pub async fn events(State(broker): State<Broker>, headers: HeaderMap) -> Result<Response, ApiError> {
     let slot = subscriber_slot(&broker)?;
@@ -173,7 +220,7 @@ fn ends_job_stream(ev: &PublishedEvent) -> bool {
         ("Last-Event-ID" = Option<String>, Header, description = LAST_EVENT_ID_DOC),
     ),
     responses(
-        (status = 200, description = "text/event-stream of this job's events", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream of this job's events (JobEvent) and `preview` events (PreviewEvent, no id)", content_type = "text/event-stream", body = String),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
     )
 )]
@@ -220,8 +267,14 @@ pub async fn job_events(
             (version, done)
         }
     };
+    if !done && let Some(current) = broker.hub().current_preview(id) {
+        // A stream that (re)opens mid-run gets the newest preview at once: the ones it missed are
+        // not kept, and this one is all it needs.
+        pending.push_back(Push::Preview(current));
+    }
     struct St {
         rx: broadcast::Receiver<Arc<PublishedEvent>>,
+        previews: broadcast::Receiver<Arc<PublishedPreview>>,
         broker: Broker,
         pending: VecDeque<Push>,
         done: bool,
@@ -229,7 +282,7 @@ pub async fn job_events(
         /// Held for the stream's life (MAX_SUBSCRIBERS).
         _slot: crate::service::SubscriberSlot,
     }
-    let st = St { rx: sub.rx, broker: broker.clone(), pending, done, version, _slot: slot };
+    let st = St { rx: sub.rx, previews: sub.previews, broker: broker.clone(), pending, done, version, _slot: slot };
     let rest = stream::unfold(st, move |mut st| async move {
         if let Some(push) = st.pending.pop_front() {
             return Some((push, st));
@@ -238,7 +291,11 @@ pub async fn job_events(
             return None;
         }
         loop {
-            match next_event(&st.broker, &mut st.rx, Some(id)).await? {
+            let ev = match next_push(&st.broker, &mut st.rx, &mut st.previews, Some(id)).await? {
+                Next::Job(ev) => ev,
+                Next::Preview(p) => return Some((Push::Preview(p), st)),
+            };
+            match ev {
                 Ok(ev) if ev.event.job.version > st.version => {
                     st.version = ev.event.job.version;
                     st.done = ends_job_stream(&ev);

@@ -31,6 +31,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         max_attempts: 3,
         max_queue: 1000,
         max_subscribers: 256,
+        max_preview_mb: 64,
         net: Default::default(),
     }
 }

@@ -13,6 +13,7 @@ mod lease;
 mod limits;
 mod persistence;
 mod preflight;
+mod previews;
 mod results;
 mod resume;
 mod security;

@@ -289,6 +289,7 @@ pub async fn run_sweep(args: SweepBenchArgs) -> anyhow::Result<()> {
         max_attempts: 3,
         max_queue: 1000,
         max_subscribers: 256,
+        max_preview_mb: 64,
         net: Default::default(),
     };
     {

@@ -6,6 +6,7 @@ pub mod broker;
 pub mod chaos;
 pub mod loadgen;
 pub mod pipeline;
+pub mod preview;
 
 use std::time::Duration;
 
@@ -20,6 +21,8 @@ pub enum BenchCommand {
     Sweep(broker::SweepBenchArgs),
     /// The TouchDesigner loop against broker + worker + simulator: per-frame overhead.
     Pipeline(pipeline::PipelineBenchArgs),
+    /// Preview latency: ComfyUI's binary preview frame → the client's preview file, p50/p99.
+    Preview(preview::PreviewBenchArgs),
     /// The reliability proof: SIGKILL and restart broker, worker and simulator under load; count
     /// lost, stuck, wrong and re-run jobs (exit 1 on any lost, stuck or wrong).
     Chaos(chaos::ChaosBenchArgs),
@@ -31,6 +34,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         BenchCommand::Broker(a) => broker::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Sweep(a) => broker::run_sweep(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Pipeline(a) => pipeline::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Preview(a) => preview::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Chaos(a) => chaos::run(a).await,
     }
 }

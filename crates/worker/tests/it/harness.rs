@@ -78,6 +78,10 @@ pub struct Setup {
     /// (`COMFYUI_TOKEN`).
     pub sim_token: Option<String>,
     pub comfyui_token: Option<String>,
+    /// How long the broker's preview route stalls before answering (a slow broker).
+    pub preview_stall: Option<Duration>,
+    /// `PREVIEW_FPS` of the workers.
+    pub preview_fps: f64,
 }
 
 impl Default for Setup {
@@ -95,6 +99,8 @@ impl Default for Setup {
             sim_max_upload: None,
             sim_token: None,
             comfyui_token: None,
+            preview_stall: None,
+            preview_fps: 10.0,
         }
     }
 }
@@ -199,9 +205,11 @@ impl Pipeline {
             max_attempts: self.setup.max_attempts,
             max_queue: 1000,
             max_subscribers: 256,
+            max_preview_mb: 64,
             net: Default::default(),
         };
-        let config = args.into_config(self.workflows.clone()).unwrap();
+        let mut config = args.into_config(self.workflows.clone()).unwrap();
+        config.preview_limits.stall_for_tests = self.setup.preview_stall;
         let stop = CancellationToken::new();
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -259,6 +267,7 @@ impl Pipeline {
             comfyui_input_dir: None,
             comfyui_keep_outputs: false,
             comfyui_token: self.setup.comfyui_token.clone(),
+            preview_fps: self.setup.preview_fps,
             preview_method: "none".into(),
         };
         let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();
@@ -291,6 +300,18 @@ impl Pipeline {
         workflow: Option<&str>,
         params: Option<Value>,
     ) -> String {
+        self.submit_with(frame, prompt, workflow, params, &[]).await
+    }
+
+    /// [`Pipeline::submit_frame`] with more form fields (`previews`, …).
+    pub async fn submit_with(
+        &self,
+        frame: Vec<u8>,
+        prompt: &str,
+        workflow: Option<&str>,
+        params: Option<Value>,
+        fields: &[(&str, &str)],
+    ) -> String {
         let mut form = reqwest::multipart::Form::new()
             .part("image", reqwest::multipart::Part::bytes(frame).file_name("frame.png"))
             .text("prompt", prompt.to_owned());
@@ -299,6 +320,9 @@ impl Pipeline {
         }
         if let Some(p) = params {
             form = form.text("params", p.to_string());
+        }
+        for (name, value) in fields {
+            form = form.text(name.to_string(), value.to_string());
         }
         let resp = self.http.post(self.url("/jobs")).multipart(form).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());

@@ -5,6 +5,7 @@ mod harness;
 mod lease;
 mod pipeline;
 mod preflight;
+mod previews;
 mod proxy;
 mod recovery;
 mod tls;

@@ -58,6 +58,7 @@ async fn tls_broker(names: &[&str]) -> TlsBroker {
         max_attempts: 3,
         max_queue: 1000,
         max_subscribers: 256,
+        max_preview_mb: 64,
         net: Default::default(),
     };
     args.net.tls_cert = Some(cert_path.clone());
@@ -128,6 +129,7 @@ async fn a_worker_runs_jobs_from_an_https_broker_it_trusts_through_broker_ca() {
         comfyui_output_dir: None,
         comfyui_input_dir: None,
         comfyui_keep_outputs: false,
+        preview_fps: 10.0,
         comfyui_token: None,
         preview_method: "none".into(),
     };
