@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::assets;
 use crate::catalog::{self, DynamicLists};
 use crate::files::DataDirs;
 use crate::hub::Hub;
@@ -683,7 +684,10 @@ async fn run_prompt(shared: &Arc<Shared>, item: QueueItem) {
         executed.push(node_id.clone());
         // An expanded node's UI output is the ephemeral node's, shown on the submitted one.
         let real_id = child.clone().unwrap_or_else(|| node_id.clone());
-        if let Some(ui) = output.ui {
+        if let Some(mut ui) = output.ui {
+            if newer && shared.config.assets {
+                assets::enrich_outputs(&mut ui);
+            }
             ev.exec(
                 "executed",
                 obj(vec![

@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod anim;
+mod assets;
 mod catalog;
 mod executor;
 mod files;

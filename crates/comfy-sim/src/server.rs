@@ -20,6 +20,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
+use crate::assets;
 use crate::catalog;
 use crate::executor::Shared;
 use crate::files::{self, UploadError, ViewRefusal};
@@ -506,15 +507,18 @@ async fn upload_image(State(state): State<AppState>, multipart: Result<Multipart
     // File work goes to the blocking pool: in `tdcomfy up` the simulator shares its runtime with
     // the broker and the worker.
     let (dir, sub, name) = (dir.to_path_buf(), subfolder.clone(), filename.clone());
+    let tag = dir_type.clone();
+    let with_asset = state.shared.config.assets && state.shared.config.comfy_version.is_newer();
     let placed = tokio::task::spawn_blocking(move || {
         let target = files::place_upload(&dir, &sub, &name, &bytes, overwrite)?;
         if target.write {
             files::write_atomic(&target.path, &bytes).map_err(UploadError::Io)?;
         }
-        Ok::<_, UploadError>(target)
+        let asset = with_asset.then(|| assets::upload_asset(&target.name, &bytes, &tag));
+        Ok::<_, UploadError>((target, asset))
     })
     .await;
-    let target = match placed {
+    let (target, asset) = match placed {
         Ok(Ok(t)) => t,
         Ok(Err(UploadError::Escapes)) => return bare(StatusCode::BAD_REQUEST),
         Ok(Err(UploadError::Io(e))) => {
@@ -530,6 +534,9 @@ async fn upload_image(State(state): State<AppState>, multipart: Result<Multipart
     body.insert("name", OValue::String(target.name));
     body.insert("subfolder", OValue::String(subfolder));
     body.insert("type", OValue::String(dir_type));
+    if let Some(asset) = asset {
+        body.insert("asset", asset);
+    }
     json(StatusCode::OK, &body)
 }
 

@@ -617,3 +617,84 @@ async fn c11_newer_validation_error_types_on_0_38_and_captured_shapes_on_0_3_64(
 async fn submit(sim: &Sim, graph: &Value) -> (u16, Value) {
     sim.post("/prompt", &json!({"prompt": graph})).await
 }
+
+/// Every file entry of a prompt's history outputs.
+fn file_entries(history: &Value) -> Vec<Value> {
+    let mut entries = Vec::new();
+    for ui in history["outputs"].as_object().expect("outputs").values() {
+        for items in ui.as_object().expect("ui").values() {
+            for item in items.as_array().into_iter().flatten() {
+                if item.get("filename").is_some() {
+                    entries.push(item.clone());
+                }
+            }
+        }
+    }
+    entries
+}
+
+#[tokio::test]
+async fn c13_assets_add_ids_to_outputs_and_an_asset_to_uploads_on_0_38_with_assets_on() {
+    let frame = png(16, 16, 3);
+    let with_assets = sim_038(|c| c.assets = true).await;
+    let (status, uploaded) = with_assets.upload("frame.png", frame.clone(), &[]).await;
+    assert_eq!(status, 200, "{uploaded}");
+    assert_eq!((uploaded["name"].clone(), uploaded["type"].clone()), (json!("frame.png"), json!("input")));
+    let asset = &uploaded["asset"];
+    assert_eq!(asset["size"], json!(frame.len()), "{uploaded}");
+    assert_eq!(asset["mime_type"], "image/png");
+    let hash = asset["asset_hash"].as_str().expect("asset_hash");
+    assert!(hash.starts_with("blake3:") && hash.len() == "blake3:".len() + 64, "{hash}");
+    let id = with_assets.queue_prompt(&invert_graph("c13/a"), "c13").await;
+    let entries = file_entries(&with_assets.wait_history(&id).await);
+    assert!(!entries.is_empty());
+    for entry in &entries {
+        assert!(entry["id"].as_str().is_some_and(|v| v.len() == 36), "{entry}");
+        assert!(entry["preview_id"].is_string(), "{entry}");
+        assert_eq!(entry["type"], "output", "{entry}");
+    }
+    with_assets.stop().await;
+
+    // Off by default on 0.38, and not a 0.3.64 feature at all: the captured shapes.
+    for sim in [sim_038(|_| {}).await, Sim::start(|c| c.assets = true).await] {
+        let (status, uploaded) = sim.upload("frame.png", frame.clone(), &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(keys(&uploaded), keys(&json!({"name": 1, "subfolder": 1, "type": 1})), "{uploaded}");
+        let id = sim.queue_prompt(&invert_graph("c13/b"), "c13").await;
+        for entry in file_entries(&sim.wait_history(&id).await) {
+            assert_eq!(keys(&entry), keys(&json!({"filename": 1, "subfolder": 1, "type": 1})), "{entry}");
+        }
+        sim.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn c17_video_outputs_keep_their_keys_on_both_profiles_and_0_38_classifies_them_as_video() {
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "frame.png"}},
+        "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 24.0}},
+        "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "c17/core",
+            "format": "auto", "codec": "auto"}},
+        "4": {"class_type": "VHS_VideoCombine", "inputs": {"images": ["1", 0], "frame_rate": 24.0, "loop_count": 0,
+            "filename_prefix": "c17/vhs", "format": "video/h264-mp4", "pingpong": false, "save_output": true}}
+    });
+    for newer in [false, true] {
+        let sim = if newer { sim_038(|_| {}).await } else { Sim::start(|_| {}).await };
+        assert_eq!(sim.upload("frame.png", png(16, 16, 3), &[]).await.0, 200);
+        let id = sim.queue_prompt(&graph, "c17").await;
+        let history = sim.wait_history(&id).await;
+        let core = &history["outputs"]["3"];
+        assert!(core["images"][0]["filename"].as_str().is_some_and(|f| f.ends_with(".mp4")), "{core}");
+        assert_eq!(core["animated"], json!([true]), "{core}");
+        let vhs = &history["outputs"]["4"];
+        assert!(vhs["gifs"][0]["filename"].as_str().is_some_and(|f| f.ends_with(".mp4")), "{vhs}");
+        let (status, job) = sim.get(&format!("/api/jobs/{id}")).await;
+        if newer {
+            assert_eq!(status, 200, "{job}");
+            assert_eq!(job["preview_output"]["mediaType"], "video", "{job}");
+        } else {
+            assert_eq!(status, 404, "no jobs API on 0.3.64");
+        }
+        sim.stop().await;
+    }
+}
