@@ -97,16 +97,7 @@ impl HistoryEntry {
     /// `execution_status` (the history status block) when present, else a status made from the
     /// job's `status` and `execution_error`.
     fn from_job(prompt_id: &str, status: &str, job: &Value) -> Self {
-        let outputs = match job.get("outputs") {
-            Some(Value::Object(map)) => map
-                .iter()
-                .filter_map(|(node, output)| match output {
-                    Value::Object(dict) => Some((node.clone(), NodeOutput(dict.clone()))),
-                    _ => None,
-                })
-                .collect(),
-            _ => BTreeMap::new(),
-        };
+        let outputs = node_outputs(job.get("outputs"));
         let given = job.get("execution_status").map(HistoryStatus::from_value).filter(|s| !s.messages.is_empty());
         let status = given.unwrap_or_else(|| {
             let stamp = |key: &str| job.get(key).and_then(Value::as_u64);
@@ -145,6 +136,21 @@ impl HistoryEntry {
     }
 }
 
+/// The `outputs` object of a history entry or a finished job: one [`NodeOutput`] per node whose
+/// value is an object (anything else carries no files and is skipped).
+fn node_outputs(outputs: Option<&Value>) -> BTreeMap<String, NodeOutput> {
+    match outputs {
+        Some(Value::Object(map)) => map
+            .iter()
+            .filter_map(|(node, output)| match output {
+                Value::Object(dict) => Some((node.clone(), NodeOutput(dict.clone()))),
+                _ => None,
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
 /// How a finished prompt ended, read from the last terminal status message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HistoryOutcome {
@@ -165,16 +171,7 @@ impl HistoryEntry {
     /// Parses one entry (the value under the prompt id key).
     pub fn from_value(prompt_id: &str, entry: &Value) -> Option<Self> {
         let entry = entry.as_object()?;
-        let outputs = match entry.get("outputs") {
-            Some(Value::Object(map)) => map
-                .iter()
-                .filter_map(|(node, output)| match output {
-                    Value::Object(dict) => Some((node.clone(), NodeOutput(dict.clone()))),
-                    _ => None,
-                })
-                .collect(),
-            _ => BTreeMap::new(),
-        };
+        let outputs = node_outputs(entry.get("outputs"));
         let status = entry.get("status").map(HistoryStatus::from_value).unwrap_or_default();
         let output_node_ids = entry
             .get("prompt")
