@@ -41,6 +41,10 @@ pub struct SubmitCmd {
     /// The broker's API_TOKEN, if it has one.
     #[arg(long, env = "API_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// For an https:// broker with a self-signed certificate or a private CA: that certificate
+    /// (PEM), trusted besides the system's roots.
+    #[arg(long = "ca", env = "BROKER_CA", value_name = "PEM")]
+    ca: Option<PathBuf>,
     /// Print only the result path (no progress bar).
     #[arg(long, short)]
     quiet: bool,
@@ -73,8 +77,14 @@ async fn api_error(resp: reqwest::Response) -> anyhow::Error {
 /// Runs `submit`; the exit code is non-zero when the job failed or was cancelled.
 pub async fn run(cmd: SubmitCmd) -> anyhow::Result<std::process::ExitCode> {
     let base = cmd.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
+    let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    if let Some(path) = &cmd.ca {
+        let certs =
+            tdcomfy_worker::broker_client::BrokerTrust::read_pem(path).map_err(|e| anyhow::anyhow!("--ca: {e}"))?;
+        http = http.tls_certs_merge(certs);
+    }
     let broker = Broker {
-        http: reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?,
+        http: http.build()?,
         base: base.trim_end_matches('/').to_owned(),
         token: cmd.token.clone().filter(|t| !t.is_empty()),
     };

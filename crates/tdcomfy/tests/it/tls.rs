@@ -11,7 +11,7 @@ async fn up_with_tls_cert_and_key_runs_a_job_over_https_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     // Named for a host that is not 127.0.0.1: up's own worker must still reach its broker.
     let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["broker.example".to_owned()]).unwrap();
+        rcgen::generate_simple_self_signed(vec!["broker.example".to_owned(), "localhost".to_owned()]).unwrap();
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
@@ -51,6 +51,28 @@ async fn up_with_tls_cert_and_key_runs_a_job_over_https_end_to_end() {
     let video = http.get(format!("{base}/jobs/{id}/result")).send().await.unwrap();
     assert_eq!(video.headers()["x-content-type-options"], "nosniff");
     assert_eq!(&video.bytes().await.unwrap()[4..8], b"ftyp");
+    // `tdcomfy submit` trusts the self-signed certificate given with --ca, and only then.
+    let frame = dir.path().join("frame.png");
+    std::fs::write(&frame, png(64, 40, 3)).unwrap();
+    let submit = |ca: Option<&std::path::Path>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tdcomfy"));
+        cmd.args(["submit", "--quiet", "--params", r#"{"frames": 9}"#, "--url", &format!("https://localhost:{port}")])
+            .arg("--out")
+            .arg(dir.path().join("submitted.mp4"))
+            .arg(&frame)
+            .env_remove("BROKER_CA")
+            .env_remove("API_TOKEN");
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(ca);
+        }
+        tokio::time::timeout(Duration::from_secs(60), cmd.output())
+    };
+    let refused = submit(None).await.expect("submit ends").unwrap();
+    assert!(!refused.status.success(), "an unknown self-signed certificate is refused");
+    assert!(!dir.path().join("submitted.mp4").exists());
+    let trusted = submit(Some(&cert_path)).await.expect("submit ends").unwrap();
+    assert!(trusted.status.success(), "{}", String::from_utf8_lossy(&trusted.stderr));
+    assert_eq!(&std::fs::read(dir.path().join("submitted.mp4")).unwrap()[4..8], b"ftyp");
     // Plain HTTP finds no broker on that port.
     assert!(reqwest::get(up.base() + "/health").await.is_err());
 }
