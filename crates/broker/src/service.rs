@@ -369,6 +369,7 @@ impl Broker {
                 preempt: sub.preempt,
                 previews: sub.previews,
                 dedupe_key,
+                dedupe: sub.dedupe,
                 reuse,
             })
             .await;
@@ -398,11 +399,18 @@ impl Broker {
         };
         // The store gave these files up in the commit; a crash before they go leaves them to
         // `reconcile_files`.
-        remove_own(inserted.reused, linked && !inserted.reused).await?;
+        // The job is committed: from here a file that cannot be deleted is logged, never the
+        // client's error (its retry would make a second job), and every event still goes out.
+        if let Err(e) = remove_own(inserted.reused, linked && !inserted.reused).await {
+            tracing::warn!(job_id = %id, error = %e, "could not delete a file the new job gave up; left for the next start");
+        }
         let mut superseded = Vec::with_capacity(inserted.superseded.len());
         for (old, previous) in &inserted.superseded {
-            self.inner.blobs.remove(BlobKind::Input, old.id).await?;
-            self.inner.blobs.remove(BlobKind::Result, old.id).await?;
+            for kind in [BlobKind::Input, BlobKind::Result] {
+                if let Err(e) = self.inner.blobs.remove(kind, old.id).await {
+                    tracing::warn!(job_id = %old.id, error = %e, "could not delete a superseded job's file; left for the next start");
+                }
+            }
             if *previous == JobStatus::Running {
                 tracing::info!(job_id = %old.id, by = %id, "running job preempted by a newer job of its stream");
             }
@@ -656,8 +664,14 @@ impl Broker {
         allowed_workflows: Option<Vec<String>>,
     ) -> Result<Option<Lease>, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
-        let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms, allowed_workflows).await? else {
-            return Ok(None);
+        let r = loop {
+            let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms, allowed_workflows.clone()).await?
+            else {
+                return Ok(None);
+            };
+            if !self.answered_by_its_twin(&r).await? {
+                break r;
+            }
         };
         self.inner.workers.touch(&worker, Some(r.id));
         self.publish(JobEventKind::Started, &r).await?;
@@ -680,6 +694,30 @@ impl Broker {
         self.unacknowledged()
             .insert(r.id, Unacknowledged { token: lease.lease_token.clone(), at: Instant::now(), expiry });
         Ok(Some(lease))
+    }
+
+    /// A `dedupe` job queued while its twin (same frame and settings) was still running finds the
+    /// twin's result when it is claimed: it is finished with it on the spot, and the worker gets
+    /// the next job instead. True when that happened.
+    async fn answered_by_its_twin(&self, r: &JobRecord) -> Result<bool, BrokerError> {
+        let (true, Some(key), Some(lease)) = (r.dedupe, r.dedupe_key.as_deref(), r.lease.as_ref()) else {
+            return Ok(false);
+        };
+        let Some(reuse) = self.prepare_reuse(&r.stream, key, r.id).await? else { return Ok(false) };
+        match self.inner.store.complete_reused(r.id, lease.token.clone(), reuse).await? {
+            Some(done) => {
+                // Given up in the commit; a crash before it goes leaves it to `reconcile_files`.
+                if let Err(e) = self.inner.blobs.remove(BlobKind::Input, r.id).await {
+                    tracing::warn!(job_id = %r.id, error = %e, "could not delete a reused job's frame; left for the next start");
+                }
+                self.publish(JobEventKind::Done, &done).await?;
+                Ok(true)
+            }
+            None => {
+                self.inner.blobs.remove(BlobKind::Result, r.id).await?;
+                Ok(false)
+            }
+        }
     }
 
     fn unacknowledged(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<JobId, Unacknowledged>> {
@@ -721,10 +759,13 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         self.acknowledge(id);
         if let Some(r) = self.inner.store.release_unreceived(id, token, claimed_expiry).await? {
-            tracing::info!(job_id = %id, "the worker hung up before receiving its lease: job queued again");
+            tracing::info!(job_id = %id, status = %r.status, "the worker hung up before receiving its lease: job queued again (or superseded)");
             self.inner.workers.release(id);
-            self.publish(JobEventKind::Queued, &r).await?;
-            self.inner.hub.job_queued();
+            self.drop_frame_if_superseded(&r).await;
+            self.publish(Self::kind_for_status(r.status), &r).await?;
+            if r.status == JobStatus::Queued {
+                self.inner.hub.job_queued();
+            }
         }
         Ok(())
     }
@@ -884,6 +925,7 @@ impl Broker {
         self.inner.workers.release(id);
         // A repeated report changes nothing, so it is no event (subscribers would see the job fail twice).
         if changed {
+            self.drop_frame_if_superseded(&r).await;
             self.publish(Self::kind_for_status(r.status), &r).await?;
             if r.status == JobStatus::Queued {
                 self.inner.hub.job_queued();
@@ -918,6 +960,9 @@ impl Broker {
                 // Wake before publishing, so nothing below can hold a requeued job from a waiting worker.
                 if requeued || !swept.failed.is_empty() {
                     self.inner.hub.job_queued();
+                }
+                for r in &swept.changed {
+                    self.drop_frame_if_superseded(r).await;
                 }
                 self.publish_swept(swept, "expiring its lease").await;
             }
@@ -963,6 +1008,18 @@ impl Broker {
             if let Err(e) = self.publish(Self::kind_for_status(r.status), &r).await {
                 tracing::error!(job_id = %r.id, error = %e, "could not publish a housekeeping change");
             }
+        }
+    }
+
+    /// A job of a `latest` stream that would have been queued again is cancelled as superseded
+    /// instead (see `store::requeue`); the store gave its frame up in that commit.
+    async fn drop_frame_if_superseded(&self, r: &JobRecord) {
+        if r.status != JobStatus::Cancelled {
+            return;
+        }
+        tracing::info!(job_id = %r.id, by = ?r.superseded_by, "job superseded instead of queued again");
+        if let Err(e) = self.inner.blobs.remove(BlobKind::Input, r.id).await {
+            tracing::warn!(job_id = %r.id, error = %e, "could not delete a superseded job's frame; left for the next start");
         }
     }
 

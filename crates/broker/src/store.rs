@@ -132,6 +132,9 @@ pub struct JobRecord {
     /// What the result depends on (frame bytes and every parameter), hashed; `None` for jobs whose
     /// result cannot be reproduced (a random seed) and for jobs stored before dedupe existed.
     pub dedupe_key: Option<String>,
+    /// The client asked for `dedupe`: a result of the stream with the same key answers the job,
+    /// at submit or, if its twin was still running then, when a worker would claim it.
+    pub dedupe: bool,
 }
 
 /// A finished job whose result a new job may reuse, as the service found it before linking the file.
@@ -172,6 +175,8 @@ pub struct NewJob {
     pub previews: bool,
     /// See [`JobRecord::dedupe_key`].
     pub dedupe_key: Option<String>,
+    /// See [`JobRecord::dedupe`].
+    pub dedupe: bool,
     /// Store the job as `done` with this result, if that job is still the stream's last finished
     /// one with the same key and its result (otherwise the job is queued as usual).
     pub reuse: Option<Reuse>,
@@ -262,7 +267,7 @@ pub struct StatusCounts {
     pub cancelled: u64,
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -344,11 +349,21 @@ CREATE TABLE stream_turns (stream TEXT PRIMARY KEY, served INTEGER NOT NULL) WIT
 CREATE INDEX stream_turns_by_served ON stream_turns (served);
 ";
 
+/// Version 3 to 4: the `dedupe` flag is kept, so a job queued while its twin ran is answered
+/// from the twin's result when its turn comes; the stream's last finished job is the newest by
+/// submission (`seq`), not by finish time, so a hit stays the reference after an older job
+/// finishes later.
+const MIGRATE_TO_4: &str = "
+ALTER TABLE jobs ADD COLUMN dedupe INTEGER NOT NULL DEFAULT 0;
+DROP INDEX jobs_done_by_stream;
+CREATE INDEX jobs_done_by_stream_seq ON jobs (stream, seq) WHERE status = 'done';
+";
+
 const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow, params, \
     input_content_type, input_size, input_width, input_height, input_present, created_at, started_at, \
     finished_at, attempts, lease_token, lease_owner, lease_expires_at, progress, error_message, \
     result_state, result_content_type, result_size, comfy_execution_ms, version, stream, mode, previews, \
-    cancel_reason, superseded_by, reused_from, dedupe_key";
+    cancel_reason, superseded_by, reused_from, dedupe_key, dedupe";
 
 /// The job store. Cheap to clone; all clones share the connections.
 #[derive(Clone)]
@@ -387,6 +402,9 @@ impl Store {
             }
             if version < 3 {
                 tx.execute_batch(MIGRATE_TO_3)?;
+            }
+            if version < 4 {
+                tx.execute_batch(MIGRATE_TO_4)?;
             }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
@@ -523,8 +541,8 @@ impl Store {
             tx.prepare_cached(
                 "INSERT INTO jobs (id, status, prompt, negative_prompt, seed, workflow, params, \
                  input_content_type, input_size, input_width, input_height, created_at, \
-                 idempotency_key, request_fingerprint, stream, mode, previews, dedupe_key) \
-                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                 idempotency_key, request_fingerprint, stream, mode, previews, dedupe_key, dedupe) \
+                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?
             .execute(params![
                 job.id.to_string(),
@@ -544,25 +562,16 @@ impl Store {
                 job.mode.as_str(),
                 job.previews,
                 job.dedupe_key,
+                job.dedupe,
             ])?;
             if let Some(reuse) = reuse {
                 // Inserted and finished in the same transaction: the counts and the queue index
                 // never see it queued. Its input is given up at once (the caller deletes the file
                 // after the commit): nothing will read it.
-                let progress = Progress { value: 1.0, ..Progress::default() };
-                tx.prepare_cached(
-                    "UPDATE jobs SET status = 'done', started_at = ?1, finished_at = ?1, input_present = 0, \
-                     result_state = 'present', result_content_type = ?2, result_size = ?3, progress = ?4, \
-                     reused_from = ?5, version = version + 1 WHERE id = ?6",
-                )?
-                .execute(params![
-                    now,
-                    reuse.result.content_type,
-                    reuse.result.size as i64,
-                    serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    reuse.from.to_string(),
-                    job.id.to_string(),
-                ])?;
+                let seq: i64 = tx
+                    .prepare_cached("SELECT seq FROM jobs WHERE id = ?1")?
+                    .query_row([job.id.to_string()], |r| r.get(0))?;
+                finish_as_reuse(tx, seq, reuse, now)?;
             }
             let record = get_in(tx, job.id)?.ok_or(StoreError::NotFound)?;
             let reused = record.status == JobStatus::Done;
@@ -698,13 +707,18 @@ impl Store {
         };
         self.write(move |tx, queue, now| {
             // Queued jobs number at most MAX_QUEUE (plus uploads in flight), each joined to its
-            // stream's one turn row, so this sort stays small.
+            // stream's one turn row, so this sort stays small. Only a stream's oldest queued job
+            // may be claimed, so a worker whose server runs only some workflows never starts a
+            // stream out of order (the anonymous stream `''` has no order beyond the queue's).
+            // The redundant `IN` lets the planner use the partial index `jobs_waiting_by_stream`.
             let next: Option<(i64, String)> = tx
                 .prepare_cached(
                     "SELECT j.seq, j.stream FROM jobs j INDEXED BY jobs_by_status \
                      LEFT JOIN stream_turns t ON t.stream = j.stream \
                      WHERE j.status = 'queued' \
                      AND (?1 IS NULL OR j.workflow IN (SELECT value FROM json_each(?1))) \
+                     AND (j.stream = '' OR NOT EXISTS (SELECT 1 FROM jobs h WHERE h.stream = j.stream \
+                          AND h.status IN ('queued', 'running') AND h.status = 'queued' AND h.seq < j.seq)) \
                      ORDER BY COALESCE(t.served, 0), j.seq LIMIT 1",
                 )?
                 .query_row(params![allowed], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -726,6 +740,34 @@ impl Store {
             .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq])?;
             queue.removed(seq, &stream);
             get_by_seq(tx, seq)
+        })
+        .await
+    }
+
+    /// Finishes a just-claimed `dedupe` job with `reuse`'s result, when `reuse.from` is still the
+    /// stream's newest finished job with the same key and its result: the job was queued while
+    /// its twin ran, and now needs no GPU. The attempt is not counted. `None` when that no longer
+    /// holds (the claim stands and the job runs). The result file is linked under the job's id
+    /// before (files before the record that names them); its input is given up here.
+    pub async fn complete_reused(
+        &self,
+        id: JobId,
+        token: LeaseToken,
+        reuse: Reuse,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        self.write(move |tx, _queue, now| {
+            let Some(job) = get_in(tx, id)? else { return Ok(None) };
+            if job.status != JobStatus::Running || check_lease(&job, &token).is_err() {
+                return Ok(None);
+            }
+            let still = last_done_in(tx, &job.stream)?.is_some_and(|(from, key, present)| {
+                from == reuse.from && present && key.is_some() && key == job.dedupe_key
+            });
+            if !still {
+                return Ok(None);
+            }
+            finish_as_reuse(tx, job.seq, &reuse, now)?;
+            get_by_seq(tx, job.seq)
         })
         .await
     }
@@ -883,11 +925,11 @@ impl Store {
             }
             if handed_back {
                 // A worker's own stop is no fault of the job: its attempt is not counted.
-                requeue(tx, queue, job.seq)?;
+                requeue(tx, queue, job.seq, now)?;
                 tx.prepare_cached("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE seq = ?1")?
                     .execute([job.seq])?;
             } else if retryable && job.attempts < max_attempts {
-                requeue(tx, queue, job.seq)?;
+                requeue(tx, queue, job.seq, now)?;
             } else {
                 let message =
                     if retryable { format!("{message} (gave up after {} attempts)", job.attempts) } else { message };
@@ -909,7 +951,7 @@ impl Store {
         token: LeaseToken,
         claimed_expiry: Option<Timestamp>,
     ) -> Result<Option<JobRecord>, StoreError> {
-        self.write(move |tx, queue, _now| {
+        self.write(move |tx, queue, now| {
             let Some(job) = get_in(tx, id)? else { return Ok(None) };
             if job.status != JobStatus::Running || check_lease(&job, &token).is_err() {
                 return Ok(None);
@@ -917,7 +959,7 @@ impl Store {
             if job.lease.as_ref().and_then(|l| l.expires_at) != claimed_expiry {
                 return Ok(None);
             }
-            requeue(tx, queue, job.seq)?;
+            requeue(tx, queue, job.seq, now)?;
             tx.prepare_cached("UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE seq = ?1")?.execute([job.seq])?;
             get_by_seq(tx, job.seq)
         })
@@ -978,7 +1020,7 @@ impl Store {
                 // the others (a failed statement leaves the transaction usable).
                 let one = (|| {
                     if attempts < max_attempts {
-                        requeue(tx, queue, seq)?;
+                        requeue(tx, queue, seq, now)?;
                     } else {
                         finish_with_error(
                             tx,
@@ -1268,8 +1310,28 @@ pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64) -> Result<(), StoreError> {
-    let stream: String = tx.prepare_cached("SELECT stream FROM jobs WHERE seq = ?1")?.query_row([seq], |r| r.get(0))?;
+/// Puts a running job back in the queue, unless it is of a `latest` stream that has a newer job
+/// (waiting, running or done): then it is cancelled as superseded by the newest, since running the
+/// older scene again would put a stale clip after a newer one and two jobs in the stream's queue.
+fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64, now: i64) -> Result<(), StoreError> {
+    let (stream, mode): (String, String) = tx
+        .prepare_cached("SELECT stream, mode FROM jobs WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if mode == StreamMode::Latest.as_str() && !stream.is_empty() {
+        let newer: Option<String> = tx
+            .prepare_cached(
+                "SELECT id FROM jobs WHERE stream = ?1 AND seq > ?2 \
+                 AND status IN ('queued', 'running', 'done') ORDER BY seq DESC LIMIT 1",
+            )?
+            .query_row(params![stream, seq], |r| r.get(0))
+            .optional()?;
+        if let Some(newer) = newer {
+            let by = parse_id(&newer)?;
+            let message = format!("superseded by job {by}");
+            let reason = cancel_reason::SUPERSEDED;
+            return cancel_in(tx, queue, Cancel { seq, stream: &stream, reason, message: &message, by: Some(by) }, now);
+        }
+    }
     queue.added(seq, &stream);
     tx.prepare_cached(
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_owner = NULL, \
@@ -1312,12 +1374,33 @@ fn cancel_in(
 fn last_done_in(c: &Connection, stream: &str) -> Result<Option<(JobId, Option<String>, bool)>, StoreError> {
     let row: Option<(String, Option<String>, bool)> = c
         .prepare_cached(
-            "SELECT id, dedupe_key, result_state = 'present' FROM jobs INDEXED BY jobs_done_by_stream \
-             WHERE stream = ?1 AND status = 'done' ORDER BY finished_at DESC, seq DESC LIMIT 1",
+            "SELECT id, dedupe_key, result_state = 'present' FROM jobs INDEXED BY jobs_done_by_stream_seq \
+             WHERE stream = ?1 AND status = 'done' ORDER BY seq DESC LIMIT 1",
         )?
         .query_row([stream], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     row.map(|(id, key, present)| Ok((parse_id(&id)?, key, present))).transpose()
+}
+
+/// Marks a job `done` with a reused result (`reused_from`), its input given up, its attempt (if a
+/// claim counted one) uncounted.
+fn finish_as_reuse(tx: &rusqlite::Transaction<'_>, seq: i64, reuse: &Reuse, now: i64) -> Result<(), StoreError> {
+    let progress = Progress { value: 1.0, ..Progress::default() };
+    tx.prepare_cached(
+        "UPDATE jobs SET status = 'done', started_at = COALESCE(started_at, ?1), finished_at = ?1, \
+         lease_expires_at = NULL, input_present = 0, result_state = 'present', result_content_type = ?2, \
+         result_size = ?3, progress = ?4, reused_from = ?5, attempts = MAX(attempts - 1, 0), \
+         version = version + 1 WHERE seq = ?6",
+    )?
+    .execute(params![
+        now,
+        reuse.result.content_type,
+        reuse.result.size as i64,
+        serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        reuse.from.to_string(),
+        seq,
+    ])?;
+    Ok(())
 }
 
 fn finish_with_error(tx: &rusqlite::Transaction<'_>, seq: i64, message: &str, now: i64) -> Result<(), StoreError> {
@@ -1429,6 +1512,7 @@ fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>>
             superseded_by: opt_id(r.get("superseded_by")?)?,
             reused_from: opt_id(r.get("reused_from")?)?,
             dedupe_key: r.get("dedupe_key")?,
+            dedupe: r.get::<_, i64>("dedupe")? != 0,
         })
     };
     Ok(build())
@@ -1453,6 +1537,7 @@ mod tests {
             preempt: false,
             previews: false,
             dedupe_key: None,
+            dedupe: false,
             reuse: None,
         }
     }

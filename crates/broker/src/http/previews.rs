@@ -16,7 +16,7 @@ use crate::service::{Broker, BrokerError};
 use crate::store::StoreError;
 
 /// What the per-preview limit is called in a 413.
-const EACH_LIMIT: &str = "preview size (2 MiB)";
+const EACH_LIMIT: &str = "the preview size limit (2 MiB, or MAX_PREVIEW_MB if smaller)";
 
 fn lease_refused(id: tdcomfy_api::JobId) -> impl Fn(BrokerError) -> ApiError {
     move |e| match e {
@@ -39,7 +39,7 @@ fn lease_refused(id: tdcomfy_api::JobId) -> impl Fn(BrokerError) -> ApiError {
         (status = 204, description = "Stored and announced with a `preview` event"),
         (status = 400, description = "Missing Lease-Token, empty body, or not a JPEG/PNG/WebP image", body = tdcomfy_api::ErrorBody),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
-        (status = 409, description = "Lease lost, job finished or cancelled", body = tdcomfy_api::ErrorBody),
+        (status = 409, description = "Lease lost, job finished or cancelled (`lease_lost`), or the job was submitted without previews (`previews_off`)", body = tdcomfy_api::ErrorBody),
         (status = 413, description = "Over the 2 MiB preview limit, or previews are off (MAX_PREVIEW_MB=0)", body = tdcomfy_api::ErrorBody),
     )
 )]
@@ -65,7 +65,15 @@ pub async fn put_preview(
         return Err(ApiError::PayloadTooLarge { limit, what: EACH_LIMIT });
     }
     // Before reading a byte: a stale attempt learns at once that it lost the lease.
-    broker.check_lease(id, &token).await.map_err(lease_refused(id))?;
+    let job = broker.check_lease(id, &token).await.map_err(lease_refused(id))?;
+    if !job.previews {
+        // Its client did not ask for previews: nobody would fetch them, and its events would
+        // reach every listener of /events for nothing.
+        return Err(ApiError::Conflict {
+            code: "previews_off",
+            message: "this job was submitted without previews=true; it takes no previews".to_owned(),
+        });
+    }
     // Held in memory by design (the preview is kept there), so read whole, but never past the cap.
     let mut bytes = BytesMut::with_capacity(announced.unwrap_or(64 * 1024) as usize);
     let mut chunks = body.into_data_stream();

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::{SseReader, TestApp, error_of, png_bytes, spawn_app, spawn_with};
+use crate::helpers::{SseReader, TestApp, error_of, png_bytes, png_form, spawn_app, spawn_with};
 
 /// A real JPEG of `w`×`h` pixels.
 fn jpeg_bytes(w: u32, h: u32, shade: u8) -> Vec<u8> {
@@ -25,7 +25,9 @@ async fn put_preview(app: &TestApp, id: &str, token: &str, bytes: Vec<u8>) -> re
 
 /// A submitted and leased job: (id, lease token).
 async fn running_job(app: &TestApp) -> (String, String) {
-    let id = app.submit_png("previewed").await;
+    let resp = app.submit(png_form("previewed").text("previews", "true")).await;
+    assert_eq!(resp.status(), 200);
+    let id = resp.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_owned();
     let lease = app.lease("w", 2.0).await.expect("a lease");
     assert_eq!(lease["job_id"], id);
     let token = lease["lease_token"].as_str().unwrap().to_owned();
@@ -242,4 +244,16 @@ async fn the_openapi_document_declares_the_preview_routes_and_event() {
     for field in ["type", "event", "job_id", "seq", "url", "content_type", "size"] {
         assert!(event.get(field).is_some(), "PreviewEvent has {field}");
     }
+}
+
+#[tokio::test]
+async fn a_job_submitted_without_previews_takes_none() {
+    let app = spawn_app().await;
+    let id = app.submit_png("no previews asked").await;
+    let lease = app.lease("w", 2.0).await.expect("a lease");
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    let (status, body) = error_of(put_preview(&app, &id, &token, png_bytes(8, 8)).await).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("previews_off")));
+    let got = app.get(&format!("/jobs/{id}/preview")).send().await.unwrap();
+    assert_eq!(got.status(), 404, "nothing was kept");
 }

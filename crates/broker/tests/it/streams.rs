@@ -618,3 +618,139 @@ async fn a_dedupe_hit_in_latest_mode_supersedes_the_waiting_job_and_survives_a_r
     let miss = submit_ok(&app, form("still", &latest)).await;
     assert_eq!((miss["status"].as_str(), miss["reused_from"].clone()), (Some("queued"), Value::Null));
 }
+
+#[tokio::test]
+async fn a_job_of_a_latest_stream_handed_back_or_failed_retryably_is_superseded_by_the_newer_job_not_run_again() {
+    let app = spawn_app().await;
+    let mut all = SseReader::new(app.get("/events").send().await.unwrap());
+    let latest = [("stream", "td"), ("mode", "latest")];
+    let mut olds = Vec::new();
+    for retryable_failure in [true, false] {
+        let old = submit_id(&app, "old scene", &latest).await;
+        let lease = app.lease("gpu", 1.0).await.unwrap();
+        assert_eq!(lease["job_id"], old.as_str());
+        let token = lease["lease_token"].as_str().unwrap().to_owned();
+        let newer = submit_id(&app, "new scene", &latest).await;
+        if retryable_failure {
+            assert_eq!(app.fail(&old, &token, "ComfyUI went away", true).await.status(), 200);
+        } else {
+            // A stopping worker hands its job back.
+            let resp = app
+                .post(&format!("/worker/jobs/{old}/fail"))
+                .json(&serde_json::json!({"lease_token": token, "message": "stopping", "retryable": true, "handed_back": true}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        let job = app.job(&old).await;
+        assert_eq!(
+            (job["status"].as_str(), job["cancel_reason"].as_str(), job["superseded_by"].as_str()),
+            (Some("cancelled"), Some("superseded"), Some(newer.as_str())),
+            "the old scene is not queued again behind the newer one: {job}"
+        );
+        assert!(!app.files("inputs").contains(&old), "its frame is deleted");
+        let next = app.lease("gpu", 0.0).await.unwrap();
+        assert_eq!(next["job_id"], newer.as_str(), "the newest scene is next");
+        assert!(app.lease("gpu", 0.0).await.is_none(), "and nothing else waits");
+        olds.push(old);
+        let resp = app.put_result(&newer, next["lease_token"].as_str().unwrap(), b"clip".to_vec()).await;
+        assert_eq!(resp.status(), 200);
+    }
+    // Without a newer job the stream's job is retried as usual.
+    let only = submit_id(&app, "alone", &latest).await;
+    let lease = app.lease("gpu", 1.0).await.unwrap();
+    app.fail(&only, lease["lease_token"].as_str().unwrap(), "ComfyUI went away", true).await;
+    assert_eq!(app.job(&only).await["status"], "queued");
+    let events = events_so_far(&app, &mut all).await;
+    for old in &olds {
+        assert_eq!(count(&events, "cancelled", old), 1);
+        assert_eq!(count(&events, "queued", old), 1, "queued once, when submitted");
+    }
+}
+
+#[tokio::test]
+async fn a_job_of_a_latest_stream_whose_lease_lapsed_is_superseded_by_the_newer_job() {
+    let app = spawn_with(|a| a.lease_ttl = 1.0).await;
+    let latest = [("stream", "td"), ("mode", "latest")];
+    let old = submit_id(&app, "old scene", &latest).await;
+    let lease = app.lease("gpu", 1.0).await.unwrap();
+    // Received (one heartbeat), then the worker goes silent.
+    app.heartbeat(&old, lease["lease_token"].as_str().unwrap(), None).await;
+    let newer = submit_id(&app, "new scene", &latest).await;
+    let job = app.wait_until(&old, 10.0, |j| j["status"] != "running").await;
+    assert_eq!((job["status"].as_str(), job["superseded_by"].as_str()), (Some("cancelled"), Some(newer.as_str())));
+    assert_eq!(app.lease("gpu", 0.0).await.unwrap()["job_id"], newer.as_str());
+}
+
+/// Leases with a preflight filter: only jobs of `workflows`.
+async fn lease_only(app: &TestApp, workflows: &[&str]) -> Option<Value> {
+    let body = serde_json::json!({"worker_id": "gpu-b", "wait": 0.0, "workflows": workflows});
+    let resp = app.post("/worker/lease").json(&body).send().await.unwrap();
+    match resp.status().as_u16() {
+        200 => Some(resp.json::<Value>().await.unwrap()["job"].clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_runs_only_some_workflows_never_starts_a_stream_out_of_order() {
+    let app = spawn_app().await;
+    let stream = [("stream", "ordered")];
+    let first = submit_id(&app, "1", &[stream[0], ("workflow", "ltxv_image_to_video")]).await;
+    let second = submit_id(&app, "2", &[stream[0], ("workflow", "image_invert")]).await;
+    let anonymous = submit_id(&app, "3", &[("workflow", "image_invert")]).await;
+    // This server can run image_invert only: the stream's head is not one, so it waits; a job of
+    // no stream is free to go.
+    let got = lease_only(&app, &["image_invert"]).await.unwrap();
+    assert_eq!(got["job_id"], anonymous.as_str());
+    assert!(lease_only(&app, &["image_invert"]).await.is_none(), "the stream's second job waits for its first");
+    assert_eq!(app.lease("gpu-a", 0.0).await.unwrap()["job_id"], first.as_str());
+    assert_eq!(lease_only(&app, &["image_invert"]).await.unwrap()["job_id"], second.as_str());
+}
+
+#[tokio::test]
+async fn an_identical_frame_queued_while_its_twin_ran_reuses_the_result_instead_of_running() {
+    let app = spawn_app().await;
+    let mut all = SseReader::new(app.get("/events").send().await.unwrap());
+    let clip: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    // TD sends a still scene with two frames in flight: the second arrives while the first runs,
+    // so nothing is finished to reuse yet.
+    let first = submit_id(&app, "still", &DEDUPE).await;
+    let lease = app.lease("gpu", 1.0).await.unwrap();
+    let twin = submit_ok(&app, form("still", &DEDUPE)).await;
+    assert_eq!(twin["status"], "queued");
+    let twin = twin["job_id"].as_str().unwrap().to_owned();
+    let changed = submit_id(&app, "moving", &DEDUPE).await;
+    assert_eq!(app.put_result(&first, lease["lease_token"].as_str().unwrap(), clip.clone()).await.status(), 200);
+    // The twin is answered from the first's result when its turn comes; the changed frame runs.
+    let next = app.lease("gpu", 1.0).await.unwrap();
+    assert_eq!(next["job_id"], changed.as_str(), "the GPU gets the changed frame, not the twin");
+    let job = app.job(&twin).await;
+    assert_eq!(
+        (job["status"].as_str(), job["reused_from"].as_str(), job["result"]["size"].as_u64()),
+        (Some("done"), Some(first.as_str()), Some(clip.len() as u64))
+    );
+    let got = app.get(&format!("/jobs/{twin}/result")).send().await.unwrap();
+    assert_eq!(got.bytes().await.unwrap().to_vec(), clip);
+    let events = events_so_far(&app, &mut all).await;
+    assert_eq!(count(&events, "done", &twin), 1);
+    assert_eq!(count(&events, "started", &twin), 0, "no GPU attempt was started for it");
+    assert_eq!(app.job(&twin).await["attempts"], 0);
+}
+
+#[tokio::test]
+async fn the_newest_finished_job_of_a_stream_is_the_one_dedupe_compares_with() {
+    let app = spawn_app().await;
+    // Scene A finishes; scene B starts; A comes back (a hit); then B finishes, after the hit.
+    let a = submit_id(&app, "A", &DEDUPE).await;
+    finish_next(&app, &a, b"clip A").await;
+    let b = submit_id(&app, "B", &DEDUPE).await;
+    let lease_b = app.lease("gpu", 1.0).await.unwrap();
+    let hit = submit_ok(&app, form("A", &DEDUPE)).await;
+    assert_eq!(hit["reused_from"], a.as_str());
+    assert_eq!(app.put_result(&b, lease_b["lease_token"].as_str().unwrap(), b"clip B".to_vec()).await.status(), 200);
+    // B finished last, but the newest job is the hit (scene A): A again is still a hit.
+    let again = submit_ok(&app, form("A", &DEDUPE)).await;
+    assert_eq!((again["status"].as_str(), again["reused_from"].as_str()), (Some("done"), hit["job_id"].as_str()));
+}
