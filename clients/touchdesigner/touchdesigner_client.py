@@ -1406,9 +1406,11 @@ class FramePipeline:
         self._preview_seen: dict[str, int] = {}  # job id -> newest seq announced
         self._preview_ready = threading.Condition(threading.Lock())
         self._preview_slot = 0
+        self._preview_tickets: dict[str, int] = {}  # job id -> ticket, for jobs with previews announced
+        self._preview_thread_started = False
         self._spawn(self._upload_loop, "tdcomfy-upload")
         if self.previews:
-            self._spawn(self._preview_loop, "tdcomfy-previews")
+            self._start_preview_thread()
         self._spawn(self._housekeeping_loop, "tdcomfy-housekeeping")
 
     # -- main-thread API -----------------------------------------------------------------------
@@ -1447,6 +1449,12 @@ class FramePipeline:
             "dedupe": self.dedupe if dedupe is None else dedupe,
             "previews": self.previews if previews is None else previews,
         }
+        if not fields["stream"] and (fields["mode"] == "latest" or fields["dedupe"]):
+            # mode and dedupe may be switched on after construction (plain attributes): both need a
+            # stream, so the pipeline makes its own the first time.
+            if not self.stream:
+                self.stream = f"td-{uuid.uuid4().hex[:16]}"
+            fields["stream"] = self.stream
         with self._work:
             if self._closed:
                 raise TDComfyError("closed", "submit() after close()")
@@ -1682,6 +1690,8 @@ class FramePipeline:
             self._spawn(self._job_thread, f"tdcomfy-job-{frame.ticket}", frame)
 
     def _upload(self, frame: _Frame) -> None:
+        if frame.fields.get("previews"):
+            self._start_preview_thread()  # previews asked for by this submit() only
         key = uuid.uuid4().hex  # one key for every retry of this frame: never two jobs
         deadline = time.monotonic() + self.submit_retry_for
         failures = 0
@@ -1721,6 +1731,7 @@ class FramePipeline:
         try:
             job = self._watch(frame)
             remote_finished = True
+            self._forget_previews(frame)  # before the end is announced: no preview after it
             status = job.get("status")
             if status == "done":
                 path = self._download(frame, job)
@@ -1834,9 +1845,16 @@ class FramePipeline:
                 self._emit("progress", frame, progress=frame.progress)
         return status in TERMINAL_STATUSES
 
+    def _start_preview_thread(self) -> None:
+        with self._preview_ready:
+            if self._preview_thread_started:
+                return
+            self._preview_thread_started = True
+        self._spawn(self._preview_loop, "tdcomfy-previews")
+
     def _preview_announced(self, frame: _Frame, data: Any) -> None:
         """Notes a ``preview`` event for the preview thread (job thread; never downloads here)."""
-        if not self.previews or not isinstance(data, dict) or not frame.job_id:
+        if not frame.fields.get("previews") or not isinstance(data, dict) or not frame.job_id:
             return
         seq, url = data.get("seq"), data.get("url")
         if not isinstance(seq, int) or not isinstance(url, str):
@@ -1845,6 +1863,12 @@ class FramePipeline:
             if seq <= self._preview_seen.get(frame.job_id, 0):
                 return  # one we already have (a stream reopened with the current preview)
             self._preview_seen[frame.job_id] = seq
+            self._preview_tickets[frame.job_id] = frame.ticket
+            if frame.ticket < max(self._preview_tickets.values()):
+                # Two jobs render at once (several GPUs): the two files show the newest frame's
+                # job only, or they would flicker between two scenes.
+                self._preview_wanted.pop(frame.job_id, None)
+                return
             # Latest wins: an older preview not fetched yet is replaced, never fetched.
             self._preview_wanted[frame.job_id] = (frame, seq, url)
             self._preview_ready.notify()
@@ -1854,6 +1878,7 @@ class FramePipeline:
             with self._preview_ready:
                 self._preview_wanted.pop(frame.job_id, None)
                 self._preview_seen.pop(frame.job_id, None)
+                self._preview_tickets.pop(frame.job_id, None)
 
     def _preview_loop(self) -> None:
         """Fetches announced previews, newest per job, and writes them under two alternating names."""
@@ -1900,8 +1925,13 @@ class FramePipeline:
             _try_remove(part)
             _log.debug("could not write preview %s: %s", path, exc)
             return
-        self._preview_slot = 1 - slot
-        self._emit("preview", frame, path=path, preview_seq=got_seq or seq)
+        with self._preview_ready:
+            # Checked again with the emit under the lock: the job thread forgets a job's previews
+            # before it announces the job's end, so no preview event follows its done/error.
+            if job_id not in self._preview_seen or frame.ticket < max(self._preview_tickets.values(), default=0):
+                return
+            self._preview_slot = 1 - slot
+            self._emit("preview", frame, path=path, preview_seq=got_seq or seq)
 
     def _download(self, frame: _Frame, job: dict) -> str:
         result = job.get("result") if isinstance(job.get("result"), dict) else {}

@@ -167,3 +167,14 @@ def test_a_preview_announced_while_another_downloads_replaces_the_one_still_wait
     assert [os.path.basename(e.path) for e in previews] == ["tdcomfy_preview_0.jpg", "tdcomfy_preview_1.jpg"]
     with open(previews[-1].path, "rb") as f:
         assert f.read() == JPEG + bytes([3])
+
+
+def test_previews_asked_for_by_one_submit_are_delivered_without_a_previews_pipeline(preview_broker, tmp_path):
+    with tdc.FramePipeline(preview_broker.url, output_dir=str(tmp_path), workflow="slow_preview") as pipe:
+        pipe.submit(FRAME, previews=True)
+        events: list = []
+        last = pump_until(pipe, lambda e: e.kind in ("done", "error"), timeout=90, collected=events)
+        assert last.kind == "done", last.message
+        previews = [e for e in events if e.kind == "preview"]
+        assert previews, "the preview thread starts for the first submit that asks for previews"
+        assert events.index(previews[-1]) < events.index(last), "no preview after the job's end"

@@ -97,3 +97,16 @@ def test_pipeline_with_dedupe_reuses_the_last_result_for_an_unchanged_frame(brok
         assert second.kind == "done" and second.reused_from == first.job_id, second.message
         with open(first.path, "rb") as a, open(second.path, "rb") as b:
             assert a.read() == b.read()
+
+
+def test_latest_mode_switched_on_after_construction_makes_the_pipeline_s_own_stream(broker, tmp_path):
+    with tdc.FramePipeline(broker.url, output_dir=str(tmp_path), params=VIDEO) as pipeline:
+        assert pipeline.stream is None
+        pipeline.mode = "latest"  # a plain attribute, e.g. set from a Parameter Execute DAT
+        pipeline.submit(FRAME, prompt="switched to latest")
+        submitted = pump_until(pipeline, lambda e: e.kind in ("submitted", "error"), 30)
+        assert submitted.kind == "submitted", submitted.message
+        assert pipeline.stream and pipeline.stream.startswith("td-")
+        job = tdc.TDComfyClient(broker.url).check_job(submitted.job_id)
+        assert (job["stream"], job["mode"]) == (pipeline.stream, "latest"), job
+        pump_until(pipeline, lambda e: e.kind in ("done", "error", "cancelled"), 90)
