@@ -110,3 +110,15 @@ def test_latest_mode_switched_on_after_construction_makes_the_pipeline_s_own_str
         job = tdc.TDComfyClient(broker.url).check_job(submitted.job_id)
         assert (job["stream"], job["mode"]) == (pipeline.stream, "latest"), job
         pump_until(pipeline, lambda e: e.kind in ("done", "error", "cancelled"), 90)
+
+
+def test_two_td_machines_share_the_gpu_in_turns_and_each_keeps_its_order(broker):
+    """Stream order and round-robin end to end: broker, worker and simulator GPU."""
+    client = tdc.TDComfyClient(broker.url)
+    # Machine A sends four frames, then machine B two, while the GPU is busy with A's first.
+    a = [client.submit_frame(FRAME, f"a{i}", params=VIDEO, stream="machine-a") for i in range(4)]
+    b = [client.submit_frame(FRAME, f"b{i}", params=VIDEO, stream="machine-b") for i in range(2)]
+    jobs = {job_id: wait_for_job(client, job_id, timeout=120) for job_id in a + b}
+    assert all(j["status"] == "done" for j in jobs.values()), jobs
+    started = sorted(jobs, key=lambda job_id: jobs[job_id]["started_at"])
+    assert started == [a[0], b[0], a[1], b[1], a[2], a[3]], "B's frames go second and fourth, each stream in order"
