@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use crate::harness::{Pipeline, Setup, frame_png};
+use crate::harness::{ComfyVersion, Pipeline, Setup, frame_png, on_both_profiles};
 
 /// Submits the preview test workflow, with previews on or off.
 async fn submit(p: &Pipeline, prompt: &str, previews: bool) -> String {
@@ -97,9 +97,10 @@ async fn follow(p: &Pipeline, id: &str) -> Seen {
     seen
 }
 
-#[tokio::test]
-async fn a_job_with_previews_streams_preview_events_and_a_fetchable_image_before_done() {
-    let p = Pipeline::start(Setup::default()).await;
+/// On 0.38 the previews come as type-4 frames with their prompt id, and only because the prompt
+/// asks for a preview method (newer ComfyUI resets it per prompt).
+async fn a_job_with_previews_streams_preview_events_and_a_fetchable_image_before_done(version: ComfyVersion) {
+    let p = Pipeline::start(Setup::on(version)).await;
     let id = submit(&p, "watch it render", true).await;
     let seen = follow(&p, &id).await;
     let done = seen.done.expect("the job ended");
@@ -117,9 +118,8 @@ async fn a_job_with_previews_streams_preview_events_and_a_fetchable_image_before
     assert_eq!(status, 404, "the preview goes with the run");
 }
 
-#[tokio::test]
-async fn a_job_submitted_without_previews_gets_none() {
-    let p = Pipeline::start(Setup::default()).await;
+async fn a_job_submitted_without_previews_gets_none(version: ComfyVersion) {
+    let p = Pipeline::start(Setup::on(version)).await;
     // The same workflow, whose sampler sends a preview every step, without `previews=true`.
     let id = p.submit("no previews", Some("slow_preview"), None).await;
     let seen = follow(&p, &id).await;
@@ -170,3 +170,8 @@ async fn a_broker_whose_preview_route_hangs_does_not_delay_the_job() {
     );
     assert_eq!(slow_done["job"]["attempts"], 1, "the lease held throughout");
 }
+
+on_both_profiles!(
+    a_job_with_previews_streams_preview_events_and_a_fetchable_image_before_done,
+    a_job_submitted_without_previews_gets_none,
+);
