@@ -2130,6 +2130,7 @@ _STORE_VALUES = "tdcomfy_values"  # workflow name -> {schema name: value}, the v
 _STORE_SIGNATURE = "tdcomfy_page_signature"  # what the Workflow page was built from
 _INT_LIMIT = 2**31 - 1  # TD Int parameters are taken as 32-bit here: wider limits are clamped
 _ERROR_PAUSE = 2.0  # seconds without automatic sends after an error
+_LATEST_REFRESH = 0.5  # Mode "latest": seconds a sent frame may wait to start before a newer one replaces it
 
 _EXEC_DAT_TEXT = '''"""tdcomfy: pumps the component's FramePipeline every frame (Execute DAT, Frame Start on)."""
 
@@ -2469,6 +2470,7 @@ class TDComfyExt:
                      "last_latency": 0.0, "last_error": "", "in_flight": 0, "connected": 0}
         self._info_dirty = True
         self._sent_at: dict[int, float] = {}
+        self._unstarted: dict[int, float] = {}  # ticket -> when sent, until its job starts or ends
         self._paused_until = 0.0
         self._error_shown = False
         self._closed = False
@@ -2542,7 +2544,8 @@ class TDComfyExt:
             self._show_error("playback", self.player.last_error)
             self.player.last_error = None
         if (self.pipeline is not None and self.connected and self.ownerComp.par.Active.eval()
-                and time.monotonic() >= self._paused_until and self.pipeline.is_ready_for_next()):
+                and time.monotonic() >= self._paused_until and self.pipeline.is_ready_for_next()
+                and self._fresh_frame_wanted()):
             self.SendFrame()
         if self.pipeline is not None:
             in_flight = self.pipeline.in_flight + self.pipeline.waiting
@@ -2550,6 +2553,15 @@ class TDComfyExt:
                 self._set_info(in_flight=in_flight)
         if self._info_dirty:
             self._publish_info()
+
+    def _fresh_frame_wanted(self) -> bool:
+        """Latest mode: a new frame only when none of ours waits to start, or the one waiting is
+        older than _LATEST_REFRESH (it is then stale and the new one supersedes it). Without this,
+        every free slot a supersede opens would cost a capture and an upload on every frame."""
+        if self.pipeline.mode != "latest":
+            return True
+        now = time.monotonic()
+        return all(now - sent >= _LATEST_REFRESH for sent in self._unstarted.values())
 
     def OnParChange(self, par: Any) -> None:  # noqa: N802 - the Parameter Execute DAT's onValueChange
         name = par.name
@@ -2587,7 +2599,7 @@ class TDComfyExt:
                                       seed=seed, workflow=workflow, params=self.WorkflowParams(),
                                       previews=bool(par.Preview.eval()))
         if ticket is not None:
-            self._sent_at[ticket] = time.monotonic()
+            self._sent_at[ticket] = self._unstarted[ticket] = time.monotonic()
             self._set_info(state="sending")
         return ticket
 
@@ -2758,6 +2770,8 @@ class TDComfyExt:
                 "progress": event.progress, "queue_position": job.get("queue_position"),
                 "error": None, "error_code": None, "cancel_reason": event.cancel_reason,
                 "latency": None, "job": event.job}
+        if event.kind not in ("submitted", "progress", "preview"):
+            self._unstarted.pop(event.ticket, None)  # started, or over
         if event.kind == "submitted":
             position = job.get("queue_position")
             self._set_info(state="queued", progress=0.0,

@@ -44,6 +44,7 @@ class ParMode:
     BIND = "BIND"
 
 
+_ENCODED: dict = {}
 _CUSTOM_NAME = re.compile(r"^[A-Z][a-z0-9]*$")  # touchdesigner-api.md §2.3, the strict reading
 
 
@@ -702,16 +703,21 @@ class TOP(OP):
         suffix = "." + str(filetype).rsplit(".", 1)[-1].lower() if "." in str(filetype) else None
         if suffix not in (".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".png", ".exr", ".dds"):
             raise tdError(f"Unsupported file type {filetype!r} (the suffix must include the period)")
+        started = time.perf_counter()
         self._td.fake_captures.append((self.path, suffix, quality))
         source = self.fake_image_source()
         if source is None:
             return bytearray()
-        width, height, level = source
-        if suffix in (".jpg", ".jpeg"):
-            return bytearray(jpeg_gray(width, height, lambda bx, by: (level + bx * 3 + by * 5) % 256))
-        if suffix == ".png":
-            return bytearray(png_gray(width, height, level))
-        raise tdError(f"the fake encodes .jpg and .png only, not {suffix}")
+        if suffix not in (".jpg", ".jpeg", ".png"):
+            raise tdError(f"the fake encodes .jpg and .png only, not {suffix}")
+        key = (source, suffix)
+        if key not in _ENCODED:  # the same picture encodes to the same bytes: encode it once
+            width, height, level = source
+            _ENCODED[key] = (jpeg_gray(width, height, lambda bx, by: (level + bx * 3 + by * 5) % 256)
+                             if suffix != ".png" else png_gray(width, height, level))
+        data = bytearray(_ENCODED[key])
+        self._td.fake_capture_seconds.append(time.perf_counter() - started)
+        return data
 
     def fake_image_source(self):
         """(width, height, grey level) of what this TOP shows, or None for nothing."""
@@ -1045,6 +1051,7 @@ class FakeTD:
         self.project1 = self.root.create("baseCOMP", "project1")
         self._changes: list[tuple[Par, object]] = []
         self.fake_captures: list[tuple[str, str, float]] = []
+        self.fake_capture_seconds: list[float] = []  # time spent in saveByteArray (TD's cost, not ours)
         #: (callback name, seconds) of every main-thread call into a DAT callback.
         self.call_times: list[tuple[str, float]] = []
 
