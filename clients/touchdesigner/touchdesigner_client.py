@@ -2498,20 +2498,22 @@ class TDComfyExt:
 
     def _pipeline_settings(self) -> tuple:
         par = self.ownerComp.par
-        return (str(par.Url.eval()).strip(), str(par.Token.eval()).strip() or None, bool(par.Preview.eval()))
+        return (str(par.Url.eval()).strip(), str(par.Token.eval()).strip() or None)
 
     def _start(self) -> None:
-        """(Re)creates the pipeline and the monitor for the current Url, Token and Preview."""
+        """(Re)creates the pipeline and the monitor for the current Url and Token."""
         if self.pipeline is not None:
             self.pipeline.close()
         if self.monitor is not None:
             self.monitor.stop()
         self._closed = False
         self._settings = self._pipeline_settings()
-        url, token, previews = self._settings
+        url, token = self._settings
         try:
+            # previews=True starts the preview downloader; whether a job asks for previews is the
+            # Preview toggle at the time its frame is sent (SendFrame), so toggling needs no restart.
             self.pipeline = FramePipeline(url, token=token, output_dir=self.output_dir, keep_results=4,
-                                          stream=self.stream, previews=previews)
+                                          stream=self.stream, previews=True)
             self.monitor = _Monitor(TDComfyClient(url, token=token, timeout=3.0))
         except ValueError as exc:  # a Url that is not an http(s) URL
             self.pipeline = self.monitor = None
@@ -2565,7 +2567,7 @@ class TDComfyExt:
 
     def OnParChange(self, par: Any) -> None:  # noqa: N802 - the Parameter Execute DAT's onValueChange
         name = par.name
-        if name in ("Url", "Token", "Preview"):
+        if name in ("Url", "Token"):
             if self._pipeline_settings() != self._settings:
                 self._start()
         elif name in ("Mode", "Maxinflight", "Dedupe"):
@@ -2594,6 +2596,10 @@ class TDComfyExt:
             self._fail_locally(exc)
             return None
         workflow = str(par.Workflow.eval()) or None
+        if workflow != self.ownerComp.fetch("tdcomfy_page_workflow", None, search=False):
+            # Workflow changed this frame and its onValueChange has not run yet: the page must
+            # match the workflow before its values are sent.
+            self._build_workflow_page()
         seed = int(par.Seed.eval())
         ticket = self.pipeline.submit(image, prompt=str(par.Prompt.eval()), negative_prompt=str(par.Negative.eval()),
                                       seed=seed, workflow=workflow, params=self.WorkflowParams(),
@@ -2607,11 +2613,11 @@ class TDComfyExt:
         """The Workflow page's values as the broker's ``params`` (schema names and JSON types)."""
         params = {}
         par = self.ownerComp.par
-        for td_name, (schema_name, kind, _choices) in (self.ownerComp.fetch(_STORE_PARS, {}, search=False)).items():
+        for td_name, (schema_name, kind, choices) in (self.ownerComp.fetch(_STORE_PARS, {}, search=False)).items():
             p = getattr(par, td_name, None)
             if p is None:
                 continue
-            params[schema_name] = _json_value(kind, p.eval())
+            params[schema_name] = _json_value(kind, p.eval(), choices)
         return params
 
     def InfoChannels(self) -> list[tuple[str, float]]:  # noqa: N802 - the info CHOP's onCook
@@ -2700,14 +2706,17 @@ class TDComfyExt:
         current = {}
         old_pars = comp.fetch(_STORE_PARS, {}, search=False)
         old_workflow = comp.fetch("tdcomfy_page_workflow", None, search=False)
-        for td_name, (schema_name, kind, _choices) in old_pars.items():
+        for td_name, (schema_name, kind, choices) in old_pars.items():
             p = getattr(comp.par, td_name, None)
             if p is not None:
-                current[schema_name] = _json_value(kind, p.eval())
+                current[schema_name] = _json_value(kind, p.eval(), choices)
         if old_workflow is not None:
             remembered[old_workflow] = current
+        # Values belong to their workflow: a rebuild of the same one keeps the page's values, a
+        # switch takes what the new one had when last shown, else its defaults.
         carried = dict(remembered.get(workflow, {}))
-        carried.update(current)
+        if old_workflow == workflow:
+            carried.update(current)
         for page in list(comp.customPages):
             if page.name == "Workflow":
                 page.destroy()
@@ -2874,7 +2883,10 @@ def _par_kind(spec: dict) -> tuple[str, list | None]:
     return {"integer": "int", "number": "float", "boolean": "toggle"}.get(spec.get("type"), "str"), None
 
 
-def _json_value(kind: str, value: Any) -> Any:
+def _json_value(kind: str, value: Any, choices: list | None = None) -> Any:
+    if kind == "menu" and choices:
+        # A menu holds names (strings): send the choice itself, with its JSON type.
+        return next((c for c in choices if str(c) == str(value)), str(value))
     if kind == "int":
         return int(value)
     if kind == "float":
@@ -2885,16 +2897,18 @@ def _json_value(kind: str, value: Any) -> Any:
 
 
 def _set_par_value(par: Any, kind: str, value: Any, default: Any) -> None:
+    """Sets a new parameter's default and value; a kept value that no longer fits gives way to the default."""
+    convert = str if kind == "menu" else functools.partial(_json_value, kind)
     if default is not None:
         try:
-            par.default = _json_value(kind, default)
+            par.default = convert(default)
         except (TypeError, ValueError):
             pass
     try:
-        par.val = _json_value(kind, value)
+        par.val = convert(value)
     except (TypeError, ValueError):
         if default is not None:
-            par.val = _json_value(kind, default)
+            par.val = convert(default)
 
 
 def _safe_folder(path: str) -> str:

@@ -21,7 +21,7 @@ import touchdesigner_client as tdc
 SMALL = {"Frames": 17, "Width": 256, "Height": 160, "Outwidth": 320, "Outheight": 192}
 SLOW_PREVIEW = {  # a test node that renders 12 steps of 0.15 s and sends a JPEG preview at each
     "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-    "2": {"class_type": "SlowPassthrough",
+    "2": {"class_type": "SlowPassthrough", "_meta": {"title": "@steps @send_preview"},
           "inputs": {"images": ["1", 0], "steps": 12, "step_seconds": 0.15, "send_preview": True}},
     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "tdcomfy/preview"}},
 }
@@ -216,6 +216,53 @@ def test_the_preview_top_shows_each_new_preview(rig):
     assert len(r.kinds("onPreview")) >= 2
 
 
+def test_workflow_toggles_and_ints_reach_the_job(rig):
+    # slow_preview's node title marks `steps` (an integer) and `send_preview` (a boolean).
+    r = rig()
+    r.wait_for_workflow_page()
+    r.set(Workflow="slow_preview")
+    r.td.run_frames(lambda: r.comp.par["Sendpreview"] is not None, 5)
+    steps, send_preview = r.comp.par.Steps, r.comp.par.Sendpreview
+    assert (steps.style, steps.eval(), send_preview.style, send_preview.eval()) == ("Int", 12, "Toggle", True)
+    r.set(Steps=4, Sendpreview=False)
+    assert r.ext.WorkflowParams() == {"steps": 4, "send_preview": False}
+    r.comp.par.Send.pulse()
+    r.td.run_frames(lambda: r.kinds("onDone") or r.kinds("onError"), 60)
+    assert r.kinds("onDone"), r.calls
+    assert {i["job"]["progress"].get("max_steps") for i in r.kinds("onProgress")} - {None} == {4}
+    assert r.kinds("onPreview") == []  # the node sent none: the toggle reached it
+
+
+def test_a_schema_with_choices_becomes_a_menu_and_its_value_is_sent_as_given():
+    # The broker's GET /workflows has no `choices` today; this is the shape it would take.
+    r = Rig("http://127.0.0.1:9")
+    try:
+        r.ext.workflows = {"default": "w", "workflows": [{"name": "w", "is_default": True, "ready": None, "parameters": [
+            {"name": "sampler", "type": "string", "default": "euler", "choices": ["euler", "dpmpp_2m"]},
+            {"name": "frames", "type": "integer", "default": 9, "choices": [9, 17, 25]},
+        ]}]}
+        r.ext._fill_workflow_menu()
+        r.ext._build_workflow_page()
+        sampler, frames = r.comp.par.Sampler, r.comp.par.Frames
+        assert (sampler.style, sampler.menuNames, sampler.eval()) == ("Menu", ["euler", "dpmpp_2m"], "euler")
+        assert (frames.style, frames.menuNames) == ("Menu", ["9", "17", "25"])
+        r.set(Sampler="dpmpp_2m", Frames="17")
+        assert r.ext.WorkflowParams() == {"sampler": "dpmpp_2m", "frames": 17}
+    finally:
+        r.close()
+
+
+def test_queue_mode_keeps_up_to_maxinflight_frames_in_flight(rig):
+    r = rig()
+    r.wait_for_workflow_page()
+    r.set(**SMALL, Mode="queue", Maxinflight=2)
+    in_flight = []
+    r.set(Active=True)
+    r.td.run_frames(lambda: len(r.kinds("onDone")) >= 3, 90, on_frame=lambda: in_flight.append(r.ext.pipeline.in_flight))
+    r.set(Active=False)
+    assert max(in_flight) == 2 and r.kinds("onCancelled") == [] and r.kinds("onError") == []
+
+
 def test_latest_mode_drops_stale_frames(rig):
     r = rig()
     r.wait_for_workflow_page()
@@ -228,7 +275,7 @@ def test_latest_mode_drops_stale_frames(rig):
     done_tickets = [i["ticket"] for i in r.kinds("onDone")]
     assert not {i["ticket"] for i in superseded} & set(done_tickets)  # a stale frame never plays
     assert done_tickets == sorted(done_tickets)
-    assert r.kinds("onError") == []
+    assert r.kinds("onError") == [], [i["error"] for i in r.kinds("onError")]
 
 
 def test_cancel_cancels_the_components_jobs(rig):
