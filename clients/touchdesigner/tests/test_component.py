@@ -6,13 +6,11 @@ ComfyUI simulator are the real ones; only TouchDesigner is a fake.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 from fake_td import FakeTD, tdError
-from td_helpers import REPO_ROOT, Broker, mp4_info
+from td_helpers import Broker, mp4_info, workflows_dir
 
 import touchdesigner_client as tdc
 
@@ -35,10 +33,7 @@ RECORDING_CALLBACKS = "calls = []\n" + "".join(
 
 @pytest.fixture(scope="module")
 def component_broker(tmp_path_factory):
-    workflows = tmp_path_factory.mktemp("workflows")
-    for path in (REPO_ROOT / "workflows").glob("*.json"):
-        shutil.copy(path, workflows / path.name)
-    (workflows / "slow_preview.json").write_text(json.dumps(SLOW_PREVIEW))
+    workflows = workflows_dir(tmp_path_factory.mktemp("workflows"), slow_preview=SLOW_PREVIEW)
     instance = Broker(tmp_path_factory.mktemp("data"), sim_job_time=0.5,
                       extra_env={"WORKFLOWS_DIR": str(workflows), "PREVIEW_FPS": "10"})
     instance.start()
