@@ -2247,6 +2247,8 @@ def build_component(parent_comp: Any, name: str = "tdcomfy", *, url: str | None 
     comp = parent_comp.op(name)
     if comp is None:
         comp = parent_comp.create("baseCOMP", name)
+    elif comp.op("tdcomfy_client") is None and comp.children:
+        raise ValueError(f"{comp.path} exists and is not a tdcomfy component; pass another name=")
     kept = {}
     for page in list(comp.customPages):
         if page.name == "TDComfy":
@@ -2394,6 +2396,8 @@ class _ABPlayer:
         self.swaps = 0
 
     def load(self, path: str) -> None:
+        if self.fading_from is not None:
+            self._finish_fade()  # the player fading out is about to get the new file: cut to the end
         movie = self.movies[1 - self.live]
         movie.par.play = False  # hold the first frame while hidden
         movie.par.file = path

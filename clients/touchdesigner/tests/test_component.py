@@ -151,23 +151,30 @@ def test_active_sends_frames_and_the_video_is_swapped_in_only_when_pre_read(rig)
     r.wait_for_workflow_page()
     captures_before = len(r.td.fake_captures)
     assert captures_before == 0  # nothing is captured until a frame is sent
-    r.set(**SMALL, Prompt="ink in water", Seed=7)
+    r.set(**SMALL, Prompt="ink in water", Seed=7, Fadeframes=4)
     a, b, cross = (r.comp.op(n) for n in ("moviefilein_a", "moviefilein_b", "result_cross"))
-    shown = []  # per frame: (cross, A pre-read, B pre-read, frames in flight)
+    shown = []  # per frame: (cross, A pre-read, B pre-read, frames in flight, A's file, B's file)
 
     def record() -> None:
-        shown.append((cross.par.cross.eval(), a.isFullyPreRead, b.isFullyPreRead, r.ext.pipeline.in_flight))
+        shown.append((cross.par.cross.eval(), a.isFullyPreRead, b.isFullyPreRead, r.ext.pipeline.in_flight,
+                      a.par.file.eval(), b.par.file.eval()))
 
     r.set(Active=True)
-    r.td.run_frames(lambda: r.ext.player.swaps >= 2, 120, on_frame=record)
+    r.td.run_frames(lambda: r.ext.player.swaps >= 3, 120, on_frame=record)
     r.set(Active=False)
 
-    # Every move of the cross towards a player happened while that player was fully pre-read.
-    for (before, *_), (value, a_ready, b_ready, _) in zip(shown, shown[1:]):
+    for (before, *_, a_file, b_file), (value, a_ready, b_ready, _, a_now, b_now) in zip(shown, shown[1:]):
+        # Every move of the cross towards a player happened while that player was fully pre-read ...
         if value > before:
             assert b_ready, shown
         if value < before:
             assert a_ready, shown
+        # ... and no player got a new file while any of it was on screen (cross 0 shows A only).
+        if a_now != a_file:
+            assert before == 1.0, shown
+        if b_now != b_file:
+            assert before == 0.0, shown
+    assert any(0 < s[0] < 1 for s in shown)  # Fadeframes: the cross fades over frames
     assert max(s[3] for s in shown) == 1  # Mode "one": one frame at a time
     # A frame was captured for each frame sent, and only then (JPEG, the Jpegquality value).
     # (The last capture may still be uploading: it has no onQueued yet.)
@@ -188,6 +195,15 @@ def test_active_sends_frames_and_the_video_is_swapped_in_only_when_pre_read(rig)
     chop = r.comp.op("info_chop")
     assert chop["frames_done"][0] >= 2 and chop["connected"][0] == 1 and chop["error"][0] == 0
     assert r.comp.scriptErrors() == ""
+
+
+def test_building_over_an_operator_that_is_not_a_component_is_refused():
+    td = FakeTD()
+    other = td.project1.create("baseCOMP", "tdcomfy")
+    other.create("textDAT", "notes")
+    with pytest.raises(ValueError, match="not a tdcomfy component"):
+        tdc.build_component(td.project1)
+    assert [c.name for c in other.children] == ["notes"] and other.customPages == []
 
 
 def test_the_preview_top_shows_each_new_preview(rig):
