@@ -2254,7 +2254,7 @@ def build_component(parent_comp: Any, name: str = "tdcomfy", *, url: str | None 
         if page.name == "TDComfy":
             for par in page.pars:
                 if not par.isPulse:
-                    kept[par.name] = par.eval()
+                    kept[par.name] = _par_state(par)
             page.destroy()
     if url is not None:
         kept["Url"] = url
@@ -2271,7 +2271,11 @@ def build_component(parent_comp: Any, name: str = "tdcomfy", *, url: str | None 
                 setattr(par, "clamp" + limit.capitalize(), True)
         if default is not None:
             par.default = default
-            par.val = kept.get(par_name, default)
+            state = kept.get(par_name, default)
+            if isinstance(state, dict) and "expr" in state:
+                par.expr = state["expr"]  # a binding the user made (e.g. Prompt from a DAT) stays one
+            else:
+                par.val = state
     names = [p.name for p in comp.customPages]
     comp.sortCustomPages("TDComfy", *[n for n in names if n != "TDComfy"])
 
@@ -2713,7 +2717,8 @@ class TDComfyExt:
         for td_name, (schema_name, kind, choices) in old_pars.items():
             p = getattr(comp.par, td_name, None)
             if p is not None:
-                current[schema_name] = _json_value(kind, p.eval(), choices)
+                state = _par_state(p)
+                current[schema_name] = state if isinstance(state, dict) else _json_value(kind, state, choices)
         if old_workflow is not None:
             remembered[old_workflow] = current
         # Values belong to their workflow: a rebuild of the same one keeps the page's values, a
@@ -2738,7 +2743,11 @@ class TDComfyExt:
                 kind, choices = _par_kind(spec)
                 par = self._append_schema_par(page, td_name, spec, kind, choices)
                 value = carried.get(schema_name, spec.get("default"))
-                _set_par_value(par, kind, value, spec.get("default"))
+                _set_par_value(par, kind, spec.get("default"), spec.get("default"))
+                if isinstance(value, dict) and "expr" in value:
+                    par.expr = value["expr"]
+                else:
+                    _set_par_value(par, kind, value, spec.get("default"))
                 mapping[td_name] = [schema_name, kind, choices]
         comp.store(_STORE_PARS, mapping)
         comp.store(_STORE_VALUES, remembered)
@@ -2885,6 +2894,18 @@ def _par_kind(spec: dict) -> tuple[str, list | None]:
     if isinstance(choices, list) and choices:
         return "menu", list(choices)
     return {"integer": "int", "number": "float", "boolean": "toggle"}.get(spec.get("type"), "str"), None
+
+
+def _par_state(par: Any) -> Any:
+    """What a rebuild keeps of a parameter: ``{"expr": …}`` when it is in expression mode, else its value.
+
+    ``Par.mode`` is a ``ParMode`` member (https://docs.derivative.ca/Par_Class); its name is read
+    whether it prints as ``EXPRESSION`` or ``ParMode.EXPRESSION``.
+    """
+    mode = par.mode
+    if str(getattr(mode, "name", mode)).endswith("EXPRESSION") and par.expr:
+        return {"expr": str(par.expr)}
+    return par.eval()
 
 
 def _json_value(kind: str, value: Any, choices: list | None = None) -> Any:

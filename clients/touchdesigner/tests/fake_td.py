@@ -14,6 +14,7 @@ objects"; real TD may crash instead, the fake makes it a test failure).
 
 from __future__ import annotations
 
+import enum
 import inspect
 import math
 import re
@@ -35,13 +36,14 @@ class tdError(Exception):  # noqa: N801 - TouchDesigner's name (td.tdError)
     """td.tdError: the exception TouchDesigner raises for bad API use (its base class is [unverified])."""
 
 
-class ParMode:
-    """td.ParMode (https://docs.derivative.ca/Par_Class, member ``mode``)."""
+class ParMode(enum.Enum):
+    """td.ParMode (https://docs.derivative.ca/Par_Class, member ``mode``); that it is an enum.Enum
+    is [unverified]: the component reads only the member's name."""
 
-    CONSTANT = "CONSTANT"
-    EXPRESSION = "EXPRESSION"
-    EXPORT = "EXPORT"
-    BIND = "BIND"
+    CONSTANT = 0
+    EXPRESSION = 1
+    EXPORT = 2
+    BIND = 3
 
 
 _ENCODED: dict = {}
@@ -188,7 +190,8 @@ class Par:
         td = self._td()
         td.check_thread("Par.eval")
         if self._mode == ParMode.EXPRESSION:
-            return self._coerce(eval(self._expr, {"me": self._owner, "op": self._owner.op, "absTime": td.absTime}))
+            namespace = {"me": self._owner, "op": _expression_op(self._owner), "absTime": td.absTime}
+            return self._coerce(eval(self._expr, namespace))
         value = self._val
         if self._style in ("Int", "Float"):
             if self._clamp[0] and self._min is not None:
@@ -581,6 +584,21 @@ class OP:
         return f"type:{self.OPType} path:{self.path}"
 
 
+def _expression_op(owner: OP):
+    """``op`` in a parameter expression: on a COMP a bare ``op('x')`` is a sibling of the COMP and
+    ``op('./x')`` a child (touchdesigner-api.md §1.2); on other operators, their ``op``."""
+    if owner.family != "COMP":
+        return owner.op
+
+    def find(path: str):
+        path = str(path)
+        if path.startswith("./"):
+            return owner.op(path[2:])
+        return owner._parent.op(path) if owner._parent is not None else owner.op(path)
+
+    return find
+
+
 class COMP(OP):
     """td.COMP / td.baseCOMP (https://docs.derivative.ca/COMP_Class, https://docs.derivative.ca/Base_COMP)."""
 
@@ -660,14 +678,7 @@ class COMP(OP):
         if not source:
             return None
 
-        def expr_op(path: str):
-            # In a COMP's parameter a bare op('x') is a sibling; './x' is a child (touchdesigner-api.md §1.2).
-            path = str(path)
-            if path.startswith("./"):
-                return self.op(path[2:])
-            return self._parent.op(path) if self._parent is not None else None
-
-        instance = eval(source, {"me": self, "op": expr_op, "parent": self.parent})
+        instance = eval(source, {"me": self, "op": _expression_op(self), "parent": self.parent})
         self._extensions.append((self.par.ext0name.eval() or type(instance).__name__, instance))
         if self._td.build == "2025" and hasattr(instance, "onInitTD"):
             instance.onInitTD()

@@ -137,12 +137,24 @@ def test_the_workflow_page_is_built_from_the_broker_schema_and_survives_a_rebuil
     assert params["frames"] == 17 and params["cfg"] == 4.5 and params["out_width"] == 512
     assert "image" not in params and "prompt" not in params
 
-    # Building again over the component (a new client version) keeps every value and the callbacks.
+    # Parameters bound by expression stay bound across rebuilds: Negative to a Text DAT beside the
+    # component, Steps to an expression.
+    r.td.project1.create("textDAT", "negative_text").text = "blurry"
+    comp.par.Negative.expr = "op('negative_text').text"
+    comp.par.Steps.expr = "10 + 5"
+    r.set(Workflow="image_invert")
+    r.td.run_frames(lambda: comp.par["Steps"] is None, 5)
+    r.set(Workflow="ltxv_image_to_video")
+    r.td.run_frames(lambda: comp.par["Steps"] is not None, 5)
+    assert (comp.par.Steps.expr, comp.par.Steps.eval(), r.ext.WorkflowParams()["steps"]) == ("10 + 5", 15, 15)
+
+    # Building again over the component (a new client version) keeps every value, binding and callback.
     callbacks_text = comp.op("callbacks").text
     again = tdc.build_component(r.td.project1, url=component_broker.url)
     assert again is comp
     r.td.run_frames(lambda: comp.par["Frames"] is not None, 10)
     assert (comp.par.Prompt.eval(), comp.par.Frames.eval(), comp.par.Cfg.eval()) == ("ink in water", 17, 4.5)
+    assert (comp.par.Negative.expr, comp.par.Negative.eval()) == ("op('negative_text').text", "blurry")
     assert comp.op("callbacks").text == callbacks_text
 
 
