@@ -2119,6 +2119,7 @@ _COMPONENT_PARS = (
     ("Cancel", "Pulse", "Cancel All", None, {}),
     ("Dedupe", "Toggle", "Dedupe Unchanged Frames", False, {}),
     ("Preview", "Toggle", "Live Preview", True, {}),
+    ("Captureformat", "Menu", "Capture Format", "jpeg", {"menu": (("jpeg", "JPEG"), ("png", "PNG (lossless, slow)"))}),
     ("Jpegquality", "Float", "JPEG Quality", 0.9, {"min": 0.0, "max": 1.0}),
     ("Fadeframes", "Int", "Fade Frames (0 = cut)", 0, {"min": 0, "max": 600, "normMax": 60}),
 )
@@ -2594,12 +2595,16 @@ class TDComfyExt:
             self.pipeline.cancel_all()
 
     def SendFrame(self) -> int | None:  # noqa: N802 - promoted
-        """Captures the input TOP (JPEG) and submits it; the ticket, or None when it was not sent."""
+        """Captures the input TOP (JPEG, or PNG) and submits it; the ticket, or None when it was not sent."""
         if self.pipeline is None:
             return None
         par = self.ownerComp.par
+        top = self.ownerComp.op("in1")
         try:
-            image = top_to_jpeg_bytes(self.ownerComp.op("in1"), float(par.Jpegquality.eval()))
+            if str(par.Captureformat.eval()) == "png":
+                image = top_to_png_bytes(top)
+            else:
+                image = top_to_jpeg_bytes(top, float(par.Jpegquality.eval()))
         except TDComfyError as exc:
             self._fail_locally(exc)
             return None

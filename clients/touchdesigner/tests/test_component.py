@@ -218,6 +218,17 @@ def test_building_over_an_operator_that_is_not_a_component_is_refused():
     assert [c.name for c in other.children] == ["notes"] and other.customPages == []
 
 
+def test_captureformat_png_sends_a_lossless_frame(rig):
+    r = rig()
+    r.wait_for_workflow_page()
+    r.set(Workflow="image_invert", Captureformat="png")
+    r.td.run_frames(lambda: r.td.absTime.frame > 3, 5)
+    r.comp.par.Send.pulse()
+    r.td.run_frames(lambda: r.kinds("onDone") or r.kinds("onError"), 60)
+    assert r.kinds("onDone"), r.calls
+    assert [suffix for _, suffix, _ in r.td.fake_captures] == [".png"]
+
+
 def test_the_preview_top_shows_each_new_preview(rig):
     r = rig()
     r.wait_for_workflow_page()
