@@ -1063,8 +1063,8 @@ class FakeTD:
         self._changes: list[tuple[Par, object]] = []
         self.fake_captures: list[tuple[str, str, float]] = []
         self.fake_capture_seconds: list[float] = []  # time spent in saveByteArray (TD's cost, not ours)
-        #: (callback name, seconds) of every main-thread call into a DAT callback.
-        self.call_times: list[tuple[str, float]] = []
+        #: (callback name, wall seconds, CPU seconds of the main thread) of every call into a DAT callback.
+        self.call_times: list[tuple[str, float, float]] = []
 
     def check_thread(self, what: str) -> None:
         if threading.get_ident() != self.main_thread:
@@ -1108,11 +1108,11 @@ class FakeTD:
         return sorted(found, key=lambda d: d.path)  # "numbered-alphanumeric order of the DAT's names"
 
     def _timed(self, name: str, function, *args) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             function(*args)
         finally:
-            self.call_times.append((name, time.perf_counter() - start))
+            self.call_times.append((name, time.perf_counter() - start, time.thread_time() - cpu))
 
     def fake_dispatch_pulse(self, par: Par) -> None:
         for dat in self._dats(parameterexecuteDAT):
