@@ -2106,7 +2106,7 @@ def _tempdir() -> str:
 _COMPONENT_PARS = (
     ("Url", "Str", "Broker URL", "http://127.0.0.1:8080", {}),
     ("Token", "Str", "API Token", "", {}),
-    ("Workflow", "Menu", "Workflow", "", {}),
+    ("Workflow", "Menu", "Workflow", None, {}),  # names and value come from GET /workflows
     ("Refresh", "Pulse", "Refresh Workflows", None, {}),
     ("Prompt", "Str", "Prompt", "", {}),
     ("Negative", "Str", "Negative Prompt", "", {}),
@@ -2270,6 +2270,10 @@ def build_component(parent_comp: Any, name: str = "tdcomfy", *, url: str | None 
                 setattr(par, limit, extra[limit])
                 setattr(par, "norm" + limit.capitalize(), extra.get("norm" + limit.capitalize(), extra[limit]))
                 setattr(par, "clamp" + limit.capitalize(), True)
+        if par_name == "Workflow" and isinstance(kept.get("Workflow"), str) and kept["Workflow"]:
+            # Keep the chosen workflow through a rebuild, as the only entry until the broker answers.
+            par.menuNames = par.menuLabels = [str(kept["Workflow"])]
+            par.val = str(kept["Workflow"])
         if default is not None:
             par.default = default
             state = kept.get(par_name, default)
@@ -2788,7 +2792,10 @@ class TDComfyExt:
             par = page.appendStr(td_name, label=label)[0]
         description = spec.get("description")
         if isinstance(description, str) and description:
-            par.help = description
+            try:
+                par.help = description
+            except Exception:  # noqa: BLE001 - Par_Class lists `help` as read only yet says it can be set
+                pass
         return par
 
     def _handle(self, event: PipelineEvent) -> None:
