@@ -2520,6 +2520,8 @@ class TDComfyExt:
         if self.monitor is not None:
             self.monitor.stop()
         self._closed = False
+        self._sent_at.clear()  # the old pipeline's tickets end with it
+        self._unstarted.clear()
         self._settings = self._pipeline_settings()
         url, token = self._settings
         try:
@@ -2593,14 +2595,16 @@ class TDComfyExt:
         if name == "Refresh" and self.monitor is not None:
             self.monitor.refresh()
         elif name == "Send":
-            if self.pipeline is not None and self.pipeline.is_ready_for_next():
-                self.SendFrame()
+            self.SendFrame()
         elif name == "Cancel" and self.pipeline is not None:
             self.pipeline.cancel_all()
 
     def SendFrame(self) -> int | None:  # noqa: N802 - promoted
-        """Captures the input TOP (JPEG, or PNG) and submits it; the ticket, or None when it was not sent."""
-        if self.pipeline is None:
+        """Captures the input TOP (JPEG, or PNG) and submits it; the ticket, or None when it was not sent.
+
+        Nothing is captured when the pipeline has no room (the frame would be skipped anyway).
+        """
+        if self.pipeline is None or not self.pipeline.is_ready_for_next():
             return None
         par = self.ownerComp.par
         top = self.ownerComp.op("in1")

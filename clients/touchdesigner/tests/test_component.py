@@ -366,6 +366,17 @@ def test_a_broker_that_goes_away_and_comes_back_is_reconnected_without_a_pulse(s
         r.close()
 
 
+def test_a_wrong_url_shows_on_the_comp_and_setting_the_right_one_connects(rig, component_broker):
+    r = rig(url="http://127.0.0.1:9")
+    r.td.run_frames(lambda: "unreachable" in r.comp.scriptErrors(), 30)
+    assert r.info("state") == "offline" and r.comp.par.Workflow.menuNames == []
+    old = r.ext.pipeline
+    r.set(Url=component_broker.url)
+    r.wait_for_workflow_page()
+    assert old.wait_closed(10) and r.ext.pipeline is not old
+    assert r.comp.scriptErrors() == "" and r.info("connected") == "1" and r.info("state") == "idle"
+
+
 def test_reinitialising_the_extension_closes_the_old_pipeline(tmp_path):
     for build in ("2023", "2025"):  # __delTD__ on 2023 builds, onDestroyTD on 2025 builds
         r = Rig("http://127.0.0.1:9", build=build)
