@@ -61,6 +61,8 @@ __all__ = [
     "ServerEvent",
     "TDComfyClient",
     "TDComfyError",
+    "TDComfyExt",
+    "build_component",
     "top_to_jpeg_bytes",
     "top_to_png_bytes",
 ]
@@ -2119,3 +2121,866 @@ def _tempdir() -> str:
     import tempfile
 
     return tempfile.gettempdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# The TouchDesigner component: build_component() and its extension, TDComfyExt
+# ---------------------------------------------------------------------------------------------
+#
+# Everything below runs on TouchDesigner's main thread except _Monitor's thread, which only does
+# HTTP and hands its answers over through a queue; the extension's Frame() drains it. Each name
+# of TouchDesigner's API used here is listed, with its Derivative page, in
+# tests/fake_td.md (the table the fake TouchDesigner of the tests follows).
+
+#: The parameters of the TDComfy page, in page order: (name, style, label, default, extra).
+_COMPONENT_PARS = (
+    ("Url", "Str", "Broker URL", "http://127.0.0.1:8080", {}),
+    ("Token", "Str", "API Token", "", {}),
+    ("Workflow", "Menu", "Workflow", None, {}),  # names and value come from GET /workflows
+    ("Refresh", "Pulse", "Refresh Workflows", None, {}),
+    ("Prompt", "Str", "Prompt", "", {}),
+    ("Negative", "Str", "Negative Prompt", "", {}),
+    ("Seed", "Int", "Seed (-1 = random)", -1, {"min": -1, "max": 2147483647, "normMax": 100000}),
+    ("Mode", "Menu", "Mode", "one", {"menu": (("one", "One at a time"), ("latest", "Latest wins"),
+                                               ("queue", "Queue (up to Max In Flight)"))}),
+    ("Maxinflight", "Int", "Max In Flight", 2, {"min": 1, "max": 16}),
+    ("Active", "Toggle", "Active (keep sending)", False, {}),
+    ("Send", "Pulse", "Send One Frame", None, {}),
+    ("Cancel", "Pulse", "Cancel All", None, {}),
+    ("Dedupe", "Toggle", "Dedupe Unchanged Frames", False, {}),
+    ("Preview", "Toggle", "Live Preview", True, {}),
+    ("Captureformat", "Menu", "Capture Format", "jpeg", {"menu": (("jpeg", "JPEG"), ("png", "PNG (lossless, slow)"))}),
+    ("Jpegquality", "Float", "JPEG Quality", 0.9, {"min": 0.0, "max": 1.0}),
+    ("Fadeframes", "Int", "Fade Frames (0 = cut)", 0, {"min": 0, "max": 600, "normMax": 60}),
+)
+#: Workflow parameters that the TDComfy page already has (sent as their own fields).
+_PAGE_FIELDS = {"prompt": "Prompt", "negative": "Negative", "seed": "Seed"}
+#: Where the extension keeps what survives a re-init and a .tox save (COMP storage).
+_STORE_PARS = "tdcomfy_workflow_pars"  # TD par name -> [schema name, type, choices or None]
+_STORE_VALUES = "tdcomfy_values"  # workflow name -> {schema name: value}, the values last set
+_STORE_SIGNATURE = "tdcomfy_page_signature"  # what the Workflow page was built from
+_INT_LIMIT = 2**31 - 1  # TD Int parameters are taken as 32-bit here: wider limits are clamped
+_ERROR_PAUSE = 2.0  # seconds without automatic sends after an error
+_LATEST_REFRESH = 0.5  # Mode "latest": seconds a sent frame may wait to start before a newer one replaces it
+
+_EXEC_DAT_TEXT = '''"""tdcomfy: pumps the component's FramePipeline every frame (Execute DAT, Frame Start on)."""
+
+
+def onFrameStart(frame):
+    me.parent().ext.TDComfyExt.Frame(frame)
+
+
+def onExit():
+    me.parent().ext.TDComfyExt.Close()
+'''
+
+_PAREXEC_DAT_TEXT = '''"""tdcomfy: hands the component's parameter changes and pulses to its extension."""
+
+
+def onValueChange(par, prev):
+    me.parent().ext.TDComfyExt.OnParChange(par)
+
+
+def onPulse(par):
+    me.parent().ext.TDComfyExt.OnPulse(par)
+'''
+
+_CHOP_CALLBACKS_TEXT = '''"""tdcomfy: the info CHOP (Script CHOP), one sample per channel, cooked when the info changes."""
+
+
+def onCook(scriptOp):
+    scriptOp.clear()
+    scriptOp.numSamples = 1
+    for name, value in scriptOp.parent().ext.TDComfyExt.InfoChannels():
+        scriptOp.appendChan(name)[0] = value
+'''
+
+_CALLBACKS_TEXT = '''"""tdcomfy callbacks: edit freely (a rebuild keeps this DAT's text).
+
+Each gets the component and a dict: kind, ticket, job_id, path (done/preview), progress (0..1),
+queue_position, error (text), error_code, cancel_reason ("superseded" or "cancelled"),
+latency (seconds from capture to result, done only), job (the broker's job JSON).
+They run on the main thread: keep them short.
+"""
+
+
+def onQueued(comp, info):
+    return
+
+
+def onStarted(comp, info):
+    return
+
+
+def onProgress(comp, info):
+    return
+
+
+def onPreview(comp, info):
+    return
+
+
+def onDone(comp, info):
+    return
+
+
+def onError(comp, info):
+    return
+
+
+def onCancelled(comp, info):
+    return
+'''
+
+#: info CHOP channel values of ``state``.
+_STATE_CODES = {"idle": 0, "offline": 1, "sending": 2, "queued": 3, "running": 4, "done": 5, "error": 6,
+                "cancelled": 7}
+
+
+def _td_name(name: str) -> str:
+    """A TouchDesigner custom parameter name: first letter upper case, the rest lower case or digits."""
+    kept = "".join(c for c in str(name) if c.isascii() and c.isalnum())
+    if not kept or not kept[0].isalpha():
+        kept = "P" + kept
+    return kept[0].upper() + kept[1:].lower()
+
+
+def _label(name: str) -> str:
+    return " ".join(word.capitalize() for word in str(name).replace("-", "_").split("_") if word) or str(name)
+
+
+def _own_source() -> str:
+    """This file's text, for the component's library DAT."""
+    path = globals().get("__file__")
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    raise TDComfyError(
+        "io_error", "build_component() needs the client file on disk; pass source=<the file's text>"
+    )
+
+
+def build_component(parent_comp: Any, name: str = "tdcomfy", *, url: str | None = None,
+                    source: str | None = None) -> Any:
+    """Builds (or rebuilds in place) the tdcomfy Base COMP inside ``parent_comp``; returns it.
+
+    Run once from the Textport, then save the COMP as a .tox (right click > Save Component)::
+
+        import touchdesigner_client
+        touchdesigner_client.build_component(op('/project1'))
+
+    The COMP carries a copy of this file in its Text DAT ``tdcomfy_client``, which its extension
+    (``TDComfyExt``) is compiled from, so the saved .tox works on its own. Building over an existing
+    tdcomfy COMP keeps its parameter values and its ``callbacks`` DAT, and refreshes the library.
+    Main thread only (it creates operators); it does no network I/O.
+    """
+    text = source if source is not None else _own_source()
+    comp = parent_comp.op(name)
+    if comp is None:
+        comp = parent_comp.create("baseCOMP", name)
+    elif comp.op("tdcomfy_client") is None and comp.children:
+        raise ValueError(f"{comp.path} exists and is not a tdcomfy component; pass another name=")
+    kept = {}
+    for page in list(comp.customPages):
+        if page.name == "TDComfy":
+            for par in page.pars:
+                if not par.isPulse:
+                    kept[par.name] = _par_state(par)
+            page.destroy()
+    if url is not None:
+        kept["Url"] = url
+    page = comp.appendCustomPage("TDComfy")
+    for par_name, style, label, default, extra in _COMPONENT_PARS:
+        par = getattr(page, "append" + style)(par_name, label=label)[0]
+        if "menu" in extra:
+            par.menuNames = [n for n, _ in extra["menu"]]
+            par.menuLabels = [lbl for _, lbl in extra["menu"]]
+        for limit in ("min", "max"):
+            if limit in extra:
+                setattr(par, limit, extra[limit])
+                setattr(par, "norm" + limit.capitalize(), extra.get("norm" + limit.capitalize(), extra[limit]))
+                setattr(par, "clamp" + limit.capitalize(), True)
+        if par_name == "Workflow" and isinstance(kept.get("Workflow"), str) and kept["Workflow"]:
+            # Keep the chosen workflow through a rebuild, as the only entry until the broker answers.
+            par.menuNames = par.menuLabels = [str(kept["Workflow"])]
+            par.val = str(kept["Workflow"])
+        if default is not None:
+            par.default = default
+            state = kept.get(par_name, default)
+            if isinstance(state, dict) and "expr" in state:
+                par.expr = state["expr"]  # a binding the user made (e.g. Prompt from a DAT) stays one
+            else:
+                par.val = state
+    names = [p.name for p in comp.customPages]
+    comp.sortCustomPages("TDComfy", *[n for n in names if n != "TDComfy"])
+
+    def child(op_type: str, child_name: str, x: int, y: int) -> Any:
+        found = comp.op(child_name)
+        if found is None:
+            found = comp.create(op_type, child_name)
+            found.nodeX, found.nodeY = x, y
+        return found
+
+    library = child("textDAT", "tdcomfy_client", 0, 400)
+    library.text = text
+    callbacks = child("textDAT", "callbacks", 200, 400)
+    if not callbacks.text.strip():
+        callbacks.text = _CALLBACKS_TEXT
+    child("executeDAT", "tdcomfy_exec", 400, 400).text = _EXEC_DAT_TEXT
+    execute = comp.op("tdcomfy_exec")
+    execute.par.framestart = True
+    execute.par.exit = True
+    parexec = child("parameterexecuteDAT", "tdcomfy_parexec", 600, 400)
+    parexec.text = _PAREXEC_DAT_TEXT
+    parexec.par.op = ".."
+    parexec.par.pars = "*"
+    parexec.par.custom = True
+    parexec.par.builtin = False
+    parexec.par.valuechange = True
+    parexec.par.onpulse = True
+    child("inTOP", "in1", 0, 200)
+    movies = []
+    for index, movie_name in enumerate(("moviefilein_a", "moviefilein_b")):
+        movie = child("moviefileinTOP", movie_name, 200, 100 + index * 150)
+        movie.par.playmode = "sequential"
+        movie.par.play = False
+        movie.par.textendright = "cycle"  # loop the clip until the next one is ready
+        movie.par.prereadframes = 8
+        movies.append(movie)
+    cross = child("crossTOP", "result_cross", 400, 150)
+    cross.inputConnectors[0].connect(movies[0])
+    cross.inputConnectors[1].connect(movies[1])
+    cross.par.cross = 0
+    child("outTOP", "out_video", 600, 150).inputConnectors[0].connect(cross)
+    preview = child("moviefileinTOP", "preview_movie", 200, -100)
+    preview.par.playmode = "sequential"
+    child("outTOP", "out_preview", 600, -100).inputConnectors[0].connect(preview)
+    child("tableDAT", "info", 400, -300)
+    chop_callbacks = child("textDAT", "info_chop_callbacks", 200, -300)
+    chop_callbacks.text = _CHOP_CALLBACKS_TEXT
+    chop = child("scriptCHOP", "info_chop", 600, -300)
+    chop.par.callbacks = "info_chop_callbacks"
+    comp.par.ext0object = "op('./tdcomfy_client').module.TDComfyExt(me)"
+    comp.par.ext0promote = True
+    comp.par.reinitextensions.pulse()  # (re)compiles the extension from the library just written
+    return comp
+
+
+class _Monitor:
+    """A daemon thread that watches the broker (``/health``) and fetches ``/workflows``.
+
+    It never touches TouchDesigner objects: each answer goes into ``results`` for the main thread.
+    While the broker is unreachable it asks every second, so the component sees it come back
+    without a pulse; while it is up, every ``interval`` seconds.
+    """
+
+    def __init__(self, client: TDComfyClient, interval: float = 5.0) -> None:
+        self.client = client
+        self.interval = interval
+        self.results: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._want_workflows = True
+        self._thread = threading.Thread(target=self._run, name="tdcomfy-monitor", daemon=True)
+        self._thread.start()
+
+    def refresh(self) -> None:
+        self._want_workflows = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.client.close()
+
+    def _run(self) -> None:
+        up = None
+        while not self._stop.is_set():
+            try:
+                self.client.health()
+                if up is not True:
+                    self._want_workflows = True  # a broker back from a restart may have others
+                up = True
+                self.results.put(("up", None))
+            except TDComfyError as exc:
+                up = False
+                self.results.put(("down", exc))
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the watching silently
+                up = False
+                self.results.put(("down", TDComfyError("internal_error", f"health check failed: {exc!r}")))
+            if up and self._want_workflows and not self._stop.is_set():
+                self._want_workflows = False
+                try:
+                    self.results.put(("workflows", self.client.workflows()))
+                except TDComfyError as exc:
+                    self._want_workflows = True
+                    self.results.put(("workflows_failed", exc))
+            self._wake.wait(self.interval if up else 1.0)
+            self._wake.clear()
+
+
+class _ABPlayer:
+    """Two Movie File In TOPs into a Cross TOP: a new clip is shown only once it is fully pre-read."""
+
+    def __init__(self, movies: tuple[Any, Any], cross: Any, preload_timeout: float = 10.0) -> None:
+        self.movies = movies
+        self.cross = cross
+        self.preload_timeout = preload_timeout
+        self.live = 1 if float(cross.par.cross.eval()) >= 0.5 else 0
+        self.live_path: str | None = None
+        self.pending_path: str | None = None
+        self.pending_since = 0.0
+        self.fading_from: int | None = None
+        self.last_error: str | None = None
+        self.swaps = 0
+
+    def load(self, path: str) -> None:
+        if self.fading_from is not None:
+            self._finish_fade()  # the player fading out is about to get the new file: cut to the end
+        movie = self.movies[1 - self.live]
+        movie.par.play = False  # hold the first frame while hidden
+        movie.par.file = path
+        movie.preload(0)
+        self.pending_path = path
+        self.pending_since = time.monotonic()
+
+    def update(self, fade_frames: int) -> bool:
+        """Every frame: advances a fade, switches to a pending clip once ready; True on a switch."""
+        if self.fading_from is not None:
+            self._fade_step(fade_frames)
+        if self.pending_path is None:
+            return False
+        movie = self.movies[1 - self.live]
+        if movie.isInvalid:
+            self.last_error = f"cannot open {self.pending_path}"
+            self.pending_path = None
+            return False
+        waited = time.monotonic() - self.pending_since
+        if not (movie.isFullyPreRead or (waited > self.preload_timeout and movie.isOpen)):
+            return False
+        if self.fading_from is not None:  # a fade still running: finish it first
+            self._finish_fade()
+        movie.par.cuepulse.pulse()  # start from the cue point (the first frame)
+        movie.par.play = True
+        self.fading_from = self.live
+        self.live = 1 - self.live
+        self.live_path, self.pending_path = self.pending_path, None
+        self.last_error = None
+        self.swaps += 1
+        self._fade_step(fade_frames)
+        return True
+
+    def _fade_step(self, fade_frames: int) -> None:
+        target = float(self.live)
+        current = float(self.cross.par.cross.eval())
+        step = 1.0 if fade_frames <= 0 else 1.0 / fade_frames
+        value = min(target, current + step) if target > current else max(target, current - step)
+        self.cross.par.cross = value
+        if value == target:
+            self._finish_fade()
+
+    def _finish_fade(self) -> None:
+        self.cross.par.cross = float(self.live)
+        old = self.movies[self.fading_from]
+        old.par.play = False
+        # Let go of the old file, so the pipeline may delete it (Windows locks open files).
+        old.unload()
+        self.fading_from = None
+
+
+class TDComfyExt:
+    """The extension of the tdcomfy component (``build_component``); main thread only.
+
+    It owns a ``FramePipeline`` and a ``_Monitor``; ``Frame()`` (the component's Execute DAT calls
+    it every frame) pumps the pipeline, applies what the monitor found, plays results, captures the
+    input TOP when a frame will be sent (``Active`` and room in the pipeline, or ``Send``), and
+    updates the info DAT and CHOP only when something changed. Network and disk work happen on the
+    pipeline's and the monitor's threads. Errors go to the COMP (``addScriptError``), the info
+    DAT/CHOP and the ``onError`` callback, not only the Textport.
+    """
+
+    def __init__(self, ownerComp: Any) -> None:  # noqa: N803 - TouchDesigner's name
+        self.ownerComp = ownerComp
+        self.stream = f"td-{uuid.uuid4().hex[:16]}"
+        self.output_dir = os.path.join(_tempdir(), "tdcomfy", _safe_folder(str(ownerComp.path)))
+        self.pipeline: FramePipeline | None = None
+        self.monitor: _Monitor | None = None
+        self.workflows: dict | None = None  # the last GET /workflows answer
+        self.player = _ABPlayer((ownerComp.op("moviefilein_a"), ownerComp.op("moviefilein_b")),
+                                ownerComp.op("result_cross"))
+        self.connected: bool | None = None
+        self.info = {"state": "idle", "progress": 0.0, "queue_position": -1, "frames_done": 0,
+                     "last_latency": 0.0, "last_error": "", "in_flight": 0, "connected": 0}
+        self._info_dirty = True
+        self._sent_at: dict[int, float] = {}
+        self._unstarted: dict[int, float] = {}  # ticket -> when sent, until its job starts or ends
+        self._paused_until = 0.0
+        self._error_shown = False
+        self._closed = False
+        self._settings: tuple | None = None
+        self._start()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def onInitTD(self) -> None:  # noqa: N802 - TouchDesigner 2025 calls it after initialization
+        return
+
+    def onDestroyTD(self) -> None:  # noqa: N802 - TouchDesigner 2025: extension re-init or destroy
+        self.Close()
+
+    def __delTD__(self) -> None:  # noqa: N807 - TouchDesigner 2023's name for the same hook
+        self.Close()
+
+    def Close(self) -> None:  # noqa: N802 - promoted
+        """Stops the pipeline and the monitor without waiting (their threads end by themselves)."""
+        self._closed = True
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.monitor is not None:
+            self.monitor.stop()
+
+    def _pipeline_settings(self) -> tuple:
+        par = self.ownerComp.par
+        return (str(par.Url.eval()).strip(), str(par.Token.eval()).strip() or None)
+
+    def _start(self) -> None:
+        """(Re)creates the pipeline and the monitor for the current Url and Token."""
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.monitor is not None:
+            self.monitor.stop()
+        self._closed = False
+        self._sent_at.clear()  # the old pipeline's tickets end with it
+        self._unstarted.clear()
+        self._settings = self._pipeline_settings()
+        url, token = self._settings
+        try:
+            # previews=True starts the preview downloader; whether a job asks for previews is the
+            # Preview toggle at the time its frame is sent (SendFrame), so toggling needs no restart.
+            self.pipeline = FramePipeline(url, token=token, output_dir=self.output_dir, keep_results=4,
+                                          stream=self.stream, previews=True)
+            self.monitor = _Monitor(TDComfyClient(url, token=token, timeout=3.0))
+        except ValueError as exc:  # a Url that is not an http(s) URL
+            self.pipeline = self.monitor = None
+            self._show_error("bad_url", f"Url: {exc}")
+            return
+        self._apply_mode()
+
+    def _apply_mode(self) -> None:
+        """Mode, Maxinflight and Dedupe are plain pipeline attributes: changed in place."""
+        if self.pipeline is None:
+            return
+        par = self.ownerComp.par
+        mode = str(par.Mode.eval())
+        self.pipeline.max_in_flight = 1 if mode == "one" else max(1, int(par.Maxinflight.eval()))
+        self.pipeline.mode = "latest" if mode == "latest" else None
+        self.pipeline.dedupe = bool(par.Dedupe.eval())
+
+    # -- called by the component's DATs -----------------------------------------------------------
+
+    def Frame(self, frame: Any = None) -> None:  # noqa: N802 - promoted; the Execute DAT's onFrameStart
+        if self._closed:
+            return
+        if self.monitor is not None:
+            self._drain_monitor()
+        if self.pipeline is not None:
+            for event in self.pipeline.pump():
+                self._handle(event)
+        self.player.update(int(self.ownerComp.par.Fadeframes.eval()))
+        if self.player.last_error:
+            self._show_error("playback", self.player.last_error)
+            self.player.last_error = None
+        if (self.pipeline is not None and self.connected and self.ownerComp.par.Active.eval()
+                and time.monotonic() >= self._paused_until and self.pipeline.is_ready_for_next()
+                and self._fresh_frame_wanted()):
+            self.SendFrame()
+        if self.pipeline is not None:
+            in_flight = self.pipeline.in_flight + self.pipeline.waiting
+            if in_flight != self.info["in_flight"]:
+                self._set_info(in_flight=in_flight)
+        if self._info_dirty:
+            self._publish_info()
+
+    def _fresh_frame_wanted(self) -> bool:
+        """Latest mode: a new frame only when none of ours waits to start, or the one waiting is
+        older than _LATEST_REFRESH (it is then stale and the new one supersedes it). Without this,
+        every free slot a supersede opens would cost a capture and an upload on every frame."""
+        if self.pipeline.mode != "latest":
+            return True
+        now = time.monotonic()
+        return all(now - sent >= _LATEST_REFRESH for sent in self._unstarted.values())
+
+    def OnParChange(self, par: Any) -> None:  # noqa: N802 - the Parameter Execute DAT's onValueChange
+        name = par.name
+        if name in ("Url", "Token"):
+            if self._pipeline_settings() != self._settings:
+                self._start()
+        elif name in ("Mode", "Maxinflight", "Dedupe"):
+            self._apply_mode()
+        elif name == "Workflow":
+            self._build_workflow_page()
+
+    def OnPulse(self, par: Any) -> None:  # noqa: N802 - the Parameter Execute DAT's onPulse
+        name = par.name
+        if name == "Refresh" and self.monitor is not None:
+            self.monitor.refresh()
+        elif name == "Send":
+            self.SendFrame()
+        elif name == "Cancel" and self.pipeline is not None:
+            self.pipeline.cancel_all()
+
+    def SendFrame(self) -> int | None:  # noqa: N802 - promoted
+        """Captures the input TOP (JPEG, or PNG) and submits it; the ticket, or None when it was not sent.
+
+        Nothing is captured when the pipeline has no room (the frame would be skipped anyway).
+        """
+        if self.pipeline is None or not self.pipeline.is_ready_for_next():
+            return None
+        par = self.ownerComp.par
+        top = self.ownerComp.op("in1")
+        try:
+            if str(par.Captureformat.eval()) == "png":
+                image = top_to_png_bytes(top)
+            else:
+                image = top_to_jpeg_bytes(top, float(par.Jpegquality.eval()))
+        except TDComfyError as exc:
+            self._fail_locally(exc)
+            return None
+        workflow = str(par.Workflow.eval()) or None
+        if workflow != self.ownerComp.fetch("tdcomfy_page_workflow", None, search=False):
+            # Workflow changed this frame and its onValueChange has not run yet: the page must
+            # match the workflow before its values are sent.
+            self._build_workflow_page()
+        seed = int(par.Seed.eval())
+        ticket = self.pipeline.submit(image, prompt=str(par.Prompt.eval()), negative_prompt=str(par.Negative.eval()),
+                                      seed=seed, workflow=workflow, params=self.WorkflowParams(),
+                                      previews=bool(par.Preview.eval()))
+        if ticket is not None:
+            self._sent_at[ticket] = self._unstarted[ticket] = time.monotonic()
+            self._set_info(state="sending")
+        return ticket
+
+    def WorkflowParams(self) -> dict:  # noqa: N802 - promoted
+        """The Workflow page's values as the broker's ``params`` (schema names and JSON types)."""
+        params = {}
+        par = self.ownerComp.par
+        for td_name, (schema_name, kind, choices) in (self.ownerComp.fetch(_STORE_PARS, {}, search=False)).items():
+            p = getattr(par, td_name, None)
+            if p is None:
+                continue
+            params[schema_name] = _json_value(kind, p.eval(), choices)
+        return params
+
+    def InfoChannels(self) -> list[tuple[str, float]]:  # noqa: N802 - the info CHOP's onCook
+        info = self.info
+        return [
+            ("state", float(_STATE_CODES.get(info["state"], 0))),
+            ("progress", float(info["progress"])),
+            ("queue_position", float(info["queue_position"])),
+            ("frames_done", float(info["frames_done"])),
+            ("last_latency", float(info["last_latency"])),
+            ("error", 1.0 if info["last_error"] else 0.0),
+            ("connected", float(info["connected"])),
+            ("in_flight", float(info["in_flight"])),
+        ]
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                kind, value = self.monitor.results.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "up":
+                if self.connected is not True:
+                    self.connected = True
+                    if self.info["state"] == "offline":
+                        self._set_info(state="idle")
+                    if self._error_shown and self.info.get("error_code") in ("connection_error", "timeout"):
+                        self._clear_error()
+                    self._set_info(connected=1)
+            elif kind == "down":
+                if self.connected is not False:
+                    self.connected = False
+                    self._set_info(state="offline", connected=0)
+                    self._show_error(value.code, f"broker unreachable: {value.message}")
+            elif kind == "workflows":
+                self.workflows = value
+                self._fill_workflow_menu()
+                self._build_workflow_page()
+            elif kind == "workflows_failed":
+                self._show_error(value.code, f"GET /workflows failed: {value.message}")
+
+    def _fill_workflow_menu(self) -> None:
+        par = self.ownerComp.par.Workflow
+        entries = self.workflows.get("workflows") if isinstance(self.workflows, dict) else None
+        if not isinstance(entries, list):
+            return
+        names, labels = [], []
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                continue
+            names.append(entry["name"])
+            ready = entry.get("ready")
+            note = {True: " (ready)", False: " (not ready)"}.get(ready, "")
+            labels.append(entry["name"] + (" [default]" if entry.get("is_default") else "") + note)
+        if list(par.menuNames) != names or list(par.menuLabels) != labels:
+            par.menuNames = names
+            par.menuLabels = labels
+        if names and str(par.eval()) not in names:
+            default = self.workflows.get("default")
+            par.val = default if default in names else names[0]
+
+    def _schema(self, workflow: str) -> list[dict] | None:
+        entries = self.workflows.get("workflows") if isinstance(self.workflows, dict) else None
+        for entry in entries or []:
+            if isinstance(entry, dict) and entry.get("name") == workflow:
+                params = entry.get("parameters")
+                return [p for p in params if isinstance(p, dict)] if isinstance(params, list) else []
+        return None
+
+    def _build_workflow_page(self) -> None:
+        """Rebuilds the Workflow page from the selected workflow's schema, keeping values by name."""
+        comp = self.ownerComp
+        workflow = str(comp.par.Workflow.eval())
+        schema = self._schema(workflow)
+        if schema is None:
+            return  # not known yet (no answer from the broker): keep the page as it is
+        wanted = [p for p in schema if p.get("type") != "image" and p.get("name") not in _PAGE_FIELDS]
+        signature = json.dumps([workflow, wanted], sort_keys=True, default=str)
+        if comp.fetch(_STORE_SIGNATURE, None, search=False) == signature:
+            return
+        # What the user set, by schema name: this page's current values, then what each workflow
+        # had when it was last shown, so a switch away and back loses nothing.
+        remembered = dict(comp.fetch(_STORE_VALUES, {}, search=False))
+        current = {}
+        old_pars = comp.fetch(_STORE_PARS, {}, search=False)
+        old_workflow = comp.fetch("tdcomfy_page_workflow", None, search=False)
+        for td_name, (schema_name, kind, choices) in old_pars.items():
+            p = getattr(comp.par, td_name, None)
+            if p is not None:
+                state = _par_state(p)
+                current[schema_name] = state if isinstance(state, dict) else _json_value(kind, state, choices)
+        if old_workflow is not None:
+            remembered[old_workflow] = current
+        # Values belong to their workflow: a rebuild of the same one keeps the page's values, a
+        # switch takes what the new one had when last shown, else its defaults.
+        carried = dict(remembered.get(workflow, {}))
+        if old_workflow == workflow:
+            carried.update(current)
+        for page in list(comp.customPages):
+            if page.name == "Workflow":
+                page.destroy()
+        mapping = {}
+        if wanted:
+            page = comp.appendCustomPage("Workflow")
+            taken = {name for name, *_ in _COMPONENT_PARS}
+            for spec in wanted:
+                schema_name = str(spec.get("name"))
+                td_name = _td_name(schema_name)
+                base, n = td_name, 2
+                while td_name in taken:
+                    td_name, n = f"{base}{n}", n + 1
+                taken.add(td_name)
+                kind, choices = _par_kind(spec)
+                par = self._append_schema_par(page, td_name, spec, kind, choices)
+                value = carried.get(schema_name, spec.get("default"))
+                _set_par_value(par, kind, spec.get("default"), spec.get("default"))
+                if isinstance(value, dict) and "expr" in value:
+                    par.expr = value["expr"]
+                else:
+                    _set_par_value(par, kind, value, spec.get("default"))
+                mapping[td_name] = [schema_name, kind, choices]
+        comp.store(_STORE_PARS, mapping)
+        comp.store(_STORE_VALUES, remembered)
+        comp.store(_STORE_SIGNATURE, signature)
+        comp.store("tdcomfy_page_workflow", workflow)
+
+    @staticmethod
+    def _append_schema_par(page: Any, td_name: str, spec: dict, kind: str, choices: list | None) -> Any:
+        label = _label(spec.get("name"))
+        if kind == "menu":
+            par = page.appendMenu(td_name, label=label)[0]
+            par.menuNames = [str(c) for c in choices]
+            par.menuLabels = [str(c) for c in choices]
+        elif kind == "toggle":
+            par = page.appendToggle(td_name, label=label)[0]
+        elif kind in ("int", "float"):
+            par = (page.appendInt if kind == "int" else page.appendFloat)(td_name, label=label)[0]
+            low, high = spec.get("min"), spec.get("max")
+            if kind == "int":
+                low = None if low is None else max(-_INT_LIMIT, min(_INT_LIMIT, int(low)))
+                high = None if high is None else max(-_INT_LIMIT, min(_INT_LIMIT, int(high)))
+            if isinstance(low, (int, float)):
+                par.min, par.normMin, par.clampMin = low, low, True
+            if isinstance(high, (int, float)):
+                par.max, par.clampMax = high, True
+                # A slider over 0..16384 is useless: its range ends at a few times the default.
+                default = spec.get("default")
+                norm = high
+                if isinstance(default, (int, float)) and default > 0:
+                    norm = min(high, default * 4)
+                par.normMax = norm
+        else:
+            par = page.appendStr(td_name, label=label)[0]
+        description = spec.get("description")
+        if isinstance(description, str) and description:
+            try:
+                par.help = description
+            except Exception:  # noqa: BLE001 - Par_Class lists `help` as read only yet says it can be set
+                pass
+        return par
+
+    def _handle(self, event: PipelineEvent) -> None:
+        job = event.job if isinstance(event.job, dict) else {}
+        info = {"kind": event.kind, "ticket": event.ticket, "job_id": event.job_id, "path": event.path,
+                "progress": event.progress, "queue_position": job.get("queue_position"),
+                "error": None, "error_code": None, "cancel_reason": event.cancel_reason,
+                "latency": None, "job": event.job}
+        if event.kind not in ("submitted", "progress", "preview"):
+            self._unstarted.pop(event.ticket, None)  # started, or over
+        if event.kind == "submitted":
+            position = job.get("queue_position")
+            self._set_info(state="queued", progress=0.0,
+                           queue_position=position if isinstance(position, int) else -1)
+            self._callback("onQueued", info)
+        elif event.kind == "started":
+            self._set_info(state="running", queue_position=-1)
+            self._callback("onStarted", info)
+        elif event.kind == "progress":
+            self._set_info(state="running", progress=float(event.progress or 0.0))
+            self._callback("onProgress", info)
+        elif event.kind == "preview":
+            self.ownerComp.op("preview_movie").par.file = event.path
+            self._callback("onPreview", info)
+        elif event.kind == "done":
+            sent = self._sent_at.pop(event.ticket, None)
+            latency = time.monotonic() - sent if sent is not None else 0.0
+            info["latency"] = latency
+            self.player.load(event.path)
+            self._set_info(state="done", progress=1.0, queue_position=-1,
+                           frames_done=self.info["frames_done"] + 1, last_latency=round(latency, 3))
+            if self._error_shown:
+                self._clear_error()
+            self._callback("onDone", info)
+        elif event.kind == "error":
+            self._sent_at.pop(event.ticket, None)
+            error = event.error
+            code = error.code if error is not None else "error"
+            message = error.message if error is not None else "failed"
+            info["error"], info["error_code"] = f"{code}: {message}", code
+            self._paused_until = time.monotonic() + _ERROR_PAUSE
+            self._show_error(code, message)
+            self._callback("onError", info)
+        elif event.kind == "cancelled":
+            self._sent_at.pop(event.ticket, None)
+            self._set_info(state="cancelled", queue_position=-1)
+            self._callback("onCancelled", info)
+        elif event.kind == "dropped":
+            self._sent_at.pop(event.ticket, None)
+
+    def _fail_locally(self, exc: TDComfyError) -> None:
+        self._paused_until = time.monotonic() + _ERROR_PAUSE
+        self._show_error(exc.code, exc.message)
+        self._callback("onError", {"kind": "error", "ticket": None, "job_id": None, "path": None,
+                                   "progress": None, "queue_position": None, "error": f"{exc.code}: {exc.message}",
+                                   "error_code": exc.code, "cancel_reason": None, "latency": None, "job": None})
+
+    def _show_error(self, code: str, message: str) -> None:
+        text = f"{code}: {message}"
+        if self.info["last_error"] == text and self._error_shown:
+            return
+        comp = self.ownerComp
+        comp.clearScriptErrors()
+        comp.addScriptError(f"tdcomfy {text}")
+        self._error_shown = True
+        self.info["error_code"] = code
+        self._set_info(last_error=text, state="offline" if self.connected is False else "error")
+
+    def _clear_error(self) -> None:
+        self.ownerComp.clearScriptErrors()
+        self._error_shown = False
+        self.info["error_code"] = None
+        self._set_info(last_error="")
+
+    def _callback(self, name: str, info: dict) -> None:
+        dat = self.ownerComp.op("callbacks")
+        if dat is None:
+            return
+        try:
+            function = getattr(dat.module, name, None)
+            if function is not None:
+                function(self.ownerComp, info)
+        except Exception as exc:  # noqa: BLE001 - a user's callback must not stop the component
+            self._show_error("callback_failed", f"{name}: {exc!r}")
+
+    def _set_info(self, **values: Any) -> None:
+        for key, value in values.items():
+            if self.info.get(key) != value:
+                self.info[key] = value
+                self._info_dirty = True
+
+    def _publish_info(self) -> None:
+        self._info_dirty = False
+        table = self.ownerComp.op("info")
+        if table is not None:
+            table.clear()
+            for key in ("state", "progress", "queue_position", "frames_done", "last_latency", "last_error",
+                        "in_flight", "connected"):
+                table.appendRow([key, self.info[key]])
+        chop = self.ownerComp.op("info_chop")
+        if chop is not None:
+            chop.cook(force=True)
+
+
+def _par_kind(spec: dict) -> tuple[str, list | None]:
+    """How a schema parameter becomes a TD parameter: (kind, menu choices)."""
+    choices = spec.get("choices")
+    if isinstance(choices, list) and choices:
+        return "menu", list(choices)
+    return {"integer": "int", "number": "float", "boolean": "toggle"}.get(spec.get("type"), "str"), None
+
+
+def _par_state(par: Any) -> Any:
+    """What a rebuild keeps of a parameter: ``{"expr": …}`` when it is in expression mode, else its value.
+
+    ``Par.mode`` is a ``ParMode`` member (https://docs.derivative.ca/Par_Class); its name is read
+    whether it prints as ``EXPRESSION`` or ``ParMode.EXPRESSION``.
+    """
+    mode = par.mode
+    if str(getattr(mode, "name", mode)).endswith("EXPRESSION") and par.expr:
+        return {"expr": str(par.expr)}
+    return par.eval()
+
+
+def _json_value(kind: str, value: Any, choices: list | None = None) -> Any:
+    if kind == "menu" and choices:
+        # A menu holds names (strings): send the choice itself, with its JSON type.
+        return next((c for c in choices if str(c) == str(value)), str(value))
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "toggle":
+        return bool(value)
+    return str(value)
+
+
+def _set_par_value(par: Any, kind: str, value: Any, default: Any) -> None:
+    """Sets a new parameter's default and value; a kept value that no longer fits gives way to the default."""
+    convert = str if kind == "menu" else functools.partial(_json_value, kind)
+    if default is not None:
+        try:
+            par.default = convert(default)
+        except (TypeError, ValueError):
+            pass
+    try:
+        par.val = convert(value)
+    except (TypeError, ValueError):
+        if default is not None:
+            par.val = convert(default)
+
+
+def _safe_folder(path: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in path.strip("/")) or "root"

@@ -189,6 +189,17 @@ def tdcomfy_binary() -> Path:
     return REPO_ROOT / "target" / "debug" / "tdcomfy"
 
 
+def workflows_dir(folder: Path, **extra: dict) -> Path:
+    """``folder`` holding the repository's workflows plus ``extra`` (file stem -> API-format graph)."""
+    import shutil
+
+    for path in (REPO_ROOT / "workflows").glob("*.json"):
+        shutil.copy(path, folder / path.name)
+    for name, graph in extra.items():
+        (folder / f"{name}.json").write_text(json.dumps(graph))
+    return folder
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,12 +7,10 @@ JPEG preview at every step, the way a sampler does with a preview method set.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import pytest
-from td_helpers import REPO_ROOT, png_bytes, pump_until
+from td_helpers import png_bytes, pump_until, workflows_dir
 
 import touchdesigner_client as tdc
 
@@ -29,10 +27,7 @@ SLOW_PREVIEW = {
 def preview_broker(tmp_path_factory):
     from td_helpers import Broker
 
-    workflows = tmp_path_factory.mktemp("workflows")
-    for path in (REPO_ROOT / "workflows").glob("*.json"):
-        shutil.copy(path, workflows / path.name)
-    (workflows / "slow_preview.json").write_text(json.dumps(SLOW_PREVIEW))
+    workflows = workflows_dir(tmp_path_factory.mktemp("workflows"), slow_preview=SLOW_PREVIEW)
     instance = Broker(tmp_path_factory.mktemp("data"), extra_env={"WORKFLOWS_DIR": str(workflows), "PREVIEW_FPS": "10"})
     instance.start()
     yield instance
