@@ -499,7 +499,10 @@ class TDComfyClient:
         self._base_path = parsed.path.rstrip("/")
         self.verify_tls = bool(verify_tls)
         self.ca_file = ca_file
-        self._ssl_context = _make_ssl_context(verify_tls, ca_file) if self._https else None
+        # Made at the first HTTPS connection, on whichever thread makes it: loading the CA bundle
+        # takes tens of milliseconds, which TouchDesigner's main thread must not pay.
+        self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_lock = threading.Lock()
         #: The job of the last successful ``submit_frame``; ``check_job()`` & co. default to it.
         self.current_job_id: str | None = None
         #: The broker's answer to the last successful ``submit_frame`` (queue_position, workflow…).
@@ -924,6 +927,9 @@ class TDComfyClient:
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._https:
+            with self._ssl_lock:
+                if self._ssl_context is None:
+                    self._ssl_context = _make_ssl_context(self.verify_tls, self.ca_file)
             return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
@@ -2483,9 +2489,25 @@ class _ABPlayer:
         self.cross.par.cross = float(self.live)
         old = self.movies[self.fading_from]
         old.par.play = False
-        # Let go of the old file, so the pipeline may delete it (Windows locks open files).
+        # Let go of the old file, so the pipeline may delete it (Windows locks open files): with
+        # its File still set, a Movie File In would open it again at its next cook.
         old.unload()
+        old.par.file = ""
         self.fading_from = None
+
+
+def _menu_value(par: Any) -> str:
+    """A menu parameter's current item name. ``Par.eval()`` gives it (Par_Class), but the name at
+    ``menuIndex`` in ``menuNames`` is what the menu shows, whatever ``eval()`` returns in a build."""
+    value = par.eval()
+    names = list(par.menuNames or [])
+    if isinstance(value, str) and (not names or value in names):
+        return value
+    try:
+        index = int(par.menuIndex)
+    except (TypeError, ValueError):
+        return str(value)
+    return names[index] if 0 <= index < len(names) else str(value)
 
 
 class TDComfyExt:
@@ -2501,7 +2523,12 @@ class TDComfyExt:
 
     def __init__(self, ownerComp: Any) -> None:  # noqa: N803 - TouchDesigner's name
         self.ownerComp = ownerComp
-        self.stream = f"td-{uuid.uuid4().hex[:16]}"
+        # Kept in the COMP's storage (saved with the .toe), so latest mode and Dedupe go on with the
+        # same stream after a re-init or a reload.
+        self.stream = ownerComp.fetch("tdcomfy_stream", None, search=False)
+        if not isinstance(self.stream, str) or not self.stream:
+            self.stream = f"td-{uuid.uuid4().hex[:16]}"
+            ownerComp.store("tdcomfy_stream", self.stream)
         self.output_dir = os.path.join(_tempdir(), "tdcomfy", _safe_folder(str(ownerComp.path)))
         self.pipeline: FramePipeline | None = None
         self.monitor: _Monitor | None = None
@@ -2557,8 +2584,10 @@ class TDComfyExt:
         try:
             # previews=True starts the preview downloader; whether a job asks for previews is the
             # Preview toggle at the time its frame is sent (SendFrame), so toggling needs no restart.
+            # cancel_on_close: frames of a component that is closed (TD quits, Url/Token change,
+            # re-init) are nobody's any more; their jobs would hold the GPU for nothing.
             self.pipeline = FramePipeline(url, token=token, output_dir=self.output_dir, keep_results=4,
-                                          stream=self.stream, previews=True)
+                                          stream=self.stream, previews=True, cancel_on_close=True)
             self.monitor = _Monitor(TDComfyClient(url, token=token, timeout=3.0))
         except ValueError as exc:  # a Url that is not an http(s) URL
             self.pipeline = self.monitor = None
@@ -2571,7 +2600,7 @@ class TDComfyExt:
         if self.pipeline is None:
             return
         par = self.ownerComp.par
-        mode = str(par.Mode.eval())
+        mode = _menu_value(par.Mode)
         self.pipeline.max_in_flight = 1 if mode == "one" else max(1, int(par.Maxinflight.eval()))
         self.pipeline.mode = "latest" if mode == "latest" else None
         self.pipeline.dedupe = bool(par.Dedupe.eval())
@@ -2584,7 +2613,9 @@ class TDComfyExt:
         if self.monitor is not None:
             self._drain_monitor()
         if self.pipeline is not None:
-            for event in self.pipeline.pump():
+            # Bounded per frame: after a stall, a backlog (with the user's callbacks) spreads over
+            # frames instead of freezing one.
+            for event in self.pipeline.pump(max_events=64):
                 self._handle(event)
         self.player.update(int(self.ownerComp.par.Fadeframes.eval()))
         if self.player.last_error:
@@ -2639,14 +2670,14 @@ class TDComfyExt:
         par = self.ownerComp.par
         top = self.ownerComp.op("in1")
         try:
-            if str(par.Captureformat.eval()) == "png":
+            if _menu_value(par.Captureformat) == "png":
                 image = top_to_png_bytes(top)
             else:
                 image = top_to_jpeg_bytes(top, float(par.Jpegquality.eval()))
         except TDComfyError as exc:
             self._fail_locally(exc)
             return None
-        workflow = str(par.Workflow.eval()) or None
+        workflow = _menu_value(par.Workflow) or None
         if workflow != self.ownerComp.fetch("tdcomfy_page_workflow", None, search=False):
             # Workflow changed this frame and its onValueChange has not run yet: the page must
             # match the workflow before its values are sent.
@@ -2704,13 +2735,13 @@ class TDComfyExt:
                 if self.connected is not False:
                     self.connected = False
                     self._set_info(state="offline", connected=0)
-                    self._show_error(value.code, f"broker unreachable: {value.message}")
+                    self._report_error(value.code, f"broker unreachable: {value.message}")
             elif kind == "workflows":
                 self.workflows = value
                 self._fill_workflow_menu()
                 self._build_workflow_page()
             elif kind == "workflows_failed":
-                self._show_error(value.code, f"GET /workflows failed: {value.message}")
+                self._report_error(value.code, f"GET /workflows failed: {value.message}")
 
     def _fill_workflow_menu(self) -> None:
         par = self.ownerComp.par.Workflow
@@ -2743,7 +2774,7 @@ class TDComfyExt:
     def _build_workflow_page(self) -> None:
         """Rebuilds the Workflow page from the selected workflow's schema, keeping values by name."""
         comp = self.ownerComp
-        workflow = str(comp.par.Workflow.eval())
+        workflow = _menu_value(comp.par.Workflow)
         schema = self._schema(workflow)
         if schema is None:
             return  # not known yet (no answer from the broker): keep the page as it is
@@ -2882,10 +2913,14 @@ class TDComfyExt:
 
     def _fail_locally(self, exc: TDComfyError) -> None:
         self._paused_until = time.monotonic() + _ERROR_PAUSE
-        self._show_error(exc.code, exc.message)
+        self._report_error(exc.code, exc.message)
+
+    def _report_error(self, code: str, message: str) -> None:
+        """An error of the component itself (no job): on the COMP and to ``onError``."""
+        self._show_error(code, message)
         self._callback("onError", {"kind": "error", "ticket": None, "job_id": None, "path": None,
-                                   "progress": None, "queue_position": None, "error": f"{exc.code}: {exc.message}",
-                                   "error_code": exc.code, "cancel_reason": None, "latency": None, "job": None})
+                                   "progress": None, "queue_position": None, "error": f"{code}: {message}",
+                                   "error_code": code, "cancel_reason": None, "latency": None, "job": None})
 
     def _show_error(self, code: str, message: str) -> None:
         text = f"{code}: {message}"

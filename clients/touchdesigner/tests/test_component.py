@@ -181,11 +181,17 @@ def test_active_sends_frames_and_the_video_is_swapped_in_only_when_pre_read(rig)
             assert b_ready, shown
         if value < before:
             assert a_ready, shown
-        # ... and no player got a new file while any of it was on screen (cross 0 shows A only).
+        # ... and no player got a new file while any of it was on screen (cross 0 shows A only); a
+        # player is emptied (File "") in the frame the fade leaves it, so it cannot reopen its clip.
         if a_now != a_file:
-            assert before == 1.0, shown
+            assert before == 1.0 or (value == 1.0 and a_now == ""), shown
         if b_now != b_file:
-            assert before == 0.0, shown
+            assert before == 0.0 or (value == 0.0 and b_now == ""), shown
+    # When a fade ends, the player it left lets go of its clip in that frame.
+    ends = [(value, a_now, b_now) for (before, *_), (value, _, _, _, a_now, b_now) in zip(shown, shown[1:])
+            if 0 < before < 1 and value in (0.0, 1.0)]
+    assert ends, shown
+    assert all((b_now if value == 0.0 else a_now) == "" for value, a_now, b_now in ends), ends
     assert any(0 < s[0] < 1 for s in shown)  # Fadeframes: the cross fades over frames
     assert max(s[3] for s in shown) == 1  # Mode "one": one frame at a time
     # A frame was captured for each frame sent, and only then (JPEG, the Jpegquality value).
@@ -355,6 +361,7 @@ def test_a_broker_that_goes_away_and_comes_back_is_reconnected_without_a_pulse(s
         broker.kill()
         r.td.run_frames(lambda: "unreachable" in r.comp.scriptErrors(), 30)
         assert r.info("state") == "offline" and r.comp.op("info_chop")["connected"][0] == 0
+        assert any("unreachable" in info["error"] for info in r.kinds("onError")), "onError hears of the outage"
         captures = len(r.td.fake_captures)
         r.td.run_frames(lambda: r.td.absTime.frame > 0, 1)
         broker.start()  # same ports, same data directory; no pulse, no parameter touched
@@ -383,4 +390,6 @@ def test_reinitialising_the_extension_closes_the_old_pipeline(tmp_path):
         old = r.ext
         r.comp.par.reinitextensions.pulse()
         assert r.ext is not old and old.pipeline.wait_closed(10)
+        # The stream id lives in the COMP's storage: latest mode and Dedupe go on in the same stream.
+        assert r.ext.stream == old.stream and r.ext.pipeline.stream == old.stream
         r.close()
