@@ -2401,11 +2401,19 @@ class _Monitor:
 
     def _run(self) -> None:
         up = None
+        workers = None
+        fetched_at = 0.0
         while not self._stop.is_set():
             try:
-                self.client.health()
+                health = self.client.health()
                 if up is not True:
                     self._want_workflows = True  # a broker back from a restart may have others
+                # Readiness comes from the workers' preflight: fetched again when workers come or
+                # go, and every 30 s (a server's models may have been installed meanwhile).
+                now_workers = health.get("workers_connected") if isinstance(health, dict) else None
+                if now_workers != workers or time.monotonic() - fetched_at > 30.0:
+                    self._want_workflows = True
+                workers = now_workers
                 up = True
                 self.results.put(("up", None))
             except TDComfyError as exc:
@@ -2416,6 +2424,7 @@ class _Monitor:
                 self.results.put(("down", TDComfyError("internal_error", f"health check failed: {exc!r}")))
             if up and self._want_workflows and not self._stop.is_set():
                 self._want_workflows = False
+                fetched_at = time.monotonic()
                 try:
                     self.results.put(("workflows", self.client.workflows()))
                 except TDComfyError as exc:
@@ -2529,7 +2538,8 @@ class TDComfyExt:
         if not isinstance(self.stream, str) or not self.stream:
             self.stream = f"td-{uuid.uuid4().hex[:16]}"
             ownerComp.store("tdcomfy_stream", self.stream)
-        self.output_dir = os.path.join(_tempdir(), "tdcomfy", _safe_folder(str(ownerComp.path)))
+        # Per TD process too: two TouchDesigners on one machine may have a component at the same path.
+        self.output_dir = os.path.join(_tempdir(), "tdcomfy", f"{_safe_folder(str(ownerComp.path))}-{os.getpid()}")
         self.pipeline: FramePipeline | None = None
         self.monitor: _Monitor | None = None
         self.workflows: dict | None = None  # the last GET /workflows answer
