@@ -200,6 +200,19 @@ impl Drop for StagedBlob {
 }
 
 impl StagedBlob {
+    /// Counts a chunk against `limit` and keeps what `head` still lacks of its first bytes.
+    fn count(&mut self, chunk: &[u8], limit: u64, head_len: usize) -> Result<(), BlobError> {
+        self.size += chunk.len() as u64;
+        if self.size > limit {
+            return Err(BlobError::TooLarge { limit });
+        }
+        if self.head.len() < head_len {
+            let take = (head_len - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
+        Ok(())
+    }
+
     /// The temporary file, for readers that need more than `head` (frames only: a result staged
     /// on object storage has no local file).
     pub fn path(&self) -> &Path {
@@ -373,14 +386,7 @@ impl Blobs {
         let mut writer = ObjectWriter::new(o.store.clone(), key.clone());
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| BlobError::Source(error_chain(&e)))?;
-            staged.size += chunk.len() as u64;
-            if staged.size > limit {
-                return Err(BlobError::TooLarge { limit });
-            }
-            if staged.head.len() < head_len {
-                let take = (head_len - staged.head.len()).min(chunk.len());
-                staged.head.extend_from_slice(&chunk[..take]);
-            }
+            staged.count(&chunk, limit, head_len)?;
             writer.write(chunk).await?;
         }
         writer.finish().await?;
@@ -410,14 +416,7 @@ impl Blobs {
         let result: Result<(), BlobError> = async {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| BlobError::Source(error_chain(&e)))?;
-                staged.size += chunk.len() as u64;
-                if staged.size > limit {
-                    return Err(BlobError::TooLarge { limit });
-                }
-                if staged.head.len() < head_len {
-                    let take = (head_len - staged.head.len()).min(chunk.len());
-                    staged.head.extend_from_slice(&chunk[..take]);
-                }
+                staged.count(&chunk, limit, head_len)?;
                 if let Some(h) = hasher.as_mut() {
                     h.update(&chunk);
                 }
