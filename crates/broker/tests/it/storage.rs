@@ -368,3 +368,45 @@ async fn file_storage_keeps_everything_in_the_shared_directory() {
     app.delete(&format!("/jobs/{id}")).send().await.unwrap();
     assert!(!shared.path().join("results").join(&id).exists());
 }
+
+#[tokio::test]
+async fn a_restart_on_shared_s3_keeps_young_orphans_and_every_job_whole() {
+    let Some(s3) = s3_app(|_| {}).await else { return };
+    let id = s3.app.submit_png("kept").await;
+    // An object no job names, as another broker on the same database leaves it between its
+    // upload and its row: young, so the start must not take it.
+    let orphan = uuid::Uuid::new_v4().to_string();
+    let key = format!("{}/{}/inputs/{orphan}", s3.bucket_url, s3.prefix);
+    let (endpoint, bucket) = s3.bucket_url.rsplit_once('/').unwrap();
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_bucket_name(bucket)
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_region("us-east-1")
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    use object_store::ObjectStore;
+    store
+        .put(
+            &object_store::path::Path::from(format!("{}/inputs/{orphan}", s3.prefix)),
+            b"another broker's".to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let S3App { app, bucket_url, prefix } = s3;
+    let app = app.crash_and_restart().await;
+    let s3 = S3App { app, bucket_url, prefix };
+    assert!(s3.object(&format!("inputs/{orphan}")).await.is_some(), "{key} kept through the start");
+    let lease = s3.app.lease("w", 1.0).await.unwrap();
+    assert_eq!(lease["job_id"], id.as_str());
+    let input = s3
+        .app
+        .get(&format!("/worker/jobs/{id}/input"))
+        .header("lease-token", lease["lease_token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(input.bytes().await.unwrap().to_vec(), png_bytes(64, 40));
+}
