@@ -92,6 +92,8 @@ _CHUNK = 256 * 1024
 _EXPECT_CONTINUE_MIN = 512 * 1024
 _EXPECT_CONTINUE_WAIT = 1.0
 _MAX_ERROR_BODY = 64 * 1024
+# The answers of a broker with RESULT_REDIRECT=presigned (it sends 307).
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 # Kept-alive connections: at most this many idle ones per client, each for at most this long
 # (below common server/proxy idle timeouts: nginx 75 s, many load balancers 60 s).
 _MAX_IDLE = 4
@@ -734,6 +736,8 @@ class TDComfyClient:
         Data goes to ``path + ".part"`` first and is renamed with ``os.replace`` only when
         complete, so a Movie File In TOP never sees a half-written file. After an interrupted
         download, calling again resumes from the ``.part`` file with an HTTP Range request.
+        A broker with ``RESULT_REDIRECT=presigned`` answers with a redirect to its object store:
+        the result is then read from there, with the same Range and without this client's token.
         """
         part = path + ".part"
         try:
@@ -745,6 +749,17 @@ class TDComfyClient:
             "GET", f"/jobs/{_quote(job_id)}/result", headers=headers, stream=True, abort=abort,
             job_id=job_id, ok_statuses=(416,),
         )
+        pooled = True
+        if resp.status in _REDIRECT_STATUSES:
+            location = resp.getheader("Location") or ""
+            try:
+                resp.read(_MAX_ERROR_BODY)
+            except Exception:  # noqa: BLE001 - the broker's connection is just not reused then
+                pass
+            self._finish(conn, abort, reuse=_reusable(resp))
+            conn, resp = self._get_redirected(location, headers, abort, job_id)
+            # A connection to the store, not the broker: closed after, never pooled.
+            pooled = False
         reuse = False
         try:
             if resp.status == 416:
@@ -771,7 +786,7 @@ class TDComfyClient:
                 raise TDComfyError(
                     "connection_error", f"result download ended after {written} of {expected} bytes", job_id=job_id
                 )
-            reuse = _reusable(resp)
+            reuse = pooled and _reusable(resp)
             try:
                 os.replace(part, path)
             except OSError as exc:
@@ -953,6 +968,53 @@ class TDComfyClient:
                     self._idle.append((conn, time.monotonic()))
                     return
         _close_quietly(conn)
+
+    def _get_redirected(
+        self, location: str, headers: dict, abort: AbortSignal | None, job_id: str
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """GETs a result where the broker sent it (``RESULT_REDIRECT=presigned``: a short-lived
+        presigned URL of the object store). Only ``Range`` goes along: the URL itself is the
+        permission, this client's ``Authorization`` is for the broker alone (S3 refuses a request
+        with two credentials). Certificates are checked against the system's roots."""
+        abort = abort or self._abort
+        url = urllib.parse.urljoin(self.url + "/", location)
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise TDComfyError("bad_response", f"GET result: the broker redirected to {location!r}", job_id=job_id)
+        if parts.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname, parts.port or 443, timeout=self.timeout, context=ssl.create_default_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=self.timeout)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        what = f"GET result from {parts.hostname}"
+        abort._register(conn)
+        try:
+            if abort.is_set():
+                raise TDComfyError("closed", f"{what} not sent: closed")
+            conn.connect()
+            abort._registered_socket(conn)
+            conn.putrequest("GET", target, skip_accept_encoding=True)
+            conn.putheader("User-Agent", f"tdcomfy-touchdesigner/{__version__}")
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            resp = conn.getresponse()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a TDComfyError
+            self._finish(conn, abort)
+            raise self._wrap_error(exc, abort, what) from exc
+        if resp.status >= 300 and resp.status != 416:
+            try:
+                data = resp.read(_MAX_ERROR_BODY)
+            except Exception:  # noqa: BLE001 - the status alone is still worth reporting
+                data = b""
+            self._finish(conn, abort)
+            raise TDComfyError(
+                "http_error", f"{what} answered {resp.status}: {data[:200].decode('utf-8', 'replace')}",
+                resp.status, job_id=job_id,
+            )
+        return conn, resp
 
     def _request(
         self,

@@ -91,6 +91,47 @@ pub struct BrokerArgs {
     /// How the broker meets the network: browsers, connection limits, TLS.
     #[command(flatten)]
     pub net: NetArgs,
+    /// Where frames and results live.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// Where the broker keeps frames and results, and how results are handed out.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StorageArgs {
+    /// Where frames and results live: unset keeps them under DATA_DIR/files; file:///path is a
+    /// directory brokers may share (a network file system); s3://bucket/prefix is any
+    /// S3-compatible store, configured by AWS_ENDPOINT_URL (or S3_ENDPOINT), AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY and AWS_REGION (path-style requests).
+    #[arg(long, env = "STORAGE_URL")]
+    pub storage_url: Option<String>,
+
+    /// How GET /jobs/{id}/result hands out a result: `stream` (through the broker, the default)
+    /// or `presigned` (a 307 to a presigned URL of the object store, valid RESULT_REDIRECT_TTL
+    /// seconds; needs STORAGE_URL=s3://…).
+    #[arg(long, env = "RESULT_REDIRECT", default_value = "stream")]
+    pub result_redirect: String,
+
+    /// Seconds a presigned result URL stays valid (a download started in time finishes).
+    #[arg(long, env = "RESULT_REDIRECT_TTL", default_value_t = 300)]
+    pub result_redirect_ttl: u64,
+
+    /// The S3 endpoint for STORAGE_URL=s3://… (MinIO, Garage, R2, Ceph…; S3_ENDPOINT works too).
+    /// Unset: AWS itself.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+
+    /// S3 access key id.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub aws_access_key_id: Option<String>,
+
+    /// S3 secret access key.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub aws_secret_access_key: Option<String>,
+
+    /// S3 region (default us-east-1, which most S3-compatible stores accept).
+    #[arg(long, env = "AWS_REGION")]
+    pub aws_region: Option<String>,
 }
 
 /// The broker's connection settings: which browser pages may call it, how long a client may take,
@@ -196,6 +237,11 @@ pub struct BrokerConfig {
     pub clock: Clock,
     /// Connection settings.
     pub net: NetConfig,
+    /// Where frames and results live (`STORAGE_URL`).
+    pub storage: crate::blobs::StorageLocation,
+    /// `RESULT_REDIRECT=presigned`: how long the presigned URL a result download is sent to
+    /// stays valid; `None` streams results through the broker.
+    pub result_redirect: Option<Duration>,
 }
 
 /// Validated [`NetArgs`].
@@ -230,6 +276,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("lease_ttl", &self.lease_ttl)
             .field("allowed_origins", &self.net.allowed_origins)
             .field("tls", &self.net.tls.is_some())
+            .field("storage", &self.storage)
             .finish_non_exhaustive()
     }
 }
@@ -331,7 +378,42 @@ impl BrokerArgs {
             return Err(ConfigError::Invalid { name: "MAX_ATTEMPTS", message: "must be at least 1".into() });
         }
         let lease_ttl = positive_secs("LEASE_TTL", self.lease_ttl)?;
+        let s3 = crate::blobs::S3Settings {
+            endpoint: self.storage.aws_endpoint_url.clone(),
+            access_key_id: self.storage.aws_access_key_id.clone(),
+            secret_access_key: self.storage.aws_secret_access_key.clone(),
+            region: self.storage.aws_region.clone(),
+        };
+        let storage = crate::blobs::StorageLocation::parse(self.storage.storage_url.as_deref(), s3)
+            .map_err(|message| ConfigError::Invalid { name: "STORAGE_URL", message })?;
+        let result_redirect = match self.storage.result_redirect.trim().to_ascii_lowercase().as_str() {
+            "" | "stream" => None,
+            "presigned" => {
+                if !matches!(storage, crate::blobs::StorageLocation::S3 { .. }) {
+                    return Err(ConfigError::Invalid {
+                        name: "RESULT_REDIRECT",
+                        message: "presigned needs object storage: set STORAGE_URL=s3://bucket/prefix".into(),
+                    });
+                }
+                // S3 refuses a presigned URL valid longer than 7 days.
+                if self.storage.result_redirect_ttl == 0 || self.storage.result_redirect_ttl > 604_800 {
+                    return Err(ConfigError::Invalid {
+                        name: "RESULT_REDIRECT_TTL",
+                        message: "must be 1 ..= 604800 seconds".into(),
+                    });
+                }
+                Some(Duration::from_secs(self.storage.result_redirect_ttl))
+            }
+            other => {
+                return Err(ConfigError::Invalid {
+                    name: "RESULT_REDIRECT",
+                    message: format!("{other:?}: expected stream or presigned"),
+                });
+            }
+        };
         Ok(BrokerConfig {
+            storage,
+            result_redirect,
             data_dir: self.data_dir,
             max_upload_bytes: self.max_upload_mb * 1024 * 1024,
             max_result_bytes: self.max_result_mb.saturating_mul(1024 * 1024),

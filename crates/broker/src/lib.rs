@@ -23,7 +23,7 @@ pub mod workers;
 use std::future::Future;
 use std::net::SocketAddr;
 
-pub use config::{BrokerArgs, BrokerConfig, ConfigError, NetArgs, NetConfig};
+pub use config::{BrokerArgs, BrokerConfig, ConfigError, NetArgs, NetConfig, StorageArgs};
 pub use service::{Broker, BrokerError};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then finishes in-flight requests.

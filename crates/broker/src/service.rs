@@ -149,7 +149,7 @@ impl Broker {
     pub async fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?;
-        let blobs = Blobs::open(&config.data_dir.join("files"))?;
+        let blobs = Blobs::open_at(&config.storage, &config.data_dir.join("files")).await?;
         let resumed =
             store.resume_running(config.lease_ttl.as_millis() as i64, config.job_timeout.as_millis() as i64).await?;
         if resumed > 0 {
@@ -610,16 +610,6 @@ impl Broker {
         Ok(Some(DeleteResponse { job_id: id, status: r.status, message }))
     }
 
-    /// Where a finished job's result is, with its type and size.
-    pub fn result_path(&self, id: JobId) -> std::path::PathBuf {
-        self.inner.blobs.path(BlobKind::Result, id)
-    }
-
-    /// Where a job's input is.
-    pub fn input_path(&self, id: JobId) -> std::path::PathBuf {
-        self.inner.blobs.path(BlobKind::Input, id)
-    }
-
     /// Waits up to `wait` for a queued job and leases it to `worker`.
     ///
     /// The wait ends with the request (a worker that hung up claims nothing), but a claim, once
@@ -1069,17 +1059,28 @@ impl Broker {
 /// streams active recently, however many stream ids clients have used.
 const TURN_MEMORY: i64 = 10_000;
 
-/// Deletes the files in `inputs/` and `results/` that no job owns: left by a crash between a
-/// file's rename and its row's commit, or between a commit that gave a file up (cancel, expiry)
-/// and the file's removal. One pass at start, before any request, so no upload is in flight; each
-/// file costs one point lookup.
+/// Deletes the files in `inputs/` and `results/` (objects under those prefixes) that no job owns:
+/// left by a crash between a file's rename and its row's commit, or between a commit that gave a
+/// file up (cancel, expiry) and the file's removal. One pass at start, before any request, so no
+/// upload of this broker is in flight; each file costs one point lookup. On shared storage
+/// (`STORAGE_URL`) another broker on the same database may be between its file and its row, so
+/// only orphans older than `SHARED_ORPHAN_GRACE` go; a younger one stays to the next start.
+/// An orphan can never make a job wrong either way: job ids are fresh random UUIDs, so no later
+/// row names it.
 async fn reconcile_files(store: &Store, blobs: &Blobs) -> Result<(), BrokerError> {
     let mut removed = 0u64;
+    let grace = if blobs.is_shared() { crate::blobs::SHARED_ORPHAN_GRACE } else { Duration::ZERO };
+    let now = std::time::SystemTime::now();
     for kind in [BlobKind::Input, BlobKind::Result] {
-        let listed = {
-            let blobs = blobs.clone();
-            tokio::task::spawn_blocking(move || blobs.list(kind)).await.map_err(std::io::Error::other)??
-        };
+        let listed: Vec<JobId> = blobs
+            .list(kind)
+            .await?
+            .into_iter()
+            .filter(|(_, modified)| {
+                grace.is_zero() || modified.and_then(|m| now.duration_since(m).ok()).is_none_or(|age| age >= grace)
+            })
+            .map(|(id, _)| id)
+            .collect();
         let owned = store.owned_files(listed.clone()).await?;
         for id in listed {
             let keep = owned.get(&id).is_some_and(|&(input, result)| match kind {

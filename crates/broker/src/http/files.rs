@@ -1,19 +1,16 @@
 //! Serving stored files: the result download (`GET /jobs/{id}/result`) with ETag and HTTP Range,
-//! streamed from disk in chunks, and the same streaming for a worker's input download.
-
-use std::io::SeekFrom;
-use std::path::Path;
+//! streamed from storage in chunks (or, with `RESULT_REDIRECT=presigned`, a redirect to the object
+//! store), and the same streaming for a worker's input download.
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use tdcomfy_api::JobStatus;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use super::error::ApiError;
 use super::extract::job_id;
+use crate::blobs::BlobKind;
 use crate::service::Broker;
 use crate::store::ResultState;
 
@@ -65,27 +62,26 @@ pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<Byte
     Ok(Some(range))
 }
 
-/// Streams `path` (or a range of it) with the given headers; `size` is the stored size.
-pub async fn stream_file(
-    path: &Path,
+/// Streams a job's file of `kind` (or a range of it) with the given headers; `size` is the stored
+/// size.
+pub async fn stream_blob(
+    broker: &Broker,
+    kind: BlobKind,
+    id: tdcomfy_api::JobId,
     size: u64,
     content_type: &str,
     range: Option<ByteRange>,
     mut extra: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let mut file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::ResultGone),
-        Err(e) => return Err(ApiError::Internal(e.to_string())),
-    };
     let (status, start, len) = match range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.end - r.start + 1),
         None => (StatusCode::OK, 0, size),
     };
-    if start > 0 {
-        file.seek(SeekFrom::Start(start)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    }
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), 256 * 1024));
+    let body = match broker.blobs().read(kind, id, start, len).await {
+        Ok(stream) => Body::from_stream(stream),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::ResultGone),
+        Err(e) => return Err(ApiError::Internal(e.to_string())),
+    };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -117,6 +113,7 @@ pub async fn stream_file(
     responses(
         (status = 200, description = "The result bytes", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 206, description = "The requested range", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 307, description = "RESULT_REDIRECT=presigned: GET the result (Range works there too) from the presigned URL in Location, without this request's Authorization"),
         (status = 304, description = "The client's copy is current"),
         (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
         (status = 409, description = "Not finished, failed or cancelled", body = tdcomfy_api::ErrorBody),
@@ -171,8 +168,23 @@ pub async fn get_result(
         r.headers_mut().extend(extra);
         return Ok(r);
     }
+    if let Some(ttl) = broker.config().result_redirect {
+        // The store serves Range itself; the URL is short-lived and names one object, so a
+        // client that was allowed to read this job's result is given just that.
+        let url =
+            broker.blobs().presign(BlobKind::Result, id, ttl).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Some(url) = url.and_then(|u| HeaderValue::from_str(&u).ok()) {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            r.headers_mut().extend(extra);
+            r.headers_mut().insert(header::LOCATION, url);
+            // A signed URL expires: no cache may keep the redirect longer than that.
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return Ok(r);
+        }
+    }
     let range = parse_range(headers.get(header::RANGE), info.size)?;
-    stream_file(&broker.result_path(id), info.size, &info.content_type, range, extra).await
+    stream_blob(&broker, BlobKind::Result, id, info.size, &info.content_type, range, extra).await
 }
 
 #[cfg(test)]

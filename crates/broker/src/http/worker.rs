@@ -12,8 +12,8 @@ use tdcomfy_api::{
 
 use super::error::ApiError;
 use super::extract::{ApiJson, job_id, lease_token, wait_secs};
-use super::files::stream_file;
-use crate::blobs::BlobError;
+use super::files::stream_blob;
+use crate::blobs::{BlobError, BlobKind};
 use crate::service::{Broker, BrokerError};
 use crate::store::StoreError;
 
@@ -147,7 +147,7 @@ pub async fn input(
     let id = job_id(&id)?;
     let token = lease_token(&headers)?;
     let job = broker.check_lease(id, &token).await.map_err(not_found_as(id))?;
-    stream_file(&broker.input_path(id), job.input.size, &job.input.content_type, None, HeaderMap::new()).await
+    stream_blob(&broker, BlobKind::Input, id, job.input.size, &job.input.content_type, None, HeaderMap::new()).await
 }
 
 fn not_found_as(id: tdcomfy_api::JobId) -> impl Fn(BrokerError) -> ApiError {

@@ -17,6 +17,7 @@ mod previews;
 mod results;
 mod resume;
 mod security;
+mod storage;
 mod streams;
 mod submit;
 mod tls;
