@@ -197,6 +197,10 @@ pub struct JobView {
     /// was answered `done` at once without GPU work.
     #[serde(default)]
     pub reused_from: Option<JobId>,
+    /// The named workflow inputs as submitted (`params`), so a client can run the job again with
+    /// the same values (the dashboard's retry).
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Where a job's time went, in seconds; null where not (yet) known.

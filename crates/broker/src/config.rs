@@ -91,6 +91,30 @@ pub struct BrokerArgs {
     /// How the broker meets the network: browsers, connection limits, TLS.
     #[command(flatten)]
     pub net: NetArgs,
+
+    /// The dashboard and `/metrics`.
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+}
+
+/// Settings of what the broker shows about itself: the web dashboard and the Prometheus metrics.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ObserveArgs {
+    /// The web dashboard at `/`: `on` (default) or `off`.
+    #[arg(long, env = "DASHBOARD", default_value = "on")]
+    pub dashboard: String,
+
+    /// A token that reads `GET /metrics` (Prometheus' `bearer_token`), besides API_TOKEN, so a
+    /// scraper need not hold the token that submits and cancels jobs. Unset with API_TOKEN unset:
+    /// `/metrics` is open like every client route.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+}
+
+impl Default for ObserveArgs {
+    fn default() -> ObserveArgs {
+        ObserveArgs { dashboard: "on".into(), metrics_token: None }
+    }
 }
 
 /// The broker's connection settings: which browser pages may call it, how long a client may take,
@@ -196,6 +220,10 @@ pub struct BrokerConfig {
     pub clock: Clock,
     /// Connection settings.
     pub net: NetConfig,
+    /// Whether `/` serves the dashboard (`DASHBOARD`).
+    pub dashboard: bool,
+    /// The token that reads `/metrics` besides API_TOKEN (`METRICS_TOKEN`).
+    pub metrics_token: Option<String>,
 }
 
 /// Validated [`NetArgs`].
@@ -259,6 +287,14 @@ fn token(name: &'static str, token: &Option<String>) -> Result<Option<String>, C
 }
 
 /// Parses `ALLOWED_ORIGINS`: `*`, or comma-separated `scheme://host[:port]` origins.
+fn on_off(name: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::Invalid { name, message: format!("must be on or off, got {v:?}") }),
+    }
+}
+
 fn allowed_origins(raw: &str) -> Result<(Vec<String>, bool), ConfigError> {
     let mut origins = Vec::new();
     let mut any = false;
@@ -351,6 +387,8 @@ impl BrokerArgs {
             workflows,
             clock: Clock::system(),
             net: self.net.into_config()?,
+            dashboard: on_off("DASHBOARD", &self.observe.dashboard)?,
+            metrics_token: token("METRICS_TOKEN", &self.observe.metrics_token)?,
         })
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::blobs::{BlobKind, Blobs, StagedBlob};
 use crate::config::BrokerConfig;
 use crate::events::EventHub;
+use crate::metrics::{Metrics, Subscriber};
 use crate::store::{InsertOutcome, JobRecord, NewJob, ResultState, Reuse, Store, StoreError};
 use crate::workers::WorkerRegistry;
 
@@ -118,6 +119,8 @@ struct Inner {
     unacknowledged: std::sync::Mutex<std::collections::HashMap<JobId, Unacknowledged>>,
     /// Open event streams (SSE and WebSocket).
     subscribers: Arc<std::sync::atomic::AtomicUsize>,
+    /// This broker's Prometheus metrics.
+    metrics: Arc<Metrics>,
 }
 
 /// Broker faults that are not a client's doing.
@@ -167,6 +170,7 @@ impl Broker {
                 workers: WorkerRegistry::default(),
                 unacknowledged: Default::default(),
                 subscribers: Default::default(),
+                metrics: Default::default(),
             }),
         })
     }
@@ -239,6 +243,7 @@ impl Broker {
             cancel_reason: r.cancel_reason.clone(),
             superseded_by: r.superseded_by,
             reused_from: r.reused_from,
+            params: r.params.clone(),
         })
     }
 
@@ -291,6 +296,39 @@ impl Broker {
     }
 
     async fn publish(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
+        self.count(kind, r);
+        self.publish_uncounted(kind, r).await
+    }
+
+    /// Counts a change in the metrics: a few atomic adds, nothing that waits.
+    fn count(&self, kind: JobEventKind, r: &JobRecord) {
+        let m = &self.inner.metrics;
+        let secs = |a: Timestamp, b: Timestamp| (b.millis() - a.millis()).max(0) as f64 / 1000.0;
+        match kind {
+            JobEventKind::Started => {
+                if let Some(start) = r.started_at {
+                    m.job_started(&r.workflow, secs(r.created_at, start));
+                }
+            }
+            JobEventKind::Done => {
+                m.job_finished(&r.workflow, "done");
+                // A reused result (dedupe) never ran: no timings to observe.
+                if let (Some(start), Some(end), Some(ms)) = (r.started_at, r.finished_at, r.comfy_execution_ms) {
+                    m.job_timings(&r.workflow, ms as f64 / 1000.0, secs(start, end));
+                }
+            }
+            JobEventKind::Error => m.job_finished(&r.workflow, "error"),
+            JobEventKind::Cancelled => {
+                let superseded = r.cancel_reason.as_deref() == Some(tdcomfy_api::cancel_reason::SUPERSEDED);
+                m.job_finished(&r.workflow, if superseded { "superseded" } else { "cancelled" });
+            }
+            JobEventKind::Snapshot | JobEventKind::Queued | JobEventKind::Progress | JobEventKind::Deleted => {}
+        }
+    }
+
+    /// Publishes without counting: for the repeated `cancelled` of a repeated DELETE, which is
+    /// no new change.
+    async fn publish_uncounted(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
         let view = self.view(r).await?;
         // The broker's record of a job's life, one line per change, with the fields a log search
         // joins the worker's lines on (the worker is absent once a requeue cleared the lease).
@@ -410,6 +448,7 @@ impl Broker {
             superseded.push(old.id);
         }
         let record = inserted.record;
+        self.inner.metrics.job_submitted(&record.workflow);
         if inserted.reused {
             self.publish(JobEventKind::Done, &record).await?;
         } else {
@@ -474,7 +513,7 @@ impl Broker {
 
     /// A place for one more event stream, or `None` when `MAX_SUBSCRIBERS` are open. The stream
     /// holds the slot for its life.
-    pub fn subscriber_slot(&self) -> Option<SubscriberSlot> {
+    pub fn subscriber_slot(&self, kind: Subscriber) -> Option<SubscriberSlot> {
         let count = self.inner.subscribers.clone();
         let limit = self.inner.config.max_subscribers;
         count
@@ -482,7 +521,31 @@ impl Broker {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| SubscriberSlot { count })
+            .map(|_| {
+                let gauge = self.inner.metrics.subscribers(kind).clone();
+                gauge.inc();
+                SubscriberSlot { count, gauge }
+            })
+    }
+
+    /// This broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// What `/metrics` shows now: the counters, and gauges read from the broker's state.
+    pub async fn render_metrics(&self) -> Result<String, BrokerError> {
+        let counts = self.inner.store.counts().await?;
+        let reports = self.inner.workers.reports();
+        let mut up: Vec<&str> = reports.iter().filter(|r| r.reachable).map(|r| r.server.as_str()).collect();
+        up.sort_unstable();
+        up.dedup();
+        Ok(self.inner.metrics.render(crate::metrics::ScrapeState {
+            queued: self.queued_count(),
+            running: counts.running,
+            workers_connected: self.inner.workers.connected().len() as u64,
+            servers_up: up.len() as u64,
+        }))
     }
 
     /// Number of queued jobs.
@@ -597,7 +660,7 @@ impl Broker {
         } else if r.status == JobStatus::Cancelled {
             // A client that asks again may have missed the event (it hung up, its stream broke):
             // repeating the DELETE is its way to hear the cancellation, so say it again.
-            self.publish(JobEventKind::Cancelled, r).await?;
+            self.publish_uncounted(JobEventKind::Cancelled, r).await?;
         }
         Ok(Some(DeleteResponse { job_id: id, status: r.status, message }))
     }
@@ -1094,10 +1157,12 @@ impl Drop for LeaseHandover {
 #[derive(Debug)]
 pub struct SubscriberSlot {
     count: Arc<std::sync::atomic::AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for SubscriberSlot {
     fn drop(&mut self) {
+        self.gauge.dec();
         self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -20,6 +20,7 @@ use utoipa::IntoParams;
 use super::error::ApiError;
 use super::extract::{ApiQuery, job_id};
 use crate::events::{PublishedEvent, PublishedPreview, Resume, Resync, ResyncReason, Subscription, event_name};
+use crate::metrics::Subscriber;
 use crate::service::Broker;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -179,7 +180,7 @@ fn all_events(
     responses((status = 200, description = "An endless text/event-stream of job events (JobEvent), `preview` events (PreviewEvent, no id) and `resync` events", content_type = "text/event-stream", body = String))
 )]
 pub async fn events(State(broker): State<Broker>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let slot = subscriber_slot(&broker)?;
+    let slot = subscriber_slot(&broker, Subscriber::Sse)?;
     let (sub, start) = open(&broker, last_event_id(&headers).as_deref());
     let stop = broker.shutdown_token().clone();
     let stream = all_events(broker, sub, start, None)
@@ -192,8 +193,8 @@ pub async fn events(State(broker): State<Broker>, headers: HeaderMap) -> Result<
 }
 
 /// A place under `MAX_SUBSCRIBERS`, or the 429 that says there is none.
-fn subscriber_slot(broker: &Broker) -> Result<crate::service::SubscriberSlot, ApiError> {
-    broker.subscriber_slot().ok_or(ApiError::TooManySubscribers { limit: broker.config().max_subscribers as u64 })
+fn subscriber_slot(broker: &Broker, kind: Subscriber) -> Result<crate::service::SubscriberSlot, ApiError> {
+    broker.subscriber_slot(kind).ok_or(ApiError::TooManySubscribers { limit: broker.config().max_subscribers as u64 })
 }
 
 /// The `snapshot` of a job as it is now.
@@ -230,7 +231,7 @@ pub async fn job_events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
-    let slot = subscriber_slot(&broker)?;
+    let slot = subscriber_slot(&broker, Subscriber::Sse)?;
     // Subscribe before reading the job, so a change in between is not missed.
     let (sub, start) = open(&broker, last_event_id(&headers).as_deref());
     let (snap, view) = snapshot(&broker, id, sub.id.clone()).await?;
@@ -347,7 +348,7 @@ pub async fn websocket(
         Some(raw) => Some(job_id(raw)?),
     };
     let upgrade = upgrade.map_err(|e| ApiError::bad_request("websocket_required", e.body_text()))?;
-    let slot = subscriber_slot(&broker)?;
+    let slot = subscriber_slot(&broker, Subscriber::WebSocket)?;
     let sub = broker.hub().subscribe_now();
     // Clients only listen: a message from them is never more than a close or a pong, so nothing
     // large is buffered for anyone (tungstenite would take up to 64 MiB by default).

@@ -33,6 +33,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         max_subscribers: 256,
         max_preview_mb: 64,
         net: Default::default(),
+        observe: Default::default(),
     }
 }
 

@@ -11,6 +11,7 @@ mod housekeeping;
 mod jobs;
 mod lease;
 mod limits;
+mod observe;
 mod persistence;
 mod preflight;
 mod previews;

@@ -207,6 +207,7 @@ impl Pipeline {
             max_subscribers: 256,
             max_preview_mb: 64,
             net: Default::default(),
+            observe: Default::default(),
         };
         let mut config = args.into_config(self.workflows.clone()).unwrap();
         config.preview_limits.stall_for_tests = self.setup.preview_stall;

@@ -60,6 +60,7 @@ async fn tls_broker(names: &[&str]) -> TlsBroker {
         max_subscribers: 256,
         max_preview_mb: 64,
         net: Default::default(),
+        observe: Default::default(),
     };
     args.net.tls_cert = Some(cert_path.clone());
     args.net.tls_key = Some(key_path);
