@@ -63,7 +63,9 @@ const actions = {
   },
   async retry(job) {
     try {
-      const frame = await (await api.call(`/jobs/${job.id}/input`)).blob();
+      // From the broker, not the browser's cache: a cancelled job's frame is gone there, and the
+      // retry should say so rather than run a frame the broker no longer has.
+      const frame = await (await api.call(`/jobs/${job.id}/input`, { cache: "no-store" })).blob();
       const form = new FormData();
       form.append("image", frame, "frame");
       form.append("prompt", job.prompt);
@@ -177,6 +179,7 @@ function connect() {
       const left = known && known.job.status === "queued" && ev.job.status !== "queued";
       upsert(ev.job);
       if (left || name === "queued") refreshPositionsSoon();
+      if (name !== "progress") refreshHealthSoon();
     },
     preview(p) {
       cards.get(p.job_id)?.showPreview(p.seq);
@@ -194,6 +197,16 @@ function connect() {
 }
 
 // ---- workers, servers, workflows ----------------------------------------------------------------
+
+/** The counts and the workers' jobs change with job events: read /health again, at most 4/s. */
+let healthTimer = null;
+function refreshHealthSoon() {
+  if (healthTimer) return;
+  healthTimer = setTimeout(() => {
+    healthTimer = null;
+    pollHealth();
+  }, 250);
+}
 
 async function pollHealth() {
   try {

@@ -82,12 +82,13 @@ export class JobCard {
     const s = job.status;
     this.el.className = "job " + s;
     this.el.dataset.status = s;
-    this.title.replaceChildren(
+    const title = [
       h("span", { class: "badge " + s }, s === "queued" && job.queue_position ? `#${job.queue_position}` : s),
       " ",
       h("span", { class: "workflow" }, job.workflow),
-      job.stream ? h("span", { class: "stream" }, ` · stream ${job.stream}`) : null,
-    );
+    ];
+    if (job.stream) title.push(h("span", { class: "stream" }, ` · stream ${job.stream}`));
+    this.title.replaceChildren(...title);
     this.title.title = job.id;
     const meta = [job.prompt ? `“${job.prompt.slice(0, 120)}”` : "(no prompt)"];
     if (s === "running" || job.processing_time != null) meta.push(secs(job.processing_time));
