@@ -6,4 +6,5 @@ mod cli;
 mod crash;
 mod logs;
 mod process;
+mod status;
 mod tls;
