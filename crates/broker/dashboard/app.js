@@ -134,20 +134,47 @@ function layout() {
   for (const box of [queue, $("#running"), recent]) box.classList.toggle("is-empty", box.children.length === 0);
 }
 
-/** Positions move whenever a job leaves the queue, without an event for the others: re-read them. */
-let positionsTimer = null;
-function refreshPositionsSoon() {
-  if (positionsTimer) return;
-  positionsTimer = setTimeout(async () => {
-    positionsTimer = null;
-    try {
-      const list = await api.json("/jobs?status=queued&limit=500");
-      for (const job of list.jobs) upsert(job);
-    } catch (e) {
-      report(e);
-    }
-  }, 250);
+/**
+ * Positions are ranks in the claim order: a job leaving the queue moves every later one up by
+ * one, a job joining at position p moves those at p and after down by one. The page follows that
+ * from the events alone, and re-reads the queue at most every POSITIONS_EVERY ms while it changes
+ * (positions are computed as each event is published, so two close changes may be off by one
+ * until then).
+ */
+const POSITIONS_EVERY = 5000;
+
+function shiftPositions(from, by, except) {
+  for (const card of cards.values()) {
+    const p = card.job.queue_position;
+    if (card.job.id === except || card.job.status !== "queued" || !p) continue;
+    if (by < 0 ? p > from : p >= from) card.setPosition(p + by);
+  }
+  scheduleLayout();
 }
+
+/** Runs `fn` soon, at most once every `every` ms: calls in between join the pending run. */
+function throttled(fn, every) {
+  let timer = null;
+  let last = -Infinity;
+  return () => {
+    if (timer) return;
+    const wait = Math.max(250, last + every - performance.now());
+    timer = setTimeout(async () => {
+      timer = null;
+      last = performance.now();
+      await fn();
+    }, wait);
+  };
+}
+
+const refreshPositionsSoon = throttled(async () => {
+  try {
+    const list = await api.json("/jobs?status=queued&limit=500");
+    for (const job of list.jobs) upsert(job);
+  } catch (e) {
+    report(e);
+  }
+}, POSITIONS_EVERY);
 
 async function loadJobs() {
   const [queued, running, recent] = await Promise.all([
@@ -176,9 +203,12 @@ function connect() {
   es = api.follow({
     job(name, ev) {
       const known = cards.get(ev.job_id);
-      const left = known && known.job.status === "queued" && ev.job.status !== "queued";
+      const wasQueued = !!known && known.job.status === "queued";
+      const isQueued = ev.job.status === "queued";
+      if (wasQueued && !isQueued && known.job.queue_position) shiftPositions(known.job.queue_position, -1, ev.job_id);
+      if (!wasQueued && isQueued && ev.job.queue_position) shiftPositions(ev.job.queue_position, +1, ev.job_id);
       upsert(ev.job);
-      if (left || name === "queued") refreshPositionsSoon();
+      if (wasQueued !== isQueued) refreshPositionsSoon();
       if (name !== "progress") refreshHealthSoon();
     },
     preview(p) {
@@ -198,15 +228,8 @@ function connect() {
 
 // ---- workers, servers, workflows ----------------------------------------------------------------
 
-/** The counts and the workers' jobs change with job events: read /health again, at most 4/s. */
-let healthTimer = null;
-function refreshHealthSoon() {
-  if (healthTimer) return;
-  healthTimer = setTimeout(() => {
-    healthTimer = null;
-    pollHealth();
-  }, 250);
-}
+/** The counts and the workers' jobs change with job events: read /health again, at most 1/s. */
+const refreshHealthSoon = throttled(() => pollHealth(), 1000);
 
 async function pollHealth() {
   try {

@@ -18,6 +18,43 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Input frames and results are loaded one at a time, newest card first, at most one every
+ * MEDIA_SPACING ms, skipping cards no longer on the page: at 20 jobs/s a page would otherwise
+ * download every frame and clip, and fifty open pages would cost the broker more than the jobs.
+ */
+const MEDIA_SPACING = 500;
+const mediaWanted = [];
+let mediaBusy = false;
+let mediaLast = -Infinity;
+
+function wantMedia(card, kind) {
+  mediaWanted.push({ card, kind });
+  pumpMedia();
+}
+
+async function pumpMedia() {
+  if (mediaBusy) return;
+  mediaBusy = true;
+  try {
+    while (mediaWanted.length) {
+      const { card, kind } = mediaWanted.pop(); // the newest request first
+      if (!card.el.isConnected) continue;
+      const wait = mediaLast + MEDIA_SPACING - performance.now();
+      if (wait > 0) await sleep(wait);
+      mediaLast = performance.now();
+      if (card.el.isConnected) await (kind === "input" ? card.loadInput() : card.loadResult());
+    }
+  } finally {
+    mediaBusy = false;
+  }
+}
+
+/** Previews of one card are fetched at most this often (the newest wins; the rest are skipped). */
+const PREVIEW_SPACING = 500;
+
 export function secs(v) {
   if (v === null || v === undefined) return "–";
   return v < 10 ? v.toFixed(1) + " s" : Math.round(v) + " s";
@@ -51,8 +88,8 @@ export class JobCard {
   constructor(job, actions) {
     this.actions = actions;
     this.job = null;
-    this.inputLoaded = false;
-    this.resultLoaded = false;
+    this.inputWanted = false;
+    this.resultWanted = false;
     this.previewSeq = 0;
     this.previewBusy = false;
     this.previewWanted = 0;
@@ -110,8 +147,15 @@ export class JobCard {
     this.error.hidden = !(s === "error" && job.error_message);
     this.error.textContent = s === "error" ? job.error_message || "" : "";
     this.renderButtons();
-    if (!this.inputLoaded && s !== "cancelled") this.loadInput();
-    if (s === "done" && job.has_result && !this.resultLoaded) this.loadResult();
+    // A queued card's frame waits until it runs: queued cards come and go fastest.
+    if (!this.inputWanted && s !== "cancelled" && s !== "queued") {
+      this.inputWanted = true;
+      wantMedia(this, "input");
+    }
+    if (s === "done" && job.has_result && !this.resultWanted) {
+      this.resultWanted = true;
+      wantMedia(this, "result");
+    }
     if (s === "done" && !job.has_result && was === "done") this.result.replaceChildren(h("span", { class: "meta" }, "result deleted"));
   }
 
@@ -130,8 +174,15 @@ export class JobCard {
     this.buttons.replaceChildren(...btns);
   }
 
+  /** Shows a new queue position (positions move without an event of this job). */
+  setPosition(position) {
+    if (this.job.status !== "queued" || this.job.queue_position === position) return;
+    this.job = { ...this.job, queue_position: position };
+    const badge = this.title.querySelector(".badge");
+    if (badge) badge.textContent = `#${position}`;
+  }
+
   async loadInput() {
-    this.inputLoaded = true;
     try {
       const m = await this.actions.media(`/jobs/${this.job.id}/input`);
       this.revokers.push(m.revoke);
@@ -142,7 +193,6 @@ export class JobCard {
   }
 
   async loadResult() {
-    this.resultLoaded = true;
     const info = this.job.result || { content_type: "" };
     try {
       const m = await this.actions.media(`/jobs/${this.job.id}/result`);
@@ -183,6 +233,9 @@ export class JobCard {
     this.previewBusy = true;
     try {
       while (this.previewWanted > this.previewSeq && this.job.status === "running") {
+        const wait = (this.previewAt || -Infinity) + PREVIEW_SPACING - performance.now();
+        if (wait > 0) await sleep(wait);
+        this.previewAt = performance.now();
         const want = this.previewWanted;
         const m = await this.actions.media(`/jobs/${this.job.id}/preview`, { fresh: true });
         if (this.job.status !== "running") {

@@ -207,3 +207,44 @@ async fn a_jobs_input_frame_is_readable_until_its_files_go() {
     let (status, err) = error_of(app.get(&format!("/jobs/{id}/input")).send().await.unwrap()).await;
     assert_eq!((status, err["code"].as_str()), (410, Some("input_gone")));
 }
+
+#[tokio::test]
+async fn the_grafana_dashboard_uses_only_metrics_the_broker_exposes() {
+    let app = spawn_app().await;
+    // One job of every outcome-labelled kind is not needed: every family is declared in the
+    // exposition from the start (HELP/TYPE), and the histograms' series appear with a job.
+    let id = submit(&app, crate::helpers::png_form("grafana")).await;
+    let lease = app.lease("w", 1.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    let resp = app
+        .put(&format!("/worker/jobs/{id}/result"))
+        .header("lease-token", token)
+        .header("content-type", "video/mp4")
+        .header("comfy-execution-ms", "10")
+        .body(vec![1u8; 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = scrape(&app).await;
+    let exposed: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .chain(text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()))
+        .collect();
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/grafana-dashboard.json")).unwrap();
+    let _: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut used: Vec<&str> = Vec::new();
+    let mut rest = dashboard.as_str();
+    while let Some(i) = rest.find("tdcomfy_") {
+        let name_len = rest[i..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len() - i);
+        used.push(&rest[i..i + name_len]);
+        rest = &rest[i + name_len..];
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for name in used {
+        assert!(exposed.contains(name), "deploy/grafana-dashboard.json uses {name}, which /metrics does not expose");
+    }
+}
