@@ -73,7 +73,9 @@ export async function mediaUrl(path, { fresh = false } = {}) {
  * `job(eventName, JobEvent)`, `preview(PreviewEvent)`, `resync()`, `state(open)`.
  */
 export function follow(handlers) {
-  const q = token() ? "?token=" + encodeURIComponent(token()) : "";
+  // Batched: a person cannot tell 200 ms, and the broker then writes to each open page five
+  // times a second at most, however many events there are.
+  const q = "?batch_ms=200" + (token() ? "&token=" + encodeURIComponent(token()) : "");
   const es = new EventSource("/events" + q);
   for (const name of ["queued", "started", "progress", "done", "error", "cancelled", "deleted"]) {
     es.addEventListener(name, (m) => handlers.job(name, JSON.parse(m.data)));

@@ -228,8 +228,11 @@ function connect() {
 
 // ---- workers, servers, workflows ----------------------------------------------------------------
 
-/** The counts and the workers' jobs change with job events: read /health again, at most 1/s. */
-const refreshHealthSoon = throttled(() => pollHealth(), 1000);
+/**
+ * The counts and the workers' jobs change with job events, workers come and go without any:
+ * /health is read again after a change and every 2 s, at most once per 2 s in all.
+ */
+const refreshHealthSoon = throttled(() => pollHealth(), 2000);
 
 async function pollHealth() {
   try {
@@ -418,7 +421,7 @@ function start() {
   pollHealth();
   pollWorkflows();
   // Workers and servers come and go without job events; these are two small reads.
-  setInterval(pollHealth, 2000);
+  setInterval(refreshHealthSoon, 2000);
   setInterval(pollWorkflows, 10000);
 }
 

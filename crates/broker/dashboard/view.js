@@ -25,7 +25,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  * MEDIA_SPACING ms, skipping cards no longer on the page: at 20 jobs/s a page would otherwise
  * download every frame and clip, and fifty open pages would cost the broker more than the jobs.
  */
-const MEDIA_SPACING = 500;
+const MEDIA_SPACING = 1000;
 const mediaWanted = [];
 let mediaBusy = false;
 let mediaLast = -Infinity;

@@ -336,7 +336,8 @@ async fn watch(
     tokio::pin!(shutdown);
     loop {
         // Subscribed before the re-read, so nothing between the two is missed.
-        let mut events = JobEvents::new(client.get("/events").await?);
+        // Batched: a view redrawn at most 5 times a second needs no write per event.
+        let mut events = JobEvents::new(client.get("/events?batch_ms=200").await?);
         state.load_service(client).await?;
         state.load_jobs(client, recent).await?;
         draw(state);

@@ -248,3 +248,46 @@ async fn the_grafana_dashboard_uses_only_metrics_the_broker_exposes() {
         assert!(exposed.contains(name), "deploy/grafana-dashboard.json uses {name}, which /metrics does not expose");
     }
 }
+
+#[tokio::test]
+async fn batched_events_arrive_together_in_order_and_resume_like_the_others() {
+    use futures_util::StreamExt;
+    let app = spawn_app().await;
+    let (status, err) = error_of(app.get("/events?batch_ms=5000").send().await.unwrap()).await;
+    assert_eq!((status, err["field"].as_str(), err["limit"].as_u64()), (400, Some("batch_ms"), Some(1000)));
+
+    let resp = app.get("/events?batch_ms=300").send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut chunks = resp.bytes_stream();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(submit(&app, crate::helpers::png_form("batch")).await);
+    }
+    let mut text = String::new();
+    let mut writes = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while text.matches("event: queued").count() < 5 {
+        let chunk =
+            tokio::time::timeout_at(deadline, chunks.next()).await.expect("five queued events").unwrap().unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+        writes += 1;
+    }
+    // Five events published within the window: at most a couple of writes, not five.
+    assert!(writes <= 2, "{writes} writes for 5 events:\n{text}");
+    let seen: Vec<String> = text
+        .split("\n\n")
+        .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str::<Value>(data).unwrap()["job_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen, ids, "every event, in publication order");
+    let event_ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(event_ids.len(), 5);
+
+    // Resuming a batched stream after the second event replays the three after it.
+    let resumed = app.get("/events?batch_ms=100").header("last-event-id", event_ids[1]).send().await.unwrap();
+    let mut reader = SseReader::new(resumed);
+    for expected in &ids[2..] {
+        let (name, data) = reader.next(5.0).await.expect("a replayed event");
+        assert_eq!((name.as_str(), data["job_id"].as_str()), ("queued", Some(expected.as_str())));
+    }
+}

@@ -6,10 +6,10 @@
 //! the figure; the difference is what watching costs.
 //!
 //! A simulated dashboard does what `crates/broker/dashboard/app.js` does over the network: it
-//! holds `/events` open and reads every event, re-reads the queue when a job joins or leaves it
-//! (at most every 5 s) and `/health` after a state change (at most every second), polls `/health`
-//! every 2 s and `/workflows` every 10 s, and downloads input frames (of running and finished
-//! jobs) and results (of done jobs) one at a time, newest first, at most one every 500 ms,
+//! holds `/events?batch_ms=200` open and reads every event, re-reads the queue when a job joins or leaves it
+//! (at most every 5 s), reads `/health` after a state change and every 2 s (at most once per 2 s
+//! in all) and `/workflows` every 10 s, and downloads input frames (of running and finished
+//! jobs) and results (of done jobs) one at a time, newest first, at most one a second,
 //! skipping jobs no longer among the 20 finished cards the page keeps.
 
 use std::collections::HashSet;
@@ -238,7 +238,7 @@ async fn dashboard(
             }
         }
     };
-    let Ok(resp) = http.get(format!("{base}/events")).send().await else {
+    let Ok(resp) = http.get(format!("{base}/events?batch_ms=200")).send().await else {
         counts.failures.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -273,7 +273,7 @@ async fn dashboard(
                     queue_due.get_or_insert_with(|| due(queue_last, Duration::from_secs(5)));
                 }
                 if name != "progress" {
-                    health_due.get_or_insert_with(|| due(health_last, Duration::from_secs(1)));
+                    health_due.get_or_insert_with(|| due(health_last, Duration::from_secs(2)));
                 }
                 if name == "started" && seen.insert(id.clone()) {
                     wanted.push((id.clone(), "input"));
@@ -306,7 +306,7 @@ async fn dashboard(
                         let on_page = kind == "input" || shown.contains(&id);
                         if on_page {
                             get(format!("{base}/jobs/{id}/{kind}")).await;
-                            next_media = Instant::now() + Duration::from_millis(500);
+                            next_media = Instant::now() + Duration::from_secs(1);
                             break;
                         }
                     }
@@ -317,7 +317,9 @@ async fn dashboard(
                     }
                 }
             }
-            _ = health_poll.tick() => { tokio::spawn(get(format!("{base}/health"))); }
+            _ = health_poll.tick() => {
+                health_due.get_or_insert_with(|| due(health_last, Duration::from_secs(2)));
+            }
             _ = workflows_poll.tick() => { tokio::spawn(get(format!("{base}/workflows"))); }
         }
     }
