@@ -12,6 +12,7 @@ mod jobs;
 mod lease;
 mod limits;
 mod persistence;
+mod prefetch;
 mod preflight;
 mod previews;
 mod results;
