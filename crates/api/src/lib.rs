@@ -260,6 +260,25 @@ pub struct WorkerInfo {
     pub last_seen_ms_ago: u64,
     /// The job it holds a lease on, if any.
     pub job_id: Option<JobId>,
+    /// The ComfyUI server behind this lease loop (its base URL), from the worker's report;
+    /// `null` until a worker that reports it (0.5 and later) sent one.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// `idle` (waiting for a job), `running` (a job runs on the server), `paused` (the loop takes
+    /// no job: its server failed a job by being unreachable, and it waits to answer again) or
+    /// `unreachable` (the server does not answer); `null` without a report.
+    #[serde(default)]
+    pub state: Option<ServerState>,
+    /// Jobs leased ahead of the running one, waiting in ComfyUI's own queue (`PREFETCH`), oldest
+    /// first.
+    #[serde(default)]
+    pub prefetched_jobs: Vec<JobId>,
+    /// The workflow the server ran last (its models are loaded).
+    #[serde(default)]
+    pub last_workflow: Option<String>,
+    /// The server's compute devices from ComfyUI's `/system_stats` `devices[]`, at its last look.
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// What a ComfyUI server behind a lease loop is doing, as its worker reports it.

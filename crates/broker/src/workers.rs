@@ -172,10 +172,23 @@ impl WorkerRegistry {
         let mut out: Vec<WorkerInfo> = seen
             .iter()
             .filter(|(_, s)| s.live())
-            .map(|(id, s)| WorkerInfo {
-                id: id.clone(),
-                last_seen_ms_ago: if s.waiting > 0 { 0 } else { s.last_seen.elapsed().as_millis() as u64 },
-                job_id: s.job,
+            .map(|(id, s)| {
+                let report = s.report.as_ref().filter(|r| r.state.is_some());
+                WorkerInfo {
+                    id: id.clone(),
+                    last_seen_ms_ago: if s.waiting > 0 { 0 } else { s.last_seen.elapsed().as_millis() as u64 },
+                    // A loop that reports its state knows its running job better than the last
+                    // call seen here (a prefetched job's heartbeats come from the same id).
+                    job_id: match report {
+                        Some(r) => r.job_id,
+                        None => s.job,
+                    },
+                    server: s.report.as_ref().map(|r| r.server.clone()),
+                    state: report.and_then(|r| r.state),
+                    prefetched_jobs: report.map(|r| r.prefetched_jobs.clone()).unwrap_or_default(),
+                    last_workflow: report.and_then(|r| r.last_workflow.clone()),
+                    devices: report.map(|r| r.devices.clone()).unwrap_or_default(),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));

@@ -200,6 +200,57 @@ async fn a_preferred_server_that_does_not_take_the_job_costs_the_other_little() 
 }
 
 #[tokio::test]
+async fn health_shows_each_servers_reported_state() {
+    let app = spawn_app().await;
+    let id = submit(&app, "x", &[]).await;
+    let report = json!({
+        "worker_id": "gpu-1", "server": "http://gpu1:8188", "reachable": true, "workflows": [],
+        "state": "running", "job_id": id, "prefetched_jobs": ["7f1c2a4e-0000-4000-8000-000000000001"],
+        "last_workflow": "ltxv_image_to_video",
+        "devices": [{"name": "cuda:0 NVIDIA GeForce RTX 4090", "type": "cuda",
+                     "vram_total": 25_757_220_864u64, "vram_free": 20_000_000_000u64}]
+    });
+    assert_eq!(app.post("/worker/preflight").json(&report).send().await.unwrap().status(), 204);
+    let health = app.health().await;
+    let w = &health["workers"][0];
+    assert_eq!(w["id"], "gpu-1");
+    assert_eq!(w["server"], "http://gpu1:8188");
+    assert_eq!(w["state"], "running");
+    assert_eq!(w["job_id"], id.as_str());
+    assert_eq!(w["prefetched_jobs"], json!(["7f1c2a4e-0000-4000-8000-000000000001"]));
+    assert_eq!(w["last_workflow"], "ltxv_image_to_video");
+    assert_eq!(w["devices"][0]["type"], "cuda");
+    assert_eq!(w["devices"][0]["vram_total"], 25_757_220_864u64);
+
+    // A report without them (an older worker) leaves the fields empty, not missing.
+    let old = json!({"worker_id": "gpu-2", "server": "http://gpu2:8188", "reachable": true, "workflows": []});
+    assert_eq!(app.post("/worker/preflight").json(&old).send().await.unwrap().status(), 204);
+    let health = app.health().await;
+    let w = health["workers"].as_array().unwrap().iter().find(|w| w["id"] == "gpu-2").unwrap().clone();
+    assert_eq!((w["state"].clone(), w["prefetched_jobs"].clone()), (Value::Null, json!([])));
+    assert_eq!(w["server"], "http://gpu2:8188");
+
+    // Over the limits: a 400 naming the field.
+    let mut many = report.clone();
+    many["prefetched_jobs"] = json!(vec!["7f1c2a4e-0000-4000-8000-000000000001"; 65]);
+    let (status, err) = error_of(app.post("/worker/preflight").json(&many).send().await.unwrap()).await;
+    assert_eq!((status, err["field"].as_str(), err["limit"].as_u64()), (400, Some("prefetched_jobs"), Some(64)));
+    let mut bad = report.clone();
+    bad["state"] = json!("sleeping");
+    let (status, _) = error_of(app.post("/worker/preflight").json(&bad).send().await.unwrap()).await;
+    assert_eq!(status, 400);
+    let (status, err) = error_of(
+        app.post("/worker/lease")
+            .json(&json!({"worker_id": "w", "last_workflow": "x".repeat(129)}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, err["field"].as_str()), (400, Some("last_workflow")));
+}
+
+#[tokio::test]
 async fn the_document_declares_the_prefetch_fields() {
     let app = spawn_app().await;
     let doc: Value = app.get("/openapi.json").send().await.unwrap().json().await.unwrap();
@@ -212,6 +263,11 @@ async fn the_document_declares_the_prefetch_fields() {
         ("PreflightReport", "state"),
         ("PreflightReport", "prefetched_jobs"),
         ("PreflightReport", "devices"),
+        ("WorkerInfo", "server"),
+        ("WorkerInfo", "state"),
+        ("WorkerInfo", "prefetched_jobs"),
+        ("WorkerInfo", "last_workflow"),
+        ("WorkerInfo", "devices"),
     ] {
         assert!(schemas[schema]["properties"][field].is_object(), "{schema}.{field} is declared");
     }

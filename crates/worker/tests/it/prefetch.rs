@@ -97,6 +97,20 @@ impl Drop for QueueWatch {
     }
 }
 
+/// The one worker's entry in `/health` once `pred` holds (within 5 s).
+async fn server_in_health(p: &Pipeline, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let health: Value = p.http.get(p.url("/health")).send().await.unwrap().json().await.unwrap();
+        let worker = health["workers"][0].clone();
+        if pred(&worker) {
+            return worker;
+        }
+        assert!(Instant::now() < deadline, "/health never showed the expected state: {health}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn setup(version: ComfyVersion, job_time: f64) -> Setup {
     Setup { sim_job_time: job_time, ..Setup::on(version) }
 }
@@ -120,6 +134,12 @@ async fn the_next_prompt_waits_in_comfyuis_queue_before_the_current_finishes(ver
     let first = submit(&p, &jobs, "first", &[]).await;
     let second = submit(&p, &jobs, "second", &[]).await;
     watch.until_pending(&second, 10.0).await;
+    let busy = server_in_health(&p, |w| {
+        w["state"] == "running" && w["prefetched_jobs"].as_array().is_some_and(|j| !j.is_empty())
+    })
+    .await;
+    assert_eq!(busy["job_id"], first.as_str(), "{busy}");
+    assert_eq!(busy["prefetched_jobs"], serde_json::json!([second]), "{busy}");
     // Pending while the first had not finished: it is the first that runs, the second waits.
     let first_now = p.job(&first).await;
     assert_eq!(first_now["status"], "running", "the second prompt was queued while the first ran: {first_now}");
@@ -131,6 +151,14 @@ async fn the_next_prompt_waits_in_comfyuis_queue_before_the_current_finishes(ver
         assert_eq!(job["attempts"], 1, "{job}");
     }
     assert_eq!(watch.of(&second).ran.len(), 1, "the prefetched prompt ran once");
+    // The worker reports the server's state: idle again, nothing prefetched, the workflow it
+    // ran, its devices from /system_stats.
+    let idle =
+        server_in_health(&p, |w| w["state"] == "idle" && w["devices"].as_array().is_some_and(|d| !d.is_empty())).await;
+    assert_eq!(idle["prefetched_jobs"], serde_json::json!([]), "{idle}");
+    assert_eq!(idle["last_workflow"], "ltxv_image_to_video", "{idle}");
+    assert_eq!(idle["server"], p.sim_url("").trim_end_matches('/'), "{idle}");
+    assert!(idle["devices"][0]["vram_total"].as_u64().is_some_and(|v| v > 0), "{idle}");
 }
 
 /// (b) A client cancelling a prefetched job takes its prompt out of ComfyUI's queue well before
