@@ -22,6 +22,47 @@ use crate::metrics::{Metrics, Subscriber};
 use crate::store::{InsertOutcome, JobRecord, NewJob, ResultState, Reuse, Store, StoreError};
 use crate::workers::WorkerRegistry;
 
+/// How long a lease request that let a better-suited waiting loop go first waits for it to claim
+/// before claiming itself: the fallback when that loop does not take the job after all.
+const YIELD_LIMIT: Duration = Duration::from_millis(200);
+
+/// What a lease loop asks for, beside its worker id and wait.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseWish {
+    /// The workflows its server can run (`None`: any).
+    pub workflows: Option<Vec<String>>,
+    /// Its server is busy: the job would wait in ComfyUI's queue.
+    pub prefetch: bool,
+    /// The workflow its server ran last.
+    pub last_workflow: Option<String>,
+}
+
+/// One heartbeat: progress, whether a prefetched job started, how long to hold the answer.
+#[derive(Debug, Clone, Default)]
+pub struct Beat {
+    /// Progress to publish.
+    pub progress: Option<Progress>,
+    /// ComfyUI started the prompt of a job leased with `prefetch`.
+    pub started: bool,
+    /// Hold the answer this long unless the job changes (0: answer at once).
+    pub wait: Duration,
+}
+
+/// Takes a lease request off the waiting list when it ends, waking the requests that let it go
+/// first so they claim now.
+struct WakeOthers<'a> {
+    broker: &'a Broker,
+    me: u64,
+}
+
+impl Drop for WakeOthers<'_> {
+    fn drop(&mut self) {
+        if self.broker.inner.workers.stop_waiting(self.me) {
+            self.broker.inner.hub.job_queued();
+        }
+    }
+}
+
 /// A validated submission whose image is staged on disk.
 #[derive(Debug)]
 pub struct Submission {
@@ -688,18 +729,50 @@ impl Broker {
         wait: Duration,
         workflows: Option<Vec<String>>,
     ) -> Result<Option<Lease>, BrokerError> {
+        self.lease_as(worker, wait, LeaseWish { workflows, prefetch: false, last_workflow: None }).await
+    }
+
+    /// [`Broker::lease`] for a lease loop that says more about its server: whether it is busy
+    /// (`prefetch`: the job would wait in ComfyUI's queue) and which workflow it ran last. Among
+    /// the loops waiting at once, the next job goes to an idle one before a busy one, and to one
+    /// whose last workflow is the job's (its models are loaded) before one whose is not: a loop
+    /// that sees a better-suited one waiting lets it claim first.
+    pub async fn lease_as(&self, worker: &str, wait: Duration, wish: LeaseWish) -> Result<Option<Lease>, BrokerError> {
         let _waiting = self.inner.workers.waiting(worker);
+        let me = self.inner.workers.wait_for_lease(crate::workers::Wish {
+            prefetch: wish.prefetch,
+            last_workflow: wish.last_workflow.clone(),
+            workflows: wish.workflows.clone(),
+        });
+        // Whoever let this loop go first is woken when it leaves, claimed or not.
+        let _wake = WakeOthers { broker: self, me };
         let deadline = Instant::now() + wait;
         let handover =
             LeaseHandover { broker: self.clone(), state: Arc::new(std::sync::Mutex::new(Handover::Waiting)) };
+        let mut yielded = false;
         loop {
             // Register for the wake-up before looking, so a job queued in between is not missed.
             let signal = self.inner.hub.queued_signal().notified();
             tokio::pin!(signal);
             signal.as_mut().enable();
+            // Once per wake-up at most, and never twice in a row without a claim attempt: a
+            // better-suited loop that does not take the job (it left, or its own claim found
+            // another) costs this one at most YIELD_LIMIT.
+            if !yielded && self.someone_better(me, &wish).await? {
+                yielded = true;
+                tokio::select! {
+                    _ = &mut signal => {}
+                    _ = tokio::time::sleep(YIELD_LIMIT) => {}
+                    _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                    _ = self.inner.shutdown.cancelled() => return Ok(None),
+                }
+                continue;
+            }
+            yielded = false;
             let (this, worker_name, state) = (self.clone(), worker.to_owned(), handover.state.clone());
-            let allowed = workflows.clone();
-            let claimed = self.detached(async move { this.claim_now(worker_name, state, allowed).await }).await?;
+            let (allowed, prefetch) = (wish.workflows.clone(), wish.prefetch);
+            let claimed =
+                self.detached(async move { this.claim_now(worker_name, state, allowed, prefetch).await }).await?;
             if let Some(lease) = claimed {
                 handover.received();
                 return Ok(Some(lease));
@@ -712,14 +785,26 @@ impl Broker {
         }
     }
 
+    /// Whether another waiting loop suits the job this one would claim now better than it does
+    /// (asked only when another loop waits at all, so a lone worker pays nothing).
+    async fn someone_better(&self, me: u64, wish: &LeaseWish) -> Result<bool, BrokerError> {
+        if self.inner.workers.lease_waiters() < 2 {
+            return Ok(false);
+        }
+        let Some(workflow) = self.inner.store.peek_next(wish.workflows.clone()).await? else { return Ok(false) };
+        Ok(self.inner.workers.better_waiter(me, &workflow))
+    }
+
     async fn claim_now(
         &self,
         worker: String,
         handover: Arc<std::sync::Mutex<Handover>>,
         allowed_workflows: Option<Vec<String>>,
+        prefetch: bool,
     ) -> Result<Option<Lease>, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
-        let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms, allowed_workflows).await? else {
+        let Some(r) = self.inner.store.claim_next_with(worker.clone(), lease_ms, allowed_workflows, prefetch).await?
+        else {
             return Ok(None);
         };
         self.inner.workers.touch(&worker, Some(r.id));
@@ -824,8 +909,42 @@ impl Broker {
         token: LeaseToken,
         progress: Option<Progress>,
     ) -> Result<bool, BrokerError> {
+        self.heartbeat_with(id, token, Beat { progress, started: false, wait: Duration::ZERO }).await
+    }
+
+    /// [`Broker::heartbeat`] that may also say ComfyUI started a prefetched job, and may hold the
+    /// answer up to `wait` (capped at a third of `LEASE_TTL`, after renewing) until the job
+    /// changes: a prefetched job's worker hears of a cancel or supersede at once.
+    pub async fn heartbeat_with(&self, id: JobId, token: LeaseToken, beat: Beat) -> Result<bool, BrokerError> {
+        // Subscribed before the renewal, so a cancel committed right after it is not missed.
+        let mut events = (!beat.wait.is_zero()).then(|| self.inner.hub.subscribe());
         let this = self.clone();
-        self.detached(async move { this.heartbeat_now(id, token, progress).await }).await
+        let renew_token = token.clone();
+        let cancelled = self
+            .detached(async move { this.heartbeat_now(id, renew_token, beat.progress, beat.started).await })
+            .await?;
+        let Some(events) = events.as_mut().filter(|_| !cancelled) else { return Ok(cancelled) };
+        let wait = beat.wait.min(self.inner.config.lease_ttl / 3);
+        let changed = async {
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.job_id() == id => return,
+                    Ok(_) => {}
+                    // Fell behind or closed: re-read below rather than guess.
+                    Err(_) => return,
+                }
+            }
+        };
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep(wait) => return Ok(false),
+            _ = self.inner.shutdown.cancelled() => return Ok(false),
+        }
+        match self.inner.store.check_lease(id, &token).await {
+            Ok(_) => Ok(false),
+            Err(StoreError::Cancelled) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn heartbeat_now(
@@ -833,9 +952,10 @@ impl Broker {
         id: JobId,
         token: LeaseToken,
         progress: Option<Progress>,
+        started: bool,
     ) -> Result<bool, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
-        let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms).await?;
+        let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms, started).await?;
         self.acknowledge(id);
         if let Some(r) = &outcome.changed {
             if let Some(lease) = &r.lease {

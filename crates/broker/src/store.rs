@@ -262,7 +262,7 @@ pub struct StatusCounts {
     pub cancelled: u64,
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -344,6 +344,26 @@ CREATE TABLE stream_turns (stream TEXT PRIMARY KEY, served INTEGER NOT NULL) WIT
 CREATE INDEX stream_turns_by_served ON stream_turns (served);
 ";
 
+/// Version 3 to 4: prefetch. A running job leased to a server that was busy waits in ComfyUI's
+/// queue (`prefetched = 1`) until its worker says ComfyUI started it; until then it counts as not
+/// started for `latest` supersedes, and no other job of its (named) stream is claimed, so a
+/// stream's jobs still start in submission order across servers.
+const MIGRATE_TO_4: &str = "
+ALTER TABLE jobs ADD COLUMN prefetched INTEGER NOT NULL DEFAULT 0;
+";
+
+/// The next job a claim takes, for a worker's workflow list (`?1`, a JSON array, or NULL for
+/// any): the oldest queued job of the stream served least recently, skipping named streams with a
+/// job prefetched and not started yet (it must start before the stream's next one does).
+/// Shared by [`Store::claim_next_with`] and [`Store::peek_next`], so the two cannot disagree.
+const NEXT_JOB: &str = "SELECT j.seq, j.stream, j.workflow FROM jobs j INDEXED BY jobs_by_status \
+     LEFT JOIN stream_turns t ON t.stream = j.stream \
+     WHERE j.status = 'queued' \
+     AND (?1 IS NULL OR j.workflow IN (SELECT value FROM json_each(?1))) \
+     AND (j.stream = '' OR NOT EXISTS (SELECT 1 FROM jobs p INDEXED BY jobs_waiting_by_stream \
+          WHERE p.stream = j.stream AND p.status IN ('queued', 'running') AND p.prefetched = 1)) \
+     ORDER BY COALESCE(t.served, 0), j.seq LIMIT 1";
+
 const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow, params, \
     input_content_type, input_size, input_width, input_height, input_present, created_at, started_at, \
     finished_at, attempts, lease_token, lease_owner, lease_expires_at, progress, error_message, \
@@ -387,6 +407,9 @@ impl Store {
             }
             if version < 3 {
                 tx.execute_batch(MIGRATE_TO_3)?;
+            }
+            if version < 4 {
+                tx.execute_batch(MIGRATE_TO_4)?;
             }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
@@ -488,18 +511,21 @@ impl Store {
             }
             let mut superseded = Vec::new();
             if job.mode == StreamMode::Latest {
-                let older: Vec<(i64, String)> = tx
+                let older: Vec<(i64, String, bool)> = tx
                     .prepare_cached(
-                        "SELECT seq, status FROM jobs INDEXED BY jobs_waiting_by_stream \
+                        "SELECT seq, status, prefetched FROM jobs INDEXED BY jobs_waiting_by_stream \
                          WHERE stream = ?1 AND status IN ('queued', 'running') ORDER BY seq",
                     )?
-                    .query_map([&job.stream], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .query_map([&job.stream], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<Result<_, _>>()?;
                 let message = format!("superseded by job {}", job.id);
-                for (seq, status) in older {
+                for (seq, status, prefetched) in older {
                     let previous = if status == "queued" { JobStatus::Queued } else { JobStatus::Running };
-                    // The running job finishes unless the new one asks to preempt it.
-                    if previous == JobStatus::Running && !job.preempt {
+                    // The running job finishes unless the new one asks to preempt it; a
+                    // prefetched one has not started (it waits in ComfyUI's queue), so it goes
+                    // like a queued one: its worker, long-polling its heartbeat, takes it out of
+                    // ComfyUI's queue at once.
+                    if previous == JobStatus::Running && !prefetched && !job.preempt {
                         continue;
                     }
                     let (stream, reason) = (job.stream.as_str(), cancel_reason::SUPERSEDED);
@@ -690,25 +716,24 @@ impl Store {
         lease_ms: i64,
         allowed_workflows: Option<Vec<String>>,
     ) -> Result<Option<JobRecord>, StoreError> {
-        // One JSON array parameter instead of a statement per list length, so the statement stays
-        // cached; NULL is "any workflow".
-        let allowed = match allowed_workflows {
-            Some(names) => Some(serde_json::to_string(&names).map_err(|e| StoreError::Corrupt(e.to_string()))?),
-            None => None,
-        };
+        self.claim_next_with(worker, lease_ms, allowed_workflows, false).await
+    }
+
+    /// [`Store::claim_next`]; with `prefetch` the job is marked as waiting in ComfyUI's queue
+    /// behind the server's running job until [`Store::heartbeat`] hears it `started`.
+    pub async fn claim_next_with(
+        &self,
+        worker: String,
+        lease_ms: i64,
+        allowed_workflows: Option<Vec<String>>,
+        prefetch: bool,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let allowed = workflow_filter(allowed_workflows)?;
         self.write(move |tx, queue, now| {
             // Queued jobs number at most MAX_QUEUE (plus uploads in flight), each joined to its
             // stream's one turn row, so this sort stays small.
-            let next: Option<(i64, String)> = tx
-                .prepare_cached(
-                    "SELECT j.seq, j.stream FROM jobs j INDEXED BY jobs_by_status \
-                     LEFT JOIN stream_turns t ON t.stream = j.stream \
-                     WHERE j.status = 'queued' \
-                     AND (?1 IS NULL OR j.workflow IN (SELECT value FROM json_each(?1))) \
-                     ORDER BY COALESCE(t.served, 0), j.seq LIMIT 1",
-                )?
-                .query_row(params![allowed], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
+            let next: Option<(i64, String)> =
+                tx.prepare_cached(NEXT_JOB)?.query_row(params![allowed], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
             let Some((seq, stream)) = next else { return Ok(None) };
             let served: i64 = tx
                 .prepare_cached(
@@ -721,11 +746,22 @@ impl Store {
             tx.prepare_cached(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = ?1, \
                  lease_owner = ?2, lease_expires_at = ?3, started_at = ?4, finished_at = NULL, \
-                 timeout_grace_until = NULL, progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
+                 timeout_grace_until = NULL, progress = NULL, error_message = NULL, prefetched = ?6, \
+                 version = version + 1 WHERE seq = ?5",
             )?
-            .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq])?;
+            .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq, prefetch])?;
             queue.removed(seq, &stream);
             get_by_seq(tx, seq)
+        })
+        .await
+    }
+
+    /// The workflow of the job a claim with `allowed_workflows` would take now, if any (a read:
+    /// the broker uses it to hand the job to the waiting worker that suits it best).
+    pub async fn peek_next(&self, allowed_workflows: Option<Vec<String>>) -> Result<Option<String>, StoreError> {
+        let allowed = workflow_filter(allowed_workflows)?;
+        self.read_blocking(move |c| {
+            Ok(c.prepare_cached(NEXT_JOB)?.query_row(params![allowed], |r| r.get(2)).optional()?)
         })
         .await
     }
@@ -762,6 +798,7 @@ impl Store {
         token: LeaseToken,
         progress: Option<Progress>,
         lease_ms: i64,
+        started: bool,
     ) -> Result<HeartbeatOutcome, StoreError> {
         self.write(move |tx, _, now| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
@@ -769,6 +806,12 @@ impl Store {
             match job.status {
                 JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
                 JobStatus::Running => {
+                    if started {
+                        // Not a change anyone sees (no event): the job was `running` for its
+                        // clients all along; only supersedes and claims read it.
+                        tx.prepare_cached("UPDATE jobs SET prefetched = 0 WHERE seq = ?1 AND prefetched = 1")?
+                            .execute([job.seq])?;
+                    }
                             let changed = progress.as_ref().is_some_and(|p| *p != job.progress);
                     if changed {
                         let text = serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -1268,13 +1311,19 @@ pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A claim's workflow list as one JSON array parameter (a statement per list length would not
+/// stay cached); `None` is "any workflow".
+fn workflow_filter(allowed: Option<Vec<String>>) -> Result<Option<String>, StoreError> {
+    allowed.map(|names| serde_json::to_string(&names).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+}
+
 fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64) -> Result<(), StoreError> {
     let stream: String = tx.prepare_cached("SELECT stream FROM jobs WHERE seq = ?1")?.query_row([seq], |r| r.get(0))?;
     queue.added(seq, &stream);
     tx.prepare_cached(
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_owner = NULL, \
          lease_expires_at = NULL, started_at = NULL, timeout_grace_until = NULL, progress = NULL, \
-         version = version + 1 WHERE seq = ?1",
+         prefetched = 0, version = version + 1 WHERE seq = ?1",
     )?
     .execute([seq])?;
     Ok(())

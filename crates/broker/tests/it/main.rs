@@ -13,6 +13,7 @@ mod lease;
 mod limits;
 mod observe;
 mod persistence;
+mod prefetch;
 mod preflight;
 mod previews;
 mod results;

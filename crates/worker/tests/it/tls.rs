@@ -133,6 +133,7 @@ async fn a_worker_runs_jobs_from_an_https_broker_it_trusts_through_broker_ca() {
         preview_fps: 10.0,
         comfyui_token: None,
         preview_method: "none".into(),
+        prefetch: 1,
     };
     let mut config = args.into_config(https.clone(), None, workflows(), PathBuf::new()).unwrap();
     config.broker_trust = BrokerTrust::WithCa(trust(&broker.cert));
