@@ -69,6 +69,7 @@ async function startPipeline({ token = null, jobTime = 3 } = {}) {
   const auth = token ? { Authorization: `Bearer ${token}` } : {};
   return {
     base,
+    comfy,
     auth,
     log: () => log,
     async job(id) {
@@ -182,6 +183,19 @@ test("submit with the form, watch progress and the preview, play the finished vi
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth);
     assert.ok(overflow <= 390, `the page is ${overflow} px wide on a 390 px screen`);
     await page.screenshot({ path: path.join(shots, "phone.png"), fullPage: true });
+    // Workers and servers from /health and /workflows: the worker's ComfyUI server, its state and
+    // its GPU as the worker reports them, and the server up with the workflows it can run.
+    const server = `http://127.0.0.1:${pipe.comfy}`;
+    const worker = page.locator("#workers tr[data-worker]").first();
+    await worker.locator("td", { hasText: server }).waitFor({ timeout: 15_000 });
+    const health = await (await fetch(pipe.base + "/health")).json();
+    const reported = health.workers.find((w) => w.server === server);
+    assert.ok(reported, JSON.stringify(health.workers));
+    if (reported.devices?.length) {
+      await worker.locator("td", { hasText: reported.devices[0].name }).waitFor();
+    }
+    await page.locator("#servers tr", { hasText: server }).locator(".badge", { hasText: "up" }).waitFor();
+    assert.match(await page.locator("#servers tr", { hasText: server }).textContent(), /ltxv_image_to_video/);
     assert.deepEqual(consoleErrors, []);
   } catch (e) {
     await page.screenshot({ path: path.join(shots, "failure-submit.png"), fullPage: true }).catch(() => {});
