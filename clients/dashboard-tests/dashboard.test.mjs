@@ -214,8 +214,9 @@ test("cancel a queued job; retry a failed one with its frame and fields", { time
     await page.goto(pipe.base + "/");
     await page.locator("#live.live").waitFor({ timeout: 15_000 });
     await page.setInputFiles("#image", frame);
-    // One worker, one simulated GPU: the first runs, the next two wait.
-    for (const n of [1, 2, 3]) {
+    // One worker, one simulated GPU: the first runs, the second is leased ahead of it (the
+    // worker's PREFETCH=1, shown running), the next two wait in the queue.
+    for (const n of [1, 2, 3, 4]) {
       await page.fill("[name=prompt]", `job ${n}`);
       await page.click("#submit-form button[type=submit]");
       await page.locator("#submit-status", { hasText: /queued/ }).waitFor();

@@ -66,20 +66,27 @@ async fn status_shows_the_queue_running_jobs_workers_and_servers_and_watch_follo
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("API_TOKEN"), "{refused:?}");
 
+    // With the worker's default PREFETCH=1, the second job is leased ahead of the first (running,
+    // waiting in ComfyUI's queue); the third and fourth wait in the broker's queue.
     let first = submit(&http, &base, "first", Some(token)).await;
     let second = submit(&http, &base, "second", Some(token)).await;
     let third = submit(&http, &base, "third", Some(token)).await;
+    let fourth = submit(&http, &base, "fourth", Some(token)).await;
     wait_for(&http, &format!("{base}/jobs/{first}"), token, |v| v["progress"]["value"].as_f64() > Some(0.0)).await;
+    wait_for(&http, &format!("{base}/jobs/{second}"), token, |v| v["status"] == "running").await;
 
     let out = status(&base, &[], Some(token));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let line_of = |id: &str| text.lines().find(|l| l.contains(&id[..8])).unwrap_or_else(|| panic!("{id} in\n{text}"));
-    assert!(text.contains("RUNNING (1)") && text.contains("QUEUE (2)"), "{text}");
+    assert!(text.contains("RUNNING (2)") && text.contains("QUEUE (2)"), "{text}");
     assert!(line_of(&first).contains("[#") && line_of(&first).contains('%'), "a progress bar: {text}");
-    assert!(line_of(&second).trim_start().starts_with("#1"), "{text}");
-    assert!(line_of(&third).trim_start().starts_with("#2"), "{text}");
+    assert!(line_of(&third).trim_start().starts_with("#1"), "{text}");
+    assert!(line_of(&fourth).trim_start().starts_with("#2"), "{text}");
     assert!(text.contains("WORKERS (1)"), "{text}");
+    // The worker's report (merged Health fields): its ComfyUI server and the prefetched job.
+    let worker = text.lines().skip_while(|l| !l.starts_with("WORKERS")).nth(1).unwrap_or_default();
+    assert!(worker.contains(&format!("http://127.0.0.1:{sim_port}")) && worker.contains("prefetched 1"), "{text}");
     assert!(text.contains(&format!("http://127.0.0.1:{sim_port}  up  can run: ")), "{text}");
 
     // --watch: each view after a form feed; it sees the first job finish and the queue move up.
@@ -107,6 +114,8 @@ async fn status_shows_the_queue_running_jobs_workers_and_servers_and_watch_follo
             }
         }
     });
+    // It sees the first job finish, the second run (its bar moving) and the queue move up: the
+    // third is prefetched when the second starts, so the fourth becomes #1.
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut percents = Vec::new();
     let mut saw_done_and_moved = false;
@@ -118,12 +127,12 @@ async fn status_shows_the_queue_running_jobs_workers_and_servers_and_watch_follo
             percents.push(p);
         }
         let done = view.lines().any(|l| l.trim_start().starts_with("done") && l.contains(&first[..8]));
-        let moved = view.lines().any(|l| l.contains(&third[..8]) && l.trim_start().starts_with("#1"));
+        let moved = view.lines().any(|l| l.contains(&fourth[..8]) && l.trim_start().starts_with("#1"));
         saw_done_and_moved |= done && moved;
     }
     let _ = watch.kill();
     let _ = watch.wait();
-    assert!(saw_done_and_moved, "the watch showed the first job done and the third moved to #1");
+    assert!(saw_done_and_moved, "the watch showed the first job done and the fourth moved to #1");
     // Views kept coming while the second job ran: its bar moved.
     assert!(moving(&percents), "the second job's bar moved in the watch: {percents:?}");
     drop(up);
