@@ -197,6 +197,10 @@ pub struct JobView {
     /// was answered `done` at once without GPU work.
     #[serde(default)]
     pub reused_from: Option<JobId>,
+    /// The named workflow inputs as submitted (`params`), so a client can run the job again with
+    /// the same values (the dashboard's retry).
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Where a job's time went, in seconds; null where not (yet) known.
@@ -260,6 +264,55 @@ pub struct WorkerInfo {
     pub last_seen_ms_ago: u64,
     /// The job it holds a lease on, if any.
     pub job_id: Option<JobId>,
+    /// The ComfyUI server behind this lease loop (its base URL), from the worker's report;
+    /// `null` until a worker that reports it (0.5 and later) sent one.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// `idle` (waiting for a job), `running` (a job runs on the server), `paused` (the loop takes
+    /// no job: its server failed a job by being unreachable, and it waits to answer again) or
+    /// `unreachable` (the server does not answer); `null` without a report.
+    #[serde(default)]
+    pub state: Option<ServerState>,
+    /// Jobs leased ahead of the running one, waiting in ComfyUI's own queue (`PREFETCH`), oldest
+    /// first.
+    #[serde(default)]
+    pub prefetched_jobs: Vec<JobId>,
+    /// The workflow the server ran last (its models are loaded).
+    #[serde(default)]
+    pub last_workflow: Option<String>,
+    /// The server's compute devices from ComfyUI's `/system_stats` `devices[]`, at its last look.
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// What a ComfyUI server behind a lease loop is doing, as its worker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    /// Waiting for a job.
+    Idle,
+    /// A job runs on the server.
+    Running,
+    /// Taking no job for a while: the server failed a job by being unreachable.
+    Paused,
+    /// The server does not answer.
+    Unreachable,
+}
+
+/// A compute device of a ComfyUI server (`/system_stats` `devices[]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeviceInfo {
+    /// Device name (e.g. `cuda:0 NVIDIA GeForce RTX 4090 : cudaMallocAsync`).
+    pub name: String,
+    /// Device type (`cuda`, `cpu`, `mps`…).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Total VRAM in bytes, when reported.
+    #[serde(default)]
+    pub vram_total: Option<u64>,
+    /// Free VRAM in bytes, when reported.
+    #[serde(default)]
+    pub vram_free: Option<u64>,
 }
 
 /// Response of `GET /health`.
@@ -404,6 +457,17 @@ pub struct LeaseRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 1000)]
     pub workflows: Option<Vec<String>>,
+    /// True when the worker's server is already running a job and this lease would wait in
+    /// ComfyUI's queue behind it (`PREFETCH`): such a job counts as not started (a `latest`
+    /// submission supersedes it) until a heartbeat says `started`, and an idle server waiting at
+    /// the same time is served first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prefetch: bool,
+    /// The workflow this loop's server ran last (its models are loaded): among servers waiting
+    /// at the same time, a job goes to one whose last workflow is the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 128)]
+    pub last_workflow: Option<String>,
 }
 
 /// Whether one ComfyUI server can run one workflow, as its worker checked it.
@@ -436,6 +500,24 @@ pub struct PreflightReport {
     /// One entry per workflow the worker serves.
     #[schema(max_items = 1000)]
     pub workflows: Vec<WorkflowReadiness>,
+    /// What the server is doing (shown by `/health`); absent from workers older than 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<ServerState>,
+    /// The job running on the server, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// Jobs waiting in ComfyUI's queue behind it (`PREFETCH`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 64)]
+    pub prefetched_jobs: Vec<JobId>,
+    /// The workflow the server ran last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 128)]
+    pub last_workflow: Option<String>,
+    /// The server's devices from `/system_stats`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 64)]
+    pub devices: Vec<DeviceInfo>,
 }
 
 /// One server's readiness for a workflow, as `GET /workflows` lists it under `readiness`.
@@ -515,6 +597,16 @@ pub struct HeartbeatRequest {
     /// Progress to publish, if it changed.
     #[serde(default)]
     pub progress: Option<Progress>,
+    /// True once ComfyUI started the prompt of a job leased with `prefetch`: from then on it is
+    /// the running job of its stream (a `latest` submission no longer supersedes it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
+    /// Seconds to hold the answer while the job is not cancelled (at most a third of
+    /// `LEASE_TTL`): a prefetched job's worker hears of a cancellation or supersede at once and
+    /// takes the prompt out of ComfyUI's queue before it can start. The lease is renewed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0.0, maximum = 60.0)]
+    pub wait: Option<f64>,
 }
 
 /// Response of a heartbeat.

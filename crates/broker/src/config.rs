@@ -94,6 +94,10 @@ pub struct BrokerArgs {
     /// Where frames and results live.
     #[command(flatten)]
     pub storage: StorageArgs,
+
+    /// The dashboard and `/metrics`.
+    #[command(flatten)]
+    pub observe: ObserveArgs,
 }
 
 /// Where the broker keeps frames and results, and how results are handed out.
@@ -132,6 +136,26 @@ pub struct StorageArgs {
     /// S3 region (default us-east-1, which most S3-compatible stores accept).
     #[arg(long, env = "AWS_REGION")]
     pub aws_region: Option<String>,
+}
+
+/// Settings of what the broker shows about itself: the web dashboard and the Prometheus metrics.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ObserveArgs {
+    /// The web dashboard at `/`: `on` (default) or `off`.
+    #[arg(long, env = "DASHBOARD", default_value = "on")]
+    pub dashboard: String,
+
+    /// A token that reads `GET /metrics` (Prometheus' `bearer_token`), besides API_TOKEN, so a
+    /// scraper need not hold the token that submits and cancels jobs. Unset with API_TOKEN unset:
+    /// `/metrics` is open like every client route.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+}
+
+impl Default for ObserveArgs {
+    fn default() -> ObserveArgs {
+        ObserveArgs { dashboard: "on".into(), metrics_token: None }
+    }
 }
 
 /// The broker's connection settings: which browser pages may call it, how long a client may take,
@@ -242,6 +266,10 @@ pub struct BrokerConfig {
     /// `RESULT_REDIRECT=presigned`: how long the presigned URL a result download is sent to
     /// stays valid; `None` streams results through the broker.
     pub result_redirect: Option<Duration>,
+    /// Whether `/` serves the dashboard (`DASHBOARD`).
+    pub dashboard: bool,
+    /// The token that reads `/metrics` besides API_TOKEN (`METRICS_TOKEN`).
+    pub metrics_token: Option<String>,
 }
 
 /// Validated [`NetArgs`].
@@ -306,6 +334,14 @@ fn token(name: &'static str, token: &Option<String>) -> Result<Option<String>, C
 }
 
 /// Parses `ALLOWED_ORIGINS`: `*`, or comma-separated `scheme://host[:port]` origins.
+fn on_off(name: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::Invalid { name, message: format!("must be on or off, got {v:?}") }),
+    }
+}
+
 fn allowed_origins(raw: &str) -> Result<(Vec<String>, bool), ConfigError> {
     let mut origins = Vec::new();
     let mut any = false;
@@ -433,6 +469,8 @@ impl BrokerArgs {
             workflows,
             clock: Clock::system(),
             net: self.net.into_config()?,
+            dashboard: on_off("DASHBOARD", &self.observe.dashboard)?,
+            metrics_token: token("METRICS_TOKEN", &self.observe.metrics_token)?,
         })
     }
 }

@@ -14,6 +14,7 @@ pub mod http;
 pub mod image_check;
 pub mod image_sniff;
 pub mod listener;
+pub mod metrics;
 pub mod previews;
 pub mod service;
 pub mod store;
@@ -23,7 +24,7 @@ pub mod workers;
 use std::future::Future;
 use std::net::SocketAddr;
 
-pub use config::{BrokerArgs, BrokerConfig, ConfigError, NetArgs, NetConfig, StorageArgs};
+pub use config::{BrokerArgs, BrokerConfig, ConfigError, NetArgs, NetConfig, ObserveArgs, StorageArgs};
 pub use service::{Broker, BrokerError};
 
 /// Serves the broker on `listener` until `shutdown` resolves, then finishes in-flight requests.

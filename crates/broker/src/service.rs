@@ -18,8 +18,50 @@ use tokio::time::Instant;
 use crate::blobs::{BlobKind, Blobs, StagedBlob};
 use crate::config::BrokerConfig;
 use crate::events::EventHub;
+use crate::metrics::{Metrics, Subscriber};
 use crate::store::{InsertOutcome, JobRecord, NewJob, ResultState, Reuse, Store, StoreError};
 use crate::workers::WorkerRegistry;
+
+/// How long a lease request that let a better-suited waiting loop go first waits for it to claim
+/// before claiming itself: the fallback when that loop does not take the job after all.
+const YIELD_LIMIT: Duration = Duration::from_millis(200);
+
+/// What a lease loop asks for, beside its worker id and wait.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseWish {
+    /// The workflows its server can run (`None`: any).
+    pub workflows: Option<Vec<String>>,
+    /// Its server is busy: the job would wait in ComfyUI's queue.
+    pub prefetch: bool,
+    /// The workflow its server ran last.
+    pub last_workflow: Option<String>,
+}
+
+/// One heartbeat: progress, whether a prefetched job started, how long to hold the answer.
+#[derive(Debug, Clone, Default)]
+pub struct Beat {
+    /// Progress to publish.
+    pub progress: Option<Progress>,
+    /// ComfyUI started the prompt of a job leased with `prefetch`.
+    pub started: bool,
+    /// Hold the answer this long unless the job changes (0: answer at once).
+    pub wait: Duration,
+}
+
+/// Takes a lease request off the waiting list when it ends, waking the requests that let it go
+/// first so they claim now.
+struct WakeOthers<'a> {
+    broker: &'a Broker,
+    me: u64,
+}
+
+impl Drop for WakeOthers<'_> {
+    fn drop(&mut self) {
+        if self.broker.inner.workers.stop_waiting(self.me) {
+            self.broker.inner.hub.job_queued();
+        }
+    }
+}
 
 /// A validated submission whose image is staged on disk.
 #[derive(Debug)]
@@ -118,6 +160,8 @@ struct Inner {
     unacknowledged: std::sync::Mutex<std::collections::HashMap<JobId, Unacknowledged>>,
     /// Open event streams (SSE and WebSocket).
     subscribers: Arc<std::sync::atomic::AtomicUsize>,
+    /// This broker's Prometheus metrics.
+    metrics: Arc<Metrics>,
 }
 
 /// Broker faults that are not a client's doing.
@@ -167,6 +211,7 @@ impl Broker {
                 workers: WorkerRegistry::default(),
                 unacknowledged: Default::default(),
                 subscribers: Default::default(),
+                metrics: Default::default(),
             }),
         })
     }
@@ -239,6 +284,7 @@ impl Broker {
             cancel_reason: r.cancel_reason.clone(),
             superseded_by: r.superseded_by,
             reused_from: r.reused_from,
+            params: r.params.clone(),
         })
     }
 
@@ -291,6 +337,39 @@ impl Broker {
     }
 
     async fn publish(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
+        self.count(kind, r);
+        self.publish_uncounted(kind, r).await
+    }
+
+    /// Counts a change in the metrics: a few atomic adds, nothing that waits.
+    fn count(&self, kind: JobEventKind, r: &JobRecord) {
+        let m = &self.inner.metrics;
+        let secs = |a: Timestamp, b: Timestamp| (b.millis() - a.millis()).max(0) as f64 / 1000.0;
+        match kind {
+            JobEventKind::Started => {
+                if let Some(start) = r.started_at {
+                    m.job_started(&r.workflow, secs(r.created_at, start));
+                }
+            }
+            JobEventKind::Done => {
+                m.job_finished(&r.workflow, "done");
+                // A reused result (dedupe) never ran: no timings to observe.
+                if let (Some(start), Some(end), Some(ms)) = (r.started_at, r.finished_at, r.comfy_execution_ms) {
+                    m.job_timings(&r.workflow, ms as f64 / 1000.0, secs(start, end));
+                }
+            }
+            JobEventKind::Error => m.job_finished(&r.workflow, "error"),
+            JobEventKind::Cancelled => {
+                let superseded = r.cancel_reason.as_deref() == Some(tdcomfy_api::cancel_reason::SUPERSEDED);
+                m.job_finished(&r.workflow, if superseded { "superseded" } else { "cancelled" });
+            }
+            JobEventKind::Snapshot | JobEventKind::Queued | JobEventKind::Progress | JobEventKind::Deleted => {}
+        }
+    }
+
+    /// Publishes without counting: for the repeated `cancelled` of a repeated DELETE, which is
+    /// no new change.
+    async fn publish_uncounted(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
         let view = self.view(r).await?;
         // The broker's record of a job's life, one line per change, with the fields a log search
         // joins the worker's lines on (the worker is absent once a requeue cleared the lease).
@@ -418,6 +497,7 @@ impl Broker {
             superseded.push(old.id);
         }
         let record = inserted.record;
+        self.inner.metrics.job_submitted(&record.workflow);
         if inserted.reused {
             self.publish(JobEventKind::Done, &record).await?;
         } else {
@@ -482,7 +562,7 @@ impl Broker {
 
     /// A place for one more event stream, or `None` when `MAX_SUBSCRIBERS` are open. The stream
     /// holds the slot for its life.
-    pub fn subscriber_slot(&self) -> Option<SubscriberSlot> {
+    pub fn subscriber_slot(&self, kind: Subscriber) -> Option<SubscriberSlot> {
         let count = self.inner.subscribers.clone();
         let limit = self.inner.config.max_subscribers;
         count
@@ -490,7 +570,31 @@ impl Broker {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| SubscriberSlot { count })
+            .map(|_| {
+                let gauge = self.inner.metrics.subscribers(kind).clone();
+                gauge.inc();
+                SubscriberSlot { count, gauge }
+            })
+    }
+
+    /// This broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// What `/metrics` shows now: the counters, and gauges read from the broker's state.
+    pub async fn render_metrics(&self) -> Result<String, BrokerError> {
+        let counts = self.inner.store.counts().await?;
+        let reports = self.inner.workers.reports();
+        let mut up: Vec<&str> = reports.iter().filter(|r| r.reachable).map(|r| r.server.as_str()).collect();
+        up.sort_unstable();
+        up.dedup();
+        Ok(self.inner.metrics.render(crate::metrics::ScrapeState {
+            queued: self.queued_count(),
+            running: counts.running,
+            workers_connected: self.inner.workers.connected().len() as u64,
+            servers_up: up.len() as u64,
+        }))
     }
 
     /// Number of queued jobs.
@@ -605,7 +709,7 @@ impl Broker {
         } else if r.status == JobStatus::Cancelled {
             // A client that asks again may have missed the event (it hung up, its stream broke):
             // repeating the DELETE is its way to hear the cancellation, so say it again.
-            self.publish(JobEventKind::Cancelled, r).await?;
+            self.publish_uncounted(JobEventKind::Cancelled, r).await?;
         }
         Ok(Some(DeleteResponse { job_id: id, status: r.status, message }))
     }
@@ -623,18 +727,50 @@ impl Broker {
         wait: Duration,
         workflows: Option<Vec<String>>,
     ) -> Result<Option<Lease>, BrokerError> {
+        self.lease_as(worker, wait, LeaseWish { workflows, prefetch: false, last_workflow: None }).await
+    }
+
+    /// [`Broker::lease`] for a lease loop that says more about its server: whether it is busy
+    /// (`prefetch`: the job would wait in ComfyUI's queue) and which workflow it ran last. Among
+    /// the loops waiting at once, the next job goes to an idle one before a busy one, and to one
+    /// whose last workflow is the job's (its models are loaded) before one whose is not: a loop
+    /// that sees a better-suited one waiting lets it claim first.
+    pub async fn lease_as(&self, worker: &str, wait: Duration, wish: LeaseWish) -> Result<Option<Lease>, BrokerError> {
         let _waiting = self.inner.workers.waiting(worker);
+        let me = self.inner.workers.wait_for_lease(crate::workers::Wish {
+            prefetch: wish.prefetch,
+            last_workflow: wish.last_workflow.clone(),
+            workflows: wish.workflows.clone(),
+        });
+        // Whoever let this loop go first is woken when it leaves, claimed or not.
+        let _wake = WakeOthers { broker: self, me };
         let deadline = Instant::now() + wait;
         let handover =
             LeaseHandover { broker: self.clone(), state: Arc::new(std::sync::Mutex::new(Handover::Waiting)) };
+        let mut yielded = false;
         loop {
             // Register for the wake-up before looking, so a job queued in between is not missed.
             let signal = self.inner.hub.queued_signal().notified();
             tokio::pin!(signal);
             signal.as_mut().enable();
+            // Once per wake-up at most, and never twice in a row without a claim attempt: a
+            // better-suited loop that does not take the job (it left, or its own claim found
+            // another) costs this one at most YIELD_LIMIT.
+            if !yielded && self.someone_better(me, &wish).await? {
+                yielded = true;
+                tokio::select! {
+                    _ = &mut signal => {}
+                    _ = tokio::time::sleep(YIELD_LIMIT) => {}
+                    _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                    _ = self.inner.shutdown.cancelled() => return Ok(None),
+                }
+                continue;
+            }
+            yielded = false;
             let (this, worker_name, state) = (self.clone(), worker.to_owned(), handover.state.clone());
-            let allowed = workflows.clone();
-            let claimed = self.detached(async move { this.claim_now(worker_name, state, allowed).await }).await?;
+            let (allowed, prefetch) = (wish.workflows.clone(), wish.prefetch);
+            let claimed =
+                self.detached(async move { this.claim_now(worker_name, state, allowed, prefetch).await }).await?;
             if let Some(lease) = claimed {
                 handover.received();
                 return Ok(Some(lease));
@@ -647,15 +783,27 @@ impl Broker {
         }
     }
 
+    /// Whether another waiting loop suits the job this one would claim now better than it does
+    /// (asked only when another loop waits at all, so a lone worker pays nothing).
+    async fn someone_better(&self, me: u64, wish: &LeaseWish) -> Result<bool, BrokerError> {
+        if self.inner.workers.lease_waiters() < 2 {
+            return Ok(false);
+        }
+        let Some(workflow) = self.inner.store.peek_next(wish.workflows.clone()).await? else { return Ok(false) };
+        Ok(self.inner.workers.better_waiter(me, &workflow))
+    }
+
     async fn claim_now(
         &self,
         worker: String,
         handover: Arc<std::sync::Mutex<Handover>>,
         allowed_workflows: Option<Vec<String>>,
+        prefetch: bool,
     ) -> Result<Option<Lease>, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
         let r = loop {
-            let Some(r) = self.inner.store.claim_next(worker.clone(), lease_ms, allowed_workflows.clone()).await?
+            let Some(r) =
+                self.inner.store.claim_next_with(worker.clone(), lease_ms, allowed_workflows.clone(), prefetch).await?
             else {
                 return Ok(None);
             };
@@ -792,8 +940,42 @@ impl Broker {
         token: LeaseToken,
         progress: Option<Progress>,
     ) -> Result<bool, BrokerError> {
+        self.heartbeat_with(id, token, Beat { progress, started: false, wait: Duration::ZERO }).await
+    }
+
+    /// [`Broker::heartbeat`] that may also say ComfyUI started a prefetched job, and may hold the
+    /// answer up to `wait` (capped at a third of `LEASE_TTL`, after renewing) until the job
+    /// changes: a prefetched job's worker hears of a cancel or supersede at once.
+    pub async fn heartbeat_with(&self, id: JobId, token: LeaseToken, beat: Beat) -> Result<bool, BrokerError> {
+        // Subscribed before the renewal, so a cancel committed right after it is not missed.
+        let mut events = (!beat.wait.is_zero()).then(|| self.inner.hub.subscribe());
         let this = self.clone();
-        self.detached(async move { this.heartbeat_now(id, token, progress).await }).await
+        let renew_token = token.clone();
+        let cancelled = self
+            .detached(async move { this.heartbeat_now(id, renew_token, beat.progress, beat.started).await })
+            .await?;
+        let Some(events) = events.as_mut().filter(|_| !cancelled) else { return Ok(cancelled) };
+        let wait = beat.wait.min(self.inner.config.lease_ttl / 3);
+        let changed = async {
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.job_id() == id => return,
+                    Ok(_) => {}
+                    // Fell behind or closed: re-read below rather than guess.
+                    Err(_) => return,
+                }
+            }
+        };
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep(wait) => return Ok(false),
+            _ = self.inner.shutdown.cancelled() => return Ok(false),
+        }
+        match self.inner.store.check_lease(id, &token).await {
+            Ok(_) => Ok(false),
+            Err(StoreError::Cancelled) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn heartbeat_now(
@@ -801,9 +983,10 @@ impl Broker {
         id: JobId,
         token: LeaseToken,
         progress: Option<Progress>,
+        started: bool,
     ) -> Result<bool, BrokerError> {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
-        let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms).await?;
+        let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms, started).await?;
         self.acknowledge(id);
         if let Some(r) = &outcome.changed {
             if let Some(lease) = &r.lease {
@@ -1152,10 +1335,12 @@ impl Drop for LeaseHandover {
 #[derive(Debug)]
 pub struct SubscriberSlot {
     count: Arc<std::sync::atomic::AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for SubscriberSlot {
     fn drop(&mut self) {
+        self.gauge.dec();
         self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

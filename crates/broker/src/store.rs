@@ -267,7 +267,7 @@ pub struct StatusCounts {
     pub cancelled: u64,
 }
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -359,6 +359,32 @@ DROP INDEX jobs_done_by_stream;
 CREATE INDEX jobs_done_by_stream_seq ON jobs (stream, seq) WHERE status = 'done';
 ";
 
+/// Version 4 to 5: prefetch. A running job leased to a server that was busy waits in ComfyUI's
+/// queue (`prefetched = 1`) until its worker says ComfyUI started it; until then it counts as not
+/// started for `latest` supersedes, and no other job of its (named) stream is claimed, so a
+/// stream's jobs still start in submission order across servers.
+const MIGRATE_TO_5: &str = "
+ALTER TABLE jobs ADD COLUMN prefetched INTEGER NOT NULL DEFAULT 0;
+";
+
+/// The next job a claim takes, for a worker's workflow list (`?1`, a JSON array, or NULL for
+/// any): the oldest queued job of the stream served least recently. A named stream offers only its
+/// oldest queued job (so a workflow filter skips a stream but never reorders it), and nothing while
+/// it has a job prefetched and not started yet (it must start before the stream's next one does)
+/// or while the job offered is a `dedupe` twin of the stream's running job (it waits for that
+/// result, which answers it at its claim, instead of costing a second GPU run).
+/// The redundant `IN` lets the planner use the partial index `jobs_waiting_by_stream`.
+/// Shared by [`Store::claim_next_with`] and [`Store::peek_next`], so the two cannot disagree.
+const NEXT_JOB: &str = "SELECT j.seq, j.stream, j.workflow FROM jobs j INDEXED BY jobs_by_status \
+     LEFT JOIN stream_turns t ON t.stream = j.stream \
+     WHERE j.status = 'queued' \
+     AND (?1 IS NULL OR j.workflow IN (SELECT value FROM json_each(?1))) \
+     AND (j.stream = '' OR NOT EXISTS (SELECT 1 FROM jobs p INDEXED BY jobs_waiting_by_stream \
+          WHERE p.stream = j.stream AND p.status IN ('queued', 'running') \
+          AND (p.prefetched = 1 OR (p.status = 'queued' AND p.seq < j.seq) \
+               OR (j.dedupe = 1 AND p.status = 'running' AND p.dedupe_key = j.dedupe_key)))) \
+     ORDER BY COALESCE(t.served, 0), j.seq LIMIT 1";
+
 const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow, params, \
     input_content_type, input_size, input_width, input_height, input_present, created_at, started_at, \
     finished_at, attempts, lease_token, lease_owner, lease_expires_at, progress, error_message, \
@@ -405,6 +431,9 @@ impl Store {
             }
             if version < 4 {
                 tx.execute_batch(MIGRATE_TO_4)?;
+            }
+            if version < 5 {
+                tx.execute_batch(MIGRATE_TO_5)?;
             }
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
@@ -506,18 +535,21 @@ impl Store {
             }
             let mut superseded = Vec::new();
             if job.mode == StreamMode::Latest {
-                let older: Vec<(i64, String)> = tx
+                let older: Vec<(i64, String, bool)> = tx
                     .prepare_cached(
-                        "SELECT seq, status FROM jobs INDEXED BY jobs_waiting_by_stream \
+                        "SELECT seq, status, prefetched FROM jobs INDEXED BY jobs_waiting_by_stream \
                          WHERE stream = ?1 AND status IN ('queued', 'running') ORDER BY seq",
                     )?
-                    .query_map([&job.stream], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .query_map([&job.stream], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<Result<_, _>>()?;
                 let message = format!("superseded by job {}", job.id);
-                for (seq, status) in older {
+                for (seq, status, prefetched) in older {
                     let previous = if status == "queued" { JobStatus::Queued } else { JobStatus::Running };
-                    // The running job finishes unless the new one asks to preempt it.
-                    if previous == JobStatus::Running && !job.preempt {
+                    // The running job finishes unless the new one asks to preempt it; a
+                    // prefetched one has not started (it waits in ComfyUI's queue), so it goes
+                    // like a queued one: its worker, long-polling its heartbeat, takes it out of
+                    // ComfyUI's queue at once.
+                    if previous == JobStatus::Running && !prefetched && !job.preempt {
                         continue;
                     }
                     let (stream, reason) = (job.stream.as_str(), cancel_reason::SUPERSEDED);
@@ -699,30 +731,24 @@ impl Store {
         lease_ms: i64,
         allowed_workflows: Option<Vec<String>>,
     ) -> Result<Option<JobRecord>, StoreError> {
-        // One JSON array parameter instead of a statement per list length, so the statement stays
-        // cached; NULL is "any workflow".
-        let allowed = match allowed_workflows {
-            Some(names) => Some(serde_json::to_string(&names).map_err(|e| StoreError::Corrupt(e.to_string()))?),
-            None => None,
-        };
+        self.claim_next_with(worker, lease_ms, allowed_workflows, false).await
+    }
+
+    /// [`Store::claim_next`]; with `prefetch` the job is marked as waiting in ComfyUI's queue
+    /// behind the server's running job until [`Store::heartbeat`] hears it `started`.
+    pub async fn claim_next_with(
+        &self,
+        worker: String,
+        lease_ms: i64,
+        allowed_workflows: Option<Vec<String>>,
+        prefetch: bool,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let allowed = workflow_filter(allowed_workflows)?;
         self.write(move |tx, queue, now| {
             // Queued jobs number at most MAX_QUEUE (plus uploads in flight), each joined to its
-            // stream's one turn row, so this sort stays small. Only a stream's oldest queued job
-            // may be claimed, so a worker whose server runs only some workflows never starts a
-            // stream out of order (the anonymous stream `''` has no order beyond the queue's).
-            // The redundant `IN` lets the planner use the partial index `jobs_waiting_by_stream`.
-            let next: Option<(i64, String)> = tx
-                .prepare_cached(
-                    "SELECT j.seq, j.stream FROM jobs j INDEXED BY jobs_by_status \
-                     LEFT JOIN stream_turns t ON t.stream = j.stream \
-                     WHERE j.status = 'queued' \
-                     AND (?1 IS NULL OR j.workflow IN (SELECT value FROM json_each(?1))) \
-                     AND (j.stream = '' OR NOT EXISTS (SELECT 1 FROM jobs h WHERE h.stream = j.stream \
-                          AND h.status IN ('queued', 'running') AND h.status = 'queued' AND h.seq < j.seq)) \
-                     ORDER BY COALESCE(t.served, 0), j.seq LIMIT 1",
-                )?
-                .query_row(params![allowed], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
+            // stream's one turn row, so this sort stays small.
+            let next: Option<(i64, String)> =
+                tx.prepare_cached(NEXT_JOB)?.query_row(params![allowed], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
             let Some((seq, stream)) = next else { return Ok(None) };
             let served: i64 = tx
                 .prepare_cached(
@@ -735,9 +761,10 @@ impl Store {
             tx.prepare_cached(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = ?1, \
                  lease_owner = ?2, lease_expires_at = ?3, started_at = ?4, finished_at = NULL, \
-                 timeout_grace_until = NULL, progress = NULL, error_message = NULL, version = version + 1 WHERE seq = ?5",
+                 timeout_grace_until = NULL, progress = NULL, error_message = NULL, prefetched = ?6, \
+                 version = version + 1 WHERE seq = ?5",
             )?
-            .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq])?;
+            .execute(params![LeaseToken::new().as_str(), worker, now + lease_ms, now, seq, prefetch])?;
             queue.removed(seq, &stream);
             get_by_seq(tx, seq)
         })
@@ -768,6 +795,16 @@ impl Store {
             }
             finish_as_reuse(tx, job.seq, &reuse, now)?;
             get_by_seq(tx, job.seq)
+        })
+        .await
+    }
+
+    /// The workflow of the job a claim with `allowed_workflows` would take now, if any (a read:
+    /// the broker uses it to hand the job to the waiting worker that suits it best).
+    pub async fn peek_next(&self, allowed_workflows: Option<Vec<String>>) -> Result<Option<String>, StoreError> {
+        let allowed = workflow_filter(allowed_workflows)?;
+        self.read_blocking(move |c| {
+            Ok(c.prepare_cached(NEXT_JOB)?.query_row(params![allowed], |r| r.get(2)).optional()?)
         })
         .await
     }
@@ -804,6 +841,7 @@ impl Store {
         token: LeaseToken,
         progress: Option<Progress>,
         lease_ms: i64,
+        started: bool,
     ) -> Result<HeartbeatOutcome, StoreError> {
         self.write(move |tx, _, now| {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
@@ -811,6 +849,12 @@ impl Store {
             match job.status {
                 JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
                 JobStatus::Running => {
+                    if started {
+                        // Not a change anyone sees (no event): the job was `running` for its
+                        // clients all along; only supersedes and claims read it.
+                        tx.prepare_cached("UPDATE jobs SET prefetched = 0 WHERE seq = ?1 AND prefetched = 1")?
+                            .execute([job.seq])?;
+                    }
                             let changed = progress.as_ref().is_some_and(|p| *p != job.progress);
                     if changed {
                         let text = serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -1310,6 +1354,12 @@ pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A claim's workflow list as one JSON array parameter (a statement per list length would not
+/// stay cached); `None` is "any workflow".
+fn workflow_filter(allowed: Option<Vec<String>>) -> Result<Option<String>, StoreError> {
+    allowed.map(|names| serde_json::to_string(&names).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+}
+
 /// Puts a running job back in the queue, unless it is of a `latest` stream that has a newer job
 /// (waiting, running or done): then it is cancelled as superseded by the newest, since running the
 /// older scene again would put a stale clip after a newer one and two jobs in the stream's queue.
@@ -1336,7 +1386,7 @@ fn requeue(tx: &rusqlite::Transaction<'_>, queue: &mut QueueDelta, seq: i64, now
     tx.prepare_cached(
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_owner = NULL, \
          lease_expires_at = NULL, started_at = NULL, timeout_grace_until = NULL, progress = NULL, \
-         version = version + 1 WHERE seq = ?1",
+         prefetched = 0, version = version + 1 WHERE seq = ?1",
     )?
     .execute([seq])?;
     Ok(())

@@ -128,6 +128,9 @@ pub enum RunUpdate {
         /// Index among pending prompts in execution order.
         position: usize,
     },
+    /// ComfyUI accepted the prompt into its queue (`POST /prompt` answered, or an ambiguous
+    /// post was confirmed): a prompt posted after this one runs after it.
+    Submitted,
     /// ComfyUI started executing the prompt.
     Started,
     /// Progress changed.
@@ -446,7 +449,10 @@ impl Supervisor {
         let deadline = started + self.config.total_timeout;
         let outcome = if submit {
             match self.submit(deadline).await {
-                Ok(()) => self.supervise(&mut notices, deadline).await,
+                Ok(()) => {
+                    self.emit(RunUpdate::Submitted).await;
+                    self.supervise(&mut notices, deadline).await
+                }
                 Err(failure) => Err(failure),
             }
         } else {

@@ -44,6 +44,8 @@ pub enum Command {
     Up(crate::up::UpCmd),
     /// Submit a frame, show live progress, download the result.
     Submit(crate::submit::SubmitCmd),
+    /// Show the queue, running jobs with progress, workers and ComfyUI servers (`--watch` keeps it live)
+    Status(crate::status::StatusCmd),
     /// Benchmarks that print the figures the README reports (build with --release).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -141,6 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Submit(cmd) => crate::submit::run(cmd).await,
+        Command::Status(cmd) => crate::status::run(cmd).await,
         Command::Bench(cmd) => crate::bench::run(cmd).await,
     }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod logging;
 mod sse;
+mod status;
 mod submit;
 mod up;
 

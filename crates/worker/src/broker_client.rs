@@ -149,7 +149,26 @@ impl BrokerClient {
         wait: Duration,
         workflows: Option<Vec<String>>,
     ) -> Result<Option<Lease>, BrokerCallError> {
-        let body = LeaseRequest { worker_id: worker_id.to_owned(), wait: Some(wait.as_secs_f64()), workflows };
+        self.lease_with(worker_id, wait, workflows, false, None).await
+    }
+
+    /// [`BrokerClient::lease_for`] saying whether the loop's server is busy (`prefetch`: the job
+    /// will wait in ComfyUI's queue) and which workflow it ran last.
+    pub async fn lease_with(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+        workflows: Option<Vec<String>>,
+        prefetch: bool,
+        last_workflow: Option<String>,
+    ) -> Result<Option<Lease>, BrokerCallError> {
+        let body = LeaseRequest {
+            worker_id: worker_id.to_owned(),
+            wait: Some(wait.as_secs_f64()),
+            workflows,
+            prefetch,
+            last_workflow,
+        };
         let resp = self
             .send(
                 self.request(reqwest::Method::POST, "/worker/lease")
@@ -196,11 +215,29 @@ impl BrokerClient {
         token: &LeaseToken,
         progress: Option<Progress>,
     ) -> Result<bool, BrokerCallError> {
-        let body = HeartbeatRequest { lease_token: token.clone(), progress };
+        self.heartbeat_with(job, token, progress, false, Duration::ZERO).await
+    }
+
+    /// [`BrokerClient::heartbeat`] that may say ComfyUI started a prefetched job (`started`) and
+    /// lets the broker hold the answer up to `wait` unless the job is cancelled meanwhile.
+    pub async fn heartbeat_with(
+        &self,
+        job: JobId,
+        token: &LeaseToken,
+        progress: Option<Progress>,
+        started: bool,
+        wait: Duration,
+    ) -> Result<bool, BrokerCallError> {
+        let body = HeartbeatRequest {
+            lease_token: token.clone(),
+            progress,
+            started,
+            wait: (!wait.is_zero()).then_some(wait.as_secs_f64()),
+        };
         let rb = self
             .request(reqwest::Method::POST, &format!("/worker/jobs/{job}/heartbeat"))
             .json(&body)
-            .timeout(Duration::from_secs(10));
+            .timeout(Duration::from_secs(10) + wait);
         let resp: HeartbeatResponse =
             self.send(rb).await?.json().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
         Ok(resp.cancelled)

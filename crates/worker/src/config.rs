@@ -88,6 +88,12 @@ pub struct WorkerArgs {
     /// says `none`.
     #[arg(long, env = "PREVIEW_METHOD", default_value = "none")]
     pub preview_method: String,
+
+    /// Jobs leased ahead per ComfyUI server while its current one runs: their frames are uploaded
+    /// and their prompts wait in ComfyUI's own queue, so it starts the next the instant the last
+    /// ends. 0 leases the next job only after the last was delivered (at most 8).
+    #[arg(long, env = "PREFETCH", default_value_t = 1)]
+    pub prefetch: usize,
 }
 
 /// Why the worker settings are unusable.
@@ -146,6 +152,8 @@ pub struct WorkerConfig {
     pub preview_method: PreviewMethod,
     /// How often each server's preflight looks again.
     pub preflight: crate::preflight::PreflightTiming,
+    /// Jobs leased ahead per ComfyUI server while its current one runs (`PREFETCH`).
+    pub prefetch: usize,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -159,6 +167,10 @@ impl std::fmt::Debug for WorkerConfig {
             .finish_non_exhaustive()
     }
 }
+
+/// Most jobs leased ahead per server: each holds an upload name and a lease, and a deeper
+/// ComfyUI queue only adds latency once one job covers the gap between two.
+const MAX_PREFETCH: usize = 8;
 
 fn secs(name: &'static str, v: f64) -> Result<Duration, WorkerConfigError> {
     if v.is_finite() && v > 0.0 && v < 1e9 {
@@ -208,6 +220,12 @@ impl WorkerArgs {
             .preview_method
             .parse::<PreviewMethod>()
             .map_err(|message| WorkerConfigError::Invalid { name: "PREVIEW_METHOD", message })?;
+        if self.prefetch > MAX_PREFETCH {
+            return Err(WorkerConfigError::Invalid {
+                name: "PREFETCH",
+                message: format!("must be 0 to {MAX_PREFETCH} jobs per server, got {}", self.prefetch),
+            });
+        }
         let comfy_token = self.comfyui_token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
         // Checked here so a token with a line break or non-ASCII is a start-up error naming the
         // variable, not a failure at the first request.
@@ -244,6 +262,7 @@ impl WorkerArgs {
             comfy_token,
             preview_method,
             preflight: Default::default(),
+            prefetch: self.prefetch,
         })
     }
 }

@@ -27,6 +27,10 @@ pub(crate) enum LeaseEnd {
 }
 
 struct Shared {
+    /// ComfyUI started the prompt (set once; only a prefetched lease tells the broker).
+    started: std::sync::atomic::AtomicBool,
+    /// Wakes a prefetched lease's long-polling beat when the prompt starts.
+    start_signal: tokio::sync::Notify,
     pending: Mutex<Option<Progress>>,
     ended: Mutex<Option<LeaseEnd>>,
     /// Cancelled when the broker ended the lease; every step of the job selects on it.
@@ -66,13 +70,38 @@ impl Cadence {
 impl LeaseKeeper {
     /// Starts heartbeating `lease` at once: the first beat also tells the broker the lease arrived.
     pub fn start(broker: BrokerClient, id: JobId, token: LeaseToken, cadence: Cadence) -> LeaseKeeper {
-        let shared =
-            Arc::new(Shared { pending: Mutex::new(None), ended: Mutex::new(None), over: CancellationToken::new() });
+        LeaseKeeper::start_as(broker, id, token, cadence, false)
+    }
+
+    /// [`LeaseKeeper::start`] for a lease that may be `prefetched` (leased while the server was
+    /// busy): until [`LeaseKeeper::started`], each beat is a long-poll the broker answers the
+    /// moment the job is cancelled or superseded, so its prompt leaves ComfyUI's queue before it
+    /// can start; the first beat after says `started`.
+    pub fn start_as(
+        broker: BrokerClient,
+        id: JobId,
+        token: LeaseToken,
+        cadence: Cadence,
+        prefetched: bool,
+    ) -> LeaseKeeper {
+        let shared = Arc::new(Shared {
+            started: std::sync::atomic::AtomicBool::new(false),
+            start_signal: tokio::sync::Notify::new(),
+            pending: Mutex::new(None),
+            ended: Mutex::new(None),
+            over: CancellationToken::new(),
+        });
         let stop = CancellationToken::new();
-        let beat = beat(broker, id, token, cadence, shared.clone(), stop.clone());
+        let beat = beat(broker, id, token, cadence, shared.clone(), stop.clone(), prefetched);
         // In the job's span, so its log lines carry the job's attempt and worker too.
         let task = tokio::spawn(tracing::Instrument::in_current_span(beat));
         LeaseKeeper { shared, stop, task: Some(task) }
+    }
+
+    /// ComfyUI started the job's prompt.
+    pub fn started(&self) {
+        self.shared.started.store(true, std::sync::atomic::Ordering::Release);
+        self.shared.start_signal.notify_one();
     }
 
     /// Progress for the next heartbeat (only the latest is kept).
@@ -113,28 +142,56 @@ async fn beat(
     cadence: Cadence,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    prefetched: bool,
 ) {
     let mut tick = tokio::time::interval(cadence.progress);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_beat: Option<Instant> = None;
     let mut failing = false;
+    // Waiting in ComfyUI's queue: beats long-poll for a cancel instead of ticking.
+    let mut waiting = prefetched;
+    // `started` still to be told (kept over a failed beat).
+    let mut tell_started = false;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+        // The first beat after the start goes at once.
+        let mut started = false;
+        if waiting && shared.started.load(std::sync::atomic::Ordering::Acquire) {
+            waiting = false;
+            started = true;
+            tell_started = true;
+        }
+        if waiting {
+            // At most one long-poll per progress interval, so a broker that answers at once
+            // (older than `wait`, or failing) is not called in a loop.
+            let gap = last_beat.map_or(Duration::ZERO, |t| cadence.progress.saturating_sub(t.elapsed()));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = shared.start_signal.notified() => continue,
+                _ = tokio::time::sleep(gap) => {}
+            }
+        } else if !started {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
         }
         let progress = shared.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
         let due = last_beat.is_none_or(|t| t.elapsed() >= cadence.beat);
-        if progress.is_none() && !due {
+        if progress.is_none() && !due && !started && !waiting {
             continue;
         }
         last_beat = Some(Instant::now());
+        let wait = if waiting { cadence.beat } else { Duration::ZERO };
         let answer = tokio::select! {
             _ = stop.cancelled() => return,
-            answer = broker.heartbeat(id, &token, progress.clone()) => answer,
+            // The prompt started mid-poll: say so now rather than when the poll ends (the
+            // broker's renewal is already done; dropping the request costs nothing).
+            _ = shared.start_signal.notified(), if waiting => continue,
+            answer = broker.heartbeat_with(id, &token, progress.clone(), tell_started, wait) => answer,
         };
         let end = match answer {
             Ok(false) => {
+                tell_started = false;
                 if failing {
                     tracing::info!(job_id = %id, "heartbeats reach the broker again");
                     failing = false;

@@ -253,6 +253,7 @@ pub async fn watch_server(
     server: String,
     timing: PreflightTiming,
     state: watch::Sender<ServerState>,
+    devices: watch::Sender<Vec<tdcomfy_api::DeviceInfo>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -286,7 +287,23 @@ pub async fn watch_server(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(timing.probe) => {}
             }
-            let up = client.system_stats().await.is_ok();
+            let stats = client.system_stats().await;
+            let up = stats.is_ok();
+            if let Ok(stats) = stats {
+                // For /health only: read at each report, never a reason to lease again.
+                devices.send_replace(
+                    stats
+                        .devices
+                        .into_iter()
+                        .map(|d| tdcomfy_api::DeviceInfo {
+                            name: d.name,
+                            kind: d.kind,
+                            vram_total: d.vram_total,
+                            vram_free: d.vram_free,
+                        })
+                        .collect(),
+                );
+            }
             let was_up = state.borrow().reachable;
             if !up {
                 if was_up {

@@ -50,6 +50,25 @@ struct Backend {
     files: std::sync::Arc<ServerFiles>,
     /// What the server can run, kept current by [`preflight::watch_server`].
     preflight: watch::Receiver<ServerState>,
+    /// What the loop is doing, for its report (`/health`).
+    status: watch::Sender<LoopStatus>,
+}
+
+/// What one lease loop is doing: its jobs in lease order (the first runs, the others wait in
+/// ComfyUI's queue behind it), whether it pauses, the workflow its server ran last.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct LoopStatus {
+    jobs: Vec<tdcomfy_api::JobId>,
+    paused: bool,
+    last_workflow: Option<String>,
+}
+
+/// What [`report_preflight`] reads for each report.
+struct Reported {
+    preflight: watch::Receiver<ServerState>,
+    status: watch::Receiver<LoopStatus>,
+    /// `/system_stats` devices (read, never waited on: free VRAM changes all the time).
+    devices: watch::Receiver<Vec<tdcomfy_api::DeviceInfo>>,
 }
 
 /// How often a lease loop's preflight report is repeated while nothing changed.
@@ -105,24 +124,32 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         let lease_name = if servers == 1 { config.worker_id.clone() } else { format!("{}/{index}", config.worker_id) };
         let files = ServerFiles::new(&lease_name, config.comfy_folders.clone(), &endpoint.to_string());
         let (state, preflight) = watch::channel(ServerState::default());
+        let (devices_tx, devices) = watch::channel(Vec::new());
+        let (status_tx, status) = watch::channel(LoopStatus::default());
         loops.spawn(preflight::watch_server(
             client.clone(),
             config.workflows.clone(),
             preflight::server_name(endpoint),
             config.preflight,
             state,
+            devices_tx,
             shutdown.clone(),
         ));
         loops.spawn(report_preflight(
             broker.clone(),
             lease_name.clone(),
             preflight::server_name(endpoint),
-            preflight.clone(),
+            Reported { preflight: preflight.clone(), status, devices },
             config.retry_delay,
             shutdown.clone(),
         ));
-        let backend =
-            Backend { label: endpoint.to_string(), runner: PromptRunner::new(client, run_config), files, preflight };
+        let backend = Backend {
+            label: endpoint.to_string(),
+            runner: PromptRunner::new(client, run_config),
+            files,
+            preflight,
+            status: status_tx,
+        };
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
     tracing::info!(worker = %config.worker_id, broker = %config.broker_url, servers, "worker started");
@@ -139,7 +166,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     Ok(())
 }
 
-/// Leases and runs jobs on one ComfyUI server until shutdown.
+/// Leases and runs jobs on one ComfyUI server until shutdown: the current job and, while it
+/// runs, up to `PREFETCH` more, each a [`JobRun`] of its own whose prompt waits in ComfyUI's queue
+/// (posted in lease order, so ComfyUI runs them in that order and starts the next the instant
+/// the last ends).
 async fn serve_backend(
     config: WorkerConfig,
     broker: BrokerClient,
@@ -155,47 +185,97 @@ async fn serve_backend(
         _ = shutdown.cancelled() => {}
         _ = preflight.wait_for(|s| s.looked) => {}
     }
+    let (config, broker, backend, lease_name, stop) = (&config, &broker, &backend, lease_name.as_str(), &shutdown);
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    // Cancelled once the last leased job's prompt is in ComfyUI's queue (or that job ended): the
+    // next job's prompt is posted only after it.
+    let mut last_posted: Option<CancellationToken> = None;
+    let mut last_workflow: Option<String> = None;
+    let mut lease_call = None;
+    let mut lease_prefetch = false;
     loop {
         if shutdown.is_cancelled() {
             break;
         }
-        if backend_failures > 0 && !cool_down(&backend, backend_failures, &shutdown).await {
-            break;
+        if backend_failures > 0 && in_flight.is_empty() {
+            backend.status.send_modify(|s| s.paused = true);
+            let up = cool_down(backend, backend_failures, &shutdown).await;
+            backend.status.send_modify(|s| s.paused = false);
+            if !up {
+                break;
+            }
+            backend_failures = 0;
         }
-        let state = preflight.borrow_and_update().clone();
-        let lease = tokio::select! {
+        // Another lease while fewer than 1 + PREFETCH jobs are on this server, and none while
+        // its jobs fail for being unable to reach it.
+        let room = in_flight.len() < 1 + config.prefetch && backend_failures == 0;
+        if room && lease_call.is_none() {
+            let state = preflight.borrow_and_update().clone();
+            let prefetch = !in_flight.is_empty();
+            lease_call = Some(Box::pin(broker.lease_with(
+                lease_name,
+                config.lease_wait,
+                state.runnable(),
+                prefetch,
+                last_workflow.clone(),
+            )));
+            // Said with the lease request, so the job leased is known to wait behind another.
+            lease_prefetch = prefetch;
+        }
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            lease = broker.lease_for(&lease_name, config.lease_wait, state.runnable()) => lease,
-            // What the server can run changed: ask again with the new list (the broker hands a
-            // claim whose request went away back to the queue).
-            Ok(()) = preflight.changed() => continue,
-        };
-        match lease {
-            Ok(None) => broker_failures = 0,
-            Ok(Some(lease)) => {
-                broker_failures = 0;
-                let job =
-                    JobRun { config: &config, broker: &broker, backend: &backend, lease: &lease, shutdown: &shutdown };
-                // Every line logged for the job (the lease keeper's task included) carries these.
-                let span =
-                    tracing::info_span!("job", job_id = %lease.job_id, attempt = lease.attempt, worker = %lease_name);
-                let end = tracing::Instrument::instrument(job.run(), span.clone()).await;
-                span.in_scope(|| tracing::info!(comfyui = %backend.label, ?end, "job finished on this worker"));
+            Some((lease, end)) = in_flight.next(), if !in_flight.is_empty() => {
+                let lease: Lease = lease;
+                backend.status.send_modify(|s| s.jobs.retain(|id| *id != lease.job_id));
+                if matches!(end, JobEnd::Delivered | JobEnd::Failed) {
+                    last_workflow = Some(lease.workflow.clone());
+                    backend.status.send_modify(|s| s.last_workflow = last_workflow.clone());
+                }
                 backend_failures = if end == JobEnd::BackendDown { backend_failures.saturating_add(1) } else { 0 };
             }
-            Err(e) => {
-                broker_failures = broker_failures.saturating_add(1);
-                // WORKER_POLL_INTERVAL, doubling up to 16× while the broker stays away.
-                let delay = config.retry_delay * 2u32.saturating_pow(broker_failures.min(5) - 1);
-                tracing::warn!(error = %e, retry_in = ?delay, "broker unreachable");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
+            lease = async { lease_call.as_mut().expect("guarded").await }, if lease_call.is_some() => {
+                lease_call = None;
+                match lease {
+                    Ok(None) => broker_failures = 0,
+                    Ok(Some(lease)) => {
+                        broker_failures = 0;
+                        let posted = CancellationToken::new();
+                        let after = last_posted.replace(posted.clone());
+                        backend.status.send_modify(|s| s.jobs.push(lease.job_id));
+                        let prefetched = lease_prefetch;
+                        in_flight.push(async move {
+                            let job = JobRun {
+                                config, broker, backend, lease: &lease, shutdown: stop, prefetched,
+                                after, posted,
+                            };
+                            // Every line logged for the job (the lease keeper's task included) carries these.
+                            let span = tracing::info_span!("job", job_id = %lease.job_id, attempt = lease.attempt, worker = %lease_name);
+                            let end = tracing::Instrument::instrument(job.run(), span.clone()).await;
+                            span.in_scope(|| tracing::info!(comfyui = %backend.label, ?end, prefetched, "job finished on this worker"));
+                            (lease, end)
+                        });
+                    }
+                    Err(e) => {
+                        broker_failures = broker_failures.saturating_add(1);
+                        // WORKER_POLL_INTERVAL, doubling up to 16× while the broker stays away.
+                        let delay = config.retry_delay * 2u32.saturating_pow(broker_failures.min(5) - 1);
+                        tracing::warn!(error = %e, retry_in = ?delay, "broker unreachable");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
                 }
             }
+            // What the server can run changed: ask again with the new list (the broker hands a
+            // claim whose request went away back to the queue).
+            Ok(()) = preflight.changed() => lease_call = None,
         }
     }
-    // Stopping: this loop's upload names that no prompt reads any more go (when reachable).
+    // Stopping: every job still here hands itself back (its own shutdown path), then this
+    // loop's upload names that no prompt reads any more go (when reachable).
+    drop(lease_call);
+    while in_flight.next().await.is_some() {}
     backend.files.folders.remove_free_slots(&backend.files.slots).await;
 }
 
@@ -207,20 +287,36 @@ async fn report_preflight(
     broker: BrokerClient,
     lease_name: String,
     server: String,
-    mut preflight: watch::Receiver<ServerState>,
+    reported: Reported,
     retry_delay: Duration,
     shutdown: CancellationToken,
 ) {
+    let Reported { mut preflight, mut status, devices } = reported;
     loop {
         let state = preflight.borrow_and_update().clone();
+        let now = status.borrow_and_update().clone();
         let mut next = PREFLIGHT_RESEND;
         // Nothing to say before the server was checked once.
         if state.catalog.is_some() {
+            let server_state = if !state.reachable {
+                tdcomfy_api::ServerState::Unreachable
+            } else if now.paused {
+                tdcomfy_api::ServerState::Paused
+            } else if now.jobs.is_empty() {
+                tdcomfy_api::ServerState::Idle
+            } else {
+                tdcomfy_api::ServerState::Running
+            };
             let report = PreflightReport {
                 worker_id: lease_name.clone(),
                 server: server.clone(),
                 reachable: state.reachable,
                 workflows: state.workflows,
+                state: Some(server_state),
+                job_id: now.jobs.first().copied(),
+                prefetched_jobs: now.jobs.iter().skip(1).copied().collect(),
+                last_workflow: now.last_workflow.clone(),
+                devices: devices.borrow().clone(),
             };
             if let Err(e) = broker.preflight(&report).await {
                 // Display only: a broker without the route (older than this worker) still gets
@@ -234,6 +330,7 @@ async fn report_preflight(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = preflight.changed() => if changed.is_err() { return },
+            changed = status.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(next) => {}
         }
     }
@@ -265,6 +362,13 @@ struct JobRun<'a> {
     backend: &'a Backend,
     lease: &'a Lease,
     shutdown: &'a CancellationToken,
+    /// Leased while the server was busy: its prompt waits in ComfyUI's queue.
+    prefetched: bool,
+    /// Cancelled once the job leased before it on this server has its prompt in ComfyUI's queue
+    /// (or ended): this one's prompt goes after it, so ComfyUI runs them in lease order.
+    after: Option<CancellationToken>,
+    /// Cancelled when this job's prompt is in ComfyUI's queue, or when the job ends.
+    posted: CancellationToken,
 }
 
 /// A failure that ends the job with a message for the client.
@@ -294,14 +398,21 @@ impl Failure {
 
 impl JobRun<'_> {
     async fn run(&self) -> JobEnd {
+        // However this attempt ends, the job leased after it need not wait for its prompt.
+        let _posted = self.posted.clone().drop_guard();
         // Per attempt, not per job: another attempt of this job may be running right now.
         let dir = comfy_files::attempt_dir(&self.config.spool_dir, self.lease.job_id, &self.lease.lease_token);
         // The lease is kept alive for the whole attempt — every step below can outlast LEASE_TTL
         // on a slow link or while the broker is away — until the result is accepted or the
         // failure reported.
         let cadence = Cadence::for_lease(self.lease, self.config.heartbeat_interval, self.config.progress_interval);
-        let keeper =
-            LeaseKeeper::start(self.broker.clone(), self.lease.job_id, self.lease.lease_token.clone(), cadence);
+        let keeper = LeaseKeeper::start_as(
+            self.broker.clone(),
+            self.lease.job_id,
+            self.lease.lease_token.clone(),
+            cadence,
+            self.prefetched,
+        );
         let end = match self.execute(&dir, &keeper).await {
             Ok(end) => end,
             Err(f) => self.report_failure(f).await,
@@ -327,6 +438,10 @@ impl JobRun<'_> {
                 Err(Abandon::LeaseEnded)
             }
         }
+    }
+
+    fn posted_now(&self) {
+        self.posted.cancel();
     }
 
     async fn report_failure(&self, f: Failure) -> JobEnd {
@@ -405,7 +520,21 @@ impl JobRun<'_> {
             .map_err(|e| Failure::new(format!("workflow {}: {e}", lease.workflow), false))?;
         self.check_bound_graph(workflow, &graph).await?;
 
-        // 3. Run it, relaying progress and watching for cancellation.
+        // 3. Queue it behind the job leased before it on this server, then run it, relaying
+        // progress and watching for cancellation.
+        if let Some(after) = &self.after {
+            let behind = async {
+                tokio::select! {
+                    _ = after.cancelled() => Ok(()),
+                    _ = self.shutdown.cancelled() => Err(Failure::handed_back("the worker was shut down before the job's prompt was queued")),
+                }
+            };
+            match self.unless_lease_ends(keeper, behind).await {
+                Ok(()) => {}
+                Err(Abandon::LeaseEnded) => return Ok(JobEnd::Abandoned),
+                Err(Abandon::Failed(f)) => return Err(f),
+            }
+        }
         let prompt_id = PromptId::new();
         slot.set_fate(PromptFate::MaybeQueued(prompt_id.clone()));
         let outcome = self.supervise(graph, prompt_id.clone(), keeper).await;
@@ -564,6 +693,12 @@ impl JobRun<'_> {
                     Some(RunUpdate::Failed(f)) => return stop_reason.unwrap_or(Supervised::Failed(f)),
                     // Handed to the uploader's own task: never awaited here (a preview never delays a job).
                     Some(RunUpdate::Preview(p)) => previews.offer(p),
+                    // The next job of this server may post its prompt now: it runs after this one.
+                    Some(RunUpdate::Submitted) => self.posted_now(),
+                    Some(RunUpdate::Started) => {
+                        self.posted_now();
+                        keeper.started();
+                    }
                     Some(_) => {}
                     None => {
                         return stop_reason.unwrap_or_else(|| Supervised::Failed(RunFailure::new(

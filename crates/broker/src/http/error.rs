@@ -90,6 +90,9 @@ pub enum ApiError {
     /// The result existed but was deleted (410).
     #[error("the result of this job was deleted (DELETE or RESULT_TTL)")]
     ResultGone,
+    /// The job's input frame was deleted (410): cancelled, a reused result, or RESULT_TTL.
+    #[error("the input frame of this job was deleted (cancelled, reused result, or RESULT_TTL)")]
+    InputGone,
     /// A Range header outside the file (416).
     #[error("range not satisfiable for a {size}-byte result")]
     RangeNotSatisfiable {
@@ -144,6 +147,7 @@ impl ApiError {
             ApiError::Forbidden { code, setting, .. } => (StatusCode::FORBIDDEN, code, Some(*setting), None),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code, None, None),
             ApiError::ResultGone => (StatusCode::GONE, "result_gone", None, None),
+            ApiError::InputGone => (StatusCode::GONE, "input_gone", None, None),
             ApiError::RangeNotSatisfiable { size } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable", None, Some(*size))
             }

@@ -187,6 +187,28 @@ pub async fn get_result(
     stream_blob(&broker, BlobKind::Result, id, info.size, &info.content_type, range, extra).await
 }
 
+/// Download a job's input frame (for the dashboard's list of finished jobs and its retry).
+#[utoipa::path(
+    get, path = "/jobs/{id}/input", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The frame as submitted", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such job", body = tdcomfy_api::ErrorBody),
+        (status = 410, description = "The job's files were deleted (cancelled, RESULT_TTL)", body = tdcomfy_api::ErrorBody),
+    )
+)]
+pub async fn get_input(State(broker): State<Broker>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let id = job_id(&id)?;
+    let job = broker.job(id).await?.ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
+    if !job.input_present {
+        return Err(ApiError::InputGone);
+    }
+    let mut extra = HeaderMap::new();
+    // The frame never changes under its job id.
+    extra.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=86400, immutable"));
+    stream_blob(&broker, BlobKind::Input, id, job.input.size, &job.input.content_type, None, extra).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

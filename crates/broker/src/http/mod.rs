@@ -1,10 +1,12 @@
 //! The HTTP surface: the router (built together with its OpenAPI document, so the two cannot
 //! drift), authentication, and JSON answers for unknown routes and methods.
 
+mod dashboard;
 mod error;
 mod extract;
 mod files;
 mod jobs;
+mod observe;
 mod previews;
 mod push;
 mod spec;
@@ -65,6 +67,7 @@ pub fn router(broker: Broker) -> Router {
     let (router, openapi) = api_router();
     let mut spec = serde_json::to_value(&openapi).unwrap_or_default();
     spec::finish(&mut spec, broker.config());
+    let router = if broker.config().dashboard { dashboard::routes(router) } else { router };
     router
         .route("/openapi.json", axum::routing::get(move || async move { axum::Json(spec) }))
         .fallback(route_not_found)
@@ -73,6 +76,8 @@ pub fn router(broker: Broker) -> Router {
         // every other body, and the result upload has its own MAX_RESULT_MB check.
         .layer(DefaultBodyLimit::max(upload_limit))
         .layer(axum::middleware::from_fn_with_state(broker.clone(), authenticate))
+        // Outside authentication, so refused requests are counted too.
+        .layer(axum::middleware::from_fn_with_state(broker.clone(), observe::count_requests))
         .with_state(broker)
 }
 
@@ -88,12 +93,14 @@ fn api_router() -> (Router<Broker>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(files::get_result))
+        .routes(routes!(files::get_input))
         .routes(routes!(previews::get_preview))
         .routes(routes!(push::job_events))
         .routes(routes!(push::events))
         .routes(routes!(push::websocket))
         .routes(routes!(jobs::health))
         .routes(routes!(jobs::list_workflows))
+        .routes(routes!(observe::metrics))
         .routes(routes!(worker::lease))
         .routes(routes!(worker::preflight))
         .routes(routes!(worker::input))
@@ -176,14 +183,25 @@ fn takes_query_token(path: &str) -> bool {
     path == "/events" || path == "/ws" || (path.starts_with("/jobs/") && path.ends_with("/events"))
 }
 
-/// Token checks: `/health` is open; `/worker/*` wants the worker token (or the client token when no
+/// Token checks: `/health` and the dashboard's static files are open; `/metrics` wants the client
+/// token or `METRICS_TOKEN` when either is set; `/worker/*` wants the worker token (or the client token when no
 /// worker token is set, or, when neither is set, a peer on this machine); everything else wants the
 /// client token, in a header or, on the push routes, as `?token=`.
 async fn authenticate(State(broker): State<Broker>, req: Request, next: Next) -> Response {
     let cfg = broker.config();
     let path = req.uri().path();
-    if path == "/health" {
+    // The dashboard's page and assets hold no data (the page asks for the token and sends it
+    // with every call it makes), so a browser can load them before it has the token.
+    if path == "/health" || (cfg.dashboard && dashboard::is_asset_path(path)) {
         return next.run(req).await;
+    }
+    if path == "/metrics" {
+        let tokens: Vec<&String> = [&cfg.api_token, &cfg.metrics_token].into_iter().flatten().collect();
+        if tokens.is_empty() || bearer(&req).is_some_and(|t| tokens.iter().any(|e| constant_time_eq(t, e))) {
+            return next.run(req).await;
+        }
+        return ApiError::Unauthorized("/metrics needs Authorization: Bearer <API_TOKEN or METRICS_TOKEN>")
+            .into_response();
     }
     if let Err(e) = check_origin(cfg, &req) {
         return e.into_response();

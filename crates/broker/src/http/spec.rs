@@ -45,6 +45,7 @@ pub fn finish(spec: &mut Value, config: &BrokerConfig) {
         }
         let needs_token = match path.as_str() {
             "/health" => false,
+            "/metrics" => client_needs_token || config.metrics_token.is_some(),
             p if p.starts_with("/worker/") => worker_needs_token,
             _ => client_needs_token,
         };

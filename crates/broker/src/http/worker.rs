@@ -48,10 +48,32 @@ pub async fn lease(State(broker): State<Broker>, ApiJson(req): ApiJson<LeaseRequ
     if let Some(names) = &req.workflows {
         workflow_names("workflows", names.iter().map(String::as_str))?;
     }
-    match broker.lease(worker, wait, req.workflows).await? {
+    if let Some(name) = &req.last_workflow {
+        workflow_names("last_workflow", std::iter::once(name.as_str()))?;
+    }
+    let wish = crate::service::LeaseWish {
+        workflows: req.workflows,
+        prefetch: req.prefetch,
+        last_workflow: req.last_workflow,
+    };
+    match broker.lease_as(worker, wait, wish).await? {
         Some(job) => Ok(axum::Json(LeaseResponse { job }).into_response()),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
+}
+
+/// Most prefetched job ids, and most devices, one report may carry.
+const MAX_REPORTED: usize = 64;
+fn at_most(field: &'static str, len: usize) -> Result<(), ApiError> {
+    if len <= MAX_REPORTED {
+        return Ok(());
+    }
+    Err(ApiError::limit(
+        "too_many_entries",
+        field,
+        MAX_REPORTED as u64,
+        format!("{field} holds at most {MAX_REPORTED} entries"),
+    ))
 }
 
 /// Most workflow names one report or lease request may carry.
@@ -103,6 +125,19 @@ pub async fn preflight(
         return Err(ApiError::limit("invalid_server", "server", 2048, "server is at most 2048 characters"));
     }
     workflow_names("workflows", report.workflows.iter().map(|w| w.name.as_str()))?;
+    if let Some(name) = &report.last_workflow {
+        workflow_names("last_workflow", std::iter::once(name.as_str()))?;
+    }
+    at_most("prefetched_jobs", report.prefetched_jobs.len())?;
+    at_most("devices", report.devices.len())?;
+    if report.devices.iter().any(|d| d.name.len() > 512 || d.kind.len() > 64) {
+        return Err(ApiError::limit(
+            "invalid_device",
+            "devices.name",
+            512,
+            "a device name is at most 512 characters and its type at most 64",
+        ));
+    }
     for w in &report.workflows {
         if w.problems.len() > MAX_PROBLEMS {
             return Err(ApiError::limit(
@@ -179,7 +214,9 @@ pub async fn heartbeat(
     if req.progress.as_ref().is_some_and(|p| !(p.value.is_finite() && (0.0..=1.0).contains(&p.value))) {
         return Err(ApiError::field("invalid_progress", "progress.value", "progress.value must be between 0 and 1"));
     }
-    let cancelled = broker.heartbeat(id, req.lease_token, req.progress).await.map_err(not_found_as(id))?;
+    let wait = wait_secs("wait", req.wait)?;
+    let beat = crate::service::Beat { progress: req.progress, started: req.started, wait };
+    let cancelled = broker.heartbeat_with(id, req.lease_token, beat).await.map_err(not_found_as(id))?;
     Ok(axum::Json(HeartbeatResponse { cancelled, lease_expires_in: broker.config().lease_ttl.as_secs_f64() }))
 }
 

@@ -34,6 +34,7 @@ pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
         max_preview_mb: 64,
         net: Default::default(),
         storage: Default::default(),
+        observe: Default::default(),
     }
 }
 

@@ -292,6 +292,7 @@ pub async fn run_sweep(args: SweepBenchArgs) -> anyhow::Result<()> {
         max_preview_mb: 64,
         net: Default::default(),
         storage: Default::default(),
+        observe: Default::default(),
     };
     {
         let broker = tdcomfy_broker::Broker::open(args_for(604_800).into_config(workflows.clone())?).await?;

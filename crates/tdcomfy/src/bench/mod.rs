@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod chaos;
+pub mod dashboard;
 pub mod loadgen;
 pub mod pipeline;
 pub mod preview;
@@ -26,6 +27,8 @@ pub enum BenchCommand {
     Preview(preview::PreviewBenchArgs),
     /// Submit rate and result download throughput, local files vs S3 (moto on loopback).
     Storage(storage::StorageBenchArgs),
+    /// What 50 open dashboards and a Prometheus scrape every second cost the broker at 20 jobs/s.
+    Dashboard(dashboard::DashboardBenchArgs),
     /// The reliability proof: SIGKILL and restart broker, worker and simulator under load; count
     /// lost, stuck, wrong and re-run jobs (exit 1 on any lost, stuck or wrong).
     Chaos(chaos::ChaosBenchArgs),
@@ -39,6 +42,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         BenchCommand::Pipeline(a) => pipeline::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Preview(a) => preview::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Storage(a) => storage::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Dashboard(a) => dashboard::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Chaos(a) => chaos::run(a).await,
     }
 }

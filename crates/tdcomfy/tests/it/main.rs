@@ -7,4 +7,5 @@ mod crash;
 mod logs;
 mod process;
 mod storage;
+mod status;
 mod tls;

@@ -82,6 +82,8 @@ pub struct Setup {
     pub preview_stall: Option<Duration>,
     /// `PREVIEW_FPS` of the workers.
     pub preview_fps: f64,
+    /// `PREFETCH` of the workers.
+    pub prefetch: usize,
 }
 
 impl Default for Setup {
@@ -101,6 +103,7 @@ impl Default for Setup {
             comfyui_token: None,
             preview_stall: None,
             preview_fps: 10.0,
+            prefetch: 1,
         }
     }
 }
@@ -208,6 +211,7 @@ impl Pipeline {
             max_preview_mb: 64,
             net: Default::default(),
             storage: Default::default(),
+            observe: Default::default(),
         };
         let mut config = args.into_config(self.workflows.clone()).unwrap();
         config.preview_limits.stall_for_tests = self.setup.preview_stall;
@@ -270,6 +274,7 @@ impl Pipeline {
             comfyui_token: self.setup.comfyui_token.clone(),
             preview_fps: self.setup.preview_fps,
             preview_method: "none".into(),
+            prefetch: self.setup.prefetch,
         };
         let config = args.into_config(broker_url, None, self.workflows.clone(), PathBuf::new()).unwrap();
         let stop = CancellationToken::new();

@@ -4,6 +4,7 @@ mod comfy_files;
 mod harness;
 mod lease;
 mod pipeline;
+mod prefetch;
 mod preflight;
 mod previews;
 mod proxy;

@@ -61,6 +61,7 @@ async fn tls_broker(names: &[&str]) -> TlsBroker {
         max_preview_mb: 64,
         net: Default::default(),
         storage: Default::default(),
+        observe: Default::default(),
     };
     args.net.tls_cert = Some(cert_path.clone());
     args.net.tls_key = Some(key_path);
@@ -133,6 +134,7 @@ async fn a_worker_runs_jobs_from_an_https_broker_it_trusts_through_broker_ca() {
         preview_fps: 10.0,
         comfyui_token: None,
         preview_method: "none".into(),
+        prefetch: 1,
     };
     let mut config = args.into_config(https.clone(), None, workflows(), PathBuf::new()).unwrap();
     config.broker_trust = BrokerTrust::WithCa(trust(&broker.cert));
