@@ -679,15 +679,17 @@ impl JobRun<'_> {
         loop {
             tokio::select! {
                 update = run.next() => match update {
-                    Some(RunUpdate::Progress(p)) => keeper.report(Progress {
+                    // Progress is the prompt running too (its `Started` may have been missed).
+                    Some(RunUpdate::Progress(p)) => { keeper.started(); keeper.report(Progress {
                         value: f64::from(p.fraction).clamp(0.0, 0.999),
                         step: p.step,
                         max_steps: p.max,
                         node: p.node,
                         node_type: p.node_type,
                         stage: p.stage,
-                    }),
+                    }) }
                     Some(RunUpdate::Finished { outputs, execution_time }) => {
+                        keeper.started();
                         return stop_reason.unwrap_or(Supervised::Finished(outputs, execution_time));
                     }
                     Some(RunUpdate::Failed(f)) => return stop_reason.unwrap_or(Supervised::Failed(f)),
