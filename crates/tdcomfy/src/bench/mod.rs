@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod chaos;
+pub mod live;
 pub mod loadgen;
 pub mod pipeline;
 pub mod preview;
@@ -23,6 +24,9 @@ pub enum BenchCommand {
     Pipeline(pipeline::PipelineBenchArgs),
     /// Preview latency: ComfyUI's binary preview frame → the client's preview file, p50/p99.
     Preview(preview::PreviewBenchArgs),
+    /// Live use: GPU duty cycle (PREFETCH=0 and 1), 4 servers against 1, staleness in latest
+    /// mode at 60 fps, a static scene with dedupe; real `sim` and `up` child processes.
+    Live(live::LiveBenchArgs),
     /// The reliability proof: SIGKILL and restart broker, worker and simulator under load; count
     /// lost, stuck, wrong and re-run jobs (exit 1 on any lost, stuck or wrong).
     Chaos(chaos::ChaosBenchArgs),
@@ -35,6 +39,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         BenchCommand::Sweep(a) => broker::run_sweep(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Pipeline(a) => pipeline::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Preview(a) => preview::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Live(a) => live::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Chaos(a) => chaos::run(a).await,
     }
 }
