@@ -972,7 +972,8 @@ impl Broker {
             _ = self.inner.shutdown.cancelled() => return Ok(false),
         }
         match self.inner.store.check_lease(id, &token).await {
-            Ok(_) => Ok(false),
+            // Done meanwhile (its result arrived while this poll waited): nothing to stop.
+            Ok(_) | Err(StoreError::AlreadyDone) => Ok(false),
             Err(StoreError::Cancelled) => Ok(true),
             Err(e) => Err(e.into()),
         }

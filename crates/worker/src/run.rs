@@ -52,6 +52,10 @@ struct Backend {
     preflight: watch::Receiver<ServerState>,
     /// What the loop is doing, for its report (`/health`).
     status: watch::Sender<LoopStatus>,
+    /// Set by a job about to report that this server was unreachable (before the report, so a
+    /// lease the loop's pending request gets meanwhile — maybe that very job, requeued — is
+    /// handed back instead of run against a server that is down); cleared after the cool-down.
+    down: std::sync::atomic::AtomicBool,
 }
 
 /// What one lease loop is doing: its jobs in lease order (the first runs, the others wait in
@@ -149,6 +153,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             files,
             preflight,
             status: status_tx,
+            down: std::sync::atomic::AtomicBool::new(false),
         };
         loops.spawn(serve_backend(config.clone(), broker.clone(), backend, lease_name, shutdown.clone()));
     }
@@ -205,10 +210,13 @@ async fn serve_backend(
                 break;
             }
             backend_failures = 0;
+            backend.down.store(false, std::sync::atomic::Ordering::Release);
         }
         // Another lease while fewer than 1 + PREFETCH jobs are on this server, and none while
         // its jobs fail for being unable to reach it.
-        let room = in_flight.len() < 1 + config.prefetch && backend_failures == 0;
+        let room = in_flight.len() < 1 + config.prefetch
+            && backend_failures == 0
+            && !backend.down.load(std::sync::atomic::Ordering::Acquire);
         if room && lease_call.is_none() {
             let state = preflight.borrow_and_update().clone();
             let prefetch = !in_flight.is_empty();
@@ -237,6 +245,16 @@ async fn serve_backend(
                 lease_call = None;
                 match lease {
                     Ok(None) => broker_failures = 0,
+                    Ok(Some(lease)) if backend.down.load(std::sync::atomic::Ordering::Acquire) => {
+                        broker_failures = 0;
+                        // Leased while a job of this loop was finding the server down: not this
+                        // job's fault, so it goes back without costing an attempt.
+                        tracing::info!(job_id = %lease.job_id, comfyui = %backend.label, "ComfyUI is unreachable: handing the new lease back");
+                        let message = format!("ComfyUI at {} is unreachable: handed back before it ran", backend.label);
+                        if let Err(e) = broker.fail(lease.job_id, &lease.lease_token, &message, true, true).await {
+                            tracing::warn!(job_id = %lease.job_id, error = %e, "could not hand the lease back (it lapses)");
+                        }
+                    }
                     Ok(Some(lease)) => {
                         broker_failures = 0;
                         let posted = CancellationToken::new();
@@ -446,6 +464,9 @@ impl JobRun<'_> {
 
     async fn report_failure(&self, f: Failure) -> JobEnd {
         let (id, token) = (self.lease.job_id, &self.lease.lease_token);
+        if f.backend_down {
+            self.backend.down.store(true, std::sync::atomic::Ordering::Release);
+        }
         tracing::warn!(job_id = %id, retryable = f.retryable, reason = %f.message, "job failed");
         let mut delay = self.config.retry_delay;
         loop {
@@ -679,15 +700,17 @@ impl JobRun<'_> {
         loop {
             tokio::select! {
                 update = run.next() => match update {
-                    Some(RunUpdate::Progress(p)) => keeper.report(Progress {
+                    // Progress is the prompt running too (its `Started` may have been missed).
+                    Some(RunUpdate::Progress(p)) => { keeper.started(); keeper.report(Progress {
                         value: f64::from(p.fraction).clamp(0.0, 0.999),
                         step: p.step,
                         max_steps: p.max,
                         node: p.node,
                         node_type: p.node_type,
                         stage: p.stage,
-                    }),
+                    }) }
                     Some(RunUpdate::Finished { outputs, execution_time }) => {
+                        keeper.started();
                         return stop_reason.unwrap_or(Supervised::Finished(outputs, execution_time));
                     }
                     Some(RunUpdate::Failed(f)) => return stop_reason.unwrap_or(Supervised::Failed(f)),

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod chaos;
 pub mod dashboard;
+pub mod live;
 pub mod loadgen;
 pub mod pipeline;
 pub mod preview;
@@ -29,6 +30,9 @@ pub enum BenchCommand {
     Storage(storage::StorageBenchArgs),
     /// What 50 open dashboards and a Prometheus scrape every second cost the broker at 20 jobs/s.
     Dashboard(dashboard::DashboardBenchArgs),
+    /// Live use: GPU duty cycle (PREFETCH=0 and 1), 4 servers against 1, staleness in latest
+    /// mode at 60 fps, a static scene with dedupe; real `sim` and `up` child processes.
+    Live(live::LiveBenchArgs),
     /// The reliability proof: SIGKILL and restart broker, worker and simulator under load; count
     /// lost, stuck, wrong and re-run jobs (exit 1 on any lost, stuck or wrong).
     Chaos(chaos::ChaosBenchArgs),
@@ -43,6 +47,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         BenchCommand::Preview(a) => preview::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Storage(a) => storage::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Dashboard(a) => dashboard::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Live(a) => live::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Chaos(a) => chaos::run(a).await,
     }
 }
