@@ -6,6 +6,6 @@ mod cli;
 mod crash;
 mod logs;
 mod process;
-mod storage;
 mod status;
+mod storage;
 mod tls;
