@@ -2423,11 +2423,13 @@ def build_component(parent_comp: Any, name: str = "tdcomfy", *, url: str | None 
     preview = child("moviefileinTOP", "preview_movie", 200, -100)
     preview.par.playmode = "sequential"
     child("outTOP", "out_preview", 600, -100).inputConnectors[0].connect(preview)
-    child("tableDAT", "info", 400, -300)
+    info = child("tableDAT", "info", 400, -300)
+    child("outDAT", "out_info", 600, -450).inputConnectors[0].connect(info)
     chop_callbacks = child("textDAT", "info_chop_callbacks", 200, -300)
     chop_callbacks.text = _CHOP_CALLBACKS_TEXT
     chop = child("scriptCHOP", "info_chop", 600, -300)
     chop.par.callbacks = "info_chop_callbacks"
+    child("outCHOP", "out_info_chop", 800, -300).inputConnectors[0].connect(chop)
     comp.par.ext0object = "op('./tdcomfy_client').module.TDComfyExt(me)"
     comp.par.ext0promote = True
     comp.par.reinitextensions.pulse()  # (re)compiles the extension from the library just written

@@ -1028,8 +1028,25 @@ class scriptCHOP(OP):  # noqa: N801
             dat.module.onCook(self)
 
 
+class outDAT(DAT):  # noqa: N801
+    """Out DAT (https://docs.derivative.ca/Out_DAT): the COMP's DAT output connector; passes its input on."""
+
+    OPType = "outDAT"
+    fake_inputs = 1
+    builtin_pars = {"label": ("Str", "")}
+
+
+class outCHOP(OP):  # noqa: N801
+    """Out CHOP (https://docs.derivative.ca/Out_CHOP): the COMP's CHOP output connector."""
+
+    OPType = "outCHOP"
+    family = "CHOP"
+    fake_inputs = 1
+    builtin_pars = {"label": ("Str", "")}
+
+
 _OP_TYPES = {cls.OPType: cls for cls in (baseCOMP, nullTOP, inTOP, outTOP, crossTOP, moviefileinTOP, textDAT,
-                                         tableDAT, executeDAT, parameterexecuteDAT, scriptCHOP)}
+                                         tableDAT, outDAT, executeDAT, parameterexecuteDAT, scriptCHOP, outCHOP)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -393,3 +393,13 @@ def test_reinitialising_the_extension_closes_the_old_pipeline(tmp_path):
         # The stream id lives in the COMP's storage: latest mode and Dedupe go on in the same stream.
         assert r.ext.stream == old.stream and r.ext.pipeline.stream == old.stream
         r.close()
+
+
+def test_the_component_outputs_the_video_the_preview_and_its_info_as_dat_and_chop(rig):
+    r = rig()
+    outputs = {name: r.comp.op(name) for name in ("out_video", "out_preview", "out_info", "out_info_chop")}
+    assert {n: o.OPType for n, o in outputs.items()} == {
+        "out_video": "outTOP", "out_preview": "outTOP", "out_info": "outDAT", "out_info_chop": "outCHOP"}
+    sources = {n: o.inputs[0].name for n, o in outputs.items()}
+    assert sources == {"out_video": "result_cross", "out_preview": "preview_movie", "out_info": "info",
+                       "out_info_chop": "info_chop"}
