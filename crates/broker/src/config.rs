@@ -405,6 +405,34 @@ impl NetArgs {
 }
 
 impl BrokerArgs {
+    /// The documented defaults (the flags' `default_value`s, no environment read), serving on
+    /// 127.0.0.1 port 0 with its data in `data_dir`: what tests and benchmarks start from before
+    /// changing the settings they are about.
+    pub fn loopback(data_dir: PathBuf) -> BrokerArgs {
+        BrokerArgs {
+            api_host: "127.0.0.1".into(),
+            api_port: 0,
+            data_dir,
+            max_upload_mb: 50,
+            max_result_mb: 4096,
+            max_image_dim: 8192,
+            max_prompt_chars: 10_000,
+            api_token: None,
+            worker_token: None,
+            result_ttl: 86_400,
+            job_retention: 604_800,
+            job_timeout: 600.0,
+            lease_ttl: 30.0,
+            max_attempts: 3,
+            max_queue: 1000,
+            max_subscribers: 256,
+            max_preview_mb: 64,
+            net: Default::default(),
+            storage: Default::default(),
+            observe: Default::default(),
+        }
+    }
+
     /// Checks every value; `workflows` are the loaded workflows jobs may name.
     pub fn into_config(self, workflows: Arc<WorkflowRegistry>) -> Result<BrokerConfig, ConfigError> {
         if self.max_upload_mb == 0 || self.max_upload_mb > 1 << 20 {
@@ -478,6 +506,37 @@ impl BrokerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_settings_are_the_flags_documented_defaults() {
+        let cmd = <BrokerArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        let default = |id: &str| {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id).unwrap_or_else(|| panic!("no flag {id}"));
+            arg.get_default_values().first().map(|v| v.to_string_lossy().into_owned())
+        };
+        let l = BrokerArgs::loopback("d".into());
+        let ours = [
+            ("max_upload_mb", l.max_upload_mb.to_string()),
+            ("max_result_mb", l.max_result_mb.to_string()),
+            ("max_image_dim", l.max_image_dim.to_string()),
+            ("max_prompt_chars", l.max_prompt_chars.to_string()),
+            ("result_ttl", l.result_ttl.to_string()),
+            ("job_retention", l.job_retention.to_string()),
+            ("job_timeout", l.job_timeout.to_string()),
+            ("lease_ttl", l.lease_ttl.to_string()),
+            ("max_attempts", l.max_attempts.to_string()),
+            ("max_queue", l.max_queue.to_string()),
+            ("max_subscribers", l.max_subscribers.to_string()),
+            ("max_preview_mb", l.max_preview_mb.to_string()),
+        ];
+        for (id, value) in ours {
+            let documented = default(id).expect("a default");
+            // "600" and "600.0" are the same number.
+            let same = documented == value
+                || matches!((documented.parse::<f64>(), value.parse::<f64>()), (Ok(a), Ok(b)) if a == b);
+            assert!(same, "{id}: flag default {documented}, loopback() {value}");
+        }
+    }
 
     #[test]
     fn template_tokens_are_refused_by_name() {

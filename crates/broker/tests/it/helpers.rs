@@ -15,26 +15,11 @@ use tokio::task::JoinHandle;
 /// Settings a test may change before the broker starts.
 pub fn test_args(data_dir: PathBuf) -> BrokerArgs {
     BrokerArgs {
-        api_host: "127.0.0.1".into(),
-        api_port: 0,
-        data_dir,
         max_upload_mb: 5,
         max_result_mb: 64,
-        max_image_dim: 8192,
-        max_prompt_chars: 10_000,
-        api_token: None,
-        worker_token: None,
         result_ttl: 0,
         job_retention: 0,
-        job_timeout: 600.0,
-        lease_ttl: 30.0,
-        max_attempts: 3,
-        max_queue: 1000,
-        max_subscribers: 256,
-        max_preview_mb: 64,
-        net: Default::default(),
-        storage: Default::default(),
-        observe: Default::default(),
+        ..BrokerArgs::loopback(data_dir)
     }
 }
 

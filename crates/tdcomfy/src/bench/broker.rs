@@ -273,26 +273,8 @@ pub async fn run_sweep(args: SweepBenchArgs) -> anyhow::Result<()> {
         .load()?,
     );
     let args_for = |job_retention: u64| tdcomfy_broker::BrokerArgs {
-        api_host: "127.0.0.1".into(),
-        api_port: 0,
-        data_dir: data.clone(),
-        max_upload_mb: 50,
-        max_result_mb: 4096,
-        max_image_dim: 8192,
-        max_prompt_chars: 10_000,
-        api_token: None,
-        worker_token: None,
-        result_ttl: 86_400,
         job_retention,
-        job_timeout: 600.0,
-        lease_ttl: 30.0,
-        max_attempts: 3,
-        max_queue: 1000,
-        max_subscribers: 256,
-        max_preview_mb: 64,
-        net: Default::default(),
-        storage: Default::default(),
-        observe: Default::default(),
+        ..tdcomfy_broker::BrokerArgs::loopback(data.clone())
     };
     {
         let broker = tdcomfy_broker::Broker::open(args_for(604_800).into_config(workflows.clone())?).await?;

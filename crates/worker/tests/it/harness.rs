@@ -192,26 +192,14 @@ impl Pipeline {
         let listener = bind(addr).await;
         let addr = listener.local_addr().unwrap();
         let args = tdcomfy_broker::BrokerArgs {
-            api_host: "127.0.0.1".into(),
-            api_port: 0,
-            data_dir: self.dir.path().join("broker"),
             max_upload_mb: 20,
             max_result_mb: 512,
-            max_image_dim: 8192,
-            max_prompt_chars: 10_000,
-            api_token: None,
-            worker_token: None,
             result_ttl: 0,
             job_retention: 0,
             job_timeout: self.setup.job_timeout,
             lease_ttl: self.setup.lease_ttl,
             max_attempts: self.setup.max_attempts,
-            max_queue: 1000,
-            max_subscribers: 256,
-            max_preview_mb: 64,
-            net: Default::default(),
-            storage: Default::default(),
-            observe: Default::default(),
+            ..tdcomfy_broker::BrokerArgs::loopback(self.dir.path().join("broker"))
         };
         let mut config = args.into_config(self.workflows.clone()).unwrap();
         config.preview_limits.stall_for_tests = self.setup.preview_stall;

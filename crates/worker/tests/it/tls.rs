@@ -42,26 +42,11 @@ async fn tls_broker(names: &[&str]) -> TlsBroker {
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, signing_key.serialize_pem()).unwrap();
     let mut args = tdcomfy_broker::BrokerArgs {
-        api_host: "127.0.0.1".into(),
-        api_port: 0,
-        data_dir: dir.path().join("broker"),
         max_upload_mb: 20,
         max_result_mb: 512,
-        max_image_dim: 8192,
-        max_prompt_chars: 10_000,
-        api_token: None,
-        worker_token: None,
         result_ttl: 0,
         job_retention: 0,
-        job_timeout: 600.0,
-        lease_ttl: 30.0,
-        max_attempts: 3,
-        max_queue: 1000,
-        max_subscribers: 256,
-        max_preview_mb: 64,
-        net: Default::default(),
-        storage: Default::default(),
-        observe: Default::default(),
+        ..tdcomfy_broker::BrokerArgs::loopback(dir.path().join("broker"))
     };
     args.net.tls_cert = Some(cert_path.clone());
     args.net.tls_key = Some(key_path);
