@@ -2,6 +2,7 @@
 //! everything worth testing lives in the crates, which tests drive directly.
 
 mod bench;
+mod broker_target;
 mod cli;
 mod logging;
 mod sse;

@@ -12,6 +12,7 @@ use serde_json::Value;
 use tdcomfy_api::{ErrorBody, JobEvent, JobId, JobList, JobStatus, JobView};
 use tokio::time::Instant;
 
+use crate::broker_target::BrokerTarget;
 use crate::sse::JobEvents;
 
 /// `tdcomfy status`.
@@ -23,15 +24,8 @@ pub struct StatusCmd {
     /// Finished jobs to list.
     #[arg(long, default_value_t = 5)]
     recent: usize,
-    /// Broker URL. Default: http://127.0.0.1:$API_PORT.
-    #[arg(long, env = "TDCOMFY_URL")]
-    url: Option<String>,
-    /// Port of a local broker, used when --url is not given.
-    #[arg(long, env = "API_PORT", default_value_t = 8080)]
-    api_port: u16,
-    /// The broker's API_TOKEN, if it has one.
-    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    broker: BrokerTarget,
 }
 
 struct Client {
@@ -294,12 +288,7 @@ fn clip(line: &str, width: usize) -> String {
 
 /// Runs `status`.
 pub async fn run(cmd: StatusCmd) -> anyhow::Result<std::process::ExitCode> {
-    let base = cmd.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
-    let client = Client {
-        http: reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build()?,
-        base: base.trim_end_matches('/').to_owned(),
-        token: cmd.token.clone().filter(|t| !t.is_empty()),
-    };
+    let client = Client { http: cmd.broker.http()?, base: cmd.broker.base(), token: cmd.broker.token() };
     let terminal = std::io::stdout().is_terminal();
     // A terminal gets lines cut to its width (COLUMNS, as shells export it); a pipe gets them whole.
     let width = if terminal { std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(120) } else { 0 };

@@ -9,6 +9,8 @@ use futures_util::StreamExt;
 use tdcomfy_api::{ErrorBody, JobStatus, JobView, SubmitResponse};
 use tokio::io::AsyncWriteExt;
 
+use crate::broker_target::BrokerTarget;
+
 /// `tdcomfy submit`.
 #[derive(Debug, clap::Args)]
 pub struct SubmitCmd {
@@ -32,19 +34,8 @@ pub struct SubmitCmd {
     /// Where to write the result. Default: <job id>.<ext> in the current directory.
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Broker URL. Default: http://127.0.0.1:$API_PORT.
-    #[arg(long, env = "TDCOMFY_URL")]
-    url: Option<String>,
-    /// Port of a local broker, used when --url is not given.
-    #[arg(long, env = "API_PORT", default_value_t = 8080)]
-    api_port: u16,
-    /// The broker's API_TOKEN, if it has one.
-    #[arg(long, env = "API_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// For an https:// broker with a self-signed certificate or a private CA: that certificate
-    /// (PEM), trusted besides the system's roots.
-    #[arg(long = "ca", env = "BROKER_CA", value_name = "PEM")]
-    ca: Option<PathBuf>,
+    #[command(flatten)]
+    broker: BrokerTarget,
     /// Print only the result path (no progress bar).
     #[arg(long, short)]
     quiet: bool,
@@ -76,18 +67,7 @@ async fn api_error(resp: reqwest::Response) -> anyhow::Error {
 
 /// Runs `submit`; the exit code is non-zero when the job failed or was cancelled.
 pub async fn run(cmd: SubmitCmd) -> anyhow::Result<std::process::ExitCode> {
-    let base = cmd.url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", cmd.api_port));
-    let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-    if let Some(path) = &cmd.ca {
-        let certs =
-            tdcomfy_worker::broker_client::BrokerTrust::read_pem(path).map_err(|e| anyhow::anyhow!("--ca: {e}"))?;
-        http = http.tls_certs_merge(certs);
-    }
-    let broker = Broker {
-        http: http.build()?,
-        base: base.trim_end_matches('/').to_owned(),
-        token: cmd.token.clone().filter(|t| !t.is_empty()),
-    };
+    let broker = Broker { http: cmd.broker.http()?, base: cmd.broker.base(), token: cmd.broker.token() };
     let file = tokio::fs::File::open(&cmd.image).await.with_context(|| format!("opening {}", cmd.image.display()))?;
     let size = file.metadata().await?.len();
     let name = cmd.image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "frame".into());
