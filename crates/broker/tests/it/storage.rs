@@ -103,12 +103,10 @@ impl S3App {
         xml.matches("<UploadId>").count()
     }
 
-    /// The object's bytes, read from the store directly with S3's own client (`None`: no such
-    /// object).
-    async fn object(&self, rest: &str) -> Option<Vec<u8>> {
-        use object_store::ObjectStore;
+    /// S3's own client for the test bucket, to look at (or plant) objects behind the broker.
+    fn store(&self) -> object_store::aws::AmazonS3 {
         let (endpoint, bucket) = self.bucket_url.rsplit_once('/').unwrap();
-        let store = object_store::aws::AmazonS3Builder::new()
+        object_store::aws::AmazonS3Builder::new()
             .with_endpoint(endpoint)
             .with_bucket_name(bucket)
             .with_access_key_id("testing")
@@ -116,7 +114,14 @@ impl S3App {
             .with_region("us-east-1")
             .with_allow_http(true)
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The object's bytes, read from the store directly with S3's own client (`None`: no such
+    /// object).
+    async fn object(&self, rest: &str) -> Option<Vec<u8>> {
+        use object_store::ObjectStore;
+        let store = self.store();
         let key = object_store::path::Path::from(format!("{}/{rest}", self.prefix));
         match store.get(&key).await {
             Ok(got) => Some(got.bytes().await.unwrap().to_vec()),
@@ -377,16 +382,7 @@ async fn a_restart_on_shared_s3_keeps_young_orphans_and_every_job_whole() {
     // upload and its row: young, so the start must not take it.
     let orphan = uuid::Uuid::new_v4().to_string();
     let key = format!("{}/{}/inputs/{orphan}", s3.bucket_url, s3.prefix);
-    let (endpoint, bucket) = s3.bucket_url.rsplit_once('/').unwrap();
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(endpoint)
-        .with_bucket_name(bucket)
-        .with_access_key_id("testing")
-        .with_secret_access_key("testing")
-        .with_region("us-east-1")
-        .with_allow_http(true)
-        .build()
-        .unwrap();
+    let store = s3.store();
     use object_store::ObjectStore;
     store
         .put(
