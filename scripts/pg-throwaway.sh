@@ -124,10 +124,17 @@ start() {
       chown -R postgres: "$DIR"
     fi
     chmod 700 "$DIR/data"
+    # Every parent of DIR must be searchable by the server's user (mktemp -d makes a 0700 one).
+    if ! as_pg test -w "$DIR/data"; then
+      echo "pg-throwaway: the postgres user cannot reach $DIR/data; make its parent directories searchable (chmod o+x)" >&2
+      exit 1
+    fi
     # -U postgres: the superuser is `postgres` whichever OS user runs this, so the URL is the same
     # everywhere. Trust auth is only acceptable because the server listens on loopback alone.
     as_pg "$BIN/initdb" -D "$DIR/data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >"$DIR/initdb.log" 2>&1 || {
       cat "$DIR/initdb.log" >&2
+      # Leave no half-made cluster behind: initdb refuses a non-empty directory next time.
+      rm -rf "$DIR/data"
       exit 1
     }
     # fsync/synchronous_commit/full_page_writes off: the fault tests SIGKILL brokers and workers,
