@@ -6,7 +6,7 @@
 #   bash scripts/pg-throwaway.sh url   [DIR]          # print the URL of a cluster started earlier
 #
 # DIR defaults to $PG_THROWAWAY_DIR or /tmp/tdcomfy-pg; PORT defaults to 55432, and `auto` picks the
-# first free loopback port from 55432 up. The URL is postgres://postgres@127.0.0.1:PORT/postgres
+# first free loopback port from 55432 up (retrying if a parallel run takes it first). The URL is postgres://postgres@127.0.0.1:PORT/postgres
 # (superuser `postgres`, no password: trust auth, loopback only). `start` on a cluster that is
 # already running just prints its URL, so it is safe to call twice.
 #
@@ -85,8 +85,20 @@ wait_ready() {
   exit 1
 }
 
+next_free_port() {
+  local p="$1"
+  while port_in_use "$p"; do
+    p=$((p + 1))
+    if ((p > 55532)); then
+      echo "pg-throwaway: no free port in 55432..55532" >&2
+      exit 1
+    fi
+  done
+  echo "$p"
+}
+
 start() {
-  local port
+  local port auto=0
   if [[ -f "$DIR/port" ]]; then
     port="$(cat "$DIR/port")"
     if [[ "$PORT_ARG" != auto && -n "${3:-}" && "$PORT_ARG" != "$port" ]]; then
@@ -98,23 +110,11 @@ start() {
       url_for "$port"
       return
     fi
+  elif [[ "$PORT_ARG" == auto ]]; then
+    auto=1
+    port="$(next_free_port 55432)"
   else
-    if [[ "$PORT_ARG" == auto ]]; then
-      port=55432
-      while port_in_use "$port"; do
-        port=$((port + 1))
-        if ((port > 55532)); then
-          echo "pg-throwaway: no free port in 55432..55532" >&2
-          exit 1
-        fi
-      done
-    else
-      port="$PORT_ARG"
-    fi
-  fi
-  if port_in_use "$port"; then
-    echo "pg-throwaway: 127.0.0.1:$port is already taken by another process; pick another port" >&2
-    exit 1
+    port="$PORT_ARG"
   fi
 
   if [[ ! -f "$DIR/data/PG_VERSION" ]]; then
@@ -143,11 +143,11 @@ start() {
     # cache). Disk durability across an OS crash is not under test here, and skipping fsync keeps
     # the many small commits of the test suite from queueing on a shared CI disk. Never copy
     # these three lines to a real deployment.
+    # The port is not in this file but passed at start (-p), so a lost race for it can retry.
     cat >>"$DIR/data/postgresql.conf" <<EOF
 
 # --- added by scripts/pg-throwaway.sh (throwaway test cluster) ---
 listen_addresses = '127.0.0.1'
-port = $port
 unix_socket_directories = '$DIR/sock'
 # Three brokers with their own pools plus the tests' own connections.
 max_connections = 300
@@ -155,16 +155,33 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 EOF
-    echo "$port" >"$DIR/port"
   fi
 
-  as_pg "$BIN/pg_ctl" start -w -t 60 -D "$DIR/data" -l "$DIR/server.log" >/dev/null || {
-    echo "pg-throwaway: pg_ctl start failed; last lines of $DIR/server.log:" >&2
-    tail -n 20 "$DIR/server.log" >&2 || true
-    exit 1
-  }
-  wait_ready "$port"
-  url_for "$port"
+  local attempt
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    if port_in_use "$port"; then
+      if ((auto)); then
+        port="$(next_free_port "$port")"
+      else
+        echo "pg-throwaway: 127.0.0.1:$port is already taken by another process; pick another port" >&2
+        exit 1
+      fi
+    fi
+    echo "$port" >"$DIR/port"
+    if as_pg "$BIN/pg_ctl" start -w -t 60 -D "$DIR/data" -l "$DIR/server.log" -o "-p $port" >/dev/null 2>&1; then
+      wait_ready "$port"
+      url_for "$port"
+      return
+    fi
+    # Two runs started at once can both see the same port free; the loser moves on to the next.
+    if ((auto)) && port_in_use "$port"; then
+      continue
+    fi
+    break
+  done
+  echo "pg-throwaway: pg_ctl start failed (attempt $attempt); last lines of $DIR/server.log:" >&2
+  tail -n 20 "$DIR/server.log" >&2 || true
+  exit 1
 }
 
 stop() {
