@@ -5,13 +5,15 @@
 #   bash scripts/pg-throwaway.sh stop  [DIR]          # stop it (the files stay; rm -rf DIR to forget it)
 #   bash scripts/pg-throwaway.sh url   [DIR]          # print the URL of a cluster started earlier
 #
-# DIR defaults to $PG_THROWAWAY_DIR or /tmp/tdcomfy-pg; PORT defaults to 55432, and `auto` picks the
-# first free loopback port from 55432 up (retrying if a parallel run takes it first). The URL is postgres://postgres@127.0.0.1:PORT/postgres
-# (superuser `postgres`, no password: trust auth, loopback only). `start` on a cluster that is
-# already running just prints its URL, so it is safe to call twice.
+# DIR defaults to $PG_THROWAWAY_DIR or /tmp/tdcomfy-pg; PORT defaults to 55432, and `auto` picks
+# the first free loopback port from 55432 up (retrying if a parallel run takes it first). The URL is
+# postgres://postgres@127.0.0.1:PORT/postgres (superuser `postgres`, no password: trust auth,
+# loopback only). `start` on a cluster that is already running just prints its URL, so it is safe
+# to call twice; `start` on a stopped one restarts it on the port it was created with.
 #
 # Layout inside DIR: data/ (the cluster), sock/ (its unix socket, so it never collides with a
-# system PostgreSQL in /var/run/postgresql), port (the port it was created with), server.log.
+# system PostgreSQL in /var/run/postgresql), port (the port it runs on), server.log.
+# Runs as root (the server then runs as the `postgres` OS user) or as any ordinary user.
 set -euo pipefail
 
 usage() {
