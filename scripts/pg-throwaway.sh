@@ -55,6 +55,10 @@ find_bindir() {
 # `postgres` OS user (created by Debian's postgresql package) and DIR is handed to that user.
 as_pg() {
   if [[ "$(id -u)" == 0 ]]; then
+    if ! id postgres >/dev/null 2>&1; then
+      echo "pg-throwaway: running as root needs the postgres OS user (Debian's postgresql package creates it)" >&2
+      exit 1
+    fi
     (cd / && runuser -u postgres -- "$@")
   else
     "$@"
