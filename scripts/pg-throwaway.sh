@@ -24,6 +24,8 @@ usage() {
 cmd="${1:-}"
 [[ -n "$cmd" ]] || usage
 DIR="${2:-${PG_THROWAWAY_DIR:-/tmp/tdcomfy-pg}}"
+# Absolute, since the server-side commands run from / (the postgres user may not enter our cwd).
+DIR="$(realpath -m -- "$DIR")"
 PORT_ARG="${3:-55432}"
 
 # Debian's server binaries. /usr/local/bin may hold shims named initdb/pg_ctl/postgres that are
