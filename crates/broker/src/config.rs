@@ -103,6 +103,12 @@ pub struct BrokerArgs {
 /// Where the broker keeps frames and results, and how results are handed out.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StorageArgs {
+    /// Where jobs are recorded: unset keeps them in DATA_DIR/jobs.sqlite3 (SQLite, one broker);
+    /// postgres://user:password@host:5432/database selects PostgreSQL, which several brokers may
+    /// share (give them the same STORAGE_URL too).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
     /// Where frames and results live: unset keeps them under DATA_DIR/files; file:///path is a
     /// directory brokers may share (a network file system); s3://bucket/prefix is any
     /// S3-compatible store, configured by AWS_ENDPOINT_URL (or S3_ENDPOINT), AWS_ACCESS_KEY_ID,

@@ -590,7 +590,7 @@ impl Broker {
         up.sort_unstable();
         up.dedup();
         Ok(self.inner.metrics.render(crate::metrics::ScrapeState {
-            queued: self.queued_count(),
+            queued: self.queued_count().await?,
             running: counts.running,
             workers_connected: self.inner.workers.connected().len() as u64,
             servers_up: up.len() as u64,
@@ -598,8 +598,8 @@ impl Broker {
     }
 
     /// Number of queued jobs.
-    pub fn queued_count(&self) -> u64 {
-        self.inner.store.queued_count()
+    pub async fn queued_count(&self) -> Result<u64, BrokerError> {
+        Ok(self.inner.store.queued_count().await?)
     }
 
     /// One job.

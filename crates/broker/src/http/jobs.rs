@@ -54,7 +54,7 @@ pub async fn submit_job(State(broker): State<Broker>, req: Request) -> Result<Re
         Some(key) => broker.knows_idempotency_key(&key).await?,
         None => false,
     };
-    if !replay && broker.queued_count() >= max_queue {
+    if !replay && broker.queued_count().await? >= max_queue {
         drain(req.into_body(), limit).await;
         return Err(ApiError::QueueFull { limit: max_queue, retry_after: QUEUE_FULL_RETRY_AFTER });
     }

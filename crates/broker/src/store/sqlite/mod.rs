@@ -1,16 +1,9 @@
-//! The job store: the only module that knows SQL.
-//!
-//! Jobs live in one SQLite database in WAL mode under the data directory. Every state change is one
-//! short transaction on a single writer connection (run on the blocking pool, so a slow disk never
-//! stalls the async runtime); reads go through a small pool of read connections, which WAL lets run
-//! beside the writer. The lease columns, not row locks, hold a worker's claim on a job: a database
-//! transaction never spans a network call.
-//!
-//! The public surface is async and speaks domain types only ([`JobRecord`], [`NewJob`], outcomes), so
-//! a PostgreSQL store (several brokers sharing one database, `FOR UPDATE SKIP LOCKED` claims) can be
-//! added behind the same methods without touching the service or the handlers.
+//! The embedded engine: one SQLite database in WAL mode under the data directory. Every state
+//! change is one short transaction on a single writer connection (run on the blocking pool, so a
+//! slow disk never stalls the async runtime); reads go through a small pool of read connections,
+//! which WAL lets run beside the writer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -19,353 +12,17 @@ use tdcomfy_api::{
     InputInfo, JobId, JobStatus, LeaseToken, Progress, ResultInfo, StreamMode, Timestamp, cancel_reason,
 };
 
+use super::queue_index::{QueueDelta, QueueIndex};
+use super::{
+    CancelOutcome, HeartbeatOutcome, InsertOutcome, Inserted, JobRecord, LeaseState, NewJob, RETENTION_BATCH,
+    ResultState, Reuse, SWEEP_BATCH, StatusCounts, StoreError, Swept, check_lease, opt_id, parse_id, seed_from_sql,
+    seed_to_sql,
+};
 use crate::clock::Clock;
 
-/// Errors of the store. Lease and state conflicts are ordinary outcomes a worker must handle;
-/// `Database` and `Join` are broker faults.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No job with that id.
-    #[error("job not found")]
-    NotFound,
-    /// The caller's lease token is not the job's current one, or the job has ended.
-    #[error("the lease on this job is no longer held (status {status})")]
-    LeaseLost {
-        /// The job's status now.
-        status: JobStatus,
-    },
-    /// The job was cancelled by a client while the worker held it.
-    #[error("the job was cancelled")]
-    Cancelled,
-    /// The caller's own lease already finished the job (a repeated result upload): unlike
-    /// `LeaseLost`, the token matched.
-    #[error("this lease already finished the job")]
-    AlreadyDone,
-    /// SQLite failed.
-    #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
-    /// A stored value could not be decoded (corruption or a schema mismatch).
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
-    /// The blocking task running the statement panicked or was cancelled.
-    #[error("store task failed: {0}")]
-    Join(String),
-}
+mod schema;
 
-/// Whether a job's result bytes exist.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ResultState {
-    /// No result (yet).
-    None,
-    /// The result file is on disk.
-    Present(ResultInfo),
-    /// There was a result; `DELETE` or `RESULT_TTL` removed it.
-    Deleted,
-}
-
-/// The worker lease on a running job.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LeaseState {
-    /// Secret proving the lease.
-    pub token: LeaseToken,
-    /// Worker that holds it.
-    pub owner: String,
-    /// When it lapses unless renewed; `None` once the job ended.
-    pub expires_at: Option<Timestamp>,
-}
-
-/// A job as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobRecord {
-    /// The id.
-    pub id: JobId,
-    /// Insertion order; the queue is FIFO on it.
-    pub seq: i64,
-    /// Lifecycle state.
-    pub status: JobStatus,
-    /// Positive prompt.
-    pub prompt: String,
-    /// Negative prompt.
-    pub negative_prompt: String,
-    /// Seed, if chosen.
-    pub seed: Option<u64>,
-    /// Workflow name.
-    pub workflow: String,
-    /// Named workflow inputs.
-    pub params: serde_json::Map<String, serde_json::Value>,
-    /// The stored input image.
-    pub input: InputInfo,
-    /// Whether the input file still exists.
-    pub input_present: bool,
-    /// Accepted at.
-    pub created_at: Timestamp,
-    /// Current attempt started at.
-    pub started_at: Option<Timestamp>,
-    /// Reached a terminal state at.
-    pub finished_at: Option<Timestamp>,
-    /// Number of leases handed out.
-    pub attempts: u32,
-    /// The current or last lease.
-    pub lease: Option<LeaseState>,
-    /// Latest progress of the current attempt.
-    pub progress: Progress,
-    /// Why it failed or was cancelled.
-    pub error_message: Option<String>,
-    /// The result.
-    pub result: ResultState,
-    /// ComfyUI's execution time of the successful attempt, as the worker reported it.
-    pub comfy_execution_ms: Option<u64>,
-    /// Bumped on every change.
-    pub version: u64,
-    /// The stream; `""` for the anonymous stream of jobs submitted without one.
-    pub stream: String,
-    /// How the job treated its stream's older jobs.
-    pub mode: StreamMode,
-    /// Whether the client asked for previews.
-    pub previews: bool,
-    /// Why it was cancelled ([`cancel_reason`]).
-    pub cancel_reason: Option<String>,
-    /// The job that superseded it.
-    pub superseded_by: Option<JobId>,
-    /// The job whose result it reuses.
-    pub reused_from: Option<JobId>,
-    /// What the result depends on (frame bytes and every parameter), hashed; `None` for jobs whose
-    /// result cannot be reproduced (a random seed) and for jobs stored before dedupe existed.
-    pub dedupe_key: Option<String>,
-    /// The client asked for `dedupe`: a result of the stream with the same key answers the job,
-    /// at submit or, if its twin was still running then, when a worker would claim it.
-    pub dedupe: bool,
-}
-
-/// A finished job whose result a new job may reuse, as the service found it before linking the file.
-#[derive(Debug, Clone)]
-pub struct Reuse {
-    /// The finished job.
-    pub from: JobId,
-    /// Its result, which the new job's own result file (already linked) copies.
-    pub result: ResultInfo,
-}
-
-/// What `POST /jobs` stores.
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    /// Id chosen by the caller (the input file is already stored under it).
-    pub id: JobId,
-    /// Positive prompt.
-    pub prompt: String,
-    /// Negative prompt.
-    pub negative_prompt: String,
-    /// Seed.
-    pub seed: Option<u64>,
-    /// Workflow name.
-    pub workflow: String,
-    /// Named inputs.
-    pub params: serde_json::Map<String, serde_json::Value>,
-    /// The stored input image.
-    pub input: InputInfo,
-    /// `Idempotency-Key` header and a fingerprint of the request's fields.
-    pub idempotency: Option<(String, String)>,
-    /// The stream (`""`: the anonymous one).
-    pub stream: String,
-    /// `latest`: the stream's queued jobs are cancelled as superseded in the same transaction.
-    pub mode: StreamMode,
-    /// In `latest` mode, also cancel the stream's running job.
-    pub preempt: bool,
-    /// Previews asked for.
-    pub previews: bool,
-    /// See [`JobRecord::dedupe_key`].
-    pub dedupe_key: Option<String>,
-    /// See [`JobRecord::dedupe`].
-    pub dedupe: bool,
-    /// Store the job as `done` with this result, if that job is still the stream's last finished
-    /// one with the same key and its result (otherwise the job is queued as usual).
-    pub reuse: Option<Reuse>,
-}
-
-/// A job [`Store::insert`] stored.
-#[derive(Debug)]
-pub struct Inserted {
-    /// The new job.
-    pub record: JobRecord,
-    /// Jobs of its stream it cancelled (`latest` mode), each with its status before.
-    pub superseded: Vec<(JobRecord, JobStatus)>,
-    /// True when the job was stored `done` with [`NewJob::reuse`]'s result.
-    pub reused: bool,
-}
-
-/// Result of [`Store::insert`].
-#[derive(Debug)]
-pub enum InsertOutcome {
-    /// A new job was stored.
-    Created(Inserted),
-    /// The idempotency key was seen before with the same request: the original job.
-    Replayed(JobRecord),
-    /// The idempotency key was seen before with a different request.
-    KeyConflict,
-}
-
-/// Result of [`Store::heartbeat`].
-#[derive(Debug)]
-pub struct HeartbeatOutcome {
-    /// True when the job was cancelled while leased.
-    pub cancelled: bool,
-    /// The record after the update, when progress changed (for an event).
-    pub changed: Option<JobRecord>,
-}
-
-/// Result of [`Store::cancel`].
-#[derive(Debug)]
-pub struct CancelOutcome {
-    /// The record after the call.
-    pub record: JobRecord,
-    /// Status before the call.
-    pub previous: JobStatus,
-    /// True when this call changed something (a repeat changes nothing).
-    pub changed: bool,
-}
-
-/// What one sweep step changed, and the jobs it could not handle (each reported, none stopping the
-/// rest).
-#[derive(Debug, Default)]
-pub struct Swept {
-    /// The records after the change.
-    pub changed: Vec<JobRecord>,
-    /// `(seq, error)` of each job that failed.
-    pub failed: Vec<(i64, StoreError)>,
-}
-
-impl Swept {
-    fn record(&mut self, seq: i64, outcome: Result<JobRecord, StoreError>) {
-        match outcome {
-            Ok(r) => self.changed.push(r),
-            Err(e) => self.failed.push((seq, e)),
-        }
-    }
-}
-
-/// Most jobs one sweep step changes: a backlog (a million rows past `JOB_RETENTION` after an
-/// upgrade) is worked off over several sweeps instead of in one long transaction.
-pub const SWEEP_BATCH: i64 = 256;
-
-/// Most records one sweep deletes for `JOB_RETENTION`: each deletion maintains five indexes and
-/// the counts, and the writer is held meanwhile, so a backlog is worked off at 500 a sweep (a
-/// million in about half an hour) rather than delaying submissions by tens of milliseconds.
-pub const RETENTION_BATCH: i64 = 500;
-
-/// Counts per status, for `/health`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StatusCounts {
-    /// Queued jobs.
-    pub queued: u64,
-    /// Running jobs.
-    pub running: u64,
-    /// Done jobs.
-    pub done: u64,
-    /// Failed jobs.
-    pub error: u64,
-    /// Cancelled jobs.
-    pub cancelled: u64,
-}
-
-const SCHEMA_VERSION: i64 = 5;
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS jobs (
-    seq                 INTEGER PRIMARY KEY AUTOINCREMENT,
-    id                  TEXT NOT NULL UNIQUE,
-    status              TEXT NOT NULL,
-    prompt              TEXT NOT NULL,
-    negative_prompt     TEXT NOT NULL,
-    seed                INTEGER,
-    workflow            TEXT NOT NULL,
-    params              TEXT NOT NULL,
-    input_content_type  TEXT NOT NULL,
-    input_size          INTEGER NOT NULL,
-    input_width         INTEGER NOT NULL,
-    input_height        INTEGER NOT NULL,
-    input_present       INTEGER NOT NULL DEFAULT 1,
-    created_at          INTEGER NOT NULL,
-    started_at          INTEGER,
-    finished_at         INTEGER,
-    attempts            INTEGER NOT NULL DEFAULT 0,
-    lease_token         TEXT,
-    lease_owner         TEXT,
-    lease_expires_at    INTEGER,
-    progress            TEXT,
-    error_message       TEXT,
-    result_state        TEXT NOT NULL DEFAULT 'none',
-    result_content_type TEXT,
-    result_size         INTEGER,
-    comfy_execution_ms  INTEGER,
-    idempotency_key     TEXT UNIQUE,
-    request_fingerprint TEXT,
-    version             INTEGER NOT NULL DEFAULT 1
-);
-CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_lease_expiry ON jobs (lease_expires_at) WHERE status = 'running';
-";
-
-/// Version 1 to 2, in one transaction. The sweep must touch only rows with work to do and `/health`
-/// must not count a million rows, so: indexes on finish time (for `RESULT_TTL` over the rows that
-/// still have files, and for `JOB_RETENTION` over all finished rows), a counts table kept exact by
-/// triggers in the same transactions as the changes, and the restart grace of `JOB_TIMEOUT`.
-const MIGRATE_TO_2: &str = "
-ALTER TABLE jobs ADD COLUMN timeout_grace_until INTEGER;
-CREATE INDEX jobs_with_files_by_finish ON jobs (finished_at) WHERE input_present = 1 OR result_state = 'present';
-CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO job_counts (status, n)
-    SELECT s.status, (SELECT COUNT(*) FROM jobs WHERE jobs.status = s.status)
-    FROM (SELECT 'queued' AS status UNION ALL SELECT 'running' UNION ALL SELECT 'done'
-          UNION ALL SELECT 'error' UNION ALL SELECT 'cancelled') AS s;
-CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
-    UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
-END;
-CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
-    UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
-END;
-CREATE TRIGGER jobs_counted_update AFTER UPDATE OF status ON jobs WHEN OLD.status <> NEW.status BEGIN
-    UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
-    UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
-END;
-";
-
-/// Version 2 to 3: streams. Every job belongs to a stream (`''` is the anonymous one of jobs
-/// submitted without); the claim serves streams round-robin by `stream_turns.served` (the claim
-/// count at the stream's last claim), and a `latest` submission finds its stream's waiting jobs
-/// through a partial index. Old cancelled jobs were all cancelled by a client.
-const MIGRATE_TO_3: &str = "
-ALTER TABLE jobs ADD COLUMN stream TEXT NOT NULL DEFAULT '';
-ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'queue';
-ALTER TABLE jobs ADD COLUMN previews INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
-ALTER TABLE jobs ADD COLUMN superseded_by TEXT;
-ALTER TABLE jobs ADD COLUMN reused_from TEXT;
-ALTER TABLE jobs ADD COLUMN dedupe_key TEXT;
-UPDATE jobs SET cancel_reason = 'cancelled' WHERE status = 'cancelled';
-CREATE INDEX jobs_waiting_by_stream ON jobs (stream, seq) WHERE status IN ('queued', 'running');
-CREATE INDEX jobs_done_by_stream ON jobs (stream, finished_at) WHERE status = 'done';
-CREATE TABLE stream_turns (stream TEXT PRIMARY KEY, served INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX stream_turns_by_served ON stream_turns (served);
-";
-
-/// Version 3 to 4: the `dedupe` flag is kept, so a job queued while its twin ran is answered
-/// from the twin's result when its turn comes; the stream's last finished job is the newest by
-/// submission (`seq`), not by finish time, so a hit stays the reference after an older job
-/// finishes later.
-const MIGRATE_TO_4: &str = "
-ALTER TABLE jobs ADD COLUMN dedupe INTEGER NOT NULL DEFAULT 0;
-DROP INDEX jobs_done_by_stream;
-CREATE INDEX jobs_done_by_stream_seq ON jobs (stream, seq) WHERE status = 'done';
-";
-
-/// Version 4 to 5: prefetch. A running job leased to a server that was busy waits in ComfyUI's
-/// queue (`prefetched = 1`) until its worker says ComfyUI started it; until then it counts as not
-/// started for `latest` supersedes, and no other job of its (named) stream is claimed, so a
-/// stream's jobs still start in submission order across servers.
-const MIGRATE_TO_5: &str = "
-ALTER TABLE jobs ADD COLUMN prefetched INTEGER NOT NULL DEFAULT 0;
-";
+use schema::migrate;
 
 /// The next job a claim takes, for a worker's workflow list (`?1`, a JSON array, or NULL for
 /// any): the oldest queued job of the stream served least recently. A named stream offers only its
@@ -391,9 +48,9 @@ const COLUMNS: &str = "seq, id, status, prompt, negative_prompt, seed, workflow,
     result_state, result_content_type, result_size, comfy_execution_ms, version, stream, mode, previews, \
     cancel_reason, superseded_by, reused_from, dedupe_key, dedupe";
 
-/// The job store. Cheap to clone; all clones share the connections.
+/// The SQLite store. Cheap to clone; all clones share the connections.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     queue: Arc<Mutex<QueueIndex>>,
     readers: Arc<Mutex<Vec<Connection>>>,
@@ -401,10 +58,10 @@ pub struct Store {
     clock: Clock,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date. Every
     /// time the store records or compares comes from `clock`.
-    pub fn open(path: &Path, clock: Clock) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, clock: Clock) -> Result<SqliteStore, StoreError> {
         let mut writer = Connection::open(path)?;
         writer.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL lets readers run beside the writer; FULL syncs the WAL on every commit, so an
@@ -412,32 +69,7 @@ impl Store {
         writer.pragma_update(None, "journal_mode", "WAL")?;
         writer.pragma_update(None, "synchronous", "FULL")?;
         writer.pragma_update(None, "foreign_keys", "ON")?;
-        let version: i64 = writer.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::Corrupt(format!(
-                "database schema version {version} is newer than this broker understands ({SCHEMA_VERSION})"
-            )));
-        }
-        if version < SCHEMA_VERSION {
-            // Each step and the version bump commit together: a crash mid-migration leaves the
-            // database as it was.
-            let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            tx.execute_batch(SCHEMA)?;
-            if version < 2 {
-                tx.execute_batch(MIGRATE_TO_2)?;
-            }
-            if version < 3 {
-                tx.execute_batch(MIGRATE_TO_3)?;
-            }
-            if version < 4 {
-                tx.execute_batch(MIGRATE_TO_4)?;
-            }
-            if version < 5 {
-                tx.execute_batch(MIGRATE_TO_5)?;
-            }
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            tx.commit()?;
-        }
+        migrate(&mut writer)?;
         let mut index = QueueIndex::default();
         let turns: Vec<(String, i64)> = writer
             .prepare("SELECT stream, served FROM stream_turns")?
@@ -455,7 +87,7 @@ impl Store {
             delta.added(seq, &stream);
         }
         index.apply(delta);
-        Ok(Store {
+        Ok(SqliteStore {
             queue: Arc::new(Mutex::new(index)),
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
@@ -1231,129 +863,6 @@ impl Store {
     }
 }
 
-/// The queue as the claim sees it, mirrored in memory (changed only under the writer lock, after a
-/// commit), so a job's position is found without a count over the queue: each stream's queued seqs
-/// in order, and each stream's turn (`stream_turns.served`, 0 for never served).
-///
-/// [`Store::claim_next`] takes the head of the stream with the smallest (turn, head seq) and gives
-/// that stream the newest turn, so while nothing is submitted the claims go round: in round `k`,
-/// every stream with more than `k` queued jobs gives its `k`-th job, streams in (turn, head) order.
-/// A job's position follows from that in one pass over the streams that have queued jobs.
-#[derive(Debug, Default)]
-struct QueueIndex {
-    waiting: HashMap<String, VecDeque<i64>>,
-    turns: HashMap<String, i64>,
-    len: usize,
-}
-
-impl QueueIndex {
-    fn turn(&self, stream: &str) -> i64 {
-        self.turns.get(stream).copied().unwrap_or(0)
-    }
-
-    /// 1-based place of queued job `seq` of `stream` in the claim order (0 if it is not queued).
-    fn position(&self, stream: &str, seq: i64) -> u64 {
-        let Some(own) = self.waiting.get(stream) else { return 0 };
-        let round = own.partition_point(|&s| s < seq);
-        if own.get(round) != Some(&seq) {
-            return 0;
-        }
-        let own_order = (self.turn(stream), own[0]);
-        let mut ahead = 0;
-        for (other, seqs) in &self.waiting {
-            // Every stream gives one job per earlier round while it has one...
-            ahead += seqs.len().min(round);
-            // ...and in this round, the streams ordered before this one give theirs first.
-            if other != stream && seqs.len() > round && (self.turn(other), seqs[0]) < own_order {
-                ahead += 1;
-            }
-        }
-        ahead as u64 + 1
-    }
-
-    fn apply(&mut self, delta: QueueDelta) {
-        for change in delta.changes {
-            match change {
-                Change::Queued(seq, stream, queued) => {
-                    let seqs = self.waiting.entry(stream.clone()).or_default();
-                    let at = seqs.partition_point(|&s| s < seq);
-                    let present = seqs.get(at) == Some(&seq);
-                    match (queued, present) {
-                        (true, false) => {
-                            seqs.insert(at, seq);
-                            self.len += 1;
-                        }
-                        (false, true) => {
-                            seqs.remove(at);
-                            self.len -= 1;
-                        }
-                        _ => {}
-                    }
-                    if seqs.is_empty() {
-                        self.waiting.remove(&stream);
-                    }
-                }
-                Change::Served(stream, turn) => {
-                    self.turns.insert(stream, turn);
-                }
-                Change::Forgot(stream) => {
-                    self.turns.remove(&stream);
-                }
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Change {
-    /// `(seq, stream, now queued?)`.
-    Queued(i64, String, bool),
-    /// The stream's new turn.
-    Served(String, i64),
-    /// The stream's turn was forgotten (it counts as never served).
-    Forgot(String),
-}
-
-/// What one write transaction did to the queue, in order.
-#[derive(Debug, Default)]
-pub(crate) struct QueueDelta {
-    changes: Vec<Change>,
-}
-
-impl QueueDelta {
-    fn added(&mut self, seq: i64, stream: &str) {
-        self.changes.push(Change::Queued(seq, stream.to_owned(), true));
-    }
-
-    fn removed(&mut self, seq: i64, stream: &str) {
-        self.changes.push(Change::Queued(seq, stream.to_owned(), false));
-    }
-
-    fn served(&mut self, stream: String, turn: i64) {
-        self.changes.push(Change::Served(stream, turn));
-    }
-
-    fn forgot(&mut self, stream: String) {
-        self.changes.push(Change::Forgot(stream));
-    }
-}
-
-fn check_lease(job: &JobRecord, token: &LeaseToken) -> Result<(), StoreError> {
-    match &job.lease {
-        Some(lease) if constant_time_eq(lease.token.as_str(), token.as_str()) => Ok(()),
-        _ => Err(StoreError::LeaseLost { status: job.status }),
-    }
-}
-
-/// Compares secrets without an early exit, so timing does not reveal a prefix.
-pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A claim's workflow list as one JSON array parameter (a statement per list length would not
 /// stay cached); `None` is "any workflow".
 fn workflow_filter(allowed: Option<Vec<String>>) -> Result<Option<String>, StoreError> {
@@ -1476,23 +985,6 @@ fn get_by_seq(c: &Connection, seq: i64) -> Result<Option<JobRecord>, StoreError>
         .transpose()
 }
 
-fn opt_id(s: Option<String>) -> Result<Option<JobId>, StoreError> {
-    s.as_deref().map(parse_id).transpose()
-}
-
-fn parse_id(s: &str) -> Result<JobId, StoreError> {
-    JobId::parse(s).ok_or_else(|| StoreError::Corrupt(format!("bad job id {s:?}")))
-}
-
-// SQLite integers are signed 64-bit; seeds use the full u64 range, so they are stored bit-cast.
-fn seed_to_sql(seed: u64) -> i64 {
-    seed as i64
-}
-
-fn seed_from_sql(v: i64) -> u64 {
-    v as u64
-}
-
 fn row_to_record(r: &Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
     let id: String = r.get("id")?;
     let status: String = r.get("status")?;
@@ -1592,7 +1084,7 @@ mod tests {
         }
     }
 
-    async fn insert(store: &Store, stream: &str) -> JobRecord {
+    async fn insert(store: &SqliteStore, stream: &str) -> JobRecord {
         match store.insert(job(stream)).await.unwrap() {
             InsertOutcome::Created(ins) => ins.record,
             other => panic!("{other:?}"),
@@ -1602,7 +1094,7 @@ mod tests {
     #[tokio::test]
     async fn forgetting_old_turns_keeps_positions_equal_to_the_claim_order() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), Clock::system()).unwrap();
+        let store = SqliteStore::open(&dir.path().join("db"), Clock::system()).unwrap();
         // Streams a, b, c served in that order; then only c again, so a and b are the old ones.
         for s in ["a", "b", "c"] {
             insert(&store, s).await;
