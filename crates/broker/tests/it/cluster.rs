@@ -466,4 +466,12 @@ async fn health_on_sqlite_lists_this_broker_alone() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = app.health().await["brokers"][0]["last_seen"].as_f64().unwrap();
     assert!(later > first, "last_seen moved: {first} → {later}");
+    // The document describes the new fields.
+    let doc: Value = app.get("/openapi.json").send().await.unwrap().json().await.unwrap();
+    let health = &doc["components"]["schemas"]["Health"]["properties"];
+    assert!(health["brokers"].is_object() && health["store"].is_object(), "{health}");
+    let info = &doc["components"]["schemas"]["BrokerInfo"]["properties"];
+    for field in ["id", "addr", "started_at", "last_seen", "this"] {
+        assert!(info[field].is_object(), "BrokerInfo.{field}: {info}");
+    }
 }
