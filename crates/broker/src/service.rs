@@ -262,9 +262,13 @@ impl Broker {
     /// publishes the changes other brokers make to this broker's subscribers and waiting workers.
     pub async fn open_on(config: BrokerConfig, addr: Option<std::net::SocketAddr>) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        // First: its boot id is this broker's id, which a shared store tags its notes with.
+        // First: its boot id is this broker's id, which a shared store tags its notes with (so
+        // the broker does not hear its own changes back) and its presence row carries.
         let hub = EventHub::with_previews(1024, config.preview_limits);
-        let store = Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?;
+        let store = match &config.database {
+            Some(url) => Store::connect(url, config.clock.clone(), hub.boot().to_owned()).await?,
+            None => Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?,
+        };
         let blobs = Blobs::open_at(&config.storage, &config.data_dir.join("files")).await?;
         let now = config.clock.now();
         let me = BrokerPresence {
@@ -319,6 +323,13 @@ impl Broker {
         }
         *broker.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(broker)
+    }
+
+    /// Stops the presence heartbeat and the consumer of other brokers' changes: `run` calls it
+    /// when it ends or is dropped, so a stopped broker never again says it is alive, even while
+    /// a request of its lingers.
+    pub fn stop_background(&self) {
+        self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Records this broker's presence and keeps the list of live brokers for `/health`.
