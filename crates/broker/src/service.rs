@@ -1443,7 +1443,10 @@ impl Broker {
             }
         }
         let n = self.inner.store.delete_records(gone, retention_ms).await?;
-        tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
+        // With several brokers sweeping, another one may have deleted them first: nothing to say.
+        if n > 0 {
+            tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
+        }
         Ok(())
     }
 }

@@ -454,3 +454,70 @@ async fn health_on_sqlite_lists_this_broker_alone() {
         assert!(info[field].is_object(), "BrokerInfo.{field}: {info}");
     }
 }
+
+/// The value of the `tdcomfy_jobs_finished_total` series with `outcome` on `app` (0 when absent).
+async fn finished_total(app: &TestApp, outcome: &str) -> f64 {
+    let text = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("tdcomfy_jobs_finished_total{") && l.contains(&format!("outcome=\"{outcome}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn each_change_is_counted_once_by_the_broker_that_made_it() {
+    let Some(c) = Cluster::start("cluster metrics", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut events = Arrivals::open(b1, "/events").await;
+    let id = b1.submit_png("counted once").await;
+    let lease = b2.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    assert_eq!(b2.put_result(&id, token, b"mp4".to_vec()).await.status(), 200);
+    // Broker 1 showed the `done` (from broker 2's note) without counting it.
+    loop {
+        let (name, _, _) = events.next_of(&id, 10.0).await.expect("done reaches broker 1");
+        if name == "done" {
+            break;
+        }
+    }
+    assert_eq!(finished_total(b2, "done").await, 1.0, "broker 2 finished the job");
+    assert_eq!(finished_total(b1, "done").await, 0.0, "broker 1 only passed the event on");
+}
+
+#[tokio::test]
+async fn result_ttl_with_several_brokers_deletes_each_job_s_files_once() {
+    let Some(c) = Cluster::start("cluster result ttl", 3, |a| a.result_ttl = 1).await else { return };
+    let [b1, b2, b3] = &c.brokers[..] else { unreachable!() };
+    let mut streams = Vec::new();
+    for b in &c.brokers {
+        streams.push(Arrivals::open(b, "/events").await);
+    }
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let id = b1.submit_png(&format!("expires {i}")).await;
+        let lease = b2.lease("gpu-a", 5.0).await.unwrap();
+        let token = lease["lease_token"].as_str().unwrap();
+        assert_eq!(b2.put_result(&id, token, b"mp4".to_vec()).await.status(), 200);
+        jobs.push(id);
+    }
+    let results = c.storage.path().join("results");
+    assert!(results.join(&jobs[0]).exists(), "the results are in the shared storage at first");
+    for id in &jobs {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while b3.get(&format!("/jobs/{id}/result")).send().await.unwrap().status() != 410 {
+            assert!(Instant::now() < deadline, "the result of {id} outlived RESULT_TTL");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Several more sweeps of every broker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left: Vec<_> = std::fs::read_dir(&results).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "no result file is left in the shared storage: {left:?}");
+    for (n, stream) in streams.iter_mut().enumerate() {
+        let seen = stream.drain(0.5).await;
+        for id in &jobs {
+            let deleted = seen.iter().filter(|(name, d)| name == "deleted" && d["job_id"] == json!(id)).count();
+            assert_eq!(deleted, 1, "broker {} showed the deletion of {id} once", n + 1);
+        }
+    }
+}
