@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::helpers::{SseReader, TestApp, TestDb, spawn_app, spawn_in, test_args};
@@ -134,12 +135,34 @@ async fn a_clients_events_follow_a_job_whose_worker_talks_to_other_brokers() {
         latencies.push(at.saturating_duration_since(committed));
     }
 
+    // A WebSocket and a `?wait=` long-poll on broker 3 hear the result too.
+    let ws_url = format!("{}?job_id={id}", b3.url("/ws").replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let hello = ws.next().await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("hello"));
+    let version = b3.job(&id).await["version"].as_u64().unwrap();
+    let long_poll = {
+        let (http, url) = (b3.http.clone(), b3.url(&format!("/jobs/{id}?wait=10&since={version}")));
+        tokio::spawn(async move {
+            let job: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            (job, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     let video = b"a result uploaded through broker 2".repeat(1000);
     assert_eq!(b2.put_result(&id, &token, video.clone()).await.status(), 200);
     let uploaded = Instant::now();
     let (name, data, at) = events.next_of(&id, 5.0).await.expect("done reaches broker 1");
     assert_eq!((name.as_str(), data["job"]["has_result"].as_bool()), ("done", Some(true)));
     latencies.push(at.saturating_duration_since(uploaded));
+    let (job, answered) = long_poll.await.unwrap();
+    assert_eq!(job["status"], "done", "the long-poll on broker 3 answered with the change");
+    assert!(answered.saturating_duration_since(uploaded) < Duration::from_secs(1), "at the change, not after 10 s");
+    let msg =
+        tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("done on the WebSocket").unwrap().unwrap();
+    let ev: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+    assert_eq!((&ev["event"], &ev["job_id"]), (&json!("done"), &json!(id)), "{ev}");
 
     let resp = b3.get(&format!("/jobs/{id}/result")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
