@@ -444,6 +444,20 @@ async fn a_broken_notification_connection_resyncs_every_client_and_recovers() {
     let mut events = Arrivals::open(b1, "/events").await;
     let id = b2.submit_png("before the break").await;
     assert_eq!(events.next_of(&id, 10.0).await.unwrap().0, "queued");
+    let lease = b1.lease("gpu-a", 5.0).await.unwrap();
+    assert_eq!(events.next_of(&id, 10.0).await.unwrap().0, "started");
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    // The worker's heartbeat long-polls broker 1: it must re-read, since a cancel made through
+    // broker 2 while broker 1 was not listening would otherwise go unheard for the whole poll.
+    let polling = {
+        let (http, url) = (b1.http.clone(), b1.url(&format!("/worker/jobs/{id}/heartbeat")));
+        tokio::spawn(async move {
+            let resp = http.post(url).json(&json!({"lease_token": token, "wait": 8})).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            (resp.json::<Value>().await.unwrap(), Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The database drops every broker's listening connection (a restart, a network cut, an
     // administrator): changes made until each reconnects are not heard.
@@ -454,8 +468,13 @@ async fn a_broken_notification_connection_resyncs_every_client_and_recovers() {
     )
     .await;
     assert_eq!(killed.trim(), "2", "one listening connection per broker");
+    let killed_at = Instant::now();
     let (name, data, _) = events.next_of(&id, 10.0).await.expect("a resync");
     assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("missed")), "{data}");
+    let (beat, answered) = polling.await.unwrap();
+    assert_eq!(beat["cancelled"], json!(false), "re-read: the job was not cancelled");
+    let took = answered.saturating_duration_since(killed_at);
+    assert!(took < Duration::from_secs(5), "the long-poll re-read at the reconnect, not after 8 s: {took:?}");
 
     // Listening again: the next change through broker 2 reaches broker 1's client.
     b2.delete(&format!("/jobs/{id}")).send().await.unwrap();
