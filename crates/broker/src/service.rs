@@ -356,6 +356,20 @@ impl Broker {
     /// Publishes a change another broker made (its `NOTIFY`) to this broker's subscribers, from
     /// the row as it is now, and wakes the lease requests waiting here when the job is queued.
     async fn apply_remote_change(&self, id: JobId, kind: JobEventKind, version: u64) {
+        if kind == JobEventKind::Queued {
+            // Before any read: a waiting worker claims from the database itself, and a wake-up
+            // that finds the job taken already costs one empty claim.
+            self.inner.hub.job_queued();
+        }
+        if !matches!(kind, JobEventKind::Started | JobEventKind::Progress) {
+            // Whoever held it on this broker's table does not any more.
+            self.inner.workers.release(id);
+        }
+        if !self.inner.hub.wanted(id) {
+            // No stream, long-poll or preview here would hear of it: skip the re-read, so a
+            // broker nobody watches costs the others' changes nothing but this check.
+            return;
+        }
         let r = match self.inner.store.get(id).await {
             Ok(Some(r)) => r,
             // Deleted since (JOB_RETENTION): nothing left to show.
@@ -367,13 +381,6 @@ impl Broker {
                 return;
             }
         };
-        if r.status == JobStatus::Queued {
-            self.inner.hub.job_queued();
-        }
-        if r.status != JobStatus::Running {
-            // Whoever held it on this broker's table does not any more.
-            self.inner.workers.release(id);
-        }
         // A newer version means a later change committed meanwhile; its own note follows and
         // shows it. Publishing this note's kind with the newer row would show, say, `started`
         // with a job already `done`, and then `done` twice.

@@ -574,3 +574,24 @@ async fn result_ttl_with_several_brokers_deletes_each_job_s_files_once() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_lease_received_through_another_broker_is_not_handed_back_as_unreceived() {
+    // LEASE_TTL 6 s: the broker that handed the lease out hands it back after 2 s without a call
+    // reaching it; the worker calls only broker 3.
+    let Some(c) = Cluster::start("cluster unacknowledged", 3, |a| a.lease_ttl = 6.0).await else { return };
+    let [b1, b2, b3] = &c.brokers[..] else { unreachable!() };
+    let id = b1.submit_png("received elsewhere").await;
+    let lease = b2.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    let input = b3.get(&format!("/worker/jobs/{id}/input")).header("lease-token", token).send().await.unwrap();
+    assert_eq!(input.status(), 200);
+    for _ in 0..4 {
+        let beat: Value = b3.heartbeat(&id, token, None).await.json().await.unwrap();
+        assert_eq!(beat["cancelled"], json!(false));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let job = b1.job(&id).await;
+    assert_eq!((&job["status"], &job["attempts"]), (&json!("running"), &json!(1)), "{job}");
+    assert_eq!(b3.put_result(&id, token, b"mp4".to_vec()).await.status(), 200, "the lease still holds");
+}
