@@ -101,7 +101,7 @@ pub struct BrokerArgs {
 }
 
 /// Where the broker keeps frames and results, and how results are handed out.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Clone, Default, clap::Args)]
 pub struct StorageArgs {
     /// Where jobs are recorded: unset keeps them in DATA_DIR/jobs.sqlite3 (SQLite, one broker);
     /// postgres://user:password@host:5432/database selects PostgreSQL, which several brokers may
@@ -269,6 +269,9 @@ pub struct BrokerConfig {
     pub net: NetConfig,
     /// Where frames and results live (`STORAGE_URL`).
     pub storage: crate::blobs::StorageLocation,
+    /// `DATABASE_URL`: the PostgreSQL database jobs are recorded in (`None`: SQLite under
+    /// `data_dir`). Its `Debug` hides the password.
+    pub database: Option<crate::store::DatabaseUrl>,
     /// `RESULT_REDIRECT=presigned`: how long the presigned URL a result download is sent to
     /// stays valid; `None` streams results through the broker.
     pub result_redirect: Option<Duration>,
@@ -299,6 +302,27 @@ pub struct NetConfig {
     pub loopback_is_remote: bool,
 }
 
+// By hand: DATABASE_URL holds the database password and AWS_SECRET_ACCESS_KEY is a secret, and
+// a printed `BrokerArgs` (a log line, a panic message) must show neither.
+impl std::fmt::Debug for StorageArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let database = self.database_url.as_deref().map(|u| match crate::store::DatabaseUrl::parse(u) {
+            Ok(url) => url.redacted().to_owned(),
+            Err(_) => "<invalid>".to_owned(),
+        });
+        f.debug_struct("StorageArgs")
+            .field("database_url", &database)
+            .field("storage_url", &self.storage_url)
+            .field("result_redirect", &self.result_redirect)
+            .field("result_redirect_ttl", &self.result_redirect_ttl)
+            .field("aws_endpoint_url", &self.aws_endpoint_url)
+            .field("aws_access_key_id", &self.aws_access_key_id)
+            .field("aws_secret_access_key", &self.aws_secret_access_key.as_ref().map(|_| "<set>"))
+            .field("aws_region", &self.aws_region)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerConfig")
@@ -311,6 +335,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("allowed_origins", &self.net.allowed_origins)
             .field("tls", &self.net.tls.is_some())
             .field("storage", &self.storage)
+            .field("database", &self.database)
             .finish_non_exhaustive()
     }
 }
@@ -481,7 +506,15 @@ impl BrokerArgs {
                 });
             }
         };
+        let database = match self.storage.database_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => Some(
+                crate::store::DatabaseUrl::parse(url)
+                    .map_err(|message| ConfigError::Invalid { name: "DATABASE_URL", message })?,
+            ),
+        };
         Ok(BrokerConfig {
+            database,
             storage,
             result_redirect,
             data_dir: self.data_dir,

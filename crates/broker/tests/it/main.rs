@@ -2,6 +2,7 @@
 //! directory, driven over HTTP.
 
 mod clock;
+mod cluster;
 mod contract;
 mod data_dir;
 mod events;
@@ -13,6 +14,7 @@ mod lease;
 mod limits;
 mod observe;
 mod persistence;
+mod postgres_http;
 mod prefetch;
 mod preflight;
 mod previews;
@@ -20,6 +22,7 @@ mod results;
 mod resume;
 mod security;
 mod storage;
+mod store_conformance;
 mod streams;
 mod submit;
 mod tls;
