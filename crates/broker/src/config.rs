@@ -269,6 +269,9 @@ pub struct BrokerConfig {
     pub net: NetConfig,
     /// Where frames and results live (`STORAGE_URL`).
     pub storage: crate::blobs::StorageLocation,
+    /// `DATABASE_URL`: the PostgreSQL database jobs are recorded in (`None`: SQLite under
+    /// `data_dir`). Its `Debug` hides the password.
+    pub database: Option<crate::store::DatabaseUrl>,
     /// `RESULT_REDIRECT=presigned`: how long the presigned URL a result download is sent to
     /// stays valid; `None` streams results through the broker.
     pub result_redirect: Option<Duration>,
@@ -311,6 +314,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("allowed_origins", &self.net.allowed_origins)
             .field("tls", &self.net.tls.is_some())
             .field("storage", &self.storage)
+            .field("database", &self.database)
             .finish_non_exhaustive()
     }
 }
@@ -481,7 +485,15 @@ impl BrokerArgs {
                 });
             }
         };
+        let database = match self.storage.database_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => Some(
+                crate::store::DatabaseUrl::parse(url)
+                    .map_err(|message| ConfigError::Invalid { name: "DATABASE_URL", message })?,
+            ),
+        };
         Ok(BrokerConfig {
+            database,
             storage,
             result_redirect,
             data_dir: self.data_dir,

@@ -192,7 +192,11 @@ impl Broker {
     /// [`Store::resume_running`]); call it before the first [`Broker::sweep`].
     pub async fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?;
+        let store = match &config.database {
+            // Random at every start: it tags this broker's notes to the others sharing the database.
+            Some(url) => Store::connect(url, config.clock.clone(), uuid::Uuid::new_v4().simple().to_string()).await?,
+            None => Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?,
+        };
         let blobs = Blobs::open_at(&config.storage, &config.data_dir.join("files")).await?;
         let resumed =
             store.resume_running(config.lease_ttl.as_millis() as i64, config.job_timeout.as_millis() as i64).await?;

@@ -7,6 +7,9 @@
 //!   every state change is one short transaction on a single writer connection (on the blocking
 //!   pool), reads on a small pool of read connections; the queue's claim order mirrored in memory
 //!   (`queue_index`) for positions.
+//! - [`postgres`]: the shared engine (`DATABASE_URL`), which several brokers may use at once:
+//!   claims lock with `SKIP LOCKED` and re-check, changes lock their job's row, and each committed
+//!   change is announced to the other brokers with `NOTIFY` ([`Store::cluster_notes`]).
 //!
 //! Whatever the engine, the lease columns, not row locks, hold a worker's claim on a job: a
 //! database transaction never spans a network call.
@@ -18,9 +21,11 @@ use tdcomfy_api::{InputInfo, JobId, JobStatus, LeaseToken, Progress, ResultInfo,
 
 use crate::clock::Clock;
 
+pub mod postgres;
 mod queue_index;
 pub mod sqlite;
 
+pub use postgres::{DatabaseUrl, PgStore};
 pub use sqlite::SqliteStore;
 
 /// Errors of the store. Lease and state conflicts are ordinary outcomes a worker must handle;
@@ -46,6 +51,16 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// PostgreSQL failed (a statement, or the connection).
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No PostgreSQL connection could be had from the pool in time.
+    #[error("database pool: {0}")]
+    Pool(String),
+    /// The database cannot be reached at start (the message names DATABASE_URL, never its
+    /// password).
+    #[error("{0}")]
+    Unavailable(String),
     /// A stored value could not be decoded (corruption or a schema mismatch).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -307,6 +322,8 @@ pub struct BrokerPresence {
 pub enum Store {
     /// The embedded SQLite store (one broker per database).
     Sqlite(SqliteStore),
+    /// PostgreSQL, shared by any number of brokers.
+    Postgres(PgStore),
 }
 
 /// Runs the same call on whichever engine the store is.
@@ -314,6 +331,7 @@ macro_rules! on_engine {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             Store::Sqlite($s) => $call,
+            Store::Postgres($s) => $call,
         }
     };
 }
@@ -325,10 +343,28 @@ impl Store {
         Ok(Store::Sqlite(SqliteStore::open(path, clock)?))
     }
 
+    /// Connects to the PostgreSQL database `url` names, brings its schema up to date (once, however
+    /// many brokers start together) and starts hearing the other brokers' changes. `broker_id`
+    /// tags this broker's own notes, which it does not hear back. Every time the store records or
+    /// compares comes from `clock`, so brokers sharing a database need synchronised clocks.
+    pub async fn connect(url: &DatabaseUrl, clock: Clock, broker_id: String) -> Result<Store, StoreError> {
+        Ok(Store::Postgres(PgStore::connect(url, clock, broker_id).await?))
+    }
+
+    /// The id this broker's changes carry in the notes the other brokers hear (`None` on SQLite,
+    /// which has no other brokers).
+    pub fn broker_id(&self) -> Option<&str> {
+        match self {
+            Store::Sqlite(_) => None,
+            Store::Postgres(s) => Some(s.broker_id()),
+        }
+    }
+
     /// The engine's name, for logs and `/health`.
     pub fn engine(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
         }
     }
 
@@ -378,6 +414,7 @@ impl Store {
     pub async fn queued_count(&self) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => Ok(s.queued_count()),
+            Store::Postgres(s) => s.queued_count().await,
         }
     }
 
@@ -411,7 +448,7 @@ impl Store {
         lease_ms: i64,
         allowed_workflows: Option<Vec<String>>,
     ) -> Result<Option<JobRecord>, StoreError> {
-        on_engine!(self, s => s.claim_next(worker, lease_ms, allowed_workflows).await)
+        on_engine!(self, s => s.claim_next_with(worker, lease_ms, allowed_workflows, false).await)
     }
 
     /// [`Store::claim_next`]; with `prefetch` the job is marked as waiting in ComfyUI's queue
@@ -580,6 +617,7 @@ impl Store {
     pub fn cluster_notes(&self) -> Option<tokio::sync::broadcast::Receiver<ClusterNote>> {
         match self {
             Store::Sqlite(_) => None,
+            Store::Postgres(s) => Some(s.cluster_notes()),
         }
     }
 
@@ -590,9 +628,12 @@ impl Store {
         me: BrokerPresence,
         within_ms: i64,
     ) -> Result<Vec<BrokerPresence>, StoreError> {
-        let _ = within_ms;
         match self {
-            Store::Sqlite(_) => Ok(vec![me]),
+            Store::Sqlite(_) => {
+                let _ = within_ms;
+                Ok(vec![me])
+            }
+            Store::Postgres(s) => s.broker_heartbeat(me, within_ms).await,
         }
     }
 }

@@ -326,3 +326,81 @@ impl SseReader {
         }
     }
 }
+
+/// A fresh PostgreSQL database for one test, created in the server `TDCOMFY_TEST_DATABASE_URL`
+/// names and dropped (`WITH (FORCE)`, so open connections do not keep it) when this is dropped.
+pub struct TestDb {
+    /// The database's URL (the server's URL with this database's name).
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+impl TestDb {
+    /// A new database, or `None` (after printing `SKIPPED: …`) when `TDCOMFY_TEST_DATABASE_URL`
+    /// is unset. With `TDCOMFY_REQUIRE_POSTGRES=1` (CI) an unset variable fails the test.
+    pub async fn create(test: &str) -> Option<TestDb> {
+        let Some(admin) = std::env::var("TDCOMFY_TEST_DATABASE_URL").ok().filter(|u| !u.trim().is_empty()) else {
+            assert!(
+                std::env::var("TDCOMFY_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "TDCOMFY_REQUIRE_POSTGRES=1 but TDCOMFY_TEST_DATABASE_URL is unset ({test})"
+            );
+            println!("SKIPPED: {test}: TDCOMFY_TEST_DATABASE_URL is unset");
+            return None;
+        };
+        let name = format!("tdcomfy_test_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) =
+            tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.expect("TDCOMFY_TEST_DATABASE_URL reachable");
+        let driver = tokio::spawn(connection);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        drop(client);
+        let _ = driver.await;
+        Some(TestDb { url: with_database(&admin, &name), admin, name })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop cannot await, and the test's runtime may be shutting down: a thread of its own.
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
+                    let driver = tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                    drop(client);
+                    let _ = driver.await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// `url` with its database name replaced by `name` (query parameters kept).
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[authority_end..].find('/').map(|i| i + authority_end).unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A real broker (HTTP on 127.0.0.1:0) whose jobs are recorded in PostgreSQL at `database_url`;
+/// several started on one database behave as a cluster.
+pub async fn spawn_postgres(database_url: &str, tweak: impl FnOnce(&mut BrokerArgs)) -> TestApp {
+    let url = database_url.to_owned();
+    spawn_with(move |a| {
+        a.storage.database_url = Some(url);
+        tweak(a);
+    })
+    .await
+}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{error_of, spawn_app};
+use crate::helpers::{TestApp, error_of, spawn_app};
 
 #[tokio::test]
 async fn unknown_jobs_routes_and_methods_answer_json() {
@@ -23,7 +23,22 @@ async fn unknown_jobs_routes_and_methods_answer_json() {
 
 #[tokio::test]
 async fn long_poll_wakes_on_a_change_and_otherwise_returns_the_current_state() {
-    let app = spawn_app().await;
+    long_poll_wakes_on_a_change_and_otherwise_returns_the_current_state_on(spawn_app().await).await
+}
+
+#[tokio::test]
+async fn long_poll_wakes_on_a_change_and_otherwise_returns_the_current_state_postgres() {
+    if let Some(db) =
+        crate::helpers::TestDb::create("long_poll_wakes_on_a_change_and_otherwise_returns_the_current_state").await
+    {
+        long_poll_wakes_on_a_change_and_otherwise_returns_the_current_state_on(
+            crate::helpers::spawn_postgres(&db.url, |_| {}).await,
+        )
+        .await
+    }
+}
+
+async fn long_poll_wakes_on_a_change_and_otherwise_returns_the_current_state_on(app: TestApp) {
     let id = app.submit_png("wait for me").await;
     let v0 = app.job(&id).await["version"].as_u64().unwrap();
 
@@ -52,7 +67,18 @@ async fn long_poll_wakes_on_a_change_and_otherwise_returns_the_current_state() {
 
 #[tokio::test]
 async fn list_filters_by_status_newest_first_and_caps_the_limit() {
-    let app = spawn_app().await;
+    list_filters_by_status_newest_first_and_caps_the_limit_on(spawn_app().await).await
+}
+
+#[tokio::test]
+async fn list_filters_by_status_newest_first_and_caps_the_limit_postgres() {
+    if let Some(db) = crate::helpers::TestDb::create("list_filters_by_status_newest_first_and_caps_the_limit").await {
+        list_filters_by_status_newest_first_and_caps_the_limit_on(crate::helpers::spawn_postgres(&db.url, |_| {}).await)
+            .await
+    }
+}
+
+async fn list_filters_by_status_newest_first_and_caps_the_limit_on(app: TestApp) {
     let a = app.submit_png("a").await;
     let b = app.submit_png("b").await;
     let c = app.submit_png("c").await;
@@ -79,7 +105,22 @@ async fn list_filters_by_status_newest_first_and_caps_the_limit() {
 
 #[tokio::test]
 async fn delete_cancels_a_queued_job_removes_its_files_and_is_repeatable() {
-    let app = spawn_app().await;
+    delete_cancels_a_queued_job_removes_its_files_and_is_repeatable_on(spawn_app().await).await
+}
+
+#[tokio::test]
+async fn delete_cancels_a_queued_job_removes_its_files_and_is_repeatable_postgres() {
+    if let Some(db) =
+        crate::helpers::TestDb::create("delete_cancels_a_queued_job_removes_its_files_and_is_repeatable").await
+    {
+        delete_cancels_a_queued_job_removes_its_files_and_is_repeatable_on(
+            crate::helpers::spawn_postgres(&db.url, |_| {}).await,
+        )
+        .await
+    }
+}
+
+async fn delete_cancels_a_queued_job_removes_its_files_and_is_repeatable_on(app: TestApp) {
     let id = app.submit_png("never mind").await;
     let resp = app.delete(&format!("/jobs/{id}")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -104,7 +145,18 @@ async fn delete_cancels_a_queued_job_removes_its_files_and_is_repeatable() {
 
 #[tokio::test]
 async fn health_counts_jobs_by_status_and_shows_waiting_workers() {
-    let app = spawn_app().await;
+    health_counts_jobs_by_status_and_shows_waiting_workers_on(spawn_app().await).await
+}
+
+#[tokio::test]
+async fn health_counts_jobs_by_status_and_shows_waiting_workers_postgres() {
+    if let Some(db) = crate::helpers::TestDb::create("health_counts_jobs_by_status_and_shows_waiting_workers").await {
+        health_counts_jobs_by_status_and_shows_waiting_workers_on(crate::helpers::spawn_postgres(&db.url, |_| {}).await)
+            .await
+    }
+}
+
+async fn health_counts_jobs_by_status_and_shows_waiting_workers_on(app: TestApp) {
     let h = app.health().await;
     assert_eq!(h["status"], "healthy");
     assert_eq!((h["jobs_count"].as_u64(), h["workers_connected"].as_u64()), (Some(0), Some(0)));

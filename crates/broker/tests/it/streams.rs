@@ -221,7 +221,22 @@ fn count(events: &[(String, String, Value)], name: &str, id: &str) -> usize {
 
 #[tokio::test]
 async fn latest_supersedes_the_waiting_jobs_and_keeps_the_running_one() {
-    let app = spawn_app().await;
+    latest_supersedes_the_waiting_jobs_and_keeps_the_running_one_on(spawn_app().await).await
+}
+
+#[tokio::test]
+async fn latest_supersedes_the_waiting_jobs_and_keeps_the_running_one_postgres() {
+    if let Some(db) =
+        crate::helpers::TestDb::create("latest_supersedes_the_waiting_jobs_and_keeps_the_running_one").await
+    {
+        latest_supersedes_the_waiting_jobs_and_keeps_the_running_one_on(
+            crate::helpers::spawn_postgres(&db.url, |_| {}).await,
+        )
+        .await
+    }
+}
+
+async fn latest_supersedes_the_waiting_jobs_and_keeps_the_running_one_on(app: TestApp) {
     let mut all = SseReader::new(app.get("/events").send().await.unwrap());
     let latest = [("stream", "td-left"), ("mode", "latest")];
     let running = submit_id(&app, "scene 1", &latest).await;
@@ -265,7 +280,18 @@ async fn latest_supersedes_the_waiting_jobs_and_keeps_the_running_one() {
 
 #[tokio::test]
 async fn preempt_cancels_the_running_job_of_its_stream_only() {
-    let app = spawn_app().await;
+    preempt_cancels_the_running_job_of_its_stream_only_on(spawn_app().await).await
+}
+
+#[tokio::test]
+async fn preempt_cancels_the_running_job_of_its_stream_only_postgres() {
+    if let Some(db) = crate::helpers::TestDb::create("preempt_cancels_the_running_job_of_its_stream_only").await {
+        preempt_cancels_the_running_job_of_its_stream_only_on(crate::helpers::spawn_postgres(&db.url, |_| {}).await)
+            .await
+    }
+}
+
+async fn preempt_cancels_the_running_job_of_its_stream_only_on(app: TestApp) {
     let mut all = SseReader::new(app.get("/events").send().await.unwrap());
     let mine = submit_id(&app, "mine", &[("stream", "a"), ("mode", "latest")]).await;
     let theirs = submit_id(&app, "theirs", &[("stream", "b"), ("mode", "latest")]).await;
