@@ -334,8 +334,33 @@ pub struct Health {
     pub cancelled: u64,
     /// Workers waiting on a lease or heard from in the last 30 s.
     pub workers_connected: u64,
-    /// Those workers.
+    /// Those workers (the ones this broker heard from: with several brokers, a worker counts on
+    /// each broker its calls reach).
     pub workers: Vec<WorkerInfo>,
+    /// The job store's engine: `sqlite` (one broker) or `postgres` (brokers may share it). Empty
+    /// from brokers older than this field.
+    #[serde(default)]
+    pub store: String,
+    /// The brokers alive on this broker's database, this one included (`this: true`): on SQLite
+    /// only this one. Empty from brokers older than this field.
+    #[serde(default)]
+    pub brokers: Vec<BrokerInfo>,
+}
+
+/// A broker sharing the job database, as its presence heartbeat says (`GET /health`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BrokerInfo {
+    /// Random at every start of the broker; also the `<boot>` of its event ids (`<boot>-<seq>`),
+    /// so a client can tell which broker an event id came from.
+    pub id: String,
+    /// The address it listens on, as it reported it (`0.0.0.0:8080` for all interfaces).
+    pub addr: String,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// Its last presence heartbeat (about every second).
+    pub last_seen: Timestamp,
+    /// True for the broker that answered this request.
+    pub this: bool,
 }
 
 /// The body of every error response.

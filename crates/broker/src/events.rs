@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use tdcomfy_api::{JobEvent, JobEventKind, JobId, JobStatus, PreviewEvent};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::previews::{Preview, PreviewLimits, Previews};
 
@@ -78,6 +78,9 @@ pub enum ResyncReason {
     UnknownId,
     /// `Last-Event-ID` is older than the replay buffer holds.
     Expired,
+    /// The broker may have missed changes other brokers on its database made (its connection
+    /// to the database's notifications broke and is back): what the client holds may be stale.
+    Missed,
 }
 
 impl ResyncReason {
@@ -87,6 +90,7 @@ impl ResyncReason {
             ResyncReason::Lagged => "lagged",
             ResyncReason::UnknownId => "unknown_id",
             ResyncReason::Expired => "expired",
+            ResyncReason::Missed => "missed",
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct Subscription {
     pub previews: broadcast::Receiver<Arc<PublishedPreview>>,
     /// The id of the last event published before `rx` subscribed.
     pub id: String,
+    /// Changes with every [`EventHub::resync_all`] after the subscription.
+    pub resyncs: watch::Receiver<u64>,
 }
 
 /// Where a resumed stream starts.
@@ -160,6 +166,9 @@ pub struct EventHub {
     queued: Notify,
     previews: Previews,
     preview_tx: broadcast::Sender<Arc<PublishedPreview>>,
+    /// Bumped by [`EventHub::resync_all`]: a channel of its own rather than an event, so a
+    /// subscriber sees it before anything still queued for it and drops that backlog.
+    resync_tx: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for EventHub {
@@ -189,6 +198,7 @@ impl EventHub {
             // Previews come at most PREVIEW_FPS per running job; a subscriber this far behind
             // skips to the newest ones (they replace each other anyway).
             preview_tx: broadcast::channel(capacity).0,
+            resync_tx: watch::channel(0).0,
         }
     }
 
@@ -233,15 +243,24 @@ impl EventHub {
     /// A receiver of every event published from now on, with the id of the last one before.
     pub fn subscribe_now(&self) -> Subscription {
         let ring = self.ring();
-        Subscription { rx: self.tx.subscribe(), previews: self.preview_tx.subscribe(), id: self.id_of(ring.seq) }
+        Subscription {
+            rx: self.tx.subscribe(),
+            previews: self.preview_tx.subscribe(),
+            id: self.id_of(ring.seq),
+            resyncs: self.resync_tx.subscribe(),
+        }
     }
 
     /// Subscribes, and says what comes first for a client whose last event was `last_event_id`:
     /// the events after it, or a resync when they cannot be given exactly.
     pub fn resume(&self, last_event_id: &str) -> (Subscription, Resume) {
         let ring = self.ring();
-        let sub =
-            Subscription { rx: self.tx.subscribe(), previews: self.preview_tx.subscribe(), id: self.id_of(ring.seq) };
+        let sub = Subscription {
+            rx: self.tx.subscribe(),
+            previews: self.preview_tx.subscribe(),
+            id: self.id_of(ring.seq),
+            resyncs: self.resync_tx.subscribe(),
+        };
         let resync = |reason| Resume::Resync(Resync { reason, id: sub.id.clone() });
         let seq = last_event_id
             .trim()
@@ -294,6 +313,18 @@ impl EventHub {
         self.preview_tx.subscribe()
     }
 
+    /// Tells every subscriber that it may have missed changes ([`ResyncReason::Missed`]): each
+    /// open stream sends a `resync` and goes on from the events published after it, and each
+    /// long-poll re-reads what it waits on.
+    pub fn resync_all(&self) {
+        self.resync_tx.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A receiver that changes at every [`EventHub::resync_all`] from now on.
+    pub fn resyncs(&self) -> watch::Receiver<u64> {
+        self.resync_tx.subscribe()
+    }
+
     /// Wakes every worker waiting for a queued job.
     pub fn job_queued(&self) {
         self.queued.notify_waiters();
@@ -302,5 +333,13 @@ impl EventHub {
     /// The signal [`EventHub::job_queued`] fires.
     pub fn queued_signal(&self) -> &Notify {
         &self.queued
+    }
+}
+
+/// Resolves at the next [`EventHub::resync_all`] after `rx` last saw one; never when the hub is
+/// gone (its streams end with its event channel).
+pub async fn resync_wanted(rx: &mut watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

@@ -41,7 +41,7 @@ pub async fn run(
     // Held until this function ends (or its task is dropped), so a restart in the same process
     // can take it again.
     let _lock = data_dir::DataDirLock::acquire(&config.data_dir, addr)?;
-    let broker = Broker::open(config).await?;
+    let broker = Broker::open_on(config, Some(addr)).await?;
     // Aborted when this future ends or is dropped: a broker that stopped must not go on requeueing
     // jobs in the data directory it no longer serves.
     let sweeper = AbortOnDrop(tokio::spawn(sweep_forever(broker.clone())));
@@ -70,7 +70,7 @@ pub async fn run(
 }
 
 /// A task aborted when its handle is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -19,7 +19,9 @@ use crate::blobs::{BlobKind, Blobs, StagedBlob};
 use crate::config::BrokerConfig;
 use crate::events::EventHub;
 use crate::metrics::{Metrics, Subscriber};
-use crate::store::{InsertOutcome, JobRecord, NewJob, ResultState, Reuse, Store, StoreError};
+use crate::store::{
+    BrokerPresence, ClusterNote, InsertOutcome, JobRecord, NewJob, ResultState, Reuse, Store, StoreError,
+};
 use crate::workers::WorkerRegistry;
 
 /// How long a lease request that let a better-suited waiting loop go first waits for it to claim
@@ -162,6 +164,65 @@ struct Inner {
     subscribers: Arc<std::sync::atomic::AtomicUsize>,
     /// This broker's Prometheus metrics.
     metrics: Arc<Metrics>,
+    /// This broker's presence on its database: its id (the hub's boot id), address and start.
+    me: BrokerPresence,
+    /// The brokers alive on the database at the last presence heartbeat, this one included.
+    brokers: std::sync::Mutex<Vec<BrokerPresence>>,
+    /// Whether the last presence heartbeat failed (so a failing database is logged once, not
+    /// every second).
+    presence_failing: std::sync::atomic::AtomicBool,
+    /// The presence heartbeat and the consumer of other brokers' changes: aborted with the
+    /// broker (they hold it only weakly, so they never keep it alive).
+    tasks: std::sync::Mutex<Vec<crate::AbortOnDrop>>,
+}
+
+/// How long a starting broker waits for another broker's presence row to move before it takes
+/// itself to be alone: every broker beats at least once a second (its sweep interval, at most
+/// 1 s), so a row that has not moved in this long belongs to a broker that is gone.
+const PRESENCE_PROOF: Duration = Duration::from_millis(2500);
+
+/// Records `me` and finds out how many other brokers are alive on the database (with the live
+/// rows, `me` included). A row within the presence window is not proof: after a crash and a quick
+/// restart it is this broker's own previous start, and no one renewed its workers' leases while
+/// it was down. So when other rows are there, this waits (at most [`PRESENCE_PROOF`]) for one of
+/// them to beat again; a row that moves, or a new one, is a live broker. Compared with the row's
+/// own earlier value, not with this broker's clock, so clock skew between machines does not count.
+/// SQLite has no other rows and answers at once.
+async fn others_alive(
+    store: &Store,
+    me: &BrokerPresence,
+    config: &BrokerConfig,
+) -> Result<(usize, Vec<BrokerPresence>), BrokerError> {
+    let window = presence_window(config).as_millis() as i64;
+    let mut live = store.broker_heartbeat(me.clone(), window).await?;
+    let first: std::collections::HashMap<String, Timestamp> =
+        live.iter().filter(|b| b.id != me.id).map(|b| (b.id.clone(), b.last_seen)).collect();
+    if first.is_empty() {
+        return Ok((0, live));
+    }
+    let deadline = Instant::now() + PRESENCE_PROOF;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let beat = BrokerPresence { last_seen: config.clock.now(), ..me.clone() };
+        live = store.broker_heartbeat(beat, window).await?;
+        let moved =
+            live.iter().filter(|b| b.id != me.id && first.get(&b.id).is_none_or(|seen| b.last_seen > *seen)).count();
+        if moved > 0 {
+            return Ok((moved, live));
+        }
+    }
+    tracing::info!(
+        rows = first.len(),
+        "the other presence rows did not move: they are brokers that are gone (or this broker's previous start)"
+    );
+    Ok((0, live))
+}
+
+/// How long a broker counts as alive after its last presence heartbeat: several heartbeats (one
+/// per sweep interval, at most 1 s), at least 3 s, so a busy machine does not make a live
+/// broker flap out of `/health`, while a stopped one drops out within seconds.
+fn presence_window(config: &BrokerConfig) -> Duration {
+    (config.sweep_interval * 5).max(Duration::from_secs(3))
 }
 
 /// Broker faults that are not a client's doing.
@@ -189,23 +250,55 @@ pub enum BrokerError {
 impl Broker {
     /// Opens the store and file area under `config.data_dir`, and gives the jobs that were running
     /// when the broker stopped one `LEASE_TTL` for their workers to check in (see
-    /// [`Store::resume_running`]); call it before the first [`Broker::sweep`].
+    /// [`Store::resume_running`]) when no other broker is alive on the database; call it before
+    /// the first [`Broker::sweep`].
     pub async fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        Broker::open_on(config, None).await
+    }
+
+    /// [`Broker::open`] for a broker listening on `addr`, which its presence row reports.
+    ///
+    /// Also starts the broker's presence heartbeat and, on a shared database, the task that
+    /// publishes the changes other brokers make to this broker's subscribers and waiting workers.
+    pub async fn open_on(config: BrokerConfig, addr: Option<std::net::SocketAddr>) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
+        // First: its boot id is this broker's id, which a shared store tags its notes with.
+        let hub = EventHub::with_previews(1024, config.preview_limits);
         let store = match &config.database {
-            // Random at every start: it tags this broker's notes to the others sharing the database.
-            Some(url) => Store::connect(url, config.clock.clone(), uuid::Uuid::new_v4().simple().to_string()).await?,
+            Some(url) => Store::connect(url, config.clock.clone(), hub.boot().to_owned()).await?,
             None => Store::open(&config.data_dir.join("jobs.sqlite3"), config.clock.clone())?,
         };
         let blobs = Blobs::open_at(&config.storage, &config.data_dir.join("files")).await?;
-        let resumed =
-            store.resume_running(config.lease_ttl.as_millis() as i64, config.job_timeout.as_millis() as i64).await?;
-        if resumed > 0 {
-            tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
+        let now = config.clock.now();
+        let me = BrokerPresence {
+            // The hub's boot id: random at every start, and what this broker's event ids begin
+            // with, so an id a client holds names the broker it came from.
+            id: hub.boot().to_owned(),
+            addr: addr.map(|a| a.to_string()).unwrap_or_default(),
+            started_at: now,
+            last_seen: now,
+        };
+        // Before the first sweep and before listening: other brokers see this one from now on.
+        let (others, live) = others_alive(&store, &me, &config).await?;
+        if others == 0 {
+            let resumed = store
+                .resume_running(config.lease_ttl.as_millis() as i64, config.job_timeout.as_millis() as i64)
+                .await?;
+            if resumed > 0 {
+                tracing::info!(jobs = resumed, "running jobs keep their leases for one LEASE_TTL after the restart");
+            }
+        } else {
+            // The workers kept heartbeating through the live brokers while this one was down, so
+            // their leases are current; renewing every running lease would only hide a worker
+            // that died meanwhile for one more LEASE_TTL.
+            tracing::info!(
+                brokers = others,
+                "other brokers are alive on this database: running jobs keep the leases their workers renew"
+            );
         }
         reconcile_files(&store, &blobs).await?;
-        let hub = EventHub::with_previews(1024, config.preview_limits);
-        Ok(Broker {
+        let notes = store.cluster_notes();
+        let broker = Broker {
             inner: Arc::new(Inner {
                 config,
                 store,
@@ -216,8 +309,89 @@ impl Broker {
                 unacknowledged: Default::default(),
                 subscribers: Default::default(),
                 metrics: Default::default(),
+                me,
+                brokers: std::sync::Mutex::new(live),
+                presence_failing: Default::default(),
+                tasks: Default::default(),
             }),
-        })
+        };
+        let weak = Arc::downgrade(&broker.inner);
+        let mut tasks = vec![crate::AbortOnDrop(tokio::spawn(presence_forever(weak.clone())))];
+        if let Some(notes) = notes {
+            tasks.push(crate::AbortOnDrop(tokio::spawn(follow_other_brokers(weak, notes))));
+        }
+        *broker.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        Ok(broker)
+    }
+
+    /// Records this broker's presence and keeps the list of live brokers for `/health`.
+    async fn beat_presence(&self) {
+        let me = BrokerPresence { last_seen: self.inner.config.clock.now(), ..self.inner.me.clone() };
+        let window = presence_window(&self.inner.config).as_millis() as i64;
+        let failing = &self.inner.presence_failing;
+        match self.inner.store.broker_heartbeat(me, window).await {
+            Ok(mut live) => {
+                live.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+                *self.inner.brokers.lock().unwrap_or_else(|p| p.into_inner()) = live;
+                if failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::info!("presence heartbeat recorded again");
+                }
+            }
+            Err(e) => {
+                if !failing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "could not record this broker's presence; retrying every sweep interval");
+                }
+            }
+        }
+    }
+
+    /// Publishes a change another broker made (its `NOTIFY`) to this broker's subscribers, from
+    /// the row as it is now, and wakes the lease requests waiting here when the job is queued.
+    async fn apply_remote_change(&self, id: JobId, kind: JobEventKind, version: u64) {
+        let r = match self.inner.store.get(id).await {
+            Ok(Some(r)) => r,
+            // Deleted since (JOB_RETENTION): nothing left to show.
+            Ok(None) => return,
+            Err(e) => {
+                // The change cannot be shown: say so rather than leave a gap.
+                tracing::warn!(job_id = %id, error = %e, "could not read a job another broker changed; clients resync");
+                self.remote_changes_missed();
+                return;
+            }
+        };
+        if r.status == JobStatus::Queued {
+            self.inner.hub.job_queued();
+        }
+        if r.status != JobStatus::Running {
+            // Whoever held it on this broker's table does not any more.
+            self.inner.workers.release(id);
+        }
+        // A newer version means a later change committed meanwhile; its own note follows and
+        // shows it. Publishing this note's kind with the newer row would show, say, `started`
+        // with a job already `done`, and then `done` twice.
+        if r.version != version {
+            tracing::debug!(job_id = %id, version, now = r.version, "skipped a note overtaken by a later change");
+            return;
+        }
+        // Not counted: the broker that made the change counted it (metrics are per broker and
+        // add up across brokers). Logged at debug: the changing broker logged it at info.
+        match self.view(&r).await {
+            Ok(view) => {
+                tracing::debug!(job_id = %id, event = crate::events::event_name(kind), "job changed on another broker");
+                self.inner.hub.publish(JobEvent::new(kind, view));
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "could not show a job another broker changed; clients resync");
+                self.remote_changes_missed();
+            }
+        }
+    }
+
+    /// Other brokers' changes may have been missed: every stream resyncs, every long-poll
+    /// re-reads, every waiting lease request looks at the queue again.
+    fn remote_changes_missed(&self) {
+        self.inner.hub.resync_all();
+        self.inner.hub.job_queued();
     }
 
     /// The settings.
@@ -620,6 +794,7 @@ impl Broker {
     ) -> Result<Option<JobView>, BrokerError> {
         // Subscribe before reading, so a change between the read and the wait is not missed.
         let mut rx = self.inner.hub.subscribe();
+        let mut resyncs = self.inner.hub.resyncs();
         let Some(record) = self.job(id).await? else {
             return Ok(None);
         };
@@ -637,6 +812,8 @@ impl Broker {
         loop {
             let next = tokio::select! {
                 next = tokio::time::timeout_at(deadline, rx.recv()) => next,
+                // Other brokers' changes may have been missed: re-read below.
+                _ = crate::events::resync_wanted(&mut resyncs) => break,
                 _ = self.inner.shutdown.cancelled() => break,
             };
             match next {
@@ -666,10 +843,24 @@ impl Broker {
         Ok(out)
     }
 
-    /// Counts and connected workers.
+    /// Counts, connected workers and the brokers alive on the database.
     pub async fn health(&self) -> Result<Health, BrokerError> {
         let c = self.inner.store.counts().await?;
         let workers = self.inner.workers.connected();
+        let brokers = self
+            .inner
+            .brokers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|b| tdcomfy_api::BrokerInfo {
+                id: b.id.clone(),
+                addr: b.addr.clone(),
+                started_at: b.started_at,
+                last_seen: b.last_seen,
+                this: b.id == self.inner.me.id,
+            })
+            .collect();
         Ok(Health {
             status: "healthy".into(),
             jobs_count: c.queued + c.running + c.done + c.error + c.cancelled,
@@ -680,6 +871,8 @@ impl Broker {
             cancelled: c.cancelled,
             workers_connected: workers.len() as u64,
             workers,
+            store: self.inner.store.engine().to_owned(),
+            brokers,
         })
     }
 
@@ -952,17 +1145,22 @@ impl Broker {
     /// changes: a prefetched job's worker hears of a cancel or supersede at once.
     pub async fn heartbeat_with(&self, id: JobId, token: LeaseToken, beat: Beat) -> Result<bool, BrokerError> {
         // Subscribed before the renewal, so a cancel committed right after it is not missed.
-        let mut events = (!beat.wait.is_zero()).then(|| self.inner.hub.subscribe());
+        let mut events = (!beat.wait.is_zero()).then(|| (self.inner.hub.subscribe(), self.inner.hub.resyncs()));
         let this = self.clone();
         let renew_token = token.clone();
         let cancelled = self
             .detached(async move { this.heartbeat_now(id, renew_token, beat.progress, beat.started).await })
             .await?;
-        let Some(events) = events.as_mut().filter(|_| !cancelled) else { return Ok(cancelled) };
+        let Some((events, resyncs)) = events.as_mut().filter(|_| !cancelled) else { return Ok(cancelled) };
         let wait = beat.wait.min(self.inner.config.lease_ttl / 3);
         let changed = async {
             loop {
-                match events.recv().await {
+                let next = tokio::select! {
+                    next = events.recv() => next,
+                    // Other brokers' changes (a cancel) may have been missed: re-read below.
+                    _ = crate::events::resync_wanted(resyncs) => return,
+                };
+                match next {
                     Ok(ev) if ev.job_id() == id => return,
                     Ok(_) => {}
                     // Fell behind or closed: re-read below rather than guess.
@@ -1347,5 +1545,45 @@ impl Drop for SubscriberSlot {
     fn drop(&mut self) {
         self.gauge.dec();
         self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Records this broker's presence every sweep interval until the broker is gone.
+async fn presence_forever(broker: std::sync::Weak<Inner>) {
+    let Some(interval) = broker.upgrade().map(|b| b.config.sweep_interval) else { return };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once, and `open` has just beaten.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = broker.upgrade() else { return };
+        Broker { inner }.beat_presence().await;
+    }
+}
+
+/// Publishes the changes other brokers make to the shared database to this broker's subscribers
+/// and waiting workers, in the order they committed, until the broker is gone.
+async fn follow_other_brokers(
+    broker: std::sync::Weak<Inner>,
+    mut notes: tokio::sync::broadcast::Receiver<ClusterNote>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let note = notes.recv().await;
+        let Some(inner) = broker.upgrade() else { return };
+        let this = Broker { inner };
+        match note {
+            Ok(ClusterNote::Changed { id, kind, version }) => this.apply_remote_change(id, kind, version).await,
+            Ok(ClusterNote::Missed) => {
+                tracing::warn!("notifications from the database were interrupted; clients resync");
+                this.remote_changes_missed();
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "fell behind other brokers' changes; clients resync");
+                this.remote_changes_missed();
+            }
+            Err(RecvError::Closed) => return,
+        }
     }
 }

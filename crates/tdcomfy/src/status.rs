@@ -117,14 +117,18 @@ impl State {
         let mut out = String::new();
         let h = &self.health;
         let n = |k: &str| h[k].as_u64().unwrap_or(0);
+        // Several brokers on one database: how many are alive (a lone broker, or one older than
+        // the field, says nothing).
+        let brokers = h["brokers"].as_array().map_or(0, Vec::len);
         let _ = writeln!(
             out,
-            "tdcomfy {base} · {} queued · {} running · {} done · {} failed · {} cancelled",
+            "tdcomfy {base} · {} queued · {} running · {} done · {} failed · {} cancelled{}",
             n("queued"),
             n("running"),
             n("done"),
             n("error"),
-            n("cancelled")
+            n("cancelled"),
+            if brokers > 1 { format!(" · {brokers} brokers") } else { String::new() }
         );
         let mut running: Vec<&JobView> = self.jobs.values().filter(|j| j.status == JobStatus::Running).collect();
         running.sort_by_key(|j| j.started_at.map(|t| t.millis()));
@@ -381,5 +385,23 @@ async fn watch(
             // The broker went away (restart): try again after a moment.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::State;
+
+    #[test]
+    fn the_header_counts_brokers_only_when_several_share_the_database() {
+        let one = |brokers: serde_json::Value| {
+            let state = State { health: json!({"queued": 2, "brokers": brokers}), ..State::default() };
+            state.render("http://b", 5, 100).lines().next().unwrap_or_default().to_owned()
+        };
+        assert!(one(json!([{"id": "a"}, {"id": "b"}, {"id": "c"}])).ends_with("0 cancelled · 3 brokers"));
+        assert!(one(json!([{"id": "a"}])).ends_with("0 cancelled"));
+        assert!(one(serde_json::Value::Null).ends_with("0 cancelled"), "a broker older than the field");
     }
 }

@@ -16,11 +16,14 @@ use futures_util::{FutureExt, Stream, StreamExt, stream};
 use serde::Deserialize;
 use tdcomfy_api::{JobEvent, JobEventKind, JobId, JobView};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{ApiQuery, job_id};
-use crate::events::{PublishedEvent, PublishedPreview, Resume, Resync, ResyncReason, Subscription, event_name};
+use crate::events::{
+    PublishedEvent, PublishedPreview, Resume, Resync, ResyncReason, Subscription, event_name, resync_wanted,
+};
 use crate::metrics::Subscriber;
 use crate::service::Broker;
 
@@ -88,10 +91,25 @@ fn open(broker: &Broker, last_event_id: Option<&str>) -> (Subscription, Option<R
 async fn next_event(
     broker: &Broker,
     rx: &mut broadcast::Receiver<Arc<PublishedEvent>>,
+    resyncs: &mut watch::Receiver<u64>,
     filter: Option<JobId>,
 ) -> Option<Result<Arc<PublishedEvent>, Resync>> {
     loop {
-        match rx.recv().await {
+        let next = tokio::select! {
+            // Before anything still queued: that backlog is as stale as what was missed.
+            biased;
+            _ = resync_wanted(resyncs) => {
+                // The broker may have missed other brokers' changes: like a lag, the client
+                // re-reads, and the stream goes on from now.
+                let sub = broker.hub().subscribe_now();
+                *rx = sub.rx;
+                *resyncs = sub.resyncs;
+                tracing::debug!("the broker may have missed other brokers' changes; sent resync");
+                return Some(Err(Resync { reason: ResyncReason::Missed, id: sub.id }));
+            }
+            next = rx.recv() => next,
+        };
+        match next {
             Ok(ev) if filter.is_none_or(|id| ev.job_id() == id) => return Some(Ok(ev)),
             Ok(_) => continue,
             Err(RecvError::Lagged(missed)) => {
@@ -133,13 +151,14 @@ enum Next {
 async fn next_push(
     broker: &Broker,
     rx: &mut broadcast::Receiver<Arc<PublishedEvent>>,
+    resyncs: &mut watch::Receiver<u64>,
     previews: &mut broadcast::Receiver<Arc<PublishedPreview>>,
     filter: Option<JobId>,
 ) -> Option<Next> {
     tokio::select! {
         // State changes first when both are ready: a preview never holds one up.
         biased;
-        ev = next_event(broker, rx, filter) => ev.map(Next::Job),
+        ev = next_event(broker, rx, resyncs, filter) => ev.map(Next::Job),
         p = next_preview(previews, filter) => Some(Next::Preview(p)),
     }
 }
@@ -158,17 +177,20 @@ fn all_events(
         }
         Some(Resume::Resync(r)) => VecDeque::from([Push::Resync(r)]),
     };
-    let previews = sub.previews;
-    stream::unfold((broker, sub.rx, previews, pending), move |(broker, mut rx, mut previews, mut pending)| async move {
-        if let Some(push) = pending.pop_front() {
-            return Some((push, (broker, rx, previews, pending)));
-        }
-        let push = match next_push(&broker, &mut rx, &mut previews, filter).await? {
-            Next::Job(ev) => ev.map_or_else(Push::Resync, Push::Job),
-            Next::Preview(p) => Push::Preview(p),
-        };
-        Some((push, (broker, rx, previews, pending)))
-    })
+    let (previews, resyncs) = (sub.previews, sub.resyncs);
+    stream::unfold(
+        (broker, sub.rx, resyncs, previews, pending),
+        move |(broker, mut rx, mut resyncs, mut previews, mut pending)| async move {
+            if let Some(push) = pending.pop_front() {
+                return Some((push, (broker, rx, resyncs, previews, pending)));
+            }
+            let push = match next_push(&broker, &mut rx, &mut resyncs, &mut previews, filter).await? {
+                Next::Job(ev) => ev.map_or_else(Push::Resync, Push::Job),
+                Next::Preview(p) => Push::Preview(p),
+            };
+            Some((push, (broker, rx, resyncs, previews, pending)))
+        },
+    )
 }
 
 /// Query of `GET /events`.
@@ -379,6 +401,7 @@ pub async fn job_events(
     }
     struct St {
         rx: broadcast::Receiver<Arc<PublishedEvent>>,
+        resyncs: watch::Receiver<u64>,
         previews: broadcast::Receiver<Arc<PublishedPreview>>,
         broker: Broker,
         pending: VecDeque<Push>,
@@ -387,7 +410,16 @@ pub async fn job_events(
         /// Held for the stream's life (MAX_SUBSCRIBERS).
         _slot: crate::service::SubscriberSlot,
     }
-    let st = St { rx: sub.rx, previews: sub.previews, broker: broker.clone(), pending, done, version, _slot: slot };
+    let st = St {
+        rx: sub.rx,
+        resyncs: sub.resyncs,
+        previews: sub.previews,
+        broker: broker.clone(),
+        pending,
+        done,
+        version,
+        _slot: slot,
+    };
     let rest = stream::unfold(st, move |mut st| async move {
         if let Some(push) = st.pending.pop_front() {
             return Some((push, st));
@@ -396,7 +428,7 @@ pub async fn job_events(
             return None;
         }
         loop {
-            let ev = match next_push(&st.broker, &mut st.rx, &mut st.previews, Some(id)).await? {
+            let ev = match next_push(&st.broker, &mut st.rx, &mut st.resyncs, &mut st.previews, Some(id)).await? {
                 Next::Job(ev) => ev,
                 Next::Preview(p) => return Some((Push::Preview(p), st)),
             };

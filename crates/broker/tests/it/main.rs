@@ -2,6 +2,7 @@
 //! directory, driven over HTTP.
 
 mod clock;
+mod cluster;
 mod contract;
 mod data_dir;
 mod events;

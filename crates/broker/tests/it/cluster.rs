@@ -1,0 +1,477 @@
+//! Several brokers on one PostgreSQL database and one shared file store, in-process, over real
+//! HTTP: what a client of one broker sees of the work a worker does through another.
+//!
+//! Each test makes a fresh database from `TDCOMFY_TEST_DATABASE_URL` (an admin URL of a
+//! PostgreSQL a test may create databases in) and prints SKIPPED without it; with
+//! `TDCOMFY_REQUIRE_POSTGRES=1` (CI) a missing URL fails the test instead.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::helpers::{SseReader, TestApp, spawn_app, spawn_in, test_args};
+
+/// A database of its own for one test, dropped (with its connections) when the test ends.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// `None` (after printing SKIPPED) when no PostgreSQL is configured.
+    fn create(test: &str) -> Option<TestDb> {
+        let Some(admin) = std::env::var("TDCOMFY_TEST_DATABASE_URL").ok().filter(|u| !u.trim().is_empty()) else {
+            if std::env::var("TDCOMFY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                panic!("TDCOMFY_REQUIRE_POSTGRES=1 but TDCOMFY_TEST_DATABASE_URL is not set");
+            }
+            eprintln!("SKIPPED {test}: set TDCOMFY_TEST_DATABASE_URL to run it on PostgreSQL");
+            return None;
+        };
+        let name = format!("tdcomfy_cluster_{}", uuid::Uuid::new_v4().simple());
+        psql(&admin, &format!("CREATE DATABASE {name}"));
+        let url = with_database(&admin, &name);
+        Some(TestDb { admin, name, url })
+    }
+
+    /// Runs `sql` in this test's database.
+    fn run(&self, sql: &str) -> String {
+        psql(&self.url, sql)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args([self.admin.as_str(), "-qAt", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .output();
+    }
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `url` with its database name replaced by `name` (query parameters kept).
+fn with_database(url: &str, name: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (head, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let host_end = head[scheme_end..].find('/').map_or(head.len(), |i| scheme_end + i);
+    format!("{}/{name}{query}", &head[..host_end])
+}
+
+/// N brokers on one database, each with its own DATA_DIR, all on one `STORAGE_URL=file://…`.
+struct Cluster {
+    brokers: Vec<TestApp>,
+    db: TestDb,
+    storage: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(test: &str, n: usize, tweak: impl Fn(&mut tdcomfy_broker::BrokerArgs)) -> Option<Cluster> {
+        let db = TestDb::create(test)?;
+        let storage = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster { brokers: Vec::new(), db, storage };
+        for _ in 0..n {
+            let broker = cluster.spawn(&tweak).await;
+            cluster.brokers.push(broker);
+        }
+        // Every broker answers (its start, migrations included, is over) before the test begins.
+        for b in &cluster.brokers {
+            assert_eq!(b.health().await["status"], "healthy");
+        }
+        Some(cluster)
+    }
+
+    async fn spawn(&self, tweak: &impl Fn(&mut tdcomfy_broker::BrokerArgs)) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = test_args(dir.path().join("data"));
+        args.storage.database_url = Some(self.db.url.clone());
+        args.storage.storage_url = Some(format!("file://{}", self.storage.path().display()));
+        tweak(&mut args);
+        spawn_in(dir, args).await
+    }
+}
+
+/// An SSE stream read on a task of its own, each event stamped with when it arrived.
+struct Arrivals {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Value, Option<String>, Instant)>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Arrivals {
+    async fn open(app: &TestApp, path: &str) -> Arrivals {
+        let mut reader = SseReader::new(app.get(path).send().await.unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some((name, data)) = reader.next(3600.0).await {
+                if tx.send((name, data, reader.last_id.clone(), Instant::now())).is_err() {
+                    return;
+                }
+            }
+        });
+        Arrivals { rx, _task: task }
+    }
+
+    /// The next event of `job` (others skipped), with its arrival time.
+    async fn next_of(&mut self, job: &str, secs: f64) -> Option<(String, Value, Instant)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+        loop {
+            let (name, data, _, at) = tokio::time::timeout_at(deadline, self.rx.recv()).await.ok()??;
+            if data["job_id"] == json!(job) || name == "resync" {
+                return Some((name, data, at));
+            }
+        }
+    }
+
+    /// Every event that arrives within `secs`.
+    async fn drain(&mut self, secs: f64) -> Vec<(String, Value)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(secs);
+        let mut out = Vec::new();
+        while let Ok(Some((name, data, _, _))) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            out.push((name, data));
+        }
+        out
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test]
+async fn a_clients_events_follow_a_job_whose_worker_talks_to_other_brokers() {
+    let Some(c) = Cluster::start("cluster events", 3, |_| {}).await else { return };
+    let [b1, b2, b3] = &c.brokers[..] else { unreachable!() };
+    let mut events = Arrivals::open(b1, "/events").await;
+    let id = b1.submit_png("seen on broker 1").await;
+    let (name, _, _) = events.next_of(&id, 10.0).await.expect("queued");
+    assert_eq!(name, "queued");
+
+    let lease = b2.lease("gpu-a", 5.0).await.expect("broker 2 leases the job broker 1 took");
+    assert_eq!(lease["job_id"], json!(id));
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    let leased = Instant::now();
+    let (name, data, at) = events.next_of(&id, 5.0).await.expect("started reaches broker 1");
+    assert_eq!((name.as_str(), data["job"]["status"].as_str()), ("started", Some("running")));
+    let mut latencies = vec![at.saturating_duration_since(leased)];
+
+    // Progress through broker 2: each heartbeat's change is on broker 1's stream, in order.
+    for step in 1..=20u32 {
+        let progress = json!({"value": step as f64 / 20.0, "step": step, "max_steps": 20});
+        let resp = b2.heartbeat(&id, &token, Some(progress)).await;
+        assert_eq!(resp.status(), 200);
+        let committed = Instant::now();
+        let (name, data, at) = events.next_of(&id, 5.0).await.expect("progress reaches broker 1");
+        assert_eq!(name, "progress");
+        assert_eq!(data["job"]["progress"]["step"], json!(step), "in the order they happened");
+        latencies.push(at.saturating_duration_since(committed));
+    }
+
+    let video = b"a result uploaded through broker 2".repeat(1000);
+    assert_eq!(b2.put_result(&id, &token, video.clone()).await.status(), 200);
+    let uploaded = Instant::now();
+    let (name, data, at) = events.next_of(&id, 5.0).await.expect("done reaches broker 1");
+    assert_eq!((name.as_str(), data["job"]["has_result"].as_bool()), ("done", Some(true)));
+    latencies.push(at.saturating_duration_since(uploaded));
+
+    let resp = b3.get(&format!("/jobs/{id}/result")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &video[..], "broker 3 serves the bytes broker 2 took");
+
+    latencies.sort();
+    eprintln!(
+        "cross-broker event latency over {} changes (commit on broker 2 → event on broker 1's SSE): p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_worker_waiting_on_one_broker_gets_a_job_submitted_on_another_at_once() {
+    let Some(c) = Cluster::start("cluster lease wake-up", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    for round in 0..3 {
+        let waiting = {
+            let (http, url) = (b2.http.clone(), b2.url("/worker/lease"));
+            tokio::spawn(async move {
+                let resp = http.post(url).json(&json!({"worker_id": "gpu-a", "wait": 20})).send().await.unwrap();
+                let answered = Instant::now();
+                assert_eq!(resp.status(), 200, "a lease, not the 204 of a wait that ran out");
+                (resp.json::<Value>().await.unwrap(), answered)
+            })
+        };
+        // The request is waiting on broker 2 before the job exists.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let id = b1.submit_png(&format!("round {round}")).await;
+        let submitted = Instant::now();
+        let (lease, answered) = waiting.await.unwrap();
+        assert_eq!(lease["job"]["job_id"], json!(id));
+        let took = answered.saturating_duration_since(submitted);
+        eprintln!("round {round}: submitted on broker 1 → leased on broker 2 in {took:?}");
+        assert!(took < Duration::from_secs(1), "the waiting worker was woken, not left to its 20 s wait: {took:?}");
+        let token = lease["job"]["lease_token"].as_str().unwrap();
+        assert_eq!(b2.put_result(&id, token, b"mp4".to_vec()).await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_through_one_broker_reaches_the_heartbeat_long_poll_on_another() {
+    let Some(c) = Cluster::start("cluster cancel", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let id = b1.submit_png("cancelled from afar").await;
+    let lease = b2.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    let polling = {
+        let (http, url) = (b2.http.clone(), b2.url(&format!("/worker/jobs/{id}/heartbeat")));
+        tokio::spawn(async move {
+            let resp = http.post(url).json(&json!({"lease_token": token, "wait": 8})).send().await.unwrap();
+            let answered = Instant::now();
+            assert_eq!(resp.status(), 200);
+            (resp.json::<Value>().await.unwrap(), answered)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let resp = b1.delete(&format!("/jobs/{id}")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let cancelled_at = Instant::now();
+    let (beat, answered) = polling.await.unwrap();
+    assert_eq!(beat["cancelled"], json!(true), "the long-poll on broker 2 says the job was cancelled");
+    let took = answered.saturating_duration_since(cancelled_at);
+    eprintln!("DELETE on broker 1 → heartbeat answer on broker 2 in {took:?}");
+    assert!(took < Duration::from_secs(1), "the long-poll answered at the cancel, not after its 8 s: {took:?}");
+}
+
+/// The `<boot>` of the ids of `app`'s events (from a job stream's snapshot).
+async fn boot_of(app: &TestApp, job: &str) -> String {
+    let mut reader = SseReader::new(app.get(&format!("/jobs/{job}/events")).send().await.unwrap());
+    let (name, _) = reader.next(10.0).await.unwrap();
+    assert_eq!(name, "snapshot");
+    let id = reader.last_id.clone().unwrap();
+    id.rsplit_once('-').unwrap().0.to_owned()
+}
+
+fn broker_ids(health: &Value) -> Vec<String> {
+    let mut ids: Vec<String> =
+        health["brokers"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn health_lists_every_live_broker_and_drops_a_stopped_one() {
+    let Some(mut c) = Cluster::start("cluster health", 3, |_| {}).await else { return };
+    let job = c.brokers[0].submit_png("for the event ids").await;
+    let mut boots = Vec::new();
+    for b in &c.brokers {
+        let h = b.health().await;
+        assert_eq!(h["store"], "postgres");
+        let brokers = h["brokers"].as_array().unwrap();
+        assert_eq!(brokers.len(), 3, "{h}");
+        let this: Vec<&Value> = brokers.iter().filter(|b| b["this"] == json!(true)).collect();
+        assert_eq!(this.len(), 1, "exactly one entry is the broker answering: {h}");
+        // Its id is the boot of its event ids, so a client can tell which broker an id is from.
+        assert_eq!(this[0]["id"].as_str().unwrap(), boot_of(b, &job).await);
+        assert!(this[0]["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{h}");
+        assert!(this[0]["last_seen"].as_f64().unwrap() >= this[0]["started_at"].as_f64().unwrap());
+        boots.push(this[0]["id"].as_str().unwrap().to_owned());
+    }
+    boots.sort();
+    for b in &c.brokers {
+        assert_eq!(broker_ids(&b.health().await), boots, "every broker lists the same three");
+    }
+
+    let mut stopped = c.brokers.pop().unwrap();
+    let gone = stopped.health().await["brokers"].as_array().unwrap().iter().find(|b| b["this"] == json!(true)).unwrap()
+        ["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    stopped.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ids = broker_ids(&c.brokers[0].health().await);
+        if !ids.contains(&gone) {
+            assert_eq!(ids.len(), 2, "the two live brokers stay listed: {ids:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stopped broker {gone} is still listed: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_requeued_once_with_three_brokers_sweeping() {
+    let Some(c) = Cluster::start("cluster requeue", 3, |a| a.lease_ttl = 1.0).await else { return };
+    let [b1, b2, b3] = &c.brokers[..] else { unreachable!() };
+    let mut streams = Vec::new();
+    for b in &c.brokers {
+        streams.push(Arrivals::open(b, "/events").await);
+    }
+    let mut jobs = Vec::new();
+    for i in 0..4 {
+        let id = b1.submit_png(&format!("lapses {i}")).await;
+        let lease = b2.lease(&format!("gpu-{i}"), 5.0).await.unwrap();
+        assert_eq!(lease["job_id"], json!(id));
+        // The worker got its lease (its first beat, through another broker), then died.
+        let token = lease["lease_token"].as_str().unwrap();
+        assert_eq!(b3.heartbeat(&id, token, None).await.status(), 200);
+        jobs.push(id);
+    }
+    for id in &jobs {
+        let job = b3.wait_until(id, 10.0, |j| j["status"] == "queued").await;
+        assert_eq!(job["status"], "queued", "the lapsed lease was taken back: {job}");
+        assert_eq!(job["attempts"], 1, "the attempt is counted once: {job}");
+    }
+    // Several more sweeps of every broker: nothing more may happen to these jobs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (n, stream) in streams.iter_mut().enumerate() {
+        let seen = stream.drain(0.5).await;
+        for id in &jobs {
+            let names: Vec<&str> =
+                seen.iter().filter(|(_, d)| d["job_id"] == json!(id)).map(|(name, _)| name.as_str()).collect();
+            assert_eq!(names, ["queued", "started", "queued"], "broker {} showed job {id}: {names:?}", n + 1);
+        }
+        assert!(seen.iter().all(|(name, _)| name != "resync"), "no resync on broker {}", n + 1);
+    }
+    for id in &jobs {
+        assert_eq!(b1.job(id).await["attempts"], 1);
+    }
+}
+
+#[tokio::test]
+async fn restarting_a_broker_while_another_lives_does_not_renew_running_leases() {
+    let Some(c) = Cluster::start("cluster restart", 2, |a| a.lease_ttl = 5.0).await else { return };
+    let mut brokers = c.brokers;
+    let b2 = brokers.pop().unwrap();
+    let b1 = brokers.pop().unwrap();
+    let id = b1.submit_png("its worker dies").await;
+    let lease = b1.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    assert_eq!(b1.heartbeat(&id, token, None).await.status(), 200);
+    let last_beat = Instant::now();
+    // The worker dies here. Broker 2 restarts while broker 1 lives.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b2 = b2.restart().await;
+    assert_eq!(b2.health().await["brokers"].as_array().unwrap().len(), 2);
+    // Renewed at the restart, the lease would run to 2.5 s + 5 s after the beat (and more: the
+    // restart takes time); untouched, it lapses 5 s after it and the next sweep requeues it.
+    let job = b1.wait_until(&id, 10.0, |j| j["status"] == "queued").await;
+    let took = last_beat.elapsed();
+    assert_eq!(job["status"], "queued");
+    assert!(took < Duration::from_millis(7000), "requeued {took:?} after the last beat: the restart renewed the lease");
+    drop(c.db);
+}
+
+/// The control for the test above: a broker alone on its database does renew running leases
+/// when it restarts (its workers could not reach it meanwhile), even when its previous start's
+/// presence row is still fresh.
+#[tokio::test]
+async fn a_lone_broker_restarting_renews_running_leases() {
+    let Some(c) = Cluster::start("cluster lone restart", 1, |a| a.lease_ttl = 5.0).await else { return };
+    let b1 = c.brokers.into_iter().next().unwrap();
+    let id = b1.submit_png("its broker restarts").await;
+    let lease = b1.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(b1.heartbeat(&id, &token, None).await.status(), 200);
+    let last_beat = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let b1 = b1.crash_and_restart().await;
+    assert_eq!(b1.health().await["status"], "healthy");
+    // Past when the lease would have lapsed without the renewal (5 s and a sweep).
+    let until = Duration::from_millis(7000).saturating_sub(last_beat.elapsed());
+    let job = b1.wait_until(&id, until.as_secs_f64(), |j| j["status"] == "queued").await;
+    assert_eq!(job["status"], "running", "the restart gave the lease one more LEASE_TTL: {job}");
+    assert_eq!(b1.heartbeat(&id, &token, None).await.status(), 200, "the worker's lease still holds");
+    drop(c.db);
+}
+
+#[tokio::test]
+async fn a_last_event_id_of_one_broker_gets_a_resync_from_another() {
+    let Some(c) = Cluster::start("cluster last-event-id", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut first = SseReader::new(b1.get("/events").send().await.unwrap());
+    let id = b1.submit_png("resumed elsewhere").await;
+    let (name, _) = first.next(10.0).await.unwrap();
+    assert_eq!(name, "queued");
+    let last = first.last_id.clone().unwrap();
+    drop(first);
+
+    // The load balancer sends the reconnect to broker 2, whose ids are its own.
+    let mut again = SseReader::new(b2.get("/events").header("last-event-id", &last).send().await.unwrap());
+    let (name, data) = again.next(10.0).await.unwrap();
+    assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("unknown_id")), "{data}");
+    let resync_id = again.last_id.clone().unwrap();
+    // Then live: a change through broker 1 follows on broker 2's stream.
+    b1.delete(&format!("/jobs/{id}")).send().await.unwrap();
+    let (name, data) = again.next(10.0).await.unwrap();
+    assert_eq!((name.as_str(), &data["job_id"]), ("cancelled", &json!(id)));
+    assert_ne!(again.last_id.unwrap(), resync_id);
+
+    let mut job_stream =
+        SseReader::new(b2.get(&format!("/jobs/{id}/events")).header("last-event-id", &last).send().await.unwrap());
+    let (name, data) = job_stream.next(10.0).await.unwrap();
+    assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("unknown_id")));
+    let (name, data) = job_stream.next(10.0).await.unwrap();
+    assert_eq!((name.as_str(), &data["job"]["status"]), ("snapshot", &json!("cancelled")));
+}
+
+#[tokio::test]
+async fn a_broken_notification_connection_resyncs_every_client_and_recovers() {
+    let Some(c) = Cluster::start("cluster missed", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut events = Arrivals::open(b1, "/events").await;
+    let id = b2.submit_png("before the break").await;
+    assert_eq!(events.next_of(&id, 10.0).await.unwrap().0, "queued");
+
+    // The database drops every broker's listening connection (a restart, a network cut, an
+    // administrator): changes made until each reconnects are not heard.
+    let killed = c.db.run(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'tdcomfy-listen'",
+    );
+    assert_eq!(killed.trim(), "2", "one listening connection per broker");
+    let (name, data, _) = events.next_of(&id, 10.0).await.expect("a resync");
+    assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("missed")), "{data}");
+
+    // Listening again: the next change through broker 2 reaches broker 1's client.
+    b2.delete(&format!("/jobs/{id}")).send().await.unwrap();
+    let (name, data, _) = events.next_of(&id, 10.0).await.expect("the change after the reconnect");
+    assert_eq!((name.as_str(), &data["job"]["status"]), ("cancelled", &json!("cancelled")));
+}
+
+/// On SQLite the broker is alone: `/health` says so, and names it with its event ids' boot.
+#[tokio::test]
+async fn health_on_sqlite_lists_this_broker_alone() {
+    let app = spawn_app().await;
+    let job = app.submit_png("for the event ids").await;
+    let h = app.health().await;
+    assert_eq!(h["store"], "sqlite");
+    let brokers = h["brokers"].as_array().unwrap();
+    assert_eq!(brokers.len(), 1, "{h}");
+    assert_eq!(brokers[0]["this"], json!(true));
+    assert_eq!(brokers[0]["id"].as_str().unwrap(), boot_of(&app, &job).await);
+    // The presence heartbeat keeps `last_seen` current.
+    let first = brokers[0]["last_seen"].as_f64().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = app.health().await["brokers"][0]["last_seen"].as_f64().unwrap();
+    assert!(later > first, "last_seen moved: {first} → {later}");
+    // The document describes the new fields.
+    let doc: Value = app.get("/openapi.json").send().await.unwrap().json().await.unwrap();
+    let health = &doc["components"]["schemas"]["Health"]["properties"];
+    assert!(health["brokers"].is_object() && health["store"].is_object(), "{health}");
+    let info = &doc["components"]["schemas"]["BrokerInfo"]["properties"];
+    for field in ["id", "addr", "started_at", "last_seen", "this"] {
+        assert!(info[field].is_object(), "BrokerInfo.{field}: {info}");
+    }
+}
