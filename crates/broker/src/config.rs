@@ -101,7 +101,7 @@ pub struct BrokerArgs {
 }
 
 /// Where the broker keeps frames and results, and how results are handed out.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Clone, Default, clap::Args)]
 pub struct StorageArgs {
     /// Where jobs are recorded: unset keeps them in DATA_DIR/jobs.sqlite3 (SQLite, one broker);
     /// postgres://user:password@host:5432/database selects PostgreSQL, which several brokers may
@@ -300,6 +300,27 @@ pub struct NetConfig {
     /// sees. Not a setting.
     #[doc(hidden)]
     pub loopback_is_remote: bool,
+}
+
+// By hand: DATABASE_URL holds the database password and AWS_SECRET_ACCESS_KEY is a secret, and
+// a printed `BrokerArgs` (a log line, a panic message) must show neither.
+impl std::fmt::Debug for StorageArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let database = self.database_url.as_deref().map(|u| match crate::store::DatabaseUrl::parse(u) {
+            Ok(url) => url.redacted().to_owned(),
+            Err(_) => "<invalid>".to_owned(),
+        });
+        f.debug_struct("StorageArgs")
+            .field("database_url", &database)
+            .field("storage_url", &self.storage_url)
+            .field("result_redirect", &self.result_redirect)
+            .field("result_redirect_ttl", &self.result_redirect_ttl)
+            .field("aws_endpoint_url", &self.aws_endpoint_url)
+            .field("aws_access_key_id", &self.aws_access_key_id)
+            .field("aws_secret_access_key", &self.aws_secret_access_key.as_ref().map(|_| "<set>"))
+            .field("aws_region", &self.aws_region)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for BrokerConfig {

@@ -410,7 +410,8 @@ impl Store {
         on_engine!(self, s => s.knows_idempotency_key(key).await)
     }
 
-    /// Number of queued jobs (SQLite: from its in-memory index).
+    /// Number of queued jobs (SQLite: from its in-memory index; PostgreSQL: counted, at most
+    /// MAX_QUEUE rows).
     pub async fn queued_count(&self) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => Ok(s.queued_count()),
@@ -418,8 +419,9 @@ impl Store {
         }
     }
 
-    /// 1-based position of a queued job in the claim order (from the in-memory index: one pass over
-    /// the streams that have queued jobs, a binary search within its own).
+    /// 1-based position of a queued job in the claim order (0 when it is not queued). SQLite: from
+    /// the in-memory index (one pass over the streams that have queued jobs, a binary search within
+    /// its own); PostgreSQL: the same rule in SQL, since other brokers change the queue.
     pub async fn queue_position(&self, stream: &str, seq: i64) -> Result<u64, StoreError> {
         on_engine!(self, s => s.queue_position(stream, seq).await)
     }
@@ -429,8 +431,9 @@ impl Store {
         on_engine!(self, s => s.list(status, limit).await)
     }
 
-    /// Number of jobs in each status, from the counts table the triggers keep (five rows, however
-    /// many jobs are stored).
+    /// Number of jobs in each status, never a count over the finished rows: SQLite reads the counts
+    /// table its triggers keep (five rows); PostgreSQL counts the queued and running rows and sums
+    /// the finished ones' deltas (no counter row every writer would queue on).
     pub async fn counts(&self) -> Result<StatusCounts, StoreError> {
         on_engine!(self, s => s.counts().await)
     }

@@ -74,6 +74,7 @@ async fn an_unreachable_database_fails_the_start_without_the_password() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = test_args(dir.path().join("data"));
     args.storage.database_url = Some(format!("postgres://tdcomfy:s3cret@127.0.0.1:{port}/jobs"));
+    assert!(!format!("{args:?}").contains("s3cret"), "the arguments' Debug hides it too");
     let config = args.into_config(test_workflows()).unwrap();
     assert!(!format!("{config:?}").contains("s3cret"), "Debug hides the password");
     let err = tdcomfy_broker::Broker::open(config).await.err().expect("no database, no broker").to_string();

@@ -718,32 +718,41 @@ async fn concurrent_expire_sweeps_requeue_once(e: Engine) {
 }
 
 async fn concurrent_latest_submits_leave_one_waiting(e: Engine) {
+    const TASKS: usize = 9;
+    const EACH: usize = 15;
     let handles = [e.open().await, e.open().await, e.open().await];
     let mut tasks = Vec::new();
-    for (i, store) in handles.iter().cloned().enumerate() {
+    for t in 0..TASKS {
+        let store = handles[t % 3].clone();
         tasks.push(tokio::spawn(async move {
-            for k in 0..25 {
+            // The most queued jobs one submit superseded: with two waiting jobs in the stream at
+            // any moment, the next submit would cancel both.
+            let mut most_queued_superseded = 0;
+            for k in 0..EACH {
                 let mut job = new_job("live");
                 job.mode = StreamMode::Latest;
-                created(&store, job).await;
-                // A claim and requeue now and then, so supersedes race requeues too.
-                if k % 5 == i
+                let InsertOutcome::Created(ins) = store.insert(job).await.unwrap() else { panic!() };
+                let queued = ins.superseded.iter().filter(|(_, before)| *before == JobStatus::Queued).count();
+                most_queued_superseded = most_queued_superseded.max(queued);
+                // A claim and a retryable failure now and then, so supersedes race requeues too.
+                if t < 2
+                    && k % 4 == 0
                     && let Some(r) = store.claim_next("w".into(), 60_000, None).await.unwrap()
                 {
                     let _ = store.fail(r.id, token(&r), "retry".into(), true, false, 5).await;
                 }
             }
+            most_queued_superseded
         }));
     }
     for t in tasks {
-        t.await.unwrap();
+        assert!(t.await.unwrap() <= 1, "a submit found two waiting jobs in one latest stream");
     }
     let all = handles[0].list(None, 1000).await.unwrap();
-    assert_eq!(all.len(), 75);
+    assert_eq!(all.len(), TASKS * EACH);
     let waiting: Vec<&JobRecord> =
         all.iter().filter(|r| r.status == JobStatus::Queued || r.status == JobStatus::Running).collect();
-    assert!(waiting.len() <= 1, "{} waiting jobs in one latest stream", waiting.len());
-    assert_eq!(waiting.len(), 1, "the newest job waits");
+    assert_eq!(waiting.len(), 1, "one waiting job at the end: {waiting:?}");
     assert_eq!(waiting[0].id, all[0].id, "and it is the newest");
     assert!(
         all[1..].iter().all(|r| r.status == JobStatus::Cancelled && r.cancel_reason.as_deref() == Some("superseded"))
@@ -881,4 +890,185 @@ async fn schema_migrates_once_and_newer_is_refused(e: Engine) {
     let url = DatabaseUrl::parse(&db.url).unwrap();
     let refused = Store::connect(&url, Clock::system(), "x".into()).await.err().expect("a newer schema is refused");
     assert!(refused.to_string().contains("newer than this broker understands"), "{refused}");
+}
+
+// ---- SQLite upgrades: old databases with rows in every status open with the current code ----
+
+/// The version-1 DDL, as the first release created it.
+const SQLITE_V1: &str = "
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+    prompt TEXT NOT NULL, negative_prompt TEXT NOT NULL, seed INTEGER, workflow TEXT NOT NULL,
+    params TEXT NOT NULL, input_content_type TEXT NOT NULL, input_size INTEGER NOT NULL,
+    input_width INTEGER NOT NULL, input_height INTEGER NOT NULL, input_present INTEGER NOT NULL DEFAULT 1,
+    created_at INTEGER NOT NULL, started_at INTEGER, finished_at INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+    lease_token TEXT, lease_owner TEXT, lease_expires_at INTEGER, progress TEXT, error_message TEXT,
+    result_state TEXT NOT NULL DEFAULT 'none', result_content_type TEXT, result_size INTEGER,
+    comfy_execution_ms INTEGER, idempotency_key TEXT UNIQUE, request_fingerprint TEXT,
+    version INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX jobs_by_status ON jobs (status, seq);
+CREATE INDEX jobs_lease_expiry ON jobs (lease_expires_at) WHERE status = 'running';
+PRAGMA user_version = 1;
+";
+
+/// Versions 2 to 4 on top of version 1, as those releases migrated (the counts table and its
+/// triggers, streams, the dedupe flag).
+const SQLITE_V1_TO_V4: &str = "
+ALTER TABLE jobs ADD COLUMN timeout_grace_until INTEGER;
+CREATE INDEX jobs_with_files_by_finish ON jobs (finished_at) WHERE input_present = 1 OR result_state = 'present';
+CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO job_counts (status, n) VALUES ('queued', 0), ('running', 0), ('done', 0), ('error', 0), ('cancelled', 0);
+CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+    UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+END;
+CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+END;
+CREATE TRIGGER jobs_counted_update AFTER UPDATE OF status ON jobs WHEN OLD.status <> NEW.status BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+    UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+END;
+ALTER TABLE jobs ADD COLUMN stream TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'queue';
+ALTER TABLE jobs ADD COLUMN previews INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN cancel_reason TEXT;
+ALTER TABLE jobs ADD COLUMN superseded_by TEXT;
+ALTER TABLE jobs ADD COLUMN reused_from TEXT;
+ALTER TABLE jobs ADD COLUMN dedupe_key TEXT;
+CREATE INDEX jobs_waiting_by_stream ON jobs (stream, seq) WHERE status IN ('queued', 'running');
+CREATE TABLE stream_turns (stream TEXT PRIMARY KEY, served INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX stream_turns_by_served ON stream_turns (served);
+ALTER TABLE jobs ADD COLUMN dedupe INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX jobs_done_by_stream_seq ON jobs (stream, seq) WHERE status = 'done';
+PRAGMA user_version = 4;
+";
+
+/// The ids of the rows [`old_sqlite_database`] writes: one per status.
+const OLD_IDS: [(&str, &str); 5] = [
+    ("queued", "00000000-0000-4000-8000-000000000001"),
+    ("running", "00000000-0000-4000-8000-000000000002"),
+    ("done", "00000000-0000-4000-8000-000000000003"),
+    ("error", "00000000-0000-4000-8000-000000000004"),
+    ("cancelled", "00000000-0000-4000-8000-000000000005"),
+];
+
+/// A database of version 1 (or 4, with `v4`) holding one job in every status, written with that
+/// version's DDL and columns only.
+fn old_sqlite_database(path: &std::path::Path, v4: bool, now: i64) {
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.execute_batch(SQLITE_V1).unwrap();
+    if v4 {
+        db.execute_batch(SQLITE_V1_TO_V4).unwrap();
+    }
+    for (status, id) in OLD_IDS {
+        let running = status == "running";
+        let finished = !matches!(status, "queued" | "running");
+        db.execute(
+            "INSERT INTO jobs (id, status, prompt, negative_prompt, seed, workflow, params, input_content_type, \
+             input_size, input_width, input_height, input_present, created_at, started_at, finished_at, attempts, \
+             lease_token, lease_owner, lease_expires_at, progress, error_message, result_state, \
+             result_content_type, result_size, comfy_execution_ms, idempotency_key, request_fingerprint, version) \
+             VALUES (?1, ?2, 'old ' || ?2, 'neg', 42, 'ltxv', '{\"strength\":0.25}', 'image/png', 10, 64, 40, ?3, \
+             ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, 'fp', 3)",
+            rusqlite::params![
+                id,
+                status,
+                !finished || status == "error",
+                now - 10_000,
+                (running || finished).then_some(now - 9_000),
+                finished.then_some(now - 1_000),
+                i64::from(running || finished),
+                (running || finished).then(|| format!("token-{status}")),
+                (running || finished).then_some("gpu-old"),
+                running.then_some(now + 60_000),
+                running.then_some("{\"value\":0.5}"),
+                (status == "error").then_some("boom"),
+                if status == "done" { "present" } else { "none" },
+                (status == "done").then_some("video/mp4"),
+                (status == "done").then_some(999_i64),
+                (status == "done").then_some(1234_i64),
+                format!("key-{status}"),
+            ],
+        )
+        .unwrap();
+    }
+    if v4 {
+        db.execute_batch(
+            "UPDATE jobs SET stream = 'cam', mode = 'latest', dedupe_key = 'dk', dedupe = 1 WHERE status = 'done'; \
+             UPDATE jobs SET cancel_reason = 'superseded', superseded_by = '00000000-0000-4000-8000-000000000003' \
+             WHERE status = 'cancelled'; \
+             INSERT INTO stream_turns (stream, served) VALUES ('cam', 1);",
+        )
+        .unwrap();
+    }
+}
+
+async fn old_sqlite_database_opens_with_every_record(v4: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.sqlite3");
+    let now = Timestamp::now().millis();
+    old_sqlite_database(&path, v4, now);
+    let store = Store::open(&path, Clock::system()).unwrap();
+    let get = |i: usize| {
+        let store = store.clone();
+        async move { store.get(JobId::parse(OLD_IDS[i].1).unwrap()).await.unwrap().expect("the old row reads back") }
+    };
+    for (i, (status, _)) in OLD_IDS.iter().enumerate() {
+        let r = get(i).await;
+        assert_eq!(r.status.as_str(), *status);
+        assert_eq!(
+            (r.prompt.as_str(), r.negative_prompt.as_str(), r.seed),
+            (format!("old {status}").as_str(), "neg", Some(42))
+        );
+        assert_eq!(r.params["strength"], serde_json::json!(0.25));
+        assert_eq!((r.input.width, r.input.height, r.input.size), (64, 40, 10));
+        assert_eq!(r.version, 3);
+        assert!(!r.previews);
+    }
+    let running = get(1).await;
+    assert_eq!(running.lease.as_ref().unwrap().owner, "gpu-old");
+    assert_eq!(running.progress.value, 0.5);
+    let done = get(2).await;
+    assert_eq!(done.result, ResultState::Present(ResultInfo { content_type: "video/mp4".into(), size: 999 }));
+    assert_eq!(done.comfy_execution_ms, Some(1234));
+    assert_eq!(get(3).await.error_message.as_deref(), Some("boom"));
+    let cancelled = get(4).await;
+    if v4 {
+        assert_eq!((done.stream.as_str(), done.mode, done.dedupe), ("cam", StreamMode::Latest, true));
+        assert_eq!(cancelled.superseded_by, Some(done.id));
+        assert_eq!(cancelled.cancel_reason.as_deref(), Some("superseded"));
+        assert_eq!(store.last_done_in_stream("cam".into()).await.unwrap(), Some((done.id, Some("dk".into()), true)));
+    } else {
+        assert_eq!((done.stream.as_str(), done.mode, done.dedupe), ("", StreamMode::Queue, false));
+        // Version 1 kept no reason: the migration to 3 says a client cancelled it.
+        assert_eq!(cancelled.cancel_reason.as_deref(), Some("cancelled"));
+    }
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.queued, c.running, c.done, c.error, c.cancelled), (1, 1, 1, 1, 1), "counts of the old rows");
+    assert!(store.knows_idempotency_key("key-done".into()).await.unwrap());
+    // The queue works: the old queued job is claimed, the old running one finishes under its lease.
+    let queued = get(0).await;
+    assert_eq!(store.queue_position(&queued.stream, queued.seq).await.unwrap(), 1);
+    let claimed = claim(&store).await.unwrap();
+    assert_eq!((claimed.id, claimed.attempts, claimed.version), (queued.id, 1, 4));
+    let old_token = LeaseToken::from_string("token-running".into());
+    store.heartbeat(running.id, old_token.clone(), None, 60_000, false).await.unwrap();
+    let (finished, _) = store.complete(running.id, old_token, png(), None).await.unwrap();
+    assert_eq!(finished.status, JobStatus::Done);
+    let fresh = add(&store, "cam").await;
+    assert!(fresh.seq > cancelled.seq, "new jobs follow the old ones");
+    let c = store.counts().await.unwrap();
+    assert_eq!((c.queued, c.running, c.done), (1, 1, 2));
+}
+
+#[tokio::test]
+async fn sqlite_version_1_database_with_every_status_upgrades() {
+    old_sqlite_database_opens_with_every_record(false).await;
+}
+
+#[tokio::test]
+async fn sqlite_version_4_database_with_every_status_upgrades() {
+    old_sqlite_database_opens_with_every_record(true).await;
 }

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod chaos;
+pub mod claims;
 pub mod cluster;
 pub mod dashboard;
 pub mod live;
@@ -21,6 +22,9 @@ use anyhow::Context;
 pub enum BenchCommand {
     /// Broker throughput, queued-to-leased latency and memory (GET/POST rates, RSS).
     Broker(broker::BrokerBenchArgs),
+    /// Store claim throughput: SQLite, and PostgreSQL with several broker handles on one database
+    /// claiming at once (each job leased exactly once, checked).
+    Claims(claims::ClaimsBenchArgs),
     /// Housekeeping and `/health` with a million finished jobs stored: sweep time, `/health` latency.
     Sweep(broker::SweepBenchArgs),
     /// The TouchDesigner loop against broker + worker + simulator: per-frame overhead.
@@ -46,6 +50,7 @@ pub enum BenchCommand {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
         BenchCommand::Broker(a) => broker::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
+        BenchCommand::Claims(a) => claims::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Sweep(a) => broker::run_sweep(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Pipeline(a) => pipeline::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Preview(a) => preview::run(a).await.map(|()| std::process::ExitCode::SUCCESS),

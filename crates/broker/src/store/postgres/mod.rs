@@ -1266,3 +1266,29 @@ fn row_to_record(r: &Row) -> Result<JobRecord, StoreError> {
         dedupe: r.try_get("dedupe")?,
     })
 }
+
+/// Benchmark and test hook: creates the empty database `name` on the server `url` names (the
+/// user needs CREATEDB) and returns its URL.
+#[doc(hidden)]
+pub async fn create_database(url: &DatabaseUrl, name: &str) -> Result<DatabaseUrl, StoreError> {
+    admin_statement(url, &format!("CREATE DATABASE \"{name}\"")).await?;
+    let mut config = url.config.clone();
+    config.dbname(name);
+    let redacted = format!("{}/{name}", url.redacted.rsplit_once('/').map(|(base, _)| base).unwrap_or(""));
+    Ok(DatabaseUrl { config, redacted })
+}
+
+/// Benchmark and test hook: drops the database `name` (closing its connections) on `url`'s server.
+#[doc(hidden)]
+pub async fn drop_database(url: &DatabaseUrl, name: &str) -> Result<(), StoreError> {
+    admin_statement(url, &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
+}
+
+async fn admin_statement(url: &DatabaseUrl, statement: &str) -> Result<(), StoreError> {
+    let (client, connection) = url.config.connect(tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let done = client.batch_execute(statement).await;
+    drop(client);
+    let _ = driver.await;
+    Ok(done?)
+}
