@@ -235,6 +235,12 @@ impl EventHub {
         let _ = self.tx.send(ev);
     }
 
+    /// Whether an event of `job` published now would reach anyone: a subscriber (stream or
+    /// long-poll) is open, or the job has a preview here that its event would drop.
+    pub fn wanted(&self, job: JobId) -> bool {
+        self.tx.receiver_count() > 0 || self.previews.get(job).is_some()
+    }
+
     /// A receiver of every event published from now on (for code that needs no ids).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<PublishedEvent>> {
         self.tx.subscribe()

@@ -42,6 +42,9 @@ pub async fn run(
     // can take it again.
     let _lock = data_dir::DataDirLock::acquire(&config.data_dir, addr)?;
     let broker = Broker::open_on(config, Some(addr)).await?;
+    // Like the sweeper: a broker whose `run` is over (or dropped) stops saying it is alive and
+    // stops following other brokers, though a connection of its may still hold it.
+    let _background = StopBackground(broker.clone());
     // Aborted when this future ends or is dropped: a broker that stopped must not go on requeueing
     // jobs in the data directory it no longer serves.
     let sweeper = AbortOnDrop(tokio::spawn(sweep_forever(broker.clone())));
@@ -75,6 +78,15 @@ pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Stops a broker's background tasks when dropped.
+struct StopBackground(Broker);
+
+impl Drop for StopBackground {
+    fn drop(&mut self) {
+        self.0.stop_background();
     }
 }
 

@@ -262,7 +262,8 @@ impl Broker {
     /// publishes the changes other brokers make to this broker's subscribers and waiting workers.
     pub async fn open_on(config: BrokerConfig, addr: Option<std::net::SocketAddr>) -> Result<Broker, BrokerError> {
         std::fs::create_dir_all(&config.data_dir)?;
-        // First: its boot id is this broker's id, which a shared store tags its notes with.
+        // First: its boot id is this broker's id, which a shared store tags its notes with (so
+        // the broker does not hear its own changes back) and its presence row carries.
         let hub = EventHub::with_previews(1024, config.preview_limits);
         let store = match &config.database {
             Some(url) => Store::connect(url, config.clock.clone(), hub.boot().to_owned()).await?,
@@ -324,6 +325,13 @@ impl Broker {
         Ok(broker)
     }
 
+    /// Stops the presence heartbeat and the consumer of other brokers' changes: `run` calls it
+    /// when it ends or is dropped, so a stopped broker never again says it is alive, even while
+    /// a request of its lingers.
+    pub fn stop_background(&self) {
+        self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Records this broker's presence and keeps the list of live brokers for `/health`.
     async fn beat_presence(&self) {
         let me = BrokerPresence { last_seen: self.inner.config.clock.now(), ..self.inner.me.clone() };
@@ -348,6 +356,20 @@ impl Broker {
     /// Publishes a change another broker made (its `NOTIFY`) to this broker's subscribers, from
     /// the row as it is now, and wakes the lease requests waiting here when the job is queued.
     async fn apply_remote_change(&self, id: JobId, kind: JobEventKind, version: u64) {
+        if kind == JobEventKind::Queued {
+            // Before any read: a waiting worker claims from the database itself, and a wake-up
+            // that finds the job taken already costs one empty claim.
+            self.inner.hub.job_queued();
+        }
+        if !matches!(kind, JobEventKind::Started | JobEventKind::Progress) {
+            // Whoever held it on this broker's table does not any more.
+            self.inner.workers.release(id);
+        }
+        if !self.inner.hub.wanted(id) {
+            // No stream, long-poll or preview here would hear of it: skip the re-read, so a
+            // broker nobody watches costs the others' changes nothing but this check.
+            return;
+        }
         let r = match self.inner.store.get(id).await {
             Ok(Some(r)) => r,
             // Deleted since (JOB_RETENTION): nothing left to show.
@@ -359,13 +381,6 @@ impl Broker {
                 return;
             }
         };
-        if r.status == JobStatus::Queued {
-            self.inner.hub.job_queued();
-        }
-        if r.status != JobStatus::Running {
-            // Whoever held it on this broker's table does not any more.
-            self.inner.workers.release(id);
-        }
         // A newer version means a later change committed meanwhile; its own note follows and
         // shows it. Publishing this note's kind with the newer row would show, say, `started`
         // with a job already `done`, and then `done` twice.
@@ -1435,7 +1450,10 @@ impl Broker {
             }
         }
         let n = self.inner.store.delete_records(gone, retention_ms).await?;
-        tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
+        // With several brokers sweeping, another one may have deleted them first: nothing to say.
+        if n > 0 {
+            tracing::info!(jobs = n, "deleted records past JOB_RETENTION");
+        }
         Ok(())
     }
 }

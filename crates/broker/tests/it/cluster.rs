@@ -1,71 +1,30 @@
 //! Several brokers on one PostgreSQL database and one shared file store, in-process, over real
 //! HTTP: what a client of one broker sees of the work a worker does through another.
 //!
-//! Each test makes a fresh database from `TDCOMFY_TEST_DATABASE_URL` (an admin URL of a
-//! PostgreSQL a test may create databases in) and prints SKIPPED without it; with
+//! Each test makes a fresh database from `TDCOMFY_TEST_DATABASE_URL` (`helpers::TestDb`: an admin
+//! URL of a PostgreSQL a test may create databases in) and prints SKIPPED without it; with
 //! `TDCOMFY_REQUIRE_POSTGRES=1` (CI) a missing URL fails the test instead.
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::helpers::{SseReader, TestApp, spawn_app, spawn_in, test_args};
+use crate::helpers::{SseReader, TestApp, TestDb, spawn_app, spawn_in, test_args};
 
-/// A database of its own for one test, dropped (with its connections) when the test ends.
-struct TestDb {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    /// `None` (after printing SKIPPED) when no PostgreSQL is configured.
-    fn create(test: &str) -> Option<TestDb> {
-        let Some(admin) = std::env::var("TDCOMFY_TEST_DATABASE_URL").ok().filter(|u| !u.trim().is_empty()) else {
-            if std::env::var("TDCOMFY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-                panic!("TDCOMFY_REQUIRE_POSTGRES=1 but TDCOMFY_TEST_DATABASE_URL is not set");
-            }
-            eprintln!("SKIPPED {test}: set TDCOMFY_TEST_DATABASE_URL to run it on PostgreSQL");
-            return None;
-        };
-        let name = format!("tdcomfy_cluster_{}", uuid::Uuid::new_v4().simple());
-        psql(&admin, &format!("CREATE DATABASE {name}"));
-        let url = with_database(&admin, &name);
-        Some(TestDb { admin, name, url })
-    }
-
-    /// Runs `sql` in this test's database.
-    fn run(&self, sql: &str) -> String {
-        psql(&self.url, sql)
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("psql")
-            .args([self.admin.as_str(), "-qAt", "-c", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
-            .output();
-    }
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = std::process::Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql])
-        .output()
-        .expect("psql runs");
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `url` with its database name replaced by `name` (query parameters kept).
-fn with_database(url: &str, name: &str) -> String {
-    let scheme_end = url.find("://").map_or(0, |i| i + 3);
-    let (head, query) = match url.find('?') {
-        Some(q) => (&url[..q], &url[q..]),
-        None => (url, ""),
-    };
-    let host_end = head[scheme_end..].find('/').map_or(head.len(), |i| scheme_end + i);
-    format!("{}/{name}{query}", &head[..host_end])
+/// Runs `sql` in the database at `url` and returns the first column of the first row as text.
+async fn query_one(url: &str, sql: &str) -> String {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("database reachable");
+    let driver = tokio::spawn(connection);
+    let rows = client.simple_query(sql).await.expect(sql);
+    drop(client);
+    let _ = driver.await;
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 /// N brokers on one database, each with its own DATA_DIR, all on one `STORAGE_URL=file://…`.
@@ -77,7 +36,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start(test: &str, n: usize, tweak: impl Fn(&mut tdcomfy_broker::BrokerArgs)) -> Option<Cluster> {
-        let db = TestDb::create(test)?;
+        let db = TestDb::create(test).await?;
         let storage = tempfile::tempdir().unwrap();
         let mut cluster = Cluster { brokers: Vec::new(), db, storage };
         for _ in 0..n {
@@ -176,12 +135,34 @@ async fn a_clients_events_follow_a_job_whose_worker_talks_to_other_brokers() {
         latencies.push(at.saturating_duration_since(committed));
     }
 
+    // A WebSocket and a `?wait=` long-poll on broker 3 hear the result too.
+    let ws_url = format!("{}?job_id={id}", b3.url("/ws").replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let hello = ws.next().await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("hello"));
+    let version = b3.job(&id).await["version"].as_u64().unwrap();
+    let long_poll = {
+        let (http, url) = (b3.http.clone(), b3.url(&format!("/jobs/{id}?wait=10&since={version}")));
+        tokio::spawn(async move {
+            let job: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            (job, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     let video = b"a result uploaded through broker 2".repeat(1000);
     assert_eq!(b2.put_result(&id, &token, video.clone()).await.status(), 200);
     let uploaded = Instant::now();
     let (name, data, at) = events.next_of(&id, 5.0).await.expect("done reaches broker 1");
     assert_eq!((name.as_str(), data["job"]["has_result"].as_bool()), ("done", Some(true)));
     latencies.push(at.saturating_duration_since(uploaded));
+    let (job, answered) = long_poll.await.unwrap();
+    assert_eq!(job["status"], "done", "the long-poll on broker 3 answered with the change");
+    assert!(answered.saturating_duration_since(uploaded) < Duration::from_secs(1), "at the change, not after 10 s");
+    let msg =
+        tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("done on the WebSocket").unwrap().unwrap();
+    let ev: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+    assert_eq!((&ev["event"], &ev["job_id"]), (&json!("done"), &json!(id)), "{ev}");
 
     let resp = b3.get(&format!("/jobs/{id}/result")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -272,6 +253,14 @@ fn broker_ids(health: &Value) -> Vec<String> {
 async fn health_lists_every_live_broker_and_drops_a_stopped_one() {
     let Some(mut c) = Cluster::start("cluster health", 3, |_| {}).await else { return };
     let job = c.brokers[0].submit_png("for the event ids").await;
+    // Each broker refreshes its list at every presence heartbeat (about a second).
+    for b in &c.brokers {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while broker_ids(&b.health().await).len() < 3 {
+            assert!(Instant::now() < deadline, "{}", b.health().await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let mut boots = Vec::new();
     for b in &c.brokers {
         let h = b.health().await;
@@ -338,9 +327,20 @@ async fn a_lapsed_lease_is_requeued_once_with_three_brokers_sweeping() {
     for (n, stream) in streams.iter_mut().enumerate() {
         let seen = stream.drain(0.5).await;
         for id in &jobs {
-            let names: Vec<&str> =
-                seen.iter().filter(|(_, d)| d["job_id"] == json!(id)).map(|(name, _)| name.as_str()).collect();
-            assert_eq!(names, ["queued", "started", "queued"], "broker {} showed job {id}: {names:?}", n + 1);
+            let shown: Vec<(&str, u64)> = seen
+                .iter()
+                .filter(|(_, d)| d["job_id"] == json!(id))
+                .map(|(name, d)| (name.as_str(), d["job"]["version"].as_u64().unwrap()))
+                .collect();
+            let current = b1.job(id).await["version"].as_u64().unwrap();
+            // The requeue is one change, shown once: its `queued` is the last event and carries
+            // the job's version now. A broker that re-read a note only after the next change
+            // shows that one instead (submit and lease follow each other within milliseconds
+            // here), but never one change twice: versions only increase.
+            assert_eq!(shown.last(), Some(&("queued", current)), "broker {} showed job {id}: {shown:?}", n + 1);
+            assert!(shown.windows(2).all(|w| w[0].1 < w[1].1), "broker {} showed job {id}: {shown:?}", n + 1);
+            let requeues = shown.iter().filter(|(name, v)| *name == "queued" && *v > 1).count();
+            assert_eq!(requeues, 1, "broker {} showed job {id}: {shown:?}", n + 1);
         }
         assert!(seen.iter().all(|(name, _)| name != "resync"), "no resync on broker {}", n + 1);
     }
@@ -363,7 +363,7 @@ async fn restarting_a_broker_while_another_lives_does_not_renew_running_leases()
     // The worker dies here. Broker 2 restarts while broker 1 lives.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let b2 = b2.restart().await;
-    assert_eq!(b2.health().await["brokers"].as_array().unwrap().len(), 2);
+    assert_eq!(b2.health().await["status"], "healthy");
     // Renewed at the restart, the lease would run to 2.5 s + 5 s after the beat (and more: the
     // restart takes time); untouched, it lapses 5 s after it and the next sweep requeues it.
     let job = b1.wait_until(&id, 10.0, |j| j["status"] == "queued").await;
@@ -389,8 +389,12 @@ async fn a_lone_broker_restarting_renews_running_leases() {
     let b1 = b1.crash_and_restart().await;
     assert_eq!(b1.health().await["status"], "healthy");
     // Past when the lease would have lapsed without the renewal (5 s and a sweep).
-    let until = Duration::from_millis(7000).saturating_sub(last_beat.elapsed());
-    let job = b1.wait_until(&id, until.as_secs_f64(), |j| j["status"] == "queued").await;
+    let until = Instant::now() + Duration::from_millis(7000).saturating_sub(last_beat.elapsed());
+    let mut job = b1.job(&id).await;
+    while job["status"] == "running" && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        job = b1.job(&id).await;
+    }
     assert_eq!(job["status"], "running", "the restart gave the lease one more LEASE_TTL: {job}");
     assert_eq!(b1.heartbeat(&id, &token, None).await.status(), 200, "the worker's lease still holds");
     drop(c.db);
@@ -412,10 +416,17 @@ async fn a_last_event_id_of_one_broker_gets_a_resync_from_another() {
     let (name, data) = again.next(10.0).await.unwrap();
     assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("unknown_id")), "{data}");
     let resync_id = again.last_id.clone().unwrap();
-    // Then live: a change through broker 1 follows on broker 2's stream.
+    // Then live: a change through broker 1 follows on broker 2's stream (after the job's
+    // `queued`, if broker 2 heard of the submit only after this stream opened).
     b1.delete(&format!("/jobs/{id}")).send().await.unwrap();
-    let (name, data) = again.next(10.0).await.unwrap();
-    assert_eq!((name.as_str(), &data["job_id"]), ("cancelled", &json!(id)));
+    loop {
+        let (name, data) = again.next(10.0).await.expect("the cancel reaches broker 2's stream");
+        assert_eq!(data["job_id"], json!(id), "{name}: {data}");
+        if name == "cancelled" {
+            break;
+        }
+        assert_eq!(name, "queued", "{data}");
+    }
     assert_ne!(again.last_id.unwrap(), resync_id);
 
     let mut job_stream =
@@ -433,16 +444,37 @@ async fn a_broken_notification_connection_resyncs_every_client_and_recovers() {
     let mut events = Arrivals::open(b1, "/events").await;
     let id = b2.submit_png("before the break").await;
     assert_eq!(events.next_of(&id, 10.0).await.unwrap().0, "queued");
+    let lease = b1.lease("gpu-a", 5.0).await.unwrap();
+    assert_eq!(events.next_of(&id, 10.0).await.unwrap().0, "started");
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    // The worker's heartbeat long-polls broker 1: it must re-read, since a cancel made through
+    // broker 2 while broker 1 was not listening would otherwise go unheard for the whole poll.
+    let polling = {
+        let (http, url) = (b1.http.clone(), b1.url(&format!("/worker/jobs/{id}/heartbeat")));
+        tokio::spawn(async move {
+            let resp = http.post(url).json(&json!({"lease_token": token, "wait": 8})).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            (resp.json::<Value>().await.unwrap(), Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The database drops every broker's listening connection (a restart, a network cut, an
     // administrator): changes made until each reconnects are not heard.
-    let killed = c.db.run(
+    let killed = query_one(
+        &c.db.url,
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
          WHERE datname = current_database() AND application_name = 'tdcomfy-listen'",
-    );
+    )
+    .await;
     assert_eq!(killed.trim(), "2", "one listening connection per broker");
+    let killed_at = Instant::now();
     let (name, data, _) = events.next_of(&id, 10.0).await.expect("a resync");
     assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("missed")), "{data}");
+    let (beat, answered) = polling.await.unwrap();
+    assert_eq!(beat["cancelled"], json!(false), "re-read: the job was not cancelled");
+    let took = answered.saturating_duration_since(killed_at);
+    assert!(took < Duration::from_secs(5), "the long-poll re-read at the reconnect, not after 8 s: {took:?}");
 
     // Listening again: the next change through broker 2 reaches broker 1's client.
     b2.delete(&format!("/jobs/{id}")).send().await.unwrap();
@@ -474,4 +506,92 @@ async fn health_on_sqlite_lists_this_broker_alone() {
     for field in ["id", "addr", "started_at", "last_seen", "this"] {
         assert!(info[field].is_object(), "BrokerInfo.{field}: {info}");
     }
+}
+
+/// The value of the `tdcomfy_jobs_finished_total` series with `outcome` on `app` (0 when absent).
+async fn finished_total(app: &TestApp, outcome: &str) -> f64 {
+    let text = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("tdcomfy_jobs_finished_total{") && l.contains(&format!("outcome=\"{outcome}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn each_change_is_counted_once_by_the_broker_that_made_it() {
+    let Some(c) = Cluster::start("cluster metrics", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut events = Arrivals::open(b1, "/events").await;
+    let id = b1.submit_png("counted once").await;
+    let lease = b2.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    assert_eq!(b2.put_result(&id, token, b"mp4".to_vec()).await.status(), 200);
+    // Broker 1 showed the `done` (from broker 2's note) without counting it.
+    loop {
+        let (name, _, _) = events.next_of(&id, 10.0).await.expect("done reaches broker 1");
+        if name == "done" {
+            break;
+        }
+    }
+    assert_eq!(finished_total(b2, "done").await, 1.0, "broker 2 finished the job");
+    assert_eq!(finished_total(b1, "done").await, 0.0, "broker 1 only passed the event on");
+}
+
+#[tokio::test]
+async fn result_ttl_with_several_brokers_deletes_each_job_s_files_once() {
+    let Some(c) = Cluster::start("cluster result ttl", 3, |a| a.result_ttl = 1).await else { return };
+    let [b1, b2, b3] = &c.brokers[..] else { unreachable!() };
+    let mut streams = Vec::new();
+    for b in &c.brokers {
+        streams.push(Arrivals::open(b, "/events").await);
+    }
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let id = b1.submit_png(&format!("expires {i}")).await;
+        let lease = b2.lease("gpu-a", 5.0).await.unwrap();
+        let token = lease["lease_token"].as_str().unwrap();
+        assert_eq!(b2.put_result(&id, token, b"mp4".to_vec()).await.status(), 200);
+        jobs.push(id);
+    }
+    let results = c.storage.path().join("results");
+    assert!(results.join(&jobs[0]).exists(), "the results are in the shared storage at first");
+    for id in &jobs {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while b3.get(&format!("/jobs/{id}/result")).send().await.unwrap().status() != 410 {
+            assert!(Instant::now() < deadline, "the result of {id} outlived RESULT_TTL");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Several more sweeps of every broker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left: Vec<_> = std::fs::read_dir(&results).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "no result file is left in the shared storage: {left:?}");
+    for (n, stream) in streams.iter_mut().enumerate() {
+        let seen = stream.drain(0.5).await;
+        for id in &jobs {
+            let deleted = seen.iter().filter(|(name, d)| name == "deleted" && d["job_id"] == json!(id)).count();
+            assert_eq!(deleted, 1, "broker {} showed the deletion of {id} once", n + 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lease_received_through_another_broker_is_not_handed_back_as_unreceived() {
+    // LEASE_TTL 6 s: the broker that handed the lease out hands it back after 2 s without a call
+    // reaching it; the worker calls only broker 3.
+    let Some(c) = Cluster::start("cluster unacknowledged", 3, |a| a.lease_ttl = 6.0).await else { return };
+    let [b1, b2, b3] = &c.brokers[..] else { unreachable!() };
+    let id = b1.submit_png("received elsewhere").await;
+    let lease = b2.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap();
+    let input = b3.get(&format!("/worker/jobs/{id}/input")).header("lease-token", token).send().await.unwrap();
+    assert_eq!(input.status(), 200);
+    for _ in 0..4 {
+        let beat: Value = b3.heartbeat(&id, token, None).await.json().await.unwrap();
+        assert_eq!(beat["cancelled"], json!(false));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let job = b1.job(&id).await;
+    assert_eq!((&job["status"], &job["attempts"]), (&json!("running"), &json!(1)), "{job}");
+    assert_eq!(b3.put_result(&id, token, b"mp4".to_vec()).await.status(), 200, "the lease still holds");
 }
