@@ -108,6 +108,8 @@ on_postgres!(
     concurrent_latest_submits_leave_one_waiting,
     concurrent_duplicate_keys_store_one_job,
     notes_reach_other_handles_not_their_own,
+    expire_sweep_continues_past_an_unreadable_id,
+    repeated_cancel_is_announced_again,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -1071,4 +1073,60 @@ async fn sqlite_version_1_database_with_every_status_upgrades() {
 #[tokio::test]
 async fn sqlite_version_4_database_with_every_status_upgrades() {
     old_sqlite_database_opens_with_every_record(true).await;
+}
+
+/// A plain connection to the test database, for what no store call can do (break a row, hold a
+/// lock), its driver running beside it.
+async fn raw(e: &Engine) -> tokio_postgres::Client {
+    let Engine::Postgres(db) = e else { unreachable!() };
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn expire_sweep_continues_past_an_unreadable_id(e: Engine) {
+    let store = e.open().await;
+    let (first, second) = (add(&store, "").await, add(&store, "").await);
+    let a = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
+    let b = store.claim_next("w1".into(), 2_000, None).await.unwrap().unwrap();
+    assert_eq!((a.id, b.id), (first.id, second.id));
+    // The first candidate (the earliest lapse) has an id that is no job id.
+    raw(&e).await.execute("UPDATE jobs SET id = 'not-an-id' WHERE id = $1", &[&first.id.to_string()]).await.unwrap();
+    let later = e.open_at(10_000).await;
+    let swept = later.expire_leases(5).await.unwrap();
+    assert_eq!(swept.failed.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [first.seq]);
+    assert_eq!(swept.changed.iter().map(|r| (r.id, r.status)).collect::<Vec<_>>(), [(second.id, JobStatus::Queued)]);
+}
+
+async fn repeated_cancel_is_announced_again(e: Engine) {
+    let (a, b) = (e.open().await, e.open().await);
+    let mut heard_by_b = b.cluster_notes().unwrap();
+    let job = add(&a, "").await;
+    assert!(matches!(next_note(&mut heard_by_b).await, Some(ClusterNote::Changed { kind: JobEventKind::Queued, .. })));
+    let first = a.cancel(job.id).await.unwrap();
+    assert!(first.changed);
+    let cancelled =
+        Some(ClusterNote::Changed { id: job.id, kind: JobEventKind::Cancelled, version: first.record.version });
+    assert_eq!(next_note(&mut heard_by_b).await, cancelled);
+    // The service answers a repeated DELETE with `cancelled` again to its own clients; a client
+    // of the other broker hears it too (same version: nothing changed).
+    let again = a.cancel(job.id).await.unwrap();
+    assert!(!again.changed);
+    assert_eq!(next_note(&mut heard_by_b).await, cancelled);
+    // A finished job's repeat (files already gone) stays silent.
+    let other = add(&a, "").await;
+    let r = claim(&a).await.unwrap();
+    assert_eq!(r.id, other.id);
+    a.complete(r.id, token(&r), png(), None).await.unwrap();
+    assert!(a.cancel(r.id).await.unwrap().changed);
+    assert!(!a.cancel(r.id).await.unwrap().changed);
+    let mut kinds = Vec::new();
+    while let Ok(Ok(ClusterNote::Changed { id, kind, .. })) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), heard_by_b.recv()).await
+    {
+        if id == other.id {
+            kinds.push(kind);
+        }
+    }
+    assert_eq!(kinds, [JobEventKind::Queued, JobEventKind::Started, JobEventKind::Done, JobEventKind::Deleted]);
 }

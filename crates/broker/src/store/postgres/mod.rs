@@ -811,6 +811,11 @@ impl PgStore {
             let record = get_by_seq(&w.tx, job.seq).await?.ok_or(StoreError::NotFound)?;
             if let Some(kind) = kind {
                 w.note(kind, &record);
+            } else if record.status == JobStatus::Cancelled {
+                // The service answers a repeated DELETE of a cancelled job with `cancelled` again
+                // (its client may have missed the first); a client of another broker asks the same
+                // way, so the note goes out again, with the unchanged version.
+                w.note(JobEventKind::Cancelled, &record);
             }
             Ok(CancelOutcome { record, previous, changed: kind.is_some() })
         })
@@ -831,7 +836,15 @@ impl PgStore {
         let mut swept = Swept::default();
         for row in candidates {
             let (seq, id): (i64, String) = (row.get(0), row.get(1));
-            let id = parse_id(&id)?;
+            // One unreadable id must not stop the batch: the jobs after it still lapse, and the
+            // ones already requeued above must still get their events (as on SQLite).
+            let id = match parse_id(&id) {
+                Ok(id) => id,
+                Err(e) => {
+                    swept.failed.push((seq, e));
+                    continue;
+                }
+            };
             let one = write_tx!(self, |w, now| {
                 let Some(job) = lock_for_requeue(&w.tx, id, Some(now)).await? else { return Ok(None) };
                 if job.attempts < max_attempts {
