@@ -110,6 +110,7 @@ on_postgres!(
     notes_reach_other_handles_not_their_own,
     expire_sweep_continues_past_an_unreadable_id,
     repeated_cancel_is_announced_again,
+    restart_resumes_only_lapsed_leases,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -376,7 +377,8 @@ async fn lapsed_leases_requeue_then_fail_on_a_stepped_clock(e: Engine) {
 async fn timeout_and_restart_grace(e: Engine) {
     let store = e.open().await;
     add(&store, "").await;
-    let r = claim(&store).await.unwrap();
+    // A 1 s lease: it lapses while the broker is down (its worker's heartbeats failed).
+    let r = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
     assert!(store.time_out_running(5_000).await.unwrap().changed.is_empty());
     drop(store);
     // The broker restarts 6 s later: the attempt's time ran out meanwhile, but it gets one lease
@@ -1129,4 +1131,34 @@ async fn repeated_cancel_is_announced_again(e: Engine) {
         }
     }
     assert_eq!(kinds, [JobEventKind::Queued, JobEventKind::Started, JobEventKind::Done, JobEventKind::Deleted]);
+}
+
+async fn restart_resumes_only_lapsed_leases(e: Engine) {
+    let store = e.open().await;
+    let (lapsing, live, ahead) = (add(&store, "").await, add(&store, "").await, add(&store, "").await);
+    let a = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
+    let b = store.claim_next("w2".into(), 60_000, None).await.unwrap().unwrap();
+    let c = store.claim_next("w3".into(), 60_000, None).await.unwrap().unwrap();
+    assert_eq!((a.id, b.id, c.id), (lapsing.id, live.id, ahead.id));
+    // c's lease was stored on a timeline far ahead (a clock stepped back since).
+    let far = Timestamp::now().millis() + 3_600_000;
+    raw(&e)
+        .await
+        .execute("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2", &[&far, &c.id.to_string()])
+        .await
+        .unwrap();
+    // A broker starts 5 s later while b's worker still renews its lease through another broker.
+    let restarted = e.open_at(5_000).await;
+    assert_eq!(restarted.resume_running(60_000, 600_000).await.unwrap(), 2);
+    let now = Timestamp::now().millis() + 5_000;
+    let expiry = |r: JobRecord| r.lease.unwrap().expires_at.unwrap().millis();
+    let a2 = expiry(restarted.get(a.id).await.unwrap().unwrap());
+    assert!((now + 59_000..=now + 61_000).contains(&a2), "the lapsed lease gets one lease from now: {a2} vs {now}");
+    assert_eq!(
+        expiry(restarted.get(b.id).await.unwrap().unwrap()),
+        expiry(b),
+        "a live lease renewed through another broker is not touched"
+    );
+    let c2 = expiry(restarted.get(c.id).await.unwrap().unwrap());
+    assert!(c2 <= now + 61_000, "a lease beyond one TTL from now is cut to one TTL: {c2}");
 }

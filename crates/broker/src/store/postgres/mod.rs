@@ -390,16 +390,19 @@ impl PgStore {
         last_done_in(&self.client().await?, &stream).await
     }
 
-    /// See [`super::Store::resume_running`]. With several brokers, any broker's restart gives
-    /// every running job one lease: harmless, since a live worker renews it anyway and a dead
-    /// one loses the job one lease later.
+    /// See [`super::Store::resume_running`], restricted to the leases that already lapsed by
+    /// this broker's clock (the whole cluster was down, so no heartbeat could renew them) and to
+    /// ones beyond one TTL from now (stored on a timeline ahead, as SQLite cuts them). A lease
+    /// still live was renewed through another broker: resetting it would give a dead worker's
+    /// job extra time and change the expiry another broker's `release_unreceived` compares.
     pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
         write_tx!(self, |w, now| {
             exec(
                 &w.tx,
                 "UPDATE jobs SET lease_expires_at = $1::BIGINT + $2::BIGINT, started_at = LEAST(started_at, $1), \
                  timeout_grace_until = CASE WHEN LEAST(started_at, $1) + $3::BIGINT < $1::BIGINT + $2::BIGINT \
-                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running'",
+                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running' \
+                 AND (lease_expires_at IS NULL OR lease_expires_at < $1 OR lease_expires_at > $1::BIGINT + $2::BIGINT)",
                 &[&now, &lease_ms, &timeout_ms],
             )
             .await
