@@ -61,6 +61,11 @@ pub enum StoreError {
     /// password).
     #[error("{0}")]
     Unavailable(String),
+    /// PostgreSQL: a lock this change needs stayed held by another session past the lock
+    /// timeout on every try (a broker cut off mid-transaction holds its locks until the server
+    /// ends its session): the change was not made, and may be tried again.
+    #[error("database busy: {0}")]
+    Busy(String),
     /// A stored value could not be decoded (corruption or a schema mismatch).
     #[error("corrupt row: {0}")]
     Corrupt(String),

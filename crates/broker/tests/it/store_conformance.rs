@@ -111,6 +111,7 @@ on_postgres!(
     expire_sweep_continues_past_an_unreadable_id,
     repeated_cancel_is_announced_again,
     restart_resumes_only_lapsed_leases,
+    locks_held_by_a_stuck_session_fail_calls_cleanly,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -1161,4 +1162,35 @@ async fn restart_resumes_only_lapsed_leases(e: Engine) {
     );
     let c2 = expiry(restarted.get(c.id).await.unwrap().unwrap());
     assert!(c2 <= now + 61_000, "a lease beyond one TTL from now is cut to one TTL: {c2}");
+}
+
+async fn locks_held_by_a_stuck_session_fail_calls_cleanly(e: Engine) {
+    let store = e.open().await;
+    add(&store, "").await;
+    let r = claim(&store).await.unwrap();
+    // Another session (a broker cut off mid-transaction) holds the job's row lock and the
+    // stream's advisory lock, and never commits.
+    let stuck = raw(&e).await;
+    stuck.batch_execute("BEGIN").await.unwrap();
+    stuck.query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", &[&r.id.to_string()]).await.unwrap();
+    stuck.query("SELECT pg_advisory_xact_lock(hashtextextended('s', 0))", &[]).await.unwrap();
+    let started = std::time::Instant::now();
+    let bounded = std::time::Duration::from_secs(30);
+    let (beat, insert) = tokio::time::timeout(bounded, async {
+        tokio::join!(store.heartbeat(r.id, token(&r), None, 60_000, false), store.insert(new_job("s")))
+    })
+    .await
+    .expect("the calls fail instead of waiting on the stuck session");
+    let took = started.elapsed();
+    assert!(matches!(beat, Err(StoreError::Busy(_))), "{beat:?}");
+    assert!(matches!(insert, Err(StoreError::Busy(_))), "{:?}", insert.map(|_| ()));
+    assert!(took < std::time::Duration::from_secs(15), "within about two lock timeouts: {took:?}");
+    let message = beat.unwrap_err().to_string();
+    assert!(message.contains("held by another session"), "{message}");
+    // The other calls of the pool went on meanwhile, and once the session ends all works again.
+    assert_eq!(store.get(r.id).await.unwrap().unwrap().status, JobStatus::Running);
+    drop(stuck);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    store.heartbeat(r.id, token(&r), None, 60_000, false).await.unwrap();
+    created(&store, new_job("s")).await;
 }

@@ -46,6 +46,67 @@ pub const CHANNEL: &str = "tdcomfy_jobs";
 /// concurrent duplicate (each retry sees the other transaction's commit).
 const MAX_TRIES: u32 = 6;
 
+/// How long one statement may wait for a lock (a row, a stream's advisory lock) before it fails
+/// with `55P03`. Legitimate holders keep them for milliseconds; a broker cut off mid-transaction
+/// holds them until PostgreSQL ends its session, and waiting on it would hold a pooled connection
+/// and the caller's request all that time.
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tries of a transaction whose lock wait timed out: one more, for a holder that was merely slow;
+/// then [`StoreError::Busy`], so a caller waits at most about twice [`LOCK_TIMEOUT`].
+const LOCK_TRIES: u32 = 2;
+
+/// How long a session may sit inside a transaction without sending a statement before
+/// PostgreSQL ends it and so releases its locks. This broker's transactions never wait on
+/// anything but the database between statements; a session idle this long belongs to a broker
+/// that hung or lost its network.
+const IDLE_IN_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The longest any one statement may run. Far above a legitimate one (the slowest, a sweep
+/// step or `/health`'s counts over a big table, takes well under a second); bounded so a
+/// runaway plan cannot hold a connection forever. Migrations and the benchmark fill lift it.
+const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// TCP keepalive: the first probe after this much silence (the system default is 2 h), then
+/// every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`] times, before the connection is dropped.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// How long sent data may stay unacknowledged before the kernel drops the connection (Linux
+/// `TCP_USER_TIMEOUT`): keepalive only probes an idle connection, this bounds a busy one.
+const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `config` with this broker's timeouts and keepalives. The URL's own settings win: a
+/// `connect_timeout` or `tcp_user_timeout` in it is kept, and its `options` come after these
+/// `-c` ones (PostgreSQL applies them in order), so an operator can still choose other values.
+fn tuned(config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut c = config.clone();
+    if c.get_connect_timeout().is_none() {
+        c.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if c.get_tcp_user_timeout().is_none() {
+        c.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    c.keepalives(true).keepalives_idle(KEEPALIVE_IDLE).keepalives_interval(KEEPALIVE_INTERVAL);
+    c.keepalives_retries(KEEPALIVE_RETRIES);
+    let ours = format!(
+        "-c lock_timeout={} -c idle_in_transaction_session_timeout={} -c statement_timeout={}",
+        LOCK_TIMEOUT.as_millis(),
+        IDLE_IN_TRANSACTION_TIMEOUT.as_millis(),
+        STATEMENT_TIMEOUT.as_millis()
+    );
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{ours} {theirs}"),
+        _ => ours,
+    };
+    c.options(options);
+    c
+}
+
 /// The next job a claim takes, by the rule of SQLite's `NEXT_JOB` (see there): the oldest queued
 /// job of the stream served least recently; a named stream offers only its oldest queued job, and
 /// nothing while it has a prefetched job or while that job is a `dedupe` twin of its running one.
@@ -187,6 +248,14 @@ macro_rules! write_tx {
             })
             .await;
             match outcome {
+                Err(e) if is_lock_timeout(&e) => {
+                    if tries >= LOCK_TRIES {
+                        break Err(StoreError::Busy(format!(
+                            "a lock was held by another session for over {} s, {tries} times",
+                            LOCK_TIMEOUT.as_secs()
+                        )));
+                    }
+                }
                 Err(e) if tries < MAX_TRIES && is_retryable(&e) => {
                     // A short, growing pause, so the transactions that collided do not collide again.
                     tokio::time::sleep(std::time::Duration::from_millis(2u64 << tries)).await;
@@ -207,6 +276,11 @@ fn is_retryable(e: &StoreError) -> bool {
         }),
         _ => false,
     }
+}
+
+/// A lock wait past [`LOCK_TIMEOUT`] (`55P03`).
+fn is_lock_timeout(e: &StoreError) -> bool {
+    matches!(e, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -244,14 +318,15 @@ impl PgStore {
         let unreachable = |e: tokio_postgres::Error| {
             StoreError::Unavailable(format!("DATABASE_URL: cannot connect to {}: {e}", url.redacted()))
         };
-        let (mut client, connection) = url.config.connect(tokio_postgres::NoTls).await.map_err(unreachable)?;
+        let config = tuned(&url.config);
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(unreachable)?;
         let driver = tokio::spawn(connection);
         let migrated = schema::migrate(&mut client).await;
         drop(client);
         let _ = driver.await;
         migrated?;
         let manager = deadpool_postgres::Manager::from_config(
-            url.config.clone(),
+            config.clone(),
             tokio_postgres::NoTls,
             deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
         );
@@ -262,7 +337,7 @@ impl PgStore {
             .create_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let listener = listen::Listener::start(url.config.clone(), broker_id.clone())
+        let listener = listen::Listener::start(config, broker_id.clone())
             .await
             .map_err(|e| StoreError::Unavailable(format!("DATABASE_URL: cannot listen on {}: {e}", url.redacted())))?;
         Ok(PgStore { pool, clock, broker_id: broker_id.into(), listener: Arc::new(listener) })
@@ -955,6 +1030,8 @@ impl PgStore {
     pub async fn fill_finished_for_benchmark(&self, n: u64, spread_ms: i64, with_files: u64) -> Result<(), StoreError> {
         let (n, with_files) = (n as i64, with_files as i64);
         write_tx!(self, |w, now| {
+            // Millions of rows may take longer than STATEMENT_TIMEOUT, legitimately.
+            exec(&w.tx, "SET LOCAL statement_timeout = 0", &[]).await?;
             exec(
                 &w.tx,
                 "INSERT INTO jobs (id, status, prompt, negative_prompt, workflow, params, input_content_type, \

@@ -110,6 +110,9 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, MIGRATE_TO_1)];
 /// Brings the database's schema up to [`SCHEMA_VERSION`], or refuses one newer than this broker.
 pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     let tx = client.transaction().await?;
+    // A migration may rewrite a big table, and a broker starting beside one that migrates waits
+    // for it: longer than any normal statement or lock wait may take, but still bounded.
+    tx.batch_execute("SET LOCAL statement_timeout = '30min'; SET LOCAL lock_timeout = '30min'").await?;
     // Held to the commit: a second broker starting now waits here, then finds the schema current.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS tdcomfy_schema (version BIGINT NOT NULL)").await?;
