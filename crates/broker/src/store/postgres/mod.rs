@@ -140,7 +140,14 @@ impl DatabaseUrl {
     /// holds the password).
     pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
         let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-            format!("is not a PostgreSQL URL (postgres://user:password@host:5432/database): {e}")
+            // The error's own text is only "invalid connection string"; its cause says more, but
+            // only the cause that names an option (a fixed key, never the URL's text) is
+            // repeated: the others (syntax, percent-decoding, an unknown key) may quote the text
+            // around the fault, which can be the password.
+            let cause = std::error::Error::source(&e).map(|c| c.to_string()).unwrap_or_default();
+            let detail =
+                if cause.starts_with("invalid value for option `") { format!(": {cause}") } else { String::new() };
+            format!("is not a PostgreSQL URL (postgres://user:password@host:5432/database){detail}")
         })?;
         match config.get_ssl_mode() {
             tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer => {}
@@ -1364,6 +1371,7 @@ fn row_to_record(r: &Row) -> Result<JobRecord, StoreError> {
 /// user needs CREATEDB) and returns its URL.
 #[doc(hidden)]
 pub async fn create_database(url: &DatabaseUrl, name: &str) -> Result<DatabaseUrl, StoreError> {
+    check_database_name(name)?;
     admin_statement(url, &format!("CREATE DATABASE \"{name}\"")).await?;
     let mut config = url.config.clone();
     config.dbname(name);
@@ -1374,7 +1382,25 @@ pub async fn create_database(url: &DatabaseUrl, name: &str) -> Result<DatabaseUr
 /// Benchmark and test hook: drops the database `name` (closing its connections) on `url`'s server.
 #[doc(hidden)]
 pub async fn drop_database(url: &DatabaseUrl, name: &str) -> Result<(), StoreError> {
+    check_database_name(name)?;
     admin_statement(url, &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
+}
+
+/// The name is spliced into the statement (`CREATE DATABASE` takes no parameters), so only a
+/// plain identifier is accepted: lower-case letters, digits and `_`, not starting with a digit,
+/// at most 63 bytes (PostgreSQL's limit, past which it would silently truncate).
+fn check_database_name(name: &str) -> Result<(), StoreError> {
+    let plain = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if plain {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "database name {name:?}: use 1 to 63 lower-case letters, digits or _, not starting with a digit"
+        )))
+    }
 }
 
 async fn admin_statement(url: &DatabaseUrl, statement: &str) -> Result<(), StoreError> {
@@ -1384,4 +1410,36 @@ async fn admin_statement(url: &DatabaseUrl, statement: &str) -> Result<(), Store
     drop(client);
     let _ = driver.await;
     Ok(done?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_never_repeat_the_password() {
+        for bad in [
+            "postgres://user:s3cret@host:notaport/db",
+            "host=h password='s3cret",
+            "host=h password=s3cret port=x",
+            "postgres://user:s3cret@host/db?s3cret=1",
+        ] {
+            let e = DatabaseUrl::parse(bad).expect_err(bad);
+            assert!(!e.contains("s3cr"), "{bad:?} gave {e:?}");
+            assert!(e.starts_with("is not a PostgreSQL URL"), "{e}");
+        }
+        let e = DatabaseUrl::parse("host=h port=x").unwrap_err();
+        assert!(e.contains("invalid value for option `port`"), "the option is still named: {e}");
+    }
+
+    #[test]
+    fn database_names_are_plain_identifiers() {
+        for good in ["tdcomfy_bench_0a1b", "a", &"x".repeat(63)] {
+            assert!(check_database_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Upper", "1abc", "a\"; DROP DATABASE postgres; --", "a-b", &"x".repeat(64)] {
+            let e = check_database_name(bad).unwrap_err().to_string();
+            assert!(e.contains("1 to 63 lower-case letters"), "{bad}: {e}");
+        }
+    }
 }
