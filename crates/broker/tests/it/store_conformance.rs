@@ -112,6 +112,7 @@ on_postgres!(
     repeated_cancel_is_announced_again,
     restart_resumes_only_lapsed_leases,
     locks_held_by_a_stuck_session_fail_calls_cleanly,
+    a_role_without_create_opens_a_current_schema,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -1193,4 +1194,43 @@ async fn locks_held_by_a_stuck_session_fail_calls_cleanly(e: Engine) {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     store.heartbeat(r.id, token(&r), None, 60_000, false).await.unwrap();
     created(&store, new_job("s")).await;
+}
+
+async fn a_role_without_create_opens_a_current_schema(e: Engine) {
+    let Engine::Postgres(db) = &e else { unreachable!() };
+    drop(e.open().await);
+    // A role that may read and write the tables but create nothing (PostgreSQL 15's default for
+    // any role but the owner of `public`, revoked here explicitly for older servers).
+    let role = format!("tdcomfy_rw_{}", uuid::Uuid::new_v4().simple());
+    let admin = raw(&e).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+             GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        ))
+        .await
+        .unwrap();
+    let mut config: tokio_postgres::Config = db.url.parse().unwrap();
+    config.user(&role);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let refused = client.batch_execute("CREATE TABLE IF NOT EXISTS tdcomfy_schema (version BIGINT)").await;
+    assert!(refused.is_err(), "the role really cannot create (even a table that exists)");
+    drop(client);
+    let user_url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(user_url, db.url, "the test URL names the postgres user: {}", db.url);
+    let opened = Store::connect(&DatabaseUrl::parse(&user_url).unwrap(), Clock::system(), "rw".into()).await;
+    let outcome = match &opened {
+        Ok(store) => {
+            let job = add(store, "").await;
+            Ok(claim(store).await.map(|r| r.id) == Some(job.id))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    drop(opened);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.unwrap();
+    assert_eq!(outcome, Ok(true), "the role opens the store and works in it");
 }
