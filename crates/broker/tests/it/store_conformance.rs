@@ -113,6 +113,7 @@ on_postgres!(
     restart_resumes_only_lapsed_leases,
     locks_held_by_a_stuck_session_fail_calls_cleanly,
     a_role_without_create_opens_a_current_schema,
+    a_heartbeat_that_waited_on_a_lock_gets_a_full_lease,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -1233,4 +1234,28 @@ async fn a_role_without_create_opens_a_current_schema(e: Engine) {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.unwrap();
     assert_eq!(outcome, Ok(true), "the role opens the store and works in it");
+}
+
+async fn a_heartbeat_that_waited_on_a_lock_gets_a_full_lease(e: Engine) {
+    let store = e.open().await;
+    add(&store, "").await;
+    let r = claim(&store).await.unwrap();
+    let holder = raw(&e).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", &[&r.id.to_string()]).await.unwrap();
+    let beat = {
+        let (store, token) = (store.clone(), token(&r));
+        tokio::spawn(async move { store.heartbeat(r.id, token, None, 10_000, false).await })
+    };
+    // The heartbeat waits 2 s on the other session's row lock (within the lock timeout).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let released = Timestamp::now().millis();
+    holder.batch_execute("COMMIT").await.unwrap();
+    beat.await.unwrap().unwrap();
+    let expires = store.get(r.id).await.unwrap().unwrap().lease.unwrap().expires_at.unwrap().millis();
+    assert!(
+        expires >= released + 10_000 - 200,
+        "a full lease from when the wait ended: {} ms short",
+        released + 10_000 - expires
+    );
 }

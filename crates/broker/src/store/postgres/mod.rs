@@ -17,6 +17,8 @@
 //!   transaction (see [`listen`]), so other brokers hear only what committed.
 //! - Time is the broker's [`Clock`], passed in as a parameter, never the server's `now()`: the
 //!   brokers' clocks must agree (NTP), and the stepped-clock tests mean the same on both engines.
+//!   A change that locks first reads the clock after its lock waits, so a lease runs from when
+//!   it was granted and `created_at` follows a stream's commit order.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -367,7 +369,7 @@ impl PgStore {
     /// See [`super::Store::insert`].
     pub async fn insert(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
         let job = &job;
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             if job.mode == StreamMode::Latest || !job.stream.is_empty() {
                 // Before any row lock (the order every stream-deciding change keeps): with it,
                 // two submits to one stream on two brokers see each other's job.
@@ -385,15 +387,22 @@ impl PgStore {
                     return Ok(InsertOutcome::Replayed(get_in(&w.tx, id, false).await?.ok_or(StoreError::NotFound)?));
                 }
             }
-            let mut superseded = Vec::new();
-            if job.mode == StreamMode::Latest {
-                let older = rows(
+            let older = if job.mode == StreamMode::Latest {
+                rows(
                     &w.tx,
                     "SELECT seq, status, prefetched FROM jobs \
                      WHERE stream = $1 AND status IN ('queued', 'running') ORDER BY seq FOR UPDATE",
                     &[&job.stream],
                 )
-                .await?;
+                .await?
+            } else {
+                Vec::new()
+            };
+            // Read after the lock waits, not at BEGIN: created_at then follows the stream's
+            // commit order, and a supersede is dated when it happened.
+            let now = self.clock.now().millis();
+            let mut superseded = Vec::new();
+            if job.mode == StreamMode::Latest {
                 let message = format!("superseded by job {}", job.id);
                 for row in older {
                     let (seq, status, prefetched): (i64, String, bool) = (row.get(0), row.get(1), row.get(2));
@@ -583,7 +592,7 @@ impl PgStore {
         let (worker, allowed) = (&worker, &allowed_workflows);
         let next = format!("{NEXT_JOB} FOR UPDATE OF j SKIP LOCKED");
         let next = next.as_str();
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             // SKIP LOCKED: a job another broker is claiming is passed over, not waited for. The
             // lock does not make the pick right by itself (the NOT EXISTS saw this statement's
             // snapshot), so the UPDATE re-checks that the job is still queued; a pick that lost
@@ -591,6 +600,9 @@ impl PgStore {
             for _ in 0..8 {
                 let Some(row) = opt(&w.tx, next, &[allowed]).await? else { return Ok(None) };
                 let (seq, stream): (i64, String) = (row.get(0), row.get(1));
+                // After the pick (SKIP LOCKED does not wait, but the statement may queue behind
+                // others on a busy server): the lease runs from the moment it is granted.
+                let now = self.clock.now().millis();
                 let token = LeaseToken::new();
                 let claimed = exec(
                     &w.tx,
@@ -627,8 +639,10 @@ impl PgStore {
         reuse: Reuse,
     ) -> Result<Option<JobRecord>, StoreError> {
         let (token, reuse) = (&token, &reuse);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let Some(job) = get_in(&w.tx, id, true).await? else { return Ok(None) };
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             if job.status != JobStatus::Running || check_lease(&job, token).is_err() {
                 return Ok(None);
             }
@@ -690,8 +704,10 @@ impl PgStore {
         started: bool,
     ) -> Result<HeartbeatOutcome, StoreError> {
         let (token, progress) = (&token, &progress);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
@@ -730,8 +746,10 @@ impl PgStore {
     /// See [`super::Store::renew_for_upload`].
     pub async fn renew_for_upload(&self, id: JobId, token: LeaseToken, lease_ms: i64) -> Result<bool, StoreError> {
         let token = &token;
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Cancelled => Ok(true),
@@ -771,8 +789,10 @@ impl PgStore {
         comfy_execution_ms: Option<u64>,
     ) -> Result<(JobRecord, bool), StoreError> {
         let (token, result) = (&token, &result);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Running => {}
@@ -814,8 +834,10 @@ impl PgStore {
         max_attempts: u32,
     ) -> Result<(JobRecord, bool), StoreError> {
         let (token, message) = (&token, &message);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = lock_for_requeue(&w.tx, id, None).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Running => {}
@@ -851,8 +873,10 @@ impl PgStore {
         claimed_expiry: Option<Timestamp>,
     ) -> Result<Option<JobRecord>, StoreError> {
         let token = &token;
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let Some(job) = lock_for_requeue(&w.tx, id, None).await? else { return Ok(None) };
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             if job.status != JobStatus::Running || check_lease(&job, token).is_err() {
                 return Ok(None);
             }
@@ -869,8 +893,10 @@ impl PgStore {
 
     /// See [`super::Store::cancel`].
     pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, StoreError> {
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             let previous = job.status;
             let files_present = job.input_present || matches!(job.result, ResultState::Present(_));
             let kind = match job.status {
