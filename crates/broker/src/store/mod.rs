@@ -61,6 +61,11 @@ pub enum StoreError {
     /// password).
     #[error("{0}")]
     Unavailable(String),
+    /// PostgreSQL: a lock this change needs stayed held by another session past the lock
+    /// timeout on every try (a broker cut off mid-transaction holds its locks until the server
+    /// ends its session): the change was not made, and may be tried again.
+    #[error("database busy: {0}")]
+    Busy(String),
     /// A stored value could not be decoded (corruption or a schema mismatch).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -396,6 +401,9 @@ impl Store {
     /// broker was down gets the same one lease to report, because its worker may be holding a
     /// finished result it could not upload. `started_at` is pulled back to now if a previous
     /// timeline put it in the future, so the timeout cannot be postponed by a clock step.
+    ///
+    /// On PostgreSQL only leases already lapsed (or beyond one TTL from now) are set: other
+    /// brokers may have renewed the rest, and those are live.
     pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
         on_engine!(self, s => s.resume_running(lease_ms, timeout_ms).await)
     }
