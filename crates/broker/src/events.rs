@@ -213,7 +213,26 @@ impl EventHub {
     /// Sends `event` to every subscriber and keeps it for replay.
     pub fn publish(&self, event: JobEvent) {
         let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
-        let mut ring = self.ring();
+        let ring = self.ring();
+        self.publish_locked(ring, event, json);
+    }
+
+    /// [`EventHub::publish`] for a change read back after another broker made it: dropped (false)
+    /// when an event of the same job at this version or newer went out meanwhile (this broker's
+    /// own change, published while the re-read was on its way), so a job's events never go back
+    /// to an older state. Checked against the replay ring, under its lock.
+    pub fn publish_if_newer(&self, event: JobEvent) -> bool {
+        let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
+        let ring = self.ring();
+        let (job, version) = (event.job_id, event.job.version);
+        if ring.events.iter().rev().any(|e| e.job_id() == job && e.event.job.version >= version) {
+            return false;
+        }
+        self.publish_locked(ring, event, json);
+        true
+    }
+
+    fn publish_locked(&self, mut ring: std::sync::MutexGuard<'_, Ring>, event: JobEvent, json: String) {
         if event.job.status != JobStatus::Running {
             // A preview exists only while its job runs: done, failed, cancelled or requeued, the
             // next attempt (if any) brings its own. Under the ring's lock, like

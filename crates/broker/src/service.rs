@@ -393,7 +393,9 @@ impl Broker {
         match self.view(&r).await {
             Ok(view) => {
                 tracing::debug!(job_id = %id, event = crate::events::event_name(kind), "job changed on another broker");
-                self.inner.hub.publish(JobEvent::new(kind, view));
+                if !self.inner.hub.publish_if_newer(JobEvent::new(kind, view)) {
+                    tracing::debug!(job_id = %id, version, "skipped a note this broker's own later change overtook");
+                }
             }
             Err(e) => {
                 tracing::warn!(job_id = %id, error = %e, "could not show a job another broker changed; clients resync");
