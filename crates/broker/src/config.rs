@@ -302,6 +302,21 @@ pub struct NetConfig {
     pub loopback_is_remote: bool,
 }
 
+/// The start-up warning for `DATABASE_URL` without `STORAGE_URL`, if that is the setting. Not
+/// refused: one broker on PostgreSQL with its files in `DATA_DIR` is legitimate. But with several
+/// brokers on the database each keeps frames and results in its own `DATA_DIR`, and a worker
+/// leasing through one broker cannot fetch a frame submitted through another.
+pub fn local_files_warning(database: bool, storage_url: Option<&str>) -> Option<String> {
+    let local = storage_url.is_none_or(|u| u.trim().is_empty());
+    (database && local).then(|| {
+        "DATABASE_URL is set but STORAGE_URL is not: frames and results stay in this broker's DATA_DIR. \
+         Fine for a single broker; several brokers sharing the database need one shared STORAGE_URL \
+         (s3://… or a shared file:// directory), or a worker leasing through one broker cannot \
+         fetch a frame submitted through another"
+            .to_owned()
+    })
+}
+
 // By hand: DATABASE_URL holds the database password and AWS_SECRET_ACCESS_KEY is a secret, and
 // a printed `BrokerArgs` (a log line, a panic message) must show neither.
 impl std::fmt::Debug for StorageArgs {
@@ -513,6 +528,9 @@ impl BrokerArgs {
                     .map_err(|message| ConfigError::Invalid { name: "DATABASE_URL", message })?,
             ),
         };
+        if let Some(warning) = local_files_warning(database.is_some(), self.storage.storage_url.as_deref()) {
+            tracing::warn!("{warning}");
+        }
         Ok(BrokerConfig {
             database,
             storage,
@@ -545,6 +563,16 @@ impl BrokerArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_without_shared_storage_warns_naming_both() {
+        let w = local_files_warning(true, None).expect("warned");
+        assert!(w.contains("DATABASE_URL") && w.contains("STORAGE_URL"), "{w}");
+        assert!(local_files_warning(true, Some("  ")).is_some(), "blank is unset");
+        assert_eq!(local_files_warning(true, Some("s3://bucket/prefix")), None);
+        assert_eq!(local_files_warning(true, Some("file:///srv/tdcomfy")), None);
+        assert_eq!(local_files_warning(false, None), None, "SQLite: one broker by construction");
+    }
 
     #[test]
     fn loopback_settings_are_the_flags_documented_defaults() {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -82,21 +82,39 @@ impl BrokerTrust {
     }
 }
 
-/// An HTTP client for one broker.
+/// The broker URLs of a `BROKER_URL` value: one URL, or several separated by commas (brokers
+/// sharing one database, any of which can serve every call). Blank entries are skipped.
+pub fn broker_urls(list: &str) -> Vec<String> {
+    list.split(',').map(|u| u.trim().trim_end_matches('/')).filter(|u| !u.is_empty()).map(str::to_owned).collect()
+}
+
+/// An HTTP client for the broker, or for one of several brokers sharing a database: every call
+/// goes to the current one, and a connection-level failure (refused, reset, timed out) moves
+/// every later call to the next (the lease token is valid on each, the state being shared).
 #[derive(Debug, Clone)]
 pub struct BrokerClient {
     http: reqwest::Client,
-    base: String,
+    bases: Arc<[String]>,
+    /// Index into `bases` of the broker calls go to; shared by every clone, so the lease loops,
+    /// lease keepers and uploads of one worker move together.
+    current: Arc<AtomicUsize>,
     token: Option<String>,
 }
 
+/// A request and the broker (index into `bases`) it goes to.
+struct Call {
+    rb: reqwest::RequestBuilder,
+    broker: usize,
+}
+
 impl BrokerClient {
-    /// A client for the broker at `base` (e.g. `http://127.0.0.1:8080`), sending `token` if set.
+    /// A client for the broker at `base` (e.g. `http://127.0.0.1:8080`, or a comma-separated
+    /// list, see [`broker_urls`]), sending `token` if set.
     pub fn new(base: &str, token: Option<String>) -> Result<BrokerClient, BrokerCallError> {
         BrokerClient::with_trust(base, token, &BrokerTrust::System)
     }
 
-    /// A client for the broker at `base` that accepts the certificates `trust` names over HTTPS.
+    /// A client for the broker(s) at `base` that accepts the certificates `trust` names over HTTPS.
     pub fn with_trust(base: &str, token: Option<String>, trust: &BrokerTrust) -> Result<BrokerClient, BrokerCallError> {
         let builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
         let builder = match trust {
@@ -108,19 +126,51 @@ impl BrokerClient {
             }
         };
         let http = builder.build().map_err(|e| BrokerCallError::Unreachable(error_chain(&e)))?;
-        Ok(BrokerClient { http, base: base.trim_end_matches('/').to_owned(), token })
+        let mut bases = broker_urls(base);
+        if bases.is_empty() {
+            // Kept as before for a single value: the request itself reports what is wrong with it.
+            bases.push(base.trim_end_matches('/').to_owned());
+        }
+        Ok(BrokerClient { http, bases: bases.into(), current: Arc::new(AtomicUsize::new(0)), token })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, format!("{}{}", self.base, path));
-        match &self.token {
+    /// The broker calls go to now.
+    pub fn current_url(&self) -> &str {
+        &self.bases[self.current.load(Ordering::Acquire) % self.bases.len()]
+    }
+
+    /// A request to the current broker, completed by `build` (body, headers, timeout).
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        build: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Call {
+        let broker = self.current.load(Ordering::Acquire) % self.bases.len();
+        let rb = self.http.request(method, format!("{}{}", self.bases[broker], path));
+        let rb = match &self.token {
             Some(t) => rb.bearer_auth(t),
             None => rb,
-        }
+        };
+        Call { rb: build(rb), broker }
     }
 
-    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, BrokerCallError> {
-        let resp = rb.send().await.map_err(|e| BrokerCallError::Unreachable(error_chain(&e)))?;
+    /// The connection to broker `used` failed: later calls go to the next broker. Only the first
+    /// of several calls failing on the same broker at once moves on, so a burst of failures does
+    /// not skip a healthy broker.
+    fn unreachable(&self, used: usize, error: String) -> BrokerCallError {
+        let n = self.bases.len();
+        if n > 1 && self.current.compare_exchange(used, (used + 1) % n, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            tracing::warn!(
+                from = %self.bases[used], to = %self.bases[(used + 1) % n], %error,
+                "broker unreachable: switching to the next one of BROKER_URL"
+            );
+        }
+        BrokerCallError::Unreachable(error)
+    }
+
+    async fn send(&self, call: Call) -> Result<reqwest::Response, BrokerCallError> {
+        let resp = call.rb.send().await.map_err(|e| self.unreachable(call.broker, error_chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -169,38 +219,37 @@ impl BrokerClient {
             prefetch,
             last_workflow,
         };
-        let resp = self
-            .send(
-                self.request(reqwest::Method::POST, "/worker/lease")
-                    .json(&body)
-                    .timeout(wait + Duration::from_secs(15)),
-            )
-            .await?;
+        let call = self.request(reqwest::Method::POST, "/worker/lease", |rb| {
+            rb.json(&body).timeout(wait + Duration::from_secs(15))
+        });
+        let used = call.broker;
+        let resp = self.send(call).await?;
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        let lease: LeaseResponse = resp.json().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+        let lease: LeaseResponse = resp.json().await.map_err(|e| self.unreachable(used, e.to_string()))?;
         Ok(Some(lease.job))
     }
 
     /// Tells the broker what this loop's ComfyUI server can run (`POST /worker/preflight`).
     pub async fn preflight(&self, report: &PreflightReport) -> Result<(), BrokerCallError> {
-        let rb = self.request(reqwest::Method::POST, "/worker/preflight").json(report).timeout(Duration::from_secs(10));
-        self.send(rb).await?;
+        let call = self
+            .request(reqwest::Method::POST, "/worker/preflight", |rb| rb.json(report).timeout(Duration::from_secs(10)));
+        self.send(call).await?;
         Ok(())
     }
 
     /// Streams the job's input image into `dest`.
     pub async fn download_input(&self, job: JobId, token: &LeaseToken, dest: &Path) -> Result<u64, BrokerCallError> {
-        let rb = self
-            .request(reqwest::Method::GET, &format!("/worker/jobs/{job}/input"))
-            .header("lease-token", token.as_str())
-            .timeout(Duration::from_secs(120));
-        let mut resp = self.send(rb).await?;
+        let call = self.request(reqwest::Method::GET, &format!("/worker/jobs/{job}/input"), |rb| {
+            rb.header("lease-token", token.as_str()).timeout(Duration::from_secs(120))
+        });
+        let used = call.broker;
+        let mut resp = self.send(call).await?;
         // Buffered: every write to a tokio file is a hop to the blocking pool.
         let mut file = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::create(dest).await?);
         let mut n = 0u64;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(used, e.to_string()))? {
             n += chunk.len() as u64;
             file.write_all(&chunk).await?;
         }
@@ -234,12 +283,12 @@ impl BrokerClient {
             started,
             wait: (!wait.is_zero()).then_some(wait.as_secs_f64()),
         };
-        let rb = self
-            .request(reqwest::Method::POST, &format!("/worker/jobs/{job}/heartbeat"))
-            .json(&body)
-            .timeout(Duration::from_secs(10) + wait);
+        let call = self.request(reqwest::Method::POST, &format!("/worker/jobs/{job}/heartbeat"), |rb| {
+            rb.json(&body).timeout(Duration::from_secs(10) + wait)
+        });
+        let used = call.broker;
         let resp: HeartbeatResponse =
-            self.send(rb).await?.json().await.map_err(|e| BrokerCallError::Unreachable(e.to_string()))?;
+            self.send(call).await?.json().await.map_err(|e| self.unreachable(used, e.to_string()))?;
         Ok(resp.cancelled)
     }
 
@@ -264,16 +313,18 @@ impl BrokerClient {
             mark.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         });
         let body = reqwest::Body::wrap_stream(chunks);
-        let rb = self
-            .request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/result"))
-            .header("lease-token", token.as_str())
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(body);
-        let rb = match comfy_execution {
-            Some(d) => rb.header("comfy-execution-ms", d.as_millis().to_string()),
-            None => rb,
-        };
+        let call = self.request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/result"), |rb| {
+            let rb = rb
+                .header("lease-token", token.as_str())
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(body);
+            match comfy_execution {
+                Some(d) => rb.header("comfy-execution-ms", d.as_millis().to_string()),
+                None => rb,
+            }
+        });
+        let used = call.broker;
         let stalled = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -284,8 +335,9 @@ impl BrokerClient {
             }
         };
         tokio::select! {
-            sent = self.send(rb) => sent.map(|_| ()),
-            idle = stalled => Err(BrokerCallError::Unreachable(format!(
+            sent = self.send(call) => sent.map(|_| ()),
+            // A broker that stopped taking bytes without a reset is as gone as one that refuses.
+            idle = stalled => Err(self.unreachable(used, format!(
                 "the result upload made no progress for {} s", idle.as_secs()
             ))),
         }
@@ -300,12 +352,10 @@ impl BrokerClient {
         content_type: &str,
         image: impl Into<reqwest::Body>,
     ) -> Result<(), BrokerCallError> {
-        let rb = self
-            .request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/preview"))
-            .header("lease-token", token.as_str())
-            .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(image);
-        self.send(rb).await?;
+        let call = self.request(reqwest::Method::PUT, &format!("/worker/jobs/{job}/preview"), |rb| {
+            rb.header("lease-token", token.as_str()).header(reqwest::header::CONTENT_TYPE, content_type).body(image)
+        });
+        self.send(call).await?;
         Ok(())
     }
 
@@ -320,11 +370,10 @@ impl BrokerClient {
         handed_back: bool,
     ) -> Result<(), BrokerCallError> {
         let body = FailRequest { lease_token: token.clone(), message: message.to_owned(), retryable, handed_back };
-        let rb = self
-            .request(reqwest::Method::POST, &format!("/worker/jobs/{job}/fail"))
-            .json(&body)
-            .timeout(Duration::from_secs(30));
-        self.send(rb).await?;
+        let call = self.request(reqwest::Method::POST, &format!("/worker/jobs/{job}/fail"), |rb| {
+            rb.json(&body).timeout(Duration::from_secs(30))
+        });
+        self.send(call).await?;
         Ok(())
     }
 }

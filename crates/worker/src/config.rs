@@ -112,7 +112,8 @@ pub enum WorkerConfigError {
 /// Validated worker settings.
 #[derive(Clone)]
 pub struct WorkerConfig {
-    /// Broker base URL.
+    /// Broker base URL, or several separated by commas (brokers sharing one database: calls go
+    /// to one and move to the next when it cannot be reached).
     pub broker_url: String,
     /// Token for the broker's worker routes.
     pub token: Option<String>,
@@ -182,7 +183,8 @@ fn secs(name: &'static str, v: f64) -> Result<Duration, WorkerConfigError> {
 
 impl WorkerArgs {
     /// Validates the flags. `broker_url` and `token` come from the caller (the `worker` command's
-    /// own flags, or the broker's settings inside `up`).
+    /// own flags, or the broker's settings inside `up`); `broker_url` may list several brokers
+    /// separated by commas, and is empty for a worker that talks to none (`worker --check`).
     pub fn into_config(
         self,
         broker_url: String,
@@ -200,6 +202,24 @@ impl WorkerArgs {
                     .map_err(|e| WorkerConfigError::Invalid { name: "COMFYUI_HOST", message: e.to_string() })?
             }
         };
+        // Checked here so a typo is a start-up error naming the variable, not a worker retrying
+        // forever as if the broker were down. Empty: no broker at all (`worker --check`).
+        let urls = crate::broker_client::broker_urls(&broker_url);
+        if urls.is_empty() && !broker_url.is_empty() {
+            return Err(WorkerConfigError::Invalid {
+                name: "BROKER_URL",
+                message: "must be a broker URL (http://host:port) or a comma-separated list of them".to_owned(),
+            });
+        }
+        for url in &urls {
+            let scheme = reqwest::Url::parse(url).map(|u| u.scheme().to_owned());
+            if !matches!(scheme.as_deref(), Ok("http" | "https")) {
+                return Err(WorkerConfigError::Invalid {
+                    name: "BROKER_URL",
+                    message: format!("{url:?} is not an http:// or https:// URL"),
+                });
+            }
+        }
         let worker_id = self.worker_id.filter(|w| !w.trim().is_empty()).unwrap_or_else(default_worker_id);
         // The broker refuses any other name on every lease; caught here, it is a clear message at
         // start instead of a worker retrying forever as if the broker were unreachable.

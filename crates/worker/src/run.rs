@@ -496,10 +496,21 @@ impl JobRun<'_> {
         let leased = Instant::now();
         let input_path = dir.join(format!("input.{ext}"));
         let download = async {
-            match self.broker.download_input(lease.job_id, &lease.lease_token, &input_path).await {
-                Ok(_) => Ok(true),
-                Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => Ok(false),
-                Err(e) => Err(Failure::new(format!("could not fetch the input frame: {e}"), true)),
+            // A broker dying mid-download is retried (on the next of BROKER_URL's brokers, where
+            // there are several) for a while, so it does not cost the job an attempt.
+            let give_up = Instant::now() + INPUT_RETRY_BUDGET;
+            let mut delay = self.config.retry_delay;
+            loop {
+                match self.broker.download_input(lease.job_id, &lease.lease_token, &input_path).await {
+                    Ok(_) => return Ok(true),
+                    Err(BrokerCallError::Cancelled | BrokerCallError::LeaseLost(_)) => return Ok(false),
+                    Err(e) if e.is_transient() && Instant::now() + delay < give_up && !self.shutdown.is_cancelled() => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "input frame download failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(4));
+                    }
+                    Err(e) => return Err(Failure::new(format!("could not fetch the input frame: {e}"), true)),
+                }
             }
         };
         match self.unless_lease_ends(keeper, download).await {
@@ -851,6 +862,10 @@ impl JobRun<'_> {
         }
     }
 }
+
+/// How long a failing input download is retried before the attempt fails (retryable): long
+/// enough to move past a dead broker, short enough that a broker that lost the frame is reported.
+const INPUT_RETRY_BUDGET: Duration = Duration::from_secs(20);
 
 /// How long a result upload in flight at shutdown may still run before the job is handed back:
 /// well inside systemd's default 90 s stop timeout, with room for the failure report.

@@ -61,6 +61,11 @@ pub enum StoreError {
     /// password).
     #[error("{0}")]
     Unavailable(String),
+    /// PostgreSQL: a lock this change needs stayed held by another session past the lock
+    /// timeout on every try (a broker cut off mid-transaction holds its locks until the server
+    /// ends its session): the change was not made, and may be tried again.
+    #[error("database busy: {0}")]
+    Busy(String),
     /// A stored value could not be decoded (corruption or a schema mismatch).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -396,6 +401,9 @@ impl Store {
     /// broker was down gets the same one lease to report, because its worker may be holding a
     /// finished result it could not upload. `started_at` is pulled back to now if a previous
     /// timeline put it in the future, so the timeout cannot be postponed by a clock step.
+    ///
+    /// On PostgreSQL only leases already lapsed (or beyond one TTL from now) are set: other
+    /// brokers may have renewed the rest, and those are live.
     pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
         on_engine!(self, s => s.resume_running(lease_ms, timeout_ms).await)
     }
@@ -410,7 +418,8 @@ impl Store {
         on_engine!(self, s => s.knows_idempotency_key(key).await)
     }
 
-    /// Number of queued jobs (SQLite: from its in-memory index).
+    /// Number of queued jobs (SQLite: from its in-memory index; PostgreSQL: counted, at most
+    /// MAX_QUEUE rows).
     pub async fn queued_count(&self) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => Ok(s.queued_count()),
@@ -418,8 +427,9 @@ impl Store {
         }
     }
 
-    /// 1-based position of a queued job in the claim order (from the in-memory index: one pass over
-    /// the streams that have queued jobs, a binary search within its own).
+    /// 1-based position of a queued job in the claim order (0 when it is not queued). SQLite: from
+    /// the in-memory index (one pass over the streams that have queued jobs, a binary search within
+    /// its own); PostgreSQL: the same rule in SQL, since other brokers change the queue.
     pub async fn queue_position(&self, stream: &str, seq: i64) -> Result<u64, StoreError> {
         on_engine!(self, s => s.queue_position(stream, seq).await)
     }
@@ -429,8 +439,9 @@ impl Store {
         on_engine!(self, s => s.list(status, limit).await)
     }
 
-    /// Number of jobs in each status, from the counts table the triggers keep (five rows, however
-    /// many jobs are stored).
+    /// Number of jobs in each status, never a count over the finished rows: SQLite reads the counts
+    /// table its triggers keep (five rows); PostgreSQL counts the queued and running rows and sums
+    /// the finished ones' deltas (no counter row every writer would queue on).
     pub async fn counts(&self) -> Result<StatusCounts, StoreError> {
         on_engine!(self, s => s.counts().await)
     }

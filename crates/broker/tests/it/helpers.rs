@@ -366,11 +366,20 @@ impl Drop for TestDb {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
+                // A few tries: a broker still running in the test may be reconnecting meanwhile.
+                for _ in 0..5 {
+                    let Ok((client, connection)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await else {
+                        continue;
+                    };
                     let driver = tokio::spawn(connection);
-                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                    let dropped = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
                     drop(client);
                     let _ = driver.await;
+                    match dropped {
+                        Ok(()) => return,
+                        Err(e) => eprintln!("dropping test database {name}: {e}"),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }
             });
         })

@@ -108,6 +108,12 @@ on_postgres!(
     concurrent_latest_submits_leave_one_waiting,
     concurrent_duplicate_keys_store_one_job,
     notes_reach_other_handles_not_their_own,
+    expire_sweep_continues_past_an_unreadable_id,
+    repeated_cancel_is_announced_again,
+    restart_resumes_only_lapsed_leases,
+    locks_held_by_a_stuck_session_fail_calls_cleanly,
+    a_role_without_create_opens_a_current_schema,
+    a_heartbeat_that_waited_on_a_lock_gets_a_full_lease,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -374,7 +380,8 @@ async fn lapsed_leases_requeue_then_fail_on_a_stepped_clock(e: Engine) {
 async fn timeout_and_restart_grace(e: Engine) {
     let store = e.open().await;
     add(&store, "").await;
-    let r = claim(&store).await.unwrap();
+    // A 1 s lease: it lapses while the broker is down (its worker's heartbeats failed).
+    let r = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
     assert!(store.time_out_running(5_000).await.unwrap().changed.is_empty());
     drop(store);
     // The broker restarts 6 s later: the attempt's time ran out meanwhile, but it gets one lease
@@ -1071,4 +1078,184 @@ async fn sqlite_version_1_database_with_every_status_upgrades() {
 #[tokio::test]
 async fn sqlite_version_4_database_with_every_status_upgrades() {
     old_sqlite_database_opens_with_every_record(true).await;
+}
+
+/// A plain connection to the test database, for what no store call can do (break a row, hold a
+/// lock), its driver running beside it.
+async fn raw(e: &Engine) -> tokio_postgres::Client {
+    let Engine::Postgres(db) = e else { unreachable!() };
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn expire_sweep_continues_past_an_unreadable_id(e: Engine) {
+    let store = e.open().await;
+    let (first, second) = (add(&store, "").await, add(&store, "").await);
+    let a = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
+    let b = store.claim_next("w1".into(), 2_000, None).await.unwrap().unwrap();
+    assert_eq!((a.id, b.id), (first.id, second.id));
+    // The first candidate (the earliest lapse) has an id that is no job id.
+    raw(&e).await.execute("UPDATE jobs SET id = 'not-an-id' WHERE id = $1", &[&first.id.to_string()]).await.unwrap();
+    let later = e.open_at(10_000).await;
+    let swept = later.expire_leases(5).await.unwrap();
+    assert_eq!(swept.failed.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [first.seq]);
+    assert_eq!(swept.changed.iter().map(|r| (r.id, r.status)).collect::<Vec<_>>(), [(second.id, JobStatus::Queued)]);
+}
+
+async fn repeated_cancel_is_announced_again(e: Engine) {
+    let (a, b) = (e.open().await, e.open().await);
+    let mut heard_by_b = b.cluster_notes().unwrap();
+    let job = add(&a, "").await;
+    assert!(matches!(next_note(&mut heard_by_b).await, Some(ClusterNote::Changed { kind: JobEventKind::Queued, .. })));
+    let first = a.cancel(job.id).await.unwrap();
+    assert!(first.changed);
+    let cancelled =
+        Some(ClusterNote::Changed { id: job.id, kind: JobEventKind::Cancelled, version: first.record.version });
+    assert_eq!(next_note(&mut heard_by_b).await, cancelled);
+    // The service answers a repeated DELETE with `cancelled` again to its own clients; a client
+    // of the other broker hears it too (same version: nothing changed).
+    let again = a.cancel(job.id).await.unwrap();
+    assert!(!again.changed);
+    assert_eq!(next_note(&mut heard_by_b).await, cancelled);
+    // A finished job's repeat (files already gone) stays silent.
+    let other = add(&a, "").await;
+    let r = claim(&a).await.unwrap();
+    assert_eq!(r.id, other.id);
+    a.complete(r.id, token(&r), png(), None).await.unwrap();
+    assert!(a.cancel(r.id).await.unwrap().changed);
+    assert!(!a.cancel(r.id).await.unwrap().changed);
+    let mut kinds = Vec::new();
+    while let Ok(Ok(ClusterNote::Changed { id, kind, .. })) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), heard_by_b.recv()).await
+    {
+        if id == other.id {
+            kinds.push(kind);
+        }
+    }
+    assert_eq!(kinds, [JobEventKind::Queued, JobEventKind::Started, JobEventKind::Done, JobEventKind::Deleted]);
+}
+
+async fn restart_resumes_only_lapsed_leases(e: Engine) {
+    let store = e.open().await;
+    let (lapsing, live, ahead) = (add(&store, "").await, add(&store, "").await, add(&store, "").await);
+    let a = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
+    let b = store.claim_next("w2".into(), 60_000, None).await.unwrap().unwrap();
+    let c = store.claim_next("w3".into(), 60_000, None).await.unwrap().unwrap();
+    assert_eq!((a.id, b.id, c.id), (lapsing.id, live.id, ahead.id));
+    // c's lease was stored on a timeline far ahead (a clock stepped back since).
+    let far = Timestamp::now().millis() + 3_600_000;
+    raw(&e)
+        .await
+        .execute("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2", &[&far, &c.id.to_string()])
+        .await
+        .unwrap();
+    // A broker starts 5 s later while b's worker still renews its lease through another broker.
+    let restarted = e.open_at(5_000).await;
+    assert_eq!(restarted.resume_running(60_000, 600_000).await.unwrap(), 2);
+    let now = Timestamp::now().millis() + 5_000;
+    let expiry = |r: JobRecord| r.lease.unwrap().expires_at.unwrap().millis();
+    let a2 = expiry(restarted.get(a.id).await.unwrap().unwrap());
+    assert!((now + 59_000..=now + 61_000).contains(&a2), "the lapsed lease gets one lease from now: {a2} vs {now}");
+    assert_eq!(
+        expiry(restarted.get(b.id).await.unwrap().unwrap()),
+        expiry(b),
+        "a live lease renewed through another broker is not touched"
+    );
+    let c2 = expiry(restarted.get(c.id).await.unwrap().unwrap());
+    assert!(c2 <= now + 61_000, "a lease beyond one TTL from now is cut to one TTL: {c2}");
+}
+
+async fn locks_held_by_a_stuck_session_fail_calls_cleanly(e: Engine) {
+    let store = e.open().await;
+    add(&store, "").await;
+    let r = claim(&store).await.unwrap();
+    // Another session (a broker cut off mid-transaction) holds the job's row lock and the
+    // stream's advisory lock, and never commits.
+    let stuck = raw(&e).await;
+    stuck.batch_execute("BEGIN").await.unwrap();
+    stuck.query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", &[&r.id.to_string()]).await.unwrap();
+    stuck.query("SELECT pg_advisory_xact_lock(hashtextextended('s', 0))", &[]).await.unwrap();
+    let started = std::time::Instant::now();
+    let bounded = std::time::Duration::from_secs(30);
+    let (beat, insert) = tokio::time::timeout(bounded, async {
+        tokio::join!(store.heartbeat(r.id, token(&r), None, 60_000, false), store.insert(new_job("s")))
+    })
+    .await
+    .expect("the calls fail instead of waiting on the stuck session");
+    let took = started.elapsed();
+    assert!(matches!(beat, Err(StoreError::Busy(_))), "{beat:?}");
+    assert!(matches!(insert, Err(StoreError::Busy(_))), "{:?}", insert.map(|_| ()));
+    assert!(took < std::time::Duration::from_secs(15), "within about two lock timeouts: {took:?}");
+    let message = beat.unwrap_err().to_string();
+    assert!(message.contains("held by another session"), "{message}");
+    // The other calls of the pool went on meanwhile, and once the session ends all works again.
+    assert_eq!(store.get(r.id).await.unwrap().unwrap().status, JobStatus::Running);
+    drop(stuck);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    store.heartbeat(r.id, token(&r), None, 60_000, false).await.unwrap();
+    created(&store, new_job("s")).await;
+}
+
+async fn a_role_without_create_opens_a_current_schema(e: Engine) {
+    let Engine::Postgres(db) = &e else { unreachable!() };
+    drop(e.open().await);
+    // A role that may read and write the tables but create nothing (PostgreSQL 15's default for
+    // any role but the owner of `public`, revoked here explicitly for older servers).
+    let role = format!("tdcomfy_rw_{}", uuid::Uuid::new_v4().simple());
+    let admin = raw(&e).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+             GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        ))
+        .await
+        .unwrap();
+    let mut config: tokio_postgres::Config = db.url.parse().unwrap();
+    config.user(&role);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let refused = client.batch_execute("CREATE TABLE IF NOT EXISTS tdcomfy_schema (version BIGINT)").await;
+    assert!(refused.is_err(), "the role really cannot create (even a table that exists)");
+    drop(client);
+    let user_url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(user_url, db.url, "the test URL names the postgres user: {}", db.url);
+    let opened = Store::connect(&DatabaseUrl::parse(&user_url).unwrap(), Clock::system(), "rw".into()).await;
+    let outcome = match &opened {
+        Ok(store) => {
+            let job = add(store, "").await;
+            Ok(claim(store).await.map(|r| r.id) == Some(job.id))
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    drop(opened);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    admin.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.unwrap();
+    assert_eq!(outcome, Ok(true), "the role opens the store and works in it");
+}
+
+async fn a_heartbeat_that_waited_on_a_lock_gets_a_full_lease(e: Engine) {
+    let store = e.open().await;
+    add(&store, "").await;
+    let r = claim(&store).await.unwrap();
+    let holder = raw(&e).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", &[&r.id.to_string()]).await.unwrap();
+    let beat = {
+        let (store, token) = (store.clone(), token(&r));
+        tokio::spawn(async move { store.heartbeat(r.id, token, None, 10_000, false).await })
+    };
+    // The heartbeat waits 2 s on the other session's row lock (within the lock timeout).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let released = Timestamp::now().millis();
+    holder.batch_execute("COMMIT").await.unwrap();
+    beat.await.unwrap().unwrap();
+    let expires = store.get(r.id).await.unwrap().unwrap().lease.unwrap().expires_at.unwrap().millis();
+    assert!(
+        expires >= released + 10_000 - 200,
+        "a full lease from when the wait ended: {} ms short",
+        released + 10_000 - expires
+    );
 }

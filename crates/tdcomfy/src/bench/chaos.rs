@@ -62,6 +62,25 @@ pub struct ChaosBenchArgs {
     /// Keep the run directory (child logs, data, simulator outputs) afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Brokers: 1 (SQLite, as `tdcomfy up`), or several `tdcomfy serve` processes sharing
+    /// `--database-url` (and `--storage-url`); the worker gets every broker's URL, each client
+    /// submits to one broker and follows its job's events on another, and a broker fault kills
+    /// one of them.
+    #[arg(long, default_value_t = 1)]
+    pub brokers: usize,
+    /// The PostgreSQL database the brokers share (needed with --brokers above 1). Its tables are
+    /// created by the first broker; use a fresh database: the run lists every job in it.
+    #[arg(long, env = "CHAOS_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the brokers keep frames and results (STORAGE_URL; s3://… takes the AWS_* variables
+    /// from this process's environment). Default with several brokers: a directory of the run
+    /// shared by them (file://).
+    #[arg(long)]
+    pub storage_url: Option<String>,
+    /// Only these fault kinds, comma-separated (broker, worker-mid-prompt, worker-mid-delivery,
+    /// sim). Default: all four.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// The job graph: `workflows/image_invert.json` with a SlowPassthrough (a test node ComfyUI's
@@ -87,17 +106,19 @@ const LTXV_WORKFLOW: &str = include_str!("../../../../workflows/ltxv_image_to_vi
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Role {
-    Broker,
+    /// Broker number n (0-based); a one-broker run has only broker 0.
+    Broker(usize),
     Worker,
     Sim,
 }
 
 impl Role {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Role::Broker => "broker",
-            Role::Worker => "worker",
-            Role::Sim => "sim",
+            Role::Broker(0) => "broker".into(),
+            Role::Broker(n) => format!("broker-{}", n + 1),
+            Role::Worker => "worker".into(),
+            Role::Sim => "sim".into(),
         }
     }
 }
@@ -116,6 +137,17 @@ enum Fault {
 }
 
 impl Fault {
+    /// The name `--only` takes.
+    fn parse(name: &str) -> Option<Fault> {
+        Some(match name.trim() {
+            "broker" => Fault::Broker,
+            "worker-mid-prompt" => Fault::WorkerMidPrompt,
+            "worker-mid-delivery" => Fault::WorkerMidDelivery,
+            "sim" => Fault::Sim,
+            _ => return None,
+        })
+    }
+
     fn label(self) -> &'static str {
         match self {
             Fault::Broker => "broker SIGKILL (down > LEASE_TTL)",
@@ -152,8 +184,14 @@ impl Rng {
 struct Cluster {
     exe: PathBuf,
     root: PathBuf,
-    broker_port: u16,
+    /// One port per broker, kept across restarts.
+    broker_ports: Vec<u16>,
     sim_port: u16,
+    /// DATABASE_URL and STORAGE_URL of the brokers (several brokers share them).
+    database_url: Option<String>,
+    storage_url: Option<String>,
+    /// Worker starts so far: each start begins its BROKER_URL list at the next broker.
+    worker_starts: usize,
     lease_ttl: f64,
     max_attempts: u32,
     job_time: f64,
@@ -162,8 +200,21 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn broker_base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.broker_port)
+    fn broker_base(&self, n: usize) -> String {
+        format!("http://127.0.0.1:{}", self.broker_ports[n])
+    }
+
+    /// A broker that is up (they share one database, so any answers for all), for the run's own
+    /// look-ups.
+    fn any_broker(&self) -> String {
+        let up = (0..self.broker_ports.len()).find(|n| self.children.contains_key(&Role::Broker(*n)));
+        self.broker_base(up.unwrap_or(0))
+    }
+
+    /// Every broker's URL, starting with broker `first`: a worker's BROKER_URL.
+    fn broker_list(&self, first: usize) -> String {
+        let n = self.broker_ports.len();
+        (0..n).map(|i| self.broker_base((first + i) % n)).collect::<Vec<_>>().join(",")
     }
 
     fn sim_output(&self) -> PathBuf {
@@ -188,12 +239,14 @@ impl Cluster {
             "COMFYUI_DIR",
             "COMFYUI_OUTPUT_DIR",
             "COMFYUI_INPUT_DIR",
+            "DATABASE_URL",
+            "STORAGE_URL",
         ] {
             cmd.env_remove(var);
         }
         cmd.env("RUST_LOG", "warn")
             .env("API_HOST", "127.0.0.1")
-            .env("API_PORT", self.broker_port.to_string())
+            .env("API_PORT", self.broker_ports[0].to_string())
             .env("COMFYUI_HOST", "127.0.0.1")
             .env("COMFYUI_PORT", self.sim_port.to_string())
             .env("WORKFLOWS_DIR", self.root.join("workflows"))
@@ -203,19 +256,31 @@ impl Cluster {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::from(log));
         match role {
-            Role::Broker => {
+            Role::Broker(n) => {
                 cmd.arg("serve")
-                    .env("DATA_DIR", self.root.join("broker"))
+                    .env("API_PORT", self.broker_ports[n].to_string())
+                    .env("DATA_DIR", self.root.join(role.name()))
                     .env("LEASE_TTL", self.lease_ttl.to_string())
                     .env("MAX_ATTEMPTS", self.max_attempts.to_string())
                     .env("RESULT_TTL", "0")
                     // Far above a prompt's time: a job that errors here errors because of a fault.
                     .env("JOB_TIMEOUT", "120");
+                if let Some(url) = &self.database_url {
+                    cmd.env("DATABASE_URL", url);
+                }
+                if let Some(url) = &self.storage_url {
+                    cmd.env("STORAGE_URL", url);
+                }
             }
             Role::Worker => {
                 // One spool directory across restarts, as a deployment has (/var/lib/…): a worker
                 // that picks up spooled results after a restart would find them there.
+                // Each start begins at another broker, so over the run the worker leases through
+                // each of them (with one broker, the list is that one).
+                let first = (1 + self.worker_starts) % self.broker_ports.len();
+                self.worker_starts += 1;
                 cmd.arg("worker")
+                    .env("BROKER_URL", self.broker_list(first))
                     .env("WORKER_ID", "chaos-worker")
                     .env("WORKER_SPOOL_DIR", self.root.join("spool"))
                     .env("WORKER_POLL_INTERVAL", "0.2")
@@ -237,7 +302,7 @@ impl Cluster {
         let child = cmd.spawn().with_context(|| format!("starting the {}", role.name()))?;
         self.children.insert(role, child);
         let probe = match role {
-            Role::Broker => Some(format!("{}/health", self.broker_base())),
+            Role::Broker(n) => Some(format!("{}/health", self.broker_base(n))),
             Role::Sim => Some(format!("http://127.0.0.1:{}/system_stats", self.sim_port)),
             // The worker has no port; it finds the broker and simulator by itself.
             Role::Worker => None,
@@ -294,7 +359,7 @@ impl Cluster {
     }
 
     async fn running_jobs(&self) -> Vec<JobView> {
-        let url = format!("{}/jobs?status=running&limit=50", self.broker_base());
+        let url = format!("{}/jobs?status=running&limit=50", self.any_broker());
         match self.http.get(url).timeout(Duration::from_secs(2)).send().await {
             Ok(r) if r.status().is_success() => r.json::<JobList>().await.map(|l| l.jobs).unwrap_or_default(),
             _ => Vec::new(),
@@ -302,7 +367,7 @@ impl Cluster {
     }
 
     async fn job(&self, id: JobId) -> Option<JobView> {
-        let url = format!("{}/jobs/{id}", self.broker_base());
+        let url = format!("{}/jobs/{id}", self.any_broker());
         let r = self.http.get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
         if r.status().is_success() { r.json().await.ok() } else { None }
     }
@@ -354,7 +419,8 @@ struct Record {
 }
 
 struct Shared {
-    base: String,
+    /// Every broker's base URL; client c submits to broker c and follows on broker c + 1.
+    bases: Vec<String>,
     /// Where downloaded clips are written for the MP4 check.
     downloads: PathBuf,
     video_every: usize,
@@ -406,14 +472,24 @@ fn check_clip(path: &Path, result: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-async fn client_loop(shared: Arc<Shared>, seed: u64) {
+/// The brokers one client talks to: it submits to one and follows (events, result) on another,
+/// as TD clients behind a load balancer do; with one broker both are that one.
+#[derive(Clone, Copy)]
+struct Route<'a> {
+    submit: &'a str,
+    follow: &'a str,
+}
+
+async fn client_loop(shared: Arc<Shared>, seed: u64, client: usize) {
+    let n = shared.bases.len();
+    let route = Route { submit: &shared.bases[client % n], follow: &shared.bases[(client + 1) % n] };
     while shared.submitting.load(Ordering::SeqCst) {
         let index = shared.next_job.fetch_add(1, Ordering::SeqCst);
         if index >= shared.max_jobs {
             break;
         }
         let video = shared.video_every > 0 && index % shared.video_every == shared.video_every - 1;
-        let record = run_job(&shared, job_frame(seed, index), video).await;
+        let record = run_job(&shared, route, job_frame(seed, index), video).await;
         shared.records.lock().expect("records lock").push(record);
     }
 }
@@ -425,7 +501,7 @@ enum Follow {
     Pending(Option<JobView>),
 }
 
-async fn run_job(shared: &Shared, frame: Vec<u8>, video: bool) -> Record {
+async fn run_job(shared: &Shared, route: Route<'_>, frame: Vec<u8>, video: bool) -> Record {
     let mut record =
         Record { id: None, video, frame, result: None, view: None, outcome: Outcome::NotAccepted(String::new()) };
     // Submit, retrying with the same Idempotency-Key while the broker is away: a replay of a
@@ -446,7 +522,7 @@ async fn run_job(shared: &Shared, frame: Vec<u8>, video: bool) -> Record {
         }
         let sent = shared
             .http
-            .post(format!("{}/jobs", shared.base))
+            .post(format!("{}/jobs", route.submit))
             .header("Idempotency-Key", &key)
             .multipart(form)
             .timeout(Duration::from_secs(10))
@@ -472,7 +548,7 @@ async fn run_job(shared: &Shared, frame: Vec<u8>, video: bool) -> Record {
     let view = loop {
         let step = tokio::select! {
             _ = shared.give_up.cancelled() => Follow::Pending(None),
-            step = follow_once(shared, id) => step,
+            step = follow_once(shared, route.follow, id) => step,
         };
         match step {
             Follow::Terminal(v) => break v,
@@ -494,7 +570,7 @@ async fn run_job(shared: &Shared, frame: Vec<u8>, video: bool) -> Record {
         }
     };
     record.outcome = match view.status {
-        JobStatus::Done => match download(shared, id).await {
+        JobStatus::Done => match download(shared, route.follow, id).await {
             Ok(bytes) => {
                 let checked = if video {
                     check_clip(&shared.downloads.join(format!("{id}.mp4")), &bytes)
@@ -519,9 +595,9 @@ async fn run_job(shared: &Shared, frame: Vec<u8>, video: bool) -> Record {
 
 /// Follows the job's SSE stream until it ends, then asks `GET /jobs/{id}` once: what a TD client
 /// does when its stream breaks because the broker went away.
-async fn follow_once(shared: &Shared, id: JobId) -> Follow {
+async fn follow_once(shared: &Shared, base: &str, id: JobId) -> Follow {
     let mut last = None;
-    if let Ok(resp) = shared.http.get(format!("{}/jobs/{id}/events", shared.base)).send().await {
+    if let Ok(resp) = shared.http.get(format!("{base}/jobs/{id}/events")).send().await {
         if resp.status() == 404 {
             return Follow::Missing;
         }
@@ -535,7 +611,7 @@ async fn follow_once(shared: &Shared, id: JobId) -> Follow {
             }
         }
     }
-    match shared.http.get(format!("{}/jobs/{id}", shared.base)).timeout(Duration::from_secs(5)).send().await {
+    match shared.http.get(format!("{base}/jobs/{id}")).timeout(Duration::from_secs(5)).send().await {
         Ok(r) if r.status() == 404 => Follow::Missing,
         Ok(r) if r.status().is_success() => match r.json::<JobView>().await {
             Ok(v) if v.status.is_terminal() => Follow::Terminal(v),
@@ -547,14 +623,13 @@ async fn follow_once(shared: &Shared, id: JobId) -> Follow {
 }
 
 /// Downloads the result, retrying while the broker is away (bounded).
-async fn download(shared: &Shared, id: JobId) -> Result<Vec<u8>, String> {
+async fn download(shared: &Shared, base: &str, id: JobId) -> Result<Vec<u8>, String> {
     let mut last = String::new();
     for _ in 0..150 {
         if shared.give_up.is_cancelled() {
             break;
         }
-        let sent =
-            shared.http.get(format!("{}/jobs/{id}/result", shared.base)).timeout(Duration::from_secs(10)).send().await;
+        let sent = shared.http.get(format!("{base}/jobs/{id}/result")).timeout(Duration::from_secs(10)).send().await;
         match sent {
             Ok(r) if r.status().is_success() => match r.bytes().await {
                 Ok(b) => return Ok(b.to_vec()),
@@ -585,6 +660,18 @@ struct FaultLog {
     /// The attempts those faults ended: a killed attempt's job still shows `running` (with its
     /// last progress) until its lease expires, and must not be taken for a live target.
     dead_attempts: HashSet<(JobId, u32)>,
+    /// Every job running just after a worker or simulator kill, targeted or not (a prefetched
+    /// job waiting in ComfyUI's queue dies with its worker too): such a job may legitimately run
+    /// again. A job outside this set that ran twice was re-run by a broker fault alone.
+    process_hit: HashSet<JobId>,
+    /// Which broker each broker fault killed (1-based), in order.
+    brokers_killed: Vec<usize>,
+}
+
+/// Records every job running right now as hit by a worker or simulator kill (asked after the
+/// kill: the dead process's leases still stand, so its jobs still show `running`).
+async fn note_process_hit(cluster: &Cluster, log: &mut FaultLog) {
+    log.process_hit.extend(cluster.running_jobs().await.into_iter().map(|j| j.id));
 }
 
 /// Waits (bounded) for a running job matching `pred`; `None` on timeout.
@@ -621,10 +708,14 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
             let running = cluster.running_jobs().await;
             log.hit.entry(fault).or_default().extend(running.iter().map(|j| j.id));
             log.dead_attempts.extend(running.iter().map(|j| (j.id, j.attempts)));
-            cluster.kill(Role::Broker).await;
+            // Drawn only with several brokers, so a one-broker run keeps its seeded schedule.
+            let brokers = cluster.broker_ports.len();
+            let victim = if brokers > 1 { (rng.next() % brokers as u64) as usize } else { 0 };
+            log.brokers_killed.push(victim + 1);
+            cluster.kill(Role::Broker(victim)).await;
             // Longer than LEASE_TTL, so every lease held at the kill is past its expiry on return.
             tokio::time::sleep(Duration::from_secs_f64(cluster.lease_ttl) + rng.secs(0.5, 1.5)).await;
-            cluster.start(Role::Broker).await?;
+            cluster.start(Role::Broker(victim)).await?;
         }
         Fault::WorkerMidPrompt => {
             let victim = wait_running(cluster, target, log, mid_prompt).await;
@@ -632,6 +723,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
             log.hit.entry(fault).or_default().extend(victim.as_ref().map(|j| j.id));
             log.dead_attempts.extend(victim.as_ref().map(|j| (j.id, j.attempts)));
             cluster.kill(Role::Worker).await;
+            note_process_hit(cluster, log).await;
             tokio::time::sleep(rng.secs(0.2, 1.0)).await;
             cluster.start(Role::Worker).await?;
         }
@@ -665,6 +757,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
                 }
             }
             cluster.kill(Role::Worker).await;
+            note_process_hit(cluster, log).await;
             untargeted = victim.is_none();
             if let Some(id) = victim
                 && let Some(view) = cluster.job(id).await.filter(|v| v.status == JobStatus::Running)
@@ -682,6 +775,7 @@ async fn inject(cluster: &mut Cluster, fault: Fault, rng: &mut Rng, log: &mut Fa
             log.hit.entry(fault).or_default().extend(victim.as_ref().map(|j| j.id));
             log.dead_attempts.extend(victim.as_ref().map(|j| (j.id, j.attempts)));
             cluster.kill(Role::Sim).await;
+            note_process_hit(cluster, log).await;
             tokio::time::sleep(rng.secs(0.3, 1.2)).await;
             cluster.start(Role::Sim).await?;
         }
@@ -702,11 +796,37 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
     }
     anyhow::ensure!(args.clients > 0 && args.jobs > 0, "--clients and --jobs must be at least 1");
     anyhow::ensure!(args.lease_ttl > 0.0 && args.job_time > 0.0, "--lease-ttl and --job-time must be positive");
+    anyhow::ensure!((1..=9).contains(&args.brokers), "--brokers must be 1 to 9");
+    anyhow::ensure!(
+        args.brokers == 1 || args.database_url.is_some(),
+        "--brokers {} needs --database-url postgres://… (several brokers share one database)",
+        args.brokers
+    );
+    let kinds: Vec<Fault> = if args.only.is_empty() {
+        vec![Fault::Broker, Fault::WorkerMidPrompt, Fault::WorkerMidDelivery, Fault::Sim]
+    } else {
+        args.only
+            .iter()
+            .map(|k| {
+                Fault::parse(k).with_context(|| {
+                    format!("--only: unknown fault {k:?} (broker, worker-mid-prompt, worker-mid-delivery, sim)")
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
     let started = Instant::now();
     let dir = TempDir::new("tdcomfy-chaos")?;
-    for sub in ["logs", "workflows", "sim", "broker", "spool", "downloads"] {
+    for sub in ["logs", "workflows", "sim", "spool", "downloads", "shared-files"] {
         std::fs::create_dir_all(dir.0.join(sub))?;
     }
+    for n in 0..args.brokers {
+        std::fs::create_dir_all(dir.0.join(Role::Broker(n).name()))?;
+    }
+    // Several brokers need one place for frames and results; one broker keeps its DATA_DIR's.
+    let storage_url = args
+        .storage_url
+        .clone()
+        .or_else(|| (args.brokers > 1).then(|| format!("file://{}", dir.0.join("shared-files").display())));
     let workflow = CHAOS_WORKFLOW.replace("{STEP}", &format!("{:.4}", args.job_time / 10.0));
     std::fs::write(dir.0.join("workflows/chaos_invert.json"), workflow)?;
     std::fs::write(dir.0.join("workflows/ltxv_image_to_video.json"), LTXV_WORKFLOW)?;
@@ -717,8 +837,11 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
         root: dir.0.clone(),
         // Picked once and reused by every restart, as a deployment's fixed ports are. (Another
         // program could take one while its server is down; the restart would then fail loudly.)
-        broker_port: free_port()?,
+        broker_ports: (0..args.brokers).map(|_| free_port()).collect::<std::io::Result<_>>()?,
         sim_port: free_port()?,
+        database_url: args.database_url.clone(),
+        storage_url,
+        worker_starts: 0,
         lease_ttl: args.lease_ttl,
         max_attempts: args.max_attempts,
         job_time: args.job_time,
@@ -731,13 +854,23 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
          exhaust them)",
         args.clients, args.faults, args.seed, args.lease_ttl, args.job_time, args.max_attempts
     );
+    if args.brokers > 1 {
+        println!(
+            "topology: {} brokers on one PostgreSQL database, storage {}; the worker gets every broker's URL \
+             (each start beginning at the next); client c submits to broker c and follows on broker c + 1",
+            args.brokers,
+            cluster.storage_url.as_deref().unwrap_or("-")
+        );
+    }
     println!("run directory: {}", dir.0.display());
     cluster.start(Role::Sim).await?;
-    cluster.start(Role::Broker).await?;
+    for n in 0..args.brokers {
+        cluster.start(Role::Broker(n)).await?;
+    }
     cluster.start(Role::Worker).await?;
 
     let shared = Arc::new(Shared {
-        base: cluster.broker_base(),
+        bases: (0..args.brokers).map(|n| cluster.broker_base(n)).collect(),
         downloads: dir.0.join("downloads"),
         video_every: args.video_every,
         http: http.clone(),
@@ -748,16 +881,13 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
         records: Mutex::new(Vec::new()),
     });
     let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..args.clients {
-        clients.spawn(client_loop(shared.clone(), args.seed));
+    for client in 0..args.clients {
+        clients.spawn(client_loop(shared.clone(), args.seed, client));
     }
 
     // The schedule: every kind `faults` times, in a seeded order, with seeded gaps between.
     let mut rng = Rng::new(args.seed);
-    let mut schedule: Vec<Fault> = [Fault::Broker, Fault::WorkerMidPrompt, Fault::WorkerMidDelivery, Fault::Sim]
-        .into_iter()
-        .flat_map(|f| std::iter::repeat_n(f, args.faults))
-        .collect();
+    let mut schedule: Vec<Fault> = kinds.iter().flat_map(|f| std::iter::repeat_n(*f, args.faults)).collect();
     for i in (1..schedule.len()).rev() {
         schedule.swap(i, (rng.next() % (i as u64 + 1)) as usize);
     }
@@ -787,7 +917,7 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
     // Jobs the broker holds that no client was told about (stored, then the answer was lost).
     let records = std::mem::take(&mut *shared.records.lock().expect("records lock"));
     let known: HashSet<JobId> = records.iter().filter_map(|r| r.id).collect();
-    let unacknowledged = match http.get(format!("{}/jobs?limit=500", cluster.broker_base())).send().await {
+    let unacknowledged = match http.get(format!("{}/jobs?limit=500", cluster.any_broker())).send().await {
         Ok(r) if r.status().is_success() => {
             r.json::<JobList>().await.map(|l| l.jobs.iter().filter(|j| !known.contains(&j.id)).count()).ok()
         }
@@ -801,7 +931,9 @@ pub async fn run(mut args: ChaosBenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let outputs = outputs_by_job(&cluster.sim_output());
-    for role in [Role::Worker, Role::Broker, Role::Sim] {
+    let roles: Vec<Role> =
+        [Role::Worker].into_iter().chain((0..args.brokers).map(Role::Broker)).chain([Role::Sim]).collect();
+    for role in roles {
         cluster.kill(role).await;
     }
 
@@ -837,6 +969,17 @@ fn report(
     let mut stuck_status: BTreeMap<&str, usize> = BTreeMap::new();
     let mut prompts_twice = 0;
     let mut forgotten: Vec<String> = Vec::new();
+    // A worker or simulator kill may legitimately run a job again (its prompt died, or finished
+    // with nobody left to deliver it); a broker kill must not: the worker carries on through
+    // another broker, or through the restarted one, with the same lease.
+    let process_faults = [Fault::WorkerMidPrompt, Fault::WorkerMidDelivery, Fault::Sim];
+    let process_hit: HashSet<JobId> = log
+        .process_hit
+        .iter()
+        .chain(process_faults.iter().flat_map(|f| log.hit.get(f).into_iter().flatten()))
+        .copied()
+        .collect();
+    let mut broker_only_twice: Vec<String> = Vec::new();
     for r in &accepted {
         let id = r.id.expect("accepted");
         let attempts = finals.get(&id).or(r.view.as_ref()).map(|v| v.attempts).unwrap_or(0);
@@ -846,6 +989,9 @@ fn report(
         let files = outputs.get(&id.to_string()).map(Vec::as_slice).unwrap_or(&[]);
         if files.len() > 1 {
             prompts_twice += 1;
+        }
+        if (attempts > 1 || files.len() > 1) && !process_hit.contains(&id) {
+            broker_only_twice.push(format!("{id} (attempts {attempts}, prompts completed {})", files.len()));
         }
         // An end the client saw must still be the broker's word after all the restarts.
         let seen_end = r.view.as_ref().map(|v| v.status).filter(|s| s.is_terminal());
@@ -922,6 +1068,18 @@ fn report(
     line("jobs run more than once (attempts > 1)", rerun.to_string());
     line("jobs whose prompt completed in ComfyUI more than once", prompts_twice.to_string());
     line("prompts completed in ComfyUI", outputs.values().map(Vec::len).sum::<usize>().to_string());
+    line(
+        "jobs no worker/simulator fault hit, run twice",
+        if broker_only_twice.is_empty() {
+            "0".into()
+        } else {
+            format!("{} ({})", broker_only_twice.len(), broker_only_twice.join(", "))
+        },
+    );
+    if !log.brokers_killed.is_empty() {
+        let killed: Vec<String> = log.brokers_killed.iter().map(|n| format!("broker {n}")).collect();
+        line("brokers killed, in order", killed.join(", "));
+    }
     // Which faults the re-runs and failures follow: the outcome of every job a fault hit.
     let by_id: HashMap<JobId, &Record> = accepted.iter().map(|r| (r.id.expect("accepted"), *r)).collect();
     let mut explained: HashSet<JobId> = HashSet::new();
@@ -978,13 +1136,16 @@ fn report(
         if drained { format!("{:.1} s", settled_in.as_secs_f64()) } else { "did not (stuck jobs)".into() },
     );
     line("wall time", format!("{:.1} s", wall.as_secs_f64()));
-    let ok = lost == 0 && forgotten.is_empty() && stuck == 0 && wrong.is_empty() && !accepted.is_empty();
+    // With several brokers, a broker's death must not run any job twice (issue 13); with one,
+    // the figure is printed for comparison (a broker restart renews the leases it held).
+    let twice_ok = args.brokers == 1 || broker_only_twice.is_empty();
+    let ok = lost == 0 && forgotten.is_empty() && stuck == 0 && wrong.is_empty() && !accepted.is_empty() && twice_ok;
     println!(
         "{}",
-        if ok {
-            "chaos: PASS (0 lost, 0 forgotten, 0 stuck, 0 wrong)"
-        } else {
-            "chaos: FAIL (lost, forgotten, stuck or wrong jobs above)"
+        match (ok, args.brokers > 1) {
+            (true, false) => "chaos: PASS (0 lost, 0 forgotten, 0 stuck, 0 wrong)",
+            (true, true) => "chaos: PASS (0 lost, 0 forgotten, 0 stuck, 0 wrong, 0 run twice by a broker fault)",
+            (false, _) => "chaos: FAIL (lost, forgotten, stuck, wrong or twice-run jobs above)",
         }
     );
     ok

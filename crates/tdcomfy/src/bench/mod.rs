@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod chaos;
 pub mod claims;
+pub mod cluster;
 pub mod dashboard;
 pub mod live;
 pub mod loadgen;
@@ -40,6 +41,9 @@ pub enum BenchCommand {
     /// The reliability proof: SIGKILL and restart broker, worker and simulator under load; count
     /// lost, stuck, wrong and re-run jobs (exit 1 on any lost, stuck or wrong).
     Chaos(chaos::ChaosBenchArgs),
+    /// SQLite with one broker against PostgreSQL with one and with several: submit and GET
+    /// rates, event latency across brokers, queued-to-leased latency across brokers.
+    Cluster(cluster::ClusterBenchArgs),
 }
 
 /// Runs a benchmark; only the chaos run has a verdict of its own (its exit code).
@@ -54,6 +58,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         BenchCommand::Dashboard(a) => dashboard::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Live(a) => live::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
         BenchCommand::Chaos(a) => chaos::run(a).await,
+        BenchCommand::Cluster(a) => cluster::run(a).await.map(|()| std::process::ExitCode::SUCCESS),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The chaos run's CI form: `tdcomfy bench chaos --short` SIGKILLs and restarts the broker (down
 //! longer than LEASE_TTL), the worker (mid-prompt and mid-delivery) and the simulator twice each
-//! while three clients submit, follow and verify jobs. Its figures are what a user would read.
+//! while three clients submit, follow and verify jobs — on one broker (SQLite), and on three
+//! brokers sharing PostgreSQL and a bucket. Its figures are what a user would read.
 
 use std::time::{Duration, Instant};
 
@@ -20,9 +21,37 @@ fn figure(report: &str, label: &str) -> usize {
 
 #[tokio::test]
 async fn chaos_short_loses_nothing_leaves_nothing_stuck_and_returns_only_right_results() {
+    let report = chaos_short(&[], &[]).await;
+    assert_eq!(figure(&report, "jobs no worker/simulator fault hit, run twice"), 0, "{report}");
+}
+
+/// The same run on the several-brokers topology: three `tdcomfy serve` on one PostgreSQL database
+/// and one S3 bucket (moto; a shared directory without it), the broker fault killing one of them.
+/// On top of the one-broker figures, no job is run twice because of a broker's death.
+#[tokio::test]
+async fn chaos_short_on_three_brokers_over_postgres_loses_nothing_and_a_broker_kill_runs_nothing_twice() {
+    let Some(db) = crate::pg::TestDb::create("chaos").await else { return };
+    let moto = crate::process::Moto::start("chaos").await;
+    let mut args = vec!["--brokers".to_owned(), "3".to_owned(), "--database-url".to_owned(), db.url.clone()];
+    let mut env = Vec::new();
+    if let Some(moto) = &moto {
+        args.extend(["--storage-url".to_owned(), "s3://chaos/run".to_owned()]);
+        env = moto.env();
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let report = chaos_short(&args, &env).await;
+    assert!(report.contains("3 brokers on one PostgreSQL database"), "{report}");
+    assert_eq!(figure(&report, "jobs no worker/simulator fault hit, run twice"), 0, "{report}");
+}
+
+/// Runs `tdcomfy bench chaos --short` with `extra` arguments, checks the figures every topology
+/// must show, and returns the report.
+async fn chaos_short(extra: &[&str], env: &[(&str, String)]) -> String {
     let started = Instant::now();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tdcomfy"));
     cmd.args(["bench", "chaos", "--short"])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("RUST_LOG", "warn")
         .env_remove("API_TOKEN")
         .env_remove("WORKER_TOKEN")
@@ -56,4 +85,5 @@ async fn chaos_short_loses_nothing_leaves_nothing_stuck_and_returns_only_right_r
     let cancelled = figure(&report, "cancelled");
     assert_eq!(done + error + cancelled, accepted, "every accepted job ended");
     assert!(out.status.success(), "chaos run failed: {}", out.status);
+    report.into_owned()
 }

@@ -73,3 +73,25 @@ async fn a_worker_id_the_broker_would_refuse_stops_the_worker_at_start_with_a_cl
     assert!(!status.success());
     assert!(stderr.contains("WORKER_ID") && stderr.contains("128"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_broker_url_list_with_a_malformed_entry_stops_the_worker_at_start_naming_it() {
+    let good = format!("http://127.0.0.1:{}", free_port());
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tdcomfy"))
+            .arg("worker")
+            .env_clear()
+            .env("BROKER_URL", format!("{good}, broker2:8080"))
+            .env("WORKFLOWS_DIR", crate::process::repo_workflows())
+            .env("WORKER_SPOOL_DIR", std::env::temp_dir().join("tdcomfy-test-unused-spool"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the worker must stop, not retry a URL it cannot use forever")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("BROKER_URL") && stderr.contains("broker2:8080"), "{stderr}");
+}

@@ -3,8 +3,10 @@
 mod chaos;
 mod check;
 mod cli;
+mod cluster;
 mod crash;
 mod logs;
+mod pg;
 mod process;
 mod status;
 mod storage;

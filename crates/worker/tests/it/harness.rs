@@ -84,6 +84,8 @@ pub struct Setup {
     pub preview_fps: f64,
     /// `PREFETCH` of the workers.
     pub prefetch: usize,
+    /// `COMFYUI_KEEP_OUTPUTS` of the workers: every prompt's files stay, so they can be counted.
+    pub keep_outputs: bool,
 }
 
 impl Default for Setup {
@@ -104,6 +106,7 @@ impl Default for Setup {
             preview_stall: None,
             preview_fps: 10.0,
             prefetch: 1,
+            keep_outputs: false,
         }
     }
 }
@@ -189,9 +192,21 @@ impl Pipeline {
     }
 
     pub async fn start_broker(&self, addr: Option<SocketAddr>) -> Served {
+        self.start_broker_on(addr, "broker", Default::default()).await
+    }
+
+    /// A broker with its own DATA_DIR (`data_dir` under the pipeline's directory) on the store and
+    /// storage `storage` names (a shared PostgreSQL database and file store: one of several).
+    pub async fn start_broker_on(
+        &self,
+        addr: Option<SocketAddr>,
+        data_dir: &str,
+        storage: tdcomfy_broker::StorageArgs,
+    ) -> Served {
         let listener = bind(addr).await;
         let addr = listener.local_addr().unwrap();
         let args = tdcomfy_broker::BrokerArgs {
+            storage,
             max_upload_mb: 20,
             max_result_mb: 512,
             result_ttl: 0,
@@ -199,7 +214,7 @@ impl Pipeline {
             job_timeout: self.setup.job_timeout,
             lease_ttl: self.setup.lease_ttl,
             max_attempts: self.setup.max_attempts,
-            ..tdcomfy_broker::BrokerArgs::loopback(self.dir.path().join("broker"))
+            ..tdcomfy_broker::BrokerArgs::loopback(self.dir.path().join(data_dir))
         };
         let mut config = args.into_config(self.workflows.clone()).unwrap();
         config.preview_limits.stall_for_tests = self.setup.preview_stall;
@@ -258,7 +273,7 @@ impl Pipeline {
             comfyui_dir: self.setup.comfyui_dir.clone(),
             comfyui_output_dir: None,
             comfyui_input_dir: None,
-            comfyui_keep_outputs: false,
+            comfyui_keep_outputs: self.setup.keep_outputs,
             comfyui_token: self.setup.comfyui_token.clone(),
             preview_fps: self.setup.preview_fps,
             preview_method: "none".into(),
@@ -357,6 +372,13 @@ impl Pipeline {
         assert_eq!(resp.status(), 200);
         let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
         (ct, resp.bytes().await.unwrap().to_vec())
+    }
+
+    /// How many prompts of job `id` completed in the simulator (its output files; needs
+    /// `keep_outputs`, else delivered files are deleted).
+    pub fn prompts_completed(&self, id: &str) -> usize {
+        let dir = self.sim.dir.as_ref().expect("a simulator").join("output");
+        files_under(&dir.join(tdcomfy_workflows::job_output_subfolder(id))).len()
     }
 
     /// The simulator's queue: (running, pending) prompt ids.

@@ -17,6 +17,8 @@
 //!   transaction (see [`listen`]), so other brokers hear only what committed.
 //! - Time is the broker's [`Clock`], passed in as a parameter, never the server's `now()`: the
 //!   brokers' clocks must agree (NTP), and the stepped-clock tests mean the same on both engines.
+//!   A change that locks first reads the clock after its lock waits, so a lease runs from when
+//!   it was granted and `created_at` follows a stream's commit order.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +47,67 @@ pub const CHANNEL: &str = "tdcomfy_jobs";
 /// Most tries of a transaction that failed on a serialization failure, a deadlock or a
 /// concurrent duplicate (each retry sees the other transaction's commit).
 const MAX_TRIES: u32 = 6;
+
+/// How long one statement may wait for a lock (a row, a stream's advisory lock) before it fails
+/// with `55P03`. Legitimate holders keep them for milliseconds; a broker cut off mid-transaction
+/// holds them until PostgreSQL ends its session, and waiting on it would hold a pooled connection
+/// and the caller's request all that time.
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tries of a transaction whose lock wait timed out: one more, for a holder that was merely slow;
+/// then [`StoreError::Busy`], so a caller waits at most about twice [`LOCK_TIMEOUT`].
+const LOCK_TRIES: u32 = 2;
+
+/// How long a session may sit inside a transaction without sending a statement before
+/// PostgreSQL ends it and so releases its locks. This broker's transactions never wait on
+/// anything but the database between statements; a session idle this long belongs to a broker
+/// that hung or lost its network.
+const IDLE_IN_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// The longest any one statement may run. Far above a legitimate one (the slowest, a sweep
+/// step or `/health`'s counts over a big table, takes well under a second); bounded so a
+/// runaway plan cannot hold a connection forever. Migrations and the benchmark fill lift it.
+const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// TCP keepalive: the first probe after this much silence (the system default is 2 h), then
+/// every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`] times, before the connection is dropped.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// How long sent data may stay unacknowledged before the kernel drops the connection (Linux
+/// `TCP_USER_TIMEOUT`): keepalive only probes an idle connection, this bounds a busy one.
+const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `config` with this broker's timeouts and keepalives. The URL's own settings win: a
+/// `connect_timeout` or `tcp_user_timeout` in it is kept, and its `options` come after these
+/// `-c` ones (PostgreSQL applies them in order), so an operator can still choose other values.
+fn tuned(config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut c = config.clone();
+    if c.get_connect_timeout().is_none() {
+        c.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if c.get_tcp_user_timeout().is_none() {
+        c.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    c.keepalives(true).keepalives_idle(KEEPALIVE_IDLE).keepalives_interval(KEEPALIVE_INTERVAL);
+    c.keepalives_retries(KEEPALIVE_RETRIES);
+    let ours = format!(
+        "-c lock_timeout={} -c idle_in_transaction_session_timeout={} -c statement_timeout={}",
+        LOCK_TIMEOUT.as_millis(),
+        IDLE_IN_TRANSACTION_TIMEOUT.as_millis(),
+        STATEMENT_TIMEOUT.as_millis()
+    );
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{ours} {theirs}"),
+        _ => ours,
+    };
+    c.options(options);
+    c
+}
 
 /// The next job a claim takes, by the rule of SQLite's `NEXT_JOB` (see there): the oldest queued
 /// job of the stream served least recently; a named stream offers only its oldest queued job, and
@@ -79,7 +142,14 @@ impl DatabaseUrl {
     /// holds the password).
     pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
         let config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
-            format!("is not a PostgreSQL URL (postgres://user:password@host:5432/database): {e}")
+            // The error's own text is only "invalid connection string"; its cause says more, but
+            // only the cause that names an option (a fixed key, never the URL's text) is
+            // repeated: the others (syntax, percent-decoding, an unknown key) may quote the text
+            // around the fault, which can be the password.
+            let cause = std::error::Error::source(&e).map(|c| c.to_string()).unwrap_or_default();
+            let detail =
+                if cause.starts_with("invalid value for option `") { format!(": {cause}") } else { String::new() };
+            format!("is not a PostgreSQL URL (postgres://user:password@host:5432/database){detail}")
         })?;
         match config.get_ssl_mode() {
             tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer => {}
@@ -187,6 +257,14 @@ macro_rules! write_tx {
             })
             .await;
             match outcome {
+                Err(e) if is_lock_timeout(&e) => {
+                    if tries >= LOCK_TRIES {
+                        break Err(StoreError::Busy(format!(
+                            "a lock was held by another session for over {} s, {tries} times",
+                            LOCK_TIMEOUT.as_secs()
+                        )));
+                    }
+                }
                 Err(e) if tries < MAX_TRIES && is_retryable(&e) => {
                     // A short, growing pause, so the transactions that collided do not collide again.
                     tokio::time::sleep(std::time::Duration::from_millis(2u64 << tries)).await;
@@ -207,6 +285,11 @@ fn is_retryable(e: &StoreError) -> bool {
         }),
         _ => false,
     }
+}
+
+/// A lock wait past [`LOCK_TIMEOUT`] (`55P03`).
+fn is_lock_timeout(e: &StoreError) -> bool {
+    matches!(e, StoreError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -244,14 +327,15 @@ impl PgStore {
         let unreachable = |e: tokio_postgres::Error| {
             StoreError::Unavailable(format!("DATABASE_URL: cannot connect to {}: {e}", url.redacted()))
         };
-        let (mut client, connection) = url.config.connect(tokio_postgres::NoTls).await.map_err(unreachable)?;
+        let config = tuned(&url.config);
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(unreachable)?;
         let driver = tokio::spawn(connection);
         let migrated = schema::migrate(&mut client).await;
         drop(client);
         let _ = driver.await;
         migrated?;
         let manager = deadpool_postgres::Manager::from_config(
-            url.config.clone(),
+            config.clone(),
             tokio_postgres::NoTls,
             deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
         );
@@ -262,7 +346,7 @@ impl PgStore {
             .create_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let listener = listen::Listener::start(url.config.clone(), broker_id.clone())
+        let listener = listen::Listener::start(config, broker_id.clone())
             .await
             .map_err(|e| StoreError::Unavailable(format!("DATABASE_URL: cannot listen on {}: {e}", url.redacted())))?;
         Ok(PgStore { pool, clock, broker_id: broker_id.into(), listener: Arc::new(listener) })
@@ -285,7 +369,7 @@ impl PgStore {
     /// See [`super::Store::insert`].
     pub async fn insert(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
         let job = &job;
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             if job.mode == StreamMode::Latest || !job.stream.is_empty() {
                 // Before any row lock (the order every stream-deciding change keeps): with it,
                 // two submits to one stream on two brokers see each other's job.
@@ -303,15 +387,22 @@ impl PgStore {
                     return Ok(InsertOutcome::Replayed(get_in(&w.tx, id, false).await?.ok_or(StoreError::NotFound)?));
                 }
             }
-            let mut superseded = Vec::new();
-            if job.mode == StreamMode::Latest {
-                let older = rows(
+            let older = if job.mode == StreamMode::Latest {
+                rows(
                     &w.tx,
                     "SELECT seq, status, prefetched FROM jobs \
                      WHERE stream = $1 AND status IN ('queued', 'running') ORDER BY seq FOR UPDATE",
                     &[&job.stream],
                 )
-                .await?;
+                .await?
+            } else {
+                Vec::new()
+            };
+            // Read after the lock waits, not at BEGIN: created_at then follows the stream's
+            // commit order, and a supersede is dated when it happened.
+            let now = self.clock.now().millis();
+            let mut superseded = Vec::new();
+            if job.mode == StreamMode::Latest {
                 let message = format!("superseded by job {}", job.id);
                 for row in older {
                     let (seq, status, prefetched): (i64, String, bool) = (row.get(0), row.get(1), row.get(2));
@@ -390,16 +481,19 @@ impl PgStore {
         last_done_in(&self.client().await?, &stream).await
     }
 
-    /// See [`super::Store::resume_running`]. With several brokers, any broker's restart gives
-    /// every running job one lease: harmless, since a live worker renews it anyway and a dead
-    /// one loses the job one lease later.
+    /// See [`super::Store::resume_running`], restricted to the leases that already lapsed by
+    /// this broker's clock (the whole cluster was down, so no heartbeat could renew them) and to
+    /// ones beyond one TTL from now (stored on a timeline ahead, as SQLite cuts them). A lease
+    /// still live was renewed through another broker: resetting it would give a dead worker's
+    /// job extra time and change the expiry another broker's `release_unreceived` compares.
     pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
         write_tx!(self, |w, now| {
             exec(
                 &w.tx,
                 "UPDATE jobs SET lease_expires_at = $1::BIGINT + $2::BIGINT, started_at = LEAST(started_at, $1), \
                  timeout_grace_until = CASE WHEN LEAST(started_at, $1) + $3::BIGINT < $1::BIGINT + $2::BIGINT \
-                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running'",
+                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running' \
+                 AND (lease_expires_at IS NULL OR lease_expires_at < $1 OR lease_expires_at > $1::BIGINT + $2::BIGINT)",
                 &[&now, &lease_ms, &timeout_ms],
             )
             .await
@@ -498,7 +592,7 @@ impl PgStore {
         let (worker, allowed) = (&worker, &allowed_workflows);
         let next = format!("{NEXT_JOB} FOR UPDATE OF j SKIP LOCKED");
         let next = next.as_str();
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             // SKIP LOCKED: a job another broker is claiming is passed over, not waited for. The
             // lock does not make the pick right by itself (the NOT EXISTS saw this statement's
             // snapshot), so the UPDATE re-checks that the job is still queued; a pick that lost
@@ -506,6 +600,9 @@ impl PgStore {
             for _ in 0..8 {
                 let Some(row) = opt(&w.tx, next, &[allowed]).await? else { return Ok(None) };
                 let (seq, stream): (i64, String) = (row.get(0), row.get(1));
+                // After the pick (SKIP LOCKED does not wait, but the statement may queue behind
+                // others on a busy server): the lease runs from the moment it is granted.
+                let now = self.clock.now().millis();
                 let token = LeaseToken::new();
                 let claimed = exec(
                     &w.tx,
@@ -542,8 +639,10 @@ impl PgStore {
         reuse: Reuse,
     ) -> Result<Option<JobRecord>, StoreError> {
         let (token, reuse) = (&token, &reuse);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let Some(job) = get_in(&w.tx, id, true).await? else { return Ok(None) };
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             if job.status != JobStatus::Running || check_lease(&job, token).is_err() {
                 return Ok(None);
             }
@@ -605,8 +704,10 @@ impl PgStore {
         started: bool,
     ) -> Result<HeartbeatOutcome, StoreError> {
         let (token, progress) = (&token, &progress);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
@@ -645,8 +746,10 @@ impl PgStore {
     /// See [`super::Store::renew_for_upload`].
     pub async fn renew_for_upload(&self, id: JobId, token: LeaseToken, lease_ms: i64) -> Result<bool, StoreError> {
         let token = &token;
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Cancelled => Ok(true),
@@ -686,8 +789,10 @@ impl PgStore {
         comfy_execution_ms: Option<u64>,
     ) -> Result<(JobRecord, bool), StoreError> {
         let (token, result) = (&token, &result);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Running => {}
@@ -729,8 +834,10 @@ impl PgStore {
         max_attempts: u32,
     ) -> Result<(JobRecord, bool), StoreError> {
         let (token, message) = (&token, &message);
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = lock_for_requeue(&w.tx, id, None).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
                 JobStatus::Running => {}
@@ -766,8 +873,10 @@ impl PgStore {
         claimed_expiry: Option<Timestamp>,
     ) -> Result<Option<JobRecord>, StoreError> {
         let token = &token;
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let Some(job) = lock_for_requeue(&w.tx, id, None).await? else { return Ok(None) };
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             if job.status != JobStatus::Running || check_lease(&job, token).is_err() {
                 return Ok(None);
             }
@@ -784,8 +893,10 @@ impl PgStore {
 
     /// See [`super::Store::cancel`].
     pub async fn cancel(&self, id: JobId) -> Result<CancelOutcome, StoreError> {
-        write_tx!(self, |w, now| {
+        write_tx!(self, |w, _now| {
             let job = get_in(&w.tx, id, true).await?.ok_or(StoreError::NotFound)?;
+            // After the row lock: see `insert` (a lease or a finish dated by when the wait ended).
+            let now = self.clock.now().millis();
             let previous = job.status;
             let files_present = job.input_present || matches!(job.result, ResultState::Present(_));
             let kind = match job.status {
@@ -811,6 +922,11 @@ impl PgStore {
             let record = get_by_seq(&w.tx, job.seq).await?.ok_or(StoreError::NotFound)?;
             if let Some(kind) = kind {
                 w.note(kind, &record);
+            } else if record.status == JobStatus::Cancelled {
+                // The service answers a repeated DELETE of a cancelled job with `cancelled` again
+                // (its client may have missed the first); a client of another broker asks the same
+                // way, so the note goes out again, with the unchanged version.
+                w.note(JobEventKind::Cancelled, &record);
             }
             Ok(CancelOutcome { record, previous, changed: kind.is_some() })
         })
@@ -831,7 +947,15 @@ impl PgStore {
         let mut swept = Swept::default();
         for row in candidates {
             let (seq, id): (i64, String) = (row.get(0), row.get(1));
-            let id = parse_id(&id)?;
+            // One unreadable id must not stop the batch: the jobs after it still lapse, and the
+            // ones already requeued above must still get their events (as on SQLite).
+            let id = match parse_id(&id) {
+                Ok(id) => id,
+                Err(e) => {
+                    swept.failed.push((seq, e));
+                    continue;
+                }
+            };
             let one = write_tx!(self, |w, now| {
                 let Some(job) = lock_for_requeue(&w.tx, id, Some(now)).await? else { return Ok(None) };
                 if job.attempts < max_attempts {
@@ -939,6 +1063,8 @@ impl PgStore {
     pub async fn fill_finished_for_benchmark(&self, n: u64, spread_ms: i64, with_files: u64) -> Result<(), StoreError> {
         let (n, with_files) = (n as i64, with_files as i64);
         write_tx!(self, |w, now| {
+            // Millions of rows may take longer than STATEMENT_TIMEOUT, legitimately.
+            exec(&w.tx, "SET LOCAL statement_timeout = 0", &[]).await?;
             exec(
                 &w.tx,
                 "INSERT INTO jobs (id, status, prompt, negative_prompt, workflow, params, input_content_type, \
@@ -1271,6 +1397,7 @@ fn row_to_record(r: &Row) -> Result<JobRecord, StoreError> {
 /// user needs CREATEDB) and returns its URL.
 #[doc(hidden)]
 pub async fn create_database(url: &DatabaseUrl, name: &str) -> Result<DatabaseUrl, StoreError> {
+    check_database_name(name)?;
     admin_statement(url, &format!("CREATE DATABASE \"{name}\"")).await?;
     let mut config = url.config.clone();
     config.dbname(name);
@@ -1281,7 +1408,25 @@ pub async fn create_database(url: &DatabaseUrl, name: &str) -> Result<DatabaseUr
 /// Benchmark and test hook: drops the database `name` (closing its connections) on `url`'s server.
 #[doc(hidden)]
 pub async fn drop_database(url: &DatabaseUrl, name: &str) -> Result<(), StoreError> {
+    check_database_name(name)?;
     admin_statement(url, &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
+}
+
+/// The name is spliced into the statement (`CREATE DATABASE` takes no parameters), so only a
+/// plain identifier is accepted: lower-case letters, digits and `_`, not starting with a digit,
+/// at most 63 bytes (PostgreSQL's limit, past which it would silently truncate).
+fn check_database_name(name: &str) -> Result<(), StoreError> {
+    let plain = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if plain {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "database name {name:?}: use 1 to 63 lower-case letters, digits or _, not starting with a digit"
+        )))
+    }
 }
 
 async fn admin_statement(url: &DatabaseUrl, statement: &str) -> Result<(), StoreError> {
@@ -1291,4 +1436,36 @@ async fn admin_statement(url: &DatabaseUrl, statement: &str) -> Result<(), Store
     drop(client);
     let _ = driver.await;
     Ok(done?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_never_repeat_the_password() {
+        for bad in [
+            "postgres://user:s3cret@host:notaport/db",
+            "host=h password='s3cret",
+            "host=h password=s3cret port=x",
+            "postgres://user:s3cret@host/db?s3cret=1",
+        ] {
+            let e = DatabaseUrl::parse(bad).expect_err(bad);
+            assert!(!e.contains("s3cr"), "{bad:?} gave {e:?}");
+            assert!(e.starts_with("is not a PostgreSQL URL"), "{e}");
+        }
+        let e = DatabaseUrl::parse("host=h port=x").unwrap_err();
+        assert!(e.contains("invalid value for option `port`"), "the option is still named: {e}");
+    }
+
+    #[test]
+    fn database_names_are_plain_identifiers() {
+        for good in ["tdcomfy_bench_0a1b", "a", &"x".repeat(63)] {
+            assert!(check_database_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Upper", "1abc", "a\"; DROP DATABASE postgres; --", "a-b", &"x".repeat(64)] {
+            let e = check_database_name(bad).unwrap_err().to_string();
+            assert!(e.contains("1 to 63 lower-case letters"), "{bad}: {e}");
+        }
+    }
 }

@@ -109,15 +109,31 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, MIGRATE_TO_1)];
 
 /// Brings the database's schema up to [`SCHEMA_VERSION`], or refuses one newer than this broker.
 pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    // First only read: a current schema needs nothing created, and a role without CREATE on the
+    // schema (PostgreSQL 15's default for all but the owner of `public`) must still start, so
+    // `CREATE TABLE IF NOT EXISTS` (which checks that privilege even when the table exists)
+    // runs only when there is something to do.
+    let exists: bool = client.query_one("SELECT to_regclass('tdcomfy_schema') IS NOT NULL", &[]).await?.get(0);
+    let current = if exists {
+        Some(client.query_one("SELECT COALESCE(MAX(version), 0) FROM tdcomfy_schema", &[]).await?.get::<_, i64>(0))
+    } else {
+        None
+    };
+    match current {
+        Some(v) if v == SCHEMA_VERSION => return Ok(()),
+        Some(v) if v > SCHEMA_VERSION => return Err(newer(v)),
+        _ => {}
+    }
     let tx = client.transaction().await?;
+    // A migration may rewrite a big table, and a broker starting beside one that migrates waits
+    // for it: longer than any normal statement or lock wait may take, but still bounded.
+    tx.batch_execute("SET LOCAL statement_timeout = '30min'; SET LOCAL lock_timeout = '30min'").await?;
     // Held to the commit: a second broker starting now waits here, then finds the schema current.
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS tdcomfy_schema (version BIGINT NOT NULL)").await?;
     let version: i64 = tx.query_one("SELECT COALESCE(MAX(version), 0) FROM tdcomfy_schema", &[]).await?.get(0);
     if version > SCHEMA_VERSION {
-        return Err(StoreError::Corrupt(format!(
-            "database schema version {version} is newer than this broker understands ({SCHEMA_VERSION})"
-        )));
+        return Err(newer(version));
     }
     if version < SCHEMA_VERSION {
         // Every step and the version bump commit together: a crash mid-migration leaves the
@@ -132,4 +148,10 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     }
     tx.commit().await?;
     Ok(())
+}
+
+fn newer(version: i64) -> StoreError {
+    StoreError::Corrupt(format!(
+        "database schema version {version} is newer than this broker understands ({SCHEMA_VERSION})"
+    ))
 }

@@ -1,0 +1,54 @@
+//! A fresh PostgreSQL database per test, on the server `TDCOMFY_TEST_DATABASE_URL` names (CI's
+//! throwaway cluster); without it the test says `SKIPPED` and passes, unless
+//! `TDCOMFY_REQUIRE_POSTGRES=1` (CI), where a missing server is a failure, not a skip.
+
+/// A database created for one test, dropped with it.
+pub struct TestDb {
+    /// `postgres://…/<name>`: the test's own database.
+    pub url: String,
+    server: String,
+    name: String,
+}
+
+impl TestDb {
+    /// A new empty database, or `None` (after printing `SKIPPED: …`) without a server.
+    pub async fn create(test: &str) -> Option<TestDb> {
+        let server = match std::env::var("TDCOMFY_TEST_DATABASE_URL") {
+            Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+            _ => {
+                if std::env::var("TDCOMFY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                    panic!("TDCOMFY_REQUIRE_POSTGRES=1 but TDCOMFY_TEST_DATABASE_URL is not set");
+                }
+                println!("SKIPPED: {test} needs PostgreSQL (set TDCOMFY_TEST_DATABASE_URL to a server URL)");
+                return None;
+            }
+        };
+        // Unique per run and per test, so parallel tests and left-overs of a killed run never meet.
+        let name = format!("tdc_worker_{test}_{}", uuid::Uuid::new_v4().simple()).to_lowercase();
+        let (client, conn) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+            .await
+            .expect("connect to TDCOMFY_TEST_DATABASE_URL");
+        tokio::spawn(conn);
+        client.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await.expect("CREATE DATABASE");
+        let mut url = reqwest::Url::parse(&server).expect("TDCOMFY_TEST_DATABASE_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        Some(TestDb { url: url.to_string(), server, name })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot be blocked on: a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(&server, tokio_postgres::NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
