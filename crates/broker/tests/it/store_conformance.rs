@@ -114,6 +114,7 @@ on_postgres!(
     locks_held_by_a_stuck_session_fail_calls_cleanly,
     a_role_without_create_opens_a_current_schema,
     a_heartbeat_that_waited_on_a_lock_gets_a_full_lease,
+    a_burst_into_one_stream_leaves_the_pool_to_others,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -1258,4 +1259,36 @@ async fn a_heartbeat_that_waited_on_a_lock_gets_a_full_lease(e: Engine) {
         "a full lease from when the wait ended: {} ms short",
         released + 10_000 - expires
     );
+}
+
+async fn a_burst_into_one_stream_leaves_the_pool_to_others(e: Engine) {
+    let store = e.open().await;
+    add(&store, "").await;
+    let r = claim(&store).await.unwrap();
+    // Another broker is slow inside the stream's lock for 3 s (below the lock timeout).
+    let holder = raw(&e).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.query("SELECT pg_advisory_xact_lock(hashtextextended('burst', 0))", &[]).await.unwrap();
+    // 40 submits to that stream at once: more than the pool's 16 connections.
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.insert(new_job("burst")).await.map(|_| ()) })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Heartbeats and claims of this broker go on meanwhile.
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        store.heartbeat(r.id, token(&r), None, 60_000, false).await.unwrap();
+    }
+    add(&store, "").await;
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(1), "the pool was not taken by the waiting submits: {took:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    for t in burst {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(store.counts().await.unwrap().queued, 41);
 }
