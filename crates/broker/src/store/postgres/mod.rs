@@ -392,7 +392,7 @@ impl PgStore {
             .create_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let listener = listen::Listener::start(config, broker_id.clone())
+        let listener = listen::Listener::start(config, broker_id.clone(), listen::Liveness::default())
             .await
             .map_err(|e| StoreError::Unavailable(format!("DATABASE_URL: cannot listen on {}: {e}", url.redacted())))?;
         Ok(PgStore {
