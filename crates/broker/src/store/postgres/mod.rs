@@ -539,19 +539,19 @@ impl PgStore {
         last_done_in(&self.client().await?, &stream).await
     }
 
-    /// See [`super::Store::resume_running`], restricted to the leases that already lapsed by
-    /// this broker's clock (the whole cluster was down, so no heartbeat could renew them) and to
-    /// ones beyond one TTL from now (stored on a timeline ahead, as SQLite cuts them). A lease
-    /// still live was renewed through another broker: resetting it would give a dead worker's
-    /// job extra time and change the expiry another broker's `release_unreceived` compares.
+    /// See [`super::Store::resume_running`]: every running job's lease, as on SQLite. The
+    /// service calls it only when no other broker is alive on the database, and then no lease
+    /// was renewed through another broker: a live one belongs to a worker whose heartbeats failed
+    /// during this short downtime (or went through a broker that died) and is about to lapse
+    /// through no fault of its own, so restricting this to lapsed leases would lose it one sweep
+    /// later (wave2-cluster's `a_lone_broker_restarting_renews_running_leases`).
     pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
         write_tx!(self, |w, now| {
             exec(
                 &w.tx,
                 "UPDATE jobs SET lease_expires_at = $1::BIGINT + $2::BIGINT, started_at = LEAST(started_at, $1), \
                  timeout_grace_until = CASE WHEN LEAST(started_at, $1) + $3::BIGINT < $1::BIGINT + $2::BIGINT \
-                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running' \
-                 AND (lease_expires_at IS NULL OR lease_expires_at < $1 OR lease_expires_at > $1::BIGINT + $2::BIGINT)",
+                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running'",
                 &[&now, &lease_ms, &timeout_ms],
             )
             .await
