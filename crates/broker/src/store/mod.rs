@@ -402,8 +402,8 @@ impl Store {
     /// finished result it could not upload. `started_at` is pulled back to now if a previous
     /// timeline put it in the future, so the timeout cannot be postponed by a clock step.
     ///
-    /// On PostgreSQL only leases already lapsed (or beyond one TTL from now) are set: other
-    /// brokers may have renewed the rest, and those are live.
+    /// On PostgreSQL the service calls it only when no other broker is alive (while others are,
+    /// their sweeps and the workers' heartbeats through them keep the leases right).
     pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
         on_engine!(self, s => s.resume_running(lease_ms, timeout_ms).await)
     }

@@ -91,6 +91,7 @@ on_both_engines!(
     cancel_queued_running_and_finished,
     lapsed_leases_requeue_then_fail_on_a_stepped_clock,
     timeout_and_restart_grace,
+    restart_gives_every_running_lease_one_ttl,
     positions_equal_the_claim_order,
     latest_supersedes_and_preempts,
     requeue_of_a_superseded_latest_job_cancels_it,
@@ -110,10 +111,10 @@ on_postgres!(
     notes_reach_other_handles_not_their_own,
     expire_sweep_continues_past_an_unreadable_id,
     repeated_cancel_is_announced_again,
-    restart_resumes_only_lapsed_leases,
     locks_held_by_a_stuck_session_fail_calls_cleanly,
     a_role_without_create_opens_a_current_schema,
     a_heartbeat_that_waited_on_a_lock_gets_a_full_lease,
+    a_burst_into_one_stream_leaves_the_pool_to_others,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
 );
@@ -1136,36 +1137,6 @@ async fn repeated_cancel_is_announced_again(e: Engine) {
     assert_eq!(kinds, [JobEventKind::Queued, JobEventKind::Started, JobEventKind::Done, JobEventKind::Deleted]);
 }
 
-async fn restart_resumes_only_lapsed_leases(e: Engine) {
-    let store = e.open().await;
-    let (lapsing, live, ahead) = (add(&store, "").await, add(&store, "").await, add(&store, "").await);
-    let a = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
-    let b = store.claim_next("w2".into(), 60_000, None).await.unwrap().unwrap();
-    let c = store.claim_next("w3".into(), 60_000, None).await.unwrap().unwrap();
-    assert_eq!((a.id, b.id, c.id), (lapsing.id, live.id, ahead.id));
-    // c's lease was stored on a timeline far ahead (a clock stepped back since).
-    let far = Timestamp::now().millis() + 3_600_000;
-    raw(&e)
-        .await
-        .execute("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2", &[&far, &c.id.to_string()])
-        .await
-        .unwrap();
-    // A broker starts 5 s later while b's worker still renews its lease through another broker.
-    let restarted = e.open_at(5_000).await;
-    assert_eq!(restarted.resume_running(60_000, 600_000).await.unwrap(), 2);
-    let now = Timestamp::now().millis() + 5_000;
-    let expiry = |r: JobRecord| r.lease.unwrap().expires_at.unwrap().millis();
-    let a2 = expiry(restarted.get(a.id).await.unwrap().unwrap());
-    assert!((now + 59_000..=now + 61_000).contains(&a2), "the lapsed lease gets one lease from now: {a2} vs {now}");
-    assert_eq!(
-        expiry(restarted.get(b.id).await.unwrap().unwrap()),
-        expiry(b),
-        "a live lease renewed through another broker is not touched"
-    );
-    let c2 = expiry(restarted.get(c.id).await.unwrap().unwrap());
-    assert!(c2 <= now + 61_000, "a lease beyond one TTL from now is cut to one TTL: {c2}");
-}
-
 async fn locks_held_by_a_stuck_session_fail_calls_cleanly(e: Engine) {
     let store = e.open().await;
     add(&store, "").await;
@@ -1258,4 +1229,54 @@ async fn a_heartbeat_that_waited_on_a_lock_gets_a_full_lease(e: Engine) {
         "a full lease from when the wait ended: {} ms short",
         released + 10_000 - expires
     );
+}
+
+async fn a_burst_into_one_stream_leaves_the_pool_to_others(e: Engine) {
+    let store = e.open().await;
+    add(&store, "").await;
+    let r = claim(&store).await.unwrap();
+    // Another broker is slow inside the stream's lock for 3 s (below the lock timeout).
+    let holder = raw(&e).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.query("SELECT pg_advisory_xact_lock(hashtextextended('burst', 0))", &[]).await.unwrap();
+    // 40 submits to that stream at once: more than the pool's 16 connections.
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.insert(new_job("burst")).await.map(|_| ()) })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Heartbeats and claims of this broker go on meanwhile.
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        store.heartbeat(r.id, token(&r), None, 60_000, false).await.unwrap();
+    }
+    add(&store, "").await;
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(1), "the pool was not taken by the waiting submits: {took:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    for t in burst {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(store.counts().await.unwrap().queued, 41);
+}
+
+async fn restart_gives_every_running_lease_one_ttl(e: Engine) {
+    let store = e.open().await;
+    let (lapsing, live) = (add(&store, "").await, add(&store, "").await);
+    let a = store.claim_next("w1".into(), 1_000, None).await.unwrap().unwrap();
+    let b = store.claim_next("w2".into(), 8_000, None).await.unwrap().unwrap();
+    assert_eq!((a.id, b.id), (lapsing.id, live.id));
+    drop(store);
+    // The broker restarts 5 s later: a's lease lapsed, b's has 3 s left, but b's worker's
+    // heartbeats failed meanwhile too, so both get one full lease from now.
+    let restarted = e.open_at(5_000).await;
+    assert_eq!(restarted.resume_running(60_000, 600_000).await.unwrap(), 2);
+    let now = Timestamp::now().millis() + 5_000;
+    for id in [a.id, b.id] {
+        let expiry = restarted.get(id).await.unwrap().unwrap().lease.unwrap().expires_at.unwrap().millis();
+        assert!((now + 59_000..=now + 61_000).contains(&expiry), "one lease from now: {expiry} vs {now}");
+    }
 }

@@ -203,6 +203,52 @@ pub struct PgStore {
     clock: Clock,
     broker_id: Arc<str>,
     listener: Arc<listen::Listener>,
+    streams: Arc<StreamLocks>,
+}
+
+/// In-process turns of this broker's inserts into each named stream. They are taken before a
+/// pooled connection: without them a burst of submits to one stream would each hold a connection
+/// while waiting on the stream's advisory lock, and could take the whole pool from heartbeats and
+/// claims. The advisory lock still orders them against other brokers.
+#[derive(Default)]
+struct StreamLocks {
+    held: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One stream's turn; dropping it hands the stream on, and forgets it when nobody waits.
+struct StreamTurn<'a> {
+    locks: &'a StreamLocks,
+    stream: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl StreamLocks {
+    async fn lock(&self, stream: &str) -> StreamTurn<'_> {
+        let mutex = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.entry(stream.to_owned()).or_default().clone()
+        };
+        let guard = mutex.lock_owned().await;
+        StreamTurn { locks: self, stream: stream.to_owned(), guard: Some(guard) }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for StreamTurn<'_> {
+    fn drop(&mut self) {
+        // Under the map's lock, which every waiter takes to clone the entry: the count cannot
+        // grow meanwhile, so one only the map holds has no waiter and goes. (A waiter whose
+        // request was dropped leaves its entry behind until the stream's next insert.)
+        let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.guard.take());
+        if held.get(&self.stream).is_some_and(|m| Arc::strong_count(m) == 1) {
+            held.remove(&self.stream);
+        }
+    }
 }
 
 /// One write transaction and the notes it sends at its commit.
@@ -346,10 +392,16 @@ impl PgStore {
             .create_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let listener = listen::Listener::start(config, broker_id.clone())
+        let listener = listen::Listener::start(config, broker_id.clone(), listen::Liveness::default())
             .await
             .map_err(|e| StoreError::Unavailable(format!("DATABASE_URL: cannot listen on {}: {e}", url.redacted())))?;
-        Ok(PgStore { pool, clock, broker_id: broker_id.into(), listener: Arc::new(listener) })
+        Ok(PgStore {
+            pool,
+            clock,
+            broker_id: broker_id.into(),
+            listener: Arc::new(listener),
+            streams: Arc::new(StreamLocks::default()),
+        })
     }
 
     /// This broker's id, as its notes carry it.
@@ -369,10 +421,16 @@ impl PgStore {
     /// See [`super::Store::insert`].
     pub async fn insert(&self, job: NewJob) -> Result<InsertOutcome, StoreError> {
         let job = &job;
+        let named = job.mode == StreamMode::Latest || !job.stream.is_empty();
+        // Before a connection is taken: this broker's submits to one stream wait here, holding
+        // nothing of the pool (see StreamLocks).
+        let _turn = if named { Some(self.streams.lock(&job.stream).await) } else { None };
         write_tx!(self, |w, _now| {
-            if job.mode == StreamMode::Latest || !job.stream.is_empty() {
+            if named {
                 // Before any row lock (the order every stream-deciding change keeps): with it,
-                // two submits to one stream on two brokers see each other's job.
+                // two submits to one stream on two brokers see each other's job. Needed in queue
+                // mode too: it makes a stream's commit order its seq order, so a claim cannot
+                // see (and start) a later job of the stream while an earlier one is uncommitted.
                 exec(&w.tx, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&job.stream]).await?;
             }
             if let Some((key, fingerprint)) = &job.idempotency {
@@ -481,19 +539,19 @@ impl PgStore {
         last_done_in(&self.client().await?, &stream).await
     }
 
-    /// See [`super::Store::resume_running`], restricted to the leases that already lapsed by
-    /// this broker's clock (the whole cluster was down, so no heartbeat could renew them) and to
-    /// ones beyond one TTL from now (stored on a timeline ahead, as SQLite cuts them). A lease
-    /// still live was renewed through another broker: resetting it would give a dead worker's
-    /// job extra time and change the expiry another broker's `release_unreceived` compares.
+    /// See [`super::Store::resume_running`]: every running job's lease, as on SQLite. The
+    /// service calls it only when no other broker is alive on the database, and then no lease
+    /// was renewed through another broker: a live one belongs to a worker whose heartbeats failed
+    /// during this short downtime (or went through a broker that died) and is about to lapse
+    /// through no fault of its own, so restricting this to lapsed leases would lose it one sweep
+    /// later (wave2-cluster's `a_lone_broker_restarting_renews_running_leases`).
     pub async fn resume_running(&self, lease_ms: i64, timeout_ms: i64) -> Result<u64, StoreError> {
         write_tx!(self, |w, now| {
             exec(
                 &w.tx,
                 "UPDATE jobs SET lease_expires_at = $1::BIGINT + $2::BIGINT, started_at = LEAST(started_at, $1), \
                  timeout_grace_until = CASE WHEN LEAST(started_at, $1) + $3::BIGINT < $1::BIGINT + $2::BIGINT \
-                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running' \
-                 AND (lease_expires_at IS NULL OR lease_expires_at < $1 OR lease_expires_at > $1::BIGINT + $2::BIGINT)",
+                 THEN $1::BIGINT + $2::BIGINT END WHERE status = 'running'",
                 &[&now, &lease_ms, &timeout_ms],
             )
             .await
@@ -1456,6 +1514,30 @@ mod tests {
         }
         let e = DatabaseUrl::parse("host=h port=x").unwrap_err();
         assert!(e.contains("invalid value for option `port`"), "the option is still named: {e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_turns_serialise_and_are_forgotten_when_unused() {
+        let locks = Arc::new(StreamLocks::default());
+        let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (locks, inside) = (locks.clone(), inside.clone());
+            tasks.push(tokio::spawn(async move {
+                let _turn = locks.lock("s").await;
+                let n = inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                assert_eq!(n, 0, "one holder of a stream at a time");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }));
+        }
+        let other = locks.lock("t").await;
+        assert!(locks.len() >= 1);
+        drop(other);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(locks.len(), 0, "no entry outlives its last holder");
     }
 
     #[test]
