@@ -1,4 +1,5 @@
-//! The queue as the SQLite store's claim sees it, mirrored in memory for queue positions.
+//! The queue's claim order in memory, for queue positions: SQLite's store mirrors it commit by
+//! commit; PostgreSQL's builds it from a snapshot of the queued rows after each change it hears of.
 
 use std::collections::{HashMap, VecDeque};
 

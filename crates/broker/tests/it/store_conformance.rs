@@ -117,6 +117,7 @@ on_postgres!(
     a_burst_into_one_stream_leaves_the_pool_to_others,
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
+    positions_on_another_handle_follow_each_change,
 );
 
 fn new_job(stream: &str) -> NewJob {
@@ -804,6 +805,41 @@ async fn concurrent_duplicate_keys_store_one_job(e: Engine) {
         assert_eq!(replayed, created, "key-{k}: the duplicate answers with the original");
     }
     assert_eq!(handles[0].counts().await.unwrap().queued, 30);
+}
+
+/// The position `store` gives `r`, once it is `want`: within 500 ms, well under the store's
+/// one-second backstop for a positions snapshot, so only the change's note can make it true in
+/// time (it arrives milliseconds after the commit).
+async fn position_becomes(store: &Store, r: &JobRecord, want: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    loop {
+        let got = store.queue_position(&r.stream, r.seq).await.unwrap();
+        if got == want || std::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+async fn positions_on_another_handle_follow_each_change(e: Engine) {
+    // b reads positions between a's changes (so it holds a snapshot of the queue each time): each
+    // change made through a must show in b's answers, not only the first.
+    let (a, b) = (e.open().await, e.open().await);
+    let jobs = [add(&a, "x").await, add(&a, "y").await, add(&a, "z").await];
+    for (i, r) in jobs.iter().enumerate() {
+        assert_eq!(position_becomes(&b, r, i as u64 + 1).await, i as u64 + 1);
+    }
+    // Through a: the head is claimed, so everything moves up by one on b.
+    let head = claim(&a).await.unwrap();
+    assert_eq!(head.id, jobs[0].id);
+    assert_eq!(position_becomes(&b, &jobs[0], 0).await, 0, "claimed: no position");
+    assert_eq!(position_becomes(&b, &jobs[1], 1).await, 1);
+    assert_eq!(position_becomes(&b, &jobs[2], 2).await, 2);
+    // A cancel through a moves the last one up again; b's own change shows at once.
+    a.cancel(jobs[1].id).await.unwrap();
+    assert_eq!(position_becomes(&b, &jobs[2], 1).await, 1);
+    let late = add(&b, "w").await;
+    assert_eq!(b.queue_position(&late.stream, late.seq).await.unwrap(), 2, "b's own insert, at once");
 }
 
 async fn next_note(rx: &mut tokio::sync::broadcast::Receiver<ClusterNote>) -> Option<ClusterNote> {

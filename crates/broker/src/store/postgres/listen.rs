@@ -9,6 +9,8 @@
 //! sends `SELECT 1` every [`Liveness::every`] and treats no answer within
 //! [`Liveness::timeout`] as a lost connection.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -60,12 +62,13 @@ impl Listener {
         mut config: tokio_postgres::Config,
         me: String,
         liveness: Liveness,
+        changes: Arc<AtomicU64>,
     ) -> Result<Listener, String> {
         config.application_name(APPLICATION_NAME);
         let first = config.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
         let (notes, _) = broadcast::channel(CAPACITY);
         let (ready, listening) = oneshot::channel();
-        let task = tokio::spawn(run(config, me, notes.clone(), first, ready, liveness));
+        let task = tokio::spawn(run(config, me, notes.clone(), first, ready, liveness, changes));
         match tokio::time::timeout(Duration::from_secs(10), listening).await {
             Ok(Ok(())) => Ok(Listener { notes, task }),
             _ => {
@@ -90,6 +93,7 @@ async fn run(
     first: Connected,
     ready: oneshot::Sender<()>,
     liveness: Liveness,
+    changes: Arc<AtomicU64>,
 ) {
     let (mut next, mut ready, mut lost) = (Some(first), Some(ready), false);
     let mut backoff = Duration::from_millis(100);
@@ -142,6 +146,7 @@ async fn run(
                                     let _ = ready.send(());
                                 }
                                 if lost {
+                                    changes.fetch_add(1, Ordering::Release);
                                     let _ = notes.send(ClusterNote::Missed);
                                 }
                             }
@@ -152,6 +157,9 @@ async fn run(
                         },
                         m = messages.next() => match m {
                             Some(Ok(AsyncMessage::Notification(n))) => {
+                                // Any committed change, this broker's own included, may move
+                                // queue positions (the store's snapshot of them is stale now).
+                                changes.fetch_add(1, Ordering::Release);
                                 if let Some(note) = parse(n.payload(), &me) {
                                     // No receivers is fine (nobody listening yet).
                                     let _ = notes.send(note);
@@ -286,7 +294,7 @@ mod tests {
             relayed.password(password);
         }
         let liveness = Liveness { every: Duration::from_millis(200), timeout: Duration::from_millis(500) };
-        let listener = Listener::start(relayed, "me".into(), liveness).await.unwrap();
+        let listener = Listener::start(relayed, "me".into(), liveness, Default::default()).await.unwrap();
         let mut heard = listener.subscribe();
         let (client, connection) = direct.connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(connection);

@@ -23,6 +23,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Pool};
 use tdcomfy_api::{
@@ -31,6 +33,7 @@ use tdcomfy_api::{
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
+use super::queue_index::{QueueDelta, QueueIndex};
 use super::{
     BrokerPresence, CancelOutcome, ClusterNote, HeartbeatOutcome, InsertOutcome, Inserted, JobRecord, LeaseState,
     NewJob, RETENTION_BATCH, ResultState, Reuse, SWEEP_BATCH, StatusCounts, StoreError, Swept, check_lease, opt_id,
@@ -204,6 +207,26 @@ pub struct PgStore {
     broker_id: Arc<str>,
     listener: Arc<listen::Listener>,
     streams: Arc<StreamLocks>,
+    positions: Arc<Positions>,
+}
+
+/// The longest a positions snapshot is used while no change was seen: a backstop for the few
+/// changes that send no note (another broker forgetting old stream turns), which move positions
+/// only among streams not served for thousands of claims.
+const POSITIONS_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Queue positions from one snapshot of the queued rows, shared by every `GET` until the queue
+/// may have changed. A position needs the whole queue (the claim order is round-robin over the
+/// streams), so computing it per request would read every queued row for each `GET` of a queued
+/// job; the snapshot reads them once per change instead. The database stays the source of truth:
+/// the snapshot is rebuilt from it after any commit of this broker and any note from another
+/// (`changes` counts both), and never kept longer than [`POSITIONS_MAX_AGE`].
+#[derive(Default)]
+struct Positions {
+    /// Bumped after every commit of this store and every note (or `Missed`) the listener hears.
+    changes: Arc<AtomicU64>,
+    /// The snapshot, with the `changes` count read before it was taken and when it was taken.
+    cached: std::sync::Mutex<Option<(u64, Instant, Arc<QueueIndex>)>>,
 }
 
 /// In-process turns of this broker's inserts into each named stream. They are taken before a
@@ -299,6 +322,8 @@ macro_rules! write_tx {
                     typed(async { $body }).await?
                 };
                 w.commit().await?;
+                // After the commit: a positions snapshot taken before it is stale from now on.
+                $self.positions.changes.fetch_add(1, Ordering::Release);
                 Ok(out)
             })
             .await;
@@ -392,15 +417,20 @@ impl PgStore {
             .create_timeout(Some(std::time::Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let listener = listen::Listener::start(config, broker_id.clone(), listen::Liveness::default())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("DATABASE_URL: cannot listen on {}: {e}", url.redacted())))?;
+        let positions = Arc::new(Positions::default());
+        let listener =
+            listen::Listener::start(config, broker_id.clone(), listen::Liveness::default(), positions.changes.clone())
+                .await
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("DATABASE_URL: cannot listen on {}: {e}", url.redacted()))
+                })?;
         Ok(PgStore {
             pool,
             clock,
             broker_id: broker_id.into(),
             listener: Arc::new(listener),
             streams: Arc::new(StreamLocks::default()),
+            positions,
         })
     }
 
@@ -579,23 +609,48 @@ impl PgStore {
     /// `k` every stream with more than `k` queued jobs gives its `k`-th, streams ordered by
     /// (turn, head seq). One GROUP BY over the queued rows (at most MAX_QUEUE).
     pub async fn queue_position(&self, stream: &str, seq: i64) -> Result<u64, StoreError> {
-        let row = one(
+        Ok(self.positions().await?.position(stream, seq))
+    }
+
+    /// The queue's claim order as of the last change seen ([`Positions`]): the same rule as the
+    /// claim (round-robin by stream turn, then submission order), computed by [`QueueIndex`] from
+    /// one consistent read of the queued rows and their streams' turns.
+    async fn positions(&self) -> Result<Arc<QueueIndex>, StoreError> {
+        let changes = self.positions.changes.load(Ordering::Acquire);
+        {
+            let cached = self.positions.cached.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((seen, at, index)) = cached.as_ref()
+                && *seen == changes
+                && at.elapsed() < POSITIONS_MAX_AGE
+            {
+                return Ok(index.clone());
+            }
+        }
+        // One statement, so the rows and the turns are of one snapshot; queued jobs number at
+        // most MAX_QUEUE (plus uploads in flight).
+        let found = rows(
             &self.client().await?,
-            "WITH s AS (SELECT j.stream, COUNT(*) AS n, MIN(j.seq) AS head, COALESCE(MAX(t.served), 0) AS turn \
-                        FROM jobs j LEFT JOIN stream_turns t ON t.stream = j.stream \
-                        WHERE j.status = 'queued' GROUP BY j.stream), \
-                  me AS (SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND stream = $1 AND seq < $2) \
-                        AS round, s.turn, s.head FROM s \
-                        WHERE s.stream = $1 AND EXISTS (SELECT 1 FROM jobs \
-                              WHERE seq = $2 AND stream = $1 AND status = 'queued')) \
-             SELECT COALESCE((SELECT SUM(LEAST(s.n, me.round)) \
-                    + COUNT(*) FILTER (WHERE s.stream <> $1 AND s.n > me.round AND (s.turn, s.head) < (me.turn, me.head)) \
-                    + 1 FROM s, me), 0)::BIGINT",
-            &[&stream, &seq],
+            "SELECT j.seq, j.stream, t.served FROM jobs j LEFT JOIN stream_turns t ON t.stream = j.stream \
+             WHERE j.status = 'queued' ORDER BY j.seq",
+            &[],
         )
         .await?;
-        let n: i64 = row.get(0);
-        Ok(n.max(0) as u64)
+        let mut delta = QueueDelta::default();
+        for row in &found {
+            let (seq, stream, served): (i64, String, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+            if let Some(served) = served {
+                delta.served(stream.clone(), served);
+            }
+            delta.added(seq, &stream);
+        }
+        let mut index = QueueIndex::default();
+        index.apply(delta);
+        let index = Arc::new(index);
+        // Stored with the count read before the query: a change committed meanwhile has bumped
+        // it, so this snapshot is not used past that change.
+        *self.positions.cached.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((changes, Instant::now(), index.clone()));
+        Ok(index)
     }
 
     /// See [`super::Store::list`].
