@@ -1208,6 +1208,11 @@ impl Broker {
         let lease_ms = self.inner.config.lease_ttl.as_millis() as i64;
         let outcome = self.inner.store.heartbeat(id, token, progress, lease_ms, started).await?;
         self.acknowledge(id);
+        if outcome.unblocked {
+            // The job's stream held its next job back while this one waited in ComfyUI's queue;
+            // now it may be claimed, and a worker waiting for work must not sleep through it.
+            self.inner.hub.job_queued();
+        }
         if let Some(r) = &outcome.changed {
             if let Some(lease) = &r.lease {
                 self.inner.workers.touch(&lease.owner, Some(id));
@@ -1595,6 +1600,7 @@ async fn follow_other_brokers(
         let this = Broker { inner };
         match note {
             Ok(ClusterNote::Changed { id, kind, version }) => this.apply_remote_change(id, kind, version).await,
+            Ok(ClusterNote::Wake) => this.inner.hub.job_queued(),
             Ok(ClusterNote::Missed) => {
                 tracing::warn!("notifications from the database were interrupted; clients resync");
                 this.remote_changes_missed();

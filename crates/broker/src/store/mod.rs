@@ -233,6 +233,10 @@ pub struct HeartbeatOutcome {
     pub cancelled: bool,
     /// The record after the update, when progress changed (for an event).
     pub changed: Option<JobRecord>,
+    /// True when this heartbeat ended the job's prefetch (its worker says ComfyUI started it):
+    /// a named stream's next queued job, held back until then, may be claimed now, so the
+    /// waiting lease requests must be woken.
+    pub unblocked: bool,
 }
 
 /// Result of [`Store::cancel`].
@@ -307,6 +311,9 @@ pub enum ClusterNote {
     /// whatever was shown from them must be re-read (clients get a `resync`, waiting workers a
     /// wake-up).
     Missed,
+    /// Nothing any client sees changed, but a queued job may have become claimable (a prefetched
+    /// job started, so its stream's next job is offered): wake the waiting lease requests.
+    Wake,
 }
 
 /// A broker sharing the database, as its last heartbeat row says (`/health`).

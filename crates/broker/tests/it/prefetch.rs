@@ -96,6 +96,29 @@ async fn a_streams_next_job_is_not_claimed_while_its_prefetched_one_has_not_star
 }
 
 #[tokio::test]
+async fn a_worker_already_waiting_gets_the_streams_next_job_the_moment_the_prefetched_one_starts() {
+    let app = spawn_app().await;
+    let stream = [("stream", "td")];
+    let first = submit(&app, "1", &stream).await;
+    let second = submit(&app, "2", &stream).await;
+    let a = lease_with(&app, json!({"worker_id": "gpu-a", "wait": 1, "prefetch": true})).await.unwrap();
+    assert_eq!(a["job_id"], first.as_str());
+    // gpu-b is idle and long-polls; the stream's second job is held back while the first waits
+    // in ComfyUI's queue. Its wait is long, so only a wake-up can answer it in time.
+    let b = waiting(&app, json!({"worker_id": "gpu-b", "wait": 20}));
+    until_waiting(&app, 1).await;
+    let started = std::time::Instant::now();
+    assert_eq!(beat(&app, &first, json!({"lease_token": token(&a), "started": true})).await.status(), 200);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), b)
+        .await
+        .expect("the waiting worker is answered within seconds, not at the end of its 20 s wait")
+        .unwrap()
+        .expect("it got a job");
+    assert_eq!(got["job_id"], second.as_str());
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "answered after {:?}", started.elapsed());
+}
+
+#[tokio::test]
 async fn a_long_polling_heartbeat_answers_the_moment_the_job_is_cancelled() {
     let app = spawn_app().await;
     let id = submit(&app, "x", &[]).await;

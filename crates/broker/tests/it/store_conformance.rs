@@ -118,6 +118,7 @@ on_postgres!(
     lost_listen_connection_reports_missed,
     schema_migrates_once_and_newer_is_refused,
     positions_on_another_handle_follow_each_change,
+    a_prefetched_job_starting_wakes_other_brokers,
 );
 
 fn new_job(stream: &str) -> NewJob {
@@ -840,6 +841,24 @@ async fn positions_on_another_handle_follow_each_change(e: Engine) {
     assert_eq!(position_becomes(&b, &jobs[2], 1).await, 1);
     let late = add(&b, "w").await;
     assert_eq!(b.queue_position(&late.stream, late.seq).await.unwrap(), 2, "b's own insert, at once");
+}
+
+async fn a_prefetched_job_starting_wakes_other_brokers(e: Engine) {
+    // The start of a prefetched job is no event (clients saw it running all along), but it lets
+    // its stream's next job be claimed: the other brokers' waiting workers must hear that.
+    let (a, b) = (e.open().await, e.open().await);
+    let mut heard_by_b = b.cluster_notes().unwrap();
+    add(&a, "s").await;
+    add(&a, "s").await;
+    let r = a.claim_next_with("w".into(), 60_000, None, true).await.unwrap().unwrap();
+    while let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_millis(300), heard_by_b.recv()).await {}
+    assert!(claim(&b).await.is_none(), "the stream's second job waits for the first to start");
+    let beat = a.heartbeat(r.id, token(&r), None, 60_000, true).await.unwrap();
+    assert!(beat.unblocked, "this heartbeat ended the prefetch");
+    assert_eq!(next_note(&mut heard_by_b).await, Some(ClusterNote::Wake));
+    let again = a.heartbeat(r.id, token(&r), None, 60_000, true).await.unwrap();
+    assert!(!again.unblocked, "a repeated `started` unblocks nothing");
+    assert!(claim(&b).await.is_some(), "now the second job is claimable");
 }
 
 async fn next_note(rx: &mut tokio::sync::broadcast::Receiver<ClusterNote>) -> Option<ClusterNote> {

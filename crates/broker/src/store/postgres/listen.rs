@@ -200,6 +200,9 @@ pub(crate) fn kind_name(kind: JobEventKind) -> &'static str {
     }
 }
 
+/// The kind word of a [`ClusterNote::Wake`] (not an event kind: no event is published for it).
+pub(crate) const WAKE: &str = "wake";
+
 fn parse_kind(name: &str) -> Option<JobEventKind> {
     Some(match name {
         "snapshot" => JobEventKind::Snapshot,
@@ -222,7 +225,11 @@ fn parse(payload: &str, me: &str) -> Option<ClusterNote> {
     if from == me || parts.next().is_some() {
         return None;
     }
-    Some(ClusterNote::Changed { id: JobId::parse(id)?, kind: parse_kind(kind)?, version: version.parse().ok()? })
+    let (id, version): (JobId, u64) = (JobId::parse(id)?, version.parse().ok()?);
+    if kind == WAKE {
+        return Some(ClusterNote::Wake);
+    }
+    Some(ClusterNote::Changed { id, kind: parse_kind(kind)?, version })
 }
 
 #[cfg(test)]

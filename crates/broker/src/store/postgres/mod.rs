@@ -287,6 +287,12 @@ impl W<'_> {
         self.notes.push(format!("{} {} {} {}", self.me, listen::kind_name(kind), r.id, r.version));
     }
 
+    /// Tells the other brokers, at this transaction's commit, that `r`'s stream may have a job to
+    /// claim now although nothing any client sees changed ([`ClusterNote::Wake`]).
+    fn wake(&mut self, r: &JobRecord) {
+        self.notes.push(format!("{} {} {} {}", self.me, listen::WAKE, r.id, r.version));
+    }
+
     async fn commit(self) -> Result<(), StoreError> {
         if !self.notes.is_empty() {
             // In the changing transaction: PostgreSQL delivers the notes only if it commits, and
@@ -823,11 +829,16 @@ impl PgStore {
             let now = self.clock.now().millis();
             check_lease(&job, token)?;
             match job.status {
-                JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
+                JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None, unblocked: false }),
                 JobStatus::Running => {
-                    if started {
-                        exec(&w.tx, "UPDATE jobs SET prefetched = FALSE WHERE seq = $1 AND prefetched", &[&job.seq])
-                            .await?;
+                    let unblocked = started
+                        && exec(&w.tx, "UPDATE jobs SET prefetched = FALSE WHERE seq = $1 AND prefetched", &[&job.seq])
+                            .await?
+                            > 0;
+                    if unblocked {
+                        // No event (clients saw the job running all along), but the stream's next
+                        // job is claimable now: other brokers' waiting workers must hear it.
+                        w.wake(&job);
                     }
                     let changed = progress.as_ref().is_some_and(|p| *p != job.progress);
                     if changed {
@@ -840,7 +851,7 @@ impl PgStore {
                         .await?;
                         let r = get_by_seq(&w.tx, job.seq).await?.ok_or(StoreError::NotFound)?;
                         w.note(JobEventKind::Progress, &r);
-                        Ok(HeartbeatOutcome { cancelled: false, changed: Some(r) })
+                        Ok(HeartbeatOutcome { cancelled: false, changed: Some(r), unblocked })
                     } else {
                         exec(
                             &w.tx,
@@ -848,7 +859,7 @@ impl PgStore {
                             &[&(now + lease_ms), &job.seq],
                         )
                         .await?;
-                        Ok(HeartbeatOutcome { cancelled: false, changed: None })
+                        Ok(HeartbeatOutcome { cancelled: false, changed: None, unblocked })
                     }
                 }
                 status => Err(StoreError::LeaseLost { status }),

@@ -479,14 +479,15 @@ impl SqliteStore {
             let job = get_in(tx, id)?.ok_or(StoreError::NotFound)?;
             check_lease(&job, &token)?;
             match job.status {
-                JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None }),
+                JobStatus::Cancelled => Ok(HeartbeatOutcome { cancelled: true, changed: None, unblocked: false }),
                 JobStatus::Running => {
-                    if started {
-                        // Not a change anyone sees (no event): the job was `running` for its
-                        // clients all along; only supersedes and claims read it.
-                        tx.prepare_cached("UPDATE jobs SET prefetched = 0 WHERE seq = ?1 AND prefetched = 1")?
-                            .execute([job.seq])?;
-                    }
+                    // Not a change anyone sees (no event): the job was `running` for its clients all
+                    // along; only supersedes and claims read it.
+                    let unblocked = started
+                        && tx
+                            .prepare_cached("UPDATE jobs SET prefetched = 0 WHERE seq = ?1 AND prefetched = 1")?
+                            .execute([job.seq])?
+                            > 0;
                             let changed = progress.as_ref().is_some_and(|p| *p != job.progress);
                     if changed {
                         let text = serde_json::to_string(&progress).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -499,7 +500,7 @@ impl SqliteStore {
                             .execute(params![now + lease_ms, job.seq])?;
                     }
                     let changed = if changed { get_by_seq(tx, job.seq)? } else { None };
-                    Ok(HeartbeatOutcome { cancelled: false, changed })
+                    Ok(HeartbeatOutcome { cancelled: false, changed, unblocked })
                 }
                 status => Err(StoreError::LeaseLost { status }),
             }
