@@ -51,7 +51,8 @@ pub fn event_name(kind: JobEventKind) -> &'static str {
 /// One published event with its sequence number, id and JSON text.
 #[derive(Debug)]
 pub struct PublishedEvent {
-    /// Increases by one per event since the broker started.
+    /// Increases with every event since the broker started (a gap in other brokers' changes
+    /// takes a number too, so the numbers of consecutive events may skip one).
     pub seq: u64,
     /// The SSE `id:`, `<boot>-<seq>`.
     pub id: String,
@@ -152,8 +153,13 @@ impl PublishedPreview {
 }
 
 struct Ring {
-    /// The last sequence number handed out.
+    /// The last sequence number handed out (to an event, or to a gap).
     seq: u64,
+    /// The newest sequence number taken by a gap ([`EventHub::wanted_or_gap`],
+    /// [`EventHub::resync_all`]): a change another broker made may be missing right before it.
+    /// It takes a number of its own, so an id handed out after the gap (a subscription, a
+    /// resync) is told from one handed out before it.
+    gap_seq: Option<u64>,
     events: VecDeque<Arc<PublishedEvent>>,
     bytes: usize,
 }
@@ -192,7 +198,7 @@ impl EventHub {
         EventHub {
             tx: broadcast::channel(capacity).0,
             boot,
-            ring: Mutex::new(Ring { seq: 0, events: VecDeque::new(), bytes: 0 }),
+            ring: Mutex::new(Ring { seq: 0, gap_seq: None, events: VecDeque::new(), bytes: 0 }),
             queued: Notify::new(),
             previews: Previews::new(limits),
             // Previews come at most PREVIEW_FPS per running job; a subscriber this far behind
@@ -260,6 +266,24 @@ impl EventHub {
         self.tx.receiver_count() > 0 || self.previews.get(job).is_some()
     }
 
+    /// [`EventHub::wanted`], and when nobody wants the event, records a gap instead: the caller
+    /// skips it, so a client that resumes from an id of before now must re-read
+    /// ([`ResyncReason::Missed`]) rather than be told nothing happened. Under the ring's lock,
+    /// which subscribing takes too, so no subscription slips between the check and the gap.
+    pub fn wanted_or_gap(&self, job: JobId) -> bool {
+        let mut ring = self.ring();
+        if self.wanted(job) {
+            return true;
+        }
+        Self::gap_locked(&mut ring);
+        false
+    }
+
+    fn gap_locked(ring: &mut Ring) {
+        ring.seq += 1;
+        ring.gap_seq = Some(ring.seq);
+    }
+
     /// A receiver of every event published from now on (for code that needs no ids).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<PublishedEvent>> {
         self.tx.subscribe()
@@ -295,6 +319,9 @@ impl EventHub {
             .filter(|&seq| seq <= ring.seq);
         let resume = match seq {
             None => resync(ResyncReason::UnknownId),
+            // Before the `seq == ring.seq` shortcut: a change skipped after the client's event
+            // (nobody was subscribed) or lost (notifications broke) is in no replay.
+            Some(seq) if ring.gap_seq.is_some_and(|gap| seq < gap) => resync(ResyncReason::Missed),
             Some(seq) if seq == ring.seq => Resume::Replay(Vec::new()),
             // The ring must still hold the event right after the client's, or some are lost.
             Some(seq) if ring.events.front().is_none_or(|first| first.seq > seq + 1) => resync(ResyncReason::Expired),
@@ -342,6 +369,9 @@ impl EventHub {
     /// open stream sends a `resync` and goes on from the events published after it, and each
     /// long-poll re-reads what it waits on.
     pub fn resync_all(&self) {
+        // A gap first, so a client away now resyncs when it resumes, and each open stream's new
+        // subscription (taken after the bump below) starts after the gap.
+        Self::gap_locked(&mut self.ring());
         self.resync_tx.send_modify(|g| *g = g.wrapping_add(1));
     }
 

@@ -365,9 +365,10 @@ impl Broker {
             // Whoever held it on this broker's table does not any more.
             self.inner.workers.release(id);
         }
-        if !self.inner.hub.wanted(id) {
+        if !self.inner.hub.wanted_or_gap(id) {
             // No stream, long-poll or preview here would hear of it: skip the re-read, so a
-            // broker nobody watches costs the others' changes nothing but this check.
+            // broker nobody watches costs the others' changes nothing but this check. The hub
+            // recorded the gap: a client resuming from before it resyncs.
             return;
         }
         let r = match self.inner.store.get(id).await {

@@ -595,3 +595,55 @@ async fn a_lease_received_through_another_broker_is_not_handed_back_as_unreceive
     assert_eq!((&job["status"], &job["attempts"]), (&json!("running"), &json!(1)), "{job}");
     assert_eq!(b3.put_result(&id, token, b"mp4".to_vec()).await.status(), 200, "the lease still holds");
 }
+
+/// Waits until `app` has no SSE stream open (its gauge says 0): nobody there hears a change.
+async fn until_no_sse_stream(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l.trim() == "tdcomfy_sse_subscribers 0") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the SSE stream stayed open after the client hung up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_resuming_on_the_same_broker_hears_what_another_broker_changed_meanwhile() {
+    let Some(c) = Cluster::start("cluster resume same broker", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut first = SseReader::new(b2.get("/events").send().await.unwrap());
+    let id = b2.submit_png("changed elsewhere while away").await;
+    let (name, _) = first.next(10.0).await.unwrap();
+    assert_eq!(name, "queued");
+    let last = first.last_id.clone().unwrap();
+    drop(first);
+    until_no_sse_stream(b2).await;
+
+    // While nobody listens on broker 2, the job is cancelled through broker 1.
+    assert_eq!(b1.delete(&format!("/jobs/{id}")).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The client comes back to broker 2 with its id: it must hear of the cancel, as the event
+    // itself or as a resync that makes it re-read; never a silent "nothing happened".
+    let mut again = SseReader::new(b2.get("/events").header("last-event-id", &last).send().await.unwrap());
+    let (name, data) = again.next(5.0).await.expect("the resumed stream says something");
+    match name.as_str() {
+        "resync" => assert_eq!(data["reason"], json!("missed"), "{data}"),
+        "cancelled" => assert_eq!(data["job_id"], json!(id)),
+        other => panic!("the first event after the resume is {other}: {data}"),
+    }
+    assert_eq!(b2.job(&id).await["status"], "cancelled", "what a re-read shows");
+
+    // Sticky no longer than needed: resuming from the resync's id replays exactly.
+    if name == "resync" {
+        let resumed = again.last_id.clone().unwrap();
+        drop(again);
+        until_no_sse_stream(b2).await;
+        let mut third = SseReader::new(b2.get("/events").header("last-event-id", &resumed).send().await.unwrap());
+        let id2 = b2.submit_png("after the resync").await;
+        let (name, data) = third.next(5.0).await.unwrap();
+        assert_eq!((name.as_str(), &data["job_id"]), ("queued", &json!(id2)), "{data}");
+    }
+}
