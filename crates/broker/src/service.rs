@@ -171,9 +171,24 @@ struct Inner {
     /// Whether the last presence heartbeat failed (so a failing database is logged once, not
     /// every second).
     presence_failing: std::sync::atomic::AtomicBool,
+    /// When the store last answered the sweep or the presence heartbeat, and whether it has
+    /// failed since: an outage longer than `LEASE_TTL`/3 made every worker's heartbeat fail
+    /// meanwhile, so its leases lapsed through no fault of the workers (see [`Broker::sweep`]).
+    store_health: std::sync::Mutex<StoreHealth>,
     /// The presence heartbeat and the consumer of other brokers' changes: aborted with the
     /// broker (they hold it only weakly, so they never keep it alive).
     tasks: std::sync::Mutex<Vec<crate::AbortOnDrop>>,
+}
+
+/// What the sweep knows of the store's recent answers.
+struct StoreHealth {
+    /// The last time a sweep step or presence heartbeat succeeded.
+    last_ok: Instant,
+    /// A call failed since `last_ok`.
+    failing: bool,
+    /// The store answered again after failing for more than `LEASE_TTL`/3 (the presence beat
+    /// may hear it first): the next sweep resumes running leases before expiring any.
+    resume_pending: bool,
 }
 
 /// How long a starting broker waits for another broker's presence row to move before it takes
@@ -313,6 +328,11 @@ impl Broker {
                 me,
                 brokers: std::sync::Mutex::new(live),
                 presence_failing: Default::default(),
+                store_health: std::sync::Mutex::new(StoreHealth {
+                    last_ok: Instant::now(),
+                    failing: false,
+                    resume_pending: false,
+                }),
                 tasks: Default::default(),
             }),
         };
@@ -337,7 +357,9 @@ impl Broker {
         let me = BrokerPresence { last_seen: self.inner.config.clock.now(), ..self.inner.me.clone() };
         let window = presence_window(&self.inner.config).as_millis() as i64;
         let failing = &self.inner.presence_failing;
-        match self.inner.store.broker_heartbeat(me, window).await {
+        let beat = self.inner.store.broker_heartbeat(me, window).await;
+        self.store_answered(beat.is_ok());
+        match beat {
             Ok(mut live) => {
                 live.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
                 *self.inner.brokers.lock().unwrap_or_else(|p| p.into_inner()) = live;
@@ -1344,7 +1366,37 @@ impl Broker {
         if let Err(e) = self.release_unacknowledged().await {
             note(e);
         }
-        match self.inner.store.expire_leases(cfg.max_attempts).await {
+        if self.store_was_out_long() {
+            // The store was unreachable for more than LEASE_TTL/3: workers' heartbeats failed
+            // with it, so their leases lapsed while they kept working. Expiring them now would
+            // requeue every running job and refuse its result as `lease_lost`; they get one
+            // LEASE_TTL to check in instead, as after a restart (`resume_running`, which on
+            // PostgreSQL touches only lapsed leases). Before `expire_leases`, never after.
+            match self
+                .inner
+                .store
+                .resume_running(cfg.lease_ttl.as_millis() as i64, cfg.job_timeout.as_millis() as i64)
+                .await
+            {
+                Ok(n) => {
+                    self.store_answered(true);
+                    self.inner.store_health.lock().unwrap_or_else(|p| p.into_inner()).resume_pending = false;
+                    tracing::warn!(
+                        jobs = n,
+                        "the store is back after an outage longer than LEASE_TTL/3: running jobs keep their leases for one LEASE_TTL"
+                    );
+                }
+                Err(e) => {
+                    self.store_answered(false);
+                    // Still out: expiring leases now would be the same mistake next time it works.
+                    note(e.into());
+                    return first_error.map_or(Ok(()), Err);
+                }
+            }
+        }
+        let expired = self.inner.store.expire_leases(cfg.max_attempts).await;
+        self.store_answered(expired.is_ok());
+        match expired {
             Ok(swept) => {
                 let mut requeued = false;
                 for r in &swept.changed {
@@ -1392,6 +1444,29 @@ impl Broker {
             note(e);
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Records whether a sweep or presence call reached the store.
+    fn store_answered(&self, ok: bool) {
+        let mut h = self.inner.store_health.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            if h.failing && h.last_ok.elapsed() > self.inner.config.lease_ttl / 3 {
+                h.resume_pending = true;
+            }
+            h.last_ok = Instant::now();
+            h.failing = false;
+        } else {
+            h.failing = true;
+        }
+    }
+
+    /// True while the store has failed since it last answered, longer ago than `LEASE_TTL`/3
+    /// (the heartbeat interval workers keep): their leases may have lapsed meanwhile. Only a
+    /// failure counts, never a slow sweep interval, so leases of workers that really stopped
+    /// still expire.
+    fn store_was_out_long(&self) -> bool {
+        let h = self.inner.store_health.lock().unwrap_or_else(|p| p.into_inner());
+        h.resume_pending || (h.failing && h.last_ok.elapsed() > self.inner.config.lease_ttl / 3)
     }
 
     async fn publish_swept(&self, swept: crate::store::Swept, doing: &str) {

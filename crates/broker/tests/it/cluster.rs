@@ -647,3 +647,39 @@ async fn a_client_resuming_on_the_same_broker_hears_what_another_broker_changed_
         assert_eq!((name.as_str(), &data["job_id"]), ("queued", &json!(id2)), "{data}");
     }
 }
+
+#[tokio::test]
+async fn a_database_outage_longer_than_a_lease_does_not_requeue_running_jobs() {
+    let Some(c) = Cluster::start("cluster outage", 1, |a| a.lease_ttl = 2.0).await else { return };
+    let b = &c.brokers[0];
+    let id = b.submit_png("running through the outage").await;
+    let lease = b.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(b.heartbeat(&id, &token, None).await.status(), 200);
+
+    // The database refuses every connection of the broker for longer than LEASE_TTL: the
+    // worker's heartbeats cannot land, so the lease lapses in the database meanwhile.
+    let admin = std::env::var("TDCOMFY_TEST_DATABASE_URL").unwrap();
+    let name = c.db.url.rsplit('/').next().unwrap().to_owned();
+    query_one(&admin, &format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false")).await;
+    query_one(
+        &admin,
+        &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{name}'"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    query_one(&admin, &format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).await;
+
+    // The broker reaches its database again, and sweeps a few times before the worker's next beat.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while b.get(&format!("/jobs/{id}")).send().await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "the broker never reached its database again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resp = b.heartbeat(&id, &token, None).await;
+    assert_eq!(resp.status(), 200, "the worker keeps its lease: {}", resp.text().await.unwrap());
+    let job = b.job(&id).await;
+    assert_eq!((&job["status"], &job["attempts"]), (&json!("running"), &json!(1)), "not requeued: {job}");
+    assert_eq!(b.put_result(&id, &token, b"mp4".to_vec()).await.status(), 200, "its result is taken");
+}
