@@ -456,12 +456,28 @@ impl Broker {
     }
 
     /// Turns a stored job into its wire form.
+    ///
+    /// Never fails: its one store read, `queue_position` (a query on PostgreSQL), is best-effort.
+    /// A view is built after a commit (submit, release, failure report), where an error would
+    /// turn a committed change into a 500 (a client without `Idempotency-Key` retries and makes
+    /// a second job) and skip its event; a missing position costs the client only that field.
     pub async fn view(&self, r: &JobRecord) -> Result<JobView, BrokerError> {
-        let queue_position = if r.status == JobStatus::Queued {
-            Some(self.inner.store.queue_position(&r.stream, r.seq).await?)
-        } else {
-            None
-        };
+        let queue_position = if r.status == JobStatus::Queued { self.queue_position(r).await } else { None };
+        Ok(self.view_with(r, queue_position))
+    }
+
+    async fn queue_position(&self, r: &JobRecord) -> Option<u64> {
+        match self.inner.store.queue_position(&r.stream, r.seq).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(job_id = %r.id, error = %e, "could not read a queued job's position; shown without it");
+                None
+            }
+        }
+    }
+
+    /// [`Broker::view`] with the queue position already known.
+    fn view_with(&self, r: &JobRecord, queue_position: Option<u64>) -> JobView {
         let processing_time = r.started_at.map(|start| {
             let end = r.finished_at.unwrap_or_else(|| self.inner.config.clock.now());
             (end.millis() - start.millis()).max(0) as f64 / 1000.0
@@ -476,7 +492,7 @@ impl Broker {
             comfy_execution: r.comfy_execution_ms.map(|ms| ms as f64 / 1000.0),
             total: r.finished_at.map(|f| secs(r.created_at, f)),
         };
-        Ok(JobView {
+        JobView {
             id: r.id,
             status: r.status,
             created_at: r.created_at,
@@ -503,7 +519,7 @@ impl Broker {
             superseded_by: r.superseded_by,
             reused_from: r.reused_from,
             params: r.params.clone(),
-        })
+        }
     }
 
     /// Keeps a worker's preflight report (what its ComfyUI server can run) while it stays
@@ -719,8 +735,9 @@ impl Broker {
         if inserted.reused {
             self.publish(JobEventKind::Done, &record).await?;
         } else {
-            self.publish(JobEventKind::Queued, &record).await?;
+            // Wake first: nothing after the commit may keep the job from a waiting worker.
             self.inner.hub.job_queued();
+            self.publish(JobEventKind::Queued, &record).await?;
         }
         self.accepted(&record, false, superseded).await
     }
@@ -1136,11 +1153,12 @@ impl Broker {
         if let Some(r) = self.inner.store.release_unreceived(id, token, claimed_expiry).await? {
             tracing::info!(job_id = %id, status = %r.status, "the worker hung up before receiving its lease: job queued again (or superseded)");
             self.inner.workers.release(id);
-            self.drop_frame_if_superseded(&r).await;
-            self.publish(Self::kind_for_status(r.status), &r).await?;
+            // Wake first: nothing after the commit may keep the job from a waiting worker.
             if r.status == JobStatus::Queued {
                 self.inner.hub.job_queued();
             }
+            self.drop_frame_if_superseded(&r).await;
+            self.publish(Self::kind_for_status(r.status), &r).await?;
         }
         Ok(())
     }
@@ -1341,11 +1359,12 @@ impl Broker {
         self.inner.workers.release(id);
         // A repeated report changes nothing, so it is no event (subscribers would see the job fail twice).
         if changed {
-            self.drop_frame_if_superseded(&r).await;
-            self.publish(Self::kind_for_status(r.status), &r).await?;
+            // Wake first: nothing after the commit may keep the job from a waiting worker.
             if r.status == JobStatus::Queued {
                 self.inner.hub.job_queued();
             }
+            self.drop_frame_if_superseded(&r).await;
+            self.publish(Self::kind_for_status(r.status), &r).await?;
         }
         Ok(r.status)
     }
