@@ -216,22 +216,24 @@ impl EventHub {
         format!("{}-{seq}", self.boot)
     }
 
-    /// Sends `event` to every subscriber and keeps it for replay.
-    pub fn publish(&self, event: JobEvent) {
-        let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
-        let ring = self.ring();
-        self.publish_locked(ring, event, json);
+    /// Sends `event` to every subscriber and keeps it for replay, unless a newer state of its job
+    /// went out already (see [`EventHub::publish_if_newer`]); false when it was dropped.
+    pub fn publish(&self, event: JobEvent) -> bool {
+        self.publish_if_newer(event)
     }
 
-    /// [`EventHub::publish`] for a change read back after another broker made it: dropped (false)
-    /// when an event of the same job at this version or newer went out meanwhile (this broker's
-    /// own change, published while the re-read was on its way), so a job's events never go back
-    /// to an older state. Checked against the replay ring, under its lock.
+    /// Publishes `event` unless an event of the same job at a *newer* version went out meanwhile:
+    /// with several brokers, another broker's change (read back from its note) can be published
+    /// here between this broker's commit and its own event, and the other way round, so either
+    /// may arrive late; a job's events never go back in version on a stream, and a stale one does
+    /// not drop the job's preview slot either. The same version passes: a repeated `DELETE`
+    /// re-publishes `cancelled` unchanged, here or through another broker. Checked against the
+    /// replay ring, under its lock (older than the ring, nothing can overtake it any more).
     pub fn publish_if_newer(&self, event: JobEvent) -> bool {
         let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
         let ring = self.ring();
         let (job, version) = (event.job_id, event.job.version);
-        if ring.events.iter().rev().any(|e| e.job_id() == job && e.event.job.version >= version) {
+        if ring.events.iter().rev().any(|e| e.job_id() == job && e.event.job.version > version) {
             return false;
         }
         self.publish_locked(ring, event, json);
@@ -396,5 +398,73 @@ impl EventHub {
 pub async fn resync_wanted(rx: &mut watch::Receiver<u64>) {
     if rx.changed().await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: JobEventKind, id: JobId, status: JobStatus, version: u64) -> JobEvent {
+        let view = tdcomfy_api::JobView {
+            id,
+            status,
+            created_at: tdcomfy_api::Timestamp::now(),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: None,
+            workflow: "w".into(),
+            has_result: false,
+            error_message: None,
+            processing_time: None,
+            progress: Default::default(),
+            queue_position: None,
+            started_at: None,
+            finished_at: None,
+            attempts: 1,
+            version,
+            result: None,
+            timings: Default::default(),
+            waiting_reason: None,
+            stream: None,
+            mode: tdcomfy_api::StreamMode::Queue,
+            previews: false,
+            cancel_reason: None,
+            superseded_by: None,
+            reused_from: None,
+            params: Default::default(),
+        };
+        JobEvent::new(kind, view)
+    }
+
+    fn received(rx: &mut broadcast::Receiver<Arc<PublishedEvent>>) -> Vec<(JobEventKind, u64)> {
+        std::iter::from_fn(|| rx.try_recv().ok()).map(|e| (e.event.event, e.event.job.version)).collect()
+    }
+
+    #[test]
+    fn a_job_s_events_never_go_back_in_version_but_a_repeat_goes_out() {
+        let hub = EventHub::new(64);
+        let mut rx = hub.subscribe();
+        let (a, b) = (JobId::new(), JobId::new());
+        assert!(hub.publish(event(JobEventKind::Started, a, JobStatus::Running, 2)));
+        // This broker's own `queued` v1, late behind another broker's `started` v2: dropped.
+        assert!(!hub.publish(event(JobEventKind::Queued, a, JobStatus::Queued, 1)));
+        assert!(!hub.publish_if_newer(event(JobEventKind::Queued, a, JobStatus::Queued, 1)));
+        // Another job's older version is no concern of this one's.
+        assert!(hub.publish(event(JobEventKind::Queued, b, JobStatus::Queued, 1)));
+        // A repeated DELETE's `cancelled`, same version, locally and from another broker.
+        assert!(hub.publish(event(JobEventKind::Cancelled, a, JobStatus::Cancelled, 3)));
+        assert!(hub.publish(event(JobEventKind::Cancelled, a, JobStatus::Cancelled, 3)));
+        assert!(hub.publish_if_newer(event(JobEventKind::Cancelled, a, JobStatus::Cancelled, 3)));
+        assert_eq!(
+            received(&mut rx),
+            vec![
+                (JobEventKind::Started, 2),
+                (JobEventKind::Queued, 1),
+                (JobEventKind::Cancelled, 3),
+                (JobEventKind::Cancelled, 3),
+                (JobEventKind::Cancelled, 3)
+            ]
+        );
     }
 }

@@ -614,7 +614,11 @@ impl Broker {
             let event = crate::events::event_name(kind);
             tracing::info!(job_id = %r.id, attempt = r.attempts, worker, status = %r.status, event, "job {event}");
         }
-        self.inner.hub.publish(JobEvent::new(kind, view));
+        if !self.inner.hub.publish(JobEvent::new(kind, view)) {
+            // Another broker's later change of the job went out here first (its note outran
+            // this commit's event): showing this one now would take the job back in time.
+            tracing::debug!(job_id = %r.id, version = r.version, "skipped an event a newer state of its job overtook");
+        }
         Ok(())
     }
 
