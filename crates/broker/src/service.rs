@@ -339,7 +339,7 @@ impl Broker {
         let weak = Arc::downgrade(&broker.inner);
         let mut tasks = vec![crate::AbortOnDrop(tokio::spawn(presence_forever(weak.clone())))];
         if let Some(notes) = notes {
-            tasks.push(crate::AbortOnDrop(tokio::spawn(follow_other_brokers(weak, notes))));
+            tasks.push(crate::AbortOnDrop(tokio::spawn(follow_supervised(weak, notes))));
         }
         *broker.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(broker)
@@ -1678,6 +1678,29 @@ async fn presence_forever(broker: std::sync::Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = broker.upgrade() else { return };
         Broker { inner }.beat_presence().await;
+    }
+}
+
+/// Runs [`follow_other_brokers`] until the broker is gone, restarting it after a panic: a panic
+/// there (a bug) would otherwise stop every other broker's change from reaching this one's
+/// clients and lease waits, silently, for the rest of its life. The notes sent between the panic
+/// and the new subscription are lost, so every client resyncs (and every resume from before
+/// resyncs, through the gap `resync_all` records) once the new subscription is in place.
+async fn follow_supervised(broker: std::sync::Weak<Inner>, mut notes: tokio::sync::broadcast::Receiver<ClusterNote>) {
+    loop {
+        // Aborted with this task (`stop_background`), so a stopped broker publishes nothing more.
+        let mut follower = crate::AbortOnDrop(tokio::spawn(follow_other_brokers(broker.clone(), notes)));
+        match (&mut follower.0).await {
+            Err(e) if e.is_panic() => {
+                tracing::error!("the follower of other brokers' changes panicked; restarted, clients resync")
+            }
+            // Ended: the broker is gone or its store's notes closed.
+            _ => return,
+        }
+        let Some(inner) = broker.upgrade() else { return };
+        let Some(again) = inner.store.cluster_notes() else { return };
+        notes = again;
+        Broker { inner }.remote_changes_missed();
     }
 }
 
