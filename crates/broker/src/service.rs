@@ -200,9 +200,13 @@ const PRESENCE_PROOF: Duration = Duration::from_millis(2500);
 /// rows, `me` included). A row within the presence window is not proof: after a crash and a quick
 /// restart it is this broker's own previous start, and no one renewed its workers' leases while
 /// it was down. So when other rows are there, this waits (at most [`PRESENCE_PROOF`]) for one of
-/// them to beat again; a row that moves, or a new one, is a live broker. Compared with the row's
-/// own earlier value, not with this broker's clock, so clock skew between machines does not count.
-/// SQLite has no other rows and answers at once.
+/// them to beat again; a row that moves, or a new one, is a live broker. "Moves" compares a row's
+/// `last_seen` with its own earlier value, not with this broker's clock, so skew between machines
+/// cannot fake a move. Which rows are in the window at all, though, compares a row's `last_seen`
+/// (written with its own broker's clock) with this broker's clock: a broker whose clock is behind
+/// by more than the window ([`presence_window`]) is missed, here (this broker then takes itself
+/// to be alone and resumes running leases) and in `/health`. Brokers need synchronised clocks
+/// (NTP), as their leases' expiry does anyway. SQLite has no other rows and answers at once.
 async fn others_alive(
     store: &Store,
     me: &BrokerPresence,
@@ -312,7 +316,6 @@ impl Broker {
                 "other brokers are alive on this database: running jobs keep the leases their workers renew"
             );
         }
-        reconcile_files(&store, &blobs).await?;
         let notes = store.cluster_notes();
         let broker = Broker {
             inner: Arc::new(Inner {
@@ -342,6 +345,10 @@ impl Broker {
             tasks.push(crate::AbortOnDrop(tokio::spawn(follow_supervised(weak, notes))));
         }
         *broker.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        // After the presence heartbeat started: a pass over a large S3 bucket can take longer
+        // than the presence window, and a broker that stops beating meanwhile would be taken
+        // for dead by a peer starting then (which would renew the running leases).
+        reconcile_files(&broker.inner.store, &broker.inner.blobs).await?;
         Ok(broker)
     }
 
@@ -350,6 +357,16 @@ impl Broker {
     /// a request of its lingers.
     pub fn stop_background(&self) {
         self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// A graceful stop: the background tasks end, then this broker's presence row goes, so the
+    /// others drop it from `/health` at once and a lone broker's restart need not wait
+    /// [`PRESENCE_PROOF`] for a row that will not move. A failure only costs that wait.
+    pub async fn leave(&self) {
+        self.stop_background();
+        if let Err(e) = self.inner.store.broker_leave(self.inner.me.id.clone()).await {
+            tracing::warn!(error = %e, "could not delete this broker's presence row; it lapses by itself");
+        }
     }
 
     /// Records this broker's presence and keeps the list of live brokers for `/health`.

@@ -636,6 +636,14 @@ impl Store {
             Store::Postgres(s) => s.broker_heartbeat(me, within_ms).await,
         }
     }
+
+    /// Deletes the presence row of broker `id`, which is stopping. SQLite records none.
+    pub async fn broker_leave(&self, id: String) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.broker_leave(id).await,
+        }
+    }
 }
 
 pub(crate) fn check_lease(job: &JobRecord, token: &LeaseToken) -> Result<(), StoreError> {

@@ -683,3 +683,19 @@ async fn a_database_outage_longer_than_a_lease_does_not_requeue_running_jobs() {
     assert_eq!((&job["status"], &job["attempts"]), (&json!("running"), &json!(1)), "not requeued: {job}");
     assert_eq!(b.put_result(&id, &token, b"mp4".to_vec()).await.status(), 200, "its result is taken");
 }
+
+#[tokio::test]
+async fn a_broker_stopping_gracefully_takes_its_presence_row_with_it() {
+    let Some(mut c) = Cluster::start("cluster leave", 2, |_| {}).await else { return };
+    let rows = || query_one(&c.db.url, "SELECT count(*) FROM brokers");
+    assert_eq!(rows().await, "2");
+    let mut stopped = c.brokers.pop().unwrap();
+    stopped.shutdown().await;
+    // At once, not after the presence window: the live broker's next beat lists it alone.
+    assert_eq!(rows().await, "1", "the stopped broker's row is gone");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while broker_ids(&c.brokers[0].health().await).len() != 1 {
+        assert!(Instant::now() < deadline, "{}", c.brokers[0].health().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

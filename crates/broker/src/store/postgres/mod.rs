@@ -1020,6 +1020,16 @@ impl PgStore {
                 .collect())
         })
     }
+
+    /// Deletes `id`'s presence row (a broker stopping gracefully): the others, and its own next
+    /// start, no longer count it as alive.
+    pub async fn broker_leave(&self, id: String) -> Result<(), StoreError> {
+        let id = &id;
+        write_tx!(self, |w, _now| {
+            exec(&w.tx, "DELETE FROM brokers WHERE id = $1", &[id]).await?;
+            Ok(())
+        })
+    }
 }
 
 /// How long a broker's presence row outlives its last heartbeat.
