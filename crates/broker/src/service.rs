@@ -914,11 +914,25 @@ impl Broker {
     /// Jobs newest first.
     pub async fn list(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<JobView>, BrokerError> {
         let records = self.inner.store.list(status, limit).await?;
-        let mut out = Vec::with_capacity(records.len());
-        for r in &records {
-            out.push(self.view(r).await?);
+        // One batch for every queued job of the list (the dashboard asks for 500 every 5 s),
+        // best-effort like a single view's.
+        let queued: Vec<(String, i64)> =
+            records.iter().filter(|r| r.status == JobStatus::Queued).map(|r| (r.stream.clone(), r.seq)).collect();
+        let mut positions = match self.inner.store.queue_positions(&queued).await {
+            Ok(p) => p.into_iter().map(Some).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the queued jobs' positions; listed without them");
+                vec![None; queued.len()]
+            }
         }
-        Ok(out)
+        .into_iter();
+        Ok(records
+            .iter()
+            .map(|r| {
+                let position = if r.status == JobStatus::Queued { positions.next().flatten() } else { None };
+                self.view_with(r, position)
+            })
+            .collect())
     }
 
     /// Counts, connected workers and the brokers alive on the database.
