@@ -699,3 +699,23 @@ async fn a_broker_stopping_gracefully_takes_its_presence_row_with_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_committed_submit_is_accepted_when_its_queue_position_cannot_be_read() {
+    let Some(c) = Cluster::start("cluster position fails", 1, |_| {}).await else { return };
+    let b = &c.brokers[0];
+    // The position query reads the streams' turns; the insert does not. Without the table, every
+    // position read fails after the job's commit.
+    query_one(&c.db.url, "ALTER TABLE stream_turns RENAME TO stream_turns_away").await;
+    let resp = b.submit(crate::helpers::png_form("committed, position unknown")).await;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    query_one(&c.db.url, "ALTER TABLE stream_turns_away RENAME TO stream_turns").await;
+    assert_eq!(status, 200, "a committed job is no 500 (a retry would make a second job): {body}");
+    assert!(body["queue_position"].is_null(), "shown without its position: {body}");
+    let id = body["job_id"].as_str().unwrap();
+    let job = b.job(id).await;
+    assert_eq!((&job["status"], &job["queue_position"]), (&json!("queued"), &json!(1)), "{job}");
+    let list: Value = b.get("/jobs?status=queued").send().await.unwrap().json().await.unwrap();
+    assert_eq!(list.to_string().matches(id).count(), 1, "stored once: {list}");
+}
