@@ -719,3 +719,28 @@ async fn a_committed_submit_is_accepted_when_its_queue_position_cannot_be_read()
     let list: Value = b.get("/jobs?status=queued").send().await.unwrap().json().await.unwrap();
     assert_eq!(list.to_string().matches(id).count(), 1, "stored once: {list}");
 }
+
+#[tokio::test]
+async fn a_client_away_while_notifications_broke_resyncs_when_it_resumes() {
+    let Some(c) = Cluster::start("cluster resume after missed", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut first = SseReader::new(b1.get("/events").send().await.unwrap());
+    let id = b1.submit_png("before the break").await;
+    assert_eq!(first.next(10.0).await.unwrap().0, "queued");
+    let last = first.last_id.clone().unwrap();
+    drop(first);
+    until_no_sse_stream(b1).await;
+    // The listening connections break (and come back) while the client is away; a change made
+    // meanwhile through broker 2 may never reach broker 1 as a note.
+    query_one(
+        &c.db.url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'tdcomfy-listen'",
+    )
+    .await;
+    b2.delete(&format!("/jobs/{id}")).send().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut again = SseReader::new(b1.get("/events").header("last-event-id", &last).send().await.unwrap());
+    let (name, data) = again.next(5.0).await.expect("the resumed stream says something");
+    assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("missed")), "{data}");
+}
