@@ -51,7 +51,8 @@ pub fn event_name(kind: JobEventKind) -> &'static str {
 /// One published event with its sequence number, id and JSON text.
 #[derive(Debug)]
 pub struct PublishedEvent {
-    /// Increases by one per event since the broker started.
+    /// Increases with every event since the broker started (a gap in other brokers' changes
+    /// takes a number too, so the numbers of consecutive events may skip one).
     pub seq: u64,
     /// The SSE `id:`, `<boot>-<seq>`.
     pub id: String,
@@ -152,8 +153,13 @@ impl PublishedPreview {
 }
 
 struct Ring {
-    /// The last sequence number handed out.
+    /// The last sequence number handed out (to an event, or to a gap).
     seq: u64,
+    /// The newest sequence number taken by a gap ([`EventHub::wanted_or_gap`],
+    /// [`EventHub::resync_all`]): a change another broker made may be missing right before it.
+    /// It takes a number of its own, so an id handed out after the gap (a subscription, a
+    /// resync) is told from one handed out before it.
+    gap_seq: Option<u64>,
     events: VecDeque<Arc<PublishedEvent>>,
     bytes: usize,
 }
@@ -192,7 +198,7 @@ impl EventHub {
         EventHub {
             tx: broadcast::channel(capacity).0,
             boot,
-            ring: Mutex::new(Ring { seq: 0, events: VecDeque::new(), bytes: 0 }),
+            ring: Mutex::new(Ring { seq: 0, gap_seq: None, events: VecDeque::new(), bytes: 0 }),
             queued: Notify::new(),
             previews: Previews::new(limits),
             // Previews come at most PREVIEW_FPS per running job; a subscriber this far behind
@@ -210,22 +216,24 @@ impl EventHub {
         format!("{}-{seq}", self.boot)
     }
 
-    /// Sends `event` to every subscriber and keeps it for replay.
-    pub fn publish(&self, event: JobEvent) {
-        let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
-        let ring = self.ring();
-        self.publish_locked(ring, event, json);
+    /// Sends `event` to every subscriber and keeps it for replay, unless a newer state of its job
+    /// went out already (see [`EventHub::publish_if_newer`]); false when it was dropped.
+    pub fn publish(&self, event: JobEvent) -> bool {
+        self.publish_if_newer(event)
     }
 
-    /// [`EventHub::publish`] for a change read back after another broker made it: dropped (false)
-    /// when an event of the same job at this version or newer went out meanwhile (this broker's
-    /// own change, published while the re-read was on its way), so a job's events never go back
-    /// to an older state. Checked against the replay ring, under its lock.
+    /// Publishes `event` unless an event of the same job at a *newer* version went out meanwhile:
+    /// with several brokers, another broker's change (read back from its note) can be published
+    /// here between this broker's commit and its own event, and the other way round, so either
+    /// may arrive late; a job's events never go back in version on a stream, and a stale one does
+    /// not drop the job's preview slot either. The same version passes: a repeated `DELETE`
+    /// re-publishes `cancelled` unchanged, here or through another broker. Checked against the
+    /// replay ring, under its lock (older than the ring, nothing can overtake it any more).
     pub fn publish_if_newer(&self, event: JobEvent) -> bool {
         let json = serde_json::to_string(&event).unwrap_or_else(|_| String::from("{}"));
         let ring = self.ring();
         let (job, version) = (event.job_id, event.job.version);
-        if ring.events.iter().rev().any(|e| e.job_id() == job && e.event.job.version >= version) {
+        if ring.events.iter().rev().any(|e| e.job_id() == job && e.event.job.version > version) {
             return false;
         }
         self.publish_locked(ring, event, json);
@@ -258,6 +266,24 @@ impl EventHub {
     /// long-poll) is open, or the job has a preview here that its event would drop.
     pub fn wanted(&self, job: JobId) -> bool {
         self.tx.receiver_count() > 0 || self.previews.get(job).is_some()
+    }
+
+    /// [`EventHub::wanted`], and when nobody wants the event, records a gap instead: the caller
+    /// skips it, so a client that resumes from an id of before now must re-read
+    /// ([`ResyncReason::Missed`]) rather than be told nothing happened. Under the ring's lock,
+    /// which subscribing takes too, so no subscription slips between the check and the gap.
+    pub fn wanted_or_gap(&self, job: JobId) -> bool {
+        let mut ring = self.ring();
+        if self.wanted(job) {
+            return true;
+        }
+        Self::gap_locked(&mut ring);
+        false
+    }
+
+    fn gap_locked(ring: &mut Ring) {
+        ring.seq += 1;
+        ring.gap_seq = Some(ring.seq);
     }
 
     /// A receiver of every event published from now on (for code that needs no ids).
@@ -295,6 +321,9 @@ impl EventHub {
             .filter(|&seq| seq <= ring.seq);
         let resume = match seq {
             None => resync(ResyncReason::UnknownId),
+            // Before the `seq == ring.seq` shortcut: a change skipped after the client's event
+            // (nobody was subscribed) or lost (notifications broke) is in no replay.
+            Some(seq) if ring.gap_seq.is_some_and(|gap| seq < gap) => resync(ResyncReason::Missed),
             Some(seq) if seq == ring.seq => Resume::Replay(Vec::new()),
             // The ring must still hold the event right after the client's, or some are lost.
             Some(seq) if ring.events.front().is_none_or(|first| first.seq > seq + 1) => resync(ResyncReason::Expired),
@@ -342,6 +371,9 @@ impl EventHub {
     /// open stream sends a `resync` and goes on from the events published after it, and each
     /// long-poll re-reads what it waits on.
     pub fn resync_all(&self) {
+        // A gap first, so a client away now resyncs when it resumes, and each open stream's new
+        // subscription (taken after the bump below) starts after the gap.
+        Self::gap_locked(&mut self.ring());
         self.resync_tx.send_modify(|g| *g = g.wrapping_add(1));
     }
 
@@ -366,5 +398,73 @@ impl EventHub {
 pub async fn resync_wanted(rx: &mut watch::Receiver<u64>) {
     if rx.changed().await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: JobEventKind, id: JobId, status: JobStatus, version: u64) -> JobEvent {
+        let view = tdcomfy_api::JobView {
+            id,
+            status,
+            created_at: tdcomfy_api::Timestamp::now(),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: None,
+            workflow: "w".into(),
+            has_result: false,
+            error_message: None,
+            processing_time: None,
+            progress: Default::default(),
+            queue_position: None,
+            started_at: None,
+            finished_at: None,
+            attempts: 1,
+            version,
+            result: None,
+            timings: Default::default(),
+            waiting_reason: None,
+            stream: None,
+            mode: tdcomfy_api::StreamMode::Queue,
+            previews: false,
+            cancel_reason: None,
+            superseded_by: None,
+            reused_from: None,
+            params: Default::default(),
+        };
+        JobEvent::new(kind, view)
+    }
+
+    fn received(rx: &mut broadcast::Receiver<Arc<PublishedEvent>>) -> Vec<(JobEventKind, u64)> {
+        std::iter::from_fn(|| rx.try_recv().ok()).map(|e| (e.event.event, e.event.job.version)).collect()
+    }
+
+    #[test]
+    fn a_job_s_events_never_go_back_in_version_but_a_repeat_goes_out() {
+        let hub = EventHub::new(64);
+        let mut rx = hub.subscribe();
+        let (a, b) = (JobId::new(), JobId::new());
+        assert!(hub.publish(event(JobEventKind::Started, a, JobStatus::Running, 2)));
+        // This broker's own `queued` v1, late behind another broker's `started` v2: dropped.
+        assert!(!hub.publish(event(JobEventKind::Queued, a, JobStatus::Queued, 1)));
+        assert!(!hub.publish_if_newer(event(JobEventKind::Queued, a, JobStatus::Queued, 1)));
+        // Another job's older version is no concern of this one's.
+        assert!(hub.publish(event(JobEventKind::Queued, b, JobStatus::Queued, 1)));
+        // A repeated DELETE's `cancelled`, same version, locally and from another broker.
+        assert!(hub.publish(event(JobEventKind::Cancelled, a, JobStatus::Cancelled, 3)));
+        assert!(hub.publish(event(JobEventKind::Cancelled, a, JobStatus::Cancelled, 3)));
+        assert!(hub.publish_if_newer(event(JobEventKind::Cancelled, a, JobStatus::Cancelled, 3)));
+        assert_eq!(
+            received(&mut rx),
+            vec![
+                (JobEventKind::Started, 2),
+                (JobEventKind::Queued, 1),
+                (JobEventKind::Cancelled, 3),
+                (JobEventKind::Cancelled, 3),
+                (JobEventKind::Cancelled, 3)
+            ]
+        );
     }
 }

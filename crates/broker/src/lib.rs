@@ -57,6 +57,7 @@ pub async fn run(
         }
     });
     let net = broker.config().net.clone();
+    let leaving = broker.clone();
     let app = http::router(broker);
     let scheme = if net.tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, scheme, "broker listening");
@@ -69,6 +70,8 @@ pub async fn run(
         connections.shutdown().await;
     }
     drop(sweeper);
+    // Only on a graceful stop: a crashed broker's row lapses by itself (see `others_alive`).
+    leaving.leave().await;
     Ok(())
 }
 

@@ -171,9 +171,24 @@ struct Inner {
     /// Whether the last presence heartbeat failed (so a failing database is logged once, not
     /// every second).
     presence_failing: std::sync::atomic::AtomicBool,
+    /// When the store last answered the sweep or the presence heartbeat, and whether it has
+    /// failed since: an outage longer than `LEASE_TTL`/3 made every worker's heartbeat fail
+    /// meanwhile, so its leases lapsed through no fault of the workers (see [`Broker::sweep`]).
+    store_health: std::sync::Mutex<StoreHealth>,
     /// The presence heartbeat and the consumer of other brokers' changes: aborted with the
     /// broker (they hold it only weakly, so they never keep it alive).
     tasks: std::sync::Mutex<Vec<crate::AbortOnDrop>>,
+}
+
+/// What the sweep knows of the store's recent answers.
+struct StoreHealth {
+    /// The last time a sweep step or presence heartbeat succeeded.
+    last_ok: Instant,
+    /// A call failed since `last_ok`.
+    failing: bool,
+    /// The store answered again after failing for more than `LEASE_TTL`/3 (the presence beat
+    /// may hear it first): the next sweep resumes running leases before expiring any.
+    resume_pending: bool,
 }
 
 /// How long a starting broker waits for another broker's presence row to move before it takes
@@ -185,9 +200,13 @@ const PRESENCE_PROOF: Duration = Duration::from_millis(2500);
 /// rows, `me` included). A row within the presence window is not proof: after a crash and a quick
 /// restart it is this broker's own previous start, and no one renewed its workers' leases while
 /// it was down. So when other rows are there, this waits (at most [`PRESENCE_PROOF`]) for one of
-/// them to beat again; a row that moves, or a new one, is a live broker. Compared with the row's
-/// own earlier value, not with this broker's clock, so clock skew between machines does not count.
-/// SQLite has no other rows and answers at once.
+/// them to beat again; a row that moves, or a new one, is a live broker. "Moves" compares a row's
+/// `last_seen` with its own earlier value, not with this broker's clock, so skew between machines
+/// cannot fake a move. Which rows are in the window at all, though, compares a row's `last_seen`
+/// (written with its own broker's clock) with this broker's clock: a broker whose clock is behind
+/// by more than the window ([`presence_window`]) is missed, here (this broker then takes itself
+/// to be alone and resumes running leases) and in `/health`. Brokers need synchronised clocks
+/// (NTP), as their leases' expiry does anyway. SQLite has no other rows and answers at once.
 async fn others_alive(
     store: &Store,
     me: &BrokerPresence,
@@ -297,7 +316,6 @@ impl Broker {
                 "other brokers are alive on this database: running jobs keep the leases their workers renew"
             );
         }
-        reconcile_files(&store, &blobs).await?;
         let notes = store.cluster_notes();
         let broker = Broker {
             inner: Arc::new(Inner {
@@ -313,15 +331,24 @@ impl Broker {
                 me,
                 brokers: std::sync::Mutex::new(live),
                 presence_failing: Default::default(),
+                store_health: std::sync::Mutex::new(StoreHealth {
+                    last_ok: Instant::now(),
+                    failing: false,
+                    resume_pending: false,
+                }),
                 tasks: Default::default(),
             }),
         };
         let weak = Arc::downgrade(&broker.inner);
         let mut tasks = vec![crate::AbortOnDrop(tokio::spawn(presence_forever(weak.clone())))];
         if let Some(notes) = notes {
-            tasks.push(crate::AbortOnDrop(tokio::spawn(follow_other_brokers(weak, notes))));
+            tasks.push(crate::AbortOnDrop(tokio::spawn(follow_supervised(weak, notes))));
         }
         *broker.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        // After the presence heartbeat started: a pass over a large S3 bucket can take longer
+        // than the presence window, and a broker that stops beating meanwhile would be taken
+        // for dead by a peer starting then (which would renew the running leases).
+        reconcile_files(&broker.inner.store, &broker.inner.blobs).await?;
         Ok(broker)
     }
 
@@ -332,12 +359,24 @@ impl Broker {
         self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
+    /// A graceful stop: the background tasks end, then this broker's presence row goes, so the
+    /// others drop it from `/health` at once and a lone broker's restart need not wait
+    /// [`PRESENCE_PROOF`] for a row that will not move. A failure only costs that wait.
+    pub async fn leave(&self) {
+        self.stop_background();
+        if let Err(e) = self.inner.store.broker_leave(self.inner.me.id.clone()).await {
+            tracing::warn!(error = %e, "could not delete this broker's presence row; it lapses by itself");
+        }
+    }
+
     /// Records this broker's presence and keeps the list of live brokers for `/health`.
     async fn beat_presence(&self) {
         let me = BrokerPresence { last_seen: self.inner.config.clock.now(), ..self.inner.me.clone() };
         let window = presence_window(&self.inner.config).as_millis() as i64;
         let failing = &self.inner.presence_failing;
-        match self.inner.store.broker_heartbeat(me, window).await {
+        let beat = self.inner.store.broker_heartbeat(me, window).await;
+        self.store_answered(beat.is_ok());
+        match beat {
             Ok(mut live) => {
                 live.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
                 *self.inner.brokers.lock().unwrap_or_else(|p| p.into_inner()) = live;
@@ -365,9 +404,10 @@ impl Broker {
             // Whoever held it on this broker's table does not any more.
             self.inner.workers.release(id);
         }
-        if !self.inner.hub.wanted(id) {
+        if !self.inner.hub.wanted_or_gap(id) {
             // No stream, long-poll or preview here would hear of it: skip the re-read, so a
-            // broker nobody watches costs the others' changes nothing but this check.
+            // broker nobody watches costs the others' changes nothing but this check. The hub
+            // recorded the gap: a client resuming from before it resyncs.
             return;
         }
         let r = match self.inner.store.get(id).await {
@@ -433,12 +473,28 @@ impl Broker {
     }
 
     /// Turns a stored job into its wire form.
+    ///
+    /// Never fails: its one store read, `queue_position` (a query on PostgreSQL), is best-effort.
+    /// A view is built after a commit (submit, release, failure report), where an error would
+    /// turn a committed change into a 500 (a client without `Idempotency-Key` retries and makes
+    /// a second job) and skip its event; a missing position costs the client only that field.
     pub async fn view(&self, r: &JobRecord) -> Result<JobView, BrokerError> {
-        let queue_position = if r.status == JobStatus::Queued {
-            Some(self.inner.store.queue_position(&r.stream, r.seq).await?)
-        } else {
-            None
-        };
+        let queue_position = if r.status == JobStatus::Queued { self.queue_position(r).await } else { None };
+        Ok(self.view_with(r, queue_position))
+    }
+
+    async fn queue_position(&self, r: &JobRecord) -> Option<u64> {
+        match self.inner.store.queue_position(&r.stream, r.seq).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(job_id = %r.id, error = %e, "could not read a queued job's position; shown without it");
+                None
+            }
+        }
+    }
+
+    /// [`Broker::view`] with the queue position already known.
+    fn view_with(&self, r: &JobRecord, queue_position: Option<u64>) -> JobView {
         let processing_time = r.started_at.map(|start| {
             let end = r.finished_at.unwrap_or_else(|| self.inner.config.clock.now());
             (end.millis() - start.millis()).max(0) as f64 / 1000.0
@@ -453,7 +509,7 @@ impl Broker {
             comfy_execution: r.comfy_execution_ms.map(|ms| ms as f64 / 1000.0),
             total: r.finished_at.map(|f| secs(r.created_at, f)),
         };
-        Ok(JobView {
+        JobView {
             id: r.id,
             status: r.status,
             created_at: r.created_at,
@@ -480,7 +536,7 @@ impl Broker {
             superseded_by: r.superseded_by,
             reused_from: r.reused_from,
             params: r.params.clone(),
-        })
+        }
     }
 
     /// Keeps a worker's preflight report (what its ComfyUI server can run) while it stays
@@ -575,7 +631,11 @@ impl Broker {
             let event = crate::events::event_name(kind);
             tracing::info!(job_id = %r.id, attempt = r.attempts, worker, status = %r.status, event, "job {event}");
         }
-        self.inner.hub.publish(JobEvent::new(kind, view));
+        if !self.inner.hub.publish(JobEvent::new(kind, view)) {
+            // Another broker's later change of the job went out here first (its note outran
+            // this commit's event): showing this one now would take the job back in time.
+            tracing::debug!(job_id = %r.id, version = r.version, "skipped an event a newer state of its job overtook");
+        }
         Ok(())
     }
 
@@ -696,8 +756,9 @@ impl Broker {
         if inserted.reused {
             self.publish(JobEventKind::Done, &record).await?;
         } else {
-            self.publish(JobEventKind::Queued, &record).await?;
+            // Wake first: nothing after the commit may keep the job from a waiting worker.
             self.inner.hub.job_queued();
+            self.publish(JobEventKind::Queued, &record).await?;
         }
         self.accepted(&record, false, superseded).await
     }
@@ -853,11 +914,25 @@ impl Broker {
     /// Jobs newest first.
     pub async fn list(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<JobView>, BrokerError> {
         let records = self.inner.store.list(status, limit).await?;
-        let mut out = Vec::with_capacity(records.len());
-        for r in &records {
-            out.push(self.view(r).await?);
+        // One batch for every queued job of the list (the dashboard asks for 500 every 5 s),
+        // best-effort like a single view's.
+        let queued: Vec<(String, i64)> =
+            records.iter().filter(|r| r.status == JobStatus::Queued).map(|r| (r.stream.clone(), r.seq)).collect();
+        let mut positions = match self.inner.store.queue_positions(&queued).await {
+            Ok(p) => p.into_iter().map(Some).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the queued jobs' positions; listed without them");
+                vec![None; queued.len()]
+            }
         }
-        Ok(out)
+        .into_iter();
+        Ok(records
+            .iter()
+            .map(|r| {
+                let position = if r.status == JobStatus::Queued { positions.next().flatten() } else { None };
+                self.view_with(r, position)
+            })
+            .collect())
     }
 
     /// Counts, connected workers and the brokers alive on the database.
@@ -1113,11 +1188,12 @@ impl Broker {
         if let Some(r) = self.inner.store.release_unreceived(id, token, claimed_expiry).await? {
             tracing::info!(job_id = %id, status = %r.status, "the worker hung up before receiving its lease: job queued again (or superseded)");
             self.inner.workers.release(id);
-            self.drop_frame_if_superseded(&r).await;
-            self.publish(Self::kind_for_status(r.status), &r).await?;
+            // Wake first: nothing after the commit may keep the job from a waiting worker.
             if r.status == JobStatus::Queued {
                 self.inner.hub.job_queued();
             }
+            self.drop_frame_if_superseded(&r).await;
+            self.publish(Self::kind_for_status(r.status), &r).await?;
         }
         Ok(())
     }
@@ -1323,11 +1399,12 @@ impl Broker {
         self.inner.workers.release(id);
         // A repeated report changes nothing, so it is no event (subscribers would see the job fail twice).
         if changed {
-            self.drop_frame_if_superseded(&r).await;
-            self.publish(Self::kind_for_status(r.status), &r).await?;
+            // Wake first: nothing after the commit may keep the job from a waiting worker.
             if r.status == JobStatus::Queued {
                 self.inner.hub.job_queued();
             }
+            self.drop_frame_if_superseded(&r).await;
+            self.publish(Self::kind_for_status(r.status), &r).await?;
         }
         Ok(r.status)
     }
@@ -1348,7 +1425,37 @@ impl Broker {
         if let Err(e) = self.release_unacknowledged().await {
             note(e);
         }
-        match self.inner.store.expire_leases(cfg.max_attempts).await {
+        if self.store_was_out_long() {
+            // The store was unreachable for more than LEASE_TTL/3: workers' heartbeats failed
+            // with it, so their leases lapsed while they kept working. Expiring them now would
+            // requeue every running job and refuse its result as `lease_lost`; they get one
+            // LEASE_TTL to check in instead, as after a restart (`resume_running`, which on
+            // PostgreSQL touches only lapsed leases). Before `expire_leases`, never after.
+            match self
+                .inner
+                .store
+                .resume_running(cfg.lease_ttl.as_millis() as i64, cfg.job_timeout.as_millis() as i64)
+                .await
+            {
+                Ok(n) => {
+                    self.store_answered(true);
+                    self.inner.store_health.lock().unwrap_or_else(|p| p.into_inner()).resume_pending = false;
+                    tracing::warn!(
+                        jobs = n,
+                        "the store is back after an outage longer than LEASE_TTL/3: running jobs keep their leases for one LEASE_TTL"
+                    );
+                }
+                Err(e) => {
+                    self.store_answered(false);
+                    // Still out: expiring leases now would be the same mistake next time it works.
+                    note(e.into());
+                    return first_error.map_or(Ok(()), Err);
+                }
+            }
+        }
+        let expired = self.inner.store.expire_leases(cfg.max_attempts).await;
+        self.store_answered(expired.is_ok());
+        match expired {
             Ok(swept) => {
                 let mut requeued = false;
                 for r in &swept.changed {
@@ -1396,6 +1503,29 @@ impl Broker {
             note(e);
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Records whether a sweep or presence call reached the store.
+    fn store_answered(&self, ok: bool) {
+        let mut h = self.inner.store_health.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            if h.failing && h.last_ok.elapsed() > self.inner.config.lease_ttl / 3 {
+                h.resume_pending = true;
+            }
+            h.last_ok = Instant::now();
+            h.failing = false;
+        } else {
+            h.failing = true;
+        }
+    }
+
+    /// True while the store has failed since it last answered, longer ago than `LEASE_TTL`/3
+    /// (the heartbeat interval workers keep): their leases may have lapsed meanwhile. Only a
+    /// failure counts, never a slow sweep interval, so leases of workers that really stopped
+    /// still expire.
+    fn store_was_out_long(&self) -> bool {
+        let h = self.inner.store_health.lock().unwrap_or_else(|p| p.into_inner());
+        h.resume_pending || (h.failing && h.last_ok.elapsed() > self.inner.config.lease_ttl / 3)
     }
 
     async fn publish_swept(&self, swept: crate::store::Swept, doing: &str) {
@@ -1584,6 +1714,29 @@ async fn presence_forever(broker: std::sync::Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = broker.upgrade() else { return };
         Broker { inner }.beat_presence().await;
+    }
+}
+
+/// Runs [`follow_other_brokers`] until the broker is gone, restarting it after a panic: a panic
+/// there (a bug) would otherwise stop every other broker's change from reaching this one's
+/// clients and lease waits, silently, for the rest of its life. The notes sent between the panic
+/// and the new subscription are lost, so every client resyncs (and every resume from before
+/// resyncs, through the gap `resync_all` records) once the new subscription is in place.
+async fn follow_supervised(broker: std::sync::Weak<Inner>, mut notes: tokio::sync::broadcast::Receiver<ClusterNote>) {
+    loop {
+        // Aborted with this task (`stop_background`), so a stopped broker publishes nothing more.
+        let mut follower = crate::AbortOnDrop(tokio::spawn(follow_other_brokers(broker.clone(), notes)));
+        match (&mut follower.0).await {
+            Err(e) if e.is_panic() => {
+                tracing::error!("the follower of other brokers' changes panicked; restarted, clients resync")
+            }
+            // Ended: the broker is gone or its store's notes closed.
+            _ => return,
+        }
+        let Some(inner) = broker.upgrade() else { return };
+        let Some(again) = inner.store.cluster_notes() else { return };
+        notes = again;
+        Broker { inner }.remote_changes_missed();
     }
 }
 

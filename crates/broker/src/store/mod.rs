@@ -441,6 +441,13 @@ impl Store {
         on_engine!(self, s => s.queue_position(stream, seq).await)
     }
 
+    /// [`Store::queue_position`] of each `(stream, seq)`, in order, at one moment: one query on
+    /// PostgreSQL, one lock of the index on SQLite (for job lists, which would otherwise pay
+    /// one query per queued job). 0 for a job not queued.
+    pub async fn queue_positions(&self, jobs: &[(String, i64)]) -> Result<Vec<u64>, StoreError> {
+        on_engine!(self, s => s.queue_positions(jobs).await)
+    }
+
     /// Jobs newest first, optionally of one status.
     pub async fn list(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
         on_engine!(self, s => s.list(status, limit).await)
@@ -652,6 +659,14 @@ impl Store {
                 Ok(vec![me])
             }
             Store::Postgres(s) => s.broker_heartbeat(me, within_ms).await,
+        }
+    }
+
+    /// Deletes the presence row of broker `id`, which is stopping. SQLite records none.
+    pub async fn broker_leave(&self, id: String) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.broker_leave(id).await,
         }
     }
 }

@@ -595,3 +595,152 @@ async fn a_lease_received_through_another_broker_is_not_handed_back_as_unreceive
     assert_eq!((&job["status"], &job["attempts"]), (&json!("running"), &json!(1)), "{job}");
     assert_eq!(b3.put_result(&id, token, b"mp4".to_vec()).await.status(), 200, "the lease still holds");
 }
+
+/// Waits until `app` has no SSE stream open (its gauge says 0): nobody there hears a change.
+async fn until_no_sse_stream(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l.trim() == "tdcomfy_sse_subscribers 0") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the SSE stream stayed open after the client hung up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_resuming_on_the_same_broker_hears_what_another_broker_changed_meanwhile() {
+    let Some(c) = Cluster::start("cluster resume same broker", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut first = SseReader::new(b2.get("/events").send().await.unwrap());
+    let id = b2.submit_png("changed elsewhere while away").await;
+    let (name, _) = first.next(10.0).await.unwrap();
+    assert_eq!(name, "queued");
+    let last = first.last_id.clone().unwrap();
+    drop(first);
+    until_no_sse_stream(b2).await;
+
+    // While nobody listens on broker 2, the job is cancelled through broker 1.
+    assert_eq!(b1.delete(&format!("/jobs/{id}")).send().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The client comes back to broker 2 with its id: it must hear of the cancel, as the event
+    // itself or as a resync that makes it re-read; never a silent "nothing happened".
+    let mut again = SseReader::new(b2.get("/events").header("last-event-id", &last).send().await.unwrap());
+    let (name, data) = again.next(5.0).await.expect("the resumed stream says something");
+    match name.as_str() {
+        "resync" => assert_eq!(data["reason"], json!("missed"), "{data}"),
+        "cancelled" => assert_eq!(data["job_id"], json!(id)),
+        other => panic!("the first event after the resume is {other}: {data}"),
+    }
+    assert_eq!(b2.job(&id).await["status"], "cancelled", "what a re-read shows");
+
+    // Sticky no longer than needed: resuming from the resync's id replays exactly.
+    if name == "resync" {
+        let resumed = again.last_id.clone().unwrap();
+        drop(again);
+        until_no_sse_stream(b2).await;
+        let mut third = SseReader::new(b2.get("/events").header("last-event-id", &resumed).send().await.unwrap());
+        let id2 = b2.submit_png("after the resync").await;
+        let (name, data) = third.next(5.0).await.unwrap();
+        assert_eq!((name.as_str(), &data["job_id"]), ("queued", &json!(id2)), "{data}");
+    }
+}
+
+#[tokio::test]
+async fn a_database_outage_longer_than_a_lease_does_not_requeue_running_jobs() {
+    let Some(c) = Cluster::start("cluster outage", 1, |a| a.lease_ttl = 2.0).await else { return };
+    let b = &c.brokers[0];
+    let id = b.submit_png("running through the outage").await;
+    let lease = b.lease("gpu-a", 5.0).await.unwrap();
+    let token = lease["lease_token"].as_str().unwrap().to_owned();
+    assert_eq!(b.heartbeat(&id, &token, None).await.status(), 200);
+
+    // The database refuses every connection of the broker for longer than LEASE_TTL: the
+    // worker's heartbeats cannot land, so the lease lapses in the database meanwhile.
+    let admin = std::env::var("TDCOMFY_TEST_DATABASE_URL").unwrap();
+    let name = c.db.url.rsplit('/').next().unwrap().to_owned();
+    query_one(&admin, &format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false")).await;
+    query_one(
+        &admin,
+        &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{name}'"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    query_one(&admin, &format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).await;
+
+    // The broker reaches its database again, and sweeps a few times before the worker's next beat.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while b.get(&format!("/jobs/{id}")).send().await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "the broker never reached its database again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resp = b.heartbeat(&id, &token, None).await;
+    assert_eq!(resp.status(), 200, "the worker keeps its lease: {}", resp.text().await.unwrap());
+    let job = b.job(&id).await;
+    assert_eq!((&job["status"], &job["attempts"]), (&json!("running"), &json!(1)), "not requeued: {job}");
+    assert_eq!(b.put_result(&id, &token, b"mp4".to_vec()).await.status(), 200, "its result is taken");
+}
+
+#[tokio::test]
+async fn a_broker_stopping_gracefully_takes_its_presence_row_with_it() {
+    let Some(mut c) = Cluster::start("cluster leave", 2, |_| {}).await else { return };
+    let rows = || query_one(&c.db.url, "SELECT count(*) FROM brokers");
+    assert_eq!(rows().await, "2");
+    let mut stopped = c.brokers.pop().unwrap();
+    stopped.shutdown().await;
+    // At once, not after the presence window: the live broker's next beat lists it alone.
+    assert_eq!(rows().await, "1", "the stopped broker's row is gone");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while broker_ids(&c.brokers[0].health().await).len() != 1 {
+        assert!(Instant::now() < deadline, "{}", c.brokers[0].health().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_committed_submit_is_accepted_when_its_queue_position_cannot_be_read() {
+    let Some(c) = Cluster::start("cluster position fails", 1, |_| {}).await else { return };
+    let b = &c.brokers[0];
+    // The position query reads the streams' turns; the insert does not. Without the table, every
+    // position read fails after the job's commit.
+    query_one(&c.db.url, "ALTER TABLE stream_turns RENAME TO stream_turns_away").await;
+    let resp = b.submit(crate::helpers::png_form("committed, position unknown")).await;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    query_one(&c.db.url, "ALTER TABLE stream_turns_away RENAME TO stream_turns").await;
+    assert_eq!(status, 200, "a committed job is no 500 (a retry would make a second job): {body}");
+    assert!(body["queue_position"].is_null(), "shown without its position: {body}");
+    let id = body["job_id"].as_str().unwrap();
+    let job = b.job(id).await;
+    assert_eq!((&job["status"], &job["queue_position"]), (&json!("queued"), &json!(1)), "{job}");
+    let list: Value = b.get("/jobs?status=queued").send().await.unwrap().json().await.unwrap();
+    assert_eq!(list.to_string().matches(id).count(), 1, "stored once: {list}");
+}
+
+#[tokio::test]
+async fn a_client_away_while_notifications_broke_resyncs_when_it_resumes() {
+    let Some(c) = Cluster::start("cluster resume after missed", 2, |_| {}).await else { return };
+    let [b1, b2] = &c.brokers[..] else { unreachable!() };
+    let mut first = SseReader::new(b1.get("/events").send().await.unwrap());
+    let id = b1.submit_png("before the break").await;
+    assert_eq!(first.next(10.0).await.unwrap().0, "queued");
+    let last = first.last_id.clone().unwrap();
+    drop(first);
+    until_no_sse_stream(b1).await;
+    // The listening connections break (and come back) while the client is away; a change made
+    // meanwhile through broker 2 may never reach broker 1 as a note.
+    query_one(
+        &c.db.url,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'tdcomfy-listen'",
+    )
+    .await;
+    b2.delete(&format!("/jobs/{id}")).send().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut again = SseReader::new(b1.get("/events").header("last-event-id", &last).send().await.unwrap());
+    let (name, data) = again.next(5.0).await.expect("the resumed stream says something");
+    assert_eq!((name.as_str(), &data["reason"]), ("resync", &json!("missed")), "{data}");
+}

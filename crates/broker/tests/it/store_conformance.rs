@@ -418,6 +418,13 @@ async fn positions_equal_the_claim_order(e: Engine) {
     for r in &queued {
         by_position.push((store.queue_position(&r.stream, r.seq).await.unwrap(), r.id));
     }
+    // The batch of a job list answers the same, in the order asked, 0 for a job not queued.
+    let mut asked: Vec<(String, i64)> = queued.iter().rev().map(|r| (r.stream.clone(), r.seq)).collect();
+    asked.push(("a".to_owned(), -1));
+    let mut expected: Vec<u64> = by_position.iter().rev().map(|p| p.0).collect();
+    expected.push(0);
+    assert_eq!(store.queue_positions(&asked).await.unwrap(), expected);
+    assert!(store.queue_positions(&[]).await.unwrap().is_empty());
     let positions: HashSet<u64> = by_position.iter().map(|p| p.0).collect();
     assert_eq!(positions, (1..=queued.len() as u64).collect(), "positions are 1..=n, each once: {by_position:?}");
     by_position.sort();

@@ -307,6 +307,12 @@ impl SqliteStore {
         Ok(self.queue.lock().unwrap_or_else(|p| p.into_inner()).position(stream, seq))
     }
 
+    /// [`Self::queue_position`] of each job, under one lock of the index (one consistent queue).
+    pub async fn queue_positions(&self, jobs: &[(String, i64)]) -> Result<Vec<u64>, StoreError> {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(jobs.iter().map(|(stream, seq)| queue.position(stream, *seq)).collect())
+    }
+
     /// Jobs newest first, optionally of one status.
     pub async fn list(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
         self.read(|c| {
