@@ -1281,34 +1281,15 @@ impl PgStore {
         })
     }
 
-    /// [`Self::queue_position`] of each `(stream, seq)`, in order, in one query (a job list would
-    /// otherwise cost one query per queued job): each queued job's round is its rank in its
-    /// stream, then the same sum as the single one. 0 for a job not queued.
+    /// [`Self::queue_position`] of each `(stream, seq)`, in order, from one positions snapshot (a
+    /// job list costs at most one read of the queue, not one per queued job). 0 for a job not
+    /// queued.
     pub async fn queue_positions(&self, jobs: &[(String, i64)]) -> Result<Vec<u64>, StoreError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let streams: Vec<&str> = jobs.iter().map(|(s, _)| s.as_str()).collect();
-        let seqs: Vec<i64> = jobs.iter().map(|(_, q)| *q).collect();
-        let found = rows(
-            &self.client().await?,
-            "WITH s AS (SELECT j.stream, COUNT(*) AS n, MIN(j.seq) AS head, COALESCE(MAX(t.served), 0) AS turn \
-                        FROM jobs j LEFT JOIN stream_turns t ON t.stream = j.stream \
-                        WHERE j.status = 'queued' GROUP BY j.stream), \
-                  r AS (SELECT stream, seq, ROW_NUMBER() OVER (PARTITION BY stream ORDER BY seq) - 1 AS round \
-                        FROM jobs WHERE status = 'queued'), \
-                  q AS (SELECT * FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS q(stream, seq, ord)) \
-             SELECT CASE WHEN r.round IS NULL THEN 0 ELSE \
-                    (SELECT SUM(LEAST(s.n, r.round)) \
-                     + COUNT(*) FILTER (WHERE s.stream <> r.stream AND s.n > r.round \
-                                        AND (s.turn, s.head) < (me.turn, me.head)) + 1 FROM s) END::BIGINT \
-             FROM q LEFT JOIN r ON r.stream = q.stream AND r.seq = q.seq \
-                    LEFT JOIN s me ON me.stream = q.stream \
-             ORDER BY q.ord",
-            &[&streams, &seqs],
-        )
-        .await?;
-        Ok(found.iter().map(|row| row.get::<_, i64>(0).max(0) as u64).collect())
+        let index = self.positions().await?;
+        Ok(jobs.iter().map(|(stream, seq)| index.position(stream, *seq)).collect())
     }
 }
 
