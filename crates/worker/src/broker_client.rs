@@ -169,6 +169,16 @@ impl BrokerClient {
         BrokerCallError::Unreachable(error)
     }
 
+    /// A reply body that could not be read: the connection broke mid-body (move on, as for any
+    /// connection failure), or it arrived whole but is not what this worker expects (a proxy's
+    /// page, a broker of another version): that broker is reachable, so the worker stays.
+    fn unreadable(&self, used: usize, e: reqwest::Error) -> BrokerCallError {
+        if e.is_decode() {
+            return BrokerCallError::Unreachable(error_chain(&e));
+        }
+        self.unreachable(used, e.to_string())
+    }
+
     async fn send(&self, call: Call) -> Result<reqwest::Response, BrokerCallError> {
         let resp = call.rb.send().await.map_err(|e| self.unreachable(call.broker, error_chain(&e)))?;
         if resp.status().is_success() {
@@ -227,7 +237,7 @@ impl BrokerClient {
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        let lease: LeaseResponse = resp.json().await.map_err(|e| self.unreachable(used, e.to_string()))?;
+        let lease: LeaseResponse = resp.json().await.map_err(|e| self.unreadable(used, e))?;
         Ok(Some(lease.job))
     }
 
@@ -287,8 +297,7 @@ impl BrokerClient {
             rb.json(&body).timeout(Duration::from_secs(10) + wait)
         });
         let used = call.broker;
-        let resp: HeartbeatResponse =
-            self.send(call).await?.json().await.map_err(|e| self.unreachable(used, e.to_string()))?;
+        let resp: HeartbeatResponse = self.send(call).await?.json().await.map_err(|e| self.unreadable(used, e))?;
         Ok(resp.cancelled)
     }
 

@@ -157,9 +157,12 @@ async fn run(
                         },
                         m = messages.next() => match m {
                             Some(Ok(AsyncMessage::Notification(n))) => {
-                                // Any committed change, this broker's own included, may move
-                                // queue positions (the store's snapshot of them is stale now).
-                                changes.fetch_add(1, Ordering::Release);
+                                // A committed change of the queue, this broker's own included,
+                                // moves queue positions (the store's snapshot of them is stale
+                                // now); progress and wake-ups do not.
+                                if moves_queue(n.payload()) {
+                                    changes.fetch_add(1, Ordering::Release);
+                                }
                                 if let Some(note) = parse(n.payload(), &me) {
                                     // No receivers is fine (nobody listening yet).
                                     let _ = notes.send(note);
@@ -215,6 +218,12 @@ fn parse_kind(name: &str) -> Option<JobEventKind> {
         "deleted" => JobEventKind::Deleted,
         _ => return None,
     })
+}
+
+/// Whether a note's change may move queue positions: all but progress and wake-ups.
+fn moves_queue(payload: &str) -> bool {
+    let kind = payload.split(' ').nth(1);
+    !matches!(kind, Some(k) if k == WAKE || k == kind_name(JobEventKind::Progress))
 }
 
 /// `<broker_id> <kind> <job_id> <version>`; `None` for this broker's own notes and for payloads
@@ -300,7 +309,7 @@ mod tests {
         if let Some(password) = direct.get_password() {
             relayed.password(password);
         }
-        let liveness = Liveness { every: Duration::from_millis(200), timeout: Duration::from_millis(500) };
+        let liveness = Liveness { every: Duration::from_millis(200), timeout: Duration::from_secs(2) };
         let listener = Listener::start(relayed, "me".into(), liveness, Default::default()).await.unwrap();
         let mut heard = listener.subscribe();
         let (client, connection) = direct.connect(tokio_postgres::NoTls).await.unwrap();

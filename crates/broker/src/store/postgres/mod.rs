@@ -223,10 +223,13 @@ const POSITIONS_MAX_AGE: Duration = Duration::from_secs(1);
 /// (`changes` counts both), and never kept longer than [`POSITIONS_MAX_AGE`].
 #[derive(Default)]
 struct Positions {
-    /// Bumped after every commit of this store and every note (or `Missed`) the listener hears.
+    /// Bumped after every commit of this store that changed the queue or the stream turns, and
+    /// every note of such a change (or `Missed`) the listener hears.
     changes: Arc<AtomicU64>,
     /// The snapshot, with the `changes` count read before it was taken and when it was taken.
     cached: std::sync::Mutex<Option<(u64, Instant, Arc<QueueIndex>)>>,
+    /// Held while a snapshot is taken.
+    rebuild: tokio::sync::Mutex<()>,
 }
 
 /// In-process turns of this broker's inserts into each named stream. They are taken before a
@@ -279,12 +282,16 @@ struct W<'a> {
     tx: deadpool_postgres::Transaction<'a>,
     notes: Vec<String>,
     me: &'a str,
+    /// The transaction changed the queued set or the stream turns (so queue positions).
+    queue_moved: bool,
 }
 
 impl W<'_> {
     /// Announces `r`'s change as `kind` to the other brokers, at this transaction's commit.
     fn note(&mut self, kind: JobEventKind, r: &JobRecord) {
         self.notes.push(format!("{} {} {} {}", self.me, listen::kind_name(kind), r.id, r.version));
+        // Progress is the one change that never moves a queue position (and the most frequent).
+        self.queue_moved |= kind != JobEventKind::Progress;
     }
 
     /// Tells the other brokers, at this transaction's commit, that `r`'s stream may have a job to
@@ -321,15 +328,18 @@ macro_rules! write_tx {
             let outcome = typed(async {
                 let mut client = $self.pool.get().await.map_err(pool_error)?;
                 let tx = client.transaction().await?;
-                let mut w = W { tx, notes: Vec::new(), me: &$self.broker_id };
+                let mut w = W { tx, notes: Vec::new(), me: &$self.broker_id, queue_moved: false };
                 let $now: i64 = $self.clock.now().millis();
                 let out = {
                     let $w = &mut w;
                     typed(async { $body }).await?
                 };
+                let queue_moved = w.queue_moved;
                 w.commit().await?;
-                // After the commit: a positions snapshot taken before it is stale from now on.
-                $self.positions.changes.fetch_add(1, Ordering::Release);
+                if queue_moved {
+                    // After the commit: a positions snapshot taken before it is stale from now on.
+                    $self.positions.changes.fetch_add(1, Ordering::Release);
+                }
                 Ok(out)
             })
             .await;
@@ -610,27 +620,38 @@ impl PgStore {
         Ok(n as u64)
     }
 
-    /// 1-based position of a queued job in the claim order, by the rule of SQLite's in-memory
-    /// index (an in-memory mirror would be wrong here: other brokers change the queue): in round
-    /// `k` every stream with more than `k` queued jobs gives its `k`-th, streams ordered by
-    /// (turn, head seq). One GROUP BY over the queued rows (at most MAX_QUEUE).
+    /// 1-based position of a queued job in the claim order (0 if it is not queued), from the
+    /// positions snapshot ([`Positions`]). A job the snapshot does not hold may have been queued
+    /// through another broker whose note has not arrived yet (the caller read the row as queued):
+    /// the snapshot is then taken again, so a queued job never gets 0.
     pub async fn queue_position(&self, stream: &str, seq: i64) -> Result<u64, StoreError> {
-        Ok(self.positions().await?.position(stream, seq))
+        match self.positions(false).await?.position(stream, seq) {
+            0 => Ok(self.positions(true).await?.position(stream, seq)),
+            n => Ok(n),
+        }
     }
 
     /// The queue's claim order as of the last change seen ([`Positions`]): the same rule as the
     /// claim (round-robin by stream turn, then submission order), computed by [`QueueIndex`] from
     /// one consistent read of the queued rows and their streams' turns.
-    async fn positions(&self) -> Result<Arc<QueueIndex>, StoreError> {
-        let changes = self.positions.changes.load(Ordering::Acquire);
-        {
+    /// With `fresh`, a new snapshot is taken whatever the cache holds.
+    async fn positions(&self, fresh: bool) -> Result<Arc<QueueIndex>, StoreError> {
+        let cached = |changes: u64| {
             let cached = self.positions.cached.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((seen, at, index)) = cached.as_ref()
-                && *seen == changes
-                && at.elapsed() < POSITIONS_MAX_AGE
-            {
-                return Ok(index.clone());
+            match cached.as_ref() {
+                Some((seen, at, index)) if *seen == changes && at.elapsed() < POSITIONS_MAX_AGE => Some(index.clone()),
+                _ => None,
             }
+        };
+        if !fresh && let Some(index) = cached(self.positions.changes.load(Ordering::Acquire)) {
+            return Ok(index);
+        }
+        // One rebuild at a time: the requests that missed the cache together wait for it and
+        // share it, instead of each reading the whole queue.
+        let _rebuilding = self.positions.rebuild.lock().await;
+        let changes = self.positions.changes.load(Ordering::Acquire);
+        if !fresh && let Some(index) = cached(changes) {
+            return Ok(index);
         }
         // One statement, so the rows and the turns are of one snapshot; queued jobs number at
         // most MAX_QUEUE (plus uploads in flight).
@@ -788,6 +809,8 @@ impl PgStore {
     /// finished counts' deltas into one row per status here.
     pub async fn forget_old_turns(&self, keep: i64) -> Result<u64, StoreError> {
         write_tx!(self, |w, _now| {
+            // Forgotten turns reorder the streams they belonged to.
+            w.queue_moved = true;
             let newest: i64 = one(&w.tx, "SELECT COALESCE(MAX(served), 0) FROM stream_turns", &[]).await?.get(0);
             let n = exec(
                 &w.tx,
@@ -1288,7 +1311,11 @@ impl PgStore {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        let index = self.positions().await?;
+        let mut index = self.positions(false).await?;
+        if jobs.iter().any(|(stream, seq)| index.position(stream, *seq) == 0) {
+            // As in `queue_position`: a job queued through another broker a moment ago.
+            index = self.positions(true).await?;
+        }
         Ok(jobs.iter().map(|(stream, seq)| index.position(stream, *seq)).collect())
     }
 }
