@@ -1437,8 +1437,10 @@ impl Broker {
             // The store was unreachable for more than LEASE_TTL/3: workers' heartbeats failed
             // with it, so their leases lapsed while they kept working. Expiring them now would
             // requeue every running job and refuse its result as `lease_lost`; they get one
-            // LEASE_TTL to check in instead, as after a restart (`resume_running`, which on
-            // PostgreSQL touches only lapsed leases). Before `expire_leases`, never after.
+            // LEASE_TTL to check in instead, as after a restart (`resume_running`). Before
+            // `expire_leases`, never after. The price, when only this broker lost the database
+            // while others kept it: the leases they were watching are renewed too, so a job
+            // whose worker died meanwhile is requeued up to one LEASE_TTL later than it would be.
             match self
                 .inner
                 .store
