@@ -395,11 +395,9 @@ impl Broker {
     /// Publishes a change another broker made (its `NOTIFY`) to this broker's subscribers, from
     /// the row as it is now, and wakes the lease requests waiting here when the job is queued.
     async fn apply_remote_change(&self, id: JobId, kind: JobEventKind, version: u64) {
-        if matches!(kind, JobEventKind::Queued | JobEventKind::Done | JobEventKind::Error | JobEventKind::Cancelled) {
+        if kind == JobEventKind::Queued {
             // Before any read: a waiting worker claims from the database itself, and a wake-up
-            // that finds the job taken already costs one empty claim. A job that ended may have
-            // held its stream's next job back (a prefetched one, or the twin a dedupe job waits
-            // for): that one is claimable now.
+            // that finds the job taken already costs one empty claim.
             self.inner.hub.job_queued();
         }
         if !matches!(kind, JobEventKind::Started | JobEventKind::Progress) {
@@ -623,12 +621,6 @@ impl Broker {
     /// Publishes without counting: for the repeated `cancelled` of a repeated DELETE, which is
     /// no new change.
     async fn publish_uncounted(&self, kind: JobEventKind, r: &JobRecord) -> Result<(), BrokerError> {
-        if !r.stream.is_empty() && r.status.is_terminal() {
-            // A job of a named stream that ended may have held the stream's next job back (a
-            // prefetched job not started yet, or the running twin a `dedupe` job waits for):
-            // that one may be claimed now, so a waiting worker must not sleep through it.
-            self.inner.hub.job_queued();
-        }
         let view = self.view(r).await?;
         // The broker's record of a job's life, one line per change, with the fields a log search
         // joins the worker's lines on (the worker is absent once a requeue cleared the lease).
